@@ -1,0 +1,12 @@
+//! The rules of backvault, free of I/O: policy validation, backup schedules, retention
+//! and the recovery chain, resource names. Every rule lives here once; `service` calls it,
+//! `api` renders what it returns.
+
+pub mod names;
+pub mod policy;
+pub mod preview;
+pub mod retention;
+pub mod schedule;
+pub mod violation;
+
+pub use violation::Violation;

@@ -1,0 +1,290 @@
+//! When backups run. Full and differential backups run at a local time of day in the
+//! policy's zone; log backups run every N minutes of elapsed time.
+//!
+//! Daylight saving time, decided once here and documented in `docs/rules.md`:
+//! - A local time that does not exist (02:30 on a spring-forward day in Europe) runs at the
+//!   same distance past the jump, i.e. shifted forward by the gap (03:30 local).
+//! - A local time that exists twice (02:30 on an autumn fall-back day) runs once, at the
+//!   first occurrence.
+//! - Log backups are elapsed-time intervals aligned to multiples of the frequency since
+//!   1970-01-01T00:00Z, so the recovery-point objective holds across a change; in zones with
+//!   whole-hour offsets they fall on the local clock's quarter, half or whole hours.
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Datelike, Days, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc};
+use chrono_tz::Tz;
+
+use crate::policy::{Policy, Weekday};
+
+/// The instant of a local wall-clock time, with the DST rules of this module.
+pub fn resolve_local(tz: Tz, local: NaiveDateTime) -> DateTime<Utc> {
+    if let Some(at) = tz.from_local_datetime(&local).earliest() {
+        return at.with_timezone(&Utc);
+    }
+    // In a gap: apply the offset in force before the jump, which lands past the gap by the
+    // same distance. Transitions are months apart, so a day earlier is before it.
+    let before = local - chrono::Duration::days(1);
+    let offset = tz
+        .from_local_datetime(&before)
+        .earliest()
+        .map(|d| d.offset().fix())
+        .unwrap_or_else(|| tz.offset_from_utc_datetime(&local).fix());
+    Utc.from_utc_datetime(&(local - offset))
+}
+
+use chrono::Offset;
+
+/// Slots at `time` local on the given weekdays, strictly after `after`, in increasing order.
+pub fn weekly_slots(
+    tz: Tz,
+    days: &BTreeSet<Weekday>,
+    time: NaiveTime,
+    after: DateTime<Utc>,
+) -> impl Iterator<Item = DateTime<Utc>> + '_ {
+    // Start a day early: a slot on the previous local date can still be after `after` when
+    // a gap shift moves it forward.
+    let start = after.with_timezone(&tz).date_naive() - Days::new(1);
+    let dates = (0..).map_while(move |i| start.checked_add_days(Days::new(i)));
+    dates
+        .filter(move |date: &NaiveDate| days.contains(&Weekday::from(date.weekday())))
+        .map(move |date| resolve_local(tz, date.and_time(time)))
+        .filter(move |at| *at > after)
+}
+
+/// Log slots every `frequency_minutes`, strictly after `after`.
+pub fn interval_slots(
+    frequency_minutes: u32,
+    after: DateTime<Utc>,
+) -> impl Iterator<Item = DateTime<Utc>> {
+    let step = i64::from(frequency_minutes) * 60;
+    let first = (after.timestamp().div_euclid(step) + 1) * step;
+    (0..).map_while(move |i: i64| DateTime::from_timestamp(first + i * step, 0))
+}
+
+/// The latest interval slot at or before `at`.
+pub fn interval_slot_at_or_before(frequency_minutes: u32, at: DateTime<Utc>) -> DateTime<Utc> {
+    let step = i64::from(frequency_minutes) * 60;
+    DateTime::from_timestamp(at.timestamp().div_euclid(step) * step, 0).unwrap_or(at)
+}
+
+impl Policy {
+    pub fn full_runs(&self, after: DateTime<Utc>) -> impl Iterator<Item = DateTime<Utc>> + '_ {
+        weekly_slots(self.time_zone, &self.full.days, self.full.time, after)
+    }
+
+    /// Differential runs; empty when the policy has none.
+    pub fn differential_runs(
+        &self,
+        after: DateTime<Utc>,
+    ) -> impl Iterator<Item = DateTime<Utc>> + '_ {
+        self.differential
+            .iter()
+            .flat_map(move |d| weekly_slots(self.time_zone, &d.days, d.time, after))
+    }
+
+    /// Log runs; empty when the policy has none.
+    pub fn log_runs(&self, after: DateTime<Utc>) -> impl Iterator<Item = DateTime<Utc>> + '_ {
+        self.log
+            .iter()
+            .flat_map(move |l| interval_slots(l.frequency_minutes, after))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{PolicySpec, Weekday::*};
+    use chrono::Timelike;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn utc(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
+    fn policy(v: serde_json::Value) -> Policy {
+        serde_json::from_value::<PolicySpec>(v)
+            .unwrap()
+            .validate("")
+            .unwrap()
+    }
+
+    fn weekly_amsterdam(time: &str) -> Policy {
+        policy(json!({
+            "time_zone": "Europe/Amsterdam",
+            "full": {"frequency": "weekly", "days": ["sunday"], "time": time},
+            "differential": {"days": ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday"], "time": time, "retention_days": 30},
+            "log": {"frequency_minutes": 15, "retention_days": 30},
+            "retention": {"weekly": {"weeks": 8}}
+        }))
+    }
+
+    #[test]
+    fn daily_full_runs_at_local_time() {
+        let p = policy(json!({
+            "time_zone": "America/New_York",
+            "full": {"frequency": "daily", "time": "22:30"},
+            "retention": {"daily": {"days": 30}}
+        }));
+        // 2026-11-24T00:00Z is 19:00 on Nov 23 in New York: the first run is that evening.
+        let runs: Vec<_> = p.full_runs(utc("2026-11-24T00:00:00Z")).take(3).collect();
+        assert_eq!(
+            runs,
+            [
+                utc("2026-11-24T03:30:00Z"),
+                utc("2026-11-25T03:30:00Z"),
+                utc("2026-11-26T03:30:00Z")
+            ]
+        );
+    }
+
+    #[test]
+    fn runs_are_strictly_after_the_given_instant() {
+        let p = weekly_amsterdam("22:00");
+        // Sunday 2026-11-22 22:00 CET is 21:00Z; asking from exactly then gives the next week.
+        let next = p.full_runs(utc("2026-11-22T21:00:00Z")).next().unwrap();
+        assert_eq!(next, utc("2026-11-29T21:00:00Z"));
+    }
+
+    #[test]
+    fn spring_forward_gap_shifts_the_run_forward() {
+        // Europe/Amsterdam jumps from 02:00 to 03:00 on Sunday 2027-03-28.
+        let p = weekly_amsterdam("02:30");
+        let run = p.full_runs(utc("2027-03-27T00:00:00Z")).next().unwrap();
+        assert_eq!(run, utc("2027-03-28T01:30:00Z"));
+        let local = run.with_timezone(&p.time_zone);
+        assert_eq!((local.hour(), local.minute()), (3, 30));
+        // The next week is back at 02:30 local (now CEST, +02:00).
+        let next = p.full_runs(run).next().unwrap();
+        assert_eq!(next, utc("2027-04-04T00:30:00Z"));
+    }
+
+    #[test]
+    fn fall_back_repeated_hour_runs_once_at_first_occurrence() {
+        // Europe/Amsterdam repeats 02:00–03:00 on Sunday 2026-10-25.
+        let p = weekly_amsterdam("02:30");
+        let runs: Vec<_> = p.full_runs(utc("2026-10-24T00:00:00Z")).take(2).collect();
+        assert_eq!(
+            runs[0],
+            utc("2026-10-25T00:30:00Z"),
+            "first 02:30, still CEST"
+        );
+        assert_eq!(runs[1], utc("2026-11-01T01:30:00Z"));
+    }
+
+    #[test]
+    fn differentials_never_run_on_full_days() {
+        let p = weekly_amsterdam("22:00");
+        let runs: Vec<_> = p
+            .differential_runs(utc("2026-11-22T00:00:00Z"))
+            .take(12)
+            .collect();
+        assert_eq!(runs.len(), 12);
+        for run in runs {
+            assert_ne!(
+                run.with_timezone(&p.time_zone).weekday(),
+                chrono::Weekday::Sun
+            );
+        }
+    }
+
+    #[test]
+    fn log_runs_are_elapsed_time_intervals_across_dst() {
+        let p = weekly_amsterdam("22:00");
+        let runs: Vec<_> = p.log_runs(utc("2027-03-28T00:50:00Z")).take(8).collect();
+        assert_eq!(runs[0], utc("2027-03-28T01:00:00Z"));
+        for pair in runs.windows(2) {
+            assert_eq!(pair[1] - pair[0], chrono::Duration::minutes(15));
+        }
+    }
+
+    #[test]
+    fn policies_without_differential_or_log_have_no_runs() {
+        let p = policy(json!({
+            "time_zone": "UTC",
+            "full": {"frequency": "daily", "time": "00:00"},
+            "retention": {"daily": {"days": 7}}
+        }));
+        let now = utc("2026-01-01T00:00:00Z");
+        assert_eq!(p.differential_runs(now).count(), 0);
+        assert_eq!(p.log_runs(now).next(), None);
+    }
+
+    const ZONES: [&str; 6] = [
+        "UTC",
+        "Europe/Amsterdam",
+        "America/New_York",
+        "Australia/Lord_Howe",
+        "Asia/Kolkata",
+        "America/Santiago",
+    ];
+    const DAYS: [Weekday; 7] = [
+        Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday,
+    ];
+
+    fn day_set(mask: u8) -> Vec<Weekday> {
+        DAYS.iter()
+            .enumerate()
+            .filter(|(i, _)| mask & (1 << i) != 0)
+            .map(|(_, d)| *d)
+            .collect()
+    }
+
+    prop_compose! {
+        fn arb_policy()(zone in 0..ZONES.len(), full_mask in 1u8..127, hour in 0u32..24, half in any::<bool>(),
+                        diff_hour in 0u32..24, log in 0..8usize) -> Policy {
+            let full_days = day_set(full_mask);
+            let diff_days = day_set(!full_mask & 0x7f);
+            let time = format!("{hour:02}:{}", if half { "30" } else { "00" });
+            let mut spec = json!({
+                "time_zone": ZONES[zone],
+                "full": {"frequency": "weekly", "days": full_days, "time": time},
+                "log": {"frequency_minutes": crate::policy::ALLOWED_LOG_FREQUENCIES[log], "retention_days": 14},
+                "retention": {"weekly": {"weeks": 4}}
+            });
+            if !diff_days.is_empty() {
+                spec["differential"] = json!({"days": diff_days, "time": format!("{diff_hour:02}:00"), "retention_days": 14});
+            }
+            policy(spec)
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn schedules_increase_and_land_on_their_local_time(p in arb_policy(), start in 1_700_000_000i64..1_900_000_000) {
+            let after = DateTime::from_timestamp(start, 0).unwrap();
+            let fulls: Vec<_> = p.full_runs(after).take(20).collect();
+            prop_assert_eq!(fulls.len(), 20);
+            prop_assert!(fulls[0] > after);
+            for pair in fulls.windows(2) {
+                prop_assert!(pair[0] < pair[1]);
+            }
+            for run in &fulls {
+                let local = run.with_timezone(&p.time_zone);
+                prop_assert!(p.full.days.contains(&Weekday::from(local.weekday())));
+                if local.time() != p.full.time {
+                    // Only a spring-forward gap may move a run, and only forward.
+                    prop_assert!(p.time_zone.from_local_datetime(&local.date_naive().and_time(p.full.time)).earliest().is_none());
+                    prop_assert!(local.time() > p.full.time);
+                }
+            }
+            let diffs: Vec<_> = p.differential_runs(after).take(20).collect();
+            for pair in diffs.windows(2) {
+                prop_assert!(pair[0] < pair[1]);
+            }
+            for run in &diffs {
+                let day = Weekday::from(run.with_timezone(&p.time_zone).weekday());
+                prop_assert!(!p.full.days.contains(&day), "differential on a full day");
+                prop_assert!(p.differential.as_ref().unwrap().days.contains(&day));
+            }
+            let logs: Vec<_> = p.log_runs(after).take(20).collect();
+            prop_assert!(logs[0] > after);
+            let step = chrono::Duration::minutes(p.log.unwrap().frequency_minutes.into());
+            prop_assert!(logs[0] - after <= step);
+            for pair in logs.windows(2) {
+                prop_assert_eq!(pair[1] - pair[0], step);
+            }
+        }
+    }
+}

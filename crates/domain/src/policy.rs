@@ -466,7 +466,7 @@ impl PolicySpec {
                 v.push(
                     &pointer,
                     "log_frequency_below_minimum",
-                    "log backups run at most every 15 minutes",
+                    "log backups run every 15 minutes or less often",
                 );
             } else if !ALLOWED_LOG_FREQUENCIES.contains(&l.frequency_minutes) {
                 v.push(

@@ -38,6 +38,10 @@ impl Violations {
         self.0.push(Violation::new(pointer, code, message));
     }
 
+    pub fn extend(&mut self, violations: impl IntoIterator<Item = Violation>) {
+        self.0.extend(violations);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

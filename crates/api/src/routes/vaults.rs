@@ -1,0 +1,140 @@
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use backvault_service::vaults::{CreateVault, UpdateVault, Vault};
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+use uuid::Uuid;
+
+use super::{ListParams, location};
+use crate::AppState;
+use crate::error::{ApiResult, Problem};
+use crate::extract::{CREATED, Caller, IdempotencyKey, IfMatch, Json, Path, Query, etag};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_vault, list_vaults))
+        .routes(routes!(get_vault, update_vault, delete_vault))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VaultList {
+    pub items: Vec<Vault>,
+    /// Absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+fn vault_response(status: StatusCode, vault: Vault) -> Response {
+    let headers = [
+        etag(vault.version),
+        location(format!("/v1/vaults/{}", vault.id)),
+    ];
+    (status, headers, axum::Json(vault)).into_response()
+}
+
+/// Create a vault.
+///
+/// The vault starts with the default policy `HourlyLogBackup`. Send `Idempotency-Key` to
+/// make retries safe: a retried create returns the first response.
+#[utoipa::path(post, path = "/v1/vaults", tag = "vaults",
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried create return the first response")),
+    request_body = CreateVault,
+    responses(
+        (status = 201, body = Vault, headers(("ETag" = String), ("Location" = String))),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 409, body = Problem, content_type = "application/problem+json", description = "vault_name_taken"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn create_vault(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    IdempotencyKey(key): IdempotencyKey,
+    Json(req): Json<CreateVault>,
+) -> ApiResult<Response> {
+    let created = state
+        .service
+        .vault_create(&principal, req, key.as_deref())
+        .await?;
+    Ok(vault_response(CREATED, created.resource))
+}
+
+/// List the vaults of your subscriptions.
+#[utoipa::path(get, path = "/v1/vaults", tag = "vaults", params(ListParams),
+    responses((status = 200, body = VaultList), (status = 400, body = Problem, content_type = "application/problem+json")))]
+async fn list_vaults(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Query(params): Query<ListParams>,
+) -> ApiResult<axum::Json<VaultList>> {
+    let page = state
+        .service
+        .vault_list(&principal, params.cursor.as_deref(), params.limit)
+        .await?;
+    Ok(axum::Json(VaultList {
+        items: page.items,
+        next_cursor: page.next_cursor,
+    }))
+}
+
+/// Get a vault.
+#[utoipa::path(get, path = "/v1/vaults/{vault_id}", tag = "vaults",
+    params(("vault_id" = Uuid, Path)),
+    responses((status = 200, body = Vault, headers(("ETag" = String))), (status = 404, body = Problem, content_type = "application/problem+json")))]
+async fn get_vault(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path(vault_id): Path<Uuid>,
+) -> ApiResult<Response> {
+    let vault = state.service.vault_get(&principal, vault_id).await?;
+    Ok(vault_response(StatusCode::OK, vault))
+}
+
+/// Update a vault's description.
+#[utoipa::path(patch, path = "/v1/vaults/{vault_id}", tag = "vaults",
+    params(("vault_id" = Uuid, Path), ("If-Match" = Option<String>, Header, description = "The ETag you read; 412 if the vault changed since")),
+    request_body = UpdateVault,
+    responses(
+        (status = 200, body = Vault, headers(("ETag" = String))),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 412, body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn update_vault(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path(vault_id): Path<Uuid>,
+    IfMatch(expected): IfMatch,
+    Json(req): Json<UpdateVault>,
+) -> ApiResult<Response> {
+    let vault = state
+        .service
+        .vault_update(&principal, vault_id, expected, req)
+        .await?;
+    Ok(vault_response(StatusCode::OK, vault))
+}
+
+/// Delete a vault and its policies.
+///
+/// Refused with 409 `vault_not_empty` while the vault has registered VMs or protected items.
+#[utoipa::path(delete, path = "/v1/vaults/{vault_id}", tag = "vaults",
+    params(("vault_id" = Uuid, Path), ("If-Match" = Option<String>, Header)),
+    responses(
+        (status = 204),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, body = Problem, content_type = "application/problem+json"),
+        (status = 412, body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn delete_vault(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path(vault_id): Path<Uuid>,
+    IfMatch(expected): IfMatch,
+) -> ApiResult<StatusCode> {
+    state
+        .service
+        .vault_delete(&principal, vault_id, expected)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,142 @@
+//! The one error type of the use cases. `api` renders it as problem+json; nothing else
+//! knows about HTTP.
+
+use backvault_domain::Violation;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    Conflict,
+    PreconditionFailed,
+    /// The request is well-formed but breaks rules; `violations` says which.
+    Validation,
+    Unavailable,
+    Internal,
+}
+
+#[derive(Debug)]
+pub struct Error {
+    pub kind: ErrorKind,
+    /// Stable code clients can switch on.
+    pub code: &'static str,
+    pub message: String,
+    pub violations: Vec<Violation>,
+    /// Internal cause, logged once at the boundary and never sent to clients.
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn new(kind: ErrorKind, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            code,
+            message: message.into(),
+            violations: Vec::new(),
+            source: None,
+        }
+    }
+
+    pub fn validation(violations: Vec<Violation>) -> Self {
+        let message = match violations.len() {
+            1 => format!("1 rule is violated: {}", violations[0].message),
+            n => format!("{n} rules are violated; see `errors`"),
+        };
+        Self {
+            violations,
+            ..Self::new(ErrorKind::Validation, "validation_failed", message)
+        }
+    }
+
+    pub fn not_found(code: &'static str, what: impl std::fmt::Display) -> Self {
+        Self::new(
+            ErrorKind::NotFound,
+            code,
+            format!("{what} does not exist or is not visible to you"),
+        )
+    }
+
+    pub fn precondition_failed() -> Self {
+        Self::new(
+            ErrorKind::PreconditionFailed,
+            "precondition_failed",
+            "the resource changed since you read it (If-Match does not match its ETag); read it again and retry",
+        )
+    }
+
+    pub fn internal(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self {
+            source: Some(source.into()),
+            ..Self::new(ErrorKind::Internal, "internal", "internal error")
+        }
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)?;
+        if let Some(source) = &self.source {
+            write!(f, " ({source})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::PoolTimedOut => Self {
+                source: Some(e.into()),
+                ..Self::new(
+                    ErrorKind::Unavailable,
+                    "database_unavailable",
+                    "the database is not reachable; retry later",
+                )
+            },
+            _ => Self::internal(e),
+        }
+    }
+}
+
+/// Turns named database constraint violations into client errors, in one place.
+pub trait ResultExt<T> {
+    fn on_constraint(self, name: &str, f: impl FnOnce() -> Error) -> Result<T>;
+    /// Any foreign-key violation (a row still references the one being removed).
+    fn on_foreign_key(self, f: impl FnOnce() -> Error) -> Result<T>;
+}
+
+impl<T, E: Into<Error>> ResultExt<T> for Result<T, E> {
+    fn on_constraint(self, name: &str, f: impl FnOnce() -> Error) -> Result<T> {
+        self.map_err(|e| {
+            let e = e.into();
+            match e
+                .source
+                .as_deref()
+                .and_then(|s| s.downcast_ref::<sqlx::Error>())
+            {
+                Some(sqlx::Error::Database(db)) if db.constraint() == Some(name) => f(),
+                _ => e,
+            }
+        })
+    }
+
+    fn on_foreign_key(self, f: impl FnOnce() -> Error) -> Result<T> {
+        self.map_err(|e| {
+            let e = e.into();
+            match e
+                .source
+                .as_deref()
+                .and_then(|s| s.downcast_ref::<sqlx::Error>())
+            {
+                Some(sqlx::Error::Database(db)) if db.is_foreign_key_violation() => f(),
+                _ => e,
+            }
+        })
+    }
+}

@@ -1,0 +1,275 @@
+//! Policy use cases, scoped to a vault, and the preview that shows a policy's effect
+//! without saving it.
+
+use backvault_domain::names::PolicyName;
+use backvault_domain::policy::PolicySpec;
+use backvault_domain::preview::PolicyPreview;
+use backvault_store::policies::{self, PolicyRow};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::auth::Permission;
+use crate::error::{Error, ErrorKind, Result, ResultExt};
+use crate::idempotency::idempotent;
+use crate::pagination::{Page, page, page_request};
+use crate::{Created, ExpectedVersion, Principal, Service};
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BackupPolicy {
+    pub id: Uuid,
+    pub vault_id: Uuid,
+    pub name: String,
+    pub spec: PolicySpec,
+    /// Increases with every change; the `ETag` header carries it.
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl TryFrom<PolicyRow> for BackupPolicy {
+    type Error = Error;
+    fn try_from(r: PolicyRow) -> Result<Self> {
+        Ok(Self {
+            id: r.id,
+            vault_id: r.vault_id,
+            name: r.name,
+            spec: serde_json::from_value(r.spec.0).map_err(Error::internal)?,
+            version: r.version,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePolicy {
+    /// Unique within the vault, ignoring case.
+    pub name: String,
+    pub spec: PolicySpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplacePolicy {
+    pub spec: PolicySpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CopyPolicy {
+    pub target_vault_id: Uuid,
+    /// Name in the target vault; the source's name when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+fn policy_not_found(name: &str) -> Error {
+    Error::not_found("policy_not_found", format_args!("policy '{name}'"))
+}
+
+fn name_taken() -> Error {
+    Error::new(
+        ErrorKind::Conflict,
+        "policy_name_taken",
+        "the vault already has a policy with this name (names ignore case)",
+    )
+}
+
+fn validated_json(spec: &PolicySpec) -> Result<serde_json::Value> {
+    spec.validate("/spec").map_err(Error::validation)?;
+    serde_json::to_value(spec).map_err(Error::internal)
+}
+
+impl Service {
+    async fn visible_policy(
+        &self,
+        db: &mut sqlx::PgConnection,
+        principal: &Principal,
+        vault_id: Uuid,
+        name: &str,
+    ) -> Result<PolicyRow> {
+        self.visible_vault(&mut *db, principal, vault_id).await?;
+        policies::policy_get(db, vault_id, name)
+            .await?
+            .ok_or_else(|| policy_not_found(name))
+    }
+
+    pub async fn policy_create(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        req: CreatePolicy,
+        idempotency_key: Option<&str>,
+    ) -> Result<Created<BackupPolicy>> {
+        principal.require(Permission::WritePolicies)?;
+        let name_check = PolicyName::parse(&req.name, "/name");
+        let spec_check = req.spec.validate("/spec");
+        if name_check.is_err() || spec_check.is_err() {
+            let violations = name_check
+                .err()
+                .into_iter()
+                .chain(spec_check.err())
+                .flatten()
+                .collect();
+            return Err(Error::validation(violations));
+        }
+        let spec = serde_json::to_value(&req.spec).map_err(Error::internal)?;
+        let mut tx = self.pool.begin().await?;
+        self.visible_vault(&mut *tx, principal, vault_id).await?;
+        let created = idempotent(
+            &mut tx,
+            principal,
+            idempotency_key,
+            "policy_create",
+            &(vault_id, &req),
+            async |tx| {
+                policies::policy_insert(tx, Uuid::now_v7(), vault_id, &req.name, &spec)
+                    .await
+                    .on_constraint("policies_name_key", name_taken)?
+                    .try_into()
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    pub async fn policy_get(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        name: &str,
+    ) -> Result<BackupPolicy> {
+        principal.require(Permission::Read)?;
+        let mut conn = self.pool.acquire().await?;
+        self.visible_policy(&mut conn, principal, vault_id, name)
+            .await?
+            .try_into()
+    }
+
+    pub async fn policy_list(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        cursor: Option<&str>,
+        limit: Option<i64>,
+    ) -> Result<Page<BackupPolicy>> {
+        principal.require(Permission::Read)?;
+        let (request, limit) = page_request(cursor, limit)?;
+        self.visible_vault(&self.pool, principal, vault_id).await?;
+        let rows = policies::policy_list(&self.pool, vault_id, request).await?;
+        let page = page(rows, limit, |r| r.id, BackupPolicy::try_from);
+        Ok(Page {
+            items: page.items.into_iter().collect::<Result<_>>()?,
+            next_cursor: page.next_cursor,
+        })
+    }
+
+    pub async fn policy_replace(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        name: &str,
+        expected: ExpectedVersion,
+        req: ReplacePolicy,
+    ) -> Result<BackupPolicy> {
+        principal.require(Permission::WritePolicies)?;
+        let spec = validated_json(&req.spec)?;
+        let mut tx = self.pool.begin().await?;
+        let current = self
+            .visible_policy(&mut tx, principal, vault_id, name)
+            .await?;
+        let row = policies::policy_replace(&mut tx, current.id, expected, &spec)
+            .await?
+            .ok_or_else(Error::precondition_failed)?;
+        tx.commit().await?;
+        row.try_into()
+    }
+
+    pub async fn policy_delete(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        name: &str,
+        expected: ExpectedVersion,
+    ) -> Result<()> {
+        principal.require(Permission::WritePolicies)?;
+        let mut tx = self.pool.begin().await?;
+        let current = self
+            .visible_policy(&mut tx, principal, vault_id, name)
+            .await?;
+        let deleted = policies::policy_delete(&mut tx, current.id, expected)
+            .await
+            .on_foreign_key(|| {
+                Error::new(
+                    ErrorKind::Conflict,
+                    "policy_in_use",
+                    "protected items or auto-protection intents use this policy; move them to another policy first",
+                )
+            })?;
+        if !deleted {
+            return Err(Error::precondition_failed());
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Copies a policy to another vault (a policy belongs to one vault; to use it
+    /// elsewhere, copy it).
+    pub async fn policy_copy(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        name: &str,
+        req: CopyPolicy,
+        idempotency_key: Option<&str>,
+    ) -> Result<Created<BackupPolicy>> {
+        principal.require(Permission::WritePolicies)?;
+        let mut tx = self.pool.begin().await?;
+        let source = self
+            .visible_policy(&mut tx, principal, vault_id, name)
+            .await?;
+        self.visible_vault(&mut *tx, principal, req.target_vault_id)
+            .await?;
+        let target_name = req.name.clone().unwrap_or_else(|| source.name.clone());
+        PolicyName::parse(&target_name, "/name").map_err(Error::validation)?;
+        let created = idempotent(
+            &mut tx,
+            principal,
+            idempotency_key,
+            "policy_copy",
+            &(vault_id, name, &req),
+            async |tx| {
+                policies::policy_insert(
+                    tx,
+                    Uuid::now_v7(),
+                    req.target_vault_id,
+                    &target_name,
+                    &source.spec.0,
+                )
+                .await
+                .on_constraint("policies_name_key", name_taken)?
+                .try_into()
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    /// Validates a policy and, when valid, returns its next runs and their expiries.
+    pub fn policy_preview(
+        &self,
+        principal: &Principal,
+        spec: &PolicySpec,
+        from: DateTime<Utc>,
+        count: usize,
+    ) -> Result<PolicyPreview> {
+        principal.require(Permission::Read)?;
+        let policy = spec.validate("").map_err(Error::validation)?;
+        Ok(policy.preview(from, count))
+    }
+}

@@ -1,0 +1,72 @@
+//! Stored first responses of creates, keyed by principal and `Idempotency-Key`.
+
+use sqlx::{PgConnection, PgExecutor, types::Json};
+
+pub enum Claim {
+    /// This request owns the key; store its response before committing.
+    Fresh,
+    /// An earlier request with this key committed; its hash and response.
+    Replay {
+        request_hash: Vec<u8>,
+        response: Option<serde_json::Value>,
+    },
+}
+
+/// Claims the key inside the caller's transaction. A concurrent request with the same key
+/// waits on the row lock until the first commits (then replays) or rolls back (then owns it).
+pub async fn idempotency_claim(
+    conn: &mut PgConnection,
+    subject: &str,
+    key: &str,
+    request_hash: &[u8],
+) -> sqlx::Result<Claim> {
+    let inserted = sqlx::query(
+        "insert into idempotency_keys (subject, key, request_hash) values ($1, $2, $3)
+         on conflict (subject, key) do nothing",
+    )
+    .bind(subject)
+    .bind(key)
+    .bind(request_hash)
+    .execute(&mut *conn)
+    .await?;
+    if inserted.rows_affected() == 1 {
+        return Ok(Claim::Fresh);
+    }
+    let (request_hash, response): (Vec<u8>, Option<Json<serde_json::Value>>) = sqlx::query_as(
+        "select request_hash, response from idempotency_keys where subject = $1 and key = $2",
+    )
+    .bind(subject)
+    .bind(key)
+    .fetch_one(conn)
+    .await?;
+    Ok(Claim::Replay {
+        request_hash,
+        response: response.map(|r| r.0),
+    })
+}
+
+pub async fn idempotency_store(
+    conn: &mut PgConnection,
+    subject: &str,
+    key: &str,
+    response: &serde_json::Value,
+) -> sqlx::Result<()> {
+    sqlx::query("update idempotency_keys set response = $3 where subject = $1 and key = $2")
+        .bind(subject)
+        .bind(key)
+        .bind(Json(response))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn idempotency_prune(
+    db: impl PgExecutor<'_>,
+    older_than: chrono::Duration,
+) -> sqlx::Result<u64> {
+    let done = sqlx::query("delete from idempotency_keys where created_at < now() - $1::interval")
+        .bind(older_than)
+        .execute(db)
+        .await?;
+    Ok(done.rows_affected())
+}

@@ -1,0 +1,103 @@
+//! The `policies` table. The spec is stored as the JSON the administrator wrote.
+
+use chrono::{DateTime, Utc};
+use sqlx::{FromRow, PgConnection, PgExecutor, types::Json};
+use uuid::Uuid;
+
+use crate::Page;
+
+#[derive(Debug, Clone, FromRow)]
+pub struct PolicyRow {
+    pub id: Uuid,
+    pub vault_id: Uuid,
+    pub name: String,
+    pub spec: Json<serde_json::Value>,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const COLUMNS: &str = "id, vault_id, name, spec, version, created_at, updated_at";
+
+pub async fn policy_insert(
+    conn: &mut PgConnection,
+    id: Uuid,
+    vault_id: Uuid,
+    name: &str,
+    spec: &serde_json::Value,
+) -> sqlx::Result<PolicyRow> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "insert into policies (id, vault_id, name, spec) values ($1, $2, $3, $4) returning {COLUMNS}"
+    )))
+    .bind(id)
+    .bind(vault_id)
+    .bind(name)
+    .bind(Json(spec))
+    .fetch_one(conn)
+    .await
+}
+
+/// Looks a policy up by name within its vault, ignoring case.
+pub async fn policy_get(
+    db: impl PgExecutor<'_>,
+    vault_id: Uuid,
+    name: &str,
+) -> sqlx::Result<Option<PolicyRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {COLUMNS} from policies where vault_id = $1 and lower(name) = lower($2)"
+    )))
+    .bind(vault_id)
+    .bind(name)
+    .fetch_optional(db)
+    .await
+}
+
+pub async fn policy_list(
+    db: impl PgExecutor<'_>,
+    vault_id: Uuid,
+    page: Page,
+) -> sqlx::Result<Vec<PolicyRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {COLUMNS} from policies where vault_id = $1 and ($2::uuid is null or id > $2)
+         order by id limit $3"
+    )))
+    .bind(vault_id)
+    .bind(page.after)
+    .bind(page.limit)
+    .fetch_all(db)
+    .await
+}
+
+pub async fn policy_replace(
+    conn: &mut PgConnection,
+    id: Uuid,
+    expected_version: Option<i64>,
+    spec: &serde_json::Value,
+) -> sqlx::Result<Option<PolicyRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "update policies set spec = $3, version = version + 1, updated_at = now()
+         where id = $1 and ($2::bigint is null or version = $2)
+         returning {COLUMNS}"
+    )))
+    .bind(id)
+    .bind(expected_version)
+    .bind(Json(spec))
+    .fetch_optional(conn)
+    .await
+}
+
+/// Deletes when the version matches. Protected items and auto-protection intents that
+/// use the policy make this fail with a foreign-key error.
+pub async fn policy_delete(
+    conn: &mut PgConnection,
+    id: Uuid,
+    expected_version: Option<i64>,
+) -> sqlx::Result<bool> {
+    let done =
+        sqlx::query("delete from policies where id = $1 and ($2::bigint is null or version = $2)")
+            .bind(id)
+            .bind(expected_version)
+            .execute(conn)
+            .await?;
+    Ok(done.rows_affected() == 1)
+}

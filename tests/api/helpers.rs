@@ -1,0 +1,172 @@
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use backvault_api::AppState;
+use backvault_service::{Auth, AuthConfig, Role, Service};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tower::ServiceExt;
+
+pub const SECRET: &[u8] = b"integration-test-secret-0123456789";
+
+pub struct TestApp {
+    pub router: Router,
+    pub auth: Auth,
+    pub pool: PgPool,
+}
+
+pub struct Response {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map_or("", |v| v.to_str().unwrap())
+    }
+
+    /// The problem code of an error response.
+    pub fn code(&self) -> &str {
+        self.body["code"].as_str().unwrap_or("")
+    }
+
+    /// The `(pointer, code)` pairs of a 422.
+    pub fn violations(&self) -> Vec<(String, String)> {
+        self.body["errors"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| {
+                        (
+                            e["pointer"].as_str().unwrap().to_owned(),
+                            e["code"].as_str().unwrap().to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl TestApp {
+    pub fn new(pool: PgPool) -> Self {
+        Self::with_auth(
+            pool,
+            AuthConfig {
+                secret: SECRET.to_vec(),
+                issuer: None,
+                audience: None,
+            },
+        )
+    }
+
+    pub fn with_auth(pool: PgPool, config: AuthConfig) -> Self {
+        let auth = Auth::new(config);
+        let router = backvault_api::router(AppState {
+            service: Service::new(pool.clone()),
+            auth: Arc::new(auth.clone()),
+        });
+        Self { router, auth, pool }
+    }
+
+    pub fn token(&self, role: Role, subscriptions: &[&str]) -> String {
+        self.auth.mint(
+            "tester",
+            role,
+            subscriptions.iter().map(|s| s.to_string()).collect(),
+            None,
+            chrono::Duration::hours(1),
+        )
+    }
+
+    pub fn admin(&self) -> String {
+        self.token(Role::Admin, &["*"])
+    }
+
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> Response {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = match body {
+            Some(b) => req
+                .header("content-type", "application/json")
+                .body(Body::from(b.to_string())),
+            None => req.body(Body::empty()),
+        }
+        .unwrap();
+        self.send(req).await
+    }
+
+    pub async fn send(&self, req: Request<Body>) -> Response {
+        let res = self.router.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        let headers = res.headers().clone();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        if status.is_client_error() || status.is_server_error() {
+            assert_eq!(
+                headers.get("content-type").map(|v| v.to_str().unwrap()),
+                Some("application/problem+json"),
+                "every error is problem+json: {status} {body}"
+            );
+        }
+        Response {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Response {
+        self.call(Method::GET, path, Some(token), None, &[]).await
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> Response {
+        self.call(Method::POST, path, Some(token), Some(body), &[])
+            .await
+    }
+
+    /// Creates a vault as admin and returns its JSON.
+    pub async fn vault(&self, name: &str, subscription: &str) -> Value {
+        let res = self
+            .post("/v1/vaults", &self.admin(), vault_body(name, subscription))
+            .await;
+        assert_eq!(res.status, StatusCode::CREATED, "{}", res.body);
+        res.body
+    }
+}
+
+pub fn vault_body(name: &str, subscription: &str) -> Value {
+    json!({"name": name, "subscription_id": subscription, "resource_group": "rg-sql", "region": "westeurope"})
+}
+
+pub fn weekly_spec() -> Value {
+    json!({
+        "time_zone": "Europe/Amsterdam",
+        "full": {"frequency": "weekly", "days": ["sunday"], "time": "22:00"},
+        "differential": {"days": ["wednesday"], "time": "22:00", "retention_days": 30},
+        "log": {"frequency_minutes": 60, "retention_days": 30},
+        "retention": {"weekly": {"weeks": 8}, "monthly": {"weeks_of_month": ["first"], "days_of_week": ["sunday"], "months": 12}},
+        "compression": true
+    })
+}

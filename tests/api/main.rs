@@ -1,0 +1,8 @@
+//! HTTP tests of every endpoint against real Postgres: each test gets its own database
+//! (`#[sqlx::test]`) and drives the full router in process.
+
+mod auth;
+mod health;
+mod helpers;
+mod policies;
+mod vaults;

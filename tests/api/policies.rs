@@ -191,8 +191,9 @@ async fn every_policy_rule_is_reported_through_the_api(pool: PgPool) {
             "retention": {"daily": {"days": 30}, "weekly": {"days_of_week": ["sunday"], "weeks": 4}}
         })
     };
-    type Edit = fn(&mut Value);
-    let cases: Vec<(fn() -> Value, Edit, &str, &str)> = vec![
+    /// A valid spec, an edit that breaks one rule, where and which code is expected.
+    type Case = (fn() -> Value, fn(&mut Value), &'static str, &'static str);
+    let cases: Vec<Case> = vec![
         (
             weekly_spec,
             |s| s["time_zone"] = json!("Atlantis/Capital"),

@@ -132,8 +132,9 @@ impl KeyArgs {
         };
         Ok(Auth::new(AuthConfig {
             secret,
-            issuer: self.jwt_issuer.clone(),
-            audience: self.jwt_audience.clone(),
+            // Compose passes unset optional settings as empty strings.
+            issuer: self.jwt_issuer.clone().filter(|s| !s.is_empty()),
+            audience: self.jwt_audience.clone().filter(|s| !s.is_empty()),
         }))
     }
 }

@@ -32,7 +32,17 @@ async fn readiness_fails_when_migrations_are_missing(pool: PgPool) {
         .execute(&pool)
         .await
         .unwrap();
-    let app = TestApp::new(pool);
+    let app = TestApp::new(pool.clone());
+    let ready = app.call(Method::GET, "/readyz", None, None, &[]).await;
+    assert_eq!(
+        (ready.status, ready.code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "migrations_pending")
+    );
+    // A database no migration ever touched.
+    sqlx::query("drop table _sqlx_migrations")
+        .execute(&pool)
+        .await
+        .unwrap();
     let ready = app.call(Method::GET, "/readyz", None, None, &[]).await;
     assert_eq!(
         (ready.status, ready.code()),

@@ -556,10 +556,18 @@ async fn preview_shows_runs_expiries_and_dst(pool: PgPool) {
     );
     assert_eq!(p["max_gap_minutes"], 60);
 
-    let capped = app
-        .post("/v1/policies/preview?count=1000", &admin, weekly_spec())
+    let most = app
+        .post("/v1/policies/preview?count=100", &admin, weekly_spec())
         .await;
-    assert_eq!(capped.body["full"].as_array().unwrap().len(), 100);
+    assert_eq!(most.body["full"].as_array().unwrap().len(), 100);
+    for count in [0, 101] {
+        let path = format!("/v1/policies/preview?count={count}");
+        let bad = app.post(&path, &admin, weekly_spec()).await;
+        assert_eq!(
+            (bad.status, bad.code()),
+            (StatusCode::BAD_REQUEST, "invalid_count")
+        );
+    }
     let bad_from = app
         .post("/v1/policies/preview?from=yesterday", &admin, weekly_spec())
         .await;

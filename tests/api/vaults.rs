@@ -125,7 +125,14 @@ async fn malformed_bodies_are_problems(pool: PgPool) {
         .await;
     assert_eq!(
         (no_type.status, no_type.code()),
-        (StatusCode::BAD_REQUEST, "unsupported_media_type")
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+    );
+    let mut huge = vault_body("huge", "sub-1");
+    huge["description"] = json!("d".repeat(3 << 20));
+    let huge = app.post("/v1/vaults", &admin, huge).await;
+    assert_eq!(
+        (huge.status, huge.code()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large")
     );
     let bad_id = app.get("/v1/vaults/not-a-uuid", &admin).await;
     assert_eq!(

@@ -23,19 +23,27 @@ pub struct Problem {
     pub errors: Vec<Violation>,
 }
 
-pub struct ApiError(pub Error);
+/// A use-case error, or an HTTP-level one (415, 413) that only the transport can have.
+pub struct ApiError(pub Error, Option<StatusCode>);
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
-        Self(e)
+        Self(e, None)
     }
 }
 
 impl ApiError {
     pub fn new(kind: ErrorKind, code: &'static str, message: impl Into<String>) -> Self {
-        Self(Error::new(kind, code, message))
+        Self(Error::new(kind, code, message), None)
+    }
+
+    pub fn http(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self(
+            Error::new(ErrorKind::BadRequest, code, message),
+            Some(status),
+        )
     }
 }
 
@@ -75,10 +83,25 @@ pub fn problem_response(
     response
 }
 
+/// The timeout layer answers with a bare 408; give it the problem body every error has.
+pub async fn problem_for_timeout(response: Response) -> Response {
+    if response.status() == StatusCode::REQUEST_TIMEOUT
+        && !response.headers().contains_key(header::CONTENT_TYPE)
+    {
+        return problem_response(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "the request took longer than the server allows; retry".into(),
+            Vec::new(),
+        );
+    }
+    response
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let e = self.0;
-        let status = status(e.kind);
+        let ApiError(e, http_status) = self;
+        let status = http_status.unwrap_or_else(|| status(e.kind));
         if status.is_server_error() {
             // The only place a server error is logged; clients get no internals.
             tracing::error!(code = e.code, error = %e, "request failed");

@@ -51,10 +51,15 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(Json(v)),
-            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::new(
-                ErrorKind::BadRequest,
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::http(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
                 "send the body as Content-Type: application/json",
+            )),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::http(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "the request body is larger than the server accepts (2 MiB)",
             )),
             Err(e) => Err(ApiError::new(
                 ErrorKind::BadRequest,
@@ -95,8 +100,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
     }
 }
 
-/// `If-Match`: absent or `*` is unconditional; an ETag this server did not issue never
-/// matches, so the update is refused rather than applied blindly.
+/// `If-Match`: absent or `*` is unconditional. Comparison is strong (RFC 9110): a weak
+/// ETag, a list, or an ETag this server did not issue never matches, so the update is
+/// refused rather than applied blindly.
 pub struct IfMatch(pub Option<i64>);
 
 impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
@@ -111,9 +117,9 @@ impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
             return Ok(IfMatch(None));
         }
         let version = value
-            .trim_start_matches("W/")
-            .trim_matches('"')
-            .parse::<i64>()
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .and_then(|v| v.parse::<i64>().ok())
             .unwrap_or(-1);
         Ok(IfMatch(Some(version)))
     }
@@ -146,3 +152,30 @@ pub fn etag(version: i64) -> (header::HeaderName, String) {
 }
 
 pub const CREATED: StatusCode = StatusCode::CREATED;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn if_match(value: &str) -> Option<i64> {
+        let (mut parts, ()) = axum::http::Request::builder()
+            .header("if-match", value)
+            .body(())
+            .unwrap()
+            .into_parts();
+        let IfMatch(v) = IfMatch::from_request_parts(&mut parts, &())
+            .await
+            .ok()
+            .unwrap();
+        v
+    }
+
+    #[tokio::test]
+    async fn if_match_compares_strongly() {
+        assert_eq!(if_match("\"3\"").await, Some(3));
+        assert_eq!(if_match("*").await, None);
+        assert_eq!(if_match("W/\"3\"").await, Some(-1));
+        assert_eq!(if_match("3").await, Some(-1));
+        assert_eq!(if_match("\"1\", \"2\"").await, Some(-1));
+    }
+}

@@ -52,6 +52,8 @@ pub fn router(state: AppState) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_secs(60),
         ))
+        // Outside the timeout, so the timeout's bare 408 gets a problem body.
+        .layer(axum::middleware::map_response(error::problem_for_timeout))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
                 let route = req

@@ -285,7 +285,11 @@ impl Policy {
     pub fn base_full_retention_days(&self) -> u32 {
         match self.full.frequency {
             FullFrequency::Daily => self.retention.daily_days.unwrap_or(0),
-            FullFrequency::Weekly => self.retention.weekly.as_ref().map_or(0, |(_, w)| w * 7),
+            FullFrequency::Weekly => self
+                .retention
+                .weekly
+                .as_ref()
+                .map_or(0, |(_, w)| w.saturating_mul(7)),
         }
     }
 }
@@ -345,18 +349,29 @@ fn parse_days(
     set
 }
 
+/// `unit` is singular ("day", "week"...).
 fn check_range(value: u32, min: u32, max: u32, unit: &str, pointer: &str, v: &mut Violations) {
+    let amount = |n: u32| {
+        if n == 1 {
+            format!("{n} {unit}")
+        } else {
+            format!("{n} {unit}s")
+        }
+    };
     if value < min {
         v.push(
             pointer,
             "retention_below_minimum",
-            format!("every backup is kept at least 7 days; the minimum here is {min} {unit}"),
+            format!(
+                "keep backups at least {} (no backup is kept less than 7 days)",
+                amount(min)
+            ),
         );
     } else if value > max {
         v.push(
             pointer,
             "retention_above_maximum",
-            format!("at most {max} {unit}"),
+            format!("keep backups at most {}", amount(max)),
         );
     }
 }
@@ -411,7 +426,7 @@ impl PolicySpec {
         let retention = self.validate_retention(base, weekly_full, &full_days, &mut v);
         let base_full_days = match self.full.frequency {
             FullFrequency::Daily => retention.daily_days,
-            FullFrequency::Weekly => retention.weekly.as_ref().map(|(_, w)| w * 7),
+            FullFrequency::Weekly => retention.weekly.as_ref().map(|(_, w)| w.saturating_mul(7)),
         };
 
         let differential = self.differential.as_ref().and_then(|d| {
@@ -436,7 +451,7 @@ impl PolicySpec {
             }
             let time = parse_time(&d.time, &p("/differential/time"), &mut v);
             let pointer = p("/differential/retention_days");
-            check_range(d.retention_days, MIN_RETENTION_DAYS, u32::MAX, "days", &pointer, &mut v);
+            check_range(d.retention_days, MIN_RETENTION_DAYS, u32::MAX, "day", &pointer, &mut v);
             if d.retention_days > MAX_DIFFERENTIAL_RETENTION_DAYS {
                 v.push(
                     &pointer,
@@ -481,7 +496,7 @@ impl PolicySpec {
                     l.retention_days,
                     MIN_RETENTION_DAYS,
                     u32::MAX,
-                    "days",
+                    "day",
                     &pointer,
                     &mut v,
                 );
@@ -548,7 +563,7 @@ impl PolicySpec {
                 daily.days,
                 MIN_RETENTION_DAYS,
                 MAX_DAILY_RETENTION_DAYS,
-                "days",
+                "day",
                 &p("/daily/days"),
                 v,
             );
@@ -567,7 +582,7 @@ impl PolicySpec {
                     weekly.weeks,
                     1,
                     MAX_WEEKLY_RETENTION_WEEKS,
-                    "weeks",
+                    "week",
                     &p("/weekly/weeks"),
                     v,
                 );
@@ -607,7 +622,7 @@ impl PolicySpec {
                 m.months,
                 1,
                 MAX_MONTHLY_RETENTION_MONTHS,
-                "months",
+                "month",
                 &p("/monthly/months"),
                 v,
             );
@@ -626,7 +641,7 @@ impl PolicySpec {
                 y.years,
                 1,
                 MAX_YEARLY_RETENTION_YEARS,
-                "years",
+                "year",
                 &p("/yearly/years"),
                 v,
             );
@@ -990,6 +1005,15 @@ mod tests {
         assert_eq!(
             violations(base(), |s| s["retention"]["yearly"]["years"] = json!(0)),
             one("/retention/yearly/years", "retention_below_minimum")
+        );
+    }
+
+    #[test]
+    fn huge_numbers_are_violations_not_overflows() {
+        assert_eq!(
+            violations(base(), |s| s["retention"]["weekly"]["weeks"] =
+                json!(u32::MAX)),
+            one("/retention/weekly/weeks", "retention_above_maximum")
         );
     }
 

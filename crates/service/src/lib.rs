@@ -28,9 +28,15 @@ impl Service {
     /// Database reachable and every embedded migration applied.
     pub async fn readiness(&self) -> Result<()> {
         let applied: i64 =
-            sqlx::query_scalar("select count(*) from _sqlx_migrations where success")
+            match sqlx::query_scalar("select count(*) from _sqlx_migrations where success")
                 .fetch_one(&self.pool)
-                .await?;
+                .await
+            {
+                Ok(n) => n,
+                // A database no migration ever ran on has no bookkeeping table yet.
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => 0,
+                Err(e) => return Err(e.into()),
+            };
         let expected = backvault_store::MIGRATOR
             .iter()
             .filter(|m| m.migration_type.is_up_migration())

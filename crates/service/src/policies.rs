@@ -3,7 +3,7 @@
 
 use backvault_domain::names::PolicyName;
 use backvault_domain::policy::PolicySpec;
-use backvault_domain::preview::PolicyPreview;
+use backvault_domain::preview::{MAX_PREVIEW_RUNS, PolicyPreview};
 use backvault_store::policies::{self, PolicyRow};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -269,6 +269,13 @@ impl Service {
         count: usize,
     ) -> Result<PolicyPreview> {
         principal.require(Permission::Read)?;
+        if !(1..=MAX_PREVIEW_RUNS).contains(&count) {
+            return Err(Error::new(
+                ErrorKind::BadRequest,
+                "invalid_count",
+                format!("count is 1 to {MAX_PREVIEW_RUNS}"),
+            ));
+        }
         let policy = spec.validate("").map_err(Error::validation)?;
         Ok(policy.preview(from, count))
     }

@@ -160,6 +160,7 @@ async fn delete_policy(
         (status = 201, body = BackupPolicy, headers(("ETag" = String), ("Location" = String))),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
     ))]
 async fn copy_policy(
     State(state): State<AppState>,
@@ -195,6 +196,7 @@ pub struct PreviewParams {
     request_body = PolicySpec,
     responses(
         (status = 200, body = PolicyPreview),
+        (status = 400, body = Problem, content_type = "application/problem+json", description = "invalid_count, invalid_query"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ))]
 async fn preview_policy(

@@ -1,0 +1,16 @@
+# Build the server in a full toolchain image, run it in a slim one.
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bin backvault
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates curl \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/backvault /usr/local/bin/backvault
+USER nobody
+EXPOSE 8080
+ENV BACKVAULT_LISTEN=0.0.0.0:8080
+ENTRYPOINT ["backvault"]
+CMD ["serve"]

@@ -1,0 +1,318 @@
+//! End to end: the real `backvault` binary, started as an operator would, driven over HTTP.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_backvault");
+
+/// A database of its own for one test, dropped at the end.
+struct TestDb {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    fn new() -> Self {
+        let admin_url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let (server, _) = admin_url
+            .rsplit_once('/')
+            .expect("DATABASE_URL ends in /<database>");
+        let name = format!("backvault_e2e_{}", uuid_suffix());
+        Self {
+            url: format!("{server}/{name}"),
+            admin_url,
+            name,
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        // Drop runs outside the test's runtime; a small one of its own does the cleanup.
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new().unwrap().block_on(async {
+                use sqlx::Connection;
+                if let Ok(mut c) = sqlx::PgConnection::connect(&admin_url).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "drop database if exists \"{name}\" with (force)"
+                    )))
+                    .execute(&mut c)
+                    .await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+fn uuid_suffix() -> String {
+    format!(
+        "{:x}{:x}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+struct Server {
+    child: Child,
+    base: String,
+    token: Option<String>,
+}
+
+impl Server {
+    /// Starts `backvault serve` on a free port and waits until it listens.
+    fn start(db: &TestDb, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(args)
+            .env("DATABASE_URL", &db.url)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut token = None;
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("server exited before listening")
+                .unwrap();
+            if let Some(t) = line.strip_prefix("export BACKVAULT_TOKEN=") {
+                token = Some(t.to_owned());
+            }
+            if let Ok(log) = serde_json::from_str::<Value>(&line)
+                && log["message"] == "listening"
+            {
+                break log["addr"].as_str().unwrap().to_owned();
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Self {
+            child,
+            base: format!("http://{addr}"),
+            token,
+        }
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        for _ in 0..100 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("server did not stop within 10s of SIGTERM");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn dev_server_creates_its_database_serves_the_walkthrough_and_shuts_down_gracefully() {
+    let db = TestDb::new();
+    let mut server = Server::start(&db, &["--dev"], &[]);
+    let token = server.token.clone().expect("--dev prints an admin token");
+    let http = reqwest::Client::new();
+    let url = |p: &str| format!("{}{p}", server.base);
+
+    assert_eq!(http.get(url("/readyz")).send().await.unwrap().status(), 200);
+
+    let vault: Value = http
+        .post(url("/v1/vaults"))
+        .bearer_auth(&token)
+        .json(&json!({"name": "e2e-vault", "subscription_id": "sub-1", "resource_group": "rg-sql", "region": "westeurope"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let policies = url(&format!(
+        "/v1/vaults/{}/policies",
+        vault["id"].as_str().unwrap()
+    ));
+    let spec = json!({
+        "time_zone": "Europe/Amsterdam",
+        "full": {"frequency": "weekly", "days": ["sunday"], "time": "22:00"},
+        "differential": {"days": ["wednesday"], "time": "22:00", "retention_days": 30},
+        "log": {"frequency_minutes": 30, "retention_days": 14},
+        "retention": {"weekly": {"weeks": 8}}
+    });
+    let created = http
+        .post(&policies)
+        .bearer_auth(&token)
+        .json(&json!({"name": "Gold", "spec": spec}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let list: Value = http
+        .get(&policies)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 2);
+    let preview: Value = http
+        .post(url("/v1/policies/preview?count=2"))
+        .bearer_auth(&token)
+        .json(&spec)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(preview["full"].as_array().unwrap().len(), 2);
+    assert_eq!(preview["max_gap_minutes"], 30);
+
+    // A request in flight when SIGTERM arrives still gets its answer: send the headers and
+    // half the body, signal, then send the rest.
+    let body = json!({"name": "late-vault", "subscription_id": "sub-1", "resource_group": "rg", "region": "westeurope"}).to_string();
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/vaults HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let (first, rest) = body.split_at(body.len() / 2);
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(first.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = server.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stream.write_all(rest.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 201"), "{response}");
+
+    let status = server.terminate();
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn configured_key_token_command_and_refusal_without_key() {
+    let db = TestDb::new();
+    let no_key = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("DATABASE_URL", &db.url)
+        .env_remove("BACKVAULT_JWT_SECRET")
+        .output()
+        .unwrap();
+    assert!(!no_key.status.success());
+    let stderr = String::from_utf8(no_key.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("BACKVAULT_JWT_SECRET"), "{stderr}");
+
+    let migrate = Command::new(BIN)
+        .arg("migrate")
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(
+        migrate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+
+    let secret = "an-e2e-secret-that-is-long-enough-0123";
+    let env = [
+        ("BACKVAULT_JWT_SECRET", secret),
+        ("BACKVAULT_JWT_ISSUER", "backvault-e2e"),
+    ];
+    let mint = |role: &str| {
+        let out = Command::new(BIN)
+            .args([
+                "token",
+                "--role",
+                role,
+                "--subscription",
+                "sub-1",
+                "--ttl",
+                "10m",
+            ])
+            .envs(env)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let admin = mint("admin");
+    let reader = mint("reader");
+    let server = Server::start(&db, &[], &env);
+    assert!(server.token.is_none(), "no token is printed outside --dev");
+    let http = reqwest::Client::new();
+    let vaults = format!("{}/v1/vaults", server.base);
+    let body = json!({"name": "keyed", "subscription_id": "sub-1", "resource_group": "rg", "region": "westeurope"});
+    assert_eq!(
+        http.post(&vaults)
+            .bearer_auth(&reader)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    assert_eq!(
+        http.post(&vaults)
+            .bearer_auth(&admin)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    let list: Value = http
+        .get(&vaults)
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["items"][0]["name"], "keyed");
+    assert_eq!(http.get(&vaults).send().await.unwrap().status(), 401);
+}

@@ -2,6 +2,8 @@
 //! and the recovery chain, resource names. Every rule lives here once; `service` calls it,
 //! `api` renders what it returns.
 
+pub mod agent;
+pub mod jobs;
 pub mod names;
 pub mod policy;
 pub mod preview;

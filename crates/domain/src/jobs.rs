@@ -1,0 +1,205 @@
+//! Jobs as the rules see them: kinds, statuses, the 50-database batch limit, per-VM
+//! concurrency caps, attempts and the retry backoff.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// At most this many databases go into one job (Azure Backup's limit per backup job).
+pub const MAX_ITEMS_PER_JOB: usize = 50;
+/// Azure Backup runs at most 20 backup jobs and 15 restore jobs at once on one VM.
+pub const DEFAULT_MAX_RUNNING_BACKUPS_PER_VM: u32 = 20;
+pub const DEFAULT_MAX_RUNNING_RESTORES_PER_VM: u32 = 15;
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    Discovery,
+    ConfigureProtection,
+    BackupFull,
+    BackupDifferential,
+    BackupLog,
+    Restore,
+}
+
+impl JobKind {
+    pub const ALL: [JobKind; 6] = [
+        JobKind::Discovery,
+        JobKind::ConfigureProtection,
+        JobKind::BackupFull,
+        JobKind::BackupDifferential,
+        JobKind::BackupLog,
+        JobKind::Restore,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Discovery => "discovery",
+            JobKind::ConfigureProtection => "configure_protection",
+            JobKind::BackupFull => "backup_full",
+            JobKind::BackupDifferential => "backup_differential",
+            JobKind::BackupLog => "backup_log",
+            JobKind::Restore => "restore",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// Restores count against the restore cap; everything else against the backup cap.
+    pub fn is_restore(self) -> bool {
+        self == JobKind::Restore
+    }
+
+    pub fn max_attempts(self) -> i32 {
+        DEFAULT_MAX_ATTEMPTS
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    InProgress,
+    Completed,
+    CompletedWithWarnings,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 6] = [
+        JobStatus::Queued,
+        JobStatus::InProgress,
+        JobStatus::Completed,
+        JobStatus::CompletedWithWarnings,
+        JobStatus::Failed,
+        JobStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::InProgress => "in_progress",
+            JobStatus::Completed => "completed",
+            JobStatus::CompletedWithWarnings => "completed_with_warnings",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    pub fn is_finished(self) -> bool {
+        !matches!(self, JobStatus::Queued | JobStatus::InProgress)
+    }
+}
+
+/// On-demand work goes before scheduled work; lower runs first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    OnDemand,
+    Scheduled,
+}
+
+impl Priority {
+    pub fn rank(self) -> i16 {
+        match self {
+            Priority::OnDemand => 0,
+            Priority::Scheduled => 1,
+        }
+    }
+}
+
+/// Splits items into jobs of at most [`MAX_ITEMS_PER_JOB`], in order, as evenly as the
+/// limit allows (120 databases make jobs of 40, 40 and 40, not 50, 50 and 20), so no job
+/// runs much longer than its siblings.
+pub fn batch<T>(items: Vec<T>) -> Vec<Vec<T>> {
+    if items.is_empty() {
+        return Vec::new();
+    }
+    let jobs = items.len().div_ceil(MAX_ITEMS_PER_JOB);
+    let base = items.len() / jobs;
+    let extra = items.len() % jobs;
+    let mut rest = items.into_iter();
+    (0..jobs)
+        .map(|i| rest.by_ref().take(base + usize::from(i < extra)).collect())
+        .collect()
+}
+
+/// Delay before retry number `attempt` (1 after the first failure): exponential from 2 s,
+/// capped at 10 minutes, scaled by `jitter` in [0.5, 1.5) so that jobs that failed together
+/// do not retry together.
+pub fn retry_delay(attempt: i32, jitter: f64) -> Duration {
+    let exp = attempt.clamp(1, 16) as u32;
+    let base = 2f64.powi(exp as i32).min(600.0);
+    Duration::from_secs_f64(base * jitter.clamp(0.5, 1.5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn kinds_and_statuses_round_trip() {
+        for k in JobKind::ALL {
+            assert_eq!(JobKind::parse(k.as_str()), Some(k));
+            assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
+        }
+        for s in JobStatus::ALL {
+            assert_eq!(JobStatus::parse(s.as_str()), Some(s));
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        assert!(JobStatus::Cancelled.is_finished());
+        assert!(!JobStatus::InProgress.is_finished());
+        assert!(Priority::OnDemand.rank() < Priority::Scheduled.rank());
+    }
+
+    #[test]
+    fn one_hundred_twenty_databases_make_three_jobs() {
+        let jobs = batch((0..120).collect());
+        assert_eq!(jobs.iter().map(Vec::len).collect::<Vec<_>>(), [40, 40, 40]);
+        assert_eq!(batch((0..50).collect()).len(), 1);
+        assert_eq!(batch((0..51).collect::<Vec<i32>>().clone()).len(), 2);
+        assert!(batch(Vec::<i32>::new()).is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn batches_are_full_ordered_and_bounded(n in 0usize..2000) {
+            let jobs = batch((0..n).collect());
+            prop_assert_eq!(jobs.len(), n.div_ceil(MAX_ITEMS_PER_JOB));
+            prop_assert!(jobs.iter().all(|j| !j.is_empty() && j.len() <= MAX_ITEMS_PER_JOB));
+            let max = jobs.iter().map(Vec::len).max().unwrap_or(0);
+            let min = jobs.iter().map(Vec::len).min().unwrap_or(0);
+            prop_assert!(max - min <= 1);
+            let flat: Vec<usize> = jobs.into_iter().flatten().collect();
+            prop_assert_eq!(flat, (0..n).collect::<Vec<_>>());
+        }
+
+        #[test]
+        fn backoff_grows_until_the_cap(attempt in 1i32..20, jitter in 0.5f64..1.5) {
+            let this = retry_delay(attempt, 1.0);
+            let next = retry_delay(attempt + 1, 1.0);
+            prop_assert!(next >= this);
+            prop_assert!(next <= Duration::from_secs(600));
+            let jittered = retry_delay(attempt, jitter);
+            prop_assert!(jittered >= this / 2 && jittered <= this * 3 / 2);
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_from_two_seconds() {
+        assert_eq!(retry_delay(1, 1.0), Duration::from_secs(2));
+        assert_eq!(retry_delay(2, 1.0), Duration::from_secs(4));
+        assert_eq!(retry_delay(3, 1.0), Duration::from_secs(8));
+        assert_eq!(retry_delay(30, 1.0), Duration::from_secs(600));
+    }
+}

@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -89,6 +88,54 @@ struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, env = "BACKVAULT_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     shutdown_grace_seconds: u64,
+    #[command(flatten)]
+    jobs: JobArgs,
+}
+
+#[derive(Args)]
+struct JobArgs {
+    /// Seconds a claim or heartbeat keeps a job for its agent.
+    #[arg(long, env = "BACKVAULT_LEASE_SECONDS", default_value_t = 60)]
+    lease_seconds: i64,
+    /// Backup jobs one VM may run at once.
+    #[arg(
+        long,
+        env = "BACKVAULT_MAX_RUNNING_BACKUPS_PER_VM",
+        default_value_t = 20
+    )]
+    max_running_backups_per_vm: u32,
+    /// Restore jobs one VM may run at once.
+    #[arg(
+        long,
+        env = "BACKVAULT_MAX_RUNNING_RESTORES_PER_VM",
+        default_value_t = 15
+    )]
+    max_running_restores_per_vm: u32,
+    /// Days finished jobs stay in the history.
+    #[arg(long, env = "BACKVAULT_JOB_RETENTION_DAYS", default_value_t = 90)]
+    job_retention_days: i64,
+    /// Days an agent token lives.
+    #[arg(long, env = "BACKVAULT_AGENT_TOKEN_DAYS", default_value_t = 90)]
+    agent_token_days: i64,
+    /// How often expired leases are looked for.
+    #[arg(long, env = "BACKVAULT_RESCUE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    rescue_interval: Duration,
+    /// How often a waiting long-poll re-checks without a notification.
+    #[arg(long, env = "BACKVAULT_LONG_POLL_RECHECK", default_value = "10s", value_parser = humantime::parse_duration)]
+    long_poll_recheck: Duration,
+}
+
+impl JobArgs {
+    fn config(&self) -> backvault_service::Config {
+        backvault_service::Config {
+            lease: chrono::Duration::seconds(self.lease_seconds),
+            max_running_backups_per_vm: self.max_running_backups_per_vm,
+            max_running_restores_per_vm: self.max_running_restores_per_vm,
+            job_retention: chrono::Duration::days(self.job_retention_days),
+            agent_token_ttl: chrono::Duration::days(self.agent_token_days),
+            long_poll_recheck: self.long_poll_recheck,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -247,10 +294,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
         println!("export BACKVAULT_TOKEN={token}");
     }
-    let app = backvault_api::router(AppState {
-        service: Service::new(pool.clone()),
-        auth: Arc::new(auth),
-    });
+    let service = Service::new(pool.clone(), auth, args.jobs.config());
+    let (stop_background, background_stopped) = tokio::sync::watch::channel(false);
+    let background = tokio::spawn(service.clone().run_background(
+        args.jobs.rescue_interval,
+        Duration::from_secs(3600),
+        background_stopped,
+    ));
+    let app = backvault_api::router(AppState { service });
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -264,6 +315,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tracing::warn!("grace period over; dropping unfinished requests");
         }
     }
+    let _ = stop_background.send(true);
+    let _ = background.await;
     pool.close().await;
     Ok(())
 }

@@ -1,5 +1,3 @@
-use std::sync::Arc;
-
 use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
@@ -16,6 +14,7 @@ pub struct TestApp {
     pub router: Router,
     pub auth: Auth,
     pub pool: PgPool,
+    pub service: Service,
 }
 
 pub struct Response {
@@ -66,11 +65,20 @@ impl TestApp {
 
     pub fn with_auth(pool: PgPool, config: AuthConfig) -> Self {
         let auth = Auth::new(config);
+        let service = Service::new(
+            pool.clone(),
+            auth.clone(),
+            backvault_service::Config::default(),
+        );
         let router = backvault_api::router(AppState {
-            service: Service::new(pool.clone()),
-            auth: Arc::new(auth.clone()),
+            service: service.clone(),
         });
-        Self { router, auth, pool }
+        Self {
+            router,
+            auth,
+            pool,
+            service,
+        }
     }
 
     pub fn token(&self, role: Role, subscriptions: &[&str]) -> String {
@@ -169,4 +177,69 @@ pub fn weekly_spec() -> Value {
         "retention": {"weekly": {"weeks": 8}, "monthly": {"weeks_of_month": ["first"], "days_of_week": ["sunday"], "months": 12}},
         "compression": true
     })
+}
+
+/// Enrolls an agent for a VM named `name` in `sub-1`; returns `(vm_id, agent_token)`.
+pub async fn enroll(app: &TestApp, name: &str) -> (String, String) {
+    let enrollment = app
+        .post(
+            "/v1/enrollment-tokens",
+            &app.admin(),
+            json!({"subscription_id": "sub-1"}),
+        )
+        .await;
+    assert_eq!(
+        enrollment.status,
+        StatusCode::CREATED,
+        "{}",
+        enrollment.body
+    );
+    let token = enrollment.body["token"].as_str().unwrap().to_owned();
+    let res = app
+        .post("/v1/agent/enroll", &token, json!({"facts": facts(name)}))
+        .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.body);
+    (
+        res.body["vm_id"].as_str().unwrap().to_owned(),
+        res.body["agent_token"].as_str().unwrap().to_owned(),
+    )
+}
+
+pub fn facts(name: &str) -> Value {
+    json!({
+        "name": name, "resource_group": "rg-sql", "subscription_id": "sub-1", "region": "westeurope",
+        "deployment_model": "resource_manager", "agent_version": "1.0.0", "dotnet_version": "4.8",
+        "sql_iaas_extension": true, "other_backup_product": false
+    })
+}
+
+/// Dispatches an on-demand job as admin; returns its id.
+pub async fn dispatch(app: &TestApp, vm_id: &str, kind: &str) -> String {
+    let res = app
+        .post(
+            "/v1/jobs",
+            &app.admin(),
+            json!({"vm_id": vm_id, "kind": kind, "items": [{"instance": "MSSQLSERVER", "database": "sales"}]}),
+        )
+        .await;
+    assert_eq!(res.status, StatusCode::ACCEPTED, "{}", res.body);
+    res.body["id"].as_str().unwrap().to_owned()
+}
+
+/// Claims without waiting; returns the claimed jobs.
+pub async fn claim(app: &TestApp, agent: &str, max_jobs: u32) -> Vec<Value> {
+    let res = app
+        .post(
+            "/v1/agent/claim",
+            agent,
+            json!({"max_jobs": max_jobs, "wait_seconds": 0}),
+        )
+        .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.body);
+    res.body["jobs"].as_array().unwrap().clone()
+}
+
+pub fn discovery_result() -> Value {
+    json!({"kind": "discovery", "inventory": {"instances": [{"name": "MSSQLSERVER", "version": "2019"}],
+           "databases": [{"instance": "MSSQLSERVER", "name": "sales", "recovery_model": "full", "size_bytes": 1024}]}})
 }

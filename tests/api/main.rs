@@ -1,8 +1,11 @@
 //! HTTP tests of every endpoint against real Postgres: each test gets its own database
 //! (`#[sqlx::test]`) and drives the full router in process.
 
+mod agents;
 mod auth;
 mod health;
 mod helpers;
+mod jobs;
 mod policies;
+mod queue;
 mod vaults;

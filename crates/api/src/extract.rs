@@ -38,7 +38,7 @@ impl FromRequestParts<AppState> for Caller {
                     "the Authorization header is not 'Bearer <token>'",
                 )
             })?;
-        Ok(Caller(state.auth.verify(token.trim())?))
+        Ok(Caller(state.service.auth.verify(token.trim())?))
     }
 }
 

@@ -6,12 +6,11 @@ pub mod extract;
 mod openapi;
 mod routes;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::http::{HeaderName, StatusCode};
-use backvault_service::{Auth, Service};
+use backvault_service::Service;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
@@ -23,7 +22,6 @@ pub use openapi::ApiDoc;
 #[derive(Clone)]
 pub struct AppState {
     pub service: Service,
-    pub auth: Arc<Auth>,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -33,6 +31,9 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(routes::health::router())
         .merge(routes::vaults::router())
         .merge(routes::policies::router())
+        .merge(routes::vms::router())
+        .merge(routes::jobs::router())
+        .merge(routes::agent::router())
 }
 
 /// The OpenAPI document the code describes; committed as `openapi/openapi.json`.
@@ -45,8 +46,13 @@ pub fn router(state: AppState) -> Router {
     let (router, spec) = api_router().split_for_parts();
     router
         .merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
+        .route("/metrics", axum::routing::get(routes::metrics::metrics))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            routes::metrics::track,
+        ))
         .with_state(state)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,

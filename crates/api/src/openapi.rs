@@ -16,6 +16,9 @@ use utoipa::{Modify, OpenApi};
         (name = "health", description = "Liveness and readiness"),
         (name = "vaults", description = "Recovery Services vaults"),
         (name = "policies", description = "SQL backup policies, scoped to a vault"),
+        (name = "vms", description = "The VM inventory"),
+        (name = "jobs", description = "Backup jobs: history, waiting, cancelling, on-demand dispatch"),
+        (name = "agent", description = "The protocol agents on VMs speak"),
     )
 )]
 pub struct ApiDoc;

@@ -131,10 +131,16 @@ pub struct RecoveryPointReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum JobResult {
-    Discovery { inventory: SqlInventory },
+    Discovery {
+        inventory: SqlInventory,
+    },
     ConfigureProtection {},
-    Backup { recovery_points: Vec<RecoveryPointReport> },
-    Restore { restored_database: String },
+    Backup {
+        recovery_points: Vec<RecoveryPointReport>,
+    },
+    Restore {
+        restored_database: String,
+    },
 }
 
 /// The messages of the agent protocol (`/v1/agent/...`).

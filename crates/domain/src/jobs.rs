@@ -13,7 +13,9 @@ pub const DEFAULT_MAX_RUNNING_BACKUPS_PER_VM: u32 = 20;
 pub const DEFAULT_MAX_RUNNING_RESTORES_PER_VM: u32 = 15;
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum JobKind {
     Discovery,

@@ -19,6 +19,8 @@ pub enum Role {
     Reader,
     /// A VM's agent: the agent protocol for its own VM only.
     Agent,
+    /// Short-lived: lets a new agent enroll its VM in the token's subscriptions.
+    Enrollment,
 }
 
 impl std::str::FromStr for Role {
@@ -46,6 +48,10 @@ pub struct Claims {
     pub subscriptions: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<Uuid>,
+    /// The VM's token generation when an agent token was issued; a later enrollment or the
+    /// VM's removal makes it stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
     pub iat: i64,
     pub exp: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -61,6 +67,7 @@ pub struct Principal {
     /// `None`: every subscription.
     pub subscriptions: Option<Vec<String>>,
     pub vm: Option<Uuid>,
+    pub generation: Option<i64>,
 }
 
 /// What a use case asks permission for.
@@ -69,15 +76,22 @@ pub enum Permission {
     Read,
     WritePolicies,
     WriteVaults,
+    /// Run, cancel and dispatch jobs; mint enrollment tokens.
+    OperateJobs,
+    /// Remove VMs from the inventory.
+    WriteInventory,
 }
 
 impl Principal {
     pub fn require(&self, permission: Permission) -> Result<()> {
         let allowed = match self.role {
             Role::Admin => true,
-            Role::Operator => matches!(permission, Permission::Read | Permission::WritePolicies),
+            Role::Operator => matches!(
+                permission,
+                Permission::Read | Permission::WritePolicies | Permission::OperateJobs
+            ),
             Role::Reader => permission == Permission::Read,
-            Role::Agent => false,
+            Role::Agent | Role::Enrollment => false,
         };
         if allowed {
             Ok(())
@@ -162,6 +176,7 @@ impl Auth {
             role: c.role,
             subscriptions,
             vm: c.vm,
+            generation: c.generation,
         })
     }
 
@@ -173,12 +188,46 @@ impl Auth {
         vm: Option<Uuid>,
         ttl: Duration,
     ) -> String {
+        self.mint_claims(subject, role, subscriptions, vm, None, ttl)
+    }
+
+    /// An agent token bound to one VM and its current token generation; returns the token
+    /// and its expiry (Unix seconds).
+    pub fn mint_agent(
+        &self,
+        vm: Uuid,
+        subscription: &str,
+        generation: i64,
+        ttl: Duration,
+    ) -> (String, i64) {
+        let exp = (Utc::now() + ttl).timestamp();
+        let token = self.mint_claims(
+            &format!("agent:{vm}"),
+            Role::Agent,
+            vec![subscription.to_owned()],
+            Some(vm),
+            Some(generation),
+            ttl,
+        );
+        (token, exp)
+    }
+
+    fn mint_claims(
+        &self,
+        subject: &str,
+        role: Role,
+        subscriptions: Vec<String>,
+        vm: Option<Uuid>,
+        generation: Option<i64>,
+        ttl: Duration,
+    ) -> String {
         let now = Utc::now();
         let claims = Claims {
             sub: subject.to_owned(),
             role,
             subscriptions,
             vm,
+            generation,
             iat: now.timestamp(),
             exp: (now + ttl).timestamp(),
             iss: self.config.issuer.clone(),
@@ -270,6 +319,7 @@ mod tests {
             role,
             subscriptions: None,
             vm: None,
+            generation: None,
         };
         assert!(p(Role::Admin).require(Permission::WriteVaults).is_ok());
         assert!(p(Role::Operator).require(Permission::WritePolicies).is_ok());
@@ -277,5 +327,12 @@ mod tests {
         assert!(p(Role::Reader).require(Permission::Read).is_ok());
         assert!(p(Role::Reader).require(Permission::WritePolicies).is_err());
         assert!(p(Role::Agent).require(Permission::Read).is_err());
+        assert!(p(Role::Enrollment).require(Permission::Read).is_err());
+        assert!(p(Role::Operator).require(Permission::OperateJobs).is_ok());
+        assert!(
+            p(Role::Operator)
+                .require(Permission::WriteInventory)
+                .is_err()
+        );
     }
 }

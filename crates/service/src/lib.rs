@@ -2,27 +2,89 @@
 //! transaction, applies the `domain` rules and calls the `store`. Transport-agnostic: the
 //! `api` crate maps requests in and `Error` out.
 
+pub mod agents;
 pub mod auth;
+pub mod background;
+mod batcher;
 pub mod error;
 mod idempotency;
+pub mod jobs;
+pub mod metrics;
+pub mod notifier;
 pub mod pagination;
 pub mod policies;
 pub mod vaults;
+pub mod vms;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 pub use auth::{Auth, AuthConfig, Principal, Role};
 pub use error::{Error, ErrorKind, Result};
 
+use backvault_domain::jobs::{
+    DEFAULT_MAX_RUNNING_BACKUPS_PER_VM, DEFAULT_MAX_RUNNING_RESTORES_PER_VM,
+};
 use backvault_store::PgPool;
+
+/// Operational settings of the job machinery.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How long a claim or heartbeat keeps a job for its agent.
+    pub lease: chrono::Duration,
+    pub max_running_backups_per_vm: u32,
+    pub max_running_restores_per_vm: u32,
+    /// Finished jobs older than this leave the history.
+    pub job_retention: chrono::Duration,
+    pub agent_token_ttl: chrono::Duration,
+    /// A waiting long-poll re-checks this often even without a notification.
+    pub long_poll_recheck: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            lease: chrono::Duration::seconds(60),
+            max_running_backups_per_vm: DEFAULT_MAX_RUNNING_BACKUPS_PER_VM,
+            max_running_restores_per_vm: DEFAULT_MAX_RUNNING_RESTORES_PER_VM,
+            job_retention: chrono::Duration::days(90),
+            agent_token_ttl: chrono::Duration::days(90),
+            long_poll_recheck: Duration::from_secs(10),
+        }
+    }
+}
 
 /// What every use case needs. Cheap to clone.
 #[derive(Clone)]
 pub struct Service {
     pub pool: PgPool,
+    pub auth: Arc<Auth>,
+    pub config: Arc<Config>,
+    pub notifier: Arc<notifier::Notifier>,
+    pub metrics: Arc<metrics::Metrics>,
+    claimer:
+        batcher::Batcher<agents::ClaimRequest, Vec<backvault_domain::agent::protocol::ClaimedJob>>,
+    completer: batcher::Batcher<backvault_store::jobs::Completion, ()>,
 }
 
 impl Service {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    /// Builds the service and starts this replica's notification listener and batchers
+    /// (needs a Tokio runtime).
+    pub fn new(pool: PgPool, auth: Auth, config: Config) -> Self {
+        let config = Arc::new(config);
+        let notifier = Arc::new(notifier::Notifier::default());
+        tokio::spawn(notifier.clone().listen(pool.clone()));
+        let claimer = agents::claim_batcher(pool.clone(), config.clone());
+        let completer = agents::complete_batcher(pool.clone());
+        Self {
+            pool,
+            auth: Arc::new(auth),
+            config,
+            notifier,
+            metrics: Arc::new(metrics::Metrics::default()),
+            claimer,
+            completer,
+        }
     }
 
     /// Database reachable and every embedded migration applied.
@@ -48,6 +110,39 @@ impl Service {
                 "database migrations are not applied; run `backvault migrate`",
             ));
         }
+        Ok(())
+    }
+
+    /// Refreshes the gauges read from Postgres; called at scrape time.
+    pub async fn refresh_queue_gauges(&self) -> Result<()> {
+        use backvault_domain::jobs::JobKind;
+        use metrics::KindLabels;
+        let stats = backvault_store::jobs::queue_stats(&self.pool).await?;
+        let now = chrono::Utc::now();
+        for kind in JobKind::ALL {
+            let labels = KindLabels {
+                kind: kind.as_str().to_owned(),
+            };
+            let stat = stats.iter().find(|s| s.kind == kind.as_str());
+            self.metrics
+                .queue_pending
+                .get_or_create(&labels)
+                .set(stat.map_or(0, |s| s.pending));
+            self.metrics
+                .queue_running
+                .get_or_create(&labels)
+                .set(stat.map_or(0, |s| s.running));
+            let age = stat
+                .and_then(|s| s.oldest_pending)
+                .map_or(0, |oldest| (now - oldest).num_seconds().max(0));
+            self.metrics
+                .queue_oldest_pending_seconds
+                .get_or_create(&labels)
+                .set(age);
+        }
+        self.metrics
+            .long_polls_waiting
+            .set(self.notifier.waiting_vms() as i64);
         Ok(())
     }
 }

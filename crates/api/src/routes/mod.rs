@@ -1,8 +1,12 @@
 //! Handlers, one module per area. Each handler: extract, call one use case, render.
 
+pub mod agent;
 pub mod health;
+pub mod jobs;
+pub mod metrics;
 pub mod policies;
 pub mod vaults;
+pub mod vms;
 
 use axum::http::StatusCode;
 use axum::response::Response;

@@ -1,0 +1,124 @@
+//! The agent protocol. Every route takes an agent token bound to one VM (enrollment takes
+//! an enrollment token); a job of another VM answers 404.
+
+use axum::extract::State;
+use backvault_domain::agent::protocol::{
+    AgentHeartbeat, AgentHeartbeatResponse, ClaimRequest, ClaimResponse, CompleteJob,
+    EnrollRequest, EnrollResponse, FailJob, JobHeartbeat, JobHeartbeatResponse,
+};
+use backvault_service::agents::JobOutcome;
+use utoipa_axum::{router::OpenApiRouter, routes};
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::error::{ApiResult, Problem};
+use crate::extract::{Caller, Json, Path};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(enroll_agent))
+        .routes(routes!(agent_heartbeat))
+        .routes(routes!(claim_jobs))
+        .routes(routes!(heartbeat_job))
+        .routes(routes!(complete_job))
+        .routes(routes!(fail_job))
+}
+
+/// Enroll a VM's agent with an enrollment token; returns the agent's token.
+#[utoipa::path(post, path = "/v1/agent/enroll", tag = "agent", request_body = EnrollRequest,
+    responses((status = 200, body = EnrollResponse), (status = 401, body = Problem, content_type = "application/problem+json"),
+              (status = 403, body = Problem, content_type = "application/problem+json"),
+              (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn enroll_agent(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Json(req): Json<EnrollRequest>,
+) -> ApiResult<axum::Json<EnrollResponse>> {
+    Ok(axum::Json(
+        state.service.agent_enroll(&principal, req.facts).await?,
+    ))
+}
+
+/// The agent is alive: updates the VM's facts and extends the leases of its running jobs.
+#[utoipa::path(post, path = "/v1/agent/heartbeat", tag = "agent", request_body = AgentHeartbeat,
+    responses((status = 200, body = AgentHeartbeatResponse), (status = 401, body = Problem, content_type = "application/problem+json")))]
+async fn agent_heartbeat(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Json(req): Json<AgentHeartbeat>,
+) -> ApiResult<axum::Json<AgentHeartbeatResponse>> {
+    Ok(axum::Json(
+        state.service.agent_heartbeat(&principal, req).await?,
+    ))
+}
+
+/// Claim jobs for this VM, waiting up to `wait_seconds` for one (long-poll).
+#[utoipa::path(post, path = "/v1/agent/claim", tag = "agent", request_body = ClaimRequest,
+    responses((status = 200, body = ClaimResponse), (status = 400, body = Problem, content_type = "application/problem+json"),
+              (status = 401, body = Problem, content_type = "application/problem+json")))]
+async fn claim_jobs(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Json(req): Json<ClaimRequest>,
+) -> ApiResult<axum::Json<ClaimResponse>> {
+    let jobs = state
+        .service
+        .agent_claim(&principal, req.max_jobs, req.wait_seconds)
+        .await?;
+    Ok(axum::Json(ClaimResponse { jobs }))
+}
+
+/// Extend one job's lease and report progress; says whether a user cancelled it.
+#[utoipa::path(post, path = "/v1/agent/jobs/{job_id}/heartbeat", tag = "agent", params(("job_id" = Uuid, Path)),
+    request_body = JobHeartbeat,
+    responses((status = 200, body = JobHeartbeatResponse), (status = 404, body = Problem, content_type = "application/problem+json"),
+              (status = 409, body = Problem, content_type = "application/problem+json", description = "lease_lost")))]
+async fn heartbeat_job(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path(job_id): Path<Uuid>,
+    Json(req): Json<JobHeartbeat>,
+) -> ApiResult<axum::Json<JobHeartbeatResponse>> {
+    Ok(axum::Json(
+        state
+            .service
+            .agent_job_heartbeat(&principal, job_id, req)
+            .await?,
+    ))
+}
+
+/// Complete a job with its kind's result. Repeating the same completion is harmless.
+#[utoipa::path(post, path = "/v1/agent/jobs/{job_id}/complete", tag = "agent", params(("job_id" = Uuid, Path)),
+    request_body = CompleteJob,
+    responses((status = 200, body = JobOutcome), (status = 404, body = Problem, content_type = "application/problem+json"),
+              (status = 409, body = Problem, content_type = "application/problem+json", description = "lease_lost"),
+              (status = 422, body = Problem, content_type = "application/problem+json", description = "result_kind_mismatch")))]
+async fn complete_job(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path(job_id): Path<Uuid>,
+    Json(req): Json<CompleteJob>,
+) -> ApiResult<axum::Json<JobOutcome>> {
+    Ok(axum::Json(
+        state
+            .service
+            .agent_complete(&principal, job_id, req)
+            .await?,
+    ))
+}
+
+/// Report a failed attempt; retryable failures are retried with backoff.
+#[utoipa::path(post, path = "/v1/agent/jobs/{job_id}/fail", tag = "agent", params(("job_id" = Uuid, Path)),
+    request_body = FailJob,
+    responses((status = 200, body = JobOutcome), (status = 404, body = Problem, content_type = "application/problem+json"),
+              (status = 409, body = Problem, content_type = "application/problem+json", description = "lease_lost")))]
+async fn fail_job(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path(job_id): Path<Uuid>,
+    Json(req): Json<FailJob>,
+) -> ApiResult<axum::Json<JobOutcome>> {
+    Ok(axum::Json(
+        state.service.agent_fail(&principal, job_id, req).await?,
+    ))
+}

@@ -1,0 +1,162 @@
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use backvault_domain::jobs::{JobKind, JobStatus};
+use backvault_service::ErrorKind;
+use backvault_service::jobs::{CreateEnrollmentToken, DispatchJob, EnrollmentToken, Job, JobQuery};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+use uuid::Uuid;
+
+use super::location;
+use crate::AppState;
+use crate::error::{ApiError, ApiResult, Problem};
+use crate::extract::{Caller, Json, Path, Query};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_jobs, dispatch_job))
+        .routes(routes!(get_job))
+        .routes(routes!(cancel_job))
+        .routes(routes!(create_enrollment_token))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobList {
+    pub items: Vec<Job>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct JobListParams {
+    pub status: Option<JobStatus>,
+    pub kind: Option<JobKind>,
+    pub vm_id: Option<Uuid>,
+    /// Jobs created at or after this instant.
+    pub created_after: Option<DateTime<Utc>>,
+    /// Jobs created before this instant.
+    pub created_before: Option<DateTime<Utc>>,
+    pub cursor: Option<String>,
+    /// 1 to 200 (default 50).
+    pub limit: Option<i64>,
+}
+
+/// List jobs, newest first.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(JobListParams),
+    responses((status = 200, body = JobList), (status = 400, body = Problem, content_type = "application/problem+json")))]
+async fn list_jobs(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Query(p): Query<JobListParams>,
+) -> ApiResult<axum::Json<JobList>> {
+    let query = JobQuery {
+        status: p.status,
+        kind: p.kind,
+        vm_id: p.vm_id,
+        created_after: p.created_after,
+        created_before: p.created_before,
+    };
+    let page = state
+        .service
+        .job_list(&principal, &query, p.cursor.as_deref(), p.limit)
+        .await?;
+    Ok(axum::Json(JobList {
+        items: page.items,
+        next_cursor: page.next_cursor,
+    }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct GetJobParams {
+    /// Wait up to this long (e.g. `30s`, at most `60s`) for the job to change state.
+    pub wait: Option<String>,
+}
+
+/// Get a job with its attempts; optionally wait for it to change.
+///
+/// With `?wait=30s` the response comes as soon as the job changes state (at once if it has
+/// finished), so clients need no polling loop.
+#[utoipa::path(get, path = "/v1/jobs/{job_id}", tag = "jobs", params(("job_id" = Uuid, Path), GetJobParams),
+    responses((status = 200, body = Job), (status = 400, body = Problem, content_type = "application/problem+json"),
+              (status = 404, body = Problem, content_type = "application/problem+json")))]
+async fn get_job(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path(job_id): Path<Uuid>,
+    Query(p): Query<GetJobParams>,
+) -> ApiResult<axum::Json<Job>> {
+    let wait = p.wait.as_deref().map(parse_wait).transpose()?;
+    Ok(axum::Json(
+        state.service.job_get(&principal, job_id, wait).await?,
+    ))
+}
+
+fn parse_wait(raw: &str) -> Result<Duration, ApiError> {
+    let (number, unit) = raw.split_at(raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len()));
+    let n: u64 = number.parse().map_err(|_| invalid_wait())?;
+    match unit {
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "ms" => Ok(Duration::from_millis(n)),
+        _ => Err(invalid_wait()),
+    }
+}
+
+fn invalid_wait() -> ApiError {
+    ApiError::new(
+        ErrorKind::BadRequest,
+        "invalid_wait",
+        "wait is a number of seconds like 30s (at most 60s)",
+    )
+}
+
+/// Cancel a job: a queued one at once, a running one at its agent's next heartbeat.
+#[utoipa::path(post, path = "/v1/jobs/{job_id}/cancel", tag = "jobs", params(("job_id" = Uuid, Path)),
+    responses((status = 202, body = Job, description = "Cancelled, or cancellation requested from the agent"),
+              (status = 404, body = Problem, content_type = "application/problem+json"),
+              (status = 409, body = Problem, content_type = "application/problem+json", description = "job_finished")))]
+async fn cancel_job(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path(job_id): Path<Uuid>,
+) -> ApiResult<Response> {
+    let job = state.service.job_cancel(&principal, job_id).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(job)).into_response())
+}
+
+/// Dispatch an on-demand job to a VM's agent.
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = DispatchJob,
+    responses((status = 202, body = Job, headers(("Location" = String))),
+              (status = 404, body = Problem, content_type = "application/problem+json"),
+              (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn dispatch_job(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Json(req): Json<DispatchJob>,
+) -> ApiResult<Response> {
+    let job = state.service.job_dispatch(&principal, req).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        [location(format!("/v1/jobs/{}", job.id))],
+        axum::Json(job),
+    )
+        .into_response())
+}
+
+/// Mint a short-lived enrollment token for agents of one subscription.
+#[utoipa::path(post, path = "/v1/enrollment-tokens", tag = "agent", request_body = CreateEnrollmentToken,
+    responses((status = 201, body = EnrollmentToken), (status = 403, body = Problem, content_type = "application/problem+json"),
+              (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn create_enrollment_token(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Json(req): Json<CreateEnrollmentToken>,
+) -> ApiResult<Response> {
+    let token = state.service.enrollment_token_create(&principal, req)?;
+    Ok((StatusCode::CREATED, axum::Json(token)).into_response())
+}

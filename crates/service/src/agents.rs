@@ -1,0 +1,464 @@
+//! The agent protocol: enrollment, heartbeats, claims (long-poll), job heartbeats,
+//! completions and failures. Claims and completions from concurrent agents are coalesced
+//! into shared statements.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backvault_domain::agent::protocol::{
+    AgentHeartbeat, AgentHeartbeatResponse, ClaimedJob, CompleteJob, EnrollResponse, FailJob,
+    JobHeartbeat, JobHeartbeatResponse,
+};
+use backvault_domain::agent::{JobItem, JobResult, VmFacts};
+use backvault_domain::jobs::{JobKind, JobStatus, retry_delay};
+use backvault_store::PgPool;
+use backvault_store::jobs::{self as store, AttemptEnd, ClaimLimits, Completion};
+use backvault_store::vms;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::auth::Role;
+use crate::batcher::Batcher;
+use crate::error::{Error, ErrorKind, Result};
+use crate::vms::{check_facts, facts_row};
+use crate::{Config, Principal, Service};
+
+pub const MAX_CLAIM_JOBS: u32 = 50;
+pub const MAX_CLAIM_WAIT_SECONDS: u32 = 60;
+/// The code an agent reports when it stopped a job because a user cancelled it.
+pub const CANCELLED_CODE: &str = "JobCancelled";
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobOutcome {
+    pub job_id: Uuid,
+    pub status: JobStatus,
+    /// When a failed attempt will be retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<DateTime<Utc>>,
+}
+
+pub(crate) struct ClaimRequest {
+    vm_id: Uuid,
+    want: u32,
+}
+
+fn job_not_found(id: Uuid) -> Error {
+    Error::not_found("job_not_found", format_args!("job {id}"))
+}
+
+fn lease_lost() -> Error {
+    Error::new(
+        ErrorKind::Conflict,
+        "lease_lost",
+        "this agent no longer holds the job's lease (it expired and the job was retried, or it finished); drop the job",
+    )
+}
+
+pub(crate) fn claimed_job(row: store::ClaimedRow) -> Result<ClaimedJob> {
+    Ok(ClaimedJob {
+        job_id: row.job_id,
+        kind: JobKind::parse(&row.kind)
+            .ok_or_else(|| Error::internal(format!("unknown job kind {}", row.kind)))?,
+        lease: row.lease,
+        lease_expires_at: row.lease_expires_at,
+        attempt: row.attempt,
+        items: serde_json::from_value::<Vec<JobItem>>(row.items.0).map_err(Error::internal)?,
+        payload: row.payload.0,
+    })
+}
+
+/// Claims for many VMs in one statement; each requester gets its own VM's jobs.
+pub(crate) fn claim_batcher(
+    pool: PgPool,
+    config: Arc<Config>,
+) -> Batcher<ClaimRequest, Vec<ClaimedJob>> {
+    Batcher::spawn(4, 256, move |requests: Vec<ClaimRequest>| {
+        let pool = pool.clone();
+        let config = config.clone();
+        async move {
+            let mut wants: HashMap<Uuid, i32> = HashMap::new();
+            for r in &requests {
+                *wants.entry(r.vm_id).or_default() += r.want as i32;
+            }
+            let (vm_ids, counts): (Vec<Uuid>, Vec<i32>) = wants.into_iter().unzip();
+            let limits = ClaimLimits {
+                max_running_backups: config.max_running_backups_per_vm as i32,
+                max_running_restores: config.max_running_restores_per_vm as i32,
+                lease: config.lease,
+            };
+            let claimed = async {
+                let mut tx = pool.begin().await?;
+                let rows = store::queue_claim(&mut tx, &vm_ids, &counts, limits).await?;
+                tx.commit().await?;
+                Ok::<_, Error>(rows)
+            }
+            .await;
+            match claimed {
+                Err(e) => requests
+                    .iter()
+                    .map(|_| Err(Error::internal(e.to_string())))
+                    .collect(),
+                Ok(rows) => {
+                    let mut by_vm: HashMap<Uuid, Vec<store::ClaimedRow>> = HashMap::new();
+                    for row in rows {
+                        by_vm.entry(row.vm_id).or_default().push(row);
+                    }
+                    requests
+                        .iter()
+                        .map(|r| {
+                            let mine = by_vm.entry(r.vm_id).or_default();
+                            let take = mine.len().min(r.want as usize);
+                            mine.drain(..take).map(claimed_job).collect()
+                        })
+                        .collect()
+                }
+            }
+        }
+    })
+}
+
+/// Completes many jobs in one transaction (group commit). A completion whose lease is no
+/// longer held comes back as `lease_lost`, to be told apart from a repeat by the caller.
+pub(crate) fn complete_batcher(pool: PgPool) -> Batcher<Completion, ()> {
+    Batcher::spawn(4, 256, move |completions: Vec<Completion>| {
+        let pool = pool.clone();
+        async move {
+            let done = async {
+                let mut tx = pool.begin().await?;
+                let done = store::queue_complete(&mut tx, &completions).await?;
+                tx.commit().await?;
+                Ok::<_, Error>(done)
+            }
+            .await;
+            match done {
+                Err(e) => completions
+                    .iter()
+                    .map(|_| Err(Error::internal(e.to_string())))
+                    .collect(),
+                Ok(done) => completions
+                    .iter()
+                    .map(|c| {
+                        if done.contains(&c.job_id) {
+                            Ok(())
+                        } else {
+                            Err(lease_lost())
+                        }
+                    })
+                    .collect(),
+            }
+        }
+    })
+}
+
+fn result_kind_like(result: &JobResult) -> &'static str {
+    match result {
+        JobResult::Discovery { .. } => "discovery",
+        JobResult::ConfigureProtection {} => "configure_protection",
+        JobResult::Backup { .. } => "backup_%",
+        JobResult::Restore { .. } => "restore",
+    }
+}
+
+impl Service {
+    /// The VM an agent token speaks for, if the token is still current: a later enrollment
+    /// or the VM's removal revokes it.
+    pub async fn agent_vm(&self, principal: &Principal) -> Result<Uuid> {
+        let (Role::Agent, Some(vm), Some(generation)) =
+            (principal.role, principal.vm, principal.generation)
+        else {
+            return Err(Error::new(
+                ErrorKind::Forbidden,
+                "forbidden",
+                "this needs an agent token",
+            ));
+        };
+        match vms::vm_token_generation(&self.pool, vm).await? {
+            Some(current) if current == generation => Ok(vm),
+            _ => Err(Error::new(
+                ErrorKind::Unauthorized,
+                "token_revoked",
+                "this agent token was replaced by a newer enrollment or its VM was removed; enroll again",
+            )),
+        }
+    }
+
+    /// An agent presents an enrollment token and its VM's facts; the VM is upserted into
+    /// the inventory and the agent gets a token bound to it.
+    pub async fn agent_enroll(
+        &self,
+        principal: &Principal,
+        facts: VmFacts,
+    ) -> Result<EnrollResponse> {
+        if principal.role != Role::Enrollment {
+            return Err(Error::new(
+                ErrorKind::Forbidden,
+                "forbidden",
+                "enrollment needs an enrollment token",
+            ));
+        }
+        check_facts(&facts, "/facts")?;
+        if !principal.sees_subscription(&facts.subscription_id) {
+            return Err(Error::new(
+                ErrorKind::Forbidden,
+                "subscription_forbidden",
+                "the enrollment token does not grant this VM's subscription",
+            ));
+        }
+        let mut tx = self.pool.begin().await?;
+        let vm = vms::vm_enroll(&mut tx, Uuid::now_v7(), &facts_row(&facts)).await?;
+        tx.commit().await?;
+        let (agent_token, exp) = self.auth.mint_agent(
+            vm.id,
+            &vm.subscription_id,
+            vm.token_generation,
+            self.config.agent_token_ttl,
+        );
+        tracing::info!(vm.id = %vm.id, vm.name = %vm.name, "agent enrolled");
+        Ok(EnrollResponse {
+            vm_id: vm.id,
+            agent_token,
+            expires_at: DateTime::from_timestamp(exp, 0).unwrap_or_default(),
+        })
+    }
+
+    pub async fn agent_heartbeat(
+        &self,
+        principal: &Principal,
+        hb: AgentHeartbeat,
+    ) -> Result<AgentHeartbeatResponse> {
+        let vm = self.agent_vm(principal).await?;
+        if let Some(facts) = &hb.facts {
+            check_facts(facts, "/facts")?;
+        }
+        vms::vm_heartbeat(&self.pool, vm, hb.facts.as_ref().map(facts_row).as_ref()).await?;
+        let leases: Vec<(Uuid, i64)> = hb.jobs.iter().map(|j| (j.job_id, j.lease)).collect();
+        let extended = if leases.is_empty() {
+            Vec::new()
+        } else {
+            store::queue_extend_leases(&self.pool, vm, &leases, self.config.lease).await?
+        };
+        let lease_expires_at = extended
+            .first()
+            .map_or_else(|| Utc::now() + self.config.lease, |(_, _, at)| *at);
+        Ok(AgentHeartbeatResponse {
+            lost: leases
+                .iter()
+                .map(|l| l.0)
+                .filter(|id| !extended.iter().any(|e| e.0 == *id))
+                .collect(),
+            cancel_requested: extended.iter().filter(|e| e.1).map(|e| e.0).collect(),
+            extended: extended.iter().map(|e| e.0).collect(),
+            lease_expires_at,
+        })
+    }
+
+    /// Claims up to `max_jobs` of this VM's due jobs, waiting up to `wait_seconds` for one
+    /// to arrive. Wakes on the enqueue's notification, with a slow re-check as a fallback.
+    pub async fn agent_claim(
+        &self,
+        principal: &Principal,
+        max_jobs: u32,
+        wait_seconds: u32,
+    ) -> Result<Vec<ClaimedJob>> {
+        let vm = self.agent_vm(principal).await?;
+        if !(1..=MAX_CLAIM_JOBS).contains(&max_jobs) || wait_seconds > MAX_CLAIM_WAIT_SECONDS {
+            return Err(Error::new(
+                ErrorKind::BadRequest,
+                "invalid_claim",
+                format!(
+                    "max_jobs is 1 to {MAX_CLAIM_JOBS} and wait_seconds 0 to {MAX_CLAIM_WAIT_SECONDS}"
+                ),
+            ));
+        }
+        let deadline = Instant::now() + Duration::from_secs(wait_seconds.into());
+        let subscription = self.notifier.vm(vm);
+        loop {
+            let notified = subscription.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the claim, so an enqueue that commits in between still wakes us.
+            notified.as_mut().enable();
+            let jobs = self
+                .claimer
+                .call(ClaimRequest {
+                    vm_id: vm,
+                    want: max_jobs,
+                })
+                .await?;
+            let now = Instant::now();
+            if !jobs.is_empty() || now >= deadline {
+                self.metrics.jobs_claimed.inc_by(jobs.len() as u64);
+                return Ok(jobs);
+            }
+            let recheck = self.config.long_poll_recheck.min(deadline - now);
+            let _ = tokio::time::timeout(recheck, notified).await;
+        }
+    }
+
+    pub async fn agent_job_heartbeat(
+        &self,
+        principal: &Principal,
+        job_id: Uuid,
+        hb: JobHeartbeat,
+    ) -> Result<JobHeartbeatResponse> {
+        let vm = self.agent_vm(principal).await?;
+        match store::queue_job_heartbeat(
+            &self.pool,
+            vm,
+            job_id,
+            hb.lease,
+            hb.progress.as_ref(),
+            self.config.lease,
+        )
+        .await?
+        {
+            Some((lease_expires_at, cancel_requested)) => Ok(JobHeartbeatResponse {
+                lease_expires_at,
+                cancel_requested,
+            }),
+            None => Err(self.lease_check_failed(vm, job_id).await),
+        }
+    }
+
+    /// 404 for a job that is not this VM's (or does not exist), else 409.
+    async fn lease_check_failed(&self, vm: Uuid, job_id: Uuid) -> Error {
+        match store::job_ownership(&self.pool, job_id).await {
+            Ok(Some(job)) if job.vm_id == vm => lease_lost(),
+            Ok(_) => job_not_found(job_id),
+            Err(e) => e.into(),
+        }
+    }
+
+    pub async fn agent_complete(
+        &self,
+        principal: &Principal,
+        job_id: Uuid,
+        req: CompleteJob,
+    ) -> Result<JobOutcome> {
+        let vm = self.agent_vm(principal).await?;
+        let status = if req.warnings.is_empty() {
+            JobStatus::Completed
+        } else {
+            JobStatus::CompletedWithWarnings
+        };
+        let result = serde_json::to_value(&req.result).map_err(Error::internal)?;
+        let completion = Completion {
+            job_id,
+            vm_id: vm,
+            lease: req.lease,
+            kind_like: result_kind_like(&req.result),
+            status: status.as_str(),
+            result: result.clone(),
+            warnings: serde_json::to_value(&req.warnings).map_err(Error::internal)?,
+        };
+        match self.completer.call(completion).await {
+            Ok(()) => {
+                self.metrics.jobs_completed.inc();
+                Ok(JobOutcome {
+                    job_id,
+                    status,
+                    retry_at: None,
+                })
+            }
+            Err(e) if e.code == "lease_lost" => {
+                let job = store::job_ownership(&self.pool, job_id)
+                    .await?
+                    .filter(|j| j.vm_id == vm)
+                    .ok_or_else(|| job_not_found(job_id))?;
+                let finished = JobStatus::parse(&job.status).filter(|s| s.is_finished());
+                match finished {
+                    // The same completion again (a retried request): answer as the first time.
+                    Some(s @ (JobStatus::Completed | JobStatus::CompletedWithWarnings))
+                        if job.result.as_ref().map(|r| &r.0) == Some(&result) =>
+                    {
+                        Ok(JobOutcome {
+                            job_id,
+                            status: s,
+                            retry_at: None,
+                        })
+                    }
+                    None if job.lease == Some(req.lease) && job.running == Some(true) => {
+                        Err(Error::new(
+                            ErrorKind::Validation,
+                            "result_kind_mismatch",
+                            format!("a {} job cannot complete with this result kind", job.kind),
+                        ))
+                    }
+                    _ => Err(lease_lost()),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn agent_fail(
+        &self,
+        principal: &Principal,
+        job_id: Uuid,
+        req: FailJob,
+    ) -> Result<JobOutcome> {
+        let vm = self.agent_vm(principal).await?;
+        if req.code.is_empty() || req.code.len() > 128 {
+            return Err(Error::new(
+                ErrorKind::BadRequest,
+                "invalid_error_code",
+                "code is 1 to 128 characters",
+            ));
+        }
+        let mut tx = self.pool.begin().await?;
+        let Some(held) = store::queue_lock_held(&mut tx, vm, job_id, req.lease).await? else {
+            drop(tx);
+            return Err(self.lease_check_failed(vm, job_id).await);
+        };
+        let message = req.message.chars().take(4000).collect::<String>();
+        let outcome = if held.cancel_requested {
+            let end = AttemptEnd {
+                outcome: "cancelled",
+                code: CANCELLED_CODE,
+                message: "cancelled by a user while running",
+            };
+            store::queue_finish(&mut tx, &[job_id], JobStatus::Cancelled.as_str(), &[end]).await?;
+            JobOutcome {
+                job_id,
+                status: JobStatus::Cancelled,
+                retry_at: None,
+            }
+        } else if req.retryable && held.attempt < held.max_attempts {
+            let delay = retry_delay(held.attempt, rand_jitter());
+            let retry_at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+            let end = AttemptEnd {
+                outcome: "failed",
+                code: &req.code,
+                message: &message,
+            };
+            store::queue_retry(&mut tx, &[job_id], &[retry_at], &[end]).await?;
+            JobOutcome {
+                job_id,
+                status: JobStatus::Queued,
+                retry_at: Some(retry_at),
+            }
+        } else {
+            let end = AttemptEnd {
+                outcome: "failed",
+                code: &req.code,
+                message: &message,
+            };
+            store::queue_finish(&mut tx, &[job_id], JobStatus::Failed.as_str(), &[end]).await?;
+            JobOutcome {
+                job_id,
+                status: JobStatus::Failed,
+                retry_at: None,
+            }
+        };
+        tx.commit().await?;
+        self.metrics.jobs_failed.inc();
+        Ok(outcome)
+    }
+}
+
+/// Jitter in [0.5, 1.5) for retry delays.
+pub(crate) fn rand_jitter() -> f64 {
+    0.5 + rand::random::<f64>()
+}

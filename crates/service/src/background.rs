@@ -1,0 +1,126 @@
+//! Periodic work every replica runs: the lease rescuer and history pruning. Each tick is a
+//! plain function of the current state, so tests drive it without sleeping; leader work
+//! is guarded by a transaction-scoped advisory lock, so replicas never double it.
+
+use std::time::Duration;
+
+use backvault_domain::jobs::retry_delay;
+use backvault_store::jobs::{self as store, AttemptEnd};
+use chrono::Utc;
+use tokio::sync::watch;
+
+use crate::Service;
+use crate::agents::rand_jitter;
+use crate::error::Result;
+
+const RESCUER_LOCK: i64 = 0x6261_636b_0001;
+const RESCUE_BATCH: i64 = 1000;
+pub const ATTEMPTS_EXHAUSTED: &str = "JobAttemptsExhausted";
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Rescued {
+    pub retried: usize,
+    pub failed: usize,
+}
+
+impl Service {
+    /// Returns jobs whose lease expired to the queue (with backoff), or fails them after
+    /// their last attempt. One replica at a time; others skip the tick.
+    pub async fn rescue_expired_leases(&self) -> Result<Rescued> {
+        let mut tx = self.pool.begin().await?;
+        let leader: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock($1)")
+            .bind(RESCUER_LOCK)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !leader {
+            return Ok(Rescued::default());
+        }
+        let expired = store::queue_lock_expired(&mut tx, RESCUE_BATCH).await?;
+        let (retry, fail): (Vec<_>, Vec<_>) = expired
+            .into_iter()
+            .partition(|e| e.attempt < e.max_attempts);
+        let now = Utc::now();
+        if !retry.is_empty() {
+            let ids: Vec<_> = retry.iter().map(|e| e.job_id).collect();
+            let run_at: Vec<_> = retry
+                .iter()
+                .map(|e| {
+                    now + chrono::Duration::from_std(retry_delay(e.attempt, rand_jitter()))
+                        .unwrap_or_default()
+                })
+                .collect();
+            let ends: Vec<_> = retry
+                .iter()
+                .map(|_| AttemptEnd {
+                    outcome: "lease_expired",
+                    code: "JobLeaseExpired",
+                    message: "the agent stopped heartbeating before it finished; the job will be retried",
+                })
+                .collect();
+            store::queue_retry(&mut tx, &ids, &run_at, &ends).await?;
+        }
+        if !fail.is_empty() {
+            let ids: Vec<_> = fail.iter().map(|e| e.job_id).collect();
+            let ends: Vec<_> = fail
+                .iter()
+                .map(|_| AttemptEnd {
+                    outcome: "lease_expired",
+                    code: ATTEMPTS_EXHAUSTED,
+                    message: "the agent lost the job on every attempt (crashed or stopped heartbeating); check the agent on this VM and run the job again",
+                })
+                .collect();
+            store::queue_finish(&mut tx, &ids, "failed", &ends).await?;
+        }
+        tx.commit().await?;
+        let rescued = Rescued {
+            retried: retry.len(),
+            failed: fail.len(),
+        };
+        self.metrics
+            .lease_expiries
+            .inc_by((rescued.retried + rescued.failed) as u64);
+        if rescued != Rescued::default() {
+            tracing::info!(
+                retried = rescued.retried,
+                failed = rescued.failed,
+                "rescued expired leases"
+            );
+        }
+        Ok(rescued)
+    }
+
+    /// Removes finished jobs past their retention and day-old idempotency keys.
+    pub async fn prune_history(&self) -> Result<u64> {
+        let jobs = store::jobs_prune(&self.pool, self.config.job_retention, 10_000).await?;
+        let keys =
+            backvault_store::idempotency::idempotency_prune(&self.pool, chrono::Duration::days(1))
+                .await?;
+        Ok(jobs + keys)
+    }
+
+    /// Runs the periodic work until `shutdown` flips.
+    pub async fn run_background(
+        self,
+        rescue_every: Duration,
+        prune_every: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut rescue = tokio::time::interval(rescue_every);
+        let mut prune = tokio::time::interval(prune_every);
+        loop {
+            tokio::select! {
+                _ = rescue.tick() => {
+                    if let Err(e) = self.rescue_expired_leases().await {
+                        tracing::warn!(error = %e, "lease rescue failed");
+                    }
+                }
+                _ = prune.tick() => {
+                    if let Err(e) = self.prune_history().await {
+                        tracing::warn!(error = %e, "pruning failed");
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! Jobs as users see them: list, get (optionally waiting for a change), cancel, and
+//! on-demand dispatch to a VM's agent.
+
+use std::time::{Duration, Instant};
+
+use backvault_domain::agent::JobItem;
+use backvault_domain::jobs::{JobKind, JobStatus, MAX_ITEMS_PER_JOB, Priority};
+use backvault_domain::violation::Violations;
+use backvault_store::jobs::{self as store, CancelOutcome, JobFilter, JobRow, NewJob};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::auth::{Permission, Role};
+use crate::error::{Error, ErrorKind, Result};
+use crate::pagination::{Page, page, page_request};
+use crate::{Principal, Service};
+
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobError {
+    /// Stable code, e.g. `UserErrorSQLNoSysAdminMembership` or `JobAttemptsExhausted`.
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobAttempt {
+    pub attempt: i32,
+    pub lease: i64,
+    pub started_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+    /// `completed`, `failed`, `lease_expired` or `cancelled`; absent while running.
+    pub outcome: Option<String>,
+    pub error: Option<JobError>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Job {
+    pub id: Uuid,
+    pub vm_id: Uuid,
+    pub vault_id: Option<Uuid>,
+    pub kind: JobKind,
+    pub status: JobStatus,
+    pub priority: Priority,
+    pub items: Vec<JobItem>,
+    pub payload: serde_json::Value,
+    /// What the agent reported, for completed jobs.
+    pub result: Option<serde_json::Value>,
+    pub warnings: Vec<String>,
+    /// The last error: the final one for a failed job, the latest for a retried one.
+    pub error: Option<JobError>,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub cancel_requested: bool,
+    /// The agent's latest progress report while running.
+    pub progress: Option<serde_json::Value>,
+    /// When a queued job becomes claimable (later than now while backing off).
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+    /// Every attempt, on `GET /v1/jobs/{id}` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_history: Option<Vec<JobAttempt>>,
+}
+
+impl TryFrom<JobRow> for Job {
+    type Error = Error;
+    fn try_from(r: JobRow) -> Result<Self> {
+        let status = JobStatus::parse(&r.status)
+            .ok_or_else(|| Error::internal(format!("status {}", r.status)))?;
+        Ok(Self {
+            id: r.id,
+            vm_id: r.vm_id,
+            vault_id: r.vault_id,
+            kind: JobKind::parse(&r.kind)
+                .ok_or_else(|| Error::internal(format!("kind {}", r.kind)))?,
+            status,
+            priority: if r.priority == Priority::OnDemand.rank() {
+                Priority::OnDemand
+            } else {
+                Priority::Scheduled
+            },
+            items: serde_json::from_value(r.items.0).map_err(Error::internal)?,
+            payload: r.payload.0,
+            result: r.result.map(|r| r.0),
+            warnings: serde_json::from_value(r.warnings.0).unwrap_or_default(),
+            error: r.error_code.map(|code| JobError {
+                code,
+                message: r.error_message.unwrap_or_default(),
+            }),
+            attempts: r.attempts,
+            max_attempts: r.max_attempts,
+            cancel_requested: r.cancel_requested,
+            progress: r.progress.map(|p| p.0),
+            next_attempt_at: if status == JobStatus::Queued {
+                r.run_at
+            } else {
+                None
+            },
+            created_at: r.created_at,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            updated_at: r.updated_at,
+            attempt_history: None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct JobQuery {
+    pub status: Option<JobStatus>,
+    pub kind: Option<JobKind>,
+    pub vm_id: Option<Uuid>,
+    pub created_after: Option<DateTime<Utc>>,
+    pub created_before: Option<DateTime<Utc>>,
+}
+
+/// An on-demand job for a VM's agent.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DispatchJob {
+    pub vm_id: Uuid,
+    pub kind: JobKind,
+    /// At most 50 databases.
+    #[serde(default)]
+    pub items: Vec<JobItem>,
+    #[serde(default = "empty_object")]
+    pub payload: serde_json::Value,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::json!({})
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateEnrollmentToken {
+    pub subscription_id: String,
+    /// Lifetime, 60 to 86400 seconds (default 3600).
+    #[serde(default = "default_enrollment_ttl")]
+    pub ttl_seconds: i64,
+}
+
+fn default_enrollment_ttl() -> i64 {
+    3600
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EnrollmentToken {
+    pub token: String,
+    pub subscription_id: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+fn job_not_found(id: Uuid) -> Error {
+    Error::not_found("job_not_found", format_args!("job {id}"))
+}
+
+/// Builds the queue rows for new jobs; items are checked against the 50-database limit.
+pub(crate) fn new_job(
+    vm_id: Uuid,
+    subscription_id: &str,
+    vault_id: Option<Uuid>,
+    kind: JobKind,
+    priority: Priority,
+    items: &[JobItem],
+    payload: serde_json::Value,
+) -> Result<NewJob> {
+    if items.len() > MAX_ITEMS_PER_JOB {
+        let mut v = Violations::default();
+        v.push(
+            "/items",
+            "too_many_items",
+            format!("a job carries at most {MAX_ITEMS_PER_JOB} databases"),
+        );
+        return Err(Error::validation(v.into_vec()));
+    }
+    Ok(NewJob {
+        id: Uuid::now_v7(),
+        vm_id,
+        subscription_id: subscription_id.to_owned(),
+        vault_id,
+        kind: kind.as_str(),
+        priority: priority.rank(),
+        items: serde_json::to_value(items).map_err(Error::internal)?,
+        payload,
+        max_attempts: kind.max_attempts(),
+        run_at: Utc::now(),
+    })
+}
+
+impl Service {
+    async fn visible_job(&self, principal: &Principal, id: Uuid) -> Result<JobRow> {
+        match store::job_get(&self.pool, id).await? {
+            Some(job) if principal.sees_subscription(&job.subscription_id) => Ok(job),
+            _ => Err(job_not_found(id)),
+        }
+    }
+
+    pub async fn job_list(
+        &self,
+        principal: &Principal,
+        query: &JobQuery,
+        cursor: Option<&str>,
+        limit: Option<i64>,
+    ) -> Result<Page<Job>> {
+        principal.require(Permission::Read)?;
+        let (request, limit) = page_request(cursor, limit)?;
+        let filter = JobFilter {
+            subscriptions: principal.subscriptions.as_deref(),
+            status: query.status.map(JobStatus::as_str),
+            kind: query.kind.map(JobKind::as_str),
+            vm_id: query.vm_id,
+            created_after: query.created_after,
+            created_before: query.created_before,
+        };
+        let rows = store::job_list(&self.pool, &filter, request).await?;
+        let page = page(rows, limit, |r| r.id, Job::try_from);
+        Ok(Page {
+            items: page.items.into_iter().collect::<Result<_>>()?,
+            next_cursor: page.next_cursor,
+        })
+    }
+
+    /// The job, with its attempts. With `wait`, returns as soon as the job's state changes
+    /// (or at once if it is finished), or as it is when the wait is over.
+    pub async fn job_get(
+        &self,
+        principal: &Principal,
+        id: Uuid,
+        wait: Option<Duration>,
+    ) -> Result<Job> {
+        principal.require(Permission::Read)?;
+        let wait = wait.unwrap_or_default();
+        if wait > MAX_WAIT {
+            return Err(Error::new(
+                ErrorKind::BadRequest,
+                "invalid_wait",
+                "wait is at most 60s",
+            ));
+        }
+        let deadline = Instant::now() + wait;
+        let subscription = self.notifier.job(id);
+        let first = self.visible_job(principal, id).await?;
+        let mut current = first.clone();
+        loop {
+            let changed = current.status != first.status || current.updated_at != first.updated_at;
+            let finished = JobStatus::parse(&current.status).is_some_and(JobStatus::is_finished);
+            let now = Instant::now();
+            if changed || finished || now >= deadline {
+                break;
+            }
+            let notified = subscription.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Re-read after registering, so a change committed meanwhile is not missed.
+            current = self.visible_job(principal, id).await?;
+            if current.status != first.status || current.updated_at != first.updated_at {
+                break;
+            }
+            let recheck = self.config.long_poll_recheck.min(deadline - now);
+            let _ = tokio::time::timeout(recheck, notified).await;
+            current = self.visible_job(principal, id).await?;
+        }
+        let attempts = store::job_attempts(&self.pool, id).await?;
+        let mut job = Job::try_from(current)?;
+        job.attempt_history = Some(
+            attempts
+                .into_iter()
+                .map(|a| JobAttempt {
+                    attempt: a.attempt,
+                    lease: a.lease,
+                    started_at: a.started_at,
+                    ended_at: a.ended_at,
+                    outcome: a.outcome,
+                    error: a.error_code.map(|code| JobError {
+                        code,
+                        message: a.error_message.unwrap_or_default(),
+                    }),
+                })
+                .collect(),
+        );
+        Ok(job)
+    }
+
+    /// Cancels a queued job at once; flags a running one for its agent.
+    pub async fn job_cancel(&self, principal: &Principal, id: Uuid) -> Result<Job> {
+        principal.require(Permission::OperateJobs)?;
+        self.visible_job(principal, id).await?;
+        let mut tx = self.pool.begin().await?;
+        let outcome = store::queue_cancel(&mut tx, id).await?;
+        tx.commit().await?;
+        if let CancelOutcome::NotPending = outcome {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                "job_finished",
+                "the job has already finished",
+            ));
+        }
+        self.job_get(principal, id, None).await
+    }
+
+    /// Sends an on-demand job to a VM's agent.
+    pub async fn job_dispatch(&self, principal: &Principal, req: DispatchJob) -> Result<Job> {
+        principal.require(Permission::OperateJobs)?;
+        let mut tx = self.pool.begin().await?;
+        let vm = self.visible_vm(&mut *tx, principal, req.vm_id).await?;
+        let job = new_job(
+            vm.id,
+            &vm.subscription_id,
+            None,
+            req.kind,
+            Priority::OnDemand,
+            &req.items,
+            req.payload,
+        )?;
+        let id = job.id;
+        store::jobs_enqueue(&mut tx, &[job]).await?;
+        tx.commit().await?;
+        self.job_get(principal, id, None).await
+    }
+
+    pub fn enrollment_token_create(
+        &self,
+        principal: &Principal,
+        req: CreateEnrollmentToken,
+    ) -> Result<EnrollmentToken> {
+        principal.require(Permission::OperateJobs)?;
+        if !(60..=86_400).contains(&req.ttl_seconds) {
+            let mut v = Violations::default();
+            v.push(
+                "/ttl_seconds",
+                "ttl_out_of_range",
+                "an enrollment token lives 60 to 86400 seconds",
+            );
+            return Err(Error::validation(v.into_vec()));
+        }
+        if !principal.sees_subscription(&req.subscription_id) {
+            return Err(Error::new(
+                ErrorKind::Forbidden,
+                "subscription_forbidden",
+                "your token does not grant this subscription",
+            ));
+        }
+        let ttl = chrono::Duration::seconds(req.ttl_seconds);
+        let token = self.auth.mint(
+            &format!("enrollment:{}", principal.subject),
+            Role::Enrollment,
+            vec![req.subscription_id.clone()],
+            None,
+            ttl,
+        );
+        Ok(EnrollmentToken {
+            token,
+            subscription_id: req.subscription_id,
+            expires_at: Utc::now() + ttl,
+        })
+    }
+}

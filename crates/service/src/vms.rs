@@ -1,0 +1,153 @@
+//! The VM inventory.
+
+use backvault_domain::agent::{DeploymentModel, VmFacts};
+use backvault_domain::names::check_identifier;
+use backvault_domain::violation::Violations;
+use backvault_store::vms::{self, VmFactsRow, VmRow};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::auth::Permission;
+use crate::error::{Error, Result};
+use crate::pagination::{Page, page, page_request};
+use crate::{Principal, Service};
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Vm {
+    pub id: Uuid,
+    pub name: String,
+    pub resource_group: String,
+    pub subscription_id: String,
+    pub region: String,
+    pub deployment_model: DeploymentModel,
+    pub agent_installed: bool,
+    pub agent_version: Option<String>,
+    pub dotnet_version: Option<String>,
+    pub sql_iaas_extension: bool,
+    pub other_backup_product: bool,
+    /// When its agent was last heard from.
+    pub last_seen_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<VmRow> for Vm {
+    fn from(r: VmRow) -> Self {
+        Self {
+            id: r.id,
+            name: r.name,
+            resource_group: r.resource_group,
+            subscription_id: r.subscription_id,
+            region: r.region,
+            deployment_model: if r.deployment_model == "classic" {
+                DeploymentModel::Classic
+            } else {
+                DeploymentModel::ResourceManager
+            },
+            agent_installed: r.agent_installed,
+            agent_version: r.agent_version,
+            dotnet_version: r.dotnet_version,
+            sql_iaas_extension: r.sql_iaas_extension,
+            other_backup_product: r.other_backup_product,
+            last_seen_at: r.last_seen_at,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+pub(crate) fn deployment_model_str(m: DeploymentModel) -> &'static str {
+    match m {
+        DeploymentModel::ResourceManager => "resource_manager",
+        DeploymentModel::Classic => "classic",
+    }
+}
+
+/// Checks the identity fields of reported facts; pointers are under `base`.
+pub(crate) fn check_facts(facts: &VmFacts, base: &str) -> Result<()> {
+    let mut v = Violations::default();
+    check_identifier(&facts.name, &format!("{base}/name"), "name", 64, &mut v);
+    check_identifier(
+        &facts.resource_group,
+        &format!("{base}/resource_group"),
+        "resource_group",
+        90,
+        &mut v,
+    );
+    check_identifier(
+        &facts.subscription_id,
+        &format!("{base}/subscription_id"),
+        "subscription_id",
+        64,
+        &mut v,
+    );
+    check_identifier(
+        &facts.region,
+        &format!("{base}/region"),
+        "region",
+        64,
+        &mut v,
+    );
+    v.finish(()).map_err(Error::validation)
+}
+
+pub(crate) fn facts_row(f: &VmFacts) -> VmFactsRow<'_> {
+    VmFactsRow {
+        subscription_id: &f.subscription_id,
+        resource_group: &f.resource_group,
+        name: &f.name,
+        region: &f.region,
+        deployment_model: deployment_model_str(f.deployment_model),
+        agent_version: &f.agent_version,
+        dotnet_version: &f.dotnet_version,
+        sql_iaas_extension: f.sql_iaas_extension,
+        other_backup_product: f.other_backup_product,
+    }
+}
+
+pub(crate) fn vm_not_found(id: Uuid) -> Error {
+    Error::not_found("vm_not_found", format_args!("VM {id}"))
+}
+
+impl Service {
+    pub(crate) async fn visible_vm(
+        &self,
+        db: impl sqlx::PgExecutor<'_>,
+        principal: &Principal,
+        id: Uuid,
+    ) -> Result<VmRow> {
+        match vms::vm_get(db, id).await? {
+            Some(vm) if principal.sees_subscription(&vm.subscription_id) => Ok(vm),
+            _ => Err(vm_not_found(id)),
+        }
+    }
+
+    pub async fn vm_get(&self, principal: &Principal, id: Uuid) -> Result<Vm> {
+        principal.require(Permission::Read)?;
+        Ok(self.visible_vm(&self.pool, principal, id).await?.into())
+    }
+
+    pub async fn vm_list(
+        &self,
+        principal: &Principal,
+        cursor: Option<&str>,
+        limit: Option<i64>,
+    ) -> Result<Page<Vm>> {
+        principal.require(Permission::Read)?;
+        let (request, limit) = page_request(cursor, limit)?;
+        let rows = vms::vm_list(&self.pool, principal.subscriptions.as_deref(), request).await?;
+        Ok(page(rows, limit, |r| r.id, Vm::from))
+    }
+
+    /// Removes a VM, its jobs and (through its token generation) its agent's tokens.
+    pub async fn vm_delete(&self, principal: &Principal, id: Uuid) -> Result<()> {
+        principal.require(Permission::WriteInventory)?;
+        let mut tx = self.pool.begin().await?;
+        self.visible_vm(&mut *tx, principal, id).await?;
+        vms::vm_delete(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}

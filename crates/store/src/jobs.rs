@@ -1,0 +1,633 @@
+//! Jobs and the dispatch queue. `jobs` is the history users read; `job_queue` holds only
+//! pending and running jobs, the rows agents claim. Every state change of a job updates
+//! both in one statement or transaction.
+
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+use sqlx::{FromRow, PgConnection, PgExecutor};
+use uuid::Uuid;
+
+use crate::Page;
+
+/// The channel every replica listens on. Payloads: `v:<vm id>,...` (jobs became claimable
+/// for these VMs), `j:<job id>,...` (these jobs changed state), `v:*` / `j:*` (re-check all).
+pub const NOTIFY_CHANNEL: &str = "backvault";
+/// Postgres refuses NOTIFY payloads of 8000 bytes or more.
+const MAX_PAYLOAD: usize = 7900;
+
+pub fn notify_payload(prefix: char, ids: impl IntoIterator<Item = Uuid>) -> String {
+    let mut payload = format!("{prefix}:");
+    for (i, id) in ids.into_iter().enumerate() {
+        if payload.len() + 37 > MAX_PAYLOAD {
+            return format!("{prefix}:*");
+        }
+        if i > 0 {
+            payload.push(',');
+        }
+        payload.push_str(&id.to_string());
+    }
+    payload
+}
+
+/// One NOTIFY for a whole batch; delivered when the caller's transaction commits.
+pub async fn notify(db: impl PgExecutor<'_>, payload: &str) -> sqlx::Result<()> {
+    sqlx::query("select pg_notify($1, $2)")
+        .bind(NOTIFY_CHANNEL)
+        .bind(payload)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+pub struct NewJob {
+    pub id: Uuid,
+    pub vm_id: Uuid,
+    pub subscription_id: String,
+    pub vault_id: Option<Uuid>,
+    pub kind: &'static str,
+    pub priority: i16,
+    pub items: serde_json::Value,
+    pub payload: serde_json::Value,
+    pub max_attempts: i32,
+    pub run_at: DateTime<Utc>,
+}
+
+/// Inserts jobs into the history and the queue, and notifies the VMs' agents, all in the
+/// caller's transaction: a rollback leaves neither job nor wake-up.
+pub async fn jobs_enqueue(conn: &mut PgConnection, jobs: &[NewJob]) -> sqlx::Result<()> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = jobs.iter().map(|j| j.id).collect();
+    let vms: Vec<Uuid> = jobs.iter().map(|j| j.vm_id).collect();
+    let subs: Vec<&str> = jobs.iter().map(|j| j.subscription_id.as_str()).collect();
+    let vaults: Vec<Option<Uuid>> = jobs.iter().map(|j| j.vault_id).collect();
+    let kinds: Vec<&str> = jobs.iter().map(|j| j.kind).collect();
+    let priorities: Vec<i16> = jobs.iter().map(|j| j.priority).collect();
+    let items: Vec<Json<&serde_json::Value>> = jobs.iter().map(|j| Json(&j.items)).collect();
+    let payloads: Vec<Json<&serde_json::Value>> = jobs.iter().map(|j| Json(&j.payload)).collect();
+    let attempts: Vec<i32> = jobs.iter().map(|j| j.max_attempts).collect();
+    let run_at: Vec<DateTime<Utc>> = jobs.iter().map(|j| j.run_at).collect();
+    sqlx::query(
+        "with input as (
+             select * from unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::text[], $6::int2[],
+                                  $7::jsonb[], $8::jsonb[], $9::int[], $10::timestamptz[])
+                 as i(id, vm_id, subscription_id, vault_id, kind, priority, items, payload, max_attempts, run_at)
+         ), history as (
+             insert into jobs (id, vm_id, subscription_id, vault_id, kind, status, priority, items, payload, max_attempts)
+             select id, vm_id, subscription_id, vault_id, kind, 'queued', priority, items, payload, max_attempts from input
+         )
+         insert into job_queue (job_id, vm_id, kind, priority, run_at, max_attempts)
+         select id, vm_id, kind, priority, run_at, max_attempts from input",
+    )
+    .bind(&ids)
+    .bind(&vms)
+    .bind(&subs)
+    .bind(&vaults)
+    .bind(&kinds)
+    .bind(&priorities)
+    .bind(&items)
+    .bind(&payloads)
+    .bind(&attempts)
+    .bind(&run_at)
+    .execute(&mut *conn)
+    .await?;
+    let mut unique_vms = vms;
+    unique_vms.sort();
+    unique_vms.dedup();
+    notify(conn, &notify_payload('v', unique_vms)).await
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct ClaimedRow {
+    pub job_id: Uuid,
+    pub vm_id: Uuid,
+    pub kind: String,
+    pub lease: i64,
+    pub lease_expires_at: DateTime<Utc>,
+    pub attempt: i32,
+    pub items: Json<serde_json::Value>,
+    pub payload: Json<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimLimits {
+    pub max_running_backups: i32,
+    pub max_running_restores: i32,
+    pub lease: chrono::Duration,
+}
+
+/// Claims up to `wants[i]` due jobs for each of `vm_ids[i]` (distinct), on-demand before
+/// scheduled, oldest first, never beyond a VM's caps of running backups and restores.
+/// Claims for one VM are serialized by an advisory lock so that two concurrent claims
+/// cannot both fill the same free slot; claims for different VMs run in parallel.
+pub async fn queue_claim(
+    conn: &mut PgConnection,
+    vm_ids: &[Uuid],
+    wants: &[i32],
+    limits: ClaimLimits,
+) -> sqlx::Result<Vec<ClaimedRow>> {
+    sqlx::query(
+        "select count(pg_advisory_xact_lock(k))
+         from (select distinct hashtextextended(v::text, 1) as k from unnest($1::uuid[]) v order by k) locks",
+    )
+    .bind(vm_ids)
+    .execute(&mut *conn)
+    .await?;
+    let claimed: Vec<ClaimedRow> = sqlx::query_as(
+        "with req as (
+             select * from unnest($1::uuid[], $2::int[]) as r(vm_id, want)
+         ), room as (
+             select r.vm_id, r.want,
+                    greatest($3 - count(q.job_id) filter (where q.kind <> 'restore'), 0) as backups,
+                    greatest($4 - count(q.job_id) filter (where q.kind = 'restore'), 0) as restores
+             from req r left join job_queue q on q.vm_id = r.vm_id and q.running
+             group by r.vm_id, r.want
+         ), candidates as materialized (
+             select c.job_id, c.vm_id, c.priority, c.run_at from room,
+             lateral (select q.job_id, q.vm_id, q.priority, q.run_at from job_queue q
+                      where q.vm_id = room.vm_id and not q.running and q.run_at <= now() and q.kind <> 'restore'
+                      order by q.priority, q.run_at
+                      limit least(room.want, room.backups)
+                      for no key update skip locked) c
+             union all
+             select c.job_id, c.vm_id, c.priority, c.run_at from room,
+             lateral (select q.job_id, q.vm_id, q.priority, q.run_at from job_queue q
+                      where q.vm_id = room.vm_id and not q.running and q.run_at <= now() and q.kind = 'restore'
+                      order by q.priority, q.run_at
+                      limit least(room.want, room.restores)
+                      for no key update skip locked) c
+         ), picked as (
+             select x.job_id from (
+                 select c.job_id, c.vm_id, row_number() over (partition by c.vm_id order by c.priority, c.run_at) as n
+                 from candidates c
+             ) x join req on req.vm_id = x.vm_id
+             where x.n <= req.want
+         ), claimed as (
+             update job_queue q
+             set running = true, lease = q.lease + 1, lease_expires_at = now() + $5::interval,
+                 attempt = q.attempt + 1, progress = null
+             from picked where q.job_id = picked.job_id
+             returning q.job_id, q.vm_id, q.kind, q.lease, q.lease_expires_at, q.attempt
+         ), history as (
+             update jobs j
+             set status = 'in_progress', started_at = coalesce(j.started_at, now()), attempts = c.attempt,
+                 updated_at = now()
+             from claimed c where j.id = c.job_id
+             returning j.id, j.items, j.payload
+         ), attempts as (
+             insert into job_attempts (job_id, attempt, lease, started_at)
+             select job_id, attempt, lease, now() from claimed
+         )
+         select c.job_id, c.vm_id, c.kind, c.lease, c.lease_expires_at, c.attempt, h.items, h.payload
+         from claimed c join history h on h.id = c.job_id",
+    )
+    .bind(vm_ids)
+    .bind(wants)
+    .bind(limits.max_running_backups)
+    .bind(limits.max_running_restores)
+    .bind(limits.lease)
+    .fetch_all(&mut *conn)
+    .await?;
+    if !claimed.is_empty() {
+        notify(
+            &mut *conn,
+            &notify_payload('j', claimed.iter().map(|c| c.job_id)),
+        )
+        .await?;
+    }
+    Ok(claimed)
+}
+
+/// Extends the leases the agent of `vm_id` still holds; returns `(job_id, cancel_requested)`
+/// for each extended lease.
+pub async fn queue_extend_leases(
+    db: impl PgExecutor<'_>,
+    vm_id: Uuid,
+    leases: &[(Uuid, i64)],
+    duration: chrono::Duration,
+) -> sqlx::Result<Vec<(Uuid, bool, DateTime<Utc>)>> {
+    let ids: Vec<Uuid> = leases.iter().map(|l| l.0).collect();
+    let tokens: Vec<i64> = leases.iter().map(|l| l.1).collect();
+    sqlx::query_as(
+        "update job_queue q set lease_expires_at = now() + $4::interval
+         from unnest($2::uuid[], $3::bigint[]) as l(job_id, lease)
+         where q.job_id = l.job_id and q.lease = l.lease and q.vm_id = $1 and q.running
+         returning q.job_id, q.cancel_requested, q.lease_expires_at",
+    )
+    .bind(vm_id)
+    .bind(&ids)
+    .bind(&tokens)
+    .bind(duration)
+    .fetch_all(db)
+    .await
+}
+
+/// Extends one lease and records progress. `None` when the lease is not held.
+pub async fn queue_job_heartbeat(
+    db: impl PgExecutor<'_>,
+    vm_id: Uuid,
+    job_id: Uuid,
+    lease: i64,
+    progress: Option<&serde_json::Value>,
+    duration: chrono::Duration,
+) -> sqlx::Result<Option<(DateTime<Utc>, bool)>> {
+    sqlx::query_as(
+        "update job_queue set lease_expires_at = now() + $5::interval, progress = coalesce($4, progress)
+         where job_id = $2 and vm_id = $1 and lease = $3 and running
+         returning lease_expires_at, cancel_requested",
+    )
+    .bind(vm_id)
+    .bind(job_id)
+    .bind(lease)
+    .bind(progress.map(Json))
+    .bind(duration)
+    .fetch_optional(db)
+    .await
+}
+
+/// A job completion for a group commit.
+pub struct Completion {
+    pub job_id: Uuid,
+    pub vm_id: Uuid,
+    pub lease: i64,
+    /// `LIKE` pattern the job's kind must match for this result (`backup_%` for backups).
+    pub kind_like: &'static str,
+    pub status: &'static str,
+    pub result: serde_json::Value,
+    pub warnings: serde_json::Value,
+}
+
+/// Completes every job whose lease is still held, in one statement: the queue rows go,
+/// the history rows and attempts record the outcome. Returns the ids completed now.
+pub async fn queue_complete(
+    conn: &mut PgConnection,
+    completions: &[Completion],
+) -> sqlx::Result<Vec<Uuid>> {
+    let ids: Vec<Uuid> = completions.iter().map(|c| c.job_id).collect();
+    let vms: Vec<Uuid> = completions.iter().map(|c| c.vm_id).collect();
+    let leases: Vec<i64> = completions.iter().map(|c| c.lease).collect();
+    let kinds: Vec<&str> = completions.iter().map(|c| c.kind_like).collect();
+    let statuses: Vec<&str> = completions.iter().map(|c| c.status).collect();
+    let results: Vec<Json<&serde_json::Value>> =
+        completions.iter().map(|c| Json(&c.result)).collect();
+    let warnings: Vec<Json<&serde_json::Value>> =
+        completions.iter().map(|c| Json(&c.warnings)).collect();
+    let done: Vec<Uuid> = sqlx::query_scalar(
+        "with input as (
+             select * from unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::jsonb[], $6::jsonb[],
+                                  $7::text[])
+                 as i(job_id, vm_id, lease, status, result, warnings, kind_like)
+         ), done as (
+             delete from job_queue q using input i
+             where q.job_id = i.job_id and q.vm_id = i.vm_id and q.lease = i.lease and q.running
+               and q.kind like i.kind_like
+             returning q.job_id, q.attempt
+         ), history as (
+             update jobs j set status = i.status, result = i.result, warnings = i.warnings, finished_at = now(),
+                               updated_at = now()
+             from input i join done d on d.job_id = i.job_id
+             where j.id = i.job_id
+         ), attempts as (
+             update job_attempts a set ended_at = now(), outcome = 'completed'
+             from done d where a.job_id = d.job_id and a.attempt = d.attempt
+         )
+         select job_id from done",
+    )
+    .bind(&ids)
+    .bind(&vms)
+    .bind(&leases)
+    .bind(&statuses)
+    .bind(&results)
+    .bind(&warnings)
+    .bind(&kinds)
+    .fetch_all(&mut *conn)
+    .await?;
+    if !done.is_empty() {
+        notify(&mut *conn, &notify_payload('j', done.iter().copied())).await?;
+    }
+    Ok(done)
+}
+
+/// The queue row of a running job whose lease this agent holds, locked for a decision.
+#[derive(Debug, Clone, FromRow)]
+pub struct HeldLease {
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub cancel_requested: bool,
+}
+
+pub async fn queue_lock_held(
+    conn: &mut PgConnection,
+    vm_id: Uuid,
+    job_id: Uuid,
+    lease: i64,
+) -> sqlx::Result<Option<HeldLease>> {
+    sqlx::query_as(
+        "select attempt, max_attempts, cancel_requested from job_queue
+         where job_id = $1 and vm_id = $2 and lease = $3 and running for update",
+    )
+    .bind(job_id)
+    .bind(vm_id)
+    .bind(lease)
+    .fetch_optional(conn)
+    .await
+}
+
+/// What ends an attempt without completing the job.
+pub struct AttemptEnd<'a> {
+    pub outcome: &'static str,
+    pub code: &'a str,
+    pub message: &'a str,
+}
+
+/// Puts jobs back in the queue to run at `run_at[i]`, recording why their attempt ended.
+pub async fn queue_retry(
+    conn: &mut PgConnection,
+    job_ids: &[Uuid],
+    run_at: &[DateTime<Utc>],
+    end: &[AttemptEnd<'_>],
+) -> sqlx::Result<()> {
+    let outcomes: Vec<&str> = end.iter().map(|e| e.outcome).collect();
+    let codes: Vec<&str> = end.iter().map(|e| e.code).collect();
+    let messages: Vec<&str> = end.iter().map(|e| e.message).collect();
+    sqlx::query(
+        "with input as (
+             select * from unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[])
+                 as i(job_id, run_at, outcome, code, message)
+         ), requeued as (
+             update job_queue q set running = false, run_at = i.run_at, lease_expires_at = null
+             from input i where q.job_id = i.job_id and q.running
+             returning q.job_id, q.attempt
+         ), history as (
+             update jobs j set status = 'queued', error_code = i.code, error_message = i.message, updated_at = now()
+             from input i join requeued r on r.job_id = i.job_id where j.id = i.job_id
+         )
+         update job_attempts a set ended_at = now(), outcome = i.outcome, error_code = i.code, error_message = i.message
+         from input i join requeued r on r.job_id = i.job_id
+         where a.job_id = r.job_id and a.attempt = r.attempt",
+    )
+    .bind(job_ids)
+    .bind(run_at)
+    .bind(&outcomes)
+    .bind(&codes)
+    .bind(&messages)
+    .execute(&mut *conn)
+    .await?;
+    notify(&mut *conn, &notify_payload('j', job_ids.iter().copied())).await
+}
+
+/// Ends jobs for good with `status` (failed or cancelled): out of the queue, outcome in
+/// the history and the current attempt.
+pub async fn queue_finish(
+    conn: &mut PgConnection,
+    job_ids: &[Uuid],
+    status: &str,
+    end: &[AttemptEnd<'_>],
+) -> sqlx::Result<()> {
+    let outcomes: Vec<&str> = end.iter().map(|e| e.outcome).collect();
+    let codes: Vec<&str> = end.iter().map(|e| e.code).collect();
+    let messages: Vec<&str> = end.iter().map(|e| e.message).collect();
+    sqlx::query(
+        "with input as (
+             select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) as i(job_id, outcome, code, message)
+         ), done as (
+             delete from job_queue q using input i where q.job_id = i.job_id returning q.job_id, q.attempt, q.running
+         ), history as (
+             update jobs j set status = $5, error_code = i.code, error_message = i.message, finished_at = now(),
+                               updated_at = now()
+             from input i join done d on d.job_id = i.job_id where j.id = i.job_id
+         )
+         update job_attempts a set ended_at = now(), outcome = i.outcome, error_code = i.code, error_message = i.message
+         from input i join done d on d.job_id = i.job_id
+         where a.job_id = d.job_id and a.attempt = d.attempt and d.running",
+    )
+    .bind(job_ids)
+    .bind(&outcomes)
+    .bind(&codes)
+    .bind(&messages)
+    .bind(status)
+    .execute(&mut *conn)
+    .await?;
+    notify(&mut *conn, &notify_payload('j', job_ids.iter().copied())).await
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct ExpiredLease {
+    pub job_id: Uuid,
+    pub attempt: i32,
+    pub max_attempts: i32,
+}
+
+/// Running jobs whose lease ran out, locked so that one rescuer handles each.
+pub async fn queue_lock_expired(
+    conn: &mut PgConnection,
+    limit: i64,
+) -> sqlx::Result<Vec<ExpiredLease>> {
+    sqlx::query_as(
+        "select job_id, attempt, max_attempts from job_queue
+         where running and lease_expires_at < now()
+         order by lease_expires_at limit $1 for update skip locked",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+pub enum CancelOutcome {
+    /// It was waiting: cancelled now.
+    Cancelled,
+    /// It is running: the agent sees the request on its next heartbeat.
+    Requested,
+    /// Not in the queue: finished already (or never existed).
+    NotPending,
+}
+
+pub async fn queue_cancel(conn: &mut PgConnection, job_id: Uuid) -> sqlx::Result<CancelOutcome> {
+    let waiting = sqlx::query_scalar::<_, Uuid>(
+        "select job_id from job_queue where job_id = $1 and not running for no key update",
+    )
+    .bind(job_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if waiting.is_some() {
+        let end = AttemptEnd {
+            outcome: "cancelled",
+            code: "JobCancelled",
+            message: "cancelled by a user before it started",
+        };
+        queue_finish(conn, &[job_id], "cancelled", &[end]).await?;
+        return Ok(CancelOutcome::Cancelled);
+    }
+    let running = sqlx::query(
+        "with q as (update job_queue set cancel_requested = true where job_id = $1 and running returning job_id)
+         update jobs set cancel_requested = true, updated_at = now() from q where jobs.id = q.job_id",
+    )
+    .bind(job_id)
+    .execute(&mut *conn)
+    .await?;
+    if running.rows_affected() == 1 {
+        notify(&mut *conn, &notify_payload('j', [job_id])).await?;
+        Ok(CancelOutcome::Requested)
+    } else {
+        Ok(CancelOutcome::NotPending)
+    }
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct JobRow {
+    pub id: Uuid,
+    pub vm_id: Uuid,
+    pub subscription_id: String,
+    pub vault_id: Option<Uuid>,
+    pub kind: String,
+    pub status: String,
+    pub priority: i16,
+    pub items: Json<serde_json::Value>,
+    pub payload: Json<serde_json::Value>,
+    pub result: Option<Json<serde_json::Value>>,
+    pub warnings: Json<serde_json::Value>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub cancel_requested: bool,
+    pub progress: Option<Json<serde_json::Value>>,
+    pub run_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const JOB_COLUMNS: &str = "j.id, j.vm_id, j.subscription_id, j.vault_id, j.kind, j.status, j.priority, j.items, \
+    j.payload, j.result, j.warnings, j.error_code, j.error_message, j.attempts, j.max_attempts, j.cancel_requested, \
+    q.progress, q.run_at, j.created_at, j.started_at, j.finished_at, j.updated_at";
+
+pub async fn job_get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<JobRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {JOB_COLUMNS} from jobs j left join job_queue q on q.job_id = j.id where j.id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(db)
+    .await
+}
+
+/// What decides between 404, 409 and an idempotent repeat when a lease check fails.
+#[derive(Debug, Clone, FromRow)]
+pub struct JobOwnership {
+    pub vm_id: Uuid,
+    pub kind: String,
+    pub status: String,
+    pub result: Option<Json<serde_json::Value>>,
+    pub lease: Option<i64>,
+    pub running: Option<bool>,
+}
+
+pub async fn job_ownership(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+) -> sqlx::Result<Option<JobOwnership>> {
+    sqlx::query_as(
+        "select j.vm_id, j.kind, j.status, j.result, q.lease, q.running
+         from jobs j left join job_queue q on q.job_id = j.id where j.id = $1",
+    )
+    .bind(id)
+    .fetch_optional(db)
+    .await
+}
+
+#[derive(Debug, Default)]
+pub struct JobFilter<'a> {
+    pub subscriptions: Option<&'a [String]>,
+    pub status: Option<&'a str>,
+    pub kind: Option<&'a str>,
+    pub vm_id: Option<Uuid>,
+    pub created_after: Option<DateTime<Utc>>,
+    pub created_before: Option<DateTime<Utc>>,
+}
+
+/// Newest first: ids are UUIDv7, so descending id is descending creation time.
+pub async fn job_list(
+    db: impl PgExecutor<'_>,
+    f: &JobFilter<'_>,
+    page: Page,
+) -> sqlx::Result<Vec<JobRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {JOB_COLUMNS} from jobs j left join job_queue q on q.job_id = j.id
+         where ($1::text[] is null or j.subscription_id = any($1))
+           and ($2::text is null or j.status = $2)
+           and ($3::text is null or j.kind = $3)
+           and ($4::uuid is null or j.vm_id = $4)
+           and ($5::timestamptz is null or j.created_at >= $5)
+           and ($6::timestamptz is null or j.created_at < $6)
+           and ($7::uuid is null or j.id < $7)
+         order by j.id desc limit $8"
+    )))
+    .bind(f.subscriptions)
+    .bind(f.status)
+    .bind(f.kind)
+    .bind(f.vm_id)
+    .bind(f.created_after)
+    .bind(f.created_before)
+    .bind(page.after)
+    .bind(page.limit)
+    .fetch_all(db)
+    .await
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct AttemptRow {
+    pub attempt: i32,
+    pub lease: i64,
+    pub started_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub outcome: Option<String>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+}
+
+pub async fn job_attempts(db: impl PgExecutor<'_>, job_id: Uuid) -> sqlx::Result<Vec<AttemptRow>> {
+    sqlx::query_as(
+        "select attempt, lease, started_at, ended_at, outcome, error_code, error_message
+         from job_attempts where job_id = $1 order by attempt",
+    )
+    .bind(job_id)
+    .fetch_all(db)
+    .await
+}
+
+/// Deletes finished jobs older than `age`, a batch at a time so no statement runs long.
+pub async fn jobs_prune(
+    db: impl PgExecutor<'_>,
+    age: chrono::Duration,
+    batch: i64,
+) -> sqlx::Result<u64> {
+    let done = sqlx::query(
+        "delete from jobs where id in (
+             select id from jobs where finished_at < now() - $1::interval order by finished_at limit $2)",
+    )
+    .bind(age)
+    .bind(batch)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct QueueStat {
+    pub kind: String,
+    pub pending: i64,
+    pub running: i64,
+    pub oldest_pending: Option<DateTime<Utc>>,
+}
+
+pub async fn queue_stats(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<QueueStat>> {
+    sqlx::query_as(
+        "select kind, count(*) filter (where not running) as pending, count(*) filter (where running) as running,
+                min(run_at) filter (where not running) as oldest_pending
+         from job_queue group by kind",
+    )
+    .fetch_all(db)
+    .await
+}

@@ -1,0 +1,145 @@
+//! The `vms` table: the inventory of VMs that agents enrolled or automation upserted.
+
+use chrono::{DateTime, Utc};
+use sqlx::{FromRow, PgConnection, PgExecutor};
+use uuid::Uuid;
+
+use crate::Page;
+
+#[derive(Debug, Clone, FromRow)]
+pub struct VmRow {
+    pub id: Uuid,
+    pub subscription_id: String,
+    pub resource_group: String,
+    pub name: String,
+    pub region: String,
+    pub deployment_model: String,
+    pub agent_installed: bool,
+    pub agent_version: Option<String>,
+    pub dotnet_version: Option<String>,
+    pub sql_iaas_extension: bool,
+    pub other_backup_product: bool,
+    pub last_seen_at: Option<DateTime<Utc>>,
+    pub token_generation: i64,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Facts as the store keeps them.
+pub struct VmFactsRow<'a> {
+    pub subscription_id: &'a str,
+    pub resource_group: &'a str,
+    pub name: &'a str,
+    pub region: &'a str,
+    pub deployment_model: &'a str,
+    pub agent_version: &'a str,
+    pub dotnet_version: &'a str,
+    pub sql_iaas_extension: bool,
+    pub other_backup_product: bool,
+}
+
+const COLUMNS: &str = "id, subscription_id, resource_group, name, region, deployment_model, agent_installed, \
+    agent_version, dotnet_version, sql_iaas_extension, other_backup_product, last_seen_at, token_generation, \
+    version, created_at, updated_at";
+
+/// Inserts or updates the VM an agent enrolls for, marks it heard from, and bumps its
+/// token generation so that tokens issued before this enrollment stop working.
+pub async fn vm_enroll(
+    conn: &mut PgConnection,
+    new_id: Uuid,
+    f: &VmFactsRow<'_>,
+) -> sqlx::Result<VmRow> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "insert into vms (id, subscription_id, resource_group, name, region, deployment_model, agent_installed,
+                          agent_version, dotnet_version, sql_iaas_extension, other_backup_product, last_seen_at,
+                          token_generation)
+         values ($1, $2, $3, $4, $5, $6, true, $7, $8, $9, $10, now(), 1)
+         on conflict (subscription_id, lower(resource_group), lower(name)) do update set
+             region = excluded.region, deployment_model = excluded.deployment_model, agent_installed = true,
+             agent_version = excluded.agent_version, dotnet_version = excluded.dotnet_version,
+             sql_iaas_extension = excluded.sql_iaas_extension,
+             other_backup_product = excluded.other_backup_product, last_seen_at = now(),
+             token_generation = vms.token_generation + 1, version = vms.version + 1, updated_at = now()
+         returning {COLUMNS}"
+    )))
+    .bind(new_id)
+    .bind(f.subscription_id)
+    .bind(f.resource_group)
+    .bind(f.name)
+    .bind(f.region)
+    .bind(f.deployment_model)
+    .bind(f.agent_version)
+    .bind(f.dotnet_version)
+    .bind(f.sql_iaas_extension)
+    .bind(f.other_backup_product)
+    .fetch_one(conn)
+    .await
+}
+
+pub async fn vm_get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<VmRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {COLUMNS} from vms where id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(db)
+    .await
+}
+
+/// The current token generation, or `None` when the VM was removed.
+pub async fn vm_token_generation(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<i64>> {
+    sqlx::query_scalar("select token_generation from vms where id = $1")
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}
+
+pub async fn vm_list(
+    db: impl PgExecutor<'_>,
+    subscriptions: Option<&[String]>,
+    page: Page,
+) -> sqlx::Result<Vec<VmRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {COLUMNS} from vms
+         where ($1::text[] is null or subscription_id = any($1)) and ($2::uuid is null or id > $2)
+         order by id limit $3"
+    )))
+    .bind(subscriptions)
+    .bind(page.after)
+    .bind(page.limit)
+    .fetch_all(db)
+    .await
+}
+
+/// Records that the agent was heard from, with new facts when it sent them. Only the
+/// mutable facts change; identity (name, resource group, subscription) is fixed at
+/// enrollment.
+pub async fn vm_heartbeat(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    facts: Option<&VmFactsRow<'_>>,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "update vms set last_seen_at = now(),
+             agent_version = coalesce($2, agent_version), dotnet_version = coalesce($3, dotnet_version),
+             sql_iaas_extension = coalesce($4, sql_iaas_extension),
+             other_backup_product = coalesce($5, other_backup_product)
+         where id = $1",
+    )
+    .bind(id)
+    .bind(facts.map(|f| f.agent_version))
+    .bind(facts.map(|f| f.dotnet_version))
+    .bind(facts.map(|f| f.sql_iaas_extension))
+    .bind(facts.map(|f| f.other_backup_product))
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+pub async fn vm_delete(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<bool> {
+    let done = sqlx::query("delete from vms where id = $1")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}

@@ -1,0 +1,299 @@
+use axum::http::{Method, StatusCode};
+use backvault_service::Role;
+use serde_json::json;
+use sqlx::PgPool;
+
+use crate::helpers::{TestApp, claim, dispatch, enroll};
+
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn cancel_queued_and_running_jobs(pool: PgPool) {
+    let app = TestApp::new(pool);
+    let (vm, agent) = enroll(&app, "sqlvm-01").await;
+    let queued = dispatch(&app, &vm, "backup_full").await;
+    let res = app
+        .call(
+            Method::POST,
+            &format!("/v1/jobs/{queued}/cancel"),
+            Some(&app.admin()),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (res.status, res.body["status"].as_str()),
+        (StatusCode::ACCEPTED, Some("cancelled"))
+    );
+    assert!(
+        claim(&app, &agent, 5).await.is_empty(),
+        "a cancelled job is never claimed"
+    );
+
+    let running = dispatch(&app, &vm, "backup_full").await;
+    let lease = claim(&app, &agent, 5).await[0]["lease"].as_i64().unwrap();
+    let res = app
+        .call(
+            Method::POST,
+            &format!("/v1/jobs/{running}/cancel"),
+            Some(&app.admin()),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(res.body["status"], "in_progress");
+    assert_eq!(res.body["cancel_requested"], true);
+    let hb = app
+        .post(
+            "/v1/agent/heartbeat",
+            &agent,
+            json!({"jobs": [{"job_id": running, "lease": lease}]}),
+        )
+        .await;
+    assert_eq!(hb.body["cancel_requested"], json!([running]));
+    let job_hb = app
+        .post(
+            &format!("/v1/agent/jobs/{running}/heartbeat"),
+            &agent,
+            json!({"lease": lease}),
+        )
+        .await;
+    assert_eq!(job_hb.body["cancel_requested"], true);
+    let stopped = app
+        .post(
+            &format!("/v1/agent/jobs/{running}/fail"),
+            &agent,
+            json!({"lease": lease, "code": "JobCancelled", "message": "stopped", "retryable": false}),
+        )
+        .await;
+    assert_eq!(stopped.body["status"], "cancelled");
+    let again = app
+        .call(
+            Method::POST,
+            &format!("/v1/jobs/{running}/cancel"),
+            Some(&app.admin()),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (again.status, again.code()),
+        (StatusCode::CONFLICT, "job_finished")
+    );
+    let reader = app.token(Role::Reader, &["*"]);
+    let denied = app
+        .call(
+            Method::POST,
+            &format!("/v1/jobs/{running}/cancel"),
+            Some(&reader),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(denied.status, StatusCode::FORBIDDEN);
+}
+
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn list_filters_and_pages(pool: PgPool) {
+    let app = TestApp::new(pool);
+    let (vm_a, agent_a) = enroll(&app, "vm-a").await;
+    let (vm_b, _) = enroll(&app, "vm-b").await;
+    for _ in 0..3 {
+        dispatch(&app, &vm_a, "backup_log").await;
+    }
+    dispatch(&app, &vm_a, "discovery").await;
+    dispatch(&app, &vm_b, "backup_log").await;
+    claim(&app, &agent_a, 1).await;
+    let admin = app.admin();
+    let count = |path: String| {
+        let app = &app;
+        let admin = admin.clone();
+        async move {
+            app.get(&path, &admin).await.body["items"]
+                .as_array()
+                .unwrap()
+                .len()
+        }
+    };
+    assert_eq!(count("/v1/jobs".into()).await, 5);
+    assert_eq!(count(format!("/v1/jobs?vm_id={vm_a}")).await, 4);
+    assert_eq!(count("/v1/jobs?kind=backup_log".into()).await, 4);
+    assert_eq!(count("/v1/jobs?status=in_progress".into()).await, 1);
+    assert_eq!(
+        count(
+            "/v1/jobs?created_after=2000-01-01T00:00:00Z&created_before=2000-01-02T00:00:00Z"
+                .into()
+        )
+        .await,
+        0
+    );
+    let bad = app.get("/v1/jobs?status=sleeping", &admin).await;
+    assert_eq!(bad.code(), "invalid_query");
+
+    let mut seen = std::collections::BTreeSet::new();
+    let mut path = "/v1/jobs?limit=2".to_owned();
+    loop {
+        let page = app.get(&path, &admin).await;
+        for j in page.body["items"].as_array().unwrap() {
+            assert!(seen.insert(j["id"].as_str().unwrap().to_owned()));
+        }
+        match page.body["next_cursor"].as_str() {
+            Some(c) => path = format!("/v1/jobs?limit=2&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 5);
+
+    let other = app.token(Role::Reader, &["sub-9"]);
+    assert_eq!(
+        app.get("/v1/jobs", &other).await.body["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    let job = dispatch(&app, &vm_b, "discovery").await;
+    assert_eq!(
+        app.get(&format!("/v1/jobs/{job}"), &other).await.status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn get_waits_for_a_change(pool: PgPool) {
+    let app = std::sync::Arc::new(TestApp::new(pool));
+    let (vm, agent) = enroll(&app, "sqlvm-01").await;
+    let job = dispatch(&app, &vm, "discovery").await;
+    let waiter = {
+        let app = app.clone();
+        let job = job.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let res = app
+                .get(&format!("/v1/jobs/{job}?wait=30s"), &app.admin())
+                .await;
+            (started.elapsed(), res)
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    claim(&app, &agent, 1).await;
+    let (elapsed, res) = waiter.await.unwrap();
+    assert_eq!(res.body["status"], "in_progress");
+    assert!(elapsed < std::time::Duration::from_secs(5), "{elapsed:?}");
+    let short = app
+        .get(&format!("/v1/jobs/{job}?wait=1s"), &app.admin())
+        .await;
+    assert_eq!(
+        short.body["status"], "in_progress",
+        "no change: answered when the wait ran out"
+    );
+    let bad = app
+        .get(&format!("/v1/jobs/{job}?wait=2h"), &app.admin())
+        .await;
+    assert_eq!(bad.code(), "invalid_wait");
+}
+
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn dispatch_checks_the_vm_and_item_limit(pool: PgPool) {
+    let app = TestApp::new(pool);
+    let (vm, _) = enroll(&app, "sqlvm-01").await;
+    let items: Vec<_> = (0..51)
+        .map(|i| json!({"instance": "I", "database": format!("db{i}")}))
+        .collect();
+    let res = app
+        .post(
+            "/v1/jobs",
+            &app.admin(),
+            json!({"vm_id": vm, "kind": "backup_full", "items": items}),
+        )
+        .await;
+    assert_eq!(
+        res.violations(),
+        [("/items".to_owned(), "too_many_items".to_owned())]
+    );
+    let missing = app
+        .post(
+            "/v1/jobs",
+            &app.admin(),
+            json!({"vm_id": "0b9d2c3e-0000-4000-8000-000000000000", "kind": "discovery"}),
+        )
+        .await;
+    assert_eq!(
+        (missing.status, missing.code()),
+        (StatusCode::NOT_FOUND, "vm_not_found")
+    );
+    let ok = app
+        .post(
+            "/v1/jobs",
+            &app.admin(),
+            json!({"vm_id": vm, "kind": "discovery"}),
+        )
+        .await;
+    assert_eq!(
+        ok.header("location"),
+        format!("/v1/jobs/{}", ok.body["id"].as_str().unwrap())
+    );
+    let too_many_in_db = sqlx::query(
+        "insert into jobs (id, vm_id, subscription_id, kind, status, priority, items, max_attempts)
+         values (gen_random_uuid(), $1::uuid, 'sub-1', 'backup_full', 'queued', 0,
+                 (select jsonb_agg(x) from generate_series(1, 51) x), 3)",
+    )
+    .bind(&vm)
+    .execute(&app.pool)
+    .await;
+    assert!(
+        too_many_in_db.is_err(),
+        "the database refuses more than 50 items too"
+    );
+}
+
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn metrics_report_the_queue(pool: PgPool) {
+    let app = TestApp::new(pool);
+    let (vm, _) = enroll(&app, "sqlvm-01").await;
+    dispatch(&app, &vm, "backup_log").await;
+    let res = app.call(Method::GET, "/metrics", None, None, &[]).await;
+    assert_eq!(res.status, StatusCode::OK);
+    let text = res.body.as_str().unwrap();
+    assert!(
+        text.contains("backvault_queue_pending_jobs{kind=\"backup_log\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("backvault_http_request_duration_seconds"));
+    assert!(text.contains("backvault_jobs_claimed_total"));
+}
+
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn old_finished_jobs_are_pruned(pool: PgPool) {
+    let app = TestApp::new(pool.clone());
+    let (vm, _) = enroll(&app, "sqlvm-01").await;
+    let old = dispatch(&app, &vm, "discovery").await;
+    let fresh = dispatch(&app, &vm, "discovery").await;
+    for job in [&old, &fresh] {
+        app.call(
+            Method::POST,
+            &format!("/v1/jobs/{job}/cancel"),
+            Some(&app.admin()),
+            None,
+            &[],
+        )
+        .await;
+    }
+    sqlx::query("update jobs set finished_at = now() - interval '91 days' where id = $1::uuid")
+        .bind(&old)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let pruned = app.service.prune_history().await.unwrap();
+    assert_eq!(pruned, 1);
+    assert_eq!(
+        app.get(&format!("/v1/jobs/{old}"), &app.admin())
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        app.get(&format!("/v1/jobs/{fresh}"), &app.admin())
+            .await
+            .status,
+        StatusCode::OK
+    );
+}

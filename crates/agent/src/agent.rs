@@ -1,0 +1,386 @@
+//! The agent's life: enroll, then heartbeat and claim until told to stop, running each
+//! claimed job in its own task with its own lease heartbeats.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use backvault_domain::agent::protocol::{
+    AgentHeartbeat, ClaimedJob, CompleteJob, FailJob, JobHeartbeat,
+};
+use chrono::Utc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::backoff::Backoff;
+use crate::chain::ChainStore;
+use crate::client::Client;
+use crate::config::InventorySource;
+use crate::running::{Running, Stop};
+use crate::worker::{self, Failure, Outcome};
+
+pub struct Settings {
+    /// Jobs run at once.
+    pub concurrency: u32,
+    pub heartbeat: Duration,
+    pub claim_wait_seconds: u32,
+    /// How long running jobs get to finish once a shutdown is requested.
+    pub shutdown_grace: Duration,
+}
+
+/// The server accepts at most this many jobs per claim.
+const MAX_JOBS_PER_CLAIM: usize = 50;
+/// A server that answers a long-poll at once must not be polled in a tight loop.
+const MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Time for jobs that outlived the grace period to hand themselves back.
+const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(5);
+const MIN_JOB_HEARTBEAT: Duration = Duration::from_millis(250);
+const MAX_JOB_HEARTBEAT: Duration = Duration::from_secs(60);
+
+/// Set once, when the agent should stop claiming and wind down.
+#[derive(Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    pub fn new() -> (watch::Sender<bool>, Self) {
+        let (trigger, receiver) = watch::channel(false);
+        (trigger, Self(receiver))
+    }
+
+    pub async fn requested(&mut self) {
+        // A dropped trigger means nobody can ask any more: treat it as asked.
+        let _ = self.0.wait_for(|&asked| asked).await;
+    }
+}
+
+pub struct Agent {
+    client: Client,
+    inventory: InventorySource,
+    chains: ChainStore,
+    running: Arc<Running>,
+    settings: Settings,
+}
+
+/// Stops a background task when its owner is done, panicking or not.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Agent {
+    pub fn new(
+        client: Client,
+        inventory: InventorySource,
+        chains: ChainStore,
+        settings: Settings,
+    ) -> Self {
+        Self {
+            client,
+            inventory,
+            chains,
+            running: Arc::default(),
+            settings,
+        }
+    }
+
+    /// Runs until `shutdown`, then lets running jobs finish. Fails only if the server
+    /// refuses to enroll the agent at start.
+    pub async fn run(self: Arc<Self>, mut shutdown: Shutdown) -> anyhow::Result<()> {
+        let enrolled = tokio::select! {
+            enrolled = self.client.enroll() => enrolled.context("enrollment refused")?,
+            () = shutdown.requested() => return Ok(()),
+        };
+        tracing::info!(
+            vm_id = %enrolled.vm_id,
+            token_expires_at = %enrolled.expires_at,
+            "enrolled"
+        );
+
+        let _heartbeats = AbortOnDrop(tokio::spawn(Arc::clone(&self).heartbeat_loop()));
+        let mut jobs = JoinSet::new();
+        self.claim_loop(&mut jobs, shutdown).await;
+        self.drain(jobs).await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+
+    /// Tells the server the VM is alive and extends every running job's lease.
+    async fn heartbeat_loop(self: Arc<Self>) {
+        let mut sent_facts = self.inventory.last_good().facts().clone();
+        let mut ticker = tokio::time::interval(self.settings.heartbeat);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // The first tick is immediate, and enrolling just told the server all this.
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            let facts = self.inventory.current().facts().clone();
+            let changed = (facts != sent_facts).then_some(facts);
+            let body = AgentHeartbeat {
+                facts: changed.clone(),
+                jobs: self.running.leases(),
+            };
+            // Give up by the next tick, which sends fresher leases anyway.
+            match self.client.heartbeat(&body, self.settings.heartbeat).await {
+                Ok(response) => {
+                    for job_id in response.lost {
+                        tracing::warn!(%job_id, "heartbeat: lease lost");
+                        self.running.stop(job_id, Stop::Lost);
+                    }
+                    for job_id in response.cancel_requested {
+                        tracing::info!(%job_id, "heartbeat: cancel requested");
+                        self.running.stop(job_id, Stop::Cancelled);
+                    }
+                    if let Some(facts) = changed {
+                        tracing::info!("sent updated VM facts");
+                        sent_facts = facts;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+            }
+        }
+    }
+
+    /// Claims as many jobs as there are free slots, until shutdown.
+    async fn claim_loop(self: &Arc<Self>, jobs: &mut JoinSet<()>, mut shutdown: Shutdown) {
+        let slots = Arc::new(Semaphore::new(self.settings.concurrency as usize));
+        let mut refused = Backoff::new();
+        loop {
+            while let Some(finished) = jobs.try_join_next() {
+                if let Err(e) = finished {
+                    tracing::error!(error = %e, "job task failed");
+                }
+            }
+            let first = tokio::select! {
+                permit = Arc::clone(&slots).acquire_owned() => permit.expect("never closed"),
+                () = shutdown.requested() => return,
+            };
+            let mut permits = vec![first];
+            while permits.len() < MAX_JOBS_PER_CLAIM {
+                match Arc::clone(&slots).try_acquire_owned() {
+                    Ok(permit) => permits.push(permit),
+                    Err(_) => break,
+                }
+            }
+
+            let asked = Instant::now();
+            let max_jobs = u32::try_from(permits.len()).expect("at most 50");
+            let claimed = tokio::select! {
+                claimed = self.client.claim(max_jobs, self.settings.claim_wait_seconds) => claimed,
+                () = shutdown.requested() => {
+                    tracing::info!("shutdown: abandoning the claim in progress");
+                    return;
+                }
+            };
+            let pause = match claimed {
+                Ok(claimed) => {
+                    refused.reset();
+                    if claimed.is_empty() {
+                        MIN_POLL_INTERVAL.saturating_sub(asked.elapsed())
+                    } else {
+                        self.start_jobs(claimed, permits, jobs);
+                        Duration::ZERO
+                    }
+                }
+                Err(e) => {
+                    let delay = refused.next_delay();
+                    tracing::error!(error = %e, retry_in = ?delay, "claim refused");
+                    delay
+                }
+            };
+            if !pause.is_zero() {
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = shutdown.requested() => return,
+                }
+            }
+        }
+    }
+
+    fn start_jobs(
+        self: &Arc<Self>,
+        claimed: Vec<ClaimedJob>,
+        mut permits: Vec<OwnedSemaphorePermit>,
+        jobs: &mut JoinSet<()>,
+    ) {
+        if self.inventory.current().faults.crash_after_claim {
+            tracing::error!(
+                jobs = claimed.len(),
+                "crash_after_claim: exiting abruptly without doing the claimed jobs"
+            );
+            std::process::exit(101);
+        }
+        for job in claimed {
+            let permit = permits.pop();
+            if permit.is_none() {
+                tracing::warn!(job_id = %job.job_id, "the server sent more jobs than asked for; running it anyway");
+            }
+            let span = tracing::info_span!(
+                "job",
+                job_id = %job.job_id,
+                kind = job.kind.as_str(),
+                attempt = job.attempt
+            );
+            jobs.spawn(Arc::clone(self).run_job(job, permit).instrument(span));
+        }
+    }
+
+    /// Does one job and reports how it went, unless the lease went to someone else.
+    async fn run_job(self: Arc<Self>, job: ClaimedJob, _slot: Option<OwnedSemaphorePermit>) {
+        let mut registration = self.running.start(job.job_id, job.lease);
+        let lease = (job.lease_expires_at - Utc::now())
+            .to_std()
+            .unwrap_or_default();
+        // Three beats per lease: one lost request does not cost the lease.
+        let every = (lease / 3).clamp(MIN_JOB_HEARTBEAT, MAX_JOB_HEARTBEAT);
+        let _heartbeats = AbortOnDrop(tokio::spawn(
+            Arc::clone(&self)
+                .job_heartbeat_loop(job.job_id, job.lease, every)
+                .in_current_span(),
+        ));
+        tracing::info!(items = job.items.len(), lease = ?lease, "job started");
+
+        let progress = |percent: u8| {
+            self.running
+                .set_progress(job.job_id, serde_json::json!({ "percent": percent }));
+        };
+        let outcome = tokio::select! {
+            outcome = worker::execute(&job, &self.inventory, &self.chains, progress) => outcome,
+            why = registration.stopped() => match why {
+                Stop::Lost => {
+                    tracing::warn!("lease lost: abandoning the job");
+                    return;
+                }
+                Stop::Cancelled => Outcome::Fail(Failure {
+                    code: "JobCancelled",
+                    message: "The job was cancelled before it finished.".to_owned(),
+                    retryable: false,
+                }),
+                Stop::Shutdown => Outcome::Fail(Failure {
+                    code: "AgentShuttingDown",
+                    message: "The agent shut down before the job finished.".to_owned(),
+                    retryable: true,
+                }),
+            },
+        };
+        self.report(&job, outcome).await;
+    }
+
+    async fn job_heartbeat_loop(self: Arc<Self>, job_id: Uuid, lease: i64, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            let body = JobHeartbeat {
+                lease,
+                progress: self.running.progress(job_id),
+            };
+            match self.client.job_heartbeat(job_id, &body, every).await {
+                Ok(response) if response.cancel_requested => {
+                    tracing::info!("cancel requested");
+                    self.running.stop(job_id, Stop::Cancelled);
+                }
+                Ok(_) => {}
+                Err(e) if e.is_lease_lost() => {
+                    self.running.stop(job_id, Stop::Lost);
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "job heartbeat failed"),
+            }
+        }
+    }
+
+    async fn report(&self, job: &ClaimedJob, outcome: Outcome) {
+        let (result, warnings, chain) = match outcome {
+            Outcome::Complete {
+                result,
+                warnings,
+                chain,
+            } => (result, warnings, chain),
+            Outcome::Fail(failure) => return self.report_failure(job, failure).await,
+        };
+        let body = CompleteJob {
+            lease: job.lease,
+            result,
+            warnings,
+        };
+        match self.client.complete(job.job_id, &body).await {
+            Ok(status) => {
+                self.chains.commit(chain);
+                tracing::info!(%status, "job completed");
+            }
+            Err(e) if e.is_lease_lost() => {
+                tracing::warn!("lease lost before the result was accepted: dropping it");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the server refused the job's result");
+                // Otherwise the job would sit until its lease expired, and then run again
+                // only to be refused again.
+                let failure = Failure {
+                    code: "AgentResultRejected",
+                    message: format!("The server refused the job's result: {e}"),
+                    retryable: false,
+                };
+                self.report_failure(job, failure).await;
+            }
+        }
+    }
+
+    async fn report_failure(&self, job: &ClaimedJob, failure: Failure) {
+        let body = FailJob {
+            lease: job.lease,
+            code: failure.code.to_owned(),
+            message: failure.message,
+            retryable: failure.retryable,
+        };
+        match self.client.fail(job.job_id, &body).await {
+            Ok(status) => tracing::info!(
+                code = failure.code,
+                retryable = failure.retryable,
+                %status,
+                "job failed"
+            ),
+            Err(e) if e.is_lease_lost() => {
+                tracing::warn!(
+                    code = failure.code,
+                    "lease lost before the failure was accepted"
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, code = failure.code, "the server refused the failure")
+            }
+        }
+    }
+
+    /// Lets running jobs finish; hands back those that take longer than the grace period.
+    async fn drain(&self, mut jobs: JoinSet<()>) {
+        while jobs.try_join_next().is_some() {}
+        if jobs.is_empty() {
+            return;
+        }
+        tracing::info!(
+            running = jobs.len(),
+            grace = ?self.settings.shutdown_grace,
+            "shutting down: waiting for running jobs"
+        );
+        let finished = tokio::time::timeout(self.settings.shutdown_grace, async {
+            while jobs.join_next().await.is_some() {}
+        })
+        .await;
+        if finished.is_ok() {
+            return;
+        }
+        tracing::warn!(
+            running = jobs.len(),
+            "grace period over: handing the remaining jobs back"
+        );
+        self.running.stop_all(Stop::Shutdown);
+        let _ = tokio::time::timeout(HAND_BACK_TIMEOUT, async {
+            while jobs.join_next().await.is_some() {}
+        })
+        .await;
+    }
+}

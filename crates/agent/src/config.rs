@@ -1,0 +1,384 @@
+//! The inventory file: the VM, SQL Server and faults this agent pretends to have.
+//!
+//! TOML, or JSON when the file name ends in `.json`. It is re-read before every job, so a
+//! test can add a database or turn on a fault while the agent runs.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, bail, ensure};
+use backvault_domain::agent::{
+    AvailabilityGroup, RecoveryModel, SqlDatabase, SqlInstance, SqlInventory, VmFacts,
+};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InventoryFile {
+    pub vm: VmSection,
+    /// Whether the backup service account is a SQL sysadmin. May also be written inside
+    /// `[vm]`, which is where it lands in TOML when it is written after that table.
+    #[serde(default)]
+    sysadmin: Option<bool>,
+    #[serde(default)]
+    pub instances: Vec<SqlInstance>,
+    #[serde(default)]
+    pub availability_groups: Vec<AvailabilityGroup>,
+    #[serde(default)]
+    pub databases: Vec<SqlDatabase>,
+    #[serde(default)]
+    pub faults: Faults,
+}
+
+/// `[vm]`: the VM's facts, and perhaps `sysadmin`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "serde_json::Map<String, serde_json::Value>")]
+pub struct VmSection {
+    pub facts: VmFacts,
+    sysadmin: Option<bool>,
+}
+
+// Not `#[serde(flatten)]`: it would make `VmFacts` ignore misspelt fields instead of
+// rejecting them.
+impl TryFrom<serde_json::Map<String, serde_json::Value>> for VmSection {
+    type Error = serde_json::Error;
+
+    fn try_from(mut map: serde_json::Map<String, serde_json::Value>) -> Result<Self, Self::Error> {
+        let sysadmin = map
+            .remove("sysadmin")
+            .map(serde_json::from_value)
+            .transpose()?;
+        let facts = serde_json::from_value(serde_json::Value::Object(map))?;
+        Ok(Self { facts, sysadmin })
+    }
+}
+
+/// Misbehaviour to simulate.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Faults {
+    /// Probability that a job fails with a retryable `UserErrorOpeningSQLConnection`.
+    pub failure_rate: f64,
+    /// Simulated duration of every job.
+    pub backup_millis: u64,
+    /// Exit abruptly right after claiming a job, as if the VM lost power.
+    pub crash_after_claim: bool,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Self {
+            failure_rate: 0.0,
+            backup_millis: 200,
+            crash_after_claim: false,
+        }
+    }
+}
+
+impl InventoryFile {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading inventory {}", path.display()))?;
+        let is_json = path
+            .extension()
+            .is_some_and(|ext| ext.eq_ignore_ascii_case("json"));
+        let file = if is_json {
+            Self::from_json(&text)
+        } else {
+            Self::from_toml(&text)
+        };
+        file.with_context(|| format!("inventory {}", path.display()))
+    }
+
+    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
+        let file: Self = toml::from_str(text)?;
+        file.validated()
+    }
+
+    pub fn from_json(text: &str) -> anyhow::Result<Self> {
+        let file: Self = serde_json::from_str(text)?;
+        file.validated()
+    }
+
+    pub fn facts(&self) -> &VmFacts {
+        &self.vm.facts
+    }
+
+    /// Defaults to true: an agent that cannot discover anything is the unusual case.
+    pub fn sysadmin(&self) -> bool {
+        self.sysadmin.or(self.vm.sysadmin).unwrap_or(true)
+    }
+
+    /// What a discovery job reports.
+    pub fn sql_inventory(&self) -> SqlInventory {
+        SqlInventory {
+            instances: self.instances.clone(),
+            availability_groups: self.availability_groups.clone(),
+            databases: self.databases.clone(),
+        }
+    }
+
+    /// SQL Server compares instance and database names ignoring case (default collation).
+    pub fn database(&self, instance: &str, name: &str) -> Option<&SqlDatabase> {
+        self.databases.iter().find(|d| {
+            d.instance.eq_ignore_ascii_case(instance) && d.name.eq_ignore_ascii_case(name)
+        })
+    }
+
+    /// Catches mistakes in hand-written files here rather than as odd server behaviour.
+    fn validated(self) -> anyhow::Result<Self> {
+        if let (Some(top), Some(in_vm)) = (self.sysadmin, self.vm.sysadmin) {
+            ensure!(top == in_vm, "`sysadmin` is set twice, to different values");
+        }
+        ensure!(
+            (0.0..=1.0).contains(&self.faults.failure_rate),
+            "faults.failure_rate must be between 0 and 1"
+        );
+        for (i, instance) in self.instances.iter().enumerate() {
+            if self.instances[..i]
+                .iter()
+                .any(|other| other.name.eq_ignore_ascii_case(&instance.name))
+            {
+                bail!("instance {} is listed twice", instance.name);
+            }
+        }
+        for (i, db) in self.databases.iter().enumerate() {
+            ensure!(
+                self.instances
+                    .iter()
+                    .any(|inst| inst.name.eq_ignore_ascii_case(&db.instance)),
+                "database {} is on instance {}, which is not in `instances`",
+                db.name,
+                db.instance
+            );
+            ensure!(
+                db.size_bytes >= 0,
+                "database {} has a negative size",
+                db.name
+            );
+            if let Some(ag) = &db.availability_group {
+                ensure!(
+                    self.availability_groups
+                        .iter()
+                        .any(|g| g.name.eq_ignore_ascii_case(ag)),
+                    "database {} is in availability group {ag}, which is not in `availability_groups`",
+                    db.name
+                );
+            }
+            if self.databases[..i]
+                .iter()
+                .any(|other| same_database(other, db))
+            {
+                bail!("database {}/{} is listed twice", db.instance, db.name);
+            }
+        }
+        Ok(self)
+    }
+}
+
+fn same_database(a: &SqlDatabase, b: &SqlDatabase) -> bool {
+    a.instance.eq_ignore_ascii_case(&b.instance) && a.name.eq_ignore_ascii_case(&b.name)
+}
+
+/// Whether log backups are possible: only the simple recovery model truncates the log.
+pub fn supports_log_backup(db: &SqlDatabase) -> bool {
+    db.recovery_model != RecoveryModel::Simple
+}
+
+/// The inventory file, re-read on demand, remembering the last version that parsed.
+pub struct InventorySource {
+    path: PathBuf,
+    last_good: Mutex<Arc<InventoryFile>>,
+}
+
+impl InventorySource {
+    /// Fails if the file is unreadable now: better to refuse to start than to run empty.
+    pub fn open(path: PathBuf) -> anyhow::Result<Self> {
+        let file = InventoryFile::load(&path)?;
+        Ok(Self {
+            path,
+            last_good: Mutex::new(Arc::new(file)),
+        })
+    }
+
+    /// Reads the file again.
+    pub fn reload(&self) -> anyhow::Result<Arc<InventoryFile>> {
+        let file = Arc::new(InventoryFile::load(&self.path)?);
+        *self.last_good.lock().expect("inventory lock") = Arc::clone(&file);
+        Ok(file)
+    }
+
+    /// The file as it is now, or as it last parsed if someone is halfway through editing it.
+    pub fn current(&self) -> Arc<InventoryFile> {
+        self.reload().unwrap_or_else(|e| {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "inventory unreadable, using the last good one"
+            );
+            self.last_good()
+        })
+    }
+
+    pub fn last_good(&self) -> Arc<InventoryFile> {
+        Arc::clone(&self.last_good.lock().expect("inventory lock"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use backvault_domain::agent::{BackupPreference, DeploymentModel};
+
+    use super::*;
+
+    const TOML: &str = r#"
+sysadmin = false
+
+[vm]
+name = "sqlvm-01"
+resource_group = "rg-sql"
+subscription_id = "sub-1"
+region = "westeurope"
+deployment_model = "resource_manager"
+agent_version = "2.1.0"
+dotnet_version = "4.8"
+sql_iaas_extension = true
+other_backup_product = false
+
+[[instances]]
+name = "MSSQLSERVER"
+version = "2019"
+
+[[availability_groups]]
+name = "ag1"
+backup_preference = "secondary"
+replicas = [
+  { vm_name = "sqlvm-01", resource_group = "rg-sql", instance = "MSSQLSERVER", primary = true },
+]
+
+[[databases]]
+instance = "MSSQLSERVER"
+name = "sales"
+recovery_model = "full"
+size_bytes = 1073741824
+availability_group = "ag1"
+
+[[databases]]
+instance = "mssqlserver"
+name = "scratch"
+recovery_model = "simple"
+size_bytes = 1024
+system = true
+
+[faults]
+failure_rate = 0.25
+crash_after_claim = true
+"#;
+
+    #[test]
+    fn parses_toml() {
+        let file = InventoryFile::from_toml(TOML).unwrap();
+        assert_eq!(file.facts().name, "sqlvm-01");
+        assert_eq!(
+            file.facts().deployment_model,
+            DeploymentModel::ResourceManager
+        );
+        assert!(!file.sysadmin());
+        assert_eq!(file.instances.len(), 1);
+        assert_eq!(
+            file.availability_groups[0].backup_preference,
+            BackupPreference::Secondary
+        );
+        assert_eq!(file.databases.len(), 2);
+        assert_eq!(file.databases[0].availability_group.as_deref(), Some("ag1"));
+        assert!(file.databases[1].system && !file.databases[1].read_only);
+        assert_eq!(file.faults.failure_rate, 0.25);
+        assert_eq!(file.faults.backup_millis, 200, "unset faults keep defaults");
+        assert!(file.faults.crash_after_claim);
+        assert_eq!(
+            file.database("MSSQLSERVER", "SALES").map(|d| d.size_bytes),
+            Some(1 << 30)
+        );
+        assert!(!supports_log_backup(
+            file.database("MSSQLSERVER", "scratch").unwrap()
+        ));
+        let inventory = file.sql_inventory();
+        assert_eq!(inventory.databases, file.databases);
+    }
+
+    #[test]
+    fn parses_json() {
+        let json = r#"{
+            "vm": {
+                "name": "sqlvm-02", "resource_group": "rg", "subscription_id": "sub-2",
+                "region": "northeurope", "deployment_model": "classic", "agent_version": "2.0",
+                "dotnet_version": "4.7.2", "sql_iaas_extension": false,
+                "other_backup_product": true
+            },
+            "instances": [{"name": "SQL2012", "version": "2012"}],
+            "databases": [
+                {"instance": "SQL2012", "name": "a+b", "recovery_model": "bulk_logged",
+                 "size_bytes": 5, "read_only": true}
+            ],
+            "faults": {"backup_millis": 0}
+        }"#;
+        let file = InventoryFile::from_json(json).unwrap();
+        assert_eq!(file.facts().deployment_model, DeploymentModel::Classic);
+        assert!(file.facts().other_backup_product);
+        assert!(file.sysadmin(), "sysadmin defaults to true");
+        assert!(file.availability_groups.is_empty());
+        assert_eq!(file.databases[0].recovery_model, RecoveryModel::BulkLogged);
+        assert_eq!(file.faults.backup_millis, 0);
+        assert_eq!(file.faults.failure_rate, 0.0);
+    }
+
+    #[test]
+    fn sysadmin_may_sit_inside_vm() {
+        let toml = TOML.replace("sysadmin = false\n", "").replace(
+            "other_backup_product = false",
+            "other_backup_product = false\nsysadmin = false",
+        );
+        assert!(!InventoryFile::from_toml(&toml).unwrap().sysadmin());
+    }
+
+    #[test]
+    fn rejects_mistakes() {
+        let cases = [
+            (
+                TOML.replace("failure_rate = 0.25", "failure_rate = 2.0"),
+                "failure_rate",
+            ),
+            (
+                TOML.replace("instance = \"mssqlserver\"", "instance = \"OTHER\""),
+                "not in `instances`",
+            ),
+            (
+                TOML.replace("name = \"scratch\"", "name = \"Sales\""),
+                "listed twice",
+            ),
+            (
+                TOML.replace("crash_after_claim", "crash_after_clam"),
+                "unknown field",
+            ),
+            (TOML.replace("region = \"westeurope\"\n", ""), "region"),
+            (
+                TOML.replace("dotnet_version", "dotnet_verison"),
+                "dotnet_verison",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = format!("{:#}", InventoryFile::from_toml(&text).unwrap_err());
+            assert!(err.contains(expected), "{err:?} should mention {expected}");
+        }
+    }
+
+    #[test]
+    fn the_sample_inventory_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("sample-inventory.toml");
+        let file = InventoryFile::load(&path).unwrap();
+        assert!(file.sysadmin());
+        assert_eq!(file.instances.len(), 2);
+        assert!(file.databases.len() >= 6);
+        assert!(file.databases.iter().any(|d| !supports_log_backup(d)));
+        assert!(file.databases.iter().any(|d| d.name.contains('+')));
+    }
+}

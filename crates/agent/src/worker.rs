@@ -1,0 +1,477 @@
+//! Doing a job, as a SQL Server VM would, from the inventory file.
+
+use std::time::Duration;
+
+use backvault_domain::agent::protocol::ClaimedJob;
+use backvault_domain::agent::{JobResult, RecoveryPointReport, RecoveryPointType, SqlDatabase};
+use backvault_domain::jobs::JobKind;
+use chrono::Utc;
+
+use crate::chain::{ChainError, ChainStore, DbKey, PendingChain};
+use crate::config::{InventoryFile, InventorySource, supports_log_backup};
+
+#[derive(Debug)]
+pub enum Outcome {
+    Complete {
+        result: JobResult,
+        warnings: Vec<String>,
+        /// Applied once the server accepts the result.
+        chain: PendingChain,
+    },
+    Fail(Failure),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub code: &'static str,
+    pub message: String,
+    pub retryable: bool,
+}
+
+fn fail(code: &'static str, message: impl Into<String>, retryable: bool) -> Outcome {
+    Outcome::Fail(Failure {
+        code,
+        message: message.into(),
+        retryable,
+    })
+}
+
+fn complete(result: JobResult) -> Outcome {
+    Outcome::Complete {
+        result,
+        warnings: Vec::new(),
+        chain: PendingChain::none(),
+    }
+}
+
+/// Runs `job`, reporting progress in percent. Cancellation is the caller's: it drops the
+/// future.
+pub async fn execute(
+    job: &ClaimedJob,
+    inventory: &InventorySource,
+    chains: &ChainStore,
+    progress: impl Fn(u8),
+) -> Outcome {
+    let file = if job.kind == JobKind::Discovery {
+        // Discovery must report what the file says now, never an older version.
+        match inventory.reload() {
+            Ok(file) => file,
+            Err(e) => {
+                return fail(
+                    "AgentInventoryUnreadable",
+                    format!("The agent cannot read its inventory file: {e:#}"),
+                    true,
+                );
+            }
+        }
+    } else {
+        inventory.current()
+    };
+
+    let started_at = Utc::now();
+    simulate_work(Duration::from_millis(file.faults.backup_millis), &progress).await;
+    if rand::random::<f64>() < file.faults.failure_rate {
+        return fail(
+            "UserErrorOpeningSQLConnection",
+            "Cannot open a connection to SQL Server (simulated transient fault).",
+            true,
+        );
+    }
+
+    match job.kind {
+        JobKind::Discovery => discover(&file),
+        JobKind::ConfigureProtection => complete(JobResult::ConfigureProtection {}),
+        JobKind::BackupFull | JobKind::BackupDifferential | JobKind::BackupLog => {
+            backup(job, &file, chains, started_at).await
+        }
+        JobKind::Restore => restore(job),
+    }
+}
+
+/// Sleeps `total` in steps, so that heartbeats carry some progress on long jobs.
+async fn simulate_work(total: Duration, progress: &impl Fn(u8)) {
+    const STEPS: u8 = 10;
+    progress(0);
+    if total.is_zero() {
+        return;
+    }
+    for step in 1..=STEPS {
+        tokio::time::sleep(total / u32::from(STEPS)).await;
+        progress(step * (100 / STEPS));
+    }
+}
+
+fn discover(file: &InventoryFile) -> Outcome {
+    if !file.sysadmin() {
+        return fail(
+            "UserErrorSQLNoSysAdminMembership",
+            "The backup service account (NT SERVICE\\AzureWLBackupPluginSvc) is not a member \
+             of the sysadmin server role on this VM's SQL Server instances. Grant it sysadmin, \
+             then run discovery again.",
+            false,
+        );
+    }
+    complete(JobResult::Discovery {
+        inventory: file.sql_inventory(),
+    })
+}
+
+fn backup_type(job: &ClaimedJob) -> RecoveryPointType {
+    match job.kind {
+        JobKind::BackupDifferential => RecoveryPointType::Differential,
+        JobKind::BackupLog => RecoveryPointType::Log,
+        _ if job.payload.get("copy_only").and_then(|v| v.as_bool()) == Some(true) => {
+            RecoveryPointType::CopyOnlyFull
+        }
+        _ => RecoveryPointType::Full,
+    }
+}
+
+/// Why `db` cannot have a backup of `kind`, as SQL Server would refuse it.
+fn unsupported(db: &SqlDatabase, kind: RecoveryPointType) -> Option<&'static str> {
+    let full = matches!(
+        kind,
+        RecoveryPointType::Full | RecoveryPointType::CopyOnlyFull
+    );
+    if db.system && db.name.eq_ignore_ascii_case("master") && !full {
+        return Some("only full backups of the master database are possible");
+    }
+    if kind == RecoveryPointType::Log && !supports_log_backup(db) {
+        return Some(
+            "it uses the simple recovery model, which allows no log backups; switch it to \
+             the full recovery model and take a full backup first",
+        );
+    }
+    None
+}
+
+fn backup_size(db: &SqlDatabase, kind: RecoveryPointType) -> i64 {
+    match kind {
+        RecoveryPointType::Full | RecoveryPointType::CopyOnlyFull => db.size_bytes,
+        RecoveryPointType::Differential => db.size_bytes / 10,
+        RecoveryPointType::Log => db.size_bytes / 100,
+    }
+}
+
+async fn backup(
+    job: &ClaimedJob,
+    file: &InventoryFile,
+    chains: &ChainStore,
+    started_at: chrono::DateTime<Utc>,
+) -> Outcome {
+    let kind = backup_type(job);
+    // Check every database before backing any up: a job fails or succeeds as a whole.
+    let mut databases = Vec::with_capacity(job.items.len());
+    for item in &job.items {
+        let Some(db) = file.database(&item.instance, &item.database) else {
+            return fail(
+                "UserErrorSQLPODoesNotExist",
+                format!(
+                    "Database {} does not exist on SQL instance {} of this VM; it may have \
+                     been dropped or renamed.",
+                    item.database, item.instance
+                ),
+                false,
+            );
+        };
+        if let Some(why) = unsupported(db, kind) {
+            return fail(
+                "UserErrorSQLPODoesNotSupportBackupType",
+                format!(
+                    "Database {}/{} does not support this backup type: {why}.",
+                    item.instance, item.database
+                ),
+                false,
+            );
+        }
+        databases.push(db);
+    }
+
+    let mut planner = chains
+        .planner(
+            databases
+                .iter()
+                .map(|db| DbKey::new(&db.instance, &db.name)),
+        )
+        .await;
+    let backup_time = Utc::now();
+    let mut recovery_points = Vec::with_capacity(job.items.len());
+    for (item, db) in job.items.iter().zip(databases) {
+        let lsns = match planner.plan(&DbKey::new(&db.instance, &db.name), kind) {
+            Ok(lsns) => lsns,
+            Err(ChainError::NoFullBackup) => {
+                return fail(
+                    "UserErrorSQLNoFullBackup",
+                    format!(
+                        "Database {}/{} has no full backup for this backup to build on; take a \
+                         full backup first.",
+                        item.instance, item.database
+                    ),
+                    false,
+                );
+            }
+        };
+        recovery_points.push(RecoveryPointReport {
+            // As the job named it, so the server can match the point to the item.
+            instance: item.instance.clone(),
+            database: item.database.clone(),
+            backup_type: kind,
+            started_at,
+            backup_time,
+            first_lsn: lsns.first.to_string(),
+            last_lsn: lsns.last.to_string(),
+            database_backup_lsn: lsns.database_backup.to_string(),
+            size_bytes: backup_size(db, kind),
+        });
+    }
+    let warnings = if job.items.is_empty() {
+        vec!["The job lists no databases; nothing was backed up.".to_owned()]
+    } else {
+        Vec::new()
+    };
+    Outcome::Complete {
+        result: JobResult::Backup { recovery_points },
+        warnings,
+        chain: planner.finish(),
+    }
+}
+
+fn restore(job: &ClaimedJob) -> Outcome {
+    let target = job
+        .payload
+        .get("target_database")
+        .and_then(|v| v.as_str())
+        .or_else(|| job.items.first().map(|item| item.database.as_str()));
+    match target {
+        Some(target) => complete(JobResult::Restore {
+            restored_database: target.to_owned(),
+        }),
+        None => fail(
+            "AgentInvalidPayload",
+            "The restore job names no database: neither payload.target_database nor an item.",
+            false,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use backvault_domain::agent::JobItem;
+    use serde_json::json;
+    use uuid::Uuid;
+
+    use super::*;
+
+    /// The sample inventory, without the simulated delay, in a file of its own.
+    struct TempInventory(PathBuf);
+
+    impl TempInventory {
+        fn new(edit: impl FnOnce(String) -> String) -> Self {
+            let sample = include_str!("../sample-inventory.toml");
+            let text = edit(sample.replace("backup_millis = 200", "backup_millis = 0"));
+            let name = format!("backvault-inventory-{}.toml", Uuid::new_v4());
+            let path = std::env::temp_dir().join(name);
+            std::fs::write(&path, text).unwrap();
+            Self(path)
+        }
+
+        fn source(&self) -> InventorySource {
+            InventorySource::open(self.0.clone()).unwrap()
+        }
+    }
+
+    impl Drop for TempInventory {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn job(kind: JobKind, dbs: &[(&str, &str)], payload: serde_json::Value) -> ClaimedJob {
+        ClaimedJob {
+            job_id: Uuid::new_v4(),
+            kind,
+            lease: 1,
+            lease_expires_at: Utc::now(),
+            attempt: 1,
+            items: dbs
+                .iter()
+                .map(|(instance, database)| JobItem {
+                    instance: (*instance).to_owned(),
+                    database: (*database).to_owned(),
+                    protected_item_id: None,
+                })
+                .collect(),
+            payload,
+        }
+    }
+
+    /// Runs a backup job and commits its chain, as when the server accepts the result.
+    async fn backed_up(
+        job: &ClaimedJob,
+        inventory: &InventorySource,
+        chains: &ChainStore,
+    ) -> Vec<RecoveryPointReport> {
+        match execute(job, inventory, chains, |_| {}).await {
+            Outcome::Complete {
+                result: JobResult::Backup { recovery_points },
+                chain,
+                ..
+            } => {
+                chains.commit(chain);
+                recovery_points
+            }
+            other => panic!("expected recovery points, got {other:?}"),
+        }
+    }
+
+    async fn failure(job: &ClaimedJob, inventory: &InventorySource) -> Failure {
+        match execute(job, inventory, &ChainStore::in_memory(), |_| {}).await {
+            Outcome::Fail(failure) => failure,
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    async fn discovered(inventory: &InventorySource) -> Vec<SqlDatabase> {
+        let discovery = job(JobKind::Discovery, &[], json!({}));
+        match execute(&discovery, inventory, &ChainStore::in_memory(), |_| {}).await {
+            Outcome::Complete {
+                result: JobResult::Discovery { inventory },
+                ..
+            } => inventory.databases,
+            other => panic!("expected an inventory, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn discovery_reads_the_file_again() {
+        let temp = TempInventory::new(|s| s);
+        let inventory = temp.source();
+        assert_eq!(discovered(&inventory).await.len(), 6);
+
+        let added = std::fs::read_to_string(&temp.0).unwrap()
+            + "\n[[databases]]\ninstance = \"MSSQLSERVER\"\nname = \"new\"\n\
+               recovery_model = \"full\"\nsize_bytes = 1\n";
+        std::fs::write(&temp.0, added).unwrap();
+        assert!(discovered(&inventory).await.iter().any(|d| d.name == "new"));
+    }
+
+    #[tokio::test]
+    async fn discovery_needs_sysadmin() {
+        let temp = TempInventory::new(|s| s.replace("sysadmin = true", "sysadmin = false"));
+        let f = failure(&job(JobKind::Discovery, &[], json!(null)), &temp.source()).await;
+        assert_eq!(
+            (f.code, f.retryable),
+            ("UserErrorSQLNoSysAdminMembership", false)
+        );
+        assert!(f.message.contains("sysadmin"));
+    }
+
+    #[tokio::test]
+    async fn backups_chain_per_database() {
+        let temp = TempInventory::new(|s| s);
+        let (inventory, chains) = (temp.source(), ChainStore::in_memory());
+        let dbs = [("MSSQLSERVER", "sales"), ("MSSQLSERVER", "hr")];
+        let full = backed_up(
+            &job(JobKind::BackupFull, &dbs, json!({})),
+            &inventory,
+            &chains,
+        )
+        .await;
+        assert_eq!(full.len(), 2);
+        assert!(
+            full.iter()
+                .all(|p| p.backup_type == RecoveryPointType::Full)
+        );
+        assert!(full.iter().all(|p| p.started_at <= p.backup_time));
+
+        let log = job(JobKind::BackupLog, &[("mssqlserver", "SALES")], json!({}));
+        let log = backed_up(&log, &inventory, &chains).await;
+        assert_eq!(
+            log[0].database, "SALES",
+            "points name databases as the job did"
+        );
+        assert_eq!(log[0].first_lsn, full[0].last_lsn);
+        assert_eq!(log[0].database_backup_lsn, full[0].first_lsn);
+        assert_eq!(log[0].size_bytes, full[0].size_bytes / 100);
+
+        let copy = job(JobKind::BackupFull, &dbs[1..], json!({"copy_only": true}));
+        let copy = backed_up(&copy, &inventory, &chains).await;
+        assert_eq!(copy[0].backup_type, RecoveryPointType::CopyOnlyFull);
+
+        let diff = job(JobKind::BackupDifferential, &dbs[1..], json!({}));
+        let diff = backed_up(&diff, &inventory, &chains).await;
+        assert_eq!(diff[0].backup_type, RecoveryPointType::Differential);
+        assert_eq!(diff[0].database_backup_lsn, full[1].first_lsn);
+        assert_eq!(diff[0].size_bytes, full[1].size_bytes / 10);
+    }
+
+    #[tokio::test]
+    async fn backups_refuse_what_sql_server_would() {
+        let temp = TempInventory::new(|s| s);
+        let inventory = temp.source();
+        let missing = [("MSSQLSERVER", "sales"), ("MSSQLSERVER", "gone")];
+        let f = failure(&job(JobKind::BackupFull, &missing, json!({})), &inventory).await;
+        assert_eq!((f.code, f.retryable), ("UserErrorSQLPODoesNotExist", false));
+
+        let simple = inventory
+            .current()
+            .databases
+            .iter()
+            .find(|d| !supports_log_backup(d))
+            .cloned()
+            .unwrap();
+        let log = job(
+            JobKind::BackupLog,
+            &[(&simple.instance, &simple.name)],
+            json!({}),
+        );
+        let f = failure(&log, &inventory).await;
+        assert_eq!(
+            (f.code, f.retryable),
+            ("UserErrorSQLPODoesNotSupportBackupType", false)
+        );
+
+        let log = job(JobKind::BackupLog, &[("MSSQLSERVER", "sales")], json!({}));
+        let f = failure(&log, &inventory).await;
+        assert_eq!((f.code, f.retryable), ("UserErrorSQLNoFullBackup", false));
+    }
+
+    #[tokio::test]
+    async fn faults_fail_jobs_retryably() {
+        let temp = TempInventory::new(|s| s.replace("failure_rate = 0.0", "failure_rate = 1.0"));
+        let f = failure(
+            &job(JobKind::ConfigureProtection, &[], json!({})),
+            &temp.source(),
+        )
+        .await;
+        assert_eq!(
+            (f.code, f.retryable),
+            ("UserErrorOpeningSQLConnection", true)
+        );
+    }
+
+    #[tokio::test]
+    async fn restore_reports_the_target() {
+        let temp = TempInventory::new(|s| s);
+        let inventory = temp.source();
+        let chains = ChainStore::in_memory();
+        for (payload, expected) in [
+            (
+                json!({"target_database": "sales_restored"}),
+                "sales_restored",
+            ),
+            (json!({}), "sales"),
+        ] {
+            let restore = job(JobKind::Restore, &[("MSSQLSERVER", "sales")], payload);
+            match execute(&restore, &inventory, &chains, |_| {}).await {
+                Outcome::Complete {
+                    result: JobResult::Restore { restored_database },
+                    ..
+                } => assert_eq!(restored_database, expected),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}

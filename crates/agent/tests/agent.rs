@@ -1,0 +1,481 @@
+//! The agent binary against a fake backvault that speaks the agent protocol: enrollment,
+//! long-poll claims, 503s, revoked tokens, cancellation, crashes and shutdown.
+
+use std::collections::{HashSet, VecDeque};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use backvault_domain::agent::protocol::{
+    AgentHeartbeat, AgentHeartbeatResponse, ClaimRequest, ClaimResponse, ClaimedJob, CompleteJob,
+    EnrollRequest, EnrollResponse, FailJob, JobHeartbeat, JobHeartbeatResponse,
+};
+use backvault_domain::agent::{JobItem, JobResult, RecoveryPointType};
+use backvault_domain::jobs::JobKind;
+use chrono::Utc;
+use serde_json::json;
+use uuid::Uuid;
+
+const ENROLLMENT_TOKEN: &str = "enroll-secret";
+
+#[derive(Default)]
+struct Fake {
+    enrollments: u32,
+    agent_token: String,
+    /// Claims to answer 503 before answering properly.
+    claim_outages: u32,
+    queue: VecDeque<ClaimedJob>,
+    cancel: HashSet<Uuid>,
+    heartbeats: Vec<AgentHeartbeat>,
+    job_heartbeats: Vec<(Uuid, JobHeartbeat)>,
+    completed: Vec<(Uuid, CompleteJob)>,
+    failed: Vec<(Uuid, FailJob)>,
+}
+
+type Shared = Arc<Mutex<Fake>>;
+
+fn problem(status: StatusCode, code: &str) -> Response {
+    let body = json!({"type": format!("urn:backvault:problem:{code}"), "title": "error",
+                      "status": status.as_u16(), "detail": code, "code": code});
+    let mut response = (status, Json(body)).into_response();
+    response
+        .headers_mut()
+        .insert("content-type", "application/problem+json".parse().unwrap());
+    response
+}
+
+/// The 401 for a request without the current agent token.
+fn unauthorized(fake: &Shared, headers: &HeaderMap) -> Option<Response> {
+    let expected = format!("Bearer {}", fake.lock().unwrap().agent_token);
+    let given = headers.get("authorization").and_then(|v| v.to_str().ok());
+    (given != Some(expected.as_str())).then(|| problem(StatusCode::UNAUTHORIZED, "invalid_token"))
+}
+
+async fn enroll(
+    State(fake): State<Shared>,
+    headers: HeaderMap,
+    Json(request): Json<EnrollRequest>,
+) -> Response {
+    let given = headers.get("authorization").and_then(|v| v.to_str().ok());
+    if given != Some(&format!("Bearer {ENROLLMENT_TOKEN}")) {
+        return problem(StatusCode::UNAUTHORIZED, "invalid_token");
+    }
+    assert_eq!(request.facts.name, "sqlvm-01");
+    let mut fake = fake.lock().unwrap();
+    fake.enrollments += 1;
+    fake.agent_token = format!("agent-token-{}", fake.enrollments);
+    Json(EnrollResponse {
+        vm_id: Uuid::nil(),
+        agent_token: fake.agent_token.clone(),
+        expires_at: Utc::now() + chrono::Duration::hours(1),
+    })
+    .into_response()
+}
+
+async fn heartbeat(
+    State(fake): State<Shared>,
+    headers: HeaderMap,
+    Json(body): Json<AgentHeartbeat>,
+) -> Response {
+    if let Some(rejection) = unauthorized(&fake, &headers) {
+        return rejection;
+    }
+    let mut fake = fake.lock().unwrap();
+    let ids: Vec<Uuid> = body.jobs.iter().map(|j| j.job_id).collect();
+    let cancel_requested = ids
+        .iter()
+        .copied()
+        .filter(|id| fake.cancel.contains(id))
+        .collect();
+    fake.heartbeats.push(body);
+    Json(AgentHeartbeatResponse {
+        extended: ids,
+        lost: Vec::new(),
+        cancel_requested,
+        lease_expires_at: Utc::now() + chrono::Duration::seconds(30),
+    })
+    .into_response()
+}
+
+async fn claim(
+    State(fake): State<Shared>,
+    headers: HeaderMap,
+    Json(request): Json<ClaimRequest>,
+) -> Response {
+    if let Some(rejection) = unauthorized(&fake, &headers) {
+        return rejection;
+    }
+    {
+        let mut fake = fake.lock().unwrap();
+        if fake.claim_outages > 0 {
+            fake.claim_outages -= 1;
+            return problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(request.wait_seconds.into());
+    loop {
+        {
+            let mut fake = fake.lock().unwrap();
+            if !fake.queue.is_empty() {
+                let n = fake.queue.len().min(request.max_jobs as usize);
+                let jobs = fake.queue.drain(..n).collect();
+                return Json(ClaimResponse { jobs }).into_response();
+            }
+        }
+        if Instant::now() >= deadline {
+            return Json(ClaimResponse { jobs: Vec::new() }).into_response();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn job_heartbeat(
+    State(fake): State<Shared>,
+    Path(job_id): Path<Uuid>,
+    headers: HeaderMap,
+    Json(body): Json<JobHeartbeat>,
+) -> Response {
+    if let Some(rejection) = unauthorized(&fake, &headers) {
+        return rejection;
+    }
+    let mut fake = fake.lock().unwrap();
+    fake.job_heartbeats.push((job_id, body));
+    Json(JobHeartbeatResponse {
+        lease_expires_at: Utc::now() + chrono::Duration::seconds(3),
+        cancel_requested: fake.cancel.contains(&job_id),
+    })
+    .into_response()
+}
+
+async fn complete(
+    State(fake): State<Shared>,
+    Path(job_id): Path<Uuid>,
+    headers: HeaderMap,
+    Json(body): Json<CompleteJob>,
+) -> Response {
+    if let Some(rejection) = unauthorized(&fake, &headers) {
+        return rejection;
+    }
+    fake.lock().unwrap().completed.push((job_id, body));
+    Json(json!({"job_id": job_id, "status": "completed"})).into_response()
+}
+
+async fn fail(
+    State(fake): State<Shared>,
+    Path(job_id): Path<Uuid>,
+    headers: HeaderMap,
+    Json(body): Json<FailJob>,
+) -> Response {
+    if let Some(rejection) = unauthorized(&fake, &headers) {
+        return rejection;
+    }
+    let status = if body.retryable { "queued" } else { "failed" };
+    fake.lock().unwrap().failed.push((job_id, body));
+    Json(json!({"job_id": job_id, "status": status})).into_response()
+}
+
+struct Harness {
+    fake: Shared,
+    url: String,
+    inventory: PathBuf,
+    state_file: PathBuf,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Harness {
+    fn new(edit_inventory: impl FnOnce(String) -> String) -> Self {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let fake: Shared = Arc::default();
+        let app = Router::new()
+            .route("/v1/agent/enroll", post(enroll))
+            .route("/v1/agent/heartbeat", post(heartbeat))
+            .route("/v1/agent/claim", post(claim))
+            .route("/v1/agent/jobs/{job_id}/heartbeat", post(job_heartbeat))
+            .route("/v1/agent/jobs/{job_id}/complete", post(complete))
+            .route("/v1/agent/jobs/{job_id}/fail", post(fail))
+            .with_state(Arc::clone(&fake));
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+        let sample = include_str!("../sample-inventory.toml");
+        let dir = std::env::temp_dir();
+        let inventory = dir.join(format!("backvault-agent-test-{}.toml", Uuid::new_v4()));
+        std::fs::write(&inventory, edit_inventory(sample.to_owned())).unwrap();
+        let state_file = dir.join(format!("backvault-agent-test-{}.json", Uuid::new_v4()));
+        Self {
+            fake,
+            url,
+            inventory,
+            state_file,
+            _runtime: runtime,
+        }
+    }
+
+    fn start_agent(&self) -> Agent {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_backvault-agent"))
+            .args(["--inventory".as_ref(), self.inventory.as_os_str()])
+            .args(["--server", &self.url])
+            .args(["--heartbeat-seconds", "1", "--claim-wait-seconds", "25"])
+            .args(["--state-file".as_ref(), self.state_file.as_os_str()])
+            .env("BACKVAULT_ENROLLMENT_TOKEN", ENROLLMENT_TOKEN)
+            .env("BACKVAULT_LOG", "debug,hyper=info,reqwest=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let text = String::from_utf8_lossy(&buf[..n]);
+                eprint!("{text}");
+                sink.lock().unwrap().push_str(&text);
+            }
+        });
+        Agent { child, log }
+    }
+
+    fn push(&self, job: ClaimedJob) -> Uuid {
+        let id = job.job_id;
+        self.fake.lock().unwrap().queue.push_back(job);
+        id
+    }
+
+    fn wait_until<T>(&self, what: &str, mut check: impl FnMut(&mut Fake) -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(found) = check(&mut self.fake.lock().unwrap()) {
+                return found;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn completion(&self, job_id: Uuid) -> CompleteJob {
+        self.wait_until("the job's completion", |f| {
+            f.completed
+                .iter()
+                .find(|(id, _)| *id == job_id)
+                .map(|(_, c)| c.clone())
+        })
+    }
+
+    fn failure(&self, job_id: Uuid) -> FailJob {
+        self.wait_until("the job's failure", |f| {
+            f.failed
+                .iter()
+                .find(|(id, _)| *id == job_id)
+                .map(|(_, c)| c.clone())
+        })
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.inventory);
+        let _ = std::fs::remove_file(&self.state_file);
+    }
+}
+
+struct Agent {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Agent {
+    fn terminate(&mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn wait(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the agent did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn job(kind: JobKind, items: &[(&str, &str)], payload: serde_json::Value) -> ClaimedJob {
+    ClaimedJob {
+        job_id: Uuid::new_v4(),
+        kind,
+        lease: 1,
+        lease_expires_at: Utc::now() + chrono::Duration::seconds(30),
+        attempt: 1,
+        items: items
+            .iter()
+            .map(|(instance, database)| JobItem {
+                instance: (*instance).to_owned(),
+                database: (*database).to_owned(),
+                protected_item_id: Some(Uuid::new_v4()),
+            })
+            .collect(),
+        payload,
+    }
+}
+
+fn no_delay(sample: String) -> String {
+    sample.replace("backup_millis = 200", "backup_millis = 0")
+}
+
+#[test]
+fn discovers_backs_up_survives_outages_and_revocation_then_stops_on_sigterm() {
+    let harness = Harness::new(no_delay);
+    harness.fake.lock().unwrap().claim_outages = 2;
+    let mut agent = harness.start_agent();
+
+    let discovery = harness.push(job(JobKind::Discovery, &[], json!({})));
+    let JobResult::Discovery { inventory } = harness.completion(discovery).result else {
+        panic!("not a discovery result");
+    };
+    assert_eq!(inventory.instances.len(), 2);
+    assert_eq!(inventory.databases.len(), 6);
+    assert!(agent.log().contains("enrolled"));
+
+    let dbs = [("MSSQLSERVER", "sales"), ("SQL2012", "erp+archive")];
+    let full = harness.push(job(JobKind::BackupFull, &dbs, json!({})));
+    let JobResult::Backup {
+        recovery_points: full,
+    } = harness.completion(full).result
+    else {
+        panic!("not a backup result");
+    };
+    assert_eq!(full.len(), 2);
+    assert!(
+        full.iter()
+            .all(|p| p.backup_type == RecoveryPointType::Full)
+    );
+
+    // The token stops working while the agent holds a job: it must enroll again and still
+    // deliver the result.
+    let log = harness.push(job(JobKind::BackupLog, &dbs[..1], json!({})));
+    harness.fake.lock().unwrap().agent_token = "revoked".to_owned();
+    let JobResult::Backup {
+        recovery_points: log,
+    } = harness.completion(log).result
+    else {
+        panic!("not a backup result");
+    };
+    assert!(harness.fake.lock().unwrap().enrollments >= 2);
+    assert_eq!(log[0].first_lsn, full[0].last_lsn);
+    assert_eq!(log[0].database_backup_lsn, full[0].first_lsn);
+
+    let simple = harness.push(job(
+        JobKind::BackupLog,
+        &[("MSSQLSERVER", "staging")],
+        json!({}),
+    ));
+    let failure = harness.failure(simple);
+    assert_eq!(failure.code, "UserErrorSQLPODoesNotSupportBackupType");
+    assert!(!failure.retryable);
+
+    harness.wait_until("a heartbeat", |f| (!f.heartbeats.is_empty()).then_some(()));
+    // Now idle in a 25-second long-poll: SIGTERM must not wait for it.
+    std::thread::sleep(Duration::from_millis(200));
+    let asked = Instant::now();
+    agent.terminate();
+    assert_eq!(agent.wait(Duration::from_secs(5)).code(), Some(0));
+    assert!(asked.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
+fn cancelled_jobs_stop_and_report_job_cancelled() {
+    let harness = Harness::new(|s| s.replace("backup_millis = 200", "backup_millis = 10000"));
+    let mut agent = harness.start_agent();
+    let mut slow = job(JobKind::BackupFull, &[("MSSQLSERVER", "sales")], json!({}));
+    // A 3-second lease: a job heartbeat each second.
+    slow.lease_expires_at = Utc::now() + chrono::Duration::seconds(3);
+    let id = harness.push(slow);
+    harness.wait_until("a job heartbeat with progress", |f| {
+        f.job_heartbeats
+            .iter()
+            .any(|(job, beat)| *job == id && beat.progress.is_some() && beat.lease == 1)
+            .then_some(())
+    });
+    harness.fake.lock().unwrap().cancel.insert(id);
+    let failure = harness.failure(id);
+    assert_eq!(failure.code, "JobCancelled");
+    assert!(!failure.retryable);
+    assert!(harness.fake.lock().unwrap().completed.is_empty());
+    agent.terminate();
+    assert_eq!(agent.wait(Duration::from_secs(5)).code(), Some(0));
+}
+
+#[test]
+fn sigterm_lets_running_jobs_finish() {
+    let harness = Harness::new(|s| s.replace("backup_millis = 200", "backup_millis = 1500"));
+    let mut agent = harness.start_agent();
+    let id = harness.push(job(JobKind::ConfigureProtection, &[], json!({})));
+    harness.wait_until("the claim", |f| f.queue.is_empty().then_some(()));
+    std::thread::sleep(Duration::from_millis(200));
+    agent.terminate();
+    assert_eq!(agent.wait(Duration::from_secs(10)).code(), Some(0));
+    let completion = harness.completion(id);
+    assert_eq!(completion.result, JobResult::ConfigureProtection {});
+}
+
+#[test]
+fn crash_after_claim_exits_without_reporting() {
+    let harness =
+        Harness::new(|s| s.replace("crash_after_claim = false", "crash_after_claim = true"));
+    let mut agent = harness.start_agent();
+    harness.push(job(JobKind::Discovery, &[], json!({})));
+    assert_eq!(agent.wait(Duration::from_secs(10)).code(), Some(101));
+    let fake = harness.fake.lock().unwrap();
+    assert!(fake.completed.is_empty() && fake.failed.is_empty());
+}
+
+#[test]
+fn refused_enrollment_is_fatal() {
+    let harness = Harness::new(no_delay);
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_backvault-agent"))
+        .args(["--inventory".as_ref(), harness.inventory.as_os_str()])
+        .args(["--server", &harness.url, "--enrollment-token", "wrong"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = agent.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the agent did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1));
+}

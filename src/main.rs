@@ -123,6 +123,12 @@ struct JobArgs {
     /// How often a waiting long-poll re-checks without a notification.
     #[arg(long, env = "BACKVAULT_LONG_POLL_RECHECK", default_value = "10s", value_parser = humantime::parse_duration)]
     long_poll_recheck: Duration,
+    /// How often registered VMs are discovered again.
+    #[arg(long, env = "BACKVAULT_DISCOVERY_PERIOD", default_value = "8h", value_parser = humantime::parse_duration)]
+    discovery_period: Duration,
+    /// Registration needs the VM's agent heard from within this window.
+    #[arg(long, env = "BACKVAULT_AGENT_HEARD_WITHIN", default_value = "30m", value_parser = humantime::parse_duration)]
+    agent_heard_within: Duration,
 }
 
 impl JobArgs {
@@ -134,6 +140,10 @@ impl JobArgs {
             job_retention: chrono::Duration::days(self.job_retention_days),
             agent_token_ttl: chrono::Duration::days(self.agent_token_days),
             long_poll_recheck: self.long_poll_recheck,
+            discovery_period: chrono::Duration::from_std(self.discovery_period)
+                .unwrap_or(chrono::Duration::hours(8)),
+            agent_heard_within: chrono::Duration::from_std(self.agent_heard_within)
+                .unwrap_or(chrono::Duration::minutes(30)),
         }
     }
 }

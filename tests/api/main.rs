@@ -7,5 +7,6 @@ mod health;
 mod helpers;
 mod jobs;
 mod policies;
+mod protection;
 mod queue;
 mod vaults;

@@ -34,6 +34,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(routes::vms::router())
         .merge(routes::jobs::router())
         .merge(routes::agent::router())
+        .merge(routes::protection::router())
 }
 
 /// The OpenAPI document the code describes; committed as `openapi/openapi.json`.

@@ -7,6 +7,7 @@ pub mod jobs;
 pub mod names;
 pub mod policy;
 pub mod preview;
+pub mod protection;
 pub mod retention;
 pub mod schedule;
 pub mod violation;

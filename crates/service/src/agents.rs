@@ -353,7 +353,15 @@ impl Service {
             result: result.clone(),
             warnings: serde_json::to_value(&req.warnings).map_err(Error::internal)?,
         };
-        match self.completer.call(completion).await {
+        // Discovery and protection results change the inventory and protection in the
+        // completion's own transaction; backups and restores go through the group commit.
+        let outcome = match &req.result {
+            JobResult::Discovery { .. } | JobResult::ConfigureProtection {} => {
+                self.complete_with_effects(completion, &req.result).await
+            }
+            _ => self.completer.call(completion).await,
+        };
+        match outcome {
             Ok(()) => {
                 self.metrics.jobs_completed.inc();
                 Ok(JobOutcome {
@@ -393,6 +401,27 @@ impl Service {
         }
     }
 
+    async fn complete_with_effects(
+        &self,
+        completion: Completion,
+        result: &JobResult,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let done = store::queue_complete(&mut tx, std::slice::from_ref(&completion)).await?;
+        if done.is_empty() {
+            return Err(lease_lost());
+        }
+        match result {
+            JobResult::Discovery { inventory } => {
+                self.apply_discovery(&mut tx, completion.vm_id, inventory)
+                    .await?
+            }
+            _ => self.after_jobs_finished(&mut tx, &done, true).await?,
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub async fn agent_fail(
         &self,
         principal: &Principal,
@@ -420,6 +449,7 @@ impl Service {
                 message: "cancelled by a user while running",
             };
             store::queue_finish(&mut tx, &[job_id], JobStatus::Cancelled.as_str(), &[end]).await?;
+            self.after_jobs_finished(&mut tx, &[job_id], false).await?;
             JobOutcome {
                 job_id,
                 status: JobStatus::Cancelled,
@@ -446,6 +476,7 @@ impl Service {
                 message: &message,
             };
             store::queue_finish(&mut tx, &[job_id], JobStatus::Failed.as_str(), &[end]).await?;
+            self.after_jobs_finished(&mut tx, &[job_id], false).await?;
             JobOutcome {
                 job_id,
                 status: JobStatus::Failed,

@@ -70,6 +70,7 @@ impl Service {
                 })
                 .collect();
             store::queue_finish(&mut tx, &ids, "failed", &ends).await?;
+            self.after_jobs_finished(&mut tx, &ids, false).await?;
         }
         tx.commit().await?;
         let rescued = Rescued {
@@ -107,8 +108,14 @@ impl Service {
     ) {
         let mut rescue = tokio::time::interval(rescue_every);
         let mut prune = tokio::time::interval(prune_every);
+        let mut discovery = tokio::time::interval(rescue_every.max(Duration::from_secs(1)) * 6);
         loop {
             tokio::select! {
+                _ = discovery.tick() => {
+                    if let Err(e) = self.discover_due_vms().await {
+                        tracing::warn!(error = %e, "periodic discovery failed");
+                    }
+                }
                 _ = rescue.tick() => {
                     if let Err(e) = self.rescue_expired_leases().await {
                         tracing::warn!(error = %e, "lease rescue failed");

@@ -294,6 +294,9 @@ impl Service {
         self.visible_job(principal, id).await?;
         let mut tx = self.pool.begin().await?;
         let outcome = store::queue_cancel(&mut tx, id).await?;
+        if let CancelOutcome::Cancelled = outcome {
+            self.after_jobs_finished(&mut tx, &[id], false).await?;
+        }
         tx.commit().await?;
         if let CancelOutcome::NotPending = outcome {
             return Err(Error::new(

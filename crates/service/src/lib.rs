@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod notifier;
 pub mod pagination;
 pub mod policies;
+pub mod protection;
 pub mod vaults;
 pub mod vms;
 
@@ -39,6 +40,10 @@ pub struct Config {
     pub agent_token_ttl: chrono::Duration,
     /// A waiting long-poll re-checks this often even without a notification.
     pub long_poll_recheck: Duration,
+    /// Registered VMs are discovered again this often.
+    pub discovery_period: chrono::Duration,
+    /// Registration needs the VM's agent heard from within this window.
+    pub agent_heard_within: chrono::Duration,
 }
 
 impl Default for Config {
@@ -50,6 +55,8 @@ impl Default for Config {
             job_retention: chrono::Duration::days(90),
             agent_token_ttl: chrono::Duration::days(90),
             long_poll_recheck: Duration::from_secs(10),
+            discovery_period: chrono::Duration::hours(8),
+            agent_heard_within: chrono::Duration::minutes(30),
         }
     }
 }

@@ -2,8 +2,10 @@
 //! caller's connection or transaction, so the use case decides the transaction boundary.
 
 pub mod idempotency;
+pub mod inventory;
 pub mod jobs;
 pub mod policies;
+pub mod protection;
 pub mod vaults;
 pub mod vms;
 

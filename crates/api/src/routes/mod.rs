@@ -5,6 +5,7 @@ pub mod health;
 pub mod jobs;
 pub mod metrics;
 pub mod policies;
+pub mod protection;
 pub mod vaults;
 pub mod vms;
 

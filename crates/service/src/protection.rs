@@ -1,0 +1,1297 @@
+//! Registration, discovery, protectable items, configure protection, protected items and
+//! auto-protection: the seed's flow from "Start Discovery" to "AUTOPROTECT ON".
+
+use std::collections::{BTreeMap, HashMap};
+
+use backvault_domain::agent::{JobItem, SqlInventory};
+use backvault_domain::jobs::{JobKind, Priority, batch};
+use backvault_domain::protection::{
+    NameIssue, OnDemandTarget, OnDemandType, VaultTarget, VmPrerequisites, check_on_demand,
+    check_registration, instance_name_issues, time_zone_warning,
+};
+use backvault_domain::violation::Violations;
+use backvault_store::inventory::{self, AgUpsert, DatabaseRow, DatabaseWrite};
+use backvault_store::jobs as queue;
+use backvault_store::protection::{
+    self as store, IntentRow, ItemFilter, NewItem, ProtectedItemRow,
+};
+use backvault_store::{policies, vms};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::PgConnection;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::auth::Permission;
+use crate::error::{Error, ErrorKind, Result, ResultExt};
+use crate::jobs::{Job, new_job};
+use crate::pagination::{Page, page, page_request};
+use crate::vms::{Vm, vm_not_found};
+use crate::{ExpectedVersion, Principal, Service};
+
+/// Configure-protection jobs of auto-protection are retried 3 times after the first try.
+const AUTO_PROTECTION_ATTEMPTS: i32 = 4;
+
+/// A VM that "Start Discovery" lists, with what would stop its registration.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DiscoveryCandidate {
+    pub vm: Vm,
+    /// Prerequisites it fails now (empty: ready to register).
+    pub issues: Vec<backvault_domain::Violation>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ProtectableDatabase {
+    pub id: Uuid,
+    pub name: String,
+    pub recovery_model: String,
+    pub system: bool,
+    pub read_only: bool,
+    pub size_bytes: i64,
+    /// The protection it has, in this vault.
+    pub protected_item_id: Option<Uuid>,
+    pub protection_state: Option<String>,
+    /// Whether Configure Protection accepts it now.
+    pub protectable: bool,
+    /// Why it cannot be protected (or only by auto-protection).
+    pub issue: Option<DatabaseIssue>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DatabaseIssue {
+    pub code: &'static str,
+    pub message: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainerKind {
+    Instance,
+    AvailabilityGroup,
+}
+
+/// A standalone instance or an availability group with its databases.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ProtectableContainer {
+    pub kind: ContainerKind,
+    pub id: Uuid,
+    pub name: String,
+    pub vm_id: Uuid,
+    pub vm_name: String,
+    pub resource_group: String,
+    pub version: Option<String>,
+    /// SQL Server 2008 R2 and 2012: backups may record a wrong time zone.
+    pub warning: Option<&'static str>,
+    pub auto_protection_id: Option<Uuid>,
+    pub databases: Vec<ProtectableDatabase>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigureProtection {
+    /// A policy of this vault, by name.
+    pub policy: String,
+    /// Databases (ids from protectable items).
+    pub databases: Vec<Uuid>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ConfigureProtectionResult {
+    pub items: Vec<ProtectedItem>,
+    /// One configure-protection job per VM and 50 databases.
+    pub jobs: Vec<Uuid>,
+}
+
+/// A database protected in a vault, with its full identity.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ProtectedItem {
+    pub id: Uuid,
+    pub vault_id: Uuid,
+    pub database_id: Uuid,
+    pub state: String,
+    pub policy: Option<String>,
+    pub auto_protected: bool,
+    pub subscription_id: String,
+    pub resource_group: String,
+    pub vm_id: Uuid,
+    pub vm_name: String,
+    pub instance: String,
+    pub availability_group: Option<String>,
+    pub database: String,
+    /// The name when protection began; differs in case when `casing_changed`.
+    pub protected_name: String,
+    /// The database reappeared with another casing (unsupported; history is kept).
+    pub casing_changed: bool,
+    /// The database is no longer reported by discovery.
+    pub database_gone: bool,
+    pub recovery_model: String,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<ProtectedItemRow> for ProtectedItem {
+    fn from(r: ProtectedItemRow) -> Self {
+        Self {
+            id: r.id,
+            vault_id: r.vault_id,
+            database_id: r.database_id,
+            state: r.state,
+            policy: r.policy_name,
+            auto_protected: r.auto_protected,
+            subscription_id: r.subscription_id,
+            resource_group: r.resource_group,
+            vm_id: r.vm_id,
+            vm_name: r.vm_name,
+            instance: r.instance_name,
+            availability_group: r.availability_group,
+            database: r.database_name,
+            protected_name: r.protected_name,
+            casing_changed: r.casing_changed,
+            database_gone: r.database_gone,
+            recovery_model: r.recovery_model,
+            version: r.version,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ItemQuery {
+    pub state: Option<String>,
+    pub policy: Option<String>,
+    pub vm_id: Option<Uuid>,
+    pub auto_protected: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePolicy {
+    pub policy: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StopMode {
+    /// Stop and delete the recovery points.
+    DeleteData,
+    /// Stop; keep the recovery points until deleted explicitly.
+    RetainData,
+    /// Stop; the recovery points expire as the last policy says.
+    RetainPerPolicy,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StopProtection {
+    pub mode: StopMode,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OnDemandBackup {
+    #[serde(rename = "type")]
+    pub backup_type: OnDemandType,
+    /// Full: 45 to 36159 days; copy-only full: any; differential and log: none (policy).
+    #[serde(default)]
+    pub retention_days: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAutoProtection {
+    /// A standalone instance (from protectable items); or give `availability_group_id`.
+    #[serde(default)]
+    pub instance_id: Option<Uuid>,
+    #[serde(default)]
+    pub availability_group_id: Option<Uuid>,
+    pub policy: String,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AutoProtection {
+    pub id: Uuid,
+    pub vault_id: Uuid,
+    pub policy: String,
+    pub instance_id: Option<Uuid>,
+    pub availability_group_id: Option<Uuid>,
+    pub target_name: String,
+    pub created_at: DateTime<Utc>,
+    /// Jobs that protect the databases found when the intent was created.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub jobs: Vec<Uuid>,
+}
+
+impl From<IntentRow> for AutoProtection {
+    fn from(r: IntentRow) -> Self {
+        Self {
+            id: r.id,
+            vault_id: r.vault_id,
+            policy: r.policy_name,
+            instance_id: r.instance_id,
+            availability_group_id: r.availability_group_id,
+            target_name: r.target_name,
+            created_at: r.created_at,
+            jobs: Vec::new(),
+        }
+    }
+}
+
+fn item_not_found(id: Uuid) -> Error {
+    Error::not_found(
+        "protected_item_not_found",
+        format_args!("protected item {id}"),
+    )
+}
+
+fn issue_of(issue: NameIssue) -> DatabaseIssue {
+    DatabaseIssue {
+        code: issue.code(),
+        message: issue.message(),
+    }
+}
+
+fn database_item(d: &DatabaseRow, instance: &str, item_id: Uuid) -> JobItem {
+    JobItem {
+        instance: instance.to_owned(),
+        database: d.name.clone(),
+        protected_item_id: Some(item_id),
+    }
+}
+
+impl Service {
+    async fn policy_id(
+        &self,
+        conn: &mut PgConnection,
+        vault_id: Uuid,
+        name: &str,
+        pointer: &str,
+    ) -> Result<Uuid> {
+        match policies::policy_get(&mut *conn, vault_id, name).await? {
+            Some(p) => Ok(p.id),
+            None => {
+                let mut v = Violations::default();
+                v.push(
+                    pointer,
+                    "policy_not_found",
+                    format!("the vault has no policy '{name}'"),
+                );
+                Err(Error::validation(v.into_vec()))
+            }
+        }
+    }
+
+    /// "Start Discovery": the VMs of the vault's subscription registered with no vault,
+    /// each with the prerequisites it fails now.
+    pub async fn discovery_candidates(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+    ) -> Result<Vec<DiscoveryCandidate>> {
+        principal.require(Permission::Read)?;
+        let vault = self.visible_vault(&self.pool, principal, vault_id).await?;
+        let rows = inventory::vms_unregistered(&self.pool, &vault.subscription_id).await?;
+        let now = Utc::now();
+        let vault_id_text = vault.id.to_string();
+        let target = VaultTarget {
+            id: &vault_id_text,
+            subscription_id: &vault.subscription_id,
+            region: &vault.region,
+        };
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let vm = Vm::from(row);
+                let issues = check_registration(
+                    &prerequisites(&vm, None),
+                    &target,
+                    now,
+                    self.config.agent_heard_within,
+                );
+                DiscoveryCandidate { vm, issues }
+            })
+            .collect())
+    }
+
+    /// "Discover DBs": checks every prerequisite, registers the VM with the vault and
+    /// dispatches a discovery job to its agent.
+    pub async fn vm_discover(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        vm_id: Uuid,
+    ) -> Result<Job> {
+        principal.require(Permission::OperateJobs)?;
+        let mut tx = self.pool.begin().await?;
+        let vault = self.visible_vault(&mut *tx, principal, vault_id).await?;
+        let row = inventory::vm_lock(&mut tx, vm_id)
+            .await?
+            .filter(|vm| principal.sees_subscription(&vm.subscription_id))
+            .ok_or_else(|| vm_not_found(vm_id))?;
+        let registered = inventory::vm_vault(&mut *tx, vm_id)
+            .await?
+            .map(|v| v.to_string());
+        let vm = Vm::from(row);
+        let vault_id_text = vault.id.to_string();
+        let target = VaultTarget {
+            id: &vault_id_text,
+            subscription_id: &vault.subscription_id,
+            region: &vault.region,
+        };
+        let issues = check_registration(
+            &prerequisites(&vm, registered.as_deref()),
+            &target,
+            Utc::now(),
+            self.config.agent_heard_within,
+        );
+        if !issues.is_empty() {
+            let mut e = Error::validation(issues);
+            e.code = "prerequisites_failed";
+            e.message = format!("the VM cannot be registered with this vault: {}", e.message);
+            return Err(e);
+        }
+        inventory::vm_register(
+            &mut tx,
+            vm_id,
+            vault_id,
+            Utc::now() + self.config.discovery_period,
+        )
+        .await?;
+        let job = new_job(
+            vm_id,
+            &vm.subscription_id,
+            Some(vault_id),
+            JobKind::Discovery,
+            Priority::OnDemand,
+            &[],
+            serde_json::json!({}),
+        )?;
+        let job_id = job.id;
+        queue::jobs_enqueue(&mut tx, &[job]).await?;
+        tx.commit().await?;
+        tracing::info!(vm.id = %vm_id, vault.id = %vault_id, "VM registered; discovery dispatched");
+        self.job_get(principal, job_id, None).await
+    }
+
+    /// "Rediscover DBs" for a VM registered with this vault.
+    pub async fn vm_rediscover(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        vm_id: Uuid,
+    ) -> Result<Job> {
+        principal.require(Permission::OperateJobs)?;
+        let mut tx = self.pool.begin().await?;
+        self.visible_vault(&mut *tx, principal, vault_id).await?;
+        let vm = self
+            .registered_vm(&mut tx, principal, vault_id, vm_id)
+            .await?;
+        let job = new_job(
+            vm_id,
+            &vm.subscription_id,
+            Some(vault_id),
+            JobKind::Discovery,
+            Priority::OnDemand,
+            &[],
+            serde_json::json!({}),
+        )?;
+        let job_id = job.id;
+        queue::jobs_enqueue(&mut tx, &[job]).await?;
+        tx.commit().await?;
+        self.job_get(principal, job_id, None).await
+    }
+
+    async fn registered_vm(
+        &self,
+        conn: &mut PgConnection,
+        principal: &Principal,
+        vault_id: Uuid,
+        vm_id: Uuid,
+    ) -> Result<vms::VmRow> {
+        let vm = self.visible_vm(&mut *conn, principal, vm_id).await?;
+        if inventory::vm_vault(&mut *conn, vm_id).await? != Some(vault_id) {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                "vm_not_registered",
+                "the VM is not registered with this vault",
+            ));
+        }
+        Ok(vm)
+    }
+
+    /// Unregisters a VM; refused while any of its databases is protected.
+    pub async fn vm_unregister(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        vm_id: Uuid,
+    ) -> Result<()> {
+        principal.require(Permission::OperateJobs)?;
+        let mut tx = self.pool.begin().await?;
+        self.visible_vault(&mut *tx, principal, vault_id).await?;
+        inventory::vm_lock(&mut tx, vm_id).await?;
+        self.registered_vm(&mut tx, principal, vault_id, vm_id)
+            .await?;
+        if store::items_on_vm(&mut *tx, vm_id).await? > 0 {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                "vm_has_protected_items",
+                "databases on this VM are protected; stop protection (and delete their data) first",
+            ));
+        }
+        inventory::vm_unregister(&mut tx, vm_id).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Replaces the VM's SQL inventory with what its discovery job reported, and
+    /// auto-protects new databases under an intent, in the completion's transaction.
+    pub(crate) async fn apply_discovery(
+        &self,
+        tx: &mut PgConnection,
+        vm_id: Uuid,
+        reported: &SqlInventory,
+    ) -> Result<()> {
+        let Some(vm) = vms::vm_get(&mut *tx, vm_id).await? else {
+            return Ok(());
+        };
+        let instance_rows = inventory::instances_replace(
+            tx,
+            vm_id,
+            &reported
+                .instances
+                .iter()
+                .map(|i| (i.name.clone(), i.version.clone()))
+                .collect::<Vec<_>>(),
+        )
+        .await?;
+        let instance_id: HashMap<String, Uuid> = instance_rows
+            .iter()
+            .filter(|i| i.gone_at.is_none())
+            .map(|i| (i.name.to_lowercase(), i.id))
+            .collect();
+        let groups: Vec<AgUpsert<'_>> = reported
+            .availability_groups
+            .iter()
+            .map(|g| AgUpsert {
+                name: &g.name,
+                backup_preference: match g.backup_preference {
+                    backvault_domain::agent::BackupPreference::Primary => "primary",
+                    backvault_domain::agent::BackupPreference::Secondary => "secondary",
+                    backvault_domain::agent::BackupPreference::Any => "any",
+                },
+                replicas: serde_json::to_value(&g.replicas).unwrap_or_default(),
+            })
+            .collect();
+        let group_id: HashMap<String, Uuid> =
+            inventory::availability_groups_upsert(tx, &vm.subscription_id, &groups)
+                .await?
+                .into_iter()
+                .collect();
+
+        let existing = inventory::databases_of_vm(&mut *tx, vm_id).await?;
+        let mut writes = Vec::new();
+        let mut present = Vec::new();
+        let mut recased = Vec::new();
+        for db in &reported.databases {
+            let Some(&instance) = instance_id.get(&db.instance.to_lowercase()) else {
+                continue;
+            };
+            let exact = existing
+                .iter()
+                .find(|e| e.instance_id == instance && e.name == db.name);
+            // The same database under another casing: keep its row (and history), flag it.
+            let recase = exact.is_none().then(|| {
+                existing.iter().find(|e| {
+                    e.instance_id == instance
+                        && e.name.eq_ignore_ascii_case(&db.name)
+                        && !reported.databases.iter().any(|r| {
+                            r.instance.eq_ignore_ascii_case(&db.instance) && r.name == e.name
+                        })
+                })
+            });
+            let id = match (exact, recase.flatten()) {
+                (Some(e), _) => e.id,
+                (None, Some(e)) => {
+                    recased.push(e.id);
+                    e.id
+                }
+                (None, None) => Uuid::now_v7(),
+            };
+            present.push(id);
+            writes.push(DatabaseWrite {
+                id,
+                instance_id: instance,
+                availability_group_id: db
+                    .availability_group
+                    .as_ref()
+                    .and_then(|g| group_id.get(&g.to_lowercase()).copied()),
+                name: &db.name,
+                recovery_model: match db.recovery_model {
+                    backvault_domain::agent::RecoveryModel::Full => "full",
+                    backvault_domain::agent::RecoveryModel::BulkLogged => "bulk_logged",
+                    backvault_domain::agent::RecoveryModel::Simple => "simple",
+                },
+                system: db.system,
+                read_only: db.read_only,
+                size_bytes: db.size_bytes,
+            });
+        }
+        inventory::databases_retire(tx, vm_id, &present).await?;
+        inventory::databases_write(tx, vm_id, &writes).await?;
+        if !recased.is_empty() {
+            store::items_flag_casing(&mut *tx, &recased).await?;
+        }
+        for intent in store::intents_for_vm(&mut *tx, vm_id).await? {
+            self.auto_protect(tx, &intent).await?;
+        }
+        Ok(())
+    }
+
+    /// Protects every present, unprotected database under the intent whose name allows
+    /// auto-protection, with configure-protection jobs of at most 50 databases per VM.
+    async fn auto_protect(&self, tx: &mut PgConnection, intent: &IntentRow) -> Result<Vec<Uuid>> {
+        let candidates =
+            store::unprotected_under(&mut *tx, intent.instance_id, intent.availability_group_id)
+                .await?;
+        let mut eligible = Vec::new();
+        for (vm_id, dbs) in group_by_vm(candidates) {
+            let all = inventory::databases_of_vm(&mut *tx, vm_id).await?;
+            for d in dbs {
+                let names: Vec<&str> = all
+                    .iter()
+                    .filter(|o| o.instance_id == d.instance_id)
+                    .map(|o| o.name.as_str())
+                    .collect();
+                let issues = instance_name_issues(&names);
+                let issue = names
+                    .iter()
+                    .position(|n| *n == d.name)
+                    .and_then(|i| issues[i]);
+                if issue.is_none_or(NameIssue::auto_protection_allowed) {
+                    eligible.push(d);
+                }
+            }
+        }
+        self.protect(
+            tx,
+            intent.vault_id,
+            intent.policy_id,
+            Some(intent.id),
+            eligible,
+            AUTO_PROTECTION_ATTEMPTS,
+        )
+        .await
+    }
+
+    /// Inserts protected items and enqueues their configure-protection jobs.
+    async fn protect(
+        &self,
+        tx: &mut PgConnection,
+        vault_id: Uuid,
+        policy_id: Uuid,
+        intent: Option<Uuid>,
+        databases: Vec<DatabaseRow>,
+        max_attempts: i32,
+    ) -> Result<Vec<Uuid>> {
+        if databases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let items: Vec<NewItem> = databases
+            .iter()
+            .map(|d| NewItem {
+                id: Uuid::now_v7(),
+                database_id: d.id,
+                protected_name: d.name.clone(),
+            })
+            .collect();
+        store::items_insert(tx, vault_id, policy_id, intent, &items)
+            .await
+            .on_constraint("protected_items_database_key", || {
+                Error::new(
+                    ErrorKind::Conflict,
+                    "database_already_protected",
+                    "a database was protected meanwhile; retry",
+                )
+            })?;
+        let item_of: HashMap<Uuid, Uuid> = items.iter().map(|i| (i.database_id, i.id)).collect();
+        let mut jobs = Vec::new();
+        for (vm_id, dbs) in group_by_vm(databases) {
+            let vm = vms::vm_get(&mut *tx, vm_id)
+                .await?
+                .ok_or_else(|| vm_not_found(vm_id))?;
+            let instances = inventory::instance_names(&mut *tx, vm_id).await?;
+            let job_items: Vec<JobItem> = dbs
+                .iter()
+                .map(|d| {
+                    database_item(
+                        d,
+                        instances.get(&d.instance_id).map_or("", String::as_str),
+                        item_of[&d.id],
+                    )
+                })
+                .collect();
+            for chunk in batch(job_items) {
+                let mut job = new_job(
+                    vm_id,
+                    &vm.subscription_id,
+                    Some(vault_id),
+                    JobKind::ConfigureProtection,
+                    Priority::OnDemand,
+                    &chunk,
+                    serde_json::json!({}),
+                )?;
+                job.max_attempts = max_attempts;
+                jobs.push(job);
+            }
+        }
+        let ids = jobs.iter().map(|j| j.id).collect();
+        queue::jobs_enqueue(tx, &jobs).await?;
+        Ok(ids)
+    }
+
+    /// Effects of finished jobs on protection, in the transaction that finishes them:
+    /// configure protection done → protected; failed for good → the database stays
+    /// unprotected.
+    pub(crate) async fn after_jobs_finished(
+        &self,
+        tx: &mut PgConnection,
+        job_ids: &[Uuid],
+        succeeded: bool,
+    ) -> Result<()> {
+        let jobs: Vec<(String, sqlx::types::Json<Vec<JobItem>>)> = sqlx::query_as(
+            "select kind, items from jobs where id = any($1) and kind = 'configure_protection'",
+        )
+        .bind(job_ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let items: Vec<Uuid> = jobs
+            .iter()
+            .flat_map(|(_, i)| i.0.iter().filter_map(|i| i.protected_item_id))
+            .collect();
+        if items.is_empty() {
+            return Ok(());
+        }
+        if succeeded {
+            store::items_set_state(&mut *tx, &items, "protecting", "protected").await?;
+        } else {
+            store::items_delete_protecting(&mut *tx, &items).await?;
+        }
+        Ok(())
+    }
+
+    /// Protectable items of the vault: registered instances and availability groups, each
+    /// with its databases and why any cannot be protected.
+    pub async fn protectable_items(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        unprotected_only: bool,
+    ) -> Result<Vec<ProtectableContainer>> {
+        principal.require(Permission::Read)?;
+        self.visible_vault(&self.pool, principal, vault_id).await?;
+        let rows: Vec<(Uuid, String, String, Uuid, String, String)> = sqlx::query_as(
+            "select i.id, i.name, i.version, v.id, v.name, v.resource_group
+             from sql_instances i join vms v on v.id = i.vm_id
+             where v.vault_id = $1 and i.gone_at is null order by lower(v.name), v.resource_group, i.name",
+        )
+        .bind(vault_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let intents = store::intents_of_vault(&self.pool, vault_id).await?;
+        let mut containers: Vec<ProtectableContainer> = Vec::new();
+        let mut groups: BTreeMap<Uuid, ProtectableContainer> = BTreeMap::new();
+        let mut dbs_by_vm: HashMap<Uuid, Vec<DatabaseRow>> = HashMap::new();
+        for (instance_id, name, version, vm_id, vm_name, rg) in rows {
+            if let std::collections::hash_map::Entry::Vacant(slot) = dbs_by_vm.entry(vm_id) {
+                slot.insert(inventory::databases_of_vm(&self.pool, vm_id).await?);
+            }
+            let all = &dbs_by_vm[&vm_id];
+            let on_instance: Vec<&DatabaseRow> = all
+                .iter()
+                .filter(|d| d.instance_id == instance_id && d.gone_at.is_none())
+                .collect();
+            let names: Vec<&str> = on_instance.iter().map(|d| d.name.as_str()).collect();
+            let issues = instance_name_issues(&names);
+            let protection = store::items_for_databases(
+                &self.pool,
+                &on_instance.iter().map(|d| d.id).collect::<Vec<_>>(),
+            )
+            .await?;
+            let mut standalone = Vec::new();
+            for (d, issue) in on_instance.iter().zip(issues) {
+                let item = protection.iter().find(|p| p.0 == d.id);
+                if unprotected_only && item.is_some() {
+                    continue;
+                }
+                let db = ProtectableDatabase {
+                    id: d.id,
+                    name: d.name.clone(),
+                    recovery_model: d.recovery_model.clone(),
+                    system: d.system,
+                    read_only: d.read_only,
+                    size_bytes: d.size_bytes,
+                    protected_item_id: item.map(|p| p.1),
+                    protection_state: item.map(|p| p.3.clone()),
+                    protectable: item.is_none() && issue.is_none(),
+                    issue: issue.map(issue_of),
+                };
+                match d.availability_group_id {
+                    Some(ag) => {
+                        let entry = groups.entry(ag).or_insert_with(|| ProtectableContainer {
+                            kind: ContainerKind::AvailabilityGroup,
+                            id: ag,
+                            name: String::new(),
+                            vm_id,
+                            vm_name: vm_name.clone(),
+                            resource_group: rg.clone(),
+                            version: None,
+                            warning: None,
+                            auto_protection_id: intents
+                                .iter()
+                                .find(|i| i.availability_group_id == Some(ag))
+                                .map(|i| i.id),
+                            databases: Vec::new(),
+                        });
+                        entry.databases.push(db);
+                    }
+                    None => standalone.push(db),
+                }
+            }
+            containers.push(ProtectableContainer {
+                kind: ContainerKind::Instance,
+                id: instance_id,
+                warning: time_zone_warning(&version),
+                name,
+                vm_id,
+                vm_name,
+                resource_group: rg,
+                version: Some(version),
+                auto_protection_id: intents
+                    .iter()
+                    .find(|i| i.instance_id == Some(instance_id))
+                    .map(|i| i.id),
+                databases: standalone,
+            });
+        }
+        for (id, mut group) in groups {
+            group.name = sqlx::query_scalar("select name from availability_groups where id = $1")
+                .bind(id)
+                .fetch_one(&self.pool)
+                .await?;
+            containers.push(group);
+        }
+        Ok(containers)
+    }
+
+    /// Configure Protection: every database is checked and all violations come back
+    /// together; accepted databases become protected items with jobs of ≤ 50 per VM.
+    pub async fn protection_configure(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        req: ConfigureProtection,
+    ) -> Result<ConfigureProtectionResult> {
+        principal.require(Permission::OperateJobs)?;
+        let mut tx = self.pool.begin().await?;
+        self.visible_vault(&mut *tx, principal, vault_id).await?;
+        let mut v = Violations::default();
+        let policy = match policies::policy_get(&mut *tx, vault_id, &req.policy).await? {
+            Some(p) => Some(p.id),
+            None => {
+                v.push(
+                    "/policy",
+                    "policy_not_found",
+                    format!("the vault has no policy '{}'", req.policy),
+                );
+                None
+            }
+        };
+        if req.databases.is_empty() {
+            v.push(
+                "/databases",
+                "databases_empty",
+                "list at least one database",
+            );
+        }
+        let found = inventory::databases_get(&mut *tx, &req.databases).await?;
+        let protection = store::items_for_databases(&mut *tx, &req.databases).await?;
+        let mut accepted = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, id) in req.databases.iter().enumerate() {
+            let pointer = format!("/databases/{i}");
+            let Some(d) = found.iter().find(|d| d.id == *id) else {
+                v.push(
+                    pointer,
+                    "database_not_found",
+                    "no such database; list protectable items",
+                );
+                continue;
+            };
+            if !seen.insert(*id) {
+                v.push(
+                    pointer,
+                    "database_duplicate",
+                    "the database is listed twice",
+                );
+                continue;
+            }
+            if inventory::vm_vault(&mut *tx, d.vm_id).await? != Some(vault_id) {
+                v.push(
+                    pointer,
+                    "database_not_in_vault",
+                    "the database's VM is not registered with this vault",
+                );
+                continue;
+            }
+            if d.gone_at.is_some() {
+                v.push(
+                    pointer,
+                    "database_gone",
+                    "the last discovery did not find this database; rediscover",
+                );
+                continue;
+            }
+            if let Some(p) = protection.iter().find(|p| p.0 == *id) {
+                let message = if p.2 == vault_id {
+                    "the database is already protected in this vault"
+                } else {
+                    "the database is protected in another vault; a database is protected in one vault only"
+                };
+                v.push(pointer, "database_already_protected", message);
+                continue;
+            }
+            let siblings = inventory::databases_of_vm(&mut *tx, d.vm_id).await?;
+            let names: Vec<&str> = siblings
+                .iter()
+                .filter(|o| o.instance_id == d.instance_id && o.gone_at.is_none())
+                .map(|o| o.name.as_str())
+                .collect();
+            let issues = instance_name_issues(&names);
+            if let Some(issue) = names
+                .iter()
+                .position(|n| *n == d.name)
+                .and_then(|i| issues[i])
+            {
+                v.push(pointer, issue.code(), issue.message());
+                continue;
+            }
+            accepted.push(d.clone());
+        }
+        let Some(policy_id) = policy.filter(|_| v.is_empty()) else {
+            return Err(Error::validation(v.into_vec()));
+        };
+        let ids: Vec<Uuid> = accepted.iter().map(|d| d.id).collect();
+        let jobs = self
+            .protect(
+                &mut tx,
+                vault_id,
+                policy_id,
+                None,
+                accepted,
+                backvault_domain::jobs::DEFAULT_MAX_ATTEMPTS,
+            )
+            .await?;
+        tx.commit().await?;
+        let mut items = Vec::new();
+        for (db, item, _, _) in store::items_for_databases(&self.pool, &ids).await? {
+            let _ = db;
+            if let Some(row) = store::item_get(&self.pool, item).await? {
+                items.push(row.into());
+            }
+        }
+        Ok(ConfigureProtectionResult { items, jobs })
+    }
+
+    async fn visible_item(
+        &self,
+        conn: &mut PgConnection,
+        principal: &Principal,
+        vault_id: Uuid,
+        id: Uuid,
+    ) -> Result<ProtectedItemRow> {
+        self.visible_vault(&mut *conn, principal, vault_id).await?;
+        store::item_get(&mut *conn, id)
+            .await?
+            .filter(|i| i.vault_id == vault_id)
+            .ok_or_else(|| item_not_found(id))
+    }
+
+    pub async fn protected_item_list(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        query: &ItemQuery,
+        cursor: Option<&str>,
+        limit: Option<i64>,
+    ) -> Result<Page<ProtectedItem>> {
+        principal.require(Permission::Read)?;
+        let (request, limit) = page_request(cursor, limit)?;
+        let mut conn = self.pool.acquire().await?;
+        self.visible_vault(&mut *conn, principal, vault_id).await?;
+        let policy_id = match &query.policy {
+            Some(name) => Some(self.policy_id(&mut conn, vault_id, name, "/policy").await?),
+            None => None,
+        };
+        let filter = ItemFilter {
+            state: query.state.clone(),
+            policy_id,
+            vm_id: query.vm_id,
+            auto_protected: query.auto_protected,
+        };
+        let rows = store::items_list(&mut *conn, vault_id, &filter, request).await?;
+        Ok(page(rows, limit, |r| r.id, ProtectedItem::from))
+    }
+
+    pub async fn protected_item_get(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        id: Uuid,
+    ) -> Result<ProtectedItem> {
+        principal.require(Permission::Read)?;
+        let mut conn = self.pool.acquire().await?;
+        Ok(self
+            .visible_item(&mut conn, principal, vault_id, id)
+            .await?
+            .into())
+    }
+
+    pub async fn protected_item_change_policy(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        id: Uuid,
+        expected: ExpectedVersion,
+        req: ChangePolicy,
+    ) -> Result<ProtectedItem> {
+        principal.require(Permission::OperateJobs)?;
+        let mut tx = self.pool.begin().await?;
+        let item = self.visible_item(&mut tx, principal, vault_id, id).await?;
+        let policy_id = self
+            .policy_id(&mut tx, vault_id, &req.policy, "/policy")
+            .await?;
+        if item.state.starts_with("stopped") {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                "protection_stopped",
+                "protection is stopped; resume it with a policy",
+            ));
+        }
+        store::item_update(&mut tx, id, expected, Some(policy_id), &item.state)
+            .await?
+            .ok_or_else(Error::precondition_failed)?;
+        tx.commit().await?;
+        self.protected_item_get(principal, vault_id, id).await
+    }
+
+    /// Stops protection. Deleting the data removes the item; retaining keeps it stopped.
+    pub async fn protected_item_stop(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        id: Uuid,
+        req: StopProtection,
+    ) -> Result<Option<ProtectedItem>> {
+        principal.require(Permission::OperateJobs)?;
+        let mut tx = self.pool.begin().await?;
+        let item = self.visible_item(&mut tx, principal, vault_id, id).await?;
+        match req.mode {
+            StopMode::DeleteData => store::item_delete(&mut tx, id).await?,
+            StopMode::RetainData | StopMode::RetainPerPolicy => {
+                let state = if matches!(req.mode, StopMode::RetainData) {
+                    "stopped_retain"
+                } else {
+                    "stopped_retain_per_policy"
+                };
+                let policy = if matches!(req.mode, StopMode::RetainPerPolicy) {
+                    item.policy_id
+                } else {
+                    None
+                };
+                store::item_update(&mut tx, id, None, policy, state).await?;
+            }
+        }
+        tx.commit().await?;
+        match req.mode {
+            StopMode::DeleteData => Ok(None),
+            _ => self
+                .protected_item_get(principal, vault_id, id)
+                .await
+                .map(Some),
+        }
+    }
+
+    pub async fn protected_item_resume(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        id: Uuid,
+        req: ChangePolicy,
+    ) -> Result<ProtectedItem> {
+        principal.require(Permission::OperateJobs)?;
+        let mut tx = self.pool.begin().await?;
+        let item = self.visible_item(&mut tx, principal, vault_id, id).await?;
+        if !item.state.starts_with("stopped") {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                "protection_not_stopped",
+                "protection is not stopped",
+            ));
+        }
+        let policy_id = self
+            .policy_id(&mut tx, vault_id, &req.policy, "/policy")
+            .await?;
+        store::item_update(&mut tx, id, None, Some(policy_id), "protected").await?;
+        tx.commit().await?;
+        self.protected_item_get(principal, vault_id, id).await
+    }
+
+    /// An on-demand backup of one protected database, as a job for its VM's agent.
+    pub async fn protected_item_backup(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        id: Uuid,
+        req: OnDemandBackup,
+    ) -> Result<Job> {
+        principal.require(Permission::OperateJobs)?;
+        let mut tx = self.pool.begin().await?;
+        let item = self.visible_item(&mut tx, principal, vault_id, id).await?;
+        if item.state != "protected" {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                "item_not_protected",
+                format!("the item is {}; backups need it protected", item.state),
+            ));
+        }
+        let midnight = Utc::now()
+            .date_naive()
+            .and_hms_opt(0, 0, 0)
+            .unwrap_or_default()
+            .and_utc();
+        let fulls_today = store::on_demand_fulls_since(&mut *tx, id, midnight).await?;
+        let issues = check_on_demand(
+            req.backup_type,
+            req.retention_days,
+            OnDemandTarget {
+                database_name: &item.database_name,
+                read_only: item.read_only,
+                simple_recovery: item.recovery_model == "simple",
+                on_demand_fulls_today: fulls_today,
+            },
+        );
+        if !issues.is_empty() {
+            return Err(Error::validation(issues));
+        }
+        let (kind, copy_only) = match req.backup_type {
+            OnDemandType::Full => (JobKind::BackupFull, false),
+            OnDemandType::CopyOnlyFull => (JobKind::BackupFull, true),
+            OnDemandType::Differential => (JobKind::BackupDifferential, false),
+            OnDemandType::Log => (JobKind::BackupLog, false),
+        };
+        let items = [JobItem {
+            instance: item.instance_name.clone(),
+            database: item.database_name.clone(),
+            protected_item_id: Some(id),
+        }];
+        let payload = serde_json::json!({"copy_only": copy_only, "retention_days": req.retention_days, "on_demand": true});
+        let job = new_job(
+            item.vm_id,
+            &item.subscription_id,
+            Some(vault_id),
+            kind,
+            Priority::OnDemand,
+            &items,
+            payload,
+        )?;
+        let job_id = job.id;
+        queue::jobs_enqueue(&mut tx, &[job]).await?;
+        tx.commit().await?;
+        self.job_get(principal, job_id, None).await
+    }
+
+    /// Enables auto-protection on an instance or availability group, and protects what is
+    /// there now.
+    pub async fn auto_protection_create(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        req: CreateAutoProtection,
+    ) -> Result<AutoProtection> {
+        principal.require(Permission::OperateJobs)?;
+        let mut tx = self.pool.begin().await?;
+        self.visible_vault(&mut *tx, principal, vault_id).await?;
+        let policy_id = self
+            .policy_id(&mut tx, vault_id, &req.policy, "/policy")
+            .await?;
+        let in_vault: bool = match (req.instance_id, req.availability_group_id) {
+            (Some(instance), None) => {
+                sqlx::query_scalar(
+                    "select exists (select 1 from sql_instances i join vms v on v.id = i.vm_id
+                                where i.id = $1 and v.vault_id = $2 and i.gone_at is null)",
+                )
+                .bind(instance)
+                .bind(vault_id)
+                .fetch_one(&mut *tx)
+                .await?
+            }
+            (None, Some(group)) => {
+                sqlx::query_scalar(
+                    "select exists (select 1 from sql_databases d join vms v on v.id = d.vm_id
+                                where d.availability_group_id = $1 and v.vault_id = $2)",
+                )
+                .bind(group)
+                .bind(vault_id)
+                .fetch_one(&mut *tx)
+                .await?
+            }
+            _ => {
+                let mut v = Violations::default();
+                v.push(
+                    "",
+                    "auto_protection_target_invalid",
+                    "give exactly one of instance_id and availability_group_id",
+                );
+                return Err(Error::validation(v.into_vec()));
+            }
+        };
+        if !in_vault {
+            return Err(Error::not_found(
+                "auto_protection_target_not_found",
+                "the instance or availability group on a VM of this vault",
+            ));
+        }
+        let id = Uuid::now_v7();
+        store::intent_insert(
+            &mut tx,
+            id,
+            vault_id,
+            policy_id,
+            req.instance_id,
+            req.availability_group_id,
+        )
+        .await
+        .map_err(Error::from)
+        .map_err(|e| {
+            match e
+                .source
+                .as_deref()
+                .and_then(|s| s.downcast_ref::<sqlx::Error>())
+            {
+                Some(sqlx::Error::Database(db)) if db.is_unique_violation() => Error::new(
+                    ErrorKind::Conflict,
+                    "auto_protection_exists",
+                    "auto-protection is already on for this target",
+                ),
+                _ => e,
+            }
+        })?;
+        let intent = store::intent_get(&mut *tx, id)
+            .await?
+            .ok_or_else(|| Error::internal("intent vanished"))?;
+        let jobs = self.auto_protect(&mut tx, &intent).await?;
+        tx.commit().await?;
+        let mut out = AutoProtection::from(intent);
+        out.jobs = jobs;
+        Ok(out)
+    }
+
+    pub async fn auto_protection_list(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+    ) -> Result<Vec<AutoProtection>> {
+        principal.require(Permission::Read)?;
+        self.visible_vault(&self.pool, principal, vault_id).await?;
+        Ok(store::intents_of_vault(&self.pool, vault_id)
+            .await?
+            .into_iter()
+            .map(Into::into)
+            .collect())
+    }
+
+    pub async fn auto_protection_get(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        id: Uuid,
+    ) -> Result<AutoProtection> {
+        principal.require(Permission::Read)?;
+        self.visible_vault(&self.pool, principal, vault_id).await?;
+        store::intent_get(&self.pool, id)
+            .await?
+            .filter(|i| i.vault_id == vault_id)
+            .map(Into::into)
+            .ok_or_else(|| {
+                Error::not_found(
+                    "auto_protection_not_found",
+                    format_args!("auto-protection {id}"),
+                )
+            })
+    }
+
+    /// Disables auto-protection; what it protected stays protected.
+    pub async fn auto_protection_delete(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        id: Uuid,
+    ) -> Result<()> {
+        principal.require(Permission::OperateJobs)?;
+        self.auto_protection_get(principal, vault_id, id).await?;
+        let mut tx = self.pool.begin().await?;
+        store::intent_delete(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Dispatches the periodic discovery of registered VMs that are due. Safe across
+    /// replicas: each due VM is claimed by one of them and moved to its next period.
+    pub async fn discover_due_vms(&self) -> Result<usize> {
+        let mut tx = self.pool.begin().await?;
+        let due =
+            inventory::vms_claim_discovery_due(&mut tx, self.config.discovery_period, 500).await?;
+        let jobs = due
+            .iter()
+            .map(|(vm, sub, vault)| {
+                new_job(
+                    *vm,
+                    sub,
+                    Some(*vault),
+                    JobKind::Discovery,
+                    Priority::Scheduled,
+                    &[],
+                    serde_json::json!({}),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        queue::jobs_enqueue(&mut tx, &jobs).await?;
+        tx.commit().await?;
+        Ok(jobs.len())
+    }
+}
+
+fn prerequisites<'a>(vm: &'a Vm, registered_vault: Option<&'a str>) -> VmPrerequisites<'a> {
+    VmPrerequisites {
+        name: &vm.name,
+        resource_group: &vm.resource_group,
+        subscription_id: &vm.subscription_id,
+        region: &vm.region,
+        deployment_model: vm.deployment_model,
+        agent_installed: vm.agent_installed,
+        last_seen_at: vm.last_seen_at,
+        dotnet_version: vm.dotnet_version.as_deref(),
+        other_backup_product: vm.other_backup_product,
+        registered_vault,
+    }
+}
+
+fn group_by_vm(dbs: Vec<DatabaseRow>) -> BTreeMap<Uuid, Vec<DatabaseRow>> {
+    let mut out: BTreeMap<Uuid, Vec<DatabaseRow>> = BTreeMap::new();
+    for d in dbs {
+        out.entry(d.vm_id).or_default().push(d);
+    }
+    out
+}

@@ -1,0 +1,304 @@
+//! What discovery found on registered VMs: SQL instances, availability groups and
+//! databases, plus registration of VMs with vaults.
+
+use chrono::{DateTime, Utc};
+use sqlx::{FromRow, PgConnection, PgExecutor};
+use uuid::Uuid;
+
+/// Registers the VM with the vault (the caller checked the prerequisites under the row
+/// lock of [`vm_lock`]).
+pub async fn vm_register(
+    conn: &mut PgConnection,
+    vm_id: Uuid,
+    vault_id: Uuid,
+    next_discovery_at: DateTime<Utc>,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "update vms set vault_id = $2, registered_at = coalesce(registered_at, now()), next_discovery_at = $3,
+                        updated_at = now()
+         where id = $1",
+    )
+    .bind(vm_id)
+    .bind(vault_id)
+    .bind(next_discovery_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Locks the VM row so that registration decisions are serialized per VM.
+pub async fn vm_lock(
+    conn: &mut PgConnection,
+    vm_id: Uuid,
+) -> sqlx::Result<Option<crate::vms::VmRow>> {
+    sqlx::query_as(
+        "select id, subscription_id, resource_group, name, region, deployment_model, agent_installed,
+                agent_version, dotnet_version, sql_iaas_extension, other_backup_product, last_seen_at,
+                token_generation, version, created_at, updated_at
+         from vms where id = $1 for update",
+    )
+    .bind(vm_id)
+    .fetch_optional(conn)
+    .await
+}
+
+pub async fn vm_vault(db: impl PgExecutor<'_>, vm_id: Uuid) -> sqlx::Result<Option<Uuid>> {
+    sqlx::query_scalar::<_, Option<Uuid>>("select vault_id from vms where id = $1")
+        .bind(vm_id)
+        .fetch_optional(db)
+        .await
+        .map(Option::flatten)
+}
+
+pub async fn vm_unregister(conn: &mut PgConnection, vm_id: Uuid) -> sqlx::Result<()> {
+    sqlx::query(
+        "delete from auto_protection_intents where instance_id in (select id from sql_instances where vm_id = $1)",
+    )
+    .bind(vm_id)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("update vms set vault_id = null, registered_at = null, next_discovery_at = null, updated_at = now() where id = $1")
+        .bind(vm_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Unregistered VMs of a subscription: what "Start Discovery" lists.
+pub async fn vms_unregistered(
+    db: impl PgExecutor<'_>,
+    subscription_id: &str,
+) -> sqlx::Result<Vec<crate::vms::VmRow>> {
+    sqlx::query_as(
+        "select id, subscription_id, resource_group, name, region, deployment_model, agent_installed,
+                agent_version, dotnet_version, sql_iaas_extension, other_backup_product, last_seen_at,
+                token_generation, version, created_at, updated_at
+         from vms where subscription_id = $1 and vault_id is null order by lower(name), lower(resource_group)",
+    )
+    .bind(subscription_id)
+    .fetch_all(db)
+    .await
+}
+
+/// VMs whose periodic discovery is due, claimed for this replica: their next time moves
+/// on in the same statement, so each VM is discovered once per period across replicas.
+pub async fn vms_claim_discovery_due(
+    conn: &mut PgConnection,
+    period: chrono::Duration,
+    limit: i64,
+) -> sqlx::Result<Vec<(Uuid, String, Uuid)>> {
+    sqlx::query_as(
+        "with due as (
+             select id from vms where vault_id is not null and next_discovery_at <= now()
+             order by next_discovery_at limit $2 for update skip locked
+         )
+         update vms set next_discovery_at = now() + $1::interval from due where vms.id = due.id
+         returning vms.id, vms.subscription_id, vms.vault_id",
+    )
+    .bind(period)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct InstanceRow {
+    pub id: Uuid,
+    pub vm_id: Uuid,
+    pub name: String,
+    pub version: String,
+    pub gone_at: Option<DateTime<Utc>>,
+}
+
+/// Records the instances a discovery reported; the others are marked gone. Returns every
+/// instance of the VM (present first).
+pub async fn instances_replace(
+    conn: &mut PgConnection,
+    vm_id: Uuid,
+    reported: &[(String, String)],
+) -> sqlx::Result<Vec<InstanceRow>> {
+    let ids: Vec<Uuid> = reported.iter().map(|_| Uuid::now_v7()).collect();
+    let names: Vec<&str> = reported.iter().map(|r| r.0.as_str()).collect();
+    let versions: Vec<&str> = reported.iter().map(|r| r.1.as_str()).collect();
+    sqlx::query(
+        "insert into sql_instances (id, vm_id, name, version)
+         select * from unnest($1::uuid[], array_fill($2::uuid, array[cardinality($1::uuid[])]), $3::text[], $4::text[])
+         on conflict (vm_id, lower(name)) do update
+             set name = excluded.name, version = excluded.version, gone_at = null, updated_at = now()",
+    )
+    .bind(&ids)
+    .bind(vm_id)
+    .bind(&names)
+    .bind(&versions)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "update sql_instances set gone_at = coalesce(gone_at, now()), updated_at = now()
+         where vm_id = $1 and not (lower(name) = any(select lower(n) from unnest($2::text[]) n))",
+    )
+    .bind(vm_id)
+    .bind(&names)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query_as(
+        "select id, vm_id, name, version, gone_at from sql_instances where vm_id = $1 order by gone_at nulls first, name",
+    )
+    .bind(vm_id)
+    .fetch_all(conn)
+    .await
+}
+
+pub struct AgUpsert<'a> {
+    pub name: &'a str,
+    pub backup_preference: &'a str,
+    pub replicas: serde_json::Value,
+}
+
+/// Upserts the availability groups a discovery reported; returns name → id.
+pub async fn availability_groups_upsert(
+    conn: &mut PgConnection,
+    subscription_id: &str,
+    groups: &[AgUpsert<'_>],
+) -> sqlx::Result<Vec<(String, Uuid)>> {
+    let mut out = Vec::with_capacity(groups.len());
+    for g in groups {
+        let id: Uuid = sqlx::query_scalar(
+            "insert into availability_groups (id, subscription_id, name, backup_preference, replicas)
+             values ($1, $2, $3, $4, $5)
+             on conflict (subscription_id, lower(name)) do update
+                 set backup_preference = excluded.backup_preference, replicas = excluded.replicas, gone_at = null,
+                     updated_at = now()
+             returning id",
+        )
+        .bind(Uuid::now_v7())
+        .bind(subscription_id)
+        .bind(g.name)
+        .bind(g.backup_preference)
+        .bind(sqlx::types::Json(&g.replicas))
+        .fetch_one(&mut *conn)
+        .await?;
+        out.push((g.name.to_lowercase(), id));
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct DatabaseRow {
+    pub id: Uuid,
+    pub vm_id: Uuid,
+    pub instance_id: Uuid,
+    pub availability_group_id: Option<Uuid>,
+    pub name: String,
+    pub recovery_model: String,
+    pub system: bool,
+    pub read_only: bool,
+    pub size_bytes: i64,
+    pub gone_at: Option<DateTime<Utc>>,
+}
+
+const DB_COLUMNS: &str = "id, vm_id, instance_id, availability_group_id, name, recovery_model, system, read_only, size_bytes, gone_at";
+
+pub async fn databases_of_vm(
+    db: impl PgExecutor<'_>,
+    vm_id: Uuid,
+) -> sqlx::Result<Vec<DatabaseRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {DB_COLUMNS} from sql_databases where vm_id = $1 order by name"
+    )))
+    .bind(vm_id)
+    .fetch_all(db)
+    .await
+}
+
+pub async fn databases_get(
+    db: impl PgExecutor<'_>,
+    ids: &[Uuid],
+) -> sqlx::Result<Vec<DatabaseRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {DB_COLUMNS} from sql_databases where id = any($1)"
+    )))
+    .bind(ids)
+    .fetch_all(db)
+    .await
+}
+
+pub struct DatabaseWrite<'a> {
+    pub id: Uuid,
+    pub instance_id: Uuid,
+    pub availability_group_id: Option<Uuid>,
+    pub name: &'a str,
+    pub recovery_model: &'a str,
+    pub system: bool,
+    pub read_only: bool,
+    pub size_bytes: i64,
+}
+
+/// Inserts new databases and updates known ones (by id), all present again.
+pub async fn databases_write(
+    conn: &mut PgConnection,
+    vm_id: Uuid,
+    rows: &[DatabaseWrite<'_>],
+) -> sqlx::Result<()> {
+    for r in rows {
+        sqlx::query(
+            "insert into sql_databases (id, vm_id, instance_id, availability_group_id, name, recovery_model, system,
+                                        read_only, size_bytes)
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             on conflict (id) do update set instance_id = excluded.instance_id,
+                 availability_group_id = excluded.availability_group_id, name = excluded.name,
+                 recovery_model = excluded.recovery_model, system = excluded.system, read_only = excluded.read_only,
+                 size_bytes = excluded.size_bytes, gone_at = null, updated_at = now()",
+        )
+        .bind(r.id)
+        .bind(vm_id)
+        .bind(r.instance_id)
+        .bind(r.availability_group_id)
+        .bind(r.name)
+        .bind(r.recovery_model)
+        .bind(r.system)
+        .bind(r.read_only)
+        .bind(r.size_bytes)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Databases a discovery no longer reports: deleted when nothing protects them, marked
+/// gone (history kept) when something does.
+pub async fn databases_retire(
+    conn: &mut PgConnection,
+    vm_id: Uuid,
+    present: &[Uuid],
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "delete from sql_databases d where d.vm_id = $1 and not (d.id = any($2))
+           and not exists (select 1 from protected_items p where p.database_id = d.id)",
+    )
+    .bind(vm_id)
+    .bind(present)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "update sql_databases set gone_at = coalesce(gone_at, now()), updated_at = now()
+         where vm_id = $1 and not (id = any($2))",
+    )
+    .bind(vm_id)
+    .bind(present)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Instance names of a VM by id.
+pub async fn instance_names(
+    db: impl PgExecutor<'_>,
+    vm_id: Uuid,
+) -> sqlx::Result<std::collections::HashMap<Uuid, String>> {
+    let rows: Vec<(Uuid, String)> =
+        sqlx::query_as("select id, name from sql_instances where vm_id = $1")
+            .bind(vm_id)
+            .fetch_all(db)
+            .await?;
+    Ok(rows.into_iter().collect())
+}

@@ -1,137 +1,14 @@
 //! End to end: the real `backvault` binary, started as an operator would, driven over HTTP.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::Duration;
+
+use common::{BIN, Server, TestDb};
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const BIN: &str = env!("CARGO_BIN_EXE_backvault");
-
-/// A database of its own for one test, dropped at the end.
-struct TestDb {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-impl TestDb {
-    fn new() -> Self {
-        let admin_url = std::env::var("DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let (server, _) = admin_url
-            .rsplit_once('/')
-            .expect("DATABASE_URL ends in /<database>");
-        let name = format!("backvault_e2e_{}", uuid_suffix());
-        Self {
-            url: format!("{server}/{name}"),
-            admin_url,
-            name,
-        }
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let admin_url = self.admin_url.clone();
-        let name = self.name.clone();
-        // Drop runs outside the test's runtime; a small one of its own does the cleanup.
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Runtime::new().unwrap().block_on(async {
-                use sqlx::Connection;
-                if let Ok(mut c) = sqlx::PgConnection::connect(&admin_url).await {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "drop database if exists \"{name}\" with (force)"
-                    )))
-                    .execute(&mut c)
-                    .await;
-                }
-            })
-        })
-        .join();
-    }
-}
-
-fn uuid_suffix() -> String {
-    format!(
-        "{:x}{:x}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    )
-}
-
-struct Server {
-    child: Child,
-    base: String,
-    token: Option<String>,
-}
-
-impl Server {
-    /// Starts `backvault serve` on a free port and waits until it listens.
-    fn start(db: &TestDb, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-            .args(args)
-            .env("DATABASE_URL", &db.url)
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut token = None;
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("server exited before listening")
-                .unwrap();
-            if let Some(t) = line.strip_prefix("export BACKVAULT_TOKEN=") {
-                token = Some(t.to_owned());
-            }
-            if let Ok(log) = serde_json::from_str::<Value>(&line)
-                && log["message"] == "listening"
-            {
-                break log["addr"].as_str().unwrap().to_owned();
-            }
-        };
-        // Keep draining stdout so the server never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        Self {
-            child,
-            base: format!("http://{addr}"),
-            token,
-        }
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-        for _ in 0..100 {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("server did not stop within 10s of SIGTERM");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[tokio::test]
 async fn dev_server_creates_its_database_serves_the_walkthrough_and_shuts_down_gracefully() {

@@ -1,0 +1,324 @@
+//! End to end with the real server and real `backvault-agent` processes.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{AgentProcess, Api, Server, TestDb, inventory_toml};
+use serde_json::{Value, json};
+
+fn names(values: &[Value], key: &str) -> BTreeSet<String> {
+    values
+        .iter()
+        .map(|v| v[key].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn wait_for_vms(api: &Api, count: usize) -> Vec<Value> {
+    for _ in 0..100 {
+        let (_, vms) = api.get("/v1/vms").await;
+        let items = vms["items"].as_array().unwrap().clone();
+        if items.len() >= count {
+            return items;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("agents did not enroll");
+}
+
+/// Two agents each run only their own VM's jobs; an agent killed mid-job loses its lease,
+/// the job is retried and completes once the agent is back.
+#[tokio::test]
+async fn agents_run_their_own_jobs_and_a_killed_agents_job_is_retried() {
+    let db = TestDb::new();
+    let server = Server::start(
+        &db,
+        &["--dev"],
+        &[
+            ("BACKVAULT_LEASE_SECONDS", "3"),
+            ("BACKVAULT_RESCUE_INTERVAL", "300ms"),
+        ],
+    );
+    let api = Api::new(&server.base, server.token.as_deref().unwrap());
+    let enrollment = api.enrollment_token("sub-1").await;
+    let dir = std::env::temp_dir().join(format!("backvault-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let inv_a = dir.join("vm-a.toml");
+    let inv_b = dir.join("vm-b.toml");
+    std::fs::write(
+        &inv_a,
+        inventory_toml("vm-a", "4.8", true, &["sales_a", "hr_a"], 50),
+    )
+    .unwrap();
+    std::fs::write(
+        &inv_b,
+        inventory_toml("vm-b", "4.8", true, &["sales_b"], 50),
+    )
+    .unwrap();
+    let mut agent_a = AgentProcess::start(&server.base, &enrollment, &inv_a);
+    let _agent_b = AgentProcess::start(&server.base, &enrollment, &inv_b);
+
+    let vms = wait_for_vms(&api, 2).await;
+    let vm_id = |name: &str| {
+        vms.iter().find(|v| v["name"] == name).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (a, b) = (vm_id("vm-a"), vm_id("vm-b"));
+
+    let mut jobs = Vec::new();
+    for (vm, dbs) in [(&a, vec!["sales_a", "hr_a"]), (&b, vec!["sales_b"])] {
+        let (_, job) = api
+            .post("/v1/jobs", json!({"vm_id": vm, "kind": "discovery"}))
+            .await;
+        jobs.push((
+            vm.clone(),
+            job["id"].as_str().unwrap().to_owned(),
+            dbs.clone(),
+        ));
+        let items: Vec<Value> = dbs
+            .iter()
+            .map(|d| json!({"instance": "MSSQLSERVER", "database": d}))
+            .collect();
+        let (status, job) = api
+            .post(
+                "/v1/jobs",
+                json!({"vm_id": vm, "kind": "backup_full", "items": items}),
+            )
+            .await;
+        assert_eq!(status, 202, "{job}");
+        jobs.push((vm.clone(), job["id"].as_str().unwrap().to_owned(), dbs));
+    }
+    for (vm, id, dbs) in &jobs {
+        let job = api.finished_job(id).await;
+        assert_eq!(job["status"], "completed", "{job}");
+        assert_eq!(job["vm_id"], vm.as_str());
+        let reported: BTreeSet<String> = match job["kind"].as_str().unwrap() {
+            "discovery" => names(
+                job["result"]["inventory"]["databases"].as_array().unwrap(),
+                "name",
+            ),
+            _ => names(
+                job["result"]["recovery_points"].as_array().unwrap(),
+                "database",
+            ),
+        };
+        let expected: BTreeSet<String> = dbs.iter().map(|d| d.to_string()).collect();
+        assert_eq!(reported, expected, "the job ran on its own VM's agent");
+    }
+
+    // Slow the next backup down, then kill the agent while it runs.
+    std::fs::write(
+        &inv_a,
+        inventory_toml("vm-a", "4.8", true, &["sales_a", "hr_a"], 3000),
+    )
+    .unwrap();
+    let (_, job) = api
+        .post("/v1/jobs", json!({"vm_id": a, "kind": "backup_log", "items": [{"instance": "MSSQLSERVER", "database": "sales_a"}]}))
+        .await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    api.job_until(&id, |j| j["status"] == "in_progress").await;
+    agent_a.kill_hard();
+    let requeued = api
+        .job_until(&id, |j| {
+            j["attempt_history"][0]["outcome"] == "lease_expired"
+        })
+        .await;
+    assert_eq!(requeued["status"], "queued");
+    std::fs::write(
+        &inv_a,
+        inventory_toml("vm-a", "4.8", true, &["sales_a", "hr_a"], 50),
+    )
+    .unwrap();
+    agent_a.restart(&enrollment);
+    let done = api.finished_job(&id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["attempts"], 2);
+    assert_eq!(done["attempt_history"][1]["outcome"], "completed");
+    // The log chains on the full taken before the crash (the agent kept its state file).
+    let full = api.finished_job(&jobs[1].1).await;
+    let full_point = full["result"]["recovery_points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["database"] == "sales_a")
+        .unwrap()
+        .clone();
+    let log_point = &done["result"]["recovery_points"][0];
+    assert_eq!(log_point["database_backup_lsn"], full_point["first_lsn"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The seed document's flow, start to finish.
+#[tokio::test]
+async fn the_seed_flow_from_start_discovery_to_auto_protection() {
+    let db = TestDb::new();
+    let server = Server::start(&db, &["--dev"], &[]);
+    let api = Api::new(&server.base, server.token.as_deref().unwrap());
+    let enrollment = api.enrollment_token("sub-1").await;
+    let dir = std::env::temp_dir().join(format!("backvault-seed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let (status, vault) = api
+        .post("/v1/vaults", json!({"name": "seed-vault", "subscription_id": "sub-1", "resource_group": "rg-backup", "region": "westeurope"}))
+        .await;
+    assert_eq!(status, 201);
+    let vault = vault["id"].as_str().unwrap().to_owned();
+
+    let mut databases: Vec<String> = (0..120).map(|i| format!("db{i:03}")).collect();
+    databases.extend(["bad;name".to_owned(), "R&D".to_owned()]);
+    let db_refs: Vec<&str> = databases.iter().map(String::as_str).collect();
+    let main_inv = dir.join("sqlvm-01.toml");
+    std::fs::write(
+        &main_inv,
+        inventory_toml("sqlvm-01", "4.8", true, &db_refs, 10),
+    )
+    .unwrap();
+    let old_inv = dir.join("oldvm.toml");
+    std::fs::write(&old_inv, inventory_toml("oldvm", "4.0", true, &["x"], 10)).unwrap();
+    let nosa_inv = dir.join("nosa.toml");
+    std::fs::write(&nosa_inv, inventory_toml("nosa", "4.8", false, &["y"], 10)).unwrap();
+    let _agents = [
+        AgentProcess::start(&server.base, &enrollment, &main_inv),
+        AgentProcess::start(&server.base, &enrollment, &old_inv),
+        AgentProcess::start(&server.base, &enrollment, &nosa_inv),
+    ];
+    wait_for_vms(&api, 3).await;
+
+    // Start discovery: the unregistered VMs of the subscription, with their issues.
+    let (_, candidates) = api.get(&format!("/v1/vaults/{vault}/discovery")).await;
+    let candidates = candidates.as_array().unwrap();
+    assert_eq!(candidates.len(), 3);
+    let vm = |name: &str| {
+        candidates
+            .iter()
+            .find(|c| c["vm"]["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(vm("oldvm")["issues"][0]["code"], "vm_dotnet_too_old");
+    let (main, old, nosa) = (
+        vm("sqlvm-01")["vm"]["id"].as_str().unwrap().to_owned(),
+        vm("oldvm")["vm"]["id"].as_str().unwrap().to_owned(),
+        vm("nosa")["vm"]["id"].as_str().unwrap().to_owned(),
+    );
+
+    let (status, refused) = api
+        .post(&format!("/v1/vaults/{vault}/vms/{old}/discover"), json!({}))
+        .await;
+    assert_eq!(
+        (status, refused["code"].as_str()),
+        (422, Some("prerequisites_failed"))
+    );
+
+    let (status, job) = api
+        .post(
+            &format!("/v1/vaults/{vault}/vms/{main}/discover"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    assert_eq!(
+        api.finished_job(job["id"].as_str().unwrap()).await["status"],
+        "completed"
+    );
+
+    let (_, containers) = api
+        .get(&format!("/v1/vaults/{vault}/protectable-items"))
+        .await;
+    let instance = containers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "MSSQLSERVER")
+        .unwrap()
+        .clone();
+    let dbs = instance["databases"].as_array().unwrap();
+    let issue =
+        |name: &str| dbs.iter().find(|d| d["name"] == name).unwrap()["issue"]["code"].clone();
+    assert_eq!(issue("bad;name"), "database_name_unsupported");
+    assert_eq!(issue("R&D"), "database_name_needs_auto_protection");
+
+    let ids: Vec<&str> = dbs
+        .iter()
+        .filter(|d| d["protectable"] == true)
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 120);
+    let (status, configured) = api
+        .post(
+            &format!("/v1/vaults/{vault}/protected-items"),
+            json!({"policy": "HourlyLogBackup", "databases": ids}),
+        )
+        .await;
+    assert_eq!(status, 202, "{configured}");
+    let configure_jobs = configured["jobs"].as_array().unwrap();
+    assert_eq!(configure_jobs.len(), 3);
+    for job in configure_jobs {
+        assert_eq!(
+            api.finished_job(job.as_str().unwrap()).await["status"],
+            "completed"
+        );
+    }
+    let (_, protected) = api
+        .get(&format!(
+            "/v1/vaults/{vault}/protected-items?state=protected&limit=200"
+        ))
+        .await;
+    assert_eq!(protected["items"].as_array().unwrap().len(), 120);
+
+    // AUTOPROTECT ON: R&D now, and a database added later at the next discovery.
+    let (status, intent) = api
+        .post(
+            &format!("/v1/vaults/{vault}/auto-protection"),
+            json!({"instance_id": instance["id"], "policy": "HourlyLogBackup"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{intent}");
+    for job in intent["jobs"].as_array().unwrap() {
+        assert_eq!(
+            api.finished_job(job.as_str().unwrap()).await["status"],
+            "completed"
+        );
+    }
+    let mut grown = db_refs.clone();
+    grown.push("added_later");
+    std::fs::write(
+        &main_inv,
+        inventory_toml("sqlvm-01", "4.8", true, &grown, 10),
+    )
+    .unwrap();
+    let (_, job) = api
+        .post(
+            &format!("/v1/vaults/{vault}/vms/{main}/rediscover"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        api.finished_job(job["id"].as_str().unwrap()).await["status"],
+        "completed"
+    );
+    let (_, auto) = api
+        .get(&format!(
+            "/v1/vaults/{vault}/protected-items?auto_protected=true"
+        ))
+        .await;
+    let auto_names = names(auto["items"].as_array().unwrap(), "database");
+    assert_eq!(
+        auto_names,
+        BTreeSet::from(["R&D".to_owned(), "added_later".to_owned()])
+    );
+
+    // An agent without sysadmin: discovery fails with Azure's code.
+    let (_, job) = api
+        .post(
+            &format!("/v1/vaults/{vault}/vms/{nosa}/discover"),
+            json!({}),
+        )
+        .await;
+    let failed = api.finished_job(job["id"].as_str().unwrap()).await;
+    assert_eq!(failed["status"], "failed");
+    assert_eq!(failed["error"]["code"], "UserErrorSQLNoSysAdminMembership");
+    let _ = std::fs::remove_dir_all(&dir);
+}

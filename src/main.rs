@@ -311,14 +311,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Duration::from_secs(3600),
         background_stopped,
     ));
-    let app = backvault_api::router(AppState { service });
+    let app = backvault_api::router(AppState {
+        service: service.clone(),
+    });
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
+    let stopping = service.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        stopping.begin_shutdown();
+    });
     tokio::select! {
         result = server => result?,
         () = async { shutdown_signal().await; tokio::time::sleep(grace).await } => {

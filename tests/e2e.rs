@@ -193,3 +193,42 @@ async fn configured_key_token_command_and_refusal_without_key() {
     assert_eq!(list["items"][0]["name"], "keyed");
     assert_eq!(http.get(&vaults).send().await.unwrap().status(), 401);
 }
+
+/// A shutdown does not wait out long-polls: they answer (empty) and the server exits.
+#[tokio::test]
+async fn shutdown_ends_waiting_long_polls() {
+    let db = TestDb::new();
+    let mut server = Server::start(&db, &["--dev"], &[]);
+    let api = common::Api::new(&server.base, server.token.as_deref().unwrap());
+    let enrollment = api.enrollment_token("sub-1").await;
+    let facts = json!({"name": "vm-1", "resource_group": "rg", "subscription_id": "sub-1", "region": "westeurope",
+        "deployment_model": "resource_manager", "agent_version": "1", "dotnet_version": "4.8",
+        "sql_iaas_extension": true, "other_backup_product": false});
+    let enrolled = common::Api::new(&server.base, &enrollment)
+        .post("/v1/agent/enroll", json!({"facts": facts}))
+        .await
+        .1;
+    let agent = common::Api::new(&server.base, enrolled["agent_token"].as_str().unwrap());
+    let poll = tokio::spawn(async move {
+        agent
+            .post(
+                "/v1/agent/claim",
+                json!({"max_jobs": 1, "wait_seconds": 60}),
+            )
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    let status = server.terminate();
+    assert!(status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let (code, body) = poll.await.unwrap();
+    assert_eq!(
+        (code, body["jobs"].as_array().map(Vec::len)),
+        (200, Some(0))
+    );
+}

@@ -293,7 +293,9 @@ impl Service {
                 return Ok(jobs);
             }
             let recheck = self.config.long_poll_recheck.min(deadline - now);
-            let _ = tokio::time::timeout(recheck, notified).await;
+            if self.wait_for_change(recheck, notified).await {
+                return Ok(Vec::new());
+            }
         }
     }
 

@@ -264,8 +264,11 @@ impl Service {
                 break;
             }
             let recheck = self.config.long_poll_recheck.min(deadline - now);
-            let _ = tokio::time::timeout(recheck, notified).await;
+            let stopping = self.wait_for_change(recheck, notified).await;
             current = self.visible_job(principal, id).await?;
+            if stopping {
+                break;
+            }
         }
         let attempts = store::job_attempts(&self.pool, id).await?;
         let mut job = Job::try_from(current)?;

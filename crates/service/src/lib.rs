@@ -69,6 +69,8 @@ pub struct Service {
     pub config: Arc<Config>,
     pub notifier: Arc<notifier::Notifier>,
     pub metrics: Arc<metrics::Metrics>,
+    /// Flips when the server shuts down, so that long-polls answer at once.
+    stopping: tokio::sync::watch::Sender<bool>,
     claimer:
         batcher::Batcher<agents::ClaimRequest, Vec<backvault_domain::agent::protocol::ClaimedJob>>,
     completer: batcher::Batcher<backvault_store::jobs::Completion, ()>,
@@ -89,8 +91,32 @@ impl Service {
             config,
             notifier,
             metrics: Arc::new(metrics::Metrics::default()),
+            stopping: tokio::sync::watch::Sender::new(false),
             claimer,
             completer,
+        }
+    }
+
+    /// Ends waiting long-polls (they answer with what they have) so that a graceful
+    /// shutdown does not wait out their timeouts.
+    pub fn begin_shutdown(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Waits until `timeout` passes, `notified` fires or the server begins shutting down;
+    /// true when shutting down.
+    pub(crate) async fn wait_for_change(
+        &self,
+        timeout: Duration,
+        notified: impl std::future::Future<Output = ()>,
+    ) -> bool {
+        let mut stopping = self.stopping.subscribe();
+        if *stopping.borrow_and_update() {
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::timeout(timeout, notified) => false,
+            _ = stopping.changed() => true,
         }
     }
 

@@ -129,6 +129,9 @@ struct JobArgs {
     /// Registration needs the VM's agent heard from within this window.
     #[arg(long, env = "BACKVAULT_AGENT_HEARD_WITHIN", default_value = "30m", value_parser = humantime::parse_duration)]
     agent_heard_within: Duration,
+    /// How often the scheduler looks for due backup slots.
+    #[arg(long, env = "BACKVAULT_SCHEDULER_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    scheduler_interval: Duration,
 }
 
 impl JobArgs {
@@ -144,6 +147,7 @@ impl JobArgs {
                 .unwrap_or(chrono::Duration::hours(8)),
             agent_heard_within: chrono::Duration::from_std(self.agent_heard_within)
                 .unwrap_or(chrono::Duration::minutes(30)),
+            scheduler_interval: self.scheduler_interval,
         }
     }
 }

@@ -9,4 +9,5 @@ mod jobs;
 mod policies;
 mod protection;
 mod queue;
+mod recovery;
 mod vaults;

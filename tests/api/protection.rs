@@ -4,17 +4,17 @@ use sqlx::PgPool;
 
 use crate::helpers::{TestApp, claim, enroll, facts};
 
-fn db(instance: &str, name: &str) -> Value {
+pub fn db(instance: &str, name: &str) -> Value {
     json!({"instance": instance, "name": name, "recovery_model": "full", "size_bytes": 1024})
 }
 
-fn inventory(databases: Vec<Value>) -> Value {
+pub fn inventory(databases: Vec<Value>) -> Value {
     json!({"instances": [{"name": "MSSQLSERVER", "version": "2019"}, {"name": "OLD", "version": "2012"}],
            "databases": databases})
 }
 
 /// Runs the agent side of every pending discovery job of this agent with `inv`.
-async fn run_discovery(app: &TestApp, agent: &str, inv: &Value) {
+pub async fn run_discovery(app: &TestApp, agent: &str, inv: &Value) {
     for job in claim(app, agent, 50).await {
         assert_eq!(job["kind"], "discovery");
         let res = app
@@ -32,7 +32,7 @@ async fn run_discovery(app: &TestApp, agent: &str, inv: &Value) {
 }
 
 /// Completes (or fails) the pending configure-protection jobs; returns their item counts.
-async fn run_configure(app: &TestApp, agent: &str, fail: bool) -> Vec<usize> {
+pub async fn run_configure(app: &TestApp, agent: &str, fail: bool) -> Vec<usize> {
     let mut sizes = Vec::new();
     for job in claim(app, agent, 50).await {
         assert_eq!(job["kind"], "configure_protection");
@@ -54,13 +54,13 @@ async fn run_configure(app: &TestApp, agent: &str, fail: bool) -> Vec<usize> {
     sizes
 }
 
-struct Setup {
-    vault: String,
-    vm: String,
-    agent: String,
+pub struct Setup {
+    pub vault: String,
+    pub vm: String,
+    pub agent: String,
 }
 
-async fn registered(app: &TestApp, vault_name: &str, vm_name: &str, inv: &Value) -> Setup {
+pub async fn registered(app: &TestApp, vault_name: &str, vm_name: &str, inv: &Value) -> Setup {
     let vault = app.vault(vault_name, "sub-1").await["id"]
         .as_str()
         .unwrap()
@@ -84,7 +84,7 @@ async fn registered(app: &TestApp, vault_name: &str, vm_name: &str, inv: &Value)
     Setup { vault, vm, agent }
 }
 
-async fn protectable(app: &TestApp, vault: &str) -> Value {
+pub async fn protectable(app: &TestApp, vault: &str) -> Value {
     let res = app
         .get(
             &format!("/v1/vaults/{vault}/protectable-items"),
@@ -95,7 +95,7 @@ async fn protectable(app: &TestApp, vault: &str) -> Value {
     res.body
 }
 
-fn db_id(containers: &Value, name: &str) -> String {
+pub fn db_id(containers: &Value, name: &str) -> String {
     containers
         .as_array()
         .unwrap()

@@ -57,7 +57,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
-            Duration::from_secs(60),
+            Duration::from_secs(90),
         ))
         // Outside the timeout, so the timeout's bare 408 gets a problem body.
         .layer(axum::middleware::map_response(error::problem_for_timeout))

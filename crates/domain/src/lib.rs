@@ -8,6 +8,7 @@ pub mod names;
 pub mod policy;
 pub mod preview;
 pub mod protection;
+pub mod restore;
 pub mod retention;
 pub mod schedule;
 pub mod violation;

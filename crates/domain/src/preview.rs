@@ -144,7 +144,8 @@ impl Policy {
         }
     }
 
-    fn max_gap_minutes(&self, from: DateTime<Utc>) -> i64 {
+    /// The longest gap between consecutive recovery points the policy allows (its RPO).
+    pub fn max_gap_minutes(&self, from: DateTime<Utc>) -> i64 {
         if let Some(log) = self.log {
             return log.frequency_minutes.into();
         }

@@ -91,6 +91,53 @@ impl Policy {
     }
 }
 
+/// What the scheduler needs of one backup type at an instant: the latest slot at or
+/// before it (due unless already taken) and the first slot after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotWindow {
+    pub due: Option<DateTime<Utc>>,
+    pub next: DateTime<Utc>,
+}
+
+impl Policy {
+    fn window(
+        &self,
+        now: DateTime<Utc>,
+        runs: impl Fn(DateTime<Utc>) -> Option<DateTime<Utc>>,
+        lookback: chrono::Duration,
+    ) -> Option<SlotWindow> {
+        let next = runs(now)?;
+        let mut due = None;
+        let mut cursor = now - lookback;
+        while let Some(run) = runs(cursor).filter(|r| *r <= now) {
+            due = Some(run);
+            cursor = run;
+        }
+        Some(SlotWindow { due, next })
+    }
+
+    pub fn full_window(&self, now: DateTime<Utc>) -> SlotWindow {
+        self.window(now, |t| self.full_runs(t).next(), chrono::Duration::days(8))
+            .expect("a valid policy has full runs")
+    }
+
+    pub fn differential_window(&self, now: DateTime<Utc>) -> Option<SlotWindow> {
+        self.window(
+            now,
+            |t| self.differential_runs(t).next(),
+            chrono::Duration::days(8),
+        )
+    }
+
+    pub fn log_window(&self, now: DateTime<Utc>) -> Option<SlotWindow> {
+        let log = self.log?;
+        Some(SlotWindow {
+            due: Some(interval_slot_at_or_before(log.frequency_minutes, now)),
+            next: interval_slots(log.frequency_minutes, now).next()?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +244,28 @@ mod tests {
         for pair in runs.windows(2) {
             assert_eq!(pair[1] - pair[0], chrono::Duration::minutes(15));
         }
+    }
+
+    #[test]
+    fn windows_give_the_due_and_next_slots() {
+        let p = weekly_amsterdam("22:00");
+        // Wednesday 2026-11-25 12:00Z: the last full was Sunday 22:00 CET, the next is the
+        // coming Sunday; the last differential was Tuesday 22:00.
+        let now = utc("2026-11-25T12:00:00Z");
+        let full = p.full_window(now);
+        assert_eq!(full.due, Some(utc("2026-11-22T21:00:00Z")));
+        assert_eq!(full.next, utc("2026-11-29T21:00:00Z"));
+        let diff = p.differential_window(now).unwrap();
+        assert_eq!(diff.due, Some(utc("2026-11-24T21:00:00Z")));
+        assert_eq!(diff.next, utc("2026-11-25T21:00:00Z"));
+        let log = p.log_window(utc("2026-11-25T12:07:00Z")).unwrap();
+        assert_eq!(
+            (log.due, log.next),
+            (
+                Some(utc("2026-11-25T12:00:00Z")),
+                utc("2026-11-25T12:15:00Z")
+            )
+        );
     }
 
     #[test]

@@ -23,11 +23,20 @@ use uuid::Uuid;
 use crate::auth::Role;
 use crate::batcher::Batcher;
 use crate::error::{Error, ErrorKind, Result};
+use crate::protection::jobs_finished;
+use crate::recovery::{BackupReport, record_points};
 use crate::vms::{check_facts, facts_row};
 use crate::{Config, Principal, Service};
 
 pub const MAX_CLAIM_JOBS: u32 = 50;
 pub const MAX_CLAIM_WAIT_SECONDS: u32 = 60;
+/// Agent codes that mean the log chain is broken: the next backup must be a full.
+const LOG_CHAIN_BROKEN: [&str; 3] = [
+    "UserErrorSQLLSNValidationFailure",
+    "UserErrorParentFullBackupMissing",
+    "UserErrorSQLNoFullBackup",
+];
+
 /// The code an agent reports when it stopped a job because a user cancelled it.
 pub const CANCELLED_CODE: &str = "JobCancelled";
 
@@ -129,6 +138,22 @@ pub(crate) fn complete_batcher(pool: PgPool) -> Batcher<Completion, ()> {
             let done = async {
                 let mut tx = pool.begin().await?;
                 let done = store::queue_complete(&mut tx, &completions).await?;
+                // Recovery points are recorded in the completion's own transaction.
+                let reports: Vec<BackupReport> = completions
+                    .iter()
+                    .filter(|c| done.contains(&c.job_id))
+                    .filter_map(
+                        |c| match serde_json::from_value::<JobResult>(c.result.clone()) {
+                            Ok(JobResult::Backup { recovery_points }) => Some(BackupReport {
+                                job_id: c.job_id,
+                                points: recovery_points,
+                            }),
+                            _ => None,
+                        },
+                    )
+                    .collect();
+                record_points(&mut tx, &reports).await?;
+                jobs_finished(&mut tx, &done, true).await?;
                 tx.commit().await?;
                 Ok::<_, Error>(done)
             }
@@ -444,6 +469,17 @@ impl Service {
             return Err(self.lease_check_failed(vm, job_id).await);
         };
         let message = req.message.chars().take(4000).collect::<String>();
+        if LOG_CHAIN_BROKEN.contains(&req.code.as_str()) {
+            let items: Option<(sqlx::types::Json<Vec<JobItem>>,)> =
+                sqlx::query_as("select items from jobs where id = $1")
+                    .bind(job_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let ids: Vec<Uuid> = items
+                .map(|i| i.0.0.iter().filter_map(|i| i.protected_item_id).collect())
+                .unwrap_or_default();
+            backvault_store::recovery::needs_full_set(&mut *tx, &ids).await?;
+        }
         let outcome = if held.cancel_requested {
             let end = AttemptEnd {
                 outcome: "cancelled",

@@ -31,8 +31,9 @@ impl std::str::FromStr for Role {
             "operator" => Ok(Self::Operator),
             "reader" => Ok(Self::Reader),
             "agent" => Ok(Self::Agent),
+            "enrollment" => Ok(Self::Enrollment),
             _ => Err(format!(
-                "unknown role '{s}' (admin, operator, reader, agent)"
+                "unknown role '{s}' (admin, operator, reader, enrollment)"
             )),
         }
     }

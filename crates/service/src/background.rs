@@ -109,8 +109,22 @@ impl Service {
         let mut rescue = tokio::time::interval(rescue_every);
         let mut prune = tokio::time::interval(prune_every);
         let mut discovery = tokio::time::interval(rescue_every.max(Duration::from_secs(1)) * 6);
+        let mut schedule = tokio::time::interval(self.config.scheduler_interval);
+        let mut sweep = tokio::time::interval(prune_every / 6);
         loop {
             tokio::select! {
+                _ = schedule.tick() => {
+                    if let Err(e) = self.schedule_tick(Utc::now()).await {
+                        tracing::warn!(error = %e, "scheduler tick failed");
+                    }
+                }
+                _ = sweep.tick() => {
+                    match self.sweep_recovery_points().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(removed = n, "retention sweep"),
+                        Err(e) => tracing::warn!(error = %e, "retention sweep failed"),
+                    }
+                }
                 _ = discovery.tick() => {
                     if let Err(e) = self.discover_due_vms().await {
                         tracing::warn!(error = %e, "periodic discovery failed");

@@ -14,6 +14,7 @@ pub mod notifier;
 pub mod pagination;
 pub mod policies;
 pub mod protection;
+pub mod recovery;
 pub mod vaults;
 pub mod vms;
 
@@ -44,6 +45,8 @@ pub struct Config {
     pub discovery_period: chrono::Duration,
     /// Registration needs the VM's agent heard from within this window.
     pub agent_heard_within: chrono::Duration,
+    /// How often the scheduler looks for due backup slots.
+    pub scheduler_interval: Duration,
 }
 
 impl Default for Config {
@@ -57,6 +60,7 @@ impl Default for Config {
             long_poll_recheck: Duration::from_secs(10),
             discovery_period: chrono::Duration::hours(8),
             agent_heard_within: chrono::Duration::minutes(30),
+            scheduler_interval: Duration::from_secs(30),
         }
     }
 }
@@ -176,6 +180,9 @@ impl Service {
         self.metrics
             .long_polls_waiting
             .set(self.notifier.waiting_vms() as i64);
+        self.metrics
+            .rpo_breaching_items
+            .set(self.rpo_breaching(chrono::Utc::now()).await?);
         Ok(())
     }
 }

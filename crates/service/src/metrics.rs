@@ -30,6 +30,7 @@ pub struct Metrics {
     pub queue_running: Family<KindLabels, Gauge>,
     pub queue_oldest_pending_seconds: Family<KindLabels, Gauge>,
     pub long_polls_waiting: Gauge,
+    pub rpo_breaching_items: Gauge,
 }
 
 impl Default for Metrics {
@@ -46,6 +47,7 @@ impl Default for Metrics {
             queue_running: Family::default(),
             queue_oldest_pending_seconds: Family::default(),
             long_polls_waiting: Gauge::default(),
+            rpo_breaching_items: Gauge::default(),
         }
     }
 }
@@ -97,6 +99,11 @@ impl Metrics {
             "long_polls_waiting",
             "VMs with a claim waiting in a long-poll on this replica",
             self.long_polls_waiting.clone(),
+        );
+        r.register(
+            "rpo_breaching_items",
+            "Protected items whose latest recovery point is older than their policy allows",
+            self.rpo_breaching_items.clone(),
         );
         r
     }

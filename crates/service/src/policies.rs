@@ -185,6 +185,16 @@ impl Service {
         let row = policies::policy_replace(&mut tx, current.id, expected, &spec)
             .await?
             .ok_or_else(Error::precondition_failed)?;
+        // Existing points follow the new retention; schedules move to the new slots.
+        self.recompute_retention(&mut tx, current.id, &req.spec)
+            .await?;
+        sqlx::query(
+            "update protected_items set next_full_at = null, next_differential_at = null, next_log_at = null
+             where policy_id = $1",
+        )
+        .bind(current.id)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         row.try_into()
     }

@@ -651,34 +651,13 @@ impl Service {
         Ok(ids)
     }
 
-    /// Effects of finished jobs on protection, in the transaction that finishes them:
-    /// configure protection done → protected; failed for good → the database stays
-    /// unprotected.
     pub(crate) async fn after_jobs_finished(
         &self,
         tx: &mut PgConnection,
         job_ids: &[Uuid],
         succeeded: bool,
     ) -> Result<()> {
-        let jobs: Vec<(String, sqlx::types::Json<Vec<JobItem>>)> = sqlx::query_as(
-            "select kind, items from jobs where id = any($1) and kind = 'configure_protection'",
-        )
-        .bind(job_ids)
-        .fetch_all(&mut *tx)
-        .await?;
-        let items: Vec<Uuid> = jobs
-            .iter()
-            .flat_map(|(_, i)| i.0.iter().filter_map(|i| i.protected_item_id))
-            .collect();
-        if items.is_empty() {
-            return Ok(());
-        }
-        if succeeded {
-            store::items_set_state(&mut *tx, &items, "protecting", "protected").await?;
-        } else {
-            store::items_delete_protecting(&mut *tx, &items).await?;
-        }
-        Ok(())
+        jobs_finished(tx, job_ids, succeeded).await
     }
 
     /// Protectable items of the vault: registered instances and availability groups, each
@@ -918,6 +897,16 @@ impl Service {
             .ok_or_else(|| item_not_found(id))
     }
 
+    pub(crate) async fn protected_item_row(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        id: Uuid,
+    ) -> Result<ProtectedItemRow> {
+        let mut conn = self.pool.acquire().await?;
+        self.visible_item(&mut conn, principal, vault_id, id).await
+    }
+
     pub async fn protected_item_list(
         &self,
         principal: &Principal,
@@ -982,6 +971,8 @@ impl Service {
         store::item_update(&mut tx, id, expected, Some(policy_id), &item.state)
             .await?
             .ok_or_else(Error::precondition_failed)?;
+        // The next tick schedules from the new policy's slots.
+        reset_schedule(&mut tx, id).await?;
         tx.commit().await?;
         self.protected_item_get(principal, vault_id, id).await
     }
@@ -1000,6 +991,9 @@ impl Service {
         match req.mode {
             StopMode::DeleteData => store::item_delete(&mut tx, id).await?,
             StopMode::RetainData | StopMode::RetainPerPolicy => {
+                if matches!(req.mode, StopMode::RetainData) {
+                    backvault_store::recovery::points_retain_forever(&mut *tx, id).await?;
+                }
                 let state = if matches!(req.mode, StopMode::RetainData) {
                     "stopped_retain"
                 } else {
@@ -1044,6 +1038,7 @@ impl Service {
             .policy_id(&mut tx, vault_id, &req.policy, "/policy")
             .await?;
         store::item_update(&mut tx, id, None, Some(policy_id), "protected").await?;
+        reset_schedule(&mut tx, id).await?;
         tx.commit().await?;
         self.protected_item_get(principal, vault_id, id).await
     }
@@ -1271,6 +1266,45 @@ impl Service {
         tx.commit().await?;
         Ok(jobs.len())
     }
+}
+
+async fn reset_schedule(tx: &mut PgConnection, item: Uuid) -> Result<()> {
+    sqlx::query("update protected_items set next_full_at = null, next_differential_at = null, next_log_at = null where id = $1")
+        .bind(item)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Effects of finished jobs, in the transaction that finishes them: configure protection
+/// done → protected, failed for good → the database stays unprotected; a finished backup
+/// job frees its items' next slot of that type.
+pub(crate) async fn jobs_finished(
+    tx: &mut PgConnection,
+    job_ids: &[Uuid],
+    succeeded: bool,
+) -> Result<()> {
+    let jobs: Vec<(String, sqlx::types::Json<Vec<JobItem>>)> =
+        sqlx::query_as("select kind, items from jobs where id = any($1)")
+            .bind(job_ids)
+            .fetch_all(&mut *tx)
+            .await?;
+    for (kind, items) in jobs {
+        let items: Vec<Uuid> = items.0.iter().filter_map(|i| i.protected_item_id).collect();
+        if items.is_empty() {
+            continue;
+        }
+        match kind.as_str() {
+            "configure_protection" if succeeded => {
+                store::items_set_state(&mut *tx, &items, "protecting", "protected").await?;
+            }
+            "configure_protection" => {
+                store::items_delete_protecting(&mut *tx, &items).await?;
+            }
+            _ => backvault_store::recovery::pending_clear(&mut *tx, &items, &kind).await?,
+        }
+    }
+    Ok(())
 }
 
 fn prerequisites<'a>(vm: &'a Vm, registered_vault: Option<&'a str>) -> VmPrerequisites<'a> {

@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::Permission;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::pagination::{Page, page, page_request};
 use crate::{Principal, Service};
 
@@ -146,7 +146,13 @@ impl Service {
         principal.require(Permission::WriteInventory)?;
         let mut tx = self.pool.begin().await?;
         self.visible_vm(&mut *tx, principal, id).await?;
-        vms::vm_delete(&mut tx, id).await?;
+        vms::vm_delete(&mut tx, id).await.on_foreign_key(|| {
+            Error::new(
+                ErrorKind::Conflict,
+                "vm_has_protected_items",
+                "databases on this VM are protected; stop protection (and delete their data) first",
+            )
+        })?;
         tx.commit().await?;
         Ok(())
     }

@@ -6,6 +6,7 @@ pub mod inventory;
 pub mod jobs;
 pub mod policies;
 pub mod protection;
+pub mod recovery;
 pub mod vaults;
 pub mod vms;
 

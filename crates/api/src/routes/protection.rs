@@ -10,6 +10,9 @@ use backvault_service::protection::{
     CreateAutoProtection, DiscoveryCandidate, ItemQuery, OnDemandBackup, ProtectableContainer,
     ProtectedItem, StopProtection,
 };
+use backvault_service::recovery::{
+    RecoveryPoints, RestorePlan, RestoreRequest, RestoreTarget, RpoReport,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -34,6 +37,85 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(backup_now))
         .routes(routes!(enable_auto_protection, list_auto_protection))
         .routes(routes!(get_auto_protection, disable_auto_protection))
+        .routes(routes!(list_recovery_points))
+        .routes(routes!(plan_restore))
+        .routes(routes!(start_restore))
+        .routes(routes!(rpo_report))
+}
+
+/// Recovery points of a protected item, with the continuous restorable time ranges.
+#[utoipa::path(get, path = "/v1/vaults/{vault_id}/protected-items/{item_id}/recovery-points", tag = "protection",
+    params(("vault_id" = Uuid, Path), ("item_id" = Uuid, Path)),
+    responses((status = 200, body = RecoveryPoints), (status = 404, body = Problem, content_type = "application/problem+json")))]
+async fn list_recovery_points(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path((vault_id, item_id)): Path<(Uuid, Uuid)>,
+) -> ApiResult<axum::Json<RecoveryPoints>> {
+    Ok(axum::Json(
+        state
+            .service
+            .recovery_points(&principal, vault_id, item_id)
+            .await?,
+    ))
+}
+
+/// The restore plan for an instant or a recovery point: the full, the latest
+/// differential before it, and the logs up to it, in order, with sizes.
+#[utoipa::path(post, path = "/v1/vaults/{vault_id}/protected-items/{item_id}/restore-plan", tag = "protection",
+    params(("vault_id" = Uuid, Path), ("item_id" = Uuid, Path)), request_body = RestoreTarget,
+    responses((status = 200, body = RestorePlan),
+              (status = 409, body = Problem, content_type = "application/problem+json", description = "point_not_covered"),
+              (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn plan_restore(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path((vault_id, item_id)): Path<(Uuid, Uuid)>,
+    Json(req): Json<RestoreTarget>,
+) -> ApiResult<axum::Json<RestorePlan>> {
+    Ok(axum::Json(
+        state
+            .service
+            .restore_plan(&principal, vault_id, item_id, &req)
+            .await?,
+    ))
+}
+
+/// Restore to the original database (overwrite) or under another name, on a VM of the vault.
+#[utoipa::path(post, path = "/v1/vaults/{vault_id}/protected-items/{item_id}/restore", tag = "protection",
+    params(("vault_id" = Uuid, Path), ("item_id" = Uuid, Path)), request_body = RestoreRequest,
+    responses((status = 202, body = Job, headers(("Location" = String))),
+              (status = 409, body = Problem, content_type = "application/problem+json"),
+              (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn start_restore(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path((vault_id, item_id)): Path<(Uuid, Uuid)>,
+    Json(req): Json<RestoreRequest>,
+) -> ApiResult<Response> {
+    Ok(accepted_job(
+        state
+            .service
+            .restore_start(&principal, vault_id, item_id, req)
+            .await?,
+    ))
+}
+
+/// RPO report: per protected item the latest backups, the gap the policy allows and
+/// whether it is breached now.
+#[utoipa::path(get, path = "/v1/vaults/{vault_id}/rpo", tag = "protection", params(("vault_id" = Uuid, Path)),
+    responses((status = 200, body = RpoReport)))]
+async fn rpo_report(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path(vault_id): Path<Uuid>,
+) -> ApiResult<axum::Json<RpoReport>> {
+    Ok(axum::Json(
+        state
+            .service
+            .rpo_report(&principal, Some(vault_id), chrono::Utc::now())
+            .await?,
+    ))
 }
 
 fn accepted_job(job: Job) -> Response {

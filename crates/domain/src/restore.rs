@@ -1,0 +1,289 @@
+//! Restoring from recovery points: which continuous time ranges a database can be
+//! restored to, and the ordered list of points that brings it to a given instant.
+//!
+//! A log backup covers the instants after the previous log backup up to its own end; it
+//! applies on top of a full or differential when its log-sequence range contains the end
+//! of that base. A break in the log-sequence chain ends a range.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::agent::RecoveryPointType;
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct Point {
+    pub id: Uuid,
+    pub backup_type: RecoveryPointType,
+    pub backup_time: DateTime<Utc>,
+    /// Logs: the end of the previous log backup.
+    pub log_from: Option<DateTime<Utc>>,
+    pub first_lsn: u128,
+    pub last_lsn: u128,
+    pub full_id: Option<Uuid>,
+    pub size_bytes: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+pub struct TimeRange {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanError {
+    /// No full backup before the instant.
+    NoFullBefore,
+    /// The log chain does not reach the instant (a gap, or no log yet).
+    NotCovered { restorable: Vec<TimeRange> },
+}
+
+/// Continuous ranges a database can be restored to: from each full (or differential)
+/// through the logs that chain on it. `points` in any order.
+pub fn restorable_ranges(points: &[Point]) -> Vec<TimeRange> {
+    let mut sorted: Vec<&Point> = points.iter().collect();
+    // At the same instant a log ends before a full or differential begins.
+    sorted.sort_by_key(|p| (p.backup_time, p.backup_type != RecoveryPointType::Log));
+    let mut ranges: Vec<TimeRange> = Vec::new();
+    // The open range and the LSN its next log must start at.
+    let mut open: Option<(TimeRange, u128)> = None;
+    let close = |open: &mut Option<(TimeRange, u128)>, ranges: &mut Vec<TimeRange>| {
+        if let Some((r, _)) = open.take() {
+            ranges.push(r);
+        }
+    };
+    for p in sorted {
+        match p.backup_type {
+            RecoveryPointType::Full | RecoveryPointType::Differential => match &mut open {
+                Some((r, _)) => r.to = r.to.max(p.backup_time),
+                None => {
+                    open = Some((
+                        TimeRange {
+                            from: p.backup_time,
+                            to: p.backup_time,
+                        },
+                        p.last_lsn,
+                    ));
+                }
+            },
+            RecoveryPointType::Log => match &mut open {
+                Some((r, next)) if p.first_lsn <= *next && *next <= p.last_lsn => {
+                    r.to = p.backup_time;
+                    *next = p.last_lsn;
+                }
+                Some(_) => close(&mut open, &mut ranges),
+                None => {}
+            },
+            RecoveryPointType::CopyOnlyFull => ranges.push(TimeRange {
+                from: p.backup_time,
+                to: p.backup_time,
+            }),
+        }
+    }
+    close(&mut open, &mut ranges);
+    ranges.sort_by_key(|r| r.from);
+    // Copy-only points inside a range add nothing.
+    let mut merged: Vec<TimeRange> = Vec::new();
+    for r in ranges {
+        match merged.last_mut() {
+            Some(last) if r.from <= last.to => last.to = last.to.max(r.to),
+            _ => merged.push(r),
+        }
+    }
+    merged
+}
+
+/// The points to restore, in order, to reach `at`: the latest full at or before it, the
+/// latest differential on that full at or before it, then the logs up to the one that
+/// covers `at`.
+pub fn plan_to(points: &[Point], at: DateTime<Utc>) -> Result<Vec<Point>, PlanError> {
+    let mut fulls: Vec<&Point> = points
+        .iter()
+        .filter(|p| {
+            matches!(
+                p.backup_type,
+                RecoveryPointType::Full | RecoveryPointType::CopyOnlyFull
+            ) && p.backup_time <= at
+        })
+        .collect();
+    fulls.sort_by_key(|p| std::cmp::Reverse(p.backup_time));
+    if fulls.is_empty() {
+        return Err(PlanError::NoFullBefore);
+    }
+    // Try the latest full first; an older one may still reach `at` through its logs.
+    for full in fulls {
+        if full.backup_time == at {
+            return Ok(vec![full.clone()]);
+        }
+        if full.backup_type == RecoveryPointType::CopyOnlyFull {
+            continue;
+        }
+        let base = points
+            .iter()
+            .filter(|p| {
+                p.backup_type == RecoveryPointType::Differential
+                    && p.full_id == Some(full.id)
+                    && p.backup_time <= at
+            })
+            .max_by_key(|p| p.backup_time);
+        let mut plan = vec![full.clone()];
+        let mut next_lsn = full.last_lsn;
+        let mut reached = full.backup_time;
+        if let Some(diff) = base {
+            plan.push(diff.clone());
+            next_lsn = diff.last_lsn;
+            reached = diff.backup_time;
+        }
+        if reached == at {
+            return Ok(plan);
+        }
+        let mut logs: Vec<&Point> = points
+            .iter()
+            .filter(|p| p.backup_type == RecoveryPointType::Log && p.backup_time > reached)
+            .collect();
+        logs.sort_by_key(|p| p.backup_time);
+        for log in logs {
+            if !(log.first_lsn <= next_lsn && next_lsn <= log.last_lsn) {
+                break;
+            }
+            plan.push(log.clone());
+            next_lsn = log.last_lsn;
+            if log.backup_time >= at {
+                return Ok(plan);
+            }
+        }
+    }
+    Err(PlanError::NotCovered {
+        restorable: restorable_ranges(points),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn t(minutes: i64) -> DateTime<Utc> {
+        DateTime::<Utc>::from_timestamp(1_800_000_000, 0).unwrap()
+            + chrono::Duration::minutes(minutes)
+    }
+
+    /// A chain like the reference agent makes: a full at 0 (LSN 100..110), logs every 15
+    /// minutes continuing the log chain, a differential at 60.
+    fn chain() -> Vec<Point> {
+        let full = Point {
+            id: Uuid::from_u128(1),
+            backup_type: RecoveryPointType::Full,
+            backup_time: t(0),
+            log_from: None,
+            first_lsn: 100,
+            last_lsn: 110,
+            full_id: None,
+            size_bytes: 1000,
+        };
+        let mut points = vec![full];
+        let mut lsn = 90;
+        for i in 1..=6 {
+            let next = 100 + i * 20;
+            points.push(Point {
+                id: Uuid::from_u128(10 + i),
+                backup_type: RecoveryPointType::Log,
+                backup_time: t(i as i64 * 15),
+                log_from: Some(t((i as i64 - 1) * 15)),
+                first_lsn: lsn,
+                last_lsn: next,
+                full_id: Some(Uuid::from_u128(1)),
+                size_bytes: 10,
+            });
+            lsn = next;
+        }
+        points.push(Point {
+            id: Uuid::from_u128(2),
+            backup_type: RecoveryPointType::Differential,
+            backup_time: t(60),
+            log_from: None,
+            first_lsn: 181,
+            last_lsn: 185,
+            full_id: Some(Uuid::from_u128(1)),
+            size_bytes: 100,
+        });
+        points
+    }
+
+    fn ids(plan: &[Point]) -> Vec<u128> {
+        plan.iter().map(|p| p.id.as_u128()).collect()
+    }
+
+    #[test]
+    fn plan_uses_full_then_logs() {
+        let plan = plan_to(&chain(), t(40)).unwrap();
+        assert_eq!(ids(&plan), [1, 11, 12, 13]);
+    }
+
+    #[test]
+    fn plan_prefers_the_latest_differential() {
+        let plan = plan_to(&chain(), t(80)).unwrap();
+        assert_eq!(ids(&plan), [1, 2, 15, 16]);
+        assert_eq!(ids(&plan_to(&chain(), t(60)).unwrap()), [1, 2]);
+    }
+
+    #[test]
+    fn uncovered_instants_are_errors_with_the_ranges() {
+        assert_eq!(plan_to(&chain(), t(-5)), Err(PlanError::NoFullBefore));
+        match plan_to(&chain(), t(200)) {
+            Err(PlanError::NotCovered { restorable }) => assert_eq!(
+                restorable,
+                [TimeRange {
+                    from: t(0),
+                    to: t(90)
+                }]
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_log_gap_ends_the_range() {
+        let mut points = chain();
+        // Another tool took a log backup: the log at 45 does not continue the chain.
+        let gap = points.iter_mut().find(|p| p.id.as_u128() == 13).unwrap();
+        gap.first_lsn = 155;
+        gap.last_lsn = 160;
+        let ranges = restorable_ranges(&points);
+        assert_eq!(
+            ranges,
+            [
+                TimeRange {
+                    from: t(0),
+                    to: t(30)
+                },
+                TimeRange {
+                    from: t(60),
+                    to: t(90)
+                }
+            ],
+            "the gap ends a range; the differential at 60 starts the next"
+        );
+        assert!(plan_to(&points, t(50)).is_err());
+        assert_eq!(ids(&plan_to(&points, t(75)).unwrap()), [1, 2, 15]);
+    }
+
+    proptest! {
+        /// Every instant inside a restorable range has a plan, and every plan ends at or
+        /// after its instant, in time order, starting with a full.
+        #[test]
+        fn ranges_and_plans_agree(minute in 0i64..=90) {
+            let points = chain();
+            let at = t(minute);
+            let covered = restorable_ranges(&points).iter().any(|r| r.from <= at && at <= r.to);
+            let plan = plan_to(&points, at);
+            prop_assert_eq!(covered, plan.is_ok());
+            if let Ok(plan) = plan {
+                prop_assert_eq!(plan[0].backup_type, RecoveryPointType::Full);
+                prop_assert!(plan.last().unwrap().backup_time >= at);
+                prop_assert!(plan.windows(2).all(|w| w[0].backup_time < w[1].backup_time));
+            }
+        }
+    }
+}

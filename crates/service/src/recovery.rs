@@ -1,0 +1,722 @@
+//! Recovery points and what follows from them: recording them in the completion's
+//! transaction (with the recovery chain and gap detection), the scheduler, retention,
+//! restore plans and jobs, and the RPO report.
+
+use std::collections::HashMap;
+
+use backvault_domain::agent::{JobItem, RecoveryPointReport, RecoveryPointType};
+use backvault_domain::jobs::{JobKind, Priority, batch};
+use backvault_domain::policy::{Policy, PolicySpec};
+use backvault_domain::restore::{self, PlanError, Point, TimeRange};
+use backvault_domain::retention::BackupType;
+use backvault_store::jobs as queue;
+use backvault_store::recovery::{self as store, ChainUpdate, NewPoint, PointRow};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::PgConnection;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::auth::Permission;
+use crate::error::{Error, ErrorKind, Result};
+use crate::jobs::{Job, new_job};
+use crate::{Principal, Service};
+
+/// `(id, kind, items, payload)` of a job whose report is recorded.
+type JobRowOfReport = (
+    Uuid,
+    String,
+    sqlx::types::Json<Vec<JobItem>>,
+    sqlx::types::Json<serde_json::Value>,
+);
+
+/// A backup job's report, as the group commit hands it over.
+pub(crate) struct BackupReport {
+    pub job_id: Uuid,
+    pub points: Vec<RecoveryPointReport>,
+}
+
+fn policy_of(spec: Option<&sqlx::types::Json<serde_json::Value>>) -> Option<Policy> {
+    let spec: PolicySpec = serde_json::from_value(spec?.0.clone()).ok()?;
+    spec.validate("").ok()
+}
+
+fn lsn(s: &str) -> u128 {
+    s.parse().unwrap_or(0)
+}
+
+fn point_type(s: &str) -> RecoveryPointType {
+    match s {
+        "full" => RecoveryPointType::Full,
+        "copy_only_full" => RecoveryPointType::CopyOnlyFull,
+        "differential" => RecoveryPointType::Differential,
+        _ => RecoveryPointType::Log,
+    }
+}
+
+fn type_str(t: RecoveryPointType) -> &'static str {
+    match t {
+        RecoveryPointType::Full => "full",
+        RecoveryPointType::CopyOnlyFull => "copy_only_full",
+        RecoveryPointType::Differential => "differential",
+        RecoveryPointType::Log => "log",
+    }
+}
+
+/// Records the recovery points of completed backup jobs in the caller's transaction:
+/// expiry from the policy (or the job's own retention), the full each depends on, the
+/// chain extension of that full, and gap detection (a broken log chain or a differential
+/// without its full marks the item for a full at its next slot).
+pub(crate) async fn record_points(tx: &mut PgConnection, reports: &[BackupReport]) -> Result<()> {
+    if reports.is_empty() {
+        return Ok(());
+    }
+    let job_ids: Vec<Uuid> = reports.iter().map(|r| r.job_id).collect();
+    let jobs: Vec<JobRowOfReport> =
+        sqlx::query_as("select id, kind, items, payload from jobs where id = any($1)")
+            .bind(&job_ids)
+            .fetch_all(&mut *tx)
+            .await?;
+    let mut item_ids: Vec<Uuid> = jobs
+        .iter()
+        .flat_map(|j| j.2.0.iter().filter_map(|i| i.protected_item_id))
+        .collect();
+    item_ids.sort();
+    item_ids.dedup();
+    let states = store::chain_lock(tx, &item_ids).await?;
+    let mut chains: HashMap<Uuid, (store::ChainState, Option<Policy>, ChainUpdate)> = states
+        .into_iter()
+        .map(|s| {
+            let policy = policy_of(s.spec.as_ref());
+            let update = ChainUpdate {
+                id: s.id,
+                last_full_id: None,
+                last_full_first_lsn: None,
+                last_log_lsn: None,
+                last_full_at: None,
+                last_differential_at: None,
+                last_log_at: None,
+                needs_full: None,
+            };
+            (s.id, (s, policy, update))
+        })
+        .collect();
+    // In time order: a full satisfies the need for one, a gap creates it.
+    let mut needs_full: HashMap<Uuid, bool> = HashMap::new();
+    let mut points = Vec::new();
+    for report in reports {
+        let Some((_, _, items, payload)) = jobs.iter().find(|j| j.0 == report.job_id) else {
+            continue;
+        };
+        let fixed_days = payload
+            .0
+            .get("retention_days")
+            .and_then(serde_json::Value::as_u64);
+        let mut reported: Vec<&RecoveryPointReport> = report.points.iter().collect();
+        reported.sort_by_key(|p| p.backup_time);
+        for p in reported {
+            let Some(item) = items
+                .0
+                .iter()
+                .find(|i| i.instance.eq_ignore_ascii_case(&p.instance) && i.database == p.database)
+                .and_then(|i| i.protected_item_id)
+            else {
+                continue;
+            };
+            let Some((state, policy, update)) = chains.get_mut(&item) else {
+                continue;
+            };
+            let id = Uuid::now_v7();
+            let mut gap = false;
+            let mut full_id = update.last_full_id.or(state.last_full_id);
+            let full_first = update
+                .last_full_first_lsn
+                .clone()
+                .or(state.last_full_first_lsn.clone());
+            let last_log = update.last_log_lsn.clone().or(state.last_log_lsn.clone());
+            let mut log_from = None;
+            match p.backup_type {
+                RecoveryPointType::Full => {
+                    full_id = None;
+                    // Before any log, the first one must start at or before this full's end.
+                    if last_log.is_none() {
+                        update.last_log_lsn = Some(p.last_lsn.clone());
+                    }
+                    update.last_full_id = Some(id);
+                    update.last_full_first_lsn = Some(p.first_lsn.clone());
+                    update.last_full_at = Some(p.backup_time);
+                    needs_full.insert(item, false);
+                }
+                RecoveryPointType::CopyOnlyFull => full_id = None,
+                RecoveryPointType::Differential => {
+                    if full_first.as_deref() != Some(p.database_backup_lsn.as_str()) {
+                        gap = true;
+                    }
+                    update.last_differential_at = Some(p.backup_time);
+                }
+                RecoveryPointType::Log => {
+                    // The chain continues where the previous log ended; the first log of
+                    // an item may start anywhere up to its first full's end.
+                    let chain_started = update.last_log_at.or(state.last_log_at).is_some();
+                    if let Some(prev) = &last_log {
+                        let (prev, first) = (lsn(prev), lsn(&p.first_lsn));
+                        if (chain_started && prev != first) || (!chain_started && first > prev) {
+                            gap = true;
+                        }
+                    }
+                    if full_first.is_none() {
+                        gap = true;
+                    }
+                    log_from = update
+                        .last_log_at
+                        .or(state.last_log_at)
+                        .or(update.last_full_at)
+                        .or(state.last_full_at);
+                    update.last_log_lsn = Some(p.last_lsn.clone());
+                    update.last_log_at = Some(p.backup_time);
+                }
+            }
+            if gap {
+                needs_full.insert(item, true);
+            }
+            let (expires_at, fixed) = match (p.backup_type, fixed_days, policy.as_ref()) {
+                (RecoveryPointType::CopyOnlyFull, Some(days), _)
+                | (RecoveryPointType::Full, Some(days), _) => (
+                    Some(p.backup_time + chrono::Duration::days(days as i64)),
+                    true,
+                ),
+                (_, _, None) => (None, false),
+                (t, _, Some(policy)) => {
+                    let kind = match t {
+                        RecoveryPointType::Full | RecoveryPointType::CopyOnlyFull => {
+                            BackupType::Full
+                        }
+                        RecoveryPointType::Differential => BackupType::Differential,
+                        RecoveryPointType::Log => BackupType::Log,
+                    };
+                    (
+                        policy.expiry(kind, p.backup_time).map(|e| e.expires_at),
+                        false,
+                    )
+                }
+            };
+            points.push(NewPoint {
+                id,
+                protected_item_id: item,
+                job_id: report.job_id,
+                backup_type: type_str(p.backup_type),
+                started_at: p.started_at,
+                backup_time: p.backup_time,
+                log_from,
+                first_lsn: p.first_lsn.clone(),
+                last_lsn: p.last_lsn.clone(),
+                database_backup_lsn: p.database_backup_lsn.clone(),
+                size_bytes: p.size_bytes,
+                full_id: if matches!(
+                    p.backup_type,
+                    RecoveryPointType::Differential | RecoveryPointType::Log
+                ) {
+                    full_id
+                } else {
+                    None
+                },
+                expires_at,
+                fixed_retention: fixed,
+                chain_gap: gap,
+            });
+        }
+    }
+    store::points_insert(tx, &points).await?;
+    let mut fulls: Vec<Uuid> = points.iter().filter_map(|p| p.full_id).collect();
+    fulls.sort();
+    fulls.dedup();
+    store::fulls_extend_chain(&mut *tx, &fulls).await?;
+    let updates: Vec<ChainUpdate> = chains
+        .into_values()
+        .map(|(state, _, mut u)| {
+            u.needs_full = needs_full.get(&state.id).copied();
+            u
+        })
+        .collect();
+    store::chain_update(tx, &updates).await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RecoveryPoint {
+    pub id: Uuid,
+    pub backup_type: RecoveryPointType,
+    pub started_at: DateTime<Utc>,
+    pub backup_time: DateTime<Utc>,
+    /// Logs cover the instants after this one up to `backup_time`.
+    pub log_from: Option<DateTime<Utc>>,
+    pub first_lsn: String,
+    pub last_lsn: String,
+    pub database_backup_lsn: String,
+    pub size_bytes: i64,
+    /// The full this point restores on top of.
+    pub full_id: Option<Uuid>,
+    /// Its own expiry (none while retained without a policy).
+    pub expires_at: Option<DateTime<Utc>>,
+    /// For a full: kept at least until then for the points that depend on it.
+    pub chain_until: Option<DateTime<Utc>>,
+    /// When the retention sweep may remove it.
+    pub delete_after: Option<DateTime<Utc>>,
+    pub chain_gap: bool,
+    pub job_id: Option<Uuid>,
+}
+
+impl From<&PointRow> for RecoveryPoint {
+    fn from(r: &PointRow) -> Self {
+        Self {
+            id: r.id,
+            backup_type: point_type(&r.backup_type),
+            started_at: r.started_at,
+            backup_time: r.backup_time,
+            log_from: r.log_from,
+            first_lsn: r.first_lsn.clone(),
+            last_lsn: r.last_lsn.clone(),
+            database_backup_lsn: r.database_backup_lsn.clone(),
+            size_bytes: r.size_bytes,
+            full_id: r.full_id,
+            expires_at: r.expires_at,
+            chain_until: r.chain_until,
+            delete_after: r.delete_after,
+            chain_gap: r.chain_gap,
+            job_id: r.job_id,
+        }
+    }
+}
+
+fn domain_point(r: &PointRow) -> Point {
+    Point {
+        id: r.id,
+        backup_type: point_type(&r.backup_type),
+        backup_time: r.backup_time,
+        log_from: r.log_from,
+        first_lsn: lsn(&r.first_lsn),
+        last_lsn: lsn(&r.last_lsn),
+        full_id: r.full_id,
+        size_bytes: r.size_bytes,
+    }
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RecoveryPoints {
+    pub items: Vec<RecoveryPoint>,
+    /// Continuous ranges the database can be restored to (point in time).
+    pub restorable_ranges: Vec<TimeRange>,
+}
+
+/// What to restore to: an instant, or a recovery point.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreTarget {
+    #[serde(default)]
+    pub point_in_time: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub recovery_point_id: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RestorePlan {
+    /// The points to restore, in order: a full, at most one differential, then logs.
+    pub steps: Vec<RecoveryPoint>,
+    pub total_size_bytes: i64,
+    pub restores_to: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    #[serde(default)]
+    pub point_in_time: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub recovery_point_id: Option<Uuid>,
+    /// A VM registered with the same vault; the original VM when absent.
+    #[serde(default)]
+    pub target_vm_id: Option<Uuid>,
+    /// The database name to restore as; the original name when absent (then `overwrite`
+    /// must be true).
+    #[serde(default)]
+    pub target_database: Option<String>,
+    #[serde(default)]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RpoItem {
+    pub protected_item_id: Uuid,
+    pub vm_name: String,
+    pub database: String,
+    pub last_full_at: Option<DateTime<Utc>>,
+    pub last_differential_at: Option<DateTime<Utc>>,
+    pub last_log_at: Option<DateTime<Utc>>,
+    /// The longest gap between recovery points the policy allows.
+    pub allowed_gap_minutes: i64,
+    /// Minutes since the latest recovery point (or since protection began).
+    pub current_gap_minutes: i64,
+    pub breached: bool,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RpoReport {
+    pub items: Vec<RpoItem>,
+    pub protected: usize,
+    pub breached: usize,
+}
+
+/// A slot gets some slack before it counts as missed: the backup must run and finish.
+const RPO_GRACE_MINUTES: i64 = 15;
+
+impl Service {
+    /// One scheduler tick: due slots of every policy become backup jobs, grouped per VM in
+    /// jobs of at most 50 databases. Safe in every replica at once.
+    pub async fn schedule_tick(&self, now: DateTime<Utc>) -> Result<usize> {
+        let mut enqueued = 0;
+        for (policy_id, spec) in store::policies_in_use(&self.pool).await? {
+            let Some(policy) = policy_of(Some(&spec)) else {
+                continue;
+            };
+            let windows = [
+                ("backup_full", "next_full_at", Some(policy.full_window(now))),
+                (
+                    "backup_differential",
+                    "next_differential_at",
+                    policy.differential_window(now),
+                ),
+                ("backup_log", "next_log_at", policy.log_window(now)),
+            ];
+            for (kind, column, window) in windows {
+                let Some(window) = window else { continue };
+                let mut tx = self.pool.begin().await?;
+                store::schedule_initialize(&mut *tx, policy_id, column, window.next).await?;
+                let due =
+                    store::schedule_claim_due(&mut tx, policy_id, kind, now, window.next).await?;
+                enqueued += self.enqueue_scheduled(&mut tx, due).await?;
+                tx.commit().await?;
+            }
+        }
+        Ok(enqueued)
+    }
+
+    async fn enqueue_scheduled(
+        &self,
+        tx: &mut PgConnection,
+        due: Vec<store::DueItem>,
+    ) -> Result<usize> {
+        let mut groups: HashMap<(Uuid, String), Vec<store::DueItem>> = HashMap::new();
+        for item in due {
+            groups
+                .entry((item.vm_id, item.kind.clone()))
+                .or_default()
+                .push(item);
+        }
+        let mut jobs = Vec::new();
+        for ((vm_id, kind), items) in groups {
+            let kind = JobKind::parse(&kind).ok_or_else(|| Error::internal("scheduled kind"))?;
+            let (subscription, vault) = (items[0].subscription_id.clone(), items[0].vault_id);
+            let job_items: Vec<JobItem> = items
+                .into_iter()
+                .map(|i| JobItem {
+                    instance: i.instance,
+                    database: i.database,
+                    protected_item_id: Some(i.id),
+                })
+                .collect();
+            for chunk in batch(job_items) {
+                jobs.push(new_job(
+                    vm_id,
+                    &subscription,
+                    Some(vault),
+                    kind,
+                    Priority::Scheduled,
+                    &chunk,
+                    serde_json::json!({}),
+                )?);
+            }
+        }
+        queue::jobs_enqueue(tx, &jobs).await?;
+        Ok(jobs.len())
+    }
+
+    /// Removes expired recovery points, never a full a live point still needs.
+    pub async fn sweep_recovery_points(&self) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let n = store::points_sweep(&self.pool, 10_000).await?;
+            total += n;
+            if n < 10_000 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Re-computes the expiry of the points that follow a policy, after its retention changed.
+    pub(crate) async fn recompute_retention(
+        &self,
+        tx: &mut PgConnection,
+        policy_id: Uuid,
+        spec: &PolicySpec,
+    ) -> Result<()> {
+        let Ok(policy) = spec.validate("") else {
+            return Ok(());
+        };
+        let points = store::points_following_policy(&mut *tx, policy_id).await?;
+        let mut ids = Vec::new();
+        let mut expiries = Vec::new();
+        for (id, kind, at) in points {
+            let kind = match kind.as_str() {
+                "full" => BackupType::Full,
+                "differential" => BackupType::Differential,
+                "log" => BackupType::Log,
+                _ => continue,
+            };
+            if let Some(e) = policy.expiry(kind, at) {
+                ids.push(id);
+                expiries.push(e.expires_at);
+            }
+        }
+        if !ids.is_empty() {
+            store::points_set_expiry(tx, &ids, &expiries).await?;
+        }
+        Ok(())
+    }
+
+    async fn item_points(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        item_id: Uuid,
+    ) -> Result<(backvault_store::protection::ProtectedItemRow, Vec<PointRow>)> {
+        principal.require(Permission::Read)?;
+        let item = self
+            .protected_item_row(principal, vault_id, item_id)
+            .await?;
+        let points = store::points_of_item(&self.pool, item_id).await?;
+        Ok((item, points))
+    }
+
+    pub async fn recovery_points(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        item_id: Uuid,
+    ) -> Result<RecoveryPoints> {
+        let (_, rows) = self.item_points(principal, vault_id, item_id).await?;
+        let domain: Vec<Point> = rows.iter().map(domain_point).collect();
+        Ok(RecoveryPoints {
+            items: rows.iter().map(RecoveryPoint::from).collect(),
+            restorable_ranges: restore::restorable_ranges(&domain),
+        })
+    }
+
+    pub async fn restore_plan(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        item_id: Uuid,
+        target: &RestoreTarget,
+    ) -> Result<RestorePlan> {
+        let (_, rows) = self.item_points(principal, vault_id, item_id).await?;
+        plan(&rows, target)
+    }
+
+    /// A restore job: to the original database (overwrite) or under another name, on the
+    /// original VM or another one registered with the vault.
+    pub async fn restore_start(
+        &self,
+        principal: &Principal,
+        vault_id: Uuid,
+        item_id: Uuid,
+        req: RestoreRequest,
+    ) -> Result<Job> {
+        principal.require(Permission::OperateJobs)?;
+        let (item, rows) = self.item_points(principal, vault_id, item_id).await?;
+        let target = RestoreTarget {
+            point_in_time: req.point_in_time,
+            recovery_point_id: req.recovery_point_id,
+        };
+        let plan = plan(&rows, &target)?;
+        let target_vm = req.target_vm_id.unwrap_or(item.vm_id);
+        let mut tx = self.pool.begin().await?;
+        let vm = self.visible_vm(&mut *tx, principal, target_vm).await?;
+        if backvault_store::inventory::vm_vault(&mut *tx, target_vm).await? != Some(vault_id) {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                "vm_not_registered",
+                "the target VM is not registered with this vault",
+            ));
+        }
+        let database = req
+            .target_database
+            .clone()
+            .unwrap_or_else(|| item.database_name.clone());
+        if target_vm == item.vm_id
+            && database.eq_ignore_ascii_case(&item.database_name)
+            && !req.overwrite
+        {
+            let mut v = backvault_domain::violation::Violations::default();
+            v.push(
+                "/overwrite",
+                "UserErrorCannotRestoreExistingDBWithoutForceOverwrite",
+                "restoring over the original database needs overwrite: true (or give target_database)",
+            );
+            return Err(Error::validation(v.into_vec()));
+        }
+        let payload = serde_json::json!({
+            "target_database": database,
+            "overwrite": req.overwrite,
+            "restores_to": plan.restores_to,
+            "steps": plan.steps.iter().map(|s| serde_json::json!({"recovery_point_id": s.id, "backup_type": s.backup_type, "backup_time": s.backup_time})).collect::<Vec<_>>(),
+        });
+        let items = [JobItem {
+            instance: item.instance_name.clone(),
+            database: database.clone(),
+            protected_item_id: Some(item_id),
+        }];
+        let job = new_job(
+            target_vm,
+            &vm.subscription_id,
+            Some(vault_id),
+            JobKind::Restore,
+            Priority::OnDemand,
+            &items,
+            payload,
+        )?;
+        let id = job.id;
+        queue::jobs_enqueue(&mut tx, &[job]).await?;
+        tx.commit().await?;
+        self.job_get(principal, id, None).await
+    }
+
+    /// Per protected item: the latest backups, the gap the policy allows and whether it is
+    /// breached now; with totals.
+    pub async fn rpo_report(
+        &self,
+        principal: &Principal,
+        vault_id: Option<Uuid>,
+        now: DateTime<Utc>,
+    ) -> Result<RpoReport> {
+        principal.require(Permission::Read)?;
+        if let Some(v) = vault_id {
+            self.visible_vault(&self.pool, principal, v).await?;
+        }
+        let rows = store::rpo_rows(&self.pool, vault_id).await?;
+        let gaps = self.policy_gaps(now).await?;
+        let items: Vec<RpoItem> = rows
+            .into_iter()
+            .map(|r| {
+                let allowed = r
+                    .policy_id
+                    .and_then(|p| gaps.get(&p).copied())
+                    .unwrap_or(24 * 60);
+                let latest = [r.last_full_at, r.last_differential_at, r.last_log_at]
+                    .into_iter()
+                    .flatten()
+                    .max()
+                    .unwrap_or(r.created_at);
+                let gap = (now - latest).num_minutes();
+                RpoItem {
+                    protected_item_id: r.id,
+                    vm_name: r.vm_name,
+                    database: r.database,
+                    last_full_at: r.last_full_at,
+                    last_differential_at: r.last_differential_at,
+                    last_log_at: r.last_log_at,
+                    allowed_gap_minutes: allowed,
+                    current_gap_minutes: gap,
+                    breached: gap > allowed + RPO_GRACE_MINUTES,
+                }
+            })
+            .collect();
+        let breached = items.iter().filter(|i| i.breached).count();
+        Ok(RpoReport {
+            protected: items.len(),
+            breached,
+            items,
+        })
+    }
+
+    async fn policy_gaps(&self, now: DateTime<Utc>) -> Result<HashMap<Uuid, i64>> {
+        Ok(store::policies_in_use(&self.pool)
+            .await?
+            .into_iter()
+            .filter_map(|(id, spec)| Some((id, policy_of(Some(&spec))?.max_gap_minutes(now))))
+            .collect())
+    }
+
+    /// Items breaching their RPO now, across all vaults (for `/metrics`).
+    pub async fn rpo_breaching(&self, now: DateTime<Utc>) -> Result<i64> {
+        let mut total = 0;
+        for (policy, gap) in self.policy_gaps(now).await? {
+            let n: i64 = sqlx::query_scalar(
+                "select count(*) from protected_items where policy_id = $1 and state = 'protected'
+                   and coalesce(greatest(last_full_at, last_differential_at, last_log_at), created_at) < $2",
+            )
+            .bind(policy)
+            .bind(now - chrono::Duration::minutes(gap + RPO_GRACE_MINUTES))
+            .fetch_one(&self.pool)
+            .await?;
+            total += n;
+        }
+        Ok(total)
+    }
+}
+
+fn plan(rows: &[PointRow], target: &RestoreTarget) -> Result<RestorePlan> {
+    let at = match (target.point_in_time, target.recovery_point_id) {
+        (Some(at), None) => at,
+        (None, Some(id)) => rows
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| r.backup_time)
+            .ok_or_else(|| {
+                Error::not_found(
+                    "recovery_point_not_found",
+                    format_args!("recovery point {id}"),
+                )
+            })?,
+        _ => {
+            let mut v = backvault_domain::violation::Violations::default();
+            v.push(
+                "",
+                "restore_target_invalid",
+                "give exactly one of point_in_time and recovery_point_id",
+            );
+            return Err(Error::validation(v.into_vec()));
+        }
+    };
+    let domain: Vec<Point> = rows.iter().map(domain_point).collect();
+    match restore::plan_to(&domain, at) {
+        Ok(steps) => {
+            let steps: Vec<RecoveryPoint> = steps
+                .iter()
+                .filter_map(|s| rows.iter().find(|r| r.id == s.id))
+                .map(RecoveryPoint::from)
+                .collect();
+            Ok(RestorePlan {
+                total_size_bytes: steps.iter().map(|s| s.size_bytes).sum(),
+                restores_to: at,
+                steps,
+            })
+        }
+        Err(PlanError::NoFullBefore) => Err(Error::new(
+            ErrorKind::Conflict,
+            "point_not_covered",
+            "no full backup exists before that instant",
+        )),
+        Err(PlanError::NotCovered { restorable }) => Err(Error::new(
+            ErrorKind::Conflict,
+            "point_not_covered",
+            format!(
+                "the log chain does not reach that instant; restorable ranges: {}",
+                restorable
+                    .iter()
+                    .map(|r| format!("{} to {}", r.from, r.to))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}

@@ -1,0 +1,396 @@
+//! Recovery points, the chain state of protected items, and the scheduler's statements.
+
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+use sqlx::{FromRow, PgConnection, PgExecutor};
+use uuid::Uuid;
+
+/// The chain state of a protected item, locked while points are recorded.
+#[derive(Debug, Clone, FromRow)]
+pub struct ChainState {
+    pub id: Uuid,
+    pub state: String,
+    pub spec: Option<Json<serde_json::Value>>,
+    pub last_full_id: Option<Uuid>,
+    pub last_full_first_lsn: Option<String>,
+    pub last_log_lsn: Option<String>,
+    pub last_full_at: Option<DateTime<Utc>>,
+    pub last_log_at: Option<DateTime<Utc>>,
+}
+
+pub async fn chain_lock(
+    conn: &mut PgConnection,
+    item_ids: &[Uuid],
+) -> sqlx::Result<Vec<ChainState>> {
+    sqlx::query_as(
+        "select p.id, p.state, pol.spec, p.last_full_id, p.last_full_first_lsn::text as last_full_first_lsn,
+                p.last_log_lsn::text as last_log_lsn, p.last_full_at, p.last_log_at
+         from protected_items p left join policies pol on pol.id = p.policy_id
+         where p.id = any($1) order by p.id for update of p",
+    )
+    .bind(item_ids)
+    .fetch_all(conn)
+    .await
+}
+
+pub struct NewPoint {
+    pub id: Uuid,
+    pub protected_item_id: Uuid,
+    pub job_id: Uuid,
+    pub backup_type: &'static str,
+    pub started_at: DateTime<Utc>,
+    pub backup_time: DateTime<Utc>,
+    pub log_from: Option<DateTime<Utc>>,
+    pub first_lsn: String,
+    pub last_lsn: String,
+    pub database_backup_lsn: String,
+    pub size_bytes: i64,
+    pub full_id: Option<Uuid>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub fixed_retention: bool,
+    pub chain_gap: bool,
+}
+
+pub async fn points_insert(conn: &mut PgConnection, points: &[NewPoint]) -> sqlx::Result<()> {
+    if points.is_empty() {
+        return Ok(());
+    }
+    let col = |f: fn(&NewPoint) -> String| points.iter().map(f).collect::<Vec<String>>();
+    sqlx::query(
+        "insert into recovery_points (id, protected_item_id, job_id, backup_type, started_at, backup_time, log_from,
+                                      first_lsn, last_lsn, database_backup_lsn, size_bytes, full_id, expires_at,
+                                      fixed_retention, chain_gap)
+         select id, item, job, kind, started, at, log_from, first::numeric, last::numeric, base::numeric, size, full_id,
+                expires, fixed, gap
+         from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::timestamptz[], $6::timestamptz[],
+                     $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::int8[], $12::uuid[],
+                     $13::timestamptz[], $14::bool[], $15::bool[])
+              as p(id, item, job, kind, started, at, log_from, first, last, base, size, full_id, expires, fixed, gap)",
+    )
+    .bind(points.iter().map(|p| p.id).collect::<Vec<_>>())
+    .bind(points.iter().map(|p| p.protected_item_id).collect::<Vec<_>>())
+    .bind(points.iter().map(|p| p.job_id).collect::<Vec<_>>())
+    .bind(points.iter().map(|p| p.backup_type).collect::<Vec<_>>())
+    .bind(points.iter().map(|p| p.started_at).collect::<Vec<_>>())
+    .bind(points.iter().map(|p| p.backup_time).collect::<Vec<_>>())
+    .bind(points.iter().map(|p| p.log_from).collect::<Vec<_>>())
+    .bind(col(|p| p.first_lsn.clone()))
+    .bind(col(|p| p.last_lsn.clone()))
+    .bind(col(|p| p.database_backup_lsn.clone()))
+    .bind(points.iter().map(|p| p.size_bytes).collect::<Vec<_>>())
+    .bind(points.iter().map(|p| p.full_id).collect::<Vec<_>>())
+    .bind(points.iter().map(|p| p.expires_at).collect::<Vec<_>>())
+    .bind(points.iter().map(|p| p.fixed_retention).collect::<Vec<_>>())
+    .bind(points.iter().map(|p| p.chain_gap).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The chain state after recording points.
+pub struct ChainUpdate {
+    pub id: Uuid,
+    pub last_full_id: Option<Uuid>,
+    pub last_full_first_lsn: Option<String>,
+    pub last_log_lsn: Option<String>,
+    pub last_full_at: Option<DateTime<Utc>>,
+    pub last_differential_at: Option<DateTime<Utc>>,
+    pub last_log_at: Option<DateTime<Utc>>,
+    /// `None`: unchanged.
+    pub needs_full: Option<bool>,
+}
+
+pub async fn chain_update(conn: &mut PgConnection, updates: &[ChainUpdate]) -> sqlx::Result<()> {
+    if updates.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "update protected_items p set
+             last_full_id = coalesce(u.full_id, p.last_full_id),
+             last_full_first_lsn = coalesce(u.full_lsn::numeric, p.last_full_first_lsn),
+             last_log_lsn = coalesce(u.log_lsn::numeric, p.last_log_lsn),
+             last_full_at = greatest(u.full_at, p.last_full_at),
+             last_differential_at = greatest(u.diff_at, p.last_differential_at),
+             last_log_at = greatest(u.log_at, p.last_log_at),
+             needs_full = coalesce(u.needs_full, p.needs_full),
+             updated_at = now()
+         from unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
+                     $7::timestamptz[], $8::bool[])
+              as u(id, full_id, full_lsn, log_lsn, full_at, diff_at, log_at, needs_full)
+         where p.id = u.id",
+    )
+    .bind(updates.iter().map(|u| u.id).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.last_full_id).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.last_full_first_lsn.clone()).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.last_log_lsn.clone()).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.last_full_at).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.last_differential_at).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.last_log_at).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.needs_full).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Keeps fulls at least as long as their dependents: raises `chain_until` to the latest
+/// expiry among the points that depend on each full.
+pub async fn fulls_extend_chain(db: impl PgExecutor<'_>, full_ids: &[Uuid]) -> sqlx::Result<()> {
+    sqlx::query(
+        "update recovery_points f set chain_until = d.until
+         from (select full_id, max(expires_at) as until from recovery_points
+               where full_id = any($1) group by full_id) d
+         where f.id = d.full_id and f.chain_until is distinct from d.until",
+    )
+    .bind(full_ids)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Clears the pending flag of the items of finished backup jobs so the next slot may run.
+pub async fn pending_clear(
+    db: impl PgExecutor<'_>,
+    item_ids: &[Uuid],
+    kind: &str,
+) -> sqlx::Result<()> {
+    let column = match kind {
+        "backup_full" => "full_pending",
+        "backup_differential" => "differential_pending",
+        "backup_log" => "log_pending",
+        _ => return Ok(()),
+    };
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "update protected_items set {column} = false where id = any($1) and {column}"
+    )))
+    .bind(item_ids)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+pub async fn needs_full_set(db: impl PgExecutor<'_>, item_ids: &[Uuid]) -> sqlx::Result<()> {
+    sqlx::query("update protected_items set needs_full = true where id = any($1)")
+        .bind(item_ids)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct PointRow {
+    pub id: Uuid,
+    pub protected_item_id: Uuid,
+    pub job_id: Option<Uuid>,
+    pub backup_type: String,
+    pub started_at: DateTime<Utc>,
+    pub backup_time: DateTime<Utc>,
+    pub log_from: Option<DateTime<Utc>>,
+    pub first_lsn: String,
+    pub last_lsn: String,
+    pub database_backup_lsn: String,
+    pub size_bytes: i64,
+    pub full_id: Option<Uuid>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub chain_until: Option<DateTime<Utc>>,
+    pub delete_after: Option<DateTime<Utc>>,
+    pub fixed_retention: bool,
+    pub chain_gap: bool,
+}
+
+pub async fn points_of_item(db: impl PgExecutor<'_>, item_id: Uuid) -> sqlx::Result<Vec<PointRow>> {
+    sqlx::query_as(
+        "select id, protected_item_id, job_id, backup_type, started_at, backup_time, log_from, first_lsn::text,
+                last_lsn::text, database_backup_lsn::text, size_bytes, full_id, expires_at, chain_until,
+                delete_after, fixed_retention, chain_gap
+         from recovery_points where protected_item_id = $1 order by backup_time, id",
+    )
+    .bind(item_id)
+    .fetch_all(db)
+    .await
+}
+
+/// Points of items under a policy whose expiry follows it (for a retention change).
+pub async fn points_following_policy(
+    db: impl PgExecutor<'_>,
+    policy_id: Uuid,
+) -> sqlx::Result<Vec<(Uuid, String, DateTime<Utc>)>> {
+    sqlx::query_as(
+        "select r.id, r.backup_type, r.backup_time from recovery_points r
+         join protected_items p on p.id = r.protected_item_id
+         where p.policy_id = $1 and not r.fixed_retention and r.expires_at is not null",
+    )
+    .bind(policy_id)
+    .fetch_all(db)
+    .await
+}
+
+pub async fn points_set_expiry(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    expires: &[DateTime<Utc>],
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "update recovery_points r set expires_at = u.expires
+         from unnest($1::uuid[], $2::timestamptz[]) as u(id, expires) where r.id = u.id",
+    )
+    .bind(ids)
+    .bind(expires)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "update recovery_points f set chain_until = (select max(d.expires_at) from recovery_points d where d.full_id = f.id)
+         where f.id in (select distinct full_id from recovery_points where id = any($1) and full_id is not null)
+            or (f.id = any($1) and f.backup_type = 'full')",
+    )
+    .bind(ids)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Retain the data of a stopped item: its points no longer expire.
+pub async fn points_retain_forever(db: impl PgExecutor<'_>, item_id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("update recovery_points set expires_at = null, chain_until = null where protected_item_id = $1")
+        .bind(item_id)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// Deletes up to `limit` expired points, never a full that a live point depends on.
+pub async fn points_sweep(db: impl PgExecutor<'_>, limit: i64) -> sqlx::Result<u64> {
+    let done = sqlx::query(
+        "delete from recovery_points where id in (
+             select r.id from recovery_points r
+             where r.delete_after < now()
+               and not exists (select 1 from recovery_points d
+                               where d.full_id = r.id and (d.delete_after is null or d.delete_after >= now()))
+             order by r.delete_after limit $1)",
+    )
+    .bind(limit)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Scheduler: items of a policy whose slot cursor of `column` is unset get it set to
+/// `next` (a new or changed item waits for its next slot; nothing fires at once).
+pub async fn schedule_initialize(
+    db: impl PgExecutor<'_>,
+    policy_id: Uuid,
+    column: &str,
+    next: DateTime<Utc>,
+) -> sqlx::Result<u64> {
+    let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "update protected_items set {column} = $2 where policy_id = $1 and state = 'protected' and {column} is null"
+    )))
+    .bind(policy_id)
+    .bind(next)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct DueItem {
+    pub id: Uuid,
+    pub vault_id: Uuid,
+    pub vm_id: Uuid,
+    pub subscription_id: String,
+    pub instance: String,
+    pub database: String,
+    pub kind: String,
+}
+
+/// Claims the items of a policy whose `kind` slot is due, moves their cursor to `next`
+/// (so a slot is taken once, however many replicas tick), marks a job pending and returns
+/// the items that get one: not those with one still queued or running (coalesced), no logs
+/// for simple recovery, no differentials for `master`; with no usable full in the chain
+/// the backup is promoted to a full.
+pub async fn schedule_claim_due(
+    conn: &mut PgConnection,
+    policy_id: Uuid,
+    kind: &str,
+    now: DateTime<Utc>,
+    next: DateTime<Utc>,
+) -> sqlx::Result<Vec<DueItem>> {
+    let (cursor, pending) = match kind {
+        "backup_full" => ("next_full_at", "full_pending"),
+        "backup_differential" => ("next_differential_at", "differential_pending"),
+        _ => ("next_log_at", "log_pending"),
+    };
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "with due as (
+             select p.id from protected_items p
+             where p.policy_id = $1 and p.state = 'protected' and p.{cursor} <= $2
+             for update of p skip locked
+         ), decided as (
+             select p.id, p.vault_id, d.vm_id, v.subscription_id, i.name as instance, d.name as database,
+                    case when p.needs_full then 'backup_full' else $4 end as kind,
+                    case
+                        when p.needs_full then not p.full_pending
+                        when $4 = 'backup_log' then not p.{pending} and d.recovery_model <> 'simple'
+                        when $4 = 'backup_differential' then not p.{pending} and lower(d.name) <> 'master'
+                        else not p.{pending}
+                    end as runs
+             from due join protected_items p on p.id = due.id
+             join sql_databases d on d.id = p.database_id
+             join sql_instances i on i.id = d.instance_id
+             join vms v on v.id = d.vm_id
+             where d.gone_at is null
+         ), advanced as (
+             update protected_items p set {cursor} = $3,
+                 full_pending = p.full_pending or (x.runs and x.kind = 'backup_full'),
+                 differential_pending = p.differential_pending or (x.runs and x.kind = 'backup_differential'),
+                 log_pending = p.log_pending or (x.runs and x.kind = 'backup_log')
+             from decided x where p.id = x.id
+         )
+         select id, vault_id, vm_id, subscription_id, instance, database, kind from decided where runs"
+    )))
+    .bind(policy_id)
+    .bind(now)
+    .bind(next)
+    .bind(kind)
+    .fetch_all(conn)
+    .await
+}
+
+/// Policies that protect something, with their specs.
+pub async fn policies_in_use(
+    db: impl PgExecutor<'_>,
+) -> sqlx::Result<Vec<(Uuid, Json<serde_json::Value>)>> {
+    sqlx::query_as(
+        "select pol.id, pol.spec from policies pol
+         where exists (select 1 from protected_items p where p.policy_id = pol.id and p.state = 'protected')",
+    )
+    .fetch_all(db)
+    .await
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct RpoRow {
+    pub id: Uuid,
+    pub policy_id: Option<Uuid>,
+    pub database: String,
+    pub vm_name: String,
+    pub created_at: DateTime<Utc>,
+    pub last_full_at: Option<DateTime<Utc>>,
+    pub last_differential_at: Option<DateTime<Utc>>,
+    pub last_log_at: Option<DateTime<Utc>>,
+}
+
+pub async fn rpo_rows(
+    db: impl PgExecutor<'_>,
+    vault_id: Option<Uuid>,
+) -> sqlx::Result<Vec<RpoRow>> {
+    sqlx::query_as(
+        "select p.id, p.policy_id, d.name as database, v.name as vm_name, p.created_at, p.last_full_at,
+                p.last_differential_at, p.last_log_at
+         from protected_items p join sql_databases d on d.id = p.database_id join vms v on v.id = d.vm_id
+         where p.state = 'protected' and ($1::uuid is null or p.vault_id = $1)
+         order by p.id",
+    )
+    .bind(vault_id)
+    .fetch_all(db)
+    .await
+}

@@ -1,0 +1,546 @@
+//! Scheduler, recovery points, retention and restore, with a controlled clock: the
+//! scheduler tick takes `now`, and backups report whatever times the test says.
+
+use std::collections::HashMap;
+
+use axum::http::StatusCode;
+use chrono::{DateTime, Duration, Utc};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use crate::helpers::{TestApp, claim};
+use crate::protection::{db, db_id, inventory, protectable, registered, run_configure};
+
+fn utc(s: &str) -> DateTime<Utc> {
+    s.parse().unwrap()
+}
+
+/// A fake SQL Server's log-sequence state per database, so reported points chain.
+#[derive(Default)]
+struct Lsns {
+    next: u128,
+    last_log: HashMap<String, u128>,
+    full_first: HashMap<String, u128>,
+}
+
+impl Lsns {
+    fn point(&mut self, db: &str, kind: &str, at: DateTime<Utc>) -> Value {
+        self.next += 10;
+        let (first, last, base) = match kind {
+            "backup_full" => {
+                let first = self.next;
+                self.full_first.insert(db.to_owned(), first);
+                self.last_log.entry(db.to_owned()).or_insert(first);
+                (first, first + 5, first)
+            }
+            "backup_differential" => (self.next, self.next + 5, self.full_first[db]),
+            _ => {
+                let first = self.last_log[db];
+                self.last_log.insert(db.to_owned(), self.next + 5);
+                (first, self.next + 5, self.full_first[db])
+            }
+        };
+        let backup_type = match kind {
+            "backup_full" => "full",
+            "backup_differential" => "differential",
+            _ => "log",
+        };
+        json!({"instance": "MSSQLSERVER", "database": db, "backup_type": backup_type, "started_at": at, "backup_time": at,
+               "first_lsn": first.to_string(), "last_lsn": last.to_string(), "database_backup_lsn": base.to_string(), "size_bytes": 100})
+    }
+}
+
+/// Completes every claimable job as the agent would, with points taken at `at`; returns
+/// the kinds run.
+async fn run_backups(
+    app: &TestApp,
+    agent: &str,
+    lsns: &mut Lsns,
+    at: DateTime<Utc>,
+) -> Vec<String> {
+    let mut kinds = Vec::new();
+    loop {
+        let jobs = claim(app, agent, 50).await;
+        if jobs.is_empty() {
+            return kinds;
+        }
+        for job in jobs {
+            let kind = job["kind"].as_str().unwrap().to_owned();
+            let points: Vec<Value> = job["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| lsns.point(i["database"].as_str().unwrap(), &kind, at))
+                .collect();
+            let res = app
+                .post(
+                    &format!("/v1/agent/jobs/{}/complete", job["job_id"].as_str().unwrap()),
+                    agent,
+                    json!({"lease": job["lease"], "result": {"kind": "backup", "recovery_points": points}}),
+                )
+                .await;
+            assert_eq!(res.status, StatusCode::OK, "{}", res.body);
+            kinds.push(kind);
+        }
+    }
+}
+
+fn weekly_dst_policy() -> Value {
+    json!({
+        "time_zone": "Europe/Amsterdam",
+        "full": {"frequency": "weekly", "days": ["sunday"], "time": "02:30"},
+        "differential": {"days": ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday"], "time": "22:00", "retention_days": 14},
+        "log": {"frequency_minutes": 15, "retention_days": 14},
+        "retention": {"weekly": {"weeks": 4}}
+    })
+}
+
+struct Protected {
+    app: TestApp,
+    vault: String,
+    agent: String,
+    items: HashMap<String, String>,
+}
+
+async fn protect(pool: PgPool, spec: Value, databases: Vec<Value>) -> Protected {
+    let app = TestApp::new(pool);
+    let names: Vec<String> = databases
+        .iter()
+        .map(|d| d["name"].as_str().unwrap().to_owned())
+        .collect();
+    let s = registered(&app, "vault-a", "sqlvm-01", &inventory(databases)).await;
+    app.post(
+        &format!("/v1/vaults/{}/policies", s.vault),
+        &app.admin(),
+        json!({"name": "Gold", "spec": spec}),
+    )
+    .await;
+    let containers = protectable(&app, &s.vault).await;
+    let ids: Vec<String> = names.iter().map(|n| db_id(&containers, n)).collect();
+    let res = app
+        .post(
+            &format!("/v1/vaults/{}/protected-items", s.vault),
+            &app.admin(),
+            json!({"policy": "Gold", "databases": ids}),
+        )
+        .await;
+    assert_eq!(res.status, StatusCode::ACCEPTED, "{}", res.body);
+    run_configure(&app, &s.agent, false).await;
+    let items = res.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["database"].as_str().unwrap().to_owned(),
+                i["id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    Protected {
+        app,
+        vault: s.vault,
+        agent: s.agent,
+        items,
+    }
+}
+
+/// A week with a spring-forward change: every 15-minute log slot, six differentials and
+/// one full (02:30 does not exist that Sunday, so it runs at 03:30 CEST), nothing else.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn a_week_of_schedule_across_dst(pool: PgPool) {
+    let p = protect(pool, weekly_dst_policy(), vec![db("MSSQLSERVER", "sales")]).await;
+    let mut lsns = Lsns::default();
+    let start = utc("2027-03-22T00:00:00Z");
+    assert_eq!(
+        p.app.service.schedule_tick(start).await.unwrap(),
+        0,
+        "no backup fires when protection starts"
+    );
+    // The first slot is promoted to a full (the chain has none); from then on the schedule
+    // alone decides.
+    p.app
+        .service
+        .schedule_tick(start + Duration::minutes(15))
+        .await
+        .unwrap();
+    assert_eq!(
+        run_backups(&p.app, &p.agent, &mut lsns, start + Duration::minutes(15)).await,
+        ["backup_full"]
+    );
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    let mut full_at = Vec::new();
+    let mut now = start + Duration::minutes(15);
+    while now < start + Duration::days(7) + Duration::minutes(15) {
+        now += Duration::minutes(15);
+        p.app.service.schedule_tick(now).await.unwrap();
+        for kind in run_backups(&p.app, &p.agent, &mut lsns, now).await {
+            if kind == "backup_full" {
+                full_at.push(now);
+            }
+            *counts.entry(kind).or_default() += 1;
+        }
+    }
+    assert_eq!(counts.get("backup_log"), Some(&(7 * 96)));
+    assert_eq!(counts.get("backup_differential"), Some(&6));
+    assert_eq!(counts.get("backup_full"), Some(&1));
+    assert_eq!(full_at, [utc("2027-03-28T01:30:00Z")]);
+}
+
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn first_backup_is_a_full_and_simple_recovery_pauses_logs(pool: PgPool) {
+    let simple = json!({"instance": "MSSQLSERVER", "name": "staging", "recovery_model": "simple", "size_bytes": 1});
+    let p = protect(
+        pool.clone(),
+        weekly_dst_policy(),
+        vec![db("MSSQLSERVER", "sales"), simple.clone()],
+    )
+    .await;
+    let mut lsns = Lsns::default();
+    let t0 = utc("2027-01-04T10:00:00Z");
+    p.app.service.schedule_tick(t0).await.unwrap();
+    // The first due slot (a log slot) is promoted to a full for both.
+    p.app
+        .service
+        .schedule_tick(t0 + Duration::minutes(15))
+        .await
+        .unwrap();
+    let first = run_backups(&p.app, &p.agent, &mut lsns, t0 + Duration::minutes(15)).await;
+    assert_eq!(first, ["backup_full"]);
+    let job: Value = sqlx::query_scalar("select items from jobs where kind = 'backup_full'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(job.as_array().unwrap().len(), 2);
+    // Then logs for sales only.
+    p.app
+        .service
+        .schedule_tick(t0 + Duration::minutes(30))
+        .await
+        .unwrap();
+    let next = claim(&p.app, &p.agent, 50).await;
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0]["kind"], "backup_log");
+    assert_eq!(next[0]["items"].as_array().unwrap().len(), 1);
+    assert_eq!(next[0]["items"][0]["database"], "sales");
+}
+
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn a_log_chain_gap_promotes_the_next_backup_to_a_full(pool: PgPool) {
+    let p = protect(
+        pool.clone(),
+        weekly_dst_policy(),
+        vec![db("MSSQLSERVER", "sales")],
+    )
+    .await;
+    let mut lsns = Lsns::default();
+    let t0 = utc("2027-01-04T10:00:00Z");
+    p.app.service.schedule_tick(t0).await.unwrap();
+    p.app
+        .service
+        .schedule_tick(t0 + Duration::minutes(15))
+        .await
+        .unwrap();
+    run_backups(&p.app, &p.agent, &mut lsns, t0 + Duration::minutes(15)).await;
+    p.app
+        .service
+        .schedule_tick(t0 + Duration::minutes(30))
+        .await
+        .unwrap();
+    // Another tool took a log backup: the chain jumps.
+    lsns.last_log.insert("sales".into(), 999_999);
+    assert_eq!(
+        run_backups(&p.app, &p.agent, &mut lsns, t0 + Duration::minutes(30)).await,
+        ["backup_log"]
+    );
+    let points = p
+        .app
+        .get(
+            &format!(
+                "/v1/vaults/{}/protected-items/{}/recovery-points",
+                p.vault, p.items["sales"]
+            ),
+            &p.app.admin(),
+        )
+        .await;
+    assert_eq!(points.body["items"][1]["chain_gap"], true);
+    p.app
+        .service
+        .schedule_tick(t0 + Duration::minutes(45))
+        .await
+        .unwrap();
+    let next = claim(&p.app, &p.agent, 50).await;
+    assert_eq!(next[0]["kind"], "backup_full", "promoted after the gap");
+}
+
+/// Two replicas tick the same schedule many times: no slot becomes two jobs.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn two_replicas_never_duplicate_a_job(pool: PgPool) {
+    let dbs: Vec<Value> = (0..60)
+        .map(|i| db("MSSQLSERVER", &format!("db{i}")))
+        .collect();
+    let p = protect(pool.clone(), weekly_dst_policy(), dbs).await;
+    sqlx::query("update protected_items set needs_full = false")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let other = TestApp::new(pool.clone()).service;
+    let t0 = utc("2027-01-04T10:00:00Z");
+    p.app.service.schedule_tick(t0).await.unwrap();
+    for i in 1..=8 {
+        let now = t0 + Duration::minutes(15 * i);
+        let (a, b) = tokio::join!(p.app.service.schedule_tick(now), other.schedule_tick(now));
+        a.unwrap();
+        b.unwrap();
+        // Jobs are not run: later slots coalesce into the pending ones.
+    }
+    let jobs: Vec<(String, Value)> =
+        sqlx::query_as("select kind, items from jobs where kind like 'backup_%'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        jobs.len(),
+        2,
+        "one slot, 60 databases, jobs of at most 50: {jobs:?}"
+    );
+    let sizes: Vec<usize> = jobs.iter().map(|j| j.1.as_array().unwrap().len()).collect();
+    assert_eq!(sizes.iter().sum::<usize>(), 60);
+    let mut seen = std::collections::HashSet::new();
+    for (_, items) in &jobs {
+        for item in items.as_array().unwrap() {
+            assert!(
+                seen.insert(item["protected_item_id"].as_str().unwrap().to_owned()),
+                "a database twice"
+            );
+        }
+    }
+}
+
+/// The seed's example through recorded points: weekly full on Nov 16 kept 4 weeks, logs
+/// to Nov 22 kept 30 days; the full stays until its last log expires (Dec 22).
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn the_recovery_chain_keeps_a_full_for_its_logs_and_restores_to_any_instant(pool: PgPool) {
+    let spec = json!({
+        "time_zone": "UTC",
+        "full": {"frequency": "weekly", "days": ["sunday"], "time": "00:00"},
+        "log": {"frequency_minutes": 60, "retention_days": 30},
+        "retention": {"weekly": {"weeks": 4}}
+    });
+    let p = protect(pool.clone(), spec, vec![db("MSSQLSERVER", "sales")]).await;
+    let mut lsns = Lsns::default();
+    let item = &p.items["sales"];
+    // Run the full on Nov 16 and hourly logs until Nov 22 23:00, as the agent reports them.
+    let full_at = utc("2025-11-16T00:00:00Z");
+    p.app
+        .service
+        .schedule_tick(full_at - Duration::hours(1))
+        .await
+        .unwrap();
+    p.app.service.schedule_tick(full_at).await.unwrap();
+    assert_eq!(
+        run_backups(&p.app, &p.agent, &mut lsns, full_at).await,
+        ["backup_full"]
+    );
+    let mut at = full_at;
+    while at < utc("2025-11-22T23:00:00Z") {
+        at += Duration::hours(1);
+        p.app.service.schedule_tick(at).await.unwrap();
+        run_backups(&p.app, &p.agent, &mut lsns, at).await;
+    }
+    let points = p
+        .app
+        .get(
+            &format!(
+                "/v1/vaults/{}/protected-items/{item}/recovery-points",
+                p.vault
+            ),
+            &p.app.admin(),
+        )
+        .await;
+    let items = points.body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1 + 6 * 24 + 23);
+    let full = &items[0];
+    assert_eq!(full["backup_type"], "full");
+    assert_eq!(full["expires_at"], "2025-12-14T00:00:00Z");
+    assert_eq!(full["chain_until"], "2025-12-22T23:00:00Z");
+    assert_eq!(full["delete_after"], "2025-12-22T23:00:00Z");
+    assert_eq!(
+        points.body["restorable_ranges"],
+        json!([{"from": "2025-11-16T00:00:00Z", "to": "2025-11-22T23:00:00Z"}])
+    );
+
+    let plan = p
+        .app
+        .post(
+            &format!("/v1/vaults/{}/protected-items/{item}/restore-plan", p.vault),
+            &p.app.admin(),
+            json!({"point_in_time": "2025-11-16T02:30:00Z"}),
+        )
+        .await;
+    assert_eq!(plan.status, StatusCode::OK, "{}", plan.body);
+    let types: Vec<&str> = plan.body["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["backup_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["full", "log", "log", "log"]);
+    assert_eq!(plan.body["total_size_bytes"], 400);
+    let outside = p
+        .app
+        .post(
+            &format!("/v1/vaults/{}/protected-items/{item}/restore-plan", p.vault),
+            &p.app.admin(),
+            json!({"point_in_time": "2025-11-30T00:00:00Z"}),
+        )
+        .await;
+    assert_eq!(
+        (outside.status, outside.code()),
+        (StatusCode::CONFLICT, "point_not_covered")
+    );
+
+    // A restore to another name runs on the agent.
+    let restore = p
+        .app
+        .post(
+            &format!("/v1/vaults/{}/protected-items/{item}/restore", p.vault),
+            &p.app.admin(),
+            json!({"point_in_time": "2025-11-20T12:00:00Z", "target_database": "sales_copy"}),
+        )
+        .await;
+    assert_eq!(restore.status, StatusCode::ACCEPTED, "{}", restore.body);
+    assert_eq!(restore.body["kind"], "restore");
+    assert_eq!(restore.body["payload"]["target_database"], "sales_copy");
+    let over = p
+        .app
+        .post(
+            &format!("/v1/vaults/{}/protected-items/{item}/restore", p.vault),
+            &p.app.admin(),
+            json!({"point_in_time": "2025-11-20T12:00:00Z"}),
+        )
+        .await;
+    assert_eq!(
+        over.violations()[0].1,
+        "UserErrorCannotRestoreExistingDBWithoutForceOverwrite"
+    );
+
+    // Everything is past its expiry now (2026): the sweep removes the logs and the full
+    // together, but never a full while one of its dependents lives.
+    sqlx::query("update recovery_points set expires_at = now() + interval '1 day' where backup_type = 'log' and backup_time = (select max(backup_time) from recovery_points)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("update recovery_points f set chain_until = null where backup_type = 'full'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let removed = p.app.service.sweep_recovery_points().await.unwrap();
+    assert_eq!(removed, 6 * 24 + 22, "all logs but the live one");
+    let left: Vec<String> =
+        sqlx::query_scalar("select backup_type from recovery_points order by backup_time")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(left, ["full", "log"], "the full stays for its live log");
+}
+
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn policy_retention_changes_recompute_expiry_and_rpo_is_reported(pool: PgPool) {
+    let p = protect(
+        pool.clone(),
+        weekly_dst_policy(),
+        vec![db("MSSQLSERVER", "sales")],
+    )
+    .await;
+    let mut lsns = Lsns::default();
+    let t0 = Utc::now() - Duration::hours(2);
+    p.app.service.schedule_tick(t0).await.unwrap();
+    p.app
+        .service
+        .schedule_tick(t0 + Duration::minutes(15))
+        .await
+        .unwrap();
+    run_backups(&p.app, &p.agent, &mut lsns, t0 + Duration::minutes(15)).await;
+    let item = &p.items["sales"];
+    let before = p
+        .app
+        .get(
+            &format!(
+                "/v1/vaults/{}/protected-items/{item}/recovery-points",
+                p.vault
+            ),
+            &p.app.admin(),
+        )
+        .await;
+    let full_expiry: DateTime<Utc> = before.body["items"][0]["expires_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let mut spec = weekly_dst_policy();
+    spec["retention"]["weekly"]["weeks"] = json!(8);
+    let replaced = p
+        .app
+        .call(
+            axum::http::Method::PUT,
+            &format!("/v1/vaults/{}/policies/Gold", p.vault),
+            Some(&p.app.admin()),
+            Some(json!({"spec": spec})),
+            &[],
+        )
+        .await;
+    assert_eq!(replaced.status, StatusCode::OK);
+    let after = p
+        .app
+        .get(
+            &format!(
+                "/v1/vaults/{}/protected-items/{item}/recovery-points",
+                p.vault
+            ),
+            &p.app.admin(),
+        )
+        .await;
+    let new_expiry: DateTime<Utc> = after.body["items"][0]["expires_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!((new_expiry - full_expiry).num_days(), 28);
+
+    // The last point is 105 minutes old; the policy allows 15 minutes (+15 grace).
+    let rpo = p
+        .app
+        .get(&format!("/v1/vaults/{}/rpo", p.vault), &p.app.admin())
+        .await;
+    assert_eq!(rpo.body["protected"], 1);
+    assert_eq!(rpo.body["breached"], 1);
+    assert_eq!(rpo.body["items"][0]["allowed_gap_minutes"], 15);
+    let metrics = p
+        .app
+        .call(axum::http::Method::GET, "/metrics", None, None, &[])
+        .await;
+    assert!(
+        metrics
+            .body
+            .as_str()
+            .unwrap()
+            .contains("backvault_rpo_breaching_items 1")
+    );
+    // The change takes effect at the next tick (it finds the new slots), the log runs at
+    // the slot after it.
+    assert_eq!(p.app.service.schedule_tick(Utc::now()).await.unwrap(), 0);
+    p.app
+        .service
+        .schedule_tick(Utc::now() + Duration::minutes(16))
+        .await
+        .unwrap();
+    let kinds = run_backups(&p.app, &p.agent, &mut lsns, Utc::now()).await;
+    assert_eq!(kinds, ["backup_log"]);
+    let rpo = p
+        .app
+        .get(&format!("/v1/vaults/{}/rpo", p.vault), &p.app.admin())
+        .await;
+    assert_eq!(rpo.body["breached"], 0, "{}", rpo.body);
+}

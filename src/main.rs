@@ -148,6 +148,7 @@ impl JobArgs {
             agent_heard_within: chrono::Duration::from_std(self.agent_heard_within)
                 .unwrap_or(chrono::Duration::minutes(30)),
             scheduler_interval: self.scheduler_interval,
+            allow_clock_override: false,
         }
     }
 }
@@ -308,7 +309,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
         println!("export BACKVAULT_TOKEN={token}");
     }
-    let service = Service::new(pool.clone(), auth, args.jobs.config());
+    let config = backvault_service::Config {
+        allow_clock_override: args.dev,
+        ..args.jobs.config()
+    };
+    let service = Service::new(pool.clone(), auth, config);
     let (stop_background, background_stopped) = tokio::sync::watch::channel(false);
     let background = tokio::spawn(service.clone().run_background(
         args.jobs.rescue_interval,

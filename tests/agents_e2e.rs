@@ -322,3 +322,160 @@ async fn the_seed_flow_from_start_discovery_to_auto_protection() {
     assert_eq!(failed["error"]["code"], "UserErrorSQLNoSysAdminMembership");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Scheduled backups through real agents, recovery points chaining, a restore plan for an
+/// instant and a restore to another database name. The schedule is rehearsed with ticks at
+/// chosen instants (a `--dev` server allows that), so nothing waits for a slot.
+#[tokio::test]
+async fn scheduled_backups_recovery_points_and_a_restore() {
+    let db = TestDb::new();
+    let server = Server::start(&db, &["--dev"], &[("BACKVAULT_SCHEDULER_INTERVAL", "1h")]);
+    let api = Api::new(&server.base, server.token.as_deref().unwrap());
+    let enrollment = api.enrollment_token("sub-1").await;
+    let dir = std::env::temp_dir().join(format!("backvault-sched-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let inv = dir.join("vm.toml");
+    std::fs::write(
+        &inv,
+        inventory_toml("sqlvm-01", "4.8", true, &["sales", "hr"], 10),
+    )
+    .unwrap();
+    let _agent = AgentProcess::start(&server.base, &enrollment, &inv);
+    let vm = wait_for_vms(&api, 1).await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let (_, vault) = api
+        .post("/v1/vaults", json!({"name": "sched-vault", "subscription_id": "sub-1", "resource_group": "rg", "region": "westeurope"}))
+        .await;
+    let vault = vault["id"].as_str().unwrap().to_owned();
+    let spec = json!({"time_zone": "UTC", "full": {"frequency": "daily", "time": "00:00"},
+        "log": {"frequency_minutes": 15, "retention_days": 7}, "retention": {"daily": {"days": 7}}});
+    api.post(
+        &format!("/v1/vaults/{vault}/policies"),
+        json!({"name": "Gold", "spec": spec}),
+    )
+    .await;
+    let (_, job) = api
+        .post(&format!("/v1/vaults/{vault}/vms/{vm}/discover"), json!({}))
+        .await;
+    api.finished_job(job["id"].as_str().unwrap()).await;
+    let (_, containers) = api
+        .get(&format!("/v1/vaults/{vault}/protectable-items"))
+        .await;
+    let ids: Vec<Value> = containers[0]["databases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].clone())
+        .collect();
+    let (_, configured) = api
+        .post(
+            &format!("/v1/vaults/{vault}/protected-items"),
+            json!({"policy": "Gold", "databases": ids}),
+        )
+        .await;
+    for job in configured["jobs"].as_array().unwrap() {
+        api.finished_job(job.as_str().unwrap()).await;
+    }
+
+    // Rehearse three slots: the first becomes the initial full, then two log slots.
+    let slot = |n: i64| {
+        let now = chrono::Utc::now().timestamp();
+        chrono::DateTime::from_timestamp((now / 900 + n) * 900, 0).unwrap()
+    };
+    let (_, first) = api.post("/v1/scheduler/run", json!({"now": slot(0)})).await;
+    assert_eq!(
+        first["jobs_enqueued"], 0,
+        "protection starting fires nothing: {first}"
+    );
+    for n in 1..=3 {
+        let (status, run) = api.post("/v1/scheduler/run", json!({"now": slot(n)})).await;
+        assert_eq!(status, 200, "{run}");
+        assert_eq!(
+            run["jobs_enqueued"], 1,
+            "one job for both databases per slot"
+        );
+        let (_, jobs) = api.get("/v1/jobs?status=queued").await;
+        for job in jobs["items"].as_array().unwrap() {
+            assert_eq!(
+                api.finished_job(job["id"].as_str().unwrap()).await["status"],
+                "completed"
+            );
+        }
+        let (_, running) = api.get("/v1/jobs?status=in_progress").await;
+        for job in running["items"].as_array().unwrap() {
+            api.finished_job(job["id"].as_str().unwrap()).await;
+        }
+    }
+    let (_, kinds) = api.get("/v1/jobs?limit=200").await;
+    let scheduled: Vec<&str> = kinds["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["priority"] == "scheduled")
+        .map(|j| j["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        scheduled,
+        ["backup_log", "backup_log", "backup_full"],
+        "newest first"
+    );
+
+    let (_, items) = api
+        .get(&format!("/v1/vaults/{vault}/protected-items"))
+        .await;
+    let sales = items["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["database"] == "sales")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, points) = api
+        .get(&format!(
+            "/v1/vaults/{vault}/protected-items/{sales}/recovery-points"
+        ))
+        .await;
+    let list = points["items"].as_array().unwrap();
+    let types: Vec<&str> = list
+        .iter()
+        .map(|p| p["backup_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["full", "log", "log"]);
+    assert!(
+        list.iter().all(|p| p["chain_gap"] == false),
+        "the agent's LSNs chain: {points}"
+    );
+    assert_eq!(list[1]["full_id"], list[0]["id"]);
+    let ranges = points["restorable_ranges"].as_array().unwrap();
+    assert_eq!(ranges.len(), 1);
+    let from: chrono::DateTime<chrono::Utc> = ranges[0]["from"].as_str().unwrap().parse().unwrap();
+    let to: chrono::DateTime<chrono::Utc> = ranges[0]["to"].as_str().unwrap().parse().unwrap();
+    let middle = from + (to - from) / 2;
+
+    let (status, plan) = api
+        .post(
+            &format!("/v1/vaults/{vault}/protected-items/{sales}/restore-plan"),
+            json!({"point_in_time": middle}),
+        )
+        .await;
+    assert_eq!(status, 200, "{plan}");
+    assert_eq!(plan["steps"][0]["backup_type"], "full");
+    let (status, restore) = api
+        .post(
+            &format!("/v1/vaults/{vault}/protected-items/{sales}/restore"),
+            json!({"point_in_time": middle, "target_database": "sales_restored"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{restore}");
+    let done = api.finished_job(restore["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["result"]["restored_database"], "sales_restored");
+    let (_, rpo) = api.get(&format!("/v1/vaults/{vault}/rpo")).await;
+    assert_eq!(rpo["protected"], 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -544,3 +544,31 @@ async fn policy_retention_changes_recompute_expiry_and_rpo_is_reported(pool: PgP
         .await;
     assert_eq!(rpo.body["breached"], 0, "{}", rpo.body);
 }
+
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn scheduler_run_is_for_admins_and_takes_a_clock_only_in_dev(pool: PgPool) {
+    let app = TestApp::new(pool);
+    let run = app.post("/v1/scheduler/run", &app.admin(), json!({})).await;
+    assert_eq!(
+        (run.status, run.body["jobs_enqueued"].as_u64()),
+        (StatusCode::OK, Some(0))
+    );
+    let clock = app
+        .post(
+            "/v1/scheduler/run",
+            &app.admin(),
+            json!({"now": "2030-01-01T00:00:00Z"}),
+        )
+        .await;
+    assert_eq!(
+        (clock.status, clock.code()),
+        (StatusCode::FORBIDDEN, "clock_override_disabled")
+    );
+    let operator = app.token(backvault_service::Role::Operator, &["*"]);
+    assert_eq!(
+        app.post("/v1/scheduler/run", &operator, json!({}))
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+}

@@ -47,6 +47,8 @@ pub struct Config {
     pub agent_heard_within: chrono::Duration,
     /// How often the scheduler looks for due backup slots.
     pub scheduler_interval: Duration,
+    /// Lets an admin run a scheduler tick at a chosen instant (development and tests only).
+    pub allow_clock_override: bool,
 }
 
 impl Default for Config {
@@ -61,6 +63,7 @@ impl Default for Config {
             discovery_period: chrono::Duration::hours(8),
             agent_heard_within: chrono::Duration::minutes(30),
             scheduler_interval: Duration::from_secs(30),
+            allow_clock_override: false,
         }
     }
 }

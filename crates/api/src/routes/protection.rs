@@ -11,7 +11,8 @@ use backvault_service::protection::{
     ProtectedItem, StopProtection,
 };
 use backvault_service::recovery::{
-    RecoveryPoints, RestorePlan, RestoreRequest, RestoreTarget, RpoReport,
+    RecoveryPoints, RestorePlan, RestoreRequest, RestoreTarget, RpoReport, RunScheduler,
+    SchedulerRun,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -41,6 +42,21 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(plan_restore))
         .routes(routes!(start_restore))
         .routes(routes!(rpo_report))
+        .routes(routes!(run_scheduler))
+}
+
+/// Run a scheduler tick now (admin). A server started with `--dev` also takes `now`, to
+/// rehearse a schedule without waiting for it.
+#[utoipa::path(post, path = "/v1/scheduler/run", tag = "protection", request_body = RunScheduler,
+    responses((status = 200, body = SchedulerRun), (status = 403, body = Problem, content_type = "application/problem+json")))]
+async fn run_scheduler(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Json(req): Json<RunScheduler>,
+) -> ApiResult<axum::Json<SchedulerRun>> {
+    Ok(axum::Json(
+        state.service.scheduler_run(&principal, req).await?,
+    ))
 }
 
 /// Recovery points of a protected item, with the continuous restorable time ranges.

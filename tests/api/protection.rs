@@ -646,6 +646,18 @@ async fn auto_protection_protects_existing_and_newly_discovered_databases(pool: 
         (dup.status, dup.code()),
         (StatusCode::CONFLICT, "auto_protection_exists")
     );
+    let both = app
+        .post(
+            &format!("/v1/vaults/{}/auto-protection", s.vault),
+            &admin,
+            json!({"policy": "Nope"}),
+        )
+        .await;
+    let codes: Vec<String> = both.violations().into_iter().map(|v| v.1).collect();
+    assert_eq!(
+        codes,
+        ["policy_not_found", "auto_protection_target_invalid"]
+    );
     assert_eq!(
         run_configure(&app, &s.agent, false).await,
         [2],

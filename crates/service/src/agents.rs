@@ -106,10 +106,7 @@ pub(crate) fn claim_batcher(
             }
             .await;
             match claimed {
-                Err(e) => requests
-                    .iter()
-                    .map(|_| Err(Error::internal(e.to_string())))
-                    .collect(),
+                Err(e) => requests.iter().map(|_| Err(e.for_each_request())).collect(),
                 Ok(rows) => {
                     let mut by_vm: HashMap<Uuid, Vec<store::ClaimedRow>> = HashMap::new();
                     for row in rows {
@@ -161,7 +158,7 @@ pub(crate) fn complete_batcher(pool: PgPool) -> Batcher<Completion, ()> {
             match done {
                 Err(e) => completions
                     .iter()
-                    .map(|_| Err(Error::internal(e.to_string())))
+                    .map(|_| Err(e.for_each_request()))
                     .collect(),
                 Ok(done) => completions
                     .iter()

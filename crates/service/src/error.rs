@@ -68,6 +68,18 @@ impl Error {
         )
     }
 
+    /// The same failure for every request of a shared (batched) statement; the cause
+    /// travels as text since it cannot be shared.
+    pub fn for_each_request(&self) -> Self {
+        Self {
+            kind: self.kind,
+            code: self.code,
+            message: self.message.clone(),
+            violations: self.violations.clone(),
+            source: self.source.as_ref().map(|s| s.to_string().into()),
+        }
+    }
+
     pub fn internal(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         Self {
             source: Some(source.into()),

@@ -1118,9 +1118,15 @@ impl Service {
         principal.require(Permission::OperateJobs)?;
         let mut tx = self.pool.begin().await?;
         self.visible_vault(&mut *tx, principal, vault_id).await?;
-        let policy_id = self
-            .policy_id(&mut tx, vault_id, &req.policy, "/policy")
-            .await?;
+        let mut v = Violations::default();
+        let policy = policies::policy_get(&mut *tx, vault_id, &req.policy).await?;
+        if policy.is_none() {
+            v.push(
+                "/policy",
+                "policy_not_found",
+                format!("the vault has no policy '{}'", req.policy),
+            );
+        }
         let in_vault: bool = match (req.instance_id, req.availability_group_id) {
             (Some(instance), None) => {
                 sqlx::query_scalar(
@@ -1143,14 +1149,16 @@ impl Service {
                 .await?
             }
             _ => {
-                let mut v = Violations::default();
                 v.push(
                     "",
                     "auto_protection_target_invalid",
                     "give exactly one of instance_id and availability_group_id",
                 );
-                return Err(Error::validation(v.into_vec()));
+                false
             }
+        };
+        let Some(policy_id) = policy.map(|p| p.id).filter(|_| v.is_empty()) else {
+            return Err(Error::validation(v.into_vec()));
         };
         if !in_vault {
             return Err(Error::not_found(

@@ -195,6 +195,19 @@ pub(crate) fn new_job(
 }
 
 impl Service {
+    /// Enqueues `job` in `tx`, commits, and returns the job as users see it.
+    pub(crate) async fn commit_with_job(
+        &self,
+        principal: &Principal,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        job: NewJob,
+    ) -> Result<Job> {
+        let id = job.id;
+        store::jobs_enqueue(&mut tx, &[job]).await?;
+        tx.commit().await?;
+        self.job_get(principal, id, None).await
+    }
+
     async fn visible_job(&self, principal: &Principal, id: Uuid) -> Result<JobRow> {
         match store::job_get(&self.pool, id).await? {
             Some(job) if principal.sees_subscription(&job.subscription_id) => Ok(job),
@@ -325,10 +338,7 @@ impl Service {
             &req.items,
             req.payload,
         )?;
-        let id = job.id;
-        store::jobs_enqueue(&mut tx, &[job]).await?;
-        tx.commit().await?;
-        self.job_get(principal, id, None).await
+        self.commit_with_job(principal, tx, job).await
     }
 
     pub fn enrollment_token_create(

@@ -358,20 +358,9 @@ impl Service {
             Utc::now() + self.config.discovery_period,
         )
         .await?;
-        let job = new_job(
-            vm_id,
-            &vm.subscription_id,
-            Some(vault_id),
-            JobKind::Discovery,
-            Priority::OnDemand,
-            &[],
-            serde_json::json!({}),
-        )?;
-        let job_id = job.id;
-        queue::jobs_enqueue(&mut tx, &[job]).await?;
-        tx.commit().await?;
+        let job = discovery_job(vm_id, &vm.subscription_id, vault_id, Priority::OnDemand)?;
         tracing::info!(vm.id = %vm_id, vault.id = %vault_id, "VM registered; discovery dispatched");
-        self.job_get(principal, job_id, None).await
+        self.commit_with_job(principal, tx, job).await
     }
 
     /// "Rediscover DBs" for a VM registered with this vault.
@@ -387,19 +376,8 @@ impl Service {
         let vm = self
             .registered_vm(&mut tx, principal, vault_id, vm_id)
             .await?;
-        let job = new_job(
-            vm_id,
-            &vm.subscription_id,
-            Some(vault_id),
-            JobKind::Discovery,
-            Priority::OnDemand,
-            &[],
-            serde_json::json!({}),
-        )?;
-        let job_id = job.id;
-        queue::jobs_enqueue(&mut tx, &[job]).await?;
-        tx.commit().await?;
-        self.job_get(principal, job_id, None).await
+        let job = discovery_job(vm_id, &vm.subscription_id, vault_id, Priority::OnDemand)?;
+        self.commit_with_job(principal, tx, job).await
     }
 
     async fn registered_vm(
@@ -1101,10 +1079,7 @@ impl Service {
             &items,
             payload,
         )?;
-        let job_id = job.id;
-        queue::jobs_enqueue(&mut tx, &[job]).await?;
-        tx.commit().await?;
-        self.job_get(principal, job_id, None).await
+        self.commit_with_job(principal, tx, job).await
     }
 
     /// Enables auto-protection on an instance or availability group, and protects what is
@@ -1258,22 +1233,29 @@ impl Service {
             inventory::vms_claim_discovery_due(&mut tx, self.config.discovery_period, 500).await?;
         let jobs = due
             .iter()
-            .map(|(vm, sub, vault)| {
-                new_job(
-                    *vm,
-                    sub,
-                    Some(*vault),
-                    JobKind::Discovery,
-                    Priority::Scheduled,
-                    &[],
-                    serde_json::json!({}),
-                )
-            })
+            .map(|(vm, sub, vault)| discovery_job(*vm, sub, *vault, Priority::Scheduled))
             .collect::<Result<Vec<_>>>()?;
         queue::jobs_enqueue(&mut tx, &jobs).await?;
         tx.commit().await?;
         Ok(jobs.len())
     }
+}
+
+fn discovery_job(
+    vm_id: Uuid,
+    subscription: &str,
+    vault_id: Uuid,
+    priority: Priority,
+) -> Result<queue::NewJob> {
+    new_job(
+        vm_id,
+        subscription,
+        Some(vault_id),
+        JobKind::Discovery,
+        priority,
+        &[],
+        serde_json::json!({}),
+    )
 }
 
 async fn reset_schedule(tx: &mut PgConnection, item: Uuid) -> Result<()> {

@@ -621,10 +621,7 @@ impl Service {
             &items,
             payload,
         )?;
-        let id = job.id;
-        queue::jobs_enqueue(&mut tx, &[job]).await?;
-        tx.commit().await?;
-        self.job_get(principal, id, None).await
+        self.commit_with_job(principal, tx, job).await
     }
 
     /// Per protected item: the latest backups, the gap the policy allows and whether it is

@@ -433,3 +433,64 @@ async fn long_poll_wakes_on_enqueue(pool: PgPool) {
     // The fallback re-check is 10 s; only the notification explains an answer this soon.
     assert!(elapsed < std::time::Duration::from_secs(5), "{elapsed:?}");
 }
+
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn inventory_automation_upserts_vms_and_lists_filter(pool: PgPool) {
+    let app = TestApp::new(pool);
+    let admin = app.admin();
+    let vm = json!({"name": "sqlvm-09", "resource_group": "rg-a", "subscription_id": "sub-1", "region": "westeurope",
+                    "deployment_model": "classic"});
+    let created = app
+        .call(Method::PUT, "/v1/vms", Some(&admin), Some(vm.clone()), &[])
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    assert_eq!(created.body["agent_installed"], false);
+    let mut moved = vm.clone();
+    moved["region"] = json!("northeurope");
+    moved["name"] = json!("SQLVM-09");
+    let updated = app
+        .call(Method::PUT, "/v1/vms", Some(&admin), Some(moved), &[])
+        .await;
+    assert_eq!(
+        (updated.status, &updated.body["id"]),
+        (StatusCode::OK, &created.body["id"])
+    );
+    assert_eq!(updated.body["region"], "northeurope");
+    let mut bad = vm.clone();
+    bad["resource_group"] = json!("");
+    let invalid = app
+        .call(Method::PUT, "/v1/vms", Some(&admin), Some(bad), &[])
+        .await;
+    assert_eq!(
+        invalid.violations(),
+        [(
+            "/resource_group".to_owned(),
+            "identifier_invalid".to_owned()
+        )]
+    );
+    let reader = app.token(backvault_service::Role::Reader, &["*"]);
+    assert_eq!(
+        app.call(Method::PUT, "/v1/vms", Some(&reader), Some(vm), &[])
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+
+    enroll(&app, "sqlvm-01").await;
+    let count = |q: &'static str| {
+        let app = &app;
+        let admin = admin.clone();
+        async move {
+            app.get(&format!("/v1/vms?{q}"), &admin).await.body["items"]
+                .as_array()
+                .unwrap()
+                .len()
+        }
+    };
+    assert_eq!(count("").await, 2);
+    assert_eq!(count("resource_group=RG-A").await, 1);
+    assert_eq!(count("region=westeurope").await, 1);
+    assert_eq!(count("registered=false").await, 2);
+    assert_eq!(count("registered=true").await, 0);
+    assert_eq!(count("subscription_id=sub-2").await, 0);
+}

@@ -199,6 +199,14 @@ async fn first_backup_is_a_full_and_simple_recovery_pauses_logs(pool: PgPool) {
     let mut lsns = Lsns::default();
     let t0 = utc("2027-01-04T10:00:00Z");
     p.app.service.schedule_tick(t0).await.unwrap();
+    let items = p
+        .app
+        .get(
+            &format!("/v1/vaults/{}/protected-items", p.vault),
+            &p.app.admin(),
+        )
+        .await;
+    assert_eq!(items.body["items"][0]["health"], "awaiting_first_backup");
     // The first due slot (a log slot) is promoted to a full for both.
     p.app
         .service
@@ -212,6 +220,21 @@ async fn first_backup_is_a_full_and_simple_recovery_pauses_logs(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(job.as_array().unwrap().len(), 2);
+    let sales = p
+        .app
+        .get(
+            &format!(
+                "/v1/vaults/{}/protected-items/{}",
+                p.vault, p.items["sales"]
+            ),
+            &p.app.admin(),
+        )
+        .await;
+    assert_eq!(sales.body["health"], "healthy");
+    assert_eq!(
+        sales.body["last_full_at"],
+        json!(t0 + Duration::minutes(15))
+    );
     // Then logs for sales only.
     p.app
         .service
@@ -264,6 +287,17 @@ async fn a_log_chain_gap_promotes_the_next_backup_to_a_full(pool: PgPool) {
         )
         .await;
     assert_eq!(points.body["items"][1]["chain_gap"], true);
+    let item = p
+        .app
+        .get(
+            &format!(
+                "/v1/vaults/{}/protected-items/{}",
+                p.vault, p.items["sales"]
+            ),
+            &p.app.admin(),
+        )
+        .await;
+    assert_eq!(item.body["health"], "chain_broken");
     p.app
         .service
         .schedule_tick(t0 + Duration::minutes(45))
@@ -571,4 +605,37 @@ async fn scheduler_run_is_for_admins_and_takes_a_clock_only_in_dev(pool: PgPool)
             .status,
         StatusCode::FORBIDDEN
     );
+}
+
+/// After downtime the missed slots make one job per type, not one per slot.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn missed_slots_after_downtime_make_one_job(pool: PgPool) {
+    let p = protect(
+        pool.clone(),
+        weekly_dst_policy(),
+        vec![db("MSSQLSERVER", "sales")],
+    )
+    .await;
+    sqlx::query("update protected_items set needs_full = false")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let t0 = utc("2027-01-04T10:00:00Z");
+    p.app.service.schedule_tick(t0).await.unwrap();
+    // Down from 10:00 to 13:00 UTC: twelve missed log slots, nothing else due.
+    let jobs = p
+        .app
+        .service
+        .schedule_tick(t0 + Duration::hours(3))
+        .await
+        .unwrap();
+    assert_eq!(jobs, 1);
+    let kinds: Vec<String> = sqlx::query_scalar("select kind from jobs where kind like 'backup_%'")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(kinds, ["backup_log"]);
+    // The next slot is the one after the restart, not a backlog.
+    let after = t0 + Duration::hours(3) + Duration::minutes(1);
+    assert_eq!(p.app.service.schedule_tick(after).await.unwrap(), 0);
 }

@@ -125,9 +125,28 @@ pub struct ProtectedItem {
     /// The database is no longer reported by discovery.
     pub database_gone: bool,
     pub recovery_model: String,
+    pub last_full_at: Option<DateTime<Utc>>,
+    pub last_differential_at: Option<DateTime<Utc>>,
+    pub last_log_at: Option<DateTime<Utc>>,
+    pub health: ItemHealth,
     pub version: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// What needs attention on a protected item, the most pressing first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemHealth {
+    /// Discovery no longer finds the database.
+    DatabaseGone,
+    /// The log chain broke; the next backup runs as a full.
+    ChainBroken,
+    /// The database came back with another casing (unsupported by Azure Backup too).
+    CasingChanged,
+    /// Protected, no full backup yet.
+    AwaitingFirstBackup,
+    Healthy,
 }
 
 impl From<ProtectedItemRow> for ProtectedItem {
@@ -150,6 +169,20 @@ impl From<ProtectedItemRow> for ProtectedItem {
             casing_changed: r.casing_changed,
             database_gone: r.database_gone,
             recovery_model: r.recovery_model,
+            health: if r.database_gone {
+                ItemHealth::DatabaseGone
+            } else if r.needs_full && r.last_full_at.is_some() {
+                ItemHealth::ChainBroken
+            } else if r.casing_changed {
+                ItemHealth::CasingChanged
+            } else if r.last_full_at.is_none() {
+                ItemHealth::AwaitingFirstBackup
+            } else {
+                ItemHealth::Healthy
+            },
+            last_full_at: r.last_full_at,
+            last_differential_at: r.last_differential_at,
+            last_log_at: r.last_log_at,
             version: r.version,
             created_at: r.created_at,
             updated_at: r.updated_at,

@@ -29,6 +29,8 @@ pub struct Vm {
     pub other_backup_product: bool,
     /// When its agent was last heard from.
     pub last_seen_at: Option<DateTime<Utc>>,
+    /// The vault it is registered with; none while unregistered.
+    pub vault_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -52,10 +54,30 @@ impl From<VmRow> for Vm {
             sql_iaas_extension: r.sql_iaas_extension,
             other_backup_product: r.other_backup_product,
             last_seen_at: r.last_seen_at,
+            vault_id: r.vault_id,
             created_at: r.created_at,
             updated_at: r.updated_at,
         }
     }
+}
+
+/// A VM as inventory automation reports it (agents report the rest when they enroll).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpsertVm {
+    pub name: String,
+    pub resource_group: String,
+    pub subscription_id: String,
+    pub region: String,
+    pub deployment_model: DeploymentModel,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct VmQuery {
+    pub subscription_id: Option<String>,
+    pub resource_group: Option<String>,
+    pub region: Option<String>,
+    pub registered: Option<bool>,
 }
 
 pub(crate) fn deployment_model_str(m: DeploymentModel) -> &'static str {
@@ -132,13 +154,49 @@ impl Service {
     pub async fn vm_list(
         &self,
         principal: &Principal,
+        query: &VmQuery,
         cursor: Option<&str>,
         limit: Option<i64>,
     ) -> Result<Page<Vm>> {
         principal.require(Permission::Read)?;
         let (request, limit) = page_request(cursor, limit)?;
-        let rows = vms::vm_list(&self.pool, principal.subscriptions.as_deref(), request).await?;
+        let filter = vms::VmFilter {
+            subscriptions: principal.subscriptions.as_deref(),
+            subscription_id: query.subscription_id.as_deref(),
+            resource_group: query.resource_group.as_deref(),
+            region: query.region.as_deref(),
+            registered: query.registered,
+        };
+        let rows = vms::vm_list(&self.pool, &filter, request).await?;
         Ok(page(rows, limit, |r| r.id, Vm::from))
+    }
+
+    /// Inventory automation adds or updates a VM; returns it and whether it is new.
+    pub async fn vm_upsert(&self, principal: &Principal, req: UpsertVm) -> Result<(Vm, bool)> {
+        principal.require(Permission::OperateJobs)?;
+        let facts = VmFacts {
+            name: req.name,
+            resource_group: req.resource_group,
+            subscription_id: req.subscription_id,
+            region: req.region,
+            deployment_model: req.deployment_model,
+            agent_version: String::new(),
+            dotnet_version: String::new(),
+            sql_iaas_extension: false,
+            other_backup_product: false,
+        };
+        check_facts(&facts, "")?;
+        if !principal.sees_subscription(&facts.subscription_id) {
+            return Err(Error::new(
+                ErrorKind::Forbidden,
+                "subscription_forbidden",
+                "your token does not grant this subscription",
+            ));
+        }
+        let mut tx = self.pool.begin().await?;
+        let (row, created) = vms::vm_upsert(&mut tx, Uuid::now_v7(), &facts_row(&facts)).await?;
+        tx.commit().await?;
+        Ok((row.into(), created))
     }
 
     /// Removes a VM, its jobs and (through its token generation) its agent's tokens.

@@ -34,7 +34,7 @@ pub async fn vm_lock(
     sqlx::query_as(
         "select id, subscription_id, resource_group, name, region, deployment_model, agent_installed,
                 agent_version, dotnet_version, sql_iaas_extension, other_backup_product, last_seen_at,
-                token_generation, version, created_at, updated_at
+                token_generation, vault_id, version, created_at, updated_at
          from vms where id = $1 for update",
     )
     .bind(vm_id)
@@ -72,7 +72,7 @@ pub async fn vms_unregistered(
     sqlx::query_as(
         "select id, subscription_id, resource_group, name, region, deployment_model, agent_installed,
                 agent_version, dotnet_version, sql_iaas_extension, other_backup_product, last_seen_at,
-                token_generation, version, created_at, updated_at
+                token_generation, vault_id, version, created_at, updated_at
          from vms where subscription_id = $1 and vault_id is null order by lower(name), lower(resource_group)",
     )
     .bind(subscription_id)

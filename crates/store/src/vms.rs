@@ -21,6 +21,8 @@ pub struct VmRow {
     pub other_backup_product: bool,
     pub last_seen_at: Option<DateTime<Utc>>,
     pub token_generation: i64,
+    /// The vault the VM is registered with.
+    pub vault_id: Option<Uuid>,
     pub version: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -41,7 +43,7 @@ pub struct VmFactsRow<'a> {
 
 const COLUMNS: &str = "id, subscription_id, resource_group, name, region, deployment_model, agent_installed, \
     agent_version, dotnet_version, sql_iaas_extension, other_backup_product, last_seen_at, token_generation, \
-    version, created_at, updated_at";
+    vault_id, version, created_at, updated_at";
 
 /// Inserts or updates the VM an agent enrolls for, marks it heard from, and bumps its
 /// token generation so that tokens issued before this enrollment stop working.
@@ -94,21 +96,66 @@ pub async fn vm_token_generation(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Res
         .await
 }
 
+#[derive(Debug, Default)]
+pub struct VmFilter<'a> {
+    pub subscriptions: Option<&'a [String]>,
+    pub subscription_id: Option<&'a str>,
+    pub resource_group: Option<&'a str>,
+    pub region: Option<&'a str>,
+    pub registered: Option<bool>,
+}
+
 pub async fn vm_list(
     db: impl PgExecutor<'_>,
-    subscriptions: Option<&[String]>,
+    f: &VmFilter<'_>,
     page: Page,
 ) -> sqlx::Result<Vec<VmRow>> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select {COLUMNS} from vms
-         where ($1::text[] is null or subscription_id = any($1)) and ($2::uuid is null or id > $2)
-         order by id limit $3"
+         where ($1::text[] is null or subscription_id = any($1))
+           and ($2::text is null or subscription_id = $2)
+           and ($3::text is null or lower(resource_group) = lower($3))
+           and ($4::text is null or lower(region) = lower($4))
+           and ($5::bool is null or (vault_id is not null) = $5)
+           and ($6::uuid is null or id > $6)
+         order by id limit $7"
     )))
-    .bind(subscriptions)
+    .bind(f.subscriptions)
+    .bind(f.subscription_id)
+    .bind(f.resource_group)
+    .bind(f.region)
+    .bind(f.registered)
     .bind(page.after)
     .bind(page.limit)
     .fetch_all(db)
     .await
+}
+
+/// Inserts or updates a VM from inventory automation. Only placement facts change; what
+/// the agent reports (and its tokens) is left alone.
+pub async fn vm_upsert(
+    conn: &mut PgConnection,
+    new_id: Uuid,
+    f: &VmFactsRow<'_>,
+) -> sqlx::Result<(VmRow, bool)> {
+    let row: VmRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "insert into vms (id, subscription_id, resource_group, name, region, deployment_model)
+         values ($1, $2, $3, $4, $5, $6)
+         on conflict (subscription_id, lower(resource_group), lower(name)) do update set
+             region = excluded.region, deployment_model = excluded.deployment_model,
+             version = vms.version + 1, updated_at = now()
+         returning {COLUMNS}"
+    )))
+    .bind(new_id)
+    .bind(f.subscription_id)
+    .bind(f.resource_group)
+    .bind(f.name)
+    .bind(f.region)
+    .bind(f.deployment_model)
+    .fetch_one(conn)
+    .await?;
+    let created = row.id == new_id;
+    Ok((row, created))
 }
 
 /// Records that the agent was heard from, with new facts when it sent them. Only the

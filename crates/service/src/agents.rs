@@ -197,7 +197,17 @@ impl Service {
                 "this needs an agent token",
             ));
         };
-        match vms::vm_token_generation(&self.pool, vm).await? {
+        let current = match self.notifier.cached_generation(vm) {
+            Some(cached) => Some(cached),
+            None => {
+                let current = vms::vm_token_generation(&self.pool, vm).await?;
+                if let Some(g) = current {
+                    self.notifier.remember_generation(vm, g);
+                }
+                current
+            }
+        };
+        match current {
             Some(current) if current == generation => Ok(vm),
             _ => Err(Error::new(
                 ErrorKind::Unauthorized,
@@ -231,7 +241,10 @@ impl Service {
         }
         let mut tx = self.pool.begin().await?;
         let vm = vms::vm_enroll(&mut tx, Uuid::now_v7(), &facts_row(&facts)).await?;
+        // Other replicas drop their cached generation of this VM at commit.
+        store::notify(&mut *tx, &store::notify_payload('g', [vm.id])).await?;
         tx.commit().await?;
+        self.notifier.forget_generations(&vm.id.to_string());
         let (agent_token, exp) = self.auth.mint_agent(
             vm.id,
             &vm.subscription_id,

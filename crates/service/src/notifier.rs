@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backvault_store::PgPool;
 use backvault_store::jobs::NOTIFY_CHANNEL;
@@ -17,7 +17,13 @@ use uuid::Uuid;
 pub struct Notifier {
     vms: Mutex<HashMap<Uuid, Arc<Notify>>>,
     jobs: Mutex<HashMap<Uuid, Arc<Notify>>>,
+    /// Agent token generations by VM, so that agent calls need no lookup; an enrollment or
+    /// removal anywhere invalidates the entry through `g:` notifications, and entries
+    /// expire after [`GENERATION_TTL`] should a notification be lost.
+    generations: Mutex<HashMap<Uuid, (i64, Instant)>>,
 }
+
+pub const GENERATION_TTL: Duration = Duration::from_secs(5);
 
 /// A registration; dropping it forgets the key once nobody else waits on it.
 pub struct Subscription<'a> {
@@ -77,6 +83,7 @@ impl Notifier {
         match payload.split_once(':') {
             Some(("v", ids)) => wake(&self.vms, ids),
             Some(("j", ids)) => wake(&self.jobs, ids),
+            Some(("g", ids)) => self.forget_generations(ids),
             _ => tracing::warn!(payload, "unknown notification"),
         }
     }
@@ -84,6 +91,32 @@ impl Notifier {
     fn wake_all(&self) {
         wake(&self.vms, "*");
         wake(&self.jobs, "*");
+        self.forget_generations("*");
+    }
+
+    pub fn cached_generation(&self, vm: Uuid) -> Option<i64> {
+        let map = self.generations.lock().expect("notifier lock");
+        map.get(&vm)
+            .filter(|(_, at)| at.elapsed() < GENERATION_TTL)
+            .map(|(g, _)| *g)
+    }
+
+    pub fn remember_generation(&self, vm: Uuid, generation: i64) {
+        self.generations
+            .lock()
+            .expect("notifier lock")
+            .insert(vm, (generation, Instant::now()));
+    }
+
+    pub fn forget_generations(&self, ids: &str) {
+        let mut map = self.generations.lock().expect("notifier lock");
+        if ids == "*" {
+            map.clear();
+            return;
+        }
+        for id in ids.split(',').filter_map(|s| s.parse::<Uuid>().ok()) {
+            map.remove(&id);
+        }
     }
 
     /// Listens until the process ends, reconnecting with backoff. After a reconnect every

@@ -211,7 +211,10 @@ impl Service {
                 "databases on this VM are protected; stop protection (and delete their data) first",
             )
         })?;
+        backvault_store::jobs::notify(&mut *tx, &backvault_store::jobs::notify_payload('g', [id]))
+            .await?;
         tx.commit().await?;
+        self.notifier.forget_generations(&id.to_string());
         Ok(())
     }
 }

@@ -282,12 +282,14 @@ pub async fn queue_complete(
              delete from job_queue q using input i
              where q.job_id = i.job_id and q.vm_id = i.vm_id and q.lease = i.lease and q.running
                and q.kind like i.kind_like
-             returning q.job_id, q.attempt
+             returning q.job_id, q.attempt, i.status, i.result, i.warnings
          ), history as (
-             update jobs j set status = i.status, result = i.result, warnings = i.warnings, finished_at = now(),
+             -- From `done` alone: joining it back to `input` lets a generic plan loop over
+             -- every pair (quadratic in the batch size).
+             update jobs j set status = d.status, result = d.result, warnings = d.warnings, finished_at = now(),
                                updated_at = now()
-             from input i join done d on d.job_id = i.job_id
-             where j.id = i.job_id
+             from done d
+             where j.id = d.job_id
          ), attempts as (
              update job_attempts a set ended_at = now(), outcome = 'completed'
              from done d where a.job_id = d.job_id and a.attempt = d.attempt
@@ -358,13 +360,13 @@ pub async fn queue_retry(
          ), requeued as (
              update job_queue q set running = false, run_at = i.run_at, lease_expires_at = null
              from input i where q.job_id = i.job_id and q.running
-             returning q.job_id, q.attempt
+             returning q.job_id, q.attempt, i.outcome, i.code, i.message
          ), history as (
-             update jobs j set status = 'queued', error_code = i.code, error_message = i.message, updated_at = now()
-             from input i join requeued r on r.job_id = i.job_id where j.id = i.job_id
+             update jobs j set status = 'queued', error_code = r.code, error_message = r.message, updated_at = now()
+             from requeued r where j.id = r.job_id
          )
-         update job_attempts a set ended_at = now(), outcome = i.outcome, error_code = i.code, error_message = i.message
-         from input i join requeued r on r.job_id = i.job_id
+         update job_attempts a set ended_at = now(), outcome = r.outcome, error_code = r.code, error_message = r.message
+         from requeued r
          where a.job_id = r.job_id and a.attempt = r.attempt",
     )
     .bind(job_ids)
@@ -392,14 +394,15 @@ pub async fn queue_finish(
         "with input as (
              select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) as i(job_id, outcome, code, message)
          ), done as (
-             delete from job_queue q using input i where q.job_id = i.job_id returning q.job_id, q.attempt, q.running
+             delete from job_queue q using input i where q.job_id = i.job_id
+             returning q.job_id, q.attempt, q.running, i.outcome, i.code, i.message
          ), history as (
-             update jobs j set status = $5, error_code = i.code, error_message = i.message, finished_at = now(),
+             update jobs j set status = $5, error_code = d.code, error_message = d.message, finished_at = now(),
                                updated_at = now()
-             from input i join done d on d.job_id = i.job_id where j.id = i.job_id
+             from done d where j.id = d.job_id
          )
-         update job_attempts a set ended_at = now(), outcome = i.outcome, error_code = i.code, error_message = i.message
-         from input i join done d on d.job_id = i.job_id
+         update job_attempts a set ended_at = now(), outcome = d.outcome, error_code = d.code, error_message = d.message
+         from done d
          where a.job_id = d.job_id and a.attempt = d.attempt and d.running",
     )
     .bind(job_ids)

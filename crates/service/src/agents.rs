@@ -480,15 +480,10 @@ impl Service {
         };
         let message = req.message.chars().take(4000).collect::<String>();
         if LOG_CHAIN_BROKEN.contains(&req.code.as_str()) {
-            let items: Option<(sqlx::types::Json<Vec<JobItem>>,)> =
-                sqlx::query_as("select items from jobs where id = $1")
-                    .bind(job_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            let ids: Vec<Uuid> = items
-                .map(|i| i.0.0.iter().filter_map(|i| i.protected_item_id).collect())
-                .unwrap_or_default();
-            backvault_store::recovery::needs_full_set(&mut *tx, &ids).await?;
+            for (_, _, items, _) in store::jobs_content(&mut *tx, &[job_id]).await? {
+                let ids = crate::jobs::protected_items_of(&items.0);
+                backvault_store::recovery::needs_full_set(&mut *tx, &ids).await?;
+            }
         }
         let outcome = if held.cancel_requested {
             let end = AttemptEnd {

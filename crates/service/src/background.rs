@@ -28,10 +28,7 @@ impl Service {
     /// their last attempt. One replica at a time; others skip the tick.
     pub async fn rescue_expired_leases(&self) -> Result<Rescued> {
         let mut tx = self.pool.begin().await?;
-        let leader: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock($1)")
-            .bind(RESCUER_LOCK)
-            .fetch_one(&mut *tx)
-            .await?;
+        let leader = backvault_store::try_lead(&mut tx, RESCUER_LOCK).await?;
         if !leader {
             return Ok(Rescued::default());
         }

@@ -157,6 +157,15 @@ pub struct EnrollmentToken {
     pub expires_at: DateTime<Utc>,
 }
 
+/// The protected items a job works on.
+pub(crate) fn protected_items_of(items: &serde_json::Value) -> Vec<Uuid> {
+    serde_json::from_value::<Vec<JobItem>>(items.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|i| i.protected_item_id)
+        .collect()
+}
+
 fn job_not_found(id: Uuid) -> Error {
     Error::not_found("job_not_found", format_args!("job {id}"))
 }

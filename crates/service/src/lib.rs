@@ -129,16 +129,9 @@ impl Service {
 
     /// Database reachable and every embedded migration applied.
     pub async fn readiness(&self) -> Result<()> {
-        let applied: i64 =
-            match sqlx::query_scalar("select count(*) from _sqlx_migrations where success")
-                .fetch_one(&self.pool)
-                .await
-            {
-                Ok(n) => n,
-                // A database no migration ever ran on has no bookkeeping table yet.
-                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => 0,
-                Err(e) => return Err(e.into()),
-            };
+        let applied = backvault_store::migrations_applied(&self.pool)
+            .await?
+            .unwrap_or(0);
         let expected = backvault_store::MIGRATOR
             .iter()
             .filter(|m| m.migration_type.is_up_migration())

@@ -188,13 +188,7 @@ impl Service {
         // Existing points follow the new retention; schedules move to the new slots.
         self.recompute_retention(&mut tx, current.id, &req.spec)
             .await?;
-        sqlx::query(
-            "update protected_items set next_full_at = null, next_differential_at = null, next_log_at = null
-             where policy_id = $1",
-        )
-        .bind(current.id)
-        .execute(&mut *tx)
-        .await?;
+        backvault_store::recovery::schedule_reset(&mut *tx, None, Some(current.id)).await?;
         tx.commit().await?;
         row.try_into()
     }

@@ -681,14 +681,7 @@ impl Service {
     ) -> Result<Vec<ProtectableContainer>> {
         principal.require(Permission::Read)?;
         self.visible_vault(&self.pool, principal, vault_id).await?;
-        let rows: Vec<(Uuid, String, String, Uuid, String, String)> = sqlx::query_as(
-            "select i.id, i.name, i.version, v.id, v.name, v.resource_group
-             from sql_instances i join vms v on v.id = i.vm_id
-             where v.vault_id = $1 and i.gone_at is null order by lower(v.name), v.resource_group, i.name",
-        )
-        .bind(vault_id)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = inventory::instances_of_vault(&self.pool, vault_id).await?;
         let intents = store::intents_of_vault(&self.pool, vault_id).await?;
         let mut containers: Vec<ProtectableContainer> = Vec::new();
         let mut groups: BTreeMap<Uuid, ProtectableContainer> = BTreeMap::new();
@@ -766,10 +759,7 @@ impl Service {
             });
         }
         for (id, mut group) in groups {
-            group.name = sqlx::query_scalar("select name from availability_groups where id = $1")
-                .bind(id)
-                .fetch_one(&self.pool)
-                .await?;
+            group.name = inventory::availability_group_name(&self.pool, id).await?;
             containers.push(group);
         }
         Ok(containers)
@@ -1135,25 +1125,14 @@ impl Service {
                 format!("the vault has no policy '{}'", req.policy),
             );
         }
-        let in_vault: bool = match (req.instance_id, req.availability_group_id) {
-            (Some(instance), None) => {
-                sqlx::query_scalar(
-                    "select exists (select 1 from sql_instances i join vms v on v.id = i.vm_id
-                                where i.id = $1 and v.vault_id = $2 and i.gone_at is null)",
+        let in_vault = match (req.instance_id, req.availability_group_id) {
+            (Some(_), None) | (None, Some(_)) => {
+                inventory::target_in_vault(
+                    &mut *tx,
+                    req.instance_id,
+                    req.availability_group_id,
+                    vault_id,
                 )
-                .bind(instance)
-                .bind(vault_id)
-                .fetch_one(&mut *tx)
-                .await?
-            }
-            (None, Some(group)) => {
-                sqlx::query_scalar(
-                    "select exists (select 1 from sql_databases d join vms v on v.id = d.vm_id
-                                where d.availability_group_id = $1 and v.vault_id = $2)",
-                )
-                .bind(group)
-                .bind(vault_id)
-                .fetch_one(&mut *tx)
                 .await?
             }
             _ => {
@@ -1292,11 +1271,7 @@ fn discovery_job(
 }
 
 async fn reset_schedule(tx: &mut PgConnection, item: Uuid) -> Result<()> {
-    sqlx::query("update protected_items set next_full_at = null, next_differential_at = null, next_log_at = null where id = $1")
-        .bind(item)
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
+    Ok(backvault_store::recovery::schedule_reset(&mut *tx, Some(item), None).await?)
 }
 
 /// Effects of finished jobs, in the transaction that finishes them: configure protection
@@ -1307,13 +1282,8 @@ pub(crate) async fn jobs_finished(
     job_ids: &[Uuid],
     succeeded: bool,
 ) -> Result<()> {
-    let jobs: Vec<(String, sqlx::types::Json<Vec<JobItem>>)> =
-        sqlx::query_as("select kind, items from jobs where id = any($1)")
-            .bind(job_ids)
-            .fetch_all(&mut *tx)
-            .await?;
-    for (kind, items) in jobs {
-        let items: Vec<Uuid> = items.0.iter().filter_map(|i| i.protected_item_id).collect();
+    for (_, kind, items, _) in queue::jobs_content(&mut *tx, job_ids).await? {
+        let items = crate::jobs::protected_items_of(&items.0);
         if items.is_empty() {
             continue;
         }

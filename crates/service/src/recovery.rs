@@ -22,14 +22,6 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::jobs::{Job, new_job};
 use crate::{Principal, Service};
 
-/// `(id, kind, items, payload)` of a job whose report is recorded.
-type JobRowOfReport = (
-    Uuid,
-    String,
-    sqlx::types::Json<Vec<JobItem>>,
-    sqlx::types::Json<serde_json::Value>,
-);
-
 /// A backup job's report, as the group commit hands it over.
 pub(crate) struct BackupReport {
     pub job_id: Uuid,
@@ -72,14 +64,21 @@ pub(crate) async fn record_points(tx: &mut PgConnection, reports: &[BackupReport
         return Ok(());
     }
     let job_ids: Vec<Uuid> = reports.iter().map(|r| r.job_id).collect();
-    let jobs: Vec<JobRowOfReport> =
-        sqlx::query_as("select id, kind, items, payload from jobs where id = any($1)")
-            .bind(&job_ids)
-            .fetch_all(&mut *tx)
-            .await?;
+    let jobs: Vec<(Uuid, Vec<JobItem>, serde_json::Value)> =
+        queue::jobs_content(&mut *tx, &job_ids)
+            .await?
+            .into_iter()
+            .map(|(id, _, items, payload)| {
+                (
+                    id,
+                    serde_json::from_value(items.0).unwrap_or_default(),
+                    payload.0,
+                )
+            })
+            .collect();
     let mut item_ids: Vec<Uuid> = jobs
         .iter()
-        .flat_map(|j| j.2.0.iter().filter_map(|i| i.protected_item_id))
+        .flat_map(|j| j.1.iter().filter_map(|i| i.protected_item_id))
         .collect();
     item_ids.sort();
     item_ids.dedup();
@@ -105,18 +104,16 @@ pub(crate) async fn record_points(tx: &mut PgConnection, reports: &[BackupReport
     let mut needs_full: HashMap<Uuid, bool> = HashMap::new();
     let mut points = Vec::new();
     for report in reports {
-        let Some((_, _, items, payload)) = jobs.iter().find(|j| j.0 == report.job_id) else {
+        let Some((_, items, payload)) = jobs.iter().find(|j| j.0 == report.job_id) else {
             continue;
         };
         let fixed_days = payload
-            .0
             .get("retention_days")
             .and_then(serde_json::Value::as_u64);
         let mut reported: Vec<&RecoveryPointReport> = report.points.iter().collect();
         reported.sort_by_key(|p| p.backup_time);
         for p in reported {
             let Some(item) = items
-                .0
                 .iter()
                 .find(|i| i.instance.eq_ignore_ascii_case(&p.instance) && i.database == p.database)
                 .and_then(|i| i.protected_item_id)
@@ -684,15 +681,8 @@ impl Service {
     pub async fn rpo_breaching(&self, now: DateTime<Utc>) -> Result<i64> {
         let mut total = 0;
         for (policy, gap) in self.policy_gaps(now).await? {
-            let n: i64 = sqlx::query_scalar(
-                "select count(*) from protected_items where policy_id = $1 and state = 'protected'
-                   and coalesce(greatest(last_full_at, last_differential_at, last_log_at), created_at) < $2",
-            )
-            .bind(policy)
-            .bind(now - chrono::Duration::minutes(gap + RPO_GRACE_MINUTES))
-            .fetch_one(&self.pool)
-            .await?;
-            total += n;
+            let before = now - chrono::Duration::minutes(gap + RPO_GRACE_MINUTES);
+            total += store::items_stale(&self.pool, policy, before).await?;
         }
         Ok(total)
     }

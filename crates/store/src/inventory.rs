@@ -302,3 +302,47 @@ pub async fn instance_names(
             .await?;
     Ok(rows.into_iter().collect())
 }
+
+/// Present instances on the VMs registered with a vault, with their VM's name and
+/// resource group: `(instance id, name, version, vm id, vm name, resource group)`.
+pub async fn instances_of_vault(
+    db: impl PgExecutor<'_>,
+    vault_id: Uuid,
+) -> sqlx::Result<Vec<(Uuid, String, String, Uuid, String, String)>> {
+    sqlx::query_as(
+        "select i.id, i.name, i.version, v.id, v.name, v.resource_group
+         from sql_instances i join vms v on v.id = i.vm_id
+         where v.vault_id = $1 and i.gone_at is null order by lower(v.name), v.resource_group, i.name",
+    )
+    .bind(vault_id)
+    .fetch_all(db)
+    .await
+}
+
+pub async fn availability_group_name(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<String> {
+    sqlx::query_scalar("select name from availability_groups where id = $1")
+        .bind(id)
+        .fetch_one(db)
+        .await
+}
+
+/// Whether an instance (present) or an availability group (with a database) lives on a
+/// VM registered with the vault.
+pub async fn target_in_vault(
+    db: impl PgExecutor<'_>,
+    instance_id: Option<Uuid>,
+    availability_group_id: Option<Uuid>,
+    vault_id: Uuid,
+) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "select exists (select 1 from sql_instances i join vms v on v.id = i.vm_id
+                        where i.id = $1 and v.vault_id = $3 and i.gone_at is null)
+             or exists (select 1 from sql_databases d join vms v on v.id = d.vm_id
+                        where d.availability_group_id = $2 and v.vault_id = $3)",
+    )
+    .bind(instance_id)
+    .bind(availability_group_id)
+    .bind(vault_id)
+    .fetch_one(db)
+    .await
+}

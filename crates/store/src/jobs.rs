@@ -634,3 +634,18 @@ pub async fn queue_stats(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<QueueStat>
     .fetch_all(db)
     .await
 }
+
+/// `(id, kind, items, payload)` of jobs, for the effects of their outcome.
+pub type JobContent = (
+    Uuid,
+    String,
+    Json<serde_json::Value>,
+    Json<serde_json::Value>,
+);
+
+pub async fn jobs_content(db: impl PgExecutor<'_>, ids: &[Uuid]) -> sqlx::Result<Vec<JobContent>> {
+    sqlx::query_as("select id, kind, items, payload from jobs where id = any($1)")
+        .bind(ids)
+        .fetch_all(db)
+        .await
+}

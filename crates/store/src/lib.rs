@@ -21,3 +21,24 @@ pub struct Page {
     pub after: Option<uuid::Uuid>,
     pub limit: i64,
 }
+
+/// Takes a transaction-scoped advisory lock if free: true when this session leads the work
+/// the key stands for until its transaction ends.
+pub async fn try_lead(conn: &mut sqlx::PgConnection, key: i64) -> sqlx::Result<bool> {
+    sqlx::query_scalar("select pg_try_advisory_xact_lock($1)")
+        .bind(key)
+        .fetch_one(conn)
+        .await
+}
+
+/// Migrations recorded as applied; `None` when no migration ever ran on the database.
+pub async fn migrations_applied(db: impl sqlx::PgExecutor<'_>) -> sqlx::Result<Option<i64>> {
+    match sqlx::query_scalar("select count(*) from _sqlx_migrations where success")
+        .fetch_one(db)
+        .await
+    {
+        Ok(n) => Ok(Some(n)),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Ok(None),
+        Err(e) => Err(e),
+    }
+}

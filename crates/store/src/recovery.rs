@@ -394,3 +394,38 @@ pub async fn rpo_rows(
     .fetch_all(db)
     .await
 }
+
+/// Forgets the slot cursors of an item or of every item of a policy, so that the next
+/// tick schedules from the (new) policy's slots.
+pub async fn schedule_reset(
+    db: impl PgExecutor<'_>,
+    item: Option<Uuid>,
+    policy: Option<Uuid>,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "update protected_items set next_full_at = null, next_differential_at = null, next_log_at = null
+         where ($1::uuid is not null and id = $1) or ($2::uuid is not null and policy_id = $2)",
+    )
+    .bind(item)
+    .bind(policy)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Protected items of a policy whose latest backup (or start of protection) is older
+/// than `before`.
+pub async fn items_stale(
+    db: impl PgExecutor<'_>,
+    policy_id: Uuid,
+    before: DateTime<Utc>,
+) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "select count(*) from protected_items where policy_id = $1 and state = 'protected'
+           and coalesce(greatest(last_full_at, last_differential_at, last_log_at), created_at) < $2",
+    )
+    .bind(policy_id)
+    .bind(before)
+    .fetch_one(db)
+    .await
+}

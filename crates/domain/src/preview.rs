@@ -164,6 +164,20 @@ impl Policy {
     }
 }
 
+/// A backup needs time to run after its slot before its absence counts as a breach.
+pub const RPO_GRACE_MINUTES: i64 = 15;
+
+/// Whether a recovery point objective is breached: the latest point (or the start of
+/// protection) is older than the policy's allowed gap plus the grace.
+pub fn rpo_breached(latest: DateTime<Utc>, allowed_gap_minutes: i64, now: DateTime<Utc>) -> bool {
+    now > rpo_deadline(latest, allowed_gap_minutes)
+}
+
+/// The instant after which an item whose latest point is `latest` breaches its RPO.
+pub fn rpo_deadline(latest: DateTime<Utc>, allowed_gap_minutes: i64) -> DateTime<Utc> {
+    latest + Duration::minutes(allowed_gap_minutes + RPO_GRACE_MINUTES)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +241,13 @@ mod tests {
             p.preview(utc("2026-11-20T00:00:00Z"), 3).max_gap_minutes,
             4 * 24 * 60
         );
+    }
+
+    #[test]
+    fn rpo_is_breached_after_the_gap_and_the_grace() {
+        let latest = utc("2026-11-25T10:00:00Z");
+        assert!(!rpo_breached(latest, 60, utc("2026-11-25T11:15:00Z")));
+        assert!(rpo_breached(latest, 60, utc("2026-11-25T11:15:01Z")));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use backvault_domain::agent::{JobItem, RecoveryPointReport, RecoveryPointType};
 use backvault_domain::jobs::{JobKind, Priority, batch};
 use backvault_domain::policy::{Policy, PolicySpec};
+use backvault_domain::preview::{rpo_breached, rpo_deadline};
 use backvault_domain::restore::{self, PlanError, Point, TimeRange};
 use backvault_domain::retention::BackupType;
 use backvault_store::jobs as queue;
@@ -363,9 +364,6 @@ pub struct RpoReport {
     pub breached: usize,
 }
 
-/// A slot gets some slack before it counts as missed: the backup must run and finish.
-const RPO_GRACE_MINUTES: i64 = 15;
-
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunScheduler {
@@ -657,7 +655,7 @@ impl Service {
                     last_log_at: r.last_log_at,
                     allowed_gap_minutes: allowed,
                     current_gap_minutes: gap,
-                    breached: gap > allowed + RPO_GRACE_MINUTES,
+                    breached: rpo_breached(latest, allowed, now),
                 }
             })
             .collect();
@@ -681,7 +679,8 @@ impl Service {
     pub async fn rpo_breaching(&self, now: DateTime<Utc>) -> Result<i64> {
         let mut total = 0;
         for (policy, gap) in self.policy_gaps(now).await? {
-            let before = now - chrono::Duration::minutes(gap + RPO_GRACE_MINUTES);
+            // Breached now ⇔ the latest point is before `now - gap - grace`.
+            let before = now - (rpo_deadline(now, gap) - now);
             total += store::items_stale(&self.pool, policy, before).await?;
         }
         Ok(total)

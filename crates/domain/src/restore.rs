@@ -159,6 +159,37 @@ pub fn plan_to(points: &[Point], at: DateTime<Utc>) -> Result<Vec<Point>, PlanEr
     })
 }
 
+/// Where a database's backup chain stands before a new point arrives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChainTip {
+    /// First LSN of the latest full: what a differential's base must be.
+    pub full_first_lsn: Option<u128>,
+    /// Where the next log must start: the previous log's end, or (before any log) the
+    /// latest full's end, which a first log may start at or before.
+    pub log_end_lsn: Option<u128>,
+    pub log_chain_started: bool,
+}
+
+/// Whether a new point breaks the chain: a differential whose base is not the latest full,
+/// or a log that does not continue the log chain (another tool took a log backup) or has
+/// no full under it. Fulls and copy-only fulls never break it.
+pub fn breaks_chain(
+    tip: ChainTip,
+    kind: RecoveryPointType,
+    first_lsn: u128,
+    database_backup_lsn: u128,
+) -> bool {
+    match kind {
+        RecoveryPointType::Full | RecoveryPointType::CopyOnlyFull => false,
+        RecoveryPointType::Differential => tip.full_first_lsn != Some(database_backup_lsn),
+        RecoveryPointType::Log => match (tip.full_first_lsn, tip.log_end_lsn) {
+            (None, _) | (_, None) => true,
+            (Some(_), Some(end)) if tip.log_chain_started => first_lsn != end,
+            (Some(_), Some(end)) => first_lsn > end,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,6 +298,41 @@ mod tests {
         );
         assert!(plan_to(&points, t(50)).is_err());
         assert_eq!(ids(&plan_to(&points, t(75)).unwrap()), [1, 2, 15]);
+    }
+
+    #[test]
+    fn chain_breaks() {
+        use RecoveryPointType::*;
+        let after_full = ChainTip {
+            full_first_lsn: Some(100),
+            log_end_lsn: Some(110),
+            log_chain_started: false,
+        };
+        assert!(
+            !breaks_chain(after_full, Log, 110, 100),
+            "a first log may start at the full's end"
+        );
+        assert!(!breaks_chain(after_full, Log, 90, 100), "or before it");
+        assert!(breaks_chain(after_full, Log, 111, 100), "not after it");
+        let logging = ChainTip {
+            log_chain_started: true,
+            ..after_full
+        };
+        assert!(!breaks_chain(logging, Log, 110, 100));
+        assert!(
+            breaks_chain(logging, Log, 90, 100),
+            "a later log continues exactly"
+        );
+        assert!(!breaks_chain(logging, Differential, 120, 100));
+        assert!(
+            breaks_chain(logging, Differential, 120, 99),
+            "a differential of another full"
+        );
+        assert!(
+            breaks_chain(ChainTip::default(), Log, 1, 1),
+            "no full under it"
+        );
+        assert!(!breaks_chain(ChainTip::default(), Full, 1, 1));
     }
 
     proptest! {

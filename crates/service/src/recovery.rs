@@ -8,7 +8,7 @@ use backvault_domain::agent::{JobItem, RecoveryPointReport, RecoveryPointType};
 use backvault_domain::jobs::{JobKind, Priority, batch};
 use backvault_domain::policy::{Policy, PolicySpec};
 use backvault_domain::preview::{rpo_breached, rpo_deadline};
-use backvault_domain::restore::{self, PlanError, Point, TimeRange};
+use backvault_domain::restore::{self, ChainTip, PlanError, Point, TimeRange};
 use backvault_domain::retention::BackupType;
 use backvault_store::jobs as queue;
 use backvault_store::recovery::{self as store, ChainUpdate, NewPoint, PointRow};
@@ -125,18 +125,28 @@ pub(crate) async fn record_points(tx: &mut PgConnection, reports: &[BackupReport
                 continue;
             };
             let id = Uuid::now_v7();
-            let mut gap = false;
-            let mut full_id = update.last_full_id.or(state.last_full_id);
             let full_first = update
                 .last_full_first_lsn
                 .clone()
                 .or(state.last_full_first_lsn.clone());
             let last_log = update.last_log_lsn.clone().or(state.last_log_lsn.clone());
+            let tip = ChainTip {
+                full_first_lsn: full_first.as_deref().map(lsn),
+                log_end_lsn: last_log.as_deref().map(lsn),
+                log_chain_started: update.last_log_at.or(state.last_log_at).is_some(),
+            };
+            let gap = restore::breaks_chain(
+                tip,
+                p.backup_type,
+                lsn(&p.first_lsn),
+                lsn(&p.database_backup_lsn),
+            );
+            let mut full_id = update.last_full_id.or(state.last_full_id);
             let mut log_from = None;
             match p.backup_type {
                 RecoveryPointType::Full => {
                     full_id = None;
-                    // Before any log, the first one must start at or before this full's end.
+                    // Before any log, the first one may start up to this full's end.
                     if last_log.is_none() {
                         update.last_log_lsn = Some(p.last_lsn.clone());
                     }
@@ -147,24 +157,9 @@ pub(crate) async fn record_points(tx: &mut PgConnection, reports: &[BackupReport
                 }
                 RecoveryPointType::CopyOnlyFull => full_id = None,
                 RecoveryPointType::Differential => {
-                    if full_first.as_deref() != Some(p.database_backup_lsn.as_str()) {
-                        gap = true;
-                    }
-                    update.last_differential_at = Some(p.backup_time);
+                    update.last_differential_at = Some(p.backup_time)
                 }
                 RecoveryPointType::Log => {
-                    // The chain continues where the previous log ended; the first log of
-                    // an item may start anywhere up to its first full's end.
-                    let chain_started = update.last_log_at.or(state.last_log_at).is_some();
-                    if let Some(prev) = &last_log {
-                        let (prev, first) = (lsn(prev), lsn(&p.first_lsn));
-                        if (chain_started && prev != first) || (!chain_started && first > prev) {
-                            gap = true;
-                        }
-                    }
-                    if full_first.is_none() {
-                        gap = true;
-                    }
                     log_from = update
                         .last_log_at
                         .or(state.last_log_at)

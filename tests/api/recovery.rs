@@ -639,3 +639,41 @@ async fn missed_slots_after_downtime_make_one_job(pool: PgPool) {
     let after = t0 + Duration::hours(3) + Duration::minutes(1);
     assert_eq!(p.app.service.schedule_tick(after).await.unwrap(), 0);
 }
+
+/// A full expires together with its last log (the chain ties them); small sweep batches
+/// must still take the dependents first and never cut a full from its chain.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn sweeping_in_small_batches_keeps_chains_whole(pool: PgPool) {
+    let spec = json!({"time_zone": "UTC", "full": {"frequency": "daily", "time": "00:00"},
+        "log": {"frequency_minutes": 60, "retention_days": 7}, "retention": {"daily": {"days": 7}}});
+    let p = protect(
+        pool.clone(),
+        spec,
+        vec![db("MSSQLSERVER", "sales"), db("MSSQLSERVER", "hr")],
+    )
+    .await;
+    let mut lsns = Lsns::default();
+    let t0 = utc("2025-01-01T00:00:00Z");
+    p.app
+        .service
+        .schedule_tick(t0 - Duration::hours(1))
+        .await
+        .unwrap();
+    for h in 0..6 {
+        let at = t0 + Duration::hours(h);
+        p.app.service.schedule_tick(at).await.unwrap();
+        run_backups(&p.app, &p.agent, &mut lsns, at).await;
+    }
+    let total: i64 = sqlx::query_scalar("select count(*) from recovery_points")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(total, 12, "a full and five logs for each database");
+    let removed = p
+        .app
+        .service
+        .sweep_recovery_points_in_batches(3)
+        .await
+        .unwrap();
+    assert_eq!(removed, 12);
+}

@@ -469,11 +469,16 @@ impl Service {
 
     /// Removes expired recovery points, never a full a live point still needs.
     pub async fn sweep_recovery_points(&self) -> Result<u64> {
+        self.sweep_recovery_points_in_batches(10_000).await
+    }
+
+    pub async fn sweep_recovery_points_in_batches(&self, batch: i64) -> Result<u64> {
         let mut total = 0;
         loop {
-            let n = store::points_sweep(&self.pool, 10_000).await?;
+            let mut conn = self.pool.acquire().await?;
+            let n = store::points_sweep(&mut conn, batch).await?;
             total += n;
-            if n < 10_000 {
+            if n == 0 {
                 return Ok(total);
             }
         }

@@ -257,20 +257,29 @@ pub async fn points_retain_forever(db: impl PgExecutor<'_>, item_id: Uuid) -> sq
     Ok(())
 }
 
-/// Deletes up to `limit` expired points, never a full that a live point depends on.
-pub async fn points_sweep(db: impl PgExecutor<'_>, limit: i64) -> sqlx::Result<u64> {
-    let done = sqlx::query(
+/// Deletes up to `limit` expired points per kind, dependents before fulls: a full goes only
+/// once no point depends on it any more, so a batch never cuts a full from its chain.
+pub async fn points_sweep(conn: &mut PgConnection, limit: i64) -> sqlx::Result<u64> {
+    let dependents = sqlx::query(
+        "delete from recovery_points where id in (
+             select id from recovery_points
+             where delete_after < now() and backup_type in ('differential', 'log')
+             order by delete_after limit $1)",
+    )
+    .bind(limit)
+    .execute(&mut *conn)
+    .await?;
+    let fulls = sqlx::query(
         "delete from recovery_points where id in (
              select r.id from recovery_points r
-             where r.delete_after < now()
-               and not exists (select 1 from recovery_points d
-                               where d.full_id = r.id and (d.delete_after is null or d.delete_after >= now()))
+             where r.delete_after < now() and r.backup_type in ('full', 'copy_only_full')
+               and not exists (select 1 from recovery_points d where d.full_id = r.id)
              order by r.delete_after limit $1)",
     )
     .bind(limit)
-    .execute(db)
+    .execute(conn)
     .await?;
-    Ok(done.rows_affected())
+    Ok(dependents.rows_affected() + fulls.rows_affected())
 }
 
 /// Scheduler: items of a policy whose slot cursor of `column` is unset get it set to

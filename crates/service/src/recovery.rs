@@ -220,10 +220,11 @@ pub(crate) async fn record_points(tx: &mut PgConnection, reports: &[BackupReport
         }
     }
     store::points_insert(tx, &points).await?;
-    let mut fulls: Vec<Uuid> = points.iter().filter_map(|p| p.full_id).collect();
-    fulls.sort();
-    fulls.dedup();
-    store::fulls_extend_chain(&mut *tx, &fulls).await?;
+    let (fulls, expiries): (Vec<Uuid>, Vec<DateTime<Utc>>) = points
+        .iter()
+        .filter_map(|p| Some((p.full_id?, p.expires_at?)))
+        .unzip();
+    store::fulls_extend_chain(&mut *tx, &fulls, &expiries).await?;
     let updates: Vec<ChainUpdate> = chains
         .into_values()
         .map(|(state, _, mut u)| {

@@ -132,16 +132,22 @@ pub async fn chain_update(conn: &mut PgConnection, updates: &[ChainUpdate]) -> s
     Ok(())
 }
 
-/// Keeps fulls at least as long as their dependents: raises `chain_until` to the latest
-/// expiry among the points that depend on each full.
-pub async fn fulls_extend_chain(db: impl PgExecutor<'_>, full_ids: &[Uuid]) -> sqlx::Result<()> {
+/// Keeps fulls at least as long as their dependents: raises each full's `chain_until` to
+/// the expiry of new points that depend on it (only the new points are read, so the cost
+/// does not grow with the chain).
+pub async fn fulls_extend_chain(
+    db: impl PgExecutor<'_>,
+    full_ids: &[Uuid],
+    expires: &[DateTime<Utc>],
+) -> sqlx::Result<()> {
     sqlx::query(
-        "update recovery_points f set chain_until = d.until
-         from (select full_id, max(expires_at) as until from recovery_points
-               where full_id = any($1) group by full_id) d
-         where f.id = d.full_id and f.chain_until is distinct from d.until",
+        "update recovery_points f set chain_until = greatest(f.chain_until, d.until)
+         from (select full_id, max(expires) as until from unnest($1::uuid[], $2::timestamptz[]) as n(full_id, expires)
+               group by full_id) d
+         where f.id = d.full_id and (f.chain_until is null or f.chain_until < d.until)",
     )
     .bind(full_ids)
+    .bind(expires)
     .execute(db)
     .await?;
     Ok(())

@@ -205,14 +205,91 @@ fn cpu_ticks() -> (u64, u64) {
     (busy, (0..8).map(at).sum())
 }
 
-/// Measures how busy the whole machine was (in cores) while a measurement ran.
+/// Whose CPU time it is.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Who {
+    Bench,
+    Server,
+    /// Backends of our databases and Postgres' own background processes.
+    Postgres,
+    Other,
+}
+
+/// Every process's CPU ticks (user + system), by pid, with whose they are.
+fn process_ticks(server: Option<u32>) -> HashMap<u32, (Who, u64)> {
+    let mut out = HashMap::new();
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks = fields
+            .get(11)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            + fields
+                .get(12)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        let who = if pid == me {
+            Who::Bench
+        } else if Some(pid) == server {
+            Who::Server
+        } else if comm == "postgres" {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let title = String::from_utf8_lossy(&cmdline);
+            let backend = title.contains('(')
+                || title.contains("[local]")
+                || title.contains("autovacuum worker");
+            if !backend || title.contains(DB_PREFIX) {
+                Who::Postgres
+            } else {
+                Who::Other
+            }
+        } else {
+            Who::Other
+        };
+        out.insert(pid, (who, ticks));
+    }
+    out
+}
+
+/// Measures how busy the machine was (in cores) while a measurement ran, and whose the
+/// time was.
 struct CpuMeter {
     start: (u64, u64),
+    procs: HashMap<u32, (Who, u64)>,
+    server: Option<u32>,
+    at: Instant,
 }
 
 impl CpuMeter {
     fn start() -> Self {
-        Self { start: cpu_ticks() }
+        Self::with_server(None)
+    }
+
+    fn with_server(server: Option<u32>) -> Self {
+        Self {
+            start: cpu_ticks(),
+            procs: process_ticks(server),
+            server,
+            at: Instant::now(),
+        }
     }
 
     fn busy_cores(&self) -> f64 {
@@ -223,6 +300,24 @@ impl CpuMeter {
         }
         let nproc = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         end.0.saturating_sub(self.start.0) as f64 / total * nproc
+    }
+
+    /// Cores used by the benchmark, the server, Postgres and everything else.
+    fn split(&self) -> String {
+        let wall = self.at.elapsed().as_secs_f64().max(1e-9);
+        let mut by: HashMap<Who, u64> = HashMap::new();
+        for (pid, (who, ticks)) in process_ticks(self.server) {
+            let before = self.procs.get(&pid).map_or(0, |p| p.1);
+            *by.entry(who).or_default() += ticks.saturating_sub(before);
+        }
+        let cores = |w: Who| by.get(&w).copied().unwrap_or(0) as f64 / 100.0 / wall;
+        format!(
+            "CPU cores: postgres {:.2}, server {:.2}, agents/bench {:.2}, other {:.2}",
+            cores(Who::Postgres),
+            cores(Who::Server),
+            cores(Who::Bench),
+            cores(Who::Other)
+        )
     }
 }
 
@@ -823,6 +918,7 @@ async fn measure_tick(
         let enqueued = service.schedule_tick(now).await?;
         let tick = t.elapsed();
         let cores = cpu.busy_cores();
+        let conditions = format!("{conditions}; {}", cpu.split());
         ensure!(
             enqueued as i64 == fx.expected_jobs,
             "schedule_tick enqueued {enqueued} jobs, expected {}",
@@ -942,6 +1038,7 @@ async fn tick_one(
 /// The real server, started with `--dev` on a free port.
 struct Server {
     child: Child,
+    pid: u32,
     base: String,
     admin: String,
 }
@@ -999,6 +1096,7 @@ impl Server {
             }
         }
         Ok(Self {
+            pid: child.id(),
             child,
             base: format!("http://{}", addr.unwrap_or_default()),
             admin: admin.unwrap_or_default(),
@@ -1491,10 +1589,11 @@ async fn ingest_on(
             .fetch_one(&pool)
             .await?;
         let conditions = wait_quiet(ctx, "ingest").await;
-        let cpu = CpuMeter::start();
+        let cpu = CpuMeter::with_server(Some(server.pid));
         let (back, stats, wall) =
             drain_all(&http, agents, slot + chrono::Duration::minutes(5)).await?;
         let cores = cpu.busy_cores();
+        let split = cpu.split();
         agents = back;
         let (after, gaps, left): (i64, i64, i64) = sqlx::query_as(
             "select (select count(*) from recovery_points), (select count(*) from recovery_points where chain_gap),
@@ -1522,7 +1621,7 @@ async fn ingest_on(
         ensure!(left == 0, "{left} jobs left in the queue");
         let rate = recorded as f64 / secs(wall);
         let line = format!(
-            "ingest {label} ({slot}): {recorded} points in {} jobs {:?} in {:.2} s = {rate:.0} points/s (goal ≥ 5000: {}); mean claim {:.1} ms, mean complete {:.1} ms, max complete {:.0} ms; scheduler run {:.2} s; {conditions}, {cores:.1} cores busy",
+            "ingest {label} ({slot}): {recorded} points in {} jobs {:?} in {:.2} s = {rate:.0} points/s (goal ≥ 5000: {}); mean claim {:.1} ms, mean complete {:.1} ms, max complete {:.0} ms; scheduler run {:.2} s; {conditions}, {cores:.1} cores busy ({split})",
             stats.jobs,
             stats.kinds,
             secs(wall),
@@ -1837,6 +1936,7 @@ async fn sweep_run(
     };
     let took = t.elapsed();
     let cores = cpu.busy_cores();
+    let conditions = format!("{conditions}; {}", cpu.split());
     let removed = match swept {
         Ok(n) => n,
         Err(e) => {
@@ -1874,10 +1974,9 @@ async fn sweep_run(
     pool.close().await;
     let rate = removed as f64 / secs(took);
     let line = format!(
-        "sweep {}: {removed} expired points removed in {:.1} s = {rate:.0} points/s ({} batches of 10,000); {GUARD_ITEMS} fulls with a live dependent kept (half with a stale chain_until); {conditions}, {cores:.1} cores busy",
+        "sweep {}: {removed} expired points removed in {:.1} s = {rate:.0} points/s (batches of up to 10,000); {GUARD_ITEMS} fulls with a live dependent kept (half with a stale chain_until); {conditions}, {cores:.1} cores busy",
         variant.label(),
         secs(took),
-        (removed as i64 + 9_999) / 10_000,
     );
     Ok(line)
 }

@@ -8,6 +8,8 @@ use chrono::{DateTime, Duration, Utc};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
+use backvault_domain::jobs::{MAX_ITEMS_PER_JOB, batch, batch_of};
+
 use crate::helpers::{TestApp, claim};
 use crate::protection::{db, db_id, inventory, protectable, registered, run_configure};
 
@@ -93,6 +95,26 @@ fn weekly_dst_policy() -> Value {
         "log": {"frequency_minutes": 15, "retention_days": 14},
         "retention": {"weekly": {"weeks": 4}}
     })
+}
+
+/// As if every protected database had its full already: the scheduler's other types run.
+async fn with_fulls_taken(pool: &PgPool) {
+    sqlx::query("update protected_items set needs_full = false")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// `sales` and `hr` on one VM under the weekly DST policy, their fulls taken.
+async fn sales_and_hr_with_fulls(pool: &PgPool) -> Protected {
+    let p = protect(
+        pool.clone(),
+        weekly_dst_policy(),
+        vec![db("MSSQLSERVER", "sales"), db("MSSQLSERVER", "hr")],
+    )
+    .await;
+    with_fulls_taken(pool).await;
+    p
 }
 
 struct Protected {
@@ -314,41 +336,275 @@ async fn two_replicas_never_duplicate_a_job(pool: PgPool) {
         .map(|i| db("MSSQLSERVER", &format!("db{i}")))
         .collect();
     let p = protect(pool.clone(), weekly_dst_policy(), dbs).await;
-    sqlx::query("update protected_items set needs_full = false")
-        .execute(&pool)
-        .await
-        .unwrap();
+    with_fulls_taken(&pool).await;
     let other = TestApp::new(pool.clone()).service;
     let t0 = utc("2027-01-04T10:00:00Z");
     p.app.service.schedule_tick(t0).await.unwrap();
-    for i in 1..=8 {
+    let ticks = 24;
+    for i in 1..=ticks {
         let now = t0 + Duration::minutes(15 * i);
         let (a, b) = tokio::join!(p.app.service.schedule_tick(now), other.schedule_tick(now));
-        a.unwrap();
-        b.unwrap();
-        // Jobs are not run: later slots coalesce into the pending ones.
+        assert_eq!(
+            a.unwrap() + b.unwrap(),
+            2,
+            "slot {now}: one firing, 60 databases"
+        );
+        // The jobs leave the queue as if they had run, so coalescing cannot hide a
+        // duplicate: every slot must be fired by exactly one replica.
+        sqlx::query("delete from job_queue")
+            .execute(&pool)
+            .await
+            .unwrap();
     }
     let jobs: Vec<(String, Value)> =
         sqlx::query_as("select kind, items from jobs where kind like 'backup_%'")
             .fetch_all(&pool)
             .await
             .unwrap();
-    assert_eq!(
-        jobs.len(),
-        2,
-        "one slot, 60 databases, jobs of at most 50: {jobs:?}"
-    );
-    let sizes: Vec<usize> = jobs.iter().map(|j| j.1.as_array().unwrap().len()).collect();
-    assert_eq!(sizes.iter().sum::<usize>(), 60);
-    let mut seen = std::collections::HashSet::new();
-    for (_, items) in &jobs {
-        for item in items.as_array().unwrap() {
-            assert!(
-                seen.insert(item["protected_item_id"].as_str().unwrap().to_owned()),
-                "a database twice"
-            );
+    assert_eq!(jobs.len(), 2 * ticks as usize, "{jobs:?}");
+    assert!(jobs.iter().all(|j| j.0 == "backup_log"));
+    let expected_sizes: Vec<usize> = batch((0..60).collect::<Vec<_>>())
+        .iter()
+        .map(Vec::len)
+        .collect();
+    let mut per_item: HashMap<String, i64> = HashMap::new();
+    for pair in jobs.chunks(2) {
+        let mut sizes: Vec<usize> = pair.iter().map(|j| j.1.as_array().unwrap().len()).collect();
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        assert_eq!(sizes, expected_sizes, "split as the domain's batch");
+        for (_, items) in pair {
+            for item in items.as_array().unwrap() {
+                *per_item
+                    .entry(item["protected_item_id"].as_str().unwrap().to_owned())
+                    .or_default() += 1;
+            }
         }
     }
+    assert_eq!(per_item.len(), 60);
+    assert!(
+        per_item.values().all(|&n| n == ticks),
+        "each database once per slot: {per_item:?}"
+    );
+    let fired: i64 = sqlx::query_scalar(
+        "select count(*) from schedule_slots where kind = 'backup_log' and slot_at > '-infinity'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(fired, ticks);
+}
+
+/// The slot's primary key is the last word: a replica that read the same due slot as
+/// another and inserts it after the other committed gets nothing.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn a_slot_is_claimed_once_even_by_a_stale_reader(pool: PgPool) {
+    let p = protect(
+        pool.clone(),
+        weekly_dst_policy(),
+        vec![db("MSSQLSERVER", "sales")],
+    )
+    .await;
+    let policy: uuid::Uuid = sqlx::query_scalar("select policy_id from protected_items")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let t0 = utc("2027-01-04T10:00:00Z");
+    p.app.service.schedule_tick(t0).await.unwrap();
+    let slot = t0 + Duration::minutes(15);
+    let next = slot + Duration::minutes(15);
+    let claim = |pool: PgPool| async move {
+        let mut conn = pool.acquire().await.unwrap();
+        backvault_store::schedule::schedule_claim_slot(&mut conn, policy, "backup_log", slot, next)
+            .await
+            .unwrap()
+    };
+    // Both transactions read the due slot; the second inserts only after the first commits.
+    let mut first = pool.begin().await.unwrap();
+    let claimed = backvault_store::schedule::schedule_claim_slot(
+        &mut first,
+        policy,
+        "backup_log",
+        slot,
+        next,
+    )
+    .await
+    .unwrap();
+    assert_eq!(claimed, Some(slot));
+    let second = tokio::spawn(claim(pool.clone()));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!second.is_finished(), "the second insert waits on the key");
+    first.commit().await.unwrap();
+    assert_eq!(second.await.unwrap(), None);
+    assert_eq!(claim(pool.clone()).await, None, "and nobody later");
+}
+
+/// The database split into jobs in SQL is the domain's `batch`, for every size.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn the_sql_split_into_jobs_is_the_domains(pool: PgPool) {
+    let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "select n, i, backvault_batch_of(i, n, $1)
+         from generate_series(1::int8, 400) n cross join lateral generate_series(0::int8, n - 1) i",
+    )
+    .bind(MAX_ITEMS_PER_JOB as i32)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 400 * 401 / 2);
+    for (n, i, job) in rows {
+        assert_eq!(
+            job as usize,
+            batch_of(i as usize, n as usize),
+            "item {i} of {n}"
+        );
+    }
+}
+
+/// A database whose scheduled job of a type is still queued is skipped by the next slot
+/// of that type (coalesced); others are not, and an on-demand job does not count.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn a_pending_scheduled_job_coalesces_the_next_slot(pool: PgPool) {
+    let p = sales_and_hr_with_fulls(&pool).await;
+    let t0 = utc("2027-01-04T10:00:00Z");
+    p.app.service.schedule_tick(t0).await.unwrap();
+    assert_eq!(
+        p.app
+            .service
+            .schedule_tick(t0 + Duration::minutes(15))
+            .await
+            .unwrap(),
+        1
+    );
+    // The 10:15 job is left with sales only, still queued: hr's log is done. hr also gets
+    // an on-demand log, which is not a scheduled one.
+    sqlx::query(
+        "update jobs set items = (select jsonb_agg(i) from jsonb_array_elements(items) i
+                                  where i ->> 'database' = 'sales')
+         where kind = 'backup_log'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let on_demand = p
+        .app
+        .post(
+            &format!(
+                "/v1/vaults/{}/protected-items/{}/backup",
+                p.vault, p.items["hr"]
+            ),
+            &p.app.admin(),
+            json!({"type": "log"}),
+        )
+        .await;
+    assert_eq!(on_demand.status, StatusCode::ACCEPTED, "{}", on_demand.body);
+    assert_eq!(
+        p.app
+            .service
+            .schedule_tick(t0 + Duration::minutes(30))
+            .await
+            .unwrap(),
+        1
+    );
+    let latest: Value = sqlx::query_scalar(
+        "select items from jobs where priority = 1 and kind = 'backup_log' order by id desc limit 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let names: Vec<&str> = latest
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["database"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["hr"], "sales is coalesced, hr is not");
+}
+
+/// Changing an item's policy, stopping and resuming protection take effect at the next
+/// tick, with nothing to reset per item.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn policy_changes_stops_and_resumes_take_effect_at_the_next_tick(pool: PgPool) {
+    let p = sales_and_hr_with_fulls(&pool).await;
+    let mut hourly = weekly_dst_policy();
+    hourly["log"]["frequency_minutes"] = json!(60);
+    let admin = p.app.admin();
+    let created = p
+        .app
+        .post(
+            &format!("/v1/vaults/{}/policies", p.vault),
+            &admin,
+            json!({"name": "Hourly", "spec": hourly}),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let items = format!("/v1/vaults/{}/protected-items", p.vault);
+    // Each tick: what got a log job, the queue emptied as if the jobs had run.
+    let tick = |at: DateTime<Utc>| {
+        let (app, pool) = (&p.app, pool.clone());
+        async move {
+            app.service.schedule_tick(at).await.unwrap();
+            let mut names: Vec<String> = sqlx::query_scalar(
+                "select i ->> 'database' from job_queue q join jobs j on j.id = q.job_id,
+                        jsonb_array_elements(j.items) i",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            names.sort();
+            sqlx::query("delete from job_queue")
+                .execute(&pool)
+                .await
+                .unwrap();
+            names
+        }
+    };
+    let t0 = utc("2027-01-04T10:05:00Z");
+    assert!(
+        tick(t0).await.is_empty(),
+        "the first tick starts the schedules"
+    );
+    assert_eq!(tick(t0 + Duration::minutes(10)).await, ["hr", "sales"]);
+
+    let etag = p
+        .app
+        .get(&format!("{items}/{}", p.items["sales"]), &admin)
+        .await;
+    let changed = p
+        .app
+        .call(
+            axum::http::Method::PATCH,
+            &format!("{items}/{}", p.items["sales"]),
+            Some(&admin),
+            Some(json!({"policy": "Hourly"})),
+            &[("if-match", etag.header("etag"))],
+        )
+        .await;
+    assert_eq!(changed.status, StatusCode::OK, "{}", changed.body);
+    // 10:30: Gold's slot (hr only); Hourly's schedule starts, its next slot is 11:00.
+    assert_eq!(tick(t0 + Duration::minutes(25)).await, ["hr"]);
+    assert_eq!(tick(t0 + Duration::minutes(40)).await, ["hr"]);
+    assert_eq!(tick(t0 + Duration::minutes(55)).await, ["hr", "sales"]);
+
+    let stopped = p
+        .app
+        .post(
+            &format!("{items}/{}/stop", p.items["hr"]),
+            &admin,
+            json!({"mode": "retain_data"}),
+        )
+        .await;
+    assert_eq!(stopped.status, StatusCode::OK, "{}", stopped.body);
+    assert!(tick(t0 + Duration::minutes(70)).await.is_empty());
+    let resumed = p
+        .app
+        .post(
+            &format!("{items}/{}/resume", p.items["hr"]),
+            &admin,
+            json!({"policy": "Gold"}),
+        )
+        .await;
+    assert_eq!(resumed.status, StatusCode::OK, "{}", resumed.body);
+    assert_eq!(tick(t0 + Duration::minutes(85)).await, ["hr"]);
+    assert_eq!(tick(t0 + Duration::minutes(115)).await, ["hr", "sales"]);
 }
 
 /// The seed's example through recorded points: weekly full on Nov 16 kept 4 weeks, logs
@@ -616,10 +872,7 @@ async fn missed_slots_after_downtime_make_one_job(pool: PgPool) {
         vec![db("MSSQLSERVER", "sales")],
     )
     .await;
-    sqlx::query("update protected_items set needs_full = false")
-        .execute(&pool)
-        .await
-        .unwrap();
+    with_fulls_taken(&pool).await;
     let t0 = utc("2027-01-04T10:00:00Z");
     p.app.service.schedule_tick(t0).await.unwrap();
     // Down from 10:00 to 13:00 UTC: twelve missed log slots, nothing else due.
@@ -638,6 +891,19 @@ async fn missed_slots_after_downtime_make_one_job(pool: PgPool) {
     // The next slot is the one after the restart, not a backlog.
     let after = t0 + Duration::hours(3) + Duration::minutes(1);
     assert_eq!(p.app.service.schedule_tick(after).await.unwrap(), 0);
+    let metrics = p
+        .app
+        .call(axum::http::Method::GET, "/metrics", None, None, &[])
+        .await;
+    let text = metrics.body.as_str().unwrap();
+    assert!(
+        text.contains("backvault_scheduled_jobs_total 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("backvault_scheduler_tick_duration_seconds_count 3\n"),
+        "{text}"
+    );
 }
 
 /// A full expires together with its last log (the chain ties them); small sweep batches

@@ -87,13 +87,17 @@ impl Service {
         Ok(rescued)
     }
 
-    /// Removes finished jobs past their retention and day-old idempotency keys.
+    /// Removes finished jobs and fired schedule slots past the job retention, and day-old
+    /// idempotency keys.
     pub async fn prune_history(&self) -> Result<u64> {
         let jobs = store::jobs_prune(&self.pool, self.config.job_retention, 10_000).await?;
+        let slots =
+            backvault_store::schedule::schedule_prune(&self.pool, self.config.job_retention)
+                .await?;
         let keys =
             backvault_store::idempotency::idempotency_prune(&self.pool, chrono::Duration::days(1))
                 .await?;
-        Ok(jobs + keys)
+        Ok(jobs + slots + keys)
     }
 
     /// Runs the periodic work until `shutdown` flips.

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub queue_oldest_pending_seconds: Family<KindLabels, Gauge>,
     pub long_polls_waiting: Gauge,
     pub rpo_breaching_items: Gauge,
+    pub scheduler_tick_seconds: Histogram,
+    pub scheduled_jobs: Counter,
 }
 
 impl Default for Metrics {
@@ -48,6 +50,8 @@ impl Default for Metrics {
             queue_oldest_pending_seconds: Family::default(),
             long_polls_waiting: Gauge::default(),
             rpo_breaching_items: Gauge::default(),
+            scheduler_tick_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
+            scheduled_jobs: Counter::default(),
         }
     }
 }
@@ -104,6 +108,16 @@ impl Metrics {
             "rpo_breaching_items",
             "Protected items whose latest recovery point is older than their policy allows",
             self.rpo_breaching_items.clone(),
+        );
+        r.register(
+            "scheduler_tick_duration_seconds",
+            "Time a scheduler tick of this replica took, including the jobs it enqueued",
+            self.scheduler_tick_seconds.clone(),
+        );
+        r.register(
+            "scheduled_jobs",
+            "Backup jobs this replica's scheduler enqueued",
+            self.scheduled_jobs.clone(),
         );
         r
     }

@@ -188,7 +188,7 @@ impl Service {
         // Existing points follow the new retention; schedules move to the new slots.
         self.recompute_retention(&mut tx, current.id, &req.spec)
             .await?;
-        backvault_store::recovery::schedule_reset(&mut *tx, None, Some(current.id)).await?;
+        backvault_store::schedule::schedule_reset(&mut *tx, current.id).await?;
         tx.commit().await?;
         row.try_into()
     }

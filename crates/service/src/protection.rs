@@ -972,8 +972,7 @@ impl Service {
         store::item_update(&mut tx, id, expected, Some(policy_id), &item.state)
             .await?
             .ok_or_else(Error::precondition_failed)?;
-        // The next tick schedules from the new policy's slots.
-        reset_schedule(&mut tx, id).await?;
+        // Nothing more: the next tick schedules the item from its new policy's slots.
         tx.commit().await?;
         self.protected_item_get(principal, vault_id, id).await
     }
@@ -1039,7 +1038,6 @@ impl Service {
             .policy_id(&mut tx, vault_id, &req.policy, "/policy")
             .await?;
         store::item_update(&mut tx, id, None, Some(policy_id), "protected").await?;
-        reset_schedule(&mut tx, id).await?;
         tx.commit().await?;
         self.protected_item_get(principal, vault_id, id).await
     }
@@ -1270,13 +1268,10 @@ fn discovery_job(
     )
 }
 
-async fn reset_schedule(tx: &mut PgConnection, item: Uuid) -> Result<()> {
-    Ok(backvault_store::recovery::schedule_reset(&mut *tx, Some(item), None).await?)
-}
-
 /// Effects of finished jobs, in the transaction that finishes them: configure protection
-/// done → protected, failed for good → the database stays unprotected; a finished backup
-/// job frees its items' next slot of that type.
+/// done → protected, failed for good → the database stays unprotected. (A finished backup
+/// job leaves the queue in the same transaction, which is what lets its databases' next
+/// slot of that type run.)
 pub(crate) async fn jobs_finished(
     tx: &mut PgConnection,
     job_ids: &[Uuid],
@@ -1284,17 +1279,13 @@ pub(crate) async fn jobs_finished(
 ) -> Result<()> {
     for (_, kind, items, _) in queue::jobs_content(&mut *tx, job_ids).await? {
         let items = crate::jobs::protected_items_of(&items.0);
-        if items.is_empty() {
+        if kind != JobKind::ConfigureProtection.as_str() || items.is_empty() {
             continue;
         }
-        match kind.as_str() {
-            "configure_protection" if succeeded => {
-                store::items_set_state(&mut *tx, &items, "protecting", "protected").await?;
-            }
-            "configure_protection" => {
-                store::items_delete_protecting(&mut *tx, &items).await?;
-            }
-            _ => backvault_store::recovery::pending_clear(&mut *tx, &items, &kind).await?,
+        if succeeded {
+            store::items_set_state(&mut *tx, &items, "protecting", "protected").await?;
+        } else {
+            store::items_delete_protecting(&mut *tx, &items).await?;
         }
     }
     Ok(())

@@ -5,13 +5,14 @@
 use std::collections::HashMap;
 
 use backvault_domain::agent::{JobItem, RecoveryPointReport, RecoveryPointType};
-use backvault_domain::jobs::{JobKind, Priority, batch};
+use backvault_domain::jobs::{JobKind, MAX_ITEMS_PER_JOB, Priority};
 use backvault_domain::policy::{Policy, PolicySpec};
 use backvault_domain::preview::{rpo_breached, rpo_deadline};
 use backvault_domain::restore::{self, ChainTip, PlanError, Point, TimeRange};
 use backvault_domain::retention::BackupType;
 use backvault_store::jobs as queue;
 use backvault_store::recovery::{self as store, ChainUpdate, NewPoint, PointRow};
+use backvault_store::schedule::{self, SlotJobs};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
@@ -374,6 +375,15 @@ pub struct SchedulerRun {
     pub jobs_enqueued: usize,
 }
 
+/// What the jobs of a scheduled slot of `kind` are made of.
+pub fn slot_jobs(kind: JobKind) -> SlotJobs {
+    SlotJobs {
+        priority: Priority::Scheduled.rank(),
+        max_attempts: kind.max_attempts(),
+        max_items_per_job: MAX_ITEMS_PER_JOB as i32,
+    }
+}
+
 impl Service {
     /// Runs a scheduler tick now (an operator's "run the schedule"); with `now` given, at
     /// that instant, which only a development server allows.
@@ -398,74 +408,59 @@ impl Service {
         Ok(SchedulerRun { now, jobs_enqueued })
     }
 
-    /// One scheduler tick: due slots of every policy become backup jobs, grouped per VM in
-    /// jobs of at most 50 databases. Safe in every replica at once.
+    /// One scheduler tick: the due slot of each policy and backup type becomes that
+    /// policy's backup jobs, per VM in jobs of at most 50 databases. Safe in every replica
+    /// at once: a slot is claimed by one of them.
     pub async fn schedule_tick(&self, now: DateTime<Utc>) -> Result<usize> {
+        let started = std::time::Instant::now();
+        let enqueued = self.schedule_due_slots(now).await?;
+        self.metrics
+            .scheduler_tick_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.scheduled_jobs.inc_by(enqueued as u64);
+        Ok(enqueued)
+    }
+
+    async fn schedule_due_slots(&self, now: DateTime<Utc>) -> Result<usize> {
         let mut enqueued = 0;
-        for (policy_id, spec) in store::policies_in_use(&self.pool).await? {
+        for (policy_id, spec) in schedule::policies_in_use(&self.pool).await? {
             let Some(policy) = policy_of(Some(&spec)) else {
                 continue;
             };
             let windows = [
-                ("backup_full", "next_full_at", Some(policy.full_window(now))),
-                (
-                    "backup_differential",
-                    "next_differential_at",
-                    policy.differential_window(now),
-                ),
-                ("backup_log", "next_log_at", policy.log_window(now)),
+                (JobKind::BackupFull, Some(policy.full_window(now))),
+                (JobKind::BackupDifferential, policy.differential_window(now)),
+                (JobKind::BackupLog, policy.log_window(now)),
             ];
-            for (kind, column, window) in windows {
+            for (kind, window) in windows {
                 let Some(window) = window else { continue };
                 let mut tx = self.pool.begin().await?;
-                store::schedule_initialize(&mut *tx, policy_id, column, window.next).await?;
-                let due =
-                    store::schedule_claim_due(&mut tx, policy_id, kind, now, window.next).await?;
-                enqueued += self.enqueue_scheduled(&mut tx, due).await?;
+                let Some(slot) = schedule::schedule_claim_slot(
+                    &mut tx,
+                    policy_id,
+                    kind.as_str(),
+                    now,
+                    window.next,
+                )
+                .await?
+                else {
+                    tx.commit().await?;
+                    continue;
+                };
+                let done = schedule::schedule_enqueue(
+                    &mut tx,
+                    policy_id,
+                    kind.as_str(),
+                    slot,
+                    slot_jobs(kind),
+                )
+                .await?;
+                queue::notify(&mut *tx, &queue::notify_payload('v', done.vm_ids)).await?;
                 tx.commit().await?;
+                enqueued += done.jobs as usize;
             }
         }
         Ok(enqueued)
-    }
-
-    async fn enqueue_scheduled(
-        &self,
-        tx: &mut PgConnection,
-        due: Vec<store::DueItem>,
-    ) -> Result<usize> {
-        let mut groups: HashMap<(Uuid, String), Vec<store::DueItem>> = HashMap::new();
-        for item in due {
-            groups
-                .entry((item.vm_id, item.kind.clone()))
-                .or_default()
-                .push(item);
-        }
-        let mut jobs = Vec::new();
-        for ((vm_id, kind), items) in groups {
-            let kind = JobKind::parse(&kind).ok_or_else(|| Error::internal("scheduled kind"))?;
-            let (subscription, vault) = (items[0].subscription_id.clone(), items[0].vault_id);
-            let job_items: Vec<JobItem> = items
-                .into_iter()
-                .map(|i| JobItem {
-                    instance: i.instance,
-                    database: i.database,
-                    protected_item_id: Some(i.id),
-                })
-                .collect();
-            for chunk in batch(job_items) {
-                jobs.push(new_job(
-                    vm_id,
-                    &subscription,
-                    Some(vault),
-                    kind,
-                    Priority::Scheduled,
-                    &chunk,
-                    serde_json::json!({}),
-                )?);
-            }
-        }
-        queue::jobs_enqueue(tx, &jobs).await?;
-        Ok(jobs.len())
     }
 
     /// Removes expired recovery points, never a full a live point still needs.
@@ -669,7 +664,7 @@ impl Service {
     }
 
     async fn policy_gaps(&self, now: DateTime<Utc>) -> Result<HashMap<Uuid, i64>> {
-        Ok(store::policies_in_use(&self.pool)
+        Ok(schedule::policies_in_use(&self.pool)
             .await?
             .into_iter()
             .filter_map(|(id, spec)| Some((id, policy_of(Some(&spec))?.max_gap_minutes(now))))

@@ -7,6 +7,7 @@ pub mod jobs;
 pub mod policies;
 pub mod protection;
 pub mod recovery;
+pub mod schedule;
 pub mod vaults;
 pub mod vms;
 

@@ -1,4 +1,4 @@
-//! Recovery points, the chain state of protected items, and the scheduler's statements.
+//! Recovery points and the chain state of protected items.
 
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
@@ -153,27 +153,6 @@ pub async fn fulls_extend_chain(
     Ok(())
 }
 
-/// Clears the pending flag of the items of finished backup jobs so the next slot may run.
-pub async fn pending_clear(
-    db: impl PgExecutor<'_>,
-    item_ids: &[Uuid],
-    kind: &str,
-) -> sqlx::Result<()> {
-    let column = match kind {
-        "backup_full" => "full_pending",
-        "backup_differential" => "differential_pending",
-        "backup_log" => "log_pending",
-        _ => return Ok(()),
-    };
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "update protected_items set {column} = false where id = any($1) and {column}"
-    )))
-    .bind(item_ids)
-    .execute(db)
-    .await?;
-    Ok(())
-}
-
 pub async fn needs_full_set(db: impl PgExecutor<'_>, item_ids: &[Uuid]) -> sqlx::Result<()> {
     sqlx::query("update protected_items set needs_full = true where id = any($1)")
         .bind(item_ids)
@@ -288,100 +267,6 @@ pub async fn points_sweep(conn: &mut PgConnection, limit: i64) -> sqlx::Result<u
     Ok(dependents.rows_affected() + fulls.rows_affected())
 }
 
-/// Scheduler: items of a policy whose slot cursor of `column` is unset get it set to
-/// `next` (a new or changed item waits for its next slot; nothing fires at once).
-pub async fn schedule_initialize(
-    db: impl PgExecutor<'_>,
-    policy_id: Uuid,
-    column: &str,
-    next: DateTime<Utc>,
-) -> sqlx::Result<u64> {
-    let done = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "update protected_items set {column} = $2 where policy_id = $1 and state = 'protected' and {column} is null"
-    )))
-    .bind(policy_id)
-    .bind(next)
-    .execute(db)
-    .await?;
-    Ok(done.rows_affected())
-}
-
-#[derive(Debug, Clone, FromRow)]
-pub struct DueItem {
-    pub id: Uuid,
-    pub vault_id: Uuid,
-    pub vm_id: Uuid,
-    pub subscription_id: String,
-    pub instance: String,
-    pub database: String,
-    pub kind: String,
-}
-
-/// Claims the items of a policy whose `kind` slot is due, moves their cursor to `next`
-/// (so a slot is taken once, however many replicas tick), marks a job pending and returns
-/// the items that get one: not those with one still queued or running (coalesced), no logs
-/// for simple recovery, no differentials for `master`; with no usable full in the chain
-/// the backup is promoted to a full.
-pub async fn schedule_claim_due(
-    conn: &mut PgConnection,
-    policy_id: Uuid,
-    kind: &str,
-    now: DateTime<Utc>,
-    next: DateTime<Utc>,
-) -> sqlx::Result<Vec<DueItem>> {
-    let (cursor, pending) = match kind {
-        "backup_full" => ("next_full_at", "full_pending"),
-        "backup_differential" => ("next_differential_at", "differential_pending"),
-        _ => ("next_log_at", "log_pending"),
-    };
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "with due as (
-             select p.id from protected_items p
-             where p.policy_id = $1 and p.state = 'protected' and p.{cursor} <= $2
-             for update of p skip locked
-         ), decided as (
-             select p.id, p.vault_id, d.vm_id, v.subscription_id, i.name as instance, d.name as database,
-                    case when p.needs_full then 'backup_full' else $4 end as kind,
-                    case
-                        when p.needs_full then not p.full_pending
-                        when $4 = 'backup_log' then not p.{pending} and d.recovery_model <> 'simple'
-                        when $4 = 'backup_differential' then not p.{pending} and lower(d.name) <> 'master'
-                        else not p.{pending}
-                    end as runs
-             from due join protected_items p on p.id = due.id
-             join sql_databases d on d.id = p.database_id
-             join sql_instances i on i.id = d.instance_id
-             join vms v on v.id = d.vm_id
-             where d.gone_at is null
-         ), advanced as (
-             update protected_items p set {cursor} = $3,
-                 full_pending = p.full_pending or (x.runs and x.kind = 'backup_full'),
-                 differential_pending = p.differential_pending or (x.runs and x.kind = 'backup_differential'),
-                 log_pending = p.log_pending or (x.runs and x.kind = 'backup_log')
-             from decided x where p.id = x.id
-         )
-         select id, vault_id, vm_id, subscription_id, instance, database, kind from decided where runs"
-    )))
-    .bind(policy_id)
-    .bind(now)
-    .bind(next)
-    .bind(kind)
-    .fetch_all(conn)
-    .await
-}
-
-/// Policies that protect something, with their specs.
-pub async fn policies_in_use(
-    db: impl PgExecutor<'_>,
-) -> sqlx::Result<Vec<(Uuid, Json<serde_json::Value>)>> {
-    sqlx::query_as(
-        "select pol.id, pol.spec from policies pol
-         where exists (select 1 from protected_items p where p.policy_id = pol.id and p.state = 'protected')",
-    )
-    .fetch_all(db)
-    .await
-}
-
 #[derive(Debug, Clone, FromRow)]
 pub struct RpoRow {
     pub id: Uuid,
@@ -408,24 +293,6 @@ pub async fn rpo_rows(
     .bind(vault_id)
     .fetch_all(db)
     .await
-}
-
-/// Forgets the slot cursors of an item or of every item of a policy, so that the next
-/// tick schedules from the (new) policy's slots.
-pub async fn schedule_reset(
-    db: impl PgExecutor<'_>,
-    item: Option<Uuid>,
-    policy: Option<Uuid>,
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "update protected_items set next_full_at = null, next_differential_at = null, next_log_at = null
-         where ($1::uuid is not null and id = $1) or ($2::uuid is not null and policy_id = $2)",
-    )
-    .bind(item)
-    .bind(policy)
-    .execute(db)
-    .await?;
-    Ok(())
 }
 
 /// Protected items of a policy whose latest backup (or start of protection) is older

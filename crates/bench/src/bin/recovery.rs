@@ -24,11 +24,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use backvault_domain::jobs::{JobKind, batch};
+use backvault_domain::jobs::JobKind;
 use backvault_domain::policy::PolicySpec;
+use backvault_service::recovery::slot_jobs;
 use backvault_service::{Auth, AuthConfig, Config, Service};
-use backvault_store::jobs::{NewJob, jobs_enqueue};
-use backvault_store::recovery as store;
+use backvault_store::jobs::{notify, notify_payload};
+use backvault_store::schedule;
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
@@ -612,20 +613,29 @@ async fn tick_fixture(ctx: &Ctx, items: u64, vms: u64) -> anyhow::Result<TickFix
     .await?;
     sqlx::query(
         "insert into protected_items (id, vault_id, database_id, policy_id, state, protected_name,
-                                      next_full_at, next_log_at, needs_full, last_full_id, last_full_first_lsn,
+                                      needs_full, last_full_id, last_full_first_lsn,
                                       last_log_lsn, last_full_at, last_log_at)
          select pg_temp.seq_uuid(4, s), $3, pg_temp.seq_uuid(3, s), $4, 'protected',
                 'db' || lpad(s::text, 7, '0'),
-                $5, $6, false, pg_temp.seq_uuid(5, s), 1000, 1100, $5 - interval '1 day', $6 - interval '15 minutes'
+                false, pg_temp.seq_uuid(5, s), 1000, 1100, $5 - interval '1 day', $5 - interval '15 minutes'
          from generate_series(0, $1::int8 - 1) s",
     )
     .bind(items as i64)
     .bind(vms as i64)
     .bind(vault_id)
     .bind(policy_id)
-    // The next full: tomorrow at midnight; the log slot due: now.
-    .bind(now + chrono::Duration::hours(14) - chrono::Duration::minutes(15))
     .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    // The policy's schedule, started earlier: the log slot due now, the next full tomorrow
+    // at midnight.
+    sqlx::query(
+        "insert into schedule_slots (policy_id, kind, slot_at, next_at)
+         values ($1, 'backup_log', '-infinity', $2), ($1, 'backup_full', '-infinity', $3)",
+    )
+    .bind(policy_id)
+    .bind(now)
+    .bind(now + chrono::Duration::hours(14) - chrono::Duration::minutes(15))
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -675,119 +685,64 @@ async fn tick_verify(pool: &PgPool, fx: &TickFixture, items: u64) -> anyhow::Res
 /// see where the time goes (the service does not expose its steps).
 async fn tick_steps(pool: &PgPool, now: DateTime<Utc>) -> anyhow::Result<Vec<(String, Duration)>> {
     let mut steps: Vec<(String, Duration)> = Vec::new();
-    let mut add = |name: &str, d: Duration| {
-        if let Some(s) = steps.iter_mut().find(|s| s.0 == name) {
-            s.1 += d;
-        } else {
-            steps.push((name.to_owned(), d));
-        }
-    };
     let t = Instant::now();
-    let policies = store::policies_in_use(pool).await?;
-    add("policies_in_use", t.elapsed());
+    let policies = schedule::policies_in_use(pool).await?;
+    steps.push(("policies_in_use".to_owned(), t.elapsed()));
     for (policy_id, spec) in policies {
         let spec: PolicySpec = serde_json::from_value(spec.0)?;
         let policy = spec
             .validate("")
             .map_err(|v| anyhow::anyhow!("invalid policy: {v:?}"))?;
         let windows = [
-            ("backup_full", "next_full_at", Some(policy.full_window(now))),
-            (
-                "backup_differential",
-                "next_differential_at",
-                policy.differential_window(now),
-            ),
-            ("backup_log", "next_log_at", policy.log_window(now)),
+            (JobKind::BackupFull, Some(policy.full_window(now))),
+            (JobKind::BackupDifferential, policy.differential_window(now)),
+            (JobKind::BackupLog, policy.log_window(now)),
         ];
-        for (kind, column, window) in windows {
+        for (kind, window) in windows {
             let Some(window) = window else { continue };
-            let short = kind.trim_start_matches("backup_");
+            let short = kind.as_str().trim_start_matches("backup_");
             let mut tx = pool.begin().await?;
             let t = Instant::now();
-            store::schedule_initialize(&mut *tx, policy_id, column, window.next).await?;
-            add(&format!("{short}: schedule_initialize"), t.elapsed());
-            let t = Instant::now();
-            let due = store::schedule_claim_due(&mut tx, policy_id, kind, now, window.next).await?;
-            add(
-                &format!("{short}: schedule_claim_due ({} rows)", due.len()),
-                t.elapsed(),
-            );
-            let t = Instant::now();
-            let jobs = group_jobs(due)?;
-            add(
-                &format!("{short}: group + job JSON ({} jobs)", jobs.len()),
-                t.elapsed(),
-            );
-            let t = Instant::now();
-            jobs_enqueue(&mut tx, &jobs).await?;
-            add(&format!("{short}: jobs_enqueue"), t.elapsed());
+            let slot =
+                schedule::schedule_claim_slot(&mut tx, policy_id, kind.as_str(), now, window.next)
+                    .await?;
+            steps.push((format!("{short}: schedule_claim_slot"), t.elapsed()));
+            if let Some(slot) = slot {
+                let t = Instant::now();
+                let jobs = slot_jobs(kind);
+                let done =
+                    schedule::schedule_enqueue(&mut tx, policy_id, kind.as_str(), slot, jobs)
+                        .await?;
+                steps.push((
+                    format!(
+                        "{short}: schedule_enqueue ({} jobs, {} items)",
+                        done.jobs, done.items
+                    ),
+                    t.elapsed(),
+                ));
+                let t = Instant::now();
+                notify(&mut *tx, &notify_payload('v', done.vm_ids)).await?;
+                steps.push((format!("{short}: notify"), t.elapsed()));
+            }
             let t = Instant::now();
             tx.commit().await?;
-            add(&format!("{short}: commit"), t.elapsed());
+            steps.push((format!("{short}: commit"), t.elapsed()));
         }
     }
     Ok(steps)
 }
 
-/// `Service::enqueue_scheduled`'s grouping: per VM and kind, in jobs of at most 50.
-fn group_jobs(due: Vec<store::DueItem>) -> anyhow::Result<Vec<NewJob>> {
-    let mut groups: HashMap<(Uuid, String), Vec<store::DueItem>> = HashMap::new();
-    for item in due {
-        groups
-            .entry((item.vm_id, item.kind.clone()))
-            .or_default()
-            .push(item);
-    }
-    let mut jobs = Vec::new();
-    for ((vm_id, kind), items) in groups {
-        let kind = JobKind::parse(&kind).context("scheduled kind")?;
-        let (subscription, vault) = (items[0].subscription_id.clone(), items[0].vault_id);
-        let items: Vec<Value> = items
-            .into_iter()
-            .map(|i| json!({"instance": i.instance, "database": i.database, "protected_item_id": i.id}))
-            .collect();
-        for chunk in batch(items) {
-            jobs.push(NewJob {
-                id: Uuid::now_v7(),
-                vm_id,
-                subscription_id: subscription.clone(),
-                vault_id: Some(vault),
-                kind: kind.as_str(),
-                priority: 1,
-                items: Value::Array(chunk),
-                payload: json!({}),
-                max_attempts: kind.max_attempts(),
-                run_at: Utc::now(),
-            });
-        }
-    }
-    Ok(jobs)
-}
-
 /// The lower bound: one statement producing the same job rows (per VM, chunks of at most
-/// 50 items as even as `batch` makes them) and their queue rows. With `advance`, it also
-/// moves the items' cursor and marks their log pending, as the scheduler must.
-async fn tick_lower_bound(
-    pool: &PgPool,
-    policy_id: Uuid,
-    now: DateTime<Utc>,
-    next: DateTime<Utc>,
-    advance: bool,
-) -> anyhow::Result<(u64, Duration)> {
-    let advanced = if advance {
-        ", advanced as (update protected_items p set next_log_at = $3, log_pending = true from due where p.id = due.id)"
-    } else {
-        ""
-    };
-    let sql = format!(
-        "with due as materialized (
+/// 50 items as even as `batch` makes them) and their queue rows, with nothing else.
+async fn tick_lower_bound(pool: &PgPool, policy_id: Uuid) -> anyhow::Result<(u64, Duration)> {
+    let sql = "with due as materialized (
              select p.id, p.vault_id, d.vm_id, v.subscription_id, i.name as instance, d.name as database,
                     row_number() over w as rn, count(*) over (partition by d.vm_id) as n
              from protected_items p
              join sql_databases d on d.id = p.database_id
              join sql_instances i on i.id = d.instance_id
              join vms v on v.id = d.vm_id
-             where p.policy_id = $1 and p.state = 'protected' and p.next_log_at <= $2 and not p.log_pending
+             where p.policy_id = $1 and p.state = 'protected'
                and not p.needs_full and d.gone_at is null and d.recovery_model <> 'simple'
              window w as (partition by d.vm_id order by p.id)
          ), grouped as materialized (
@@ -799,17 +754,14 @@ async fn tick_lower_bound(
              group by vm_id, (rn - 1) * ceil(n / 50.0)::int8 / n
          ), history as (
              insert into jobs (id, vm_id, subscription_id, vault_id, kind, status, priority, items, payload, max_attempts)
-             select id, vm_id, subscription_id, vault_id, 'backup_log', 'queued', 1, items, '{{}}', $4 from grouped
-         ){advanced}
+             select id, vm_id, subscription_id, vault_id, 'backup_log', 'queued', 1, items, '{}', $2 from grouped
+         )
          insert into job_queue (job_id, vm_id, kind, priority, run_at, max_attempts)
-         select id, vm_id, 'backup_log', 1, now(), $4 from grouped"
-    );
+         select id, vm_id, 'backup_log', 1, now(), $2 from grouped";
     let t = Instant::now();
     let mut tx = pool.begin().await?;
-    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+    let done = sqlx::query(sql)
         .bind(policy_id)
-        .bind(now)
-        .bind(next)
         .bind(JobKind::BackupLog.max_attempts())
         .execute(&mut *tx)
         .await?;
@@ -822,14 +774,12 @@ struct TickResult {
     tick: Duration,
     idle_tick: Duration,
     lower: Duration,
-    lower_advance: Duration,
 }
 
 async fn tick(ctx: &Ctx, args: &TickArgs) -> anyhow::Result<Vec<String>> {
     let mut results: Vec<TickResult> = Vec::new();
     let mut lines = Vec::new();
     let now = tick_now();
-    let next = now + chrono::Duration::minutes(15);
     for &items in &args.items {
         eprintln!("tick N={items}: building the fixture ({} VMs)", args.vms);
         let fx = tick_fixture(ctx, items, args.vms).await?;
@@ -844,7 +794,7 @@ async fn tick(ctx: &Ctx, args: &TickArgs) -> anyhow::Result<Vec<String>> {
                 ("statement_timeout", "30s"),
                 ("idle_in_transaction_session_timeout", "60s"),
             ];
-            let outcome = measure_tick(ctx, &fx, items, now, None, &settings).await;
+            let outcome = measure_tick(ctx, &fx, items, now, &settings).await;
             fx.db.drop_db().await;
             let line = match outcome {
                 Ok((tick, _, conditions, _)) => format!(
@@ -859,7 +809,7 @@ async fn tick(ctx: &Ctx, args: &TickArgs) -> anyhow::Result<Vec<String>> {
             lines.push(line);
             continue;
         }
-        let outcome = tick_one(ctx, &fx, items, now, next).await;
+        let outcome = tick_one(ctx, &fx, items, now).await;
         fx.db.drop_db().await;
         let (r, line) = outcome?;
         println!("{line}");
@@ -870,13 +820,12 @@ async fn tick(ctx: &Ctx, args: &TickArgs) -> anyhow::Result<Vec<String>> {
         && results.len() > 1
     {
         let line = format!(
-            "tick growth N={}→{} (x{:.0} items): schedule_tick x{:.1}, lower bound x{:.1}, lower bound with cursor update x{:.1}, idle tick x{:.1}",
+            "tick growth N={}→{} (x{:.0} items): schedule_tick x{:.1}, lower bound x{:.1}, idle tick x{:.1}",
             a.items,
             b.items,
             b.items as f64 / a.items as f64,
             secs(b.tick) / secs(a.tick),
             secs(b.lower) / secs(a.lower),
-            secs(b.lower_advance) / secs(a.lower_advance),
             secs(b.idle_tick) / secs(a.idle_tick),
         );
         println!("{line}");
@@ -886,31 +835,17 @@ async fn tick(ctx: &Ctx, args: &TickArgs) -> anyhow::Result<Vec<String>> {
 }
 
 /// `Service::schedule_tick` on a fresh copy of the fixture, then an idle tick (nothing
-/// due); with `fillfactor`, protected_items is first rewritten with it.
+/// due).
 async fn measure_tick(
     ctx: &Ctx,
     fx: &TickFixture,
     items: u64,
     now: DateTime<Utc>,
-    fillfactor: Option<u32>,
     settings: &[(&str, &str)],
 ) -> anyhow::Result<(Duration, Duration, String, f64)> {
     let copy = fx.db.copy("tick_run").await?;
-    let label = match fillfactor {
-        Some(f) => format!("schedule_tick (protected_items fillfactor {f})"),
-        None => "schedule_tick".to_owned(),
-    };
     let measured = async {
         let pool = copy.pool_with(4, settings).await?;
-        if let Some(f) = fillfactor {
-            for sql in [
-                format!("alter table protected_items set (fillfactor = {f})"),
-                "vacuum full protected_items".to_owned(),
-                "vacuum analyze protected_items".to_owned(),
-            ] {
-                sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await?;
-            }
-        }
         let service = bench_service(pool.clone());
         let conditions = wait_quiet(ctx, "tick").await;
         let cpu = CpuMeter::start();
@@ -932,7 +867,7 @@ async fn measure_tick(
         let idle_tick = t.elapsed();
         ensure!(idle == 0, "the idle tick enqueued {idle} jobs");
         eprintln!(
-            "tick N={items}: {label} {:.2} s ({enqueued} jobs, {cores:.1} cores busy; {conditions}); idle tick {:.2} s",
+            "tick N={items}: schedule_tick {:.2} s ({enqueued} jobs, {cores:.1} cores busy; {conditions}); idle tick {:.3} s",
             secs(tick),
             secs(idle_tick)
         );
@@ -949,12 +884,9 @@ async fn tick_one(
     fx: &TickFixture,
     items: u64,
     now: DateTime<Utc>,
-    next: DateTime<Utc>,
 ) -> anyhow::Result<(TickResult, String)> {
     // 1. The real tick, then an idle one (nothing due).
-    let (tick, idle_tick, conditions, cores) = measure_tick(ctx, fx, items, now, None, &[]).await?;
-    // 1b. The same with protected_items at fillfactor 50 (an experiment: HOT updates).
-    let (tick_ff, _, conditions_ff, _) = measure_tick(ctx, fx, items, now, Some(50), &[]).await?;
+    let (tick, idle_tick, conditions, cores) = measure_tick(ctx, fx, items, now, &[]).await?;
 
     // 2. The same tick step by step (where the time goes).
     let copy = fx.db.copy("tick_steps").await?;
@@ -968,65 +900,43 @@ async fn tick_one(
     }
     .await;
     copy.drop_db().await;
-    let steps = steps?;
-    for (name, d) in &steps {
+    for (name, d) in &steps? {
         eprintln!("tick N={items}:   step {name}: {:.3} s", secs(*d));
     }
 
-    // 3. Lower bounds: the jobs alone, and the jobs with the cursor update.
-    let mut lower = [Duration::ZERO; 2];
-    for (i, advance) in [false, true].into_iter().enumerate() {
-        let copy = fx.db.copy("tick_lower").await?;
-        let measured = async {
-            let pool = copy.pool(2).await?;
-            let conditions = wait_quiet(ctx, "tick lower bound").await;
-            let (rows, took) = tick_lower_bound(&pool, fx.policy_id, now, next, advance).await?;
-            ensure!(
-                rows as i64 == fx.expected_jobs,
-                "lower bound: {rows} rows"
-            );
-            tick_verify(&pool, fx, items).await?;
-            if advance {
-                let left: i64 = sqlx::query_scalar(
-                    "select count(*) from protected_items where next_log_at <= $1 or not log_pending",
-                )
-                .bind(now)
-                .fetch_one(&pool)
-                .await?;
-                ensure!(left == 0, "lower bound left {left} items unadvanced");
-            }
-            eprintln!(
-                "tick N={items}: lower bound{} {:.2} s ({conditions})",
-                if advance { " with cursor update" } else { "" },
-                secs(took)
-            );
-            pool.close().await;
-            Ok::<_, anyhow::Error>(took)
-        }
-        .await;
-        copy.drop_db().await;
-        lower[i] = measured?;
+    // 3. The lower bound: the same jobs from one INSERT ... SELECT.
+    let copy = fx.db.copy("tick_lower").await?;
+    let lower = async {
+        let pool = copy.pool(2).await?;
+        let conditions = wait_quiet(ctx, "tick lower bound").await;
+        let (rows, took) = tick_lower_bound(&pool, fx.policy_id).await?;
+        ensure!(rows as i64 == fx.expected_jobs, "lower bound: {rows} rows");
+        tick_verify(&pool, fx, items).await?;
+        eprintln!(
+            "tick N={items}: lower bound {:.2} s ({conditions})",
+            secs(took)
+        );
+        pool.close().await;
+        Ok::<_, anyhow::Error>(took)
     }
-    let ratio = secs(tick) / secs(lower[0]);
+    .await;
+    copy.drop_db().await;
+    let lower = lower?;
+    let ratio = secs(tick) / secs(lower);
     let line = format!(
-        "tick N={items}: schedule_tick {:.2} s, {} jobs verified; lower bound (INSERT ... SELECT of the jobs) {:.2} s → {ratio:.1}x ({}; goal ≤ 2x); with cursor update {:.2} s → {:.1}x; idle tick {:.2} s; {conditions}, {cores:.1} cores busy; experiment: with protected_items fillfactor 50 schedule_tick {:.2} s → {:.1}x ({conditions_ff})",
+        "tick N={items}: schedule_tick {:.2} s, {} jobs verified; lower bound (INSERT ... SELECT of the jobs) {:.2} s → {ratio:.2}x ({}; goal ≤ 2x); idle tick {:.3} s; {conditions}, {cores:.1} cores busy",
         secs(tick),
         fx.expected_jobs,
-        secs(lower[0]),
+        secs(lower),
         if ratio <= 2.0 { "met" } else { "not met" },
-        secs(lower[1]),
-        secs(tick) / secs(lower[1]),
         secs(idle_tick),
-        secs(tick_ff),
-        secs(tick_ff) / secs(lower[0]),
     );
     Ok((
         TickResult {
             items,
             tick,
             idle_tick,
-            lower: lower[0],
-            lower_advance: lower[1],
+            lower,
         },
         line,
     ))

@@ -1,0 +1,158 @@
+//! The scheduler's statements: slots claimed per policy and backup type, and the set-based
+//! statement that turns a fired slot into the policy's backup jobs.
+
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+use sqlx::{FromRow, PgConnection, PgExecutor};
+use uuid::Uuid;
+
+/// Policies that protect something, with their specs.
+pub async fn policies_in_use(
+    db: impl PgExecutor<'_>,
+) -> sqlx::Result<Vec<(Uuid, Json<serde_json::Value>)>> {
+    sqlx::query_as(
+        "select pol.id, pol.spec from policies pol
+         where exists (select 1 from protected_items p where p.policy_id = pol.id and p.state = 'protected')",
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// Claims the due slot of a policy's `kind` at `now`, if any, and records `next` as the
+/// slot after it; returns the slot claimed. A policy seen for the first time only starts
+/// its schedule (nothing fires). Two replicas racing for one slot insert the same key: one
+/// gets it, the other conflicts and gets nothing.
+pub async fn schedule_claim_slot(
+    conn: &mut PgConnection,
+    policy_id: Uuid,
+    kind: &str,
+    now: DateTime<Utc>,
+    next: DateTime<Utc>,
+) -> sqlx::Result<Option<DateTime<Utc>>> {
+    let claimed: Option<Option<DateTime<Utc>>> = sqlx::query_scalar(
+        "with latest as (
+             select next_at from schedule_slots where policy_id = $1 and kind = $2
+             order by slot_at desc limit 1
+         )
+         insert into schedule_slots (policy_id, kind, slot_at, next_at)
+         select $1, $2, coalesce((select next_at from latest), '-infinity'), $4
+         where coalesce((select next_at from latest) <= $3, true)
+         on conflict do nothing
+         returning nullif(slot_at, '-infinity')",
+    )
+    .bind(policy_id)
+    .bind(kind)
+    .bind(now)
+    .bind(next)
+    .fetch_optional(conn)
+    .await?;
+    Ok(claimed.flatten())
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SlotJobs {
+    /// The scheduled jobs' priority rank; also what tells them from on-demand jobs when
+    /// coalescing.
+    pub priority: i16,
+    pub max_attempts: i32,
+    pub max_items_per_job: i32,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct Enqueued {
+    pub jobs: i64,
+    pub items: i64,
+    pub vm_ids: Vec<Uuid>,
+}
+
+/// Turns the claimed `slot` of a policy's `kind` into jobs, in one statement: the policy's
+/// protected databases, per VM in jobs of at most `max_items_per_job` split as the domain's
+/// `batch` does. Skipped: databases whose scheduled job of that type is still queued or
+/// running (coalesced), logs of databases in the simple recovery model, differentials of
+/// `master`; a database with no usable full in its chain gets a full instead.
+pub async fn schedule_enqueue(
+    conn: &mut PgConnection,
+    policy_id: Uuid,
+    kind: &str,
+    slot: DateTime<Utc>,
+    jobs: SlotJobs,
+) -> sqlx::Result<Enqueued> {
+    sqlx::query_as(
+        "with active as materialized (
+             select (e.item ->> 'protected_item_id')::uuid as item_id, q.kind
+             from job_queue q
+             join jobs j on j.id = q.job_id
+             cross join lateral jsonb_array_elements(j.items) as e (item)
+             where q.priority = $4 and q.kind in ($2, 'backup_full')
+         ), due as (
+             select p.id, p.vault_id, d.vm_id, v.subscription_id, i.name as instance, d.name as database,
+                    case when p.needs_full then 'backup_full' else $2 end as kind
+             from protected_items p
+             join sql_databases d on d.id = p.database_id
+             join sql_instances i on i.id = d.instance_id
+             join vms v on v.id = d.vm_id
+             where p.policy_id = $1 and p.state = 'protected' and d.gone_at is null
+               and (p.needs_full
+                    or ($2 <> 'backup_log' or d.recovery_model <> 'simple')
+                       and ($2 <> 'backup_differential' or lower(d.name) <> 'master'))
+         ), runs as materialized (
+             select due.*, row_number() over per_vm - 1 as position, count(*) over per_vm as of
+             from due
+             where not exists (select 1 from active a where a.item_id = due.id and a.kind = due.kind)
+             window per_vm as (partition by vm_id, kind order by id
+                               rows between unbounded preceding and unbounded following)
+         ), grouped as materialized (
+             select backvault_uuid_v7() as id, vm_id, kind, subscription_id, vault_id, count(*) as size,
+                    jsonb_agg(jsonb_build_object('instance', instance, 'database', database, 'protected_item_id', id)
+                              order by position) as items
+             from runs
+             group by vm_id, kind, subscription_id, vault_id, backvault_batch_of(position, of, $6)
+         ), history as (
+             insert into jobs (id, vm_id, subscription_id, vault_id, kind, status, priority, items, max_attempts)
+             select id, vm_id, subscription_id, vault_id, kind, 'queued', $4, items, $5 from grouped
+         ), queued as (
+             insert into job_queue (job_id, vm_id, kind, priority, run_at, max_attempts)
+             select id, vm_id, kind, $4, now(), $5 from grouped
+         ), counted as (
+             update schedule_slots
+             set jobs = (select count(*) from grouped), items = (select coalesce(sum(size), 0) from grouped)
+             where policy_id = $1 and kind = $2 and slot_at = $3
+         )
+         select count(*) as jobs, coalesce(sum(size), 0)::int8 as items,
+                coalesce(array_agg(distinct vm_id), '{}') as vm_ids
+         from grouped",
+    )
+    .bind(policy_id)
+    .bind(kind)
+    .bind(slot)
+    .bind(jobs.priority)
+    .bind(jobs.max_attempts)
+    .bind(jobs.max_items_per_job)
+    .fetch_one(conn)
+    .await
+}
+
+/// Forgets a policy's slots, so that the next tick starts its schedule afresh (after its
+/// schedule changed).
+pub async fn schedule_reset(db: impl PgExecutor<'_>, policy_id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("delete from schedule_slots where policy_id = $1")
+        .bind(policy_id)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// Removes fired slots older than `age`, keeping the newest of each policy and type (it
+/// holds the next slot).
+pub async fn schedule_prune(db: impl PgExecutor<'_>, age: chrono::Duration) -> sqlx::Result<u64> {
+    let done = sqlx::query(
+        "delete from schedule_slots s
+         where s.fired_at < now() - $1::interval
+           and exists (select 1 from schedule_slots n
+                       where n.policy_id = s.policy_id and n.kind = s.kind and n.slot_at > s.slot_at)",
+    )
+    .bind(age)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
+}

@@ -323,40 +323,55 @@ async fn the_seed_flow_from_start_discovery_to_auto_protection() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Scheduled backups through real agents, recovery points chaining, a restore plan for an
-/// instant and a restore to another database name. The schedule is rehearsed with ticks at
-/// chosen instants (a `--dev` server allows that), so nothing waits for a slot.
-#[tokio::test]
-async fn scheduled_backups_recovery_points_and_a_restore() {
-    let db = TestDb::new();
-    let server = Server::start(&db, &["--dev"], &[("BACKVAULT_SCHEDULER_INTERVAL", "1h")]);
+/// A `--dev` server whose periodic scheduler stays out of the way, and one agent playing
+/// `sqlvm-01` with `databases`, all protected by policy `Gold` of `spec` in a new vault.
+struct ProtectedVm {
+    api: Api,
+    vault: String,
+    /// Protected item id by database name.
+    items: std::collections::HashMap<String, String>,
+    dir: std::path::PathBuf,
+    _agent: AgentProcess,
+    _server: Server,
+}
+
+impl Drop for ProtectedVm {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn protected_vm(
+    db: &TestDb,
+    tag: &str,
+    spec: Value,
+    databases: &[&str],
+    agent_args: &[&str],
+) -> ProtectedVm {
+    let server = Server::start(db, &["--dev"], &[("BACKVAULT_SCHEDULER_INTERVAL", "1h")]);
     let api = Api::new(&server.base, server.token.as_deref().unwrap());
     let enrollment = api.enrollment_token("sub-1").await;
-    let dir = std::env::temp_dir().join(format!("backvault-sched-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("backvault-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let inv = dir.join("vm.toml");
-    std::fs::write(
-        &inv,
-        inventory_toml("sqlvm-01", "4.8", true, &["sales", "hr"], 10),
-    )
-    .unwrap();
-    let _agent = AgentProcess::start(&server.base, &enrollment, &inv);
+    std::fs::write(&inv, inventory_toml("sqlvm-01", "4.8", true, databases, 10)).unwrap();
+    let agent = AgentProcess::start_with(&server.base, &enrollment, &inv, agent_args);
     let vm = wait_for_vms(&api, 1).await[0]["id"]
         .as_str()
         .unwrap()
         .to_owned();
 
     let (_, vault) = api
-        .post("/v1/vaults", json!({"name": "sched-vault", "subscription_id": "sub-1", "resource_group": "rg", "region": "westeurope"}))
+        .post("/v1/vaults", json!({"name": format!("{tag}-vault"), "subscription_id": "sub-1", "resource_group": "rg", "region": "westeurope"}))
         .await;
     let vault = vault["id"].as_str().unwrap().to_owned();
-    let spec = json!({"time_zone": "UTC", "full": {"frequency": "daily", "time": "00:00"},
-        "log": {"frequency_minutes": 15, "retention_days": 7}, "retention": {"daily": {"days": 7}}});
-    api.post(
-        &format!("/v1/vaults/{vault}/policies"),
-        json!({"name": "Gold", "spec": spec}),
-    )
-    .await;
+    let (status, policy) = api
+        .post(
+            &format!("/v1/vaults/{vault}/policies"),
+            json!({"name": "Gold", "spec": spec}),
+        )
+        .await;
+    assert_eq!(status, 201, "{policy}");
     let (_, job) = api
         .post(&format!("/v1/vaults/{vault}/vms/{vm}/discover"), json!({}))
         .await;
@@ -379,6 +394,37 @@ async fn scheduled_backups_recovery_points_and_a_restore() {
     for job in configured["jobs"].as_array().unwrap() {
         api.finished_job(job.as_str().unwrap()).await;
     }
+    let items = configured["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["database"].as_str().unwrap().to_owned(),
+                i["id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    ProtectedVm {
+        api,
+        vault,
+        items,
+        dir,
+        _agent: agent,
+        _server: server,
+    }
+}
+
+/// Scheduled backups through real agents, recovery points chaining, a restore plan for an
+/// instant and a restore to another database name. The schedule is rehearsed with ticks at
+/// chosen instants (a `--dev` server allows that), so nothing waits for a slot.
+#[tokio::test]
+async fn scheduled_backups_recovery_points_and_a_restore() {
+    let db = TestDb::new();
+    let spec = json!({"time_zone": "UTC", "full": {"frequency": "daily", "time": "00:00"},
+        "log": {"frequency_minutes": 15, "retention_days": 7}, "retention": {"daily": {"days": 7}}});
+    let vm = protected_vm(&db, "sched", spec, &["sales", "hr"], &[]).await;
+    let (api, vault) = (&vm.api, &vm.vault);
 
     // Rehearse three slots: the first becomes the initial full, then two log slots.
     let slot = |n: i64| {
@@ -423,18 +469,7 @@ async fn scheduled_backups_recovery_points_and_a_restore() {
         "newest first"
     );
 
-    let (_, items) = api
-        .get(&format!("/v1/vaults/{vault}/protected-items"))
-        .await;
-    let sales = items["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["database"] == "sales")
-        .unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let sales = &vm.items["sales"];
     let (_, points) = api
         .get(&format!(
             "/v1/vaults/{vault}/protected-items/{sales}/recovery-points"
@@ -477,5 +512,125 @@ async fn scheduled_backups_recovery_points_and_a_restore() {
     assert_eq!(done["result"]["restored_database"], "sales_restored");
     let (_, rpo) = api.get(&format!("/v1/vaults/{vault}/rpo")).await;
     assert_eq!(rpo["protected"], 2);
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The seed's example, with recovery points written by the real agent: a weekly full on
+/// Sunday Nov 16 kept 4 weeks, hourly logs until Nov 22 kept 30 days. The full would expire
+/// on Dec 14, but the logs need it, so it stays until the last of them expires (Dec 22).
+/// The week is rehearsed: the server ticks at chosen instants and the agent stamps each
+/// backup with the instant its job was scheduled.
+#[tokio::test]
+async fn the_seeds_recovery_chain_through_the_real_agent() {
+    let db = TestDb::new();
+    let spec = json!({"time_zone": "UTC",
+        "full": {"frequency": "weekly", "days": ["sunday"], "time": "00:30"},
+        "log": {"frequency_minutes": 60, "retention_days": 30},
+        "retention": {"weekly": {"weeks": 4}}});
+    let vm = protected_vm(
+        &db,
+        "seed",
+        spec,
+        &["sales"],
+        &["--backup-time", "schedule"],
+    )
+    .await;
+    let (api, vault, sales) = (&vm.api, &vm.vault, &vm.items["sales"]);
+    let utc = |s: &str| s.parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+
+    // Each tick's job runs before the next tick, as on a healthy VM.
+    let tick = |now: chrono::DateTime<chrono::Utc>| async move {
+        let (status, run) = api.post("/v1/scheduler/run", json!({"now": now})).await;
+        assert_eq!(status, 200, "{run}");
+        let enqueued = run["jobs_enqueued"].as_u64().unwrap();
+        if enqueued > 0 {
+            let (_, newest) = api.get("/v1/jobs?limit=1").await;
+            let job = api
+                .finished_job(newest["items"][0]["id"].as_str().unwrap())
+                .await;
+            assert_eq!(job["status"], "completed", "{job}");
+        }
+        enqueued
+    };
+    assert_eq!(
+        tick(utc("2031-11-16T00:15:00Z")).await,
+        0,
+        "the schedule starts"
+    );
+    assert_eq!(
+        tick(utc("2031-11-16T00:30:00Z")).await,
+        1,
+        "the weekly full"
+    );
+    let mut now = utc("2031-11-16T01:00:00Z");
+    while now <= utc("2031-11-22T23:00:00Z") {
+        assert_eq!(tick(now).await, 1, "the log at {now}");
+        now += chrono::Duration::hours(1);
+    }
+
+    let (_, points) = api
+        .get(&format!(
+            "/v1/vaults/{vault}/protected-items/{sales}/recovery-points"
+        ))
+        .await;
+    let list = points["items"].as_array().unwrap();
+    assert_eq!(list.len(), 1 + 6 * 24 + 23, "one full and hourly logs");
+    let full = &list[0];
+    assert_eq!(full["backup_type"], "full");
+    assert_eq!(full["backup_time"], "2031-11-16T00:30:00Z");
+    assert_eq!(full["expires_at"], "2031-12-14T00:30:00Z", "4 weeks");
+    assert_eq!(
+        full["chain_until"], "2031-12-22T23:00:00Z",
+        "its last log's expiry"
+    );
+    assert_eq!(full["delete_after"], "2031-12-22T23:00:00Z");
+    let last = list.last().unwrap();
+    assert_eq!(
+        (
+            &last["backup_type"],
+            &last["backup_time"],
+            &last["expires_at"]
+        ),
+        (
+            &json!("log"),
+            &json!("2031-11-22T23:00:00Z"),
+            &json!("2031-12-22T23:00:00Z")
+        )
+    );
+    assert!(
+        list[1..]
+            .iter()
+            .all(|p| p["full_id"] == full["id"] && p["chain_gap"] == false),
+        "every log chains onto the full: {points}"
+    );
+    assert_eq!(
+        points["restorable_ranges"],
+        json!([{"from": "2031-11-16T00:30:00Z", "to": "2031-11-22T23:00:00Z"}])
+    );
+
+    let (status, plan) = api
+        .post(
+            &format!("/v1/vaults/{vault}/protected-items/{sales}/restore-plan"),
+            json!({"point_in_time": "2031-11-20T12:10:00Z"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{plan}");
+    let steps = plan["steps"].as_array().unwrap();
+    assert_eq!(steps[0]["backup_type"], "full");
+    // Logs Nov 16 01:00–23:00, all of Nov 17–19, Nov 20 00:00–13:00 (covers 12:10).
+    assert_eq!(
+        steps.len(),
+        1 + 23 + 3 * 24 + 14,
+        "the full and the logs up to 13:00"
+    );
+    assert_eq!(steps.last().unwrap()["backup_time"], "2031-11-20T13:00:00Z");
+    let (status, restore) = api
+        .post(
+            &format!("/v1/vaults/{vault}/protected-items/{sales}/restore"),
+            json!({"point_in_time": "2031-11-20T12:10:00Z", "target_database": "sales_nov20"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{restore}");
+    let done = api.finished_job(restore["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["result"]["restored_database"], "sales_nov20");
 }

@@ -8,6 +8,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
+use backvault_domain::agent::protocol::ScheduledBackup;
 use backvault_domain::jobs::{MAX_ITEMS_PER_JOB, batch, batch_of};
 
 use crate::helpers::{TestApp, claim};
@@ -883,11 +884,22 @@ async fn missed_slots_after_downtime_make_one_job(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(jobs, 1);
-    let kinds: Vec<String> = sqlx::query_scalar("select kind from jobs where kind like 'backup_%'")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-    assert_eq!(kinds, ["backup_log"]);
+    let jobs: Vec<(String, Value)> =
+        sqlx::query_as("select kind, payload from jobs where kind like 'backup_%'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].0, "backup_log");
+    let payload: ScheduledBackup = serde_json::from_value(jobs[0].1.clone()).unwrap();
+    assert_eq!(
+        payload,
+        ScheduledBackup {
+            slot_at: t0 + Duration::minutes(15),
+            scheduled_at: t0 + Duration::hours(3)
+        },
+        "the first slot missed, enqueued at the restart"
+    );
     // The next slot is the one after the restart, not a backlog.
     let after = t0 + Duration::hours(3) + Duration::minutes(1);
     assert_eq!(p.app.service.schedule_tick(after).await.unwrap(), 0);

@@ -153,7 +153,17 @@ pub struct AgentProcess {
 
 impl AgentProcess {
     pub fn start(server: &str, enrollment_token: &str, inventory: &std::path::Path) -> Self {
-        let args = vec![
+        Self::start_with(server, enrollment_token, inventory, &[])
+    }
+
+    /// Started with `extra` arguments too.
+    pub fn start_with(
+        server: &str,
+        enrollment_token: &str,
+        inventory: &std::path::Path,
+        extra: &[&str],
+    ) -> Self {
+        let mut args = vec![
             "--server".to_owned(),
             server.to_owned(),
             "--inventory".to_owned(),
@@ -165,6 +175,7 @@ impl AgentProcess {
             "--state-file".to_owned(),
             inventory.with_extension("state.json").display().to_string(),
         ];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
         let child = Command::new(agent_bin())
             .args(&args)
             .env("BACKVAULT_ENROLLMENT_TOKEN", enrollment_token)

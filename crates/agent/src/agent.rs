@@ -20,7 +20,7 @@ use crate::chain::ChainStore;
 use crate::client::Client;
 use crate::config::InventorySource;
 use crate::running::{Running, Stop};
-use crate::worker::{self, Failure, Outcome};
+use crate::worker::{self, BackupClock, Failure, Outcome};
 
 pub struct Settings {
     /// Jobs run at once.
@@ -29,6 +29,7 @@ pub struct Settings {
     pub claim_wait_seconds: u32,
     /// How long running jobs get to finish once a shutdown is requested.
     pub shutdown_grace: Duration,
+    pub backup_clock: BackupClock,
 }
 
 /// The server accepts at most this many jobs per claim.
@@ -250,7 +251,7 @@ impl Agent {
                 .set_progress(job.job_id, serde_json::json!({ "percent": percent }));
         };
         let outcome = tokio::select! {
-            outcome = worker::execute(&job, &self.inventory, &self.chains, progress) => outcome,
+            outcome = worker::execute(&job, &self.inventory, &self.chains, self.settings.backup_clock, progress) => outcome,
             why = registration.stopped() => match why {
                 Stop::Lost => {
                     tracing::warn!("lease lost: abandoning the job");

@@ -22,6 +22,7 @@ use crate::agent::{Agent, Settings, Shutdown};
 use crate::chain::ChainStore;
 use crate::client::Client;
 use crate::config::InventorySource;
+use crate::worker::BackupClock;
 
 #[derive(Parser)]
 #[command(
@@ -61,6 +62,11 @@ struct Cli {
     /// Seconds running jobs get to finish after SIGINT/SIGTERM.
     #[arg(long, env = "BACKVAULT_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     shutdown_grace_seconds: u64,
+    /// The time scheduled backups are stamped with: the clock, or the instant the
+    /// scheduler enqueued them (to rehearse a schedule on a `--dev` server that ticks at
+    /// chosen instants, so weeks of recovery points take seconds).
+    #[arg(long, env = "BACKVAULT_BACKUP_TIME", value_enum, default_value_t = BackupClock::Clock)]
+    backup_time: BackupClock,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -113,6 +119,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         heartbeat: Duration::from_secs(cli.heartbeat_seconds),
         claim_wait_seconds: cli.claim_wait_seconds,
         shutdown_grace: Duration::from_secs(cli.shutdown_grace_seconds),
+        backup_clock: cli.backup_time,
     };
     let agent = Arc::new(Agent::new(client, inventory, chains, settings));
     let (trigger, shutdown) = Shutdown::new();

@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
-use backvault_domain::agent::protocol::ClaimedJob;
+use backvault_domain::agent::protocol::{ClaimedJob, ScheduledBackup};
 use backvault_domain::agent::{JobResult, RecoveryPointReport, RecoveryPointType, SqlDatabase};
 use backvault_domain::jobs::JobKind;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use crate::chain::{ChainError, ChainStore, DbKey, PendingChain};
 use crate::config::{InventoryFile, InventorySource, supports_log_backup};
@@ -44,12 +44,32 @@ fn complete(result: JobResult) -> Outcome {
     }
 }
 
+/// What time a backup is stamped with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackupClock {
+    /// The agent's clock, as a real SQL Server stamps its backups.
+    Clock,
+    /// A scheduled job's `scheduled_at` (other jobs: the clock).
+    Schedule,
+}
+
+impl BackupClock {
+    fn now(self, job: &ClaimedJob) -> DateTime<Utc> {
+        let scheduled = || serde_json::from_value::<ScheduledBackup>(job.payload.clone()).ok();
+        match self {
+            BackupClock::Schedule => scheduled().map_or_else(Utc::now, |s| s.scheduled_at),
+            BackupClock::Clock => Utc::now(),
+        }
+    }
+}
+
 /// Runs `job`, reporting progress in percent. Cancellation is the caller's: it drops the
 /// future.
 pub async fn execute(
     job: &ClaimedJob,
     inventory: &InventorySource,
     chains: &ChainStore,
+    clock: BackupClock,
     progress: impl Fn(u8),
 ) -> Outcome {
     let file = if job.kind == JobKind::Discovery {
@@ -68,7 +88,7 @@ pub async fn execute(
         inventory.current()
     };
 
-    let started_at = Utc::now();
+    let started_at = clock.now(job);
     simulate_work(Duration::from_millis(file.faults.backup_millis), &progress).await;
     if rand::random::<f64>() < file.faults.failure_rate {
         return fail(
@@ -82,7 +102,7 @@ pub async fn execute(
         JobKind::Discovery => discover(&file),
         JobKind::ConfigureProtection => complete(JobResult::ConfigureProtection {}),
         JobKind::BackupFull | JobKind::BackupDifferential | JobKind::BackupLog => {
-            backup(job, &file, chains, started_at).await
+            backup(job, &file, chains, started_at, clock).await
         }
         JobKind::Restore => restore(job),
     }
@@ -157,7 +177,8 @@ async fn backup(
     job: &ClaimedJob,
     file: &InventoryFile,
     chains: &ChainStore,
-    started_at: chrono::DateTime<Utc>,
+    started_at: DateTime<Utc>,
+    clock: BackupClock,
 ) -> Outcome {
     let kind = backup_type(job);
     // Check every database before backing any up: a job fails or succeeds as a whole.
@@ -194,7 +215,7 @@ async fn backup(
                 .map(|db| DbKey::new(&db.instance, &db.name)),
         )
         .await;
-    let backup_time = Utc::now();
+    let backup_time = clock.now(job);
     let mut recovery_points = Vec::with_capacity(job.items.len());
     for (item, db) in job.items.iter().zip(databases) {
         let lsns = match planner.plan(&DbKey::new(&db.instance, &db.name), kind) {
@@ -313,7 +334,16 @@ mod tests {
         inventory: &InventorySource,
         chains: &ChainStore,
     ) -> Vec<RecoveryPointReport> {
-        match execute(job, inventory, chains, |_| {}).await {
+        backed_up_by(BackupClock::Clock, job, inventory, chains).await
+    }
+
+    async fn backed_up_by(
+        clock: BackupClock,
+        job: &ClaimedJob,
+        inventory: &InventorySource,
+        chains: &ChainStore,
+    ) -> Vec<RecoveryPointReport> {
+        match execute(job, inventory, chains, clock, |_| {}).await {
             Outcome::Complete {
                 result: JobResult::Backup { recovery_points },
                 chain,
@@ -327,7 +357,15 @@ mod tests {
     }
 
     async fn failure(job: &ClaimedJob, inventory: &InventorySource) -> Failure {
-        match execute(job, inventory, &ChainStore::in_memory(), |_| {}).await {
+        match execute(
+            job,
+            inventory,
+            &ChainStore::in_memory(),
+            BackupClock::Clock,
+            |_| {},
+        )
+        .await
+        {
             Outcome::Fail(failure) => failure,
             other => panic!("expected a failure, got {other:?}"),
         }
@@ -335,7 +373,15 @@ mod tests {
 
     async fn discovered(inventory: &InventorySource) -> Vec<SqlDatabase> {
         let discovery = job(JobKind::Discovery, &[], json!({}));
-        match execute(&discovery, inventory, &ChainStore::in_memory(), |_| {}).await {
+        match execute(
+            &discovery,
+            inventory,
+            &ChainStore::in_memory(),
+            BackupClock::Clock,
+            |_| {},
+        )
+        .await
+        {
             Outcome::Complete {
                 result: JobResult::Discovery { inventory },
                 ..
@@ -366,6 +412,32 @@ mod tests {
             ("UserErrorSQLNoSysAdminMembership", false)
         );
         assert!(f.message.contains("sysadmin"));
+    }
+
+    #[tokio::test]
+    async fn a_rehearsal_stamps_scheduled_backups_with_the_schedulers_instant() {
+        let temp = TempInventory::new(|s| s);
+        let (inventory, chains) = (temp.source(), ChainStore::in_memory());
+        let dbs = [("MSSQLSERVER", "sales")];
+        let scheduled_at: DateTime<Utc> = "2031-11-16T00:00:00Z".parse().unwrap();
+        let payload = json!({"slot_at": "2031-11-15T23:45:00Z", "scheduled_at": scheduled_at});
+        let full = job(JobKind::BackupFull, &dbs, payload.clone());
+        let rehearsed = backed_up_by(BackupClock::Schedule, &full, &inventory, &chains).await;
+        assert_eq!(
+            (rehearsed[0].started_at, rehearsed[0].backup_time),
+            (scheduled_at, scheduled_at)
+        );
+        let before = Utc::now();
+        let log = job(JobKind::BackupLog, &dbs, payload);
+        let clocked = backed_up_by(BackupClock::Clock, &log, &inventory, &chains).await;
+        assert!(clocked[0].backup_time >= before, "the clock by default");
+        let on_demand = job(JobKind::BackupLog, &dbs, json!({}));
+        let unscheduled =
+            backed_up_by(BackupClock::Schedule, &on_demand, &inventory, &chains).await;
+        assert!(
+            unscheduled[0].backup_time >= before,
+            "no schedule, the clock"
+        );
     }
 
     #[tokio::test]
@@ -465,7 +537,7 @@ mod tests {
             (json!({}), "sales"),
         ] {
             let restore = job(JobKind::Restore, &[("MSSQLSERVER", "sales")], payload);
-            match execute(&restore, &inventory, &chains, |_| {}).await {
+            match execute(&restore, &inventory, &chains, BackupClock::Clock, |_| {}).await {
                 Outcome::Complete {
                     result: JobResult::Restore { restored_database },
                     ..

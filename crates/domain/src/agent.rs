@@ -226,6 +226,17 @@ pub mod protocol {
         pub payload: serde_json::Value,
     }
 
+    /// The payload of a scheduled backup job.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+    pub struct ScheduledBackup {
+        /// The policy slot the job serves; after downtime, the first slot missed (the
+        /// missed ones run once).
+        pub slot_at: DateTime<Utc>,
+        /// The scheduler's clock when it enqueued the job: a chosen instant when a `--dev`
+        /// server rehearses a schedule.
+        pub scheduled_at: DateTime<Utc>,
+    }
+
     #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
     pub struct ClaimResponse {
         pub jobs: Vec<ClaimedJob>,

@@ -452,6 +452,7 @@ impl Service {
                     policy_id,
                     kind.as_str(),
                     slot,
+                    now,
                     slot_jobs(kind),
                 )
                 .await?;

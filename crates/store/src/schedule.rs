@@ -65,7 +65,8 @@ pub struct Enqueued {
     pub vm_ids: Vec<Uuid>,
 }
 
-/// Turns the claimed `slot` of a policy's `kind` into jobs, in one statement: the policy's
+/// Turns the claimed `slot` of a policy's `kind` into jobs, in one statement, with `slot`
+/// and the scheduler's `now` in their payload (`ScheduledBackup`): the policy's
 /// protected databases, per VM in jobs of at most `max_items_per_job` split as the domain's
 /// `batch` does. Skipped: databases whose scheduled job of that type is still queued or
 /// running (coalesced), logs of databases in the simple recovery model, differentials of
@@ -75,6 +76,7 @@ pub async fn schedule_enqueue(
     policy_id: Uuid,
     kind: &str,
     slot: DateTime<Utc>,
+    now: DateTime<Utc>,
     jobs: SlotJobs,
 ) -> sqlx::Result<Enqueued> {
     sqlx::query_as(
@@ -108,8 +110,11 @@ pub async fn schedule_enqueue(
              from runs
              group by vm_id, kind, subscription_id, vault_id, backvault_batch_of(position, of, $6)
          ), history as (
-             insert into jobs (id, vm_id, subscription_id, vault_id, kind, status, priority, items, max_attempts)
-             select id, vm_id, subscription_id, vault_id, kind, 'queued', $4, items, $5 from grouped
+             insert into jobs (id, vm_id, subscription_id, vault_id, kind, status, priority, items, payload,
+                               max_attempts)
+             select id, vm_id, subscription_id, vault_id, kind, 'queued', $4, items,
+                    jsonb_build_object('slot_at', $3::timestamptz, 'scheduled_at', $7::timestamptz), $5
+             from grouped
          ), queued as (
              insert into job_queue (job_id, vm_id, kind, priority, run_at, max_attempts)
              select id, vm_id, kind, $4, now(), $5 from grouped
@@ -128,6 +133,7 @@ pub async fn schedule_enqueue(
     .bind(jobs.priority)
     .bind(jobs.max_attempts)
     .bind(jobs.max_items_per_job)
+    .bind(now)
     .fetch_one(conn)
     .await
 }

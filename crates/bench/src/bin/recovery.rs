@@ -711,7 +711,7 @@ async fn tick_steps(pool: &PgPool, now: DateTime<Utc>) -> anyhow::Result<Vec<(St
                 let t = Instant::now();
                 let jobs = slot_jobs(kind);
                 let done =
-                    schedule::schedule_enqueue(&mut tx, policy_id, kind.as_str(), slot, jobs)
+                    schedule::schedule_enqueue(&mut tx, policy_id, kind.as_str(), slot, now, jobs)
                         .await?;
                 steps.push((
                     format!(

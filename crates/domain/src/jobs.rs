@@ -36,6 +36,13 @@ impl JobKind {
         JobKind::Restore,
     ];
 
+    /// The kinds the scheduler makes from a policy's slots.
+    pub const SCHEDULED: [JobKind; 3] = [
+        JobKind::BackupFull,
+        JobKind::BackupDifferential,
+        JobKind::BackupLog,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             JobKind::Discovery => "discovery",

@@ -15,6 +15,7 @@ use std::collections::BTreeSet;
 use chrono::{DateTime, Datelike, Days, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc};
 use chrono_tz::Tz;
 
+use crate::jobs::JobKind;
 use crate::policy::{Policy, Weekday};
 
 /// The instant of a local wall-clock time, with the DST rules of this module.
@@ -136,6 +137,28 @@ impl Policy {
             next: interval_slots(log.frequency_minutes, now).next()?,
         })
     }
+
+    /// The backup types whose slots this version of a policy moves compared with `before`:
+    /// their schedules start afresh (the first run is the next slot of the new schedule).
+    /// The others keep their place, so a retention-only change skips no due slot.
+    pub fn rescheduled_since(&self, before: &Policy) -> Vec<JobKind> {
+        let zone_moved = self.time_zone != before.time_zone;
+        let mut kinds = Vec::new();
+        if zone_moved || self.full != before.full {
+            kinds.push(JobKind::BackupFull);
+        }
+        let differential_slots =
+            |p: &Policy| p.differential.as_ref().map(|d| (d.days.clone(), d.time));
+        if zone_moved || differential_slots(self) != differential_slots(before) {
+            kinds.push(JobKind::BackupDifferential);
+        }
+        // Log slots are elapsed-time intervals: the zone does not move them.
+        let log_slots = |p: &Policy| p.log.map(|l| l.frequency_minutes);
+        if log_slots(self) != log_slots(before) {
+            kinds.push(JobKind::BackupLog);
+        }
+        kinds
+    }
 }
 
 #[cfg(test)]
@@ -165,6 +188,53 @@ mod tests {
             "log": {"frequency_minutes": 15, "retention_days": 30},
             "retention": {"weekly": {"weeks": 8}}
         }))
+    }
+
+    #[test]
+    fn only_moved_schedules_start_afresh() {
+        let base = weekly_amsterdam("02:30");
+        let spec = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = json!({
+                "time_zone": "Europe/Amsterdam",
+                "full": {"frequency": "weekly", "days": ["sunday"], "time": "02:30"},
+                "differential": {"days": ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday"], "time": "02:30", "retention_days": 30},
+                "log": {"frequency_minutes": 15, "retention_days": 30},
+                "retention": {"weekly": {"weeks": 8}}
+            });
+            f(&mut v);
+            policy(v)
+        };
+        assert!(spec(&|_| {}).rescheduled_since(&base).is_empty());
+        let retention_only = spec(&|v| {
+            v["log"]["retention_days"] = json!(7);
+            v["differential"]["retention_days"] = json!(14);
+            v["retention"]["weekly"]["weeks"] = json!(4);
+        });
+        assert!(retention_only.rescheduled_since(&base).is_empty());
+        assert_eq!(
+            spec(&|v| v["full"]["time"] = json!("03:00")).rescheduled_since(&base),
+            [JobKind::BackupFull]
+        );
+        assert_eq!(
+            spec(&|v| v["log"]["frequency_minutes"] = json!(60)).rescheduled_since(&base),
+            [JobKind::BackupLog]
+        );
+        assert_eq!(
+            spec(&|v| v["differential"]["days"] = json!(["monday"])).rescheduled_since(&base),
+            [JobKind::BackupDifferential]
+        );
+        assert_eq!(
+            spec(&|v| v["time_zone"] = json!("UTC")).rescheduled_since(&base),
+            [JobKind::BackupFull, JobKind::BackupDifferential],
+            "a zone moves local times, not log intervals"
+        );
+        assert_eq!(
+            spec(&|v| {
+                v.as_object_mut().unwrap().remove("log");
+            })
+            .rescheduled_since(&base),
+            [JobKind::BackupLog]
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Policy use cases, scoped to a vault, and the preview that shows a policy's effect
 //! without saving it.
 
+use backvault_domain::jobs::JobKind;
 use backvault_domain::names::PolicyName;
 use backvault_domain::policy::PolicySpec;
 use backvault_domain::preview::{MAX_PREVIEW_RUNS, PolicyPreview};
@@ -14,6 +15,7 @@ use crate::auth::Permission;
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::idempotency::idempotent;
 use crate::pagination::{Page, page, page_request};
+use crate::recovery::policy_of;
 use crate::{Created, ExpectedVersion, Principal, Service};
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -185,10 +187,17 @@ impl Service {
         let row = policies::policy_replace(&mut tx, current.id, expected, &spec)
             .await?
             .ok_or_else(Error::precondition_failed)?;
-        // Existing points follow the new retention; schedules move to the new slots.
+        // Existing points follow the new retention; moved schedules start afresh.
         self.recompute_retention(&mut tx, current.id, &req.spec)
             .await?;
-        backvault_store::schedule::schedule_reset(&mut *tx, current.id).await?;
+        let moved: Vec<&str> = match (policy_of(Some(&row.spec)), policy_of(Some(&current.spec))) {
+            (Some(new), Some(old)) => new.rescheduled_since(&old),
+            _ => JobKind::SCHEDULED.to_vec(),
+        }
+        .into_iter()
+        .map(JobKind::as_str)
+        .collect();
+        backvault_store::schedule::schedule_reset(&mut *tx, current.id, &moved).await?;
         tx.commit().await?;
         row.try_into()
     }

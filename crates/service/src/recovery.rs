@@ -30,7 +30,7 @@ pub(crate) struct BackupReport {
     pub points: Vec<RecoveryPointReport>,
 }
 
-fn policy_of(spec: Option<&sqlx::types::Json<serde_json::Value>>) -> Option<Policy> {
+pub(crate) fn policy_of(spec: Option<&sqlx::types::Json<serde_json::Value>>) -> Option<Policy> {
     let spec: PolicySpec = serde_json::from_value(spec?.0.clone()).ok()?;
     spec.validate("").ok()
 }

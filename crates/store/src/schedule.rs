@@ -138,11 +138,16 @@ pub async fn schedule_enqueue(
     .await
 }
 
-/// Forgets a policy's slots, so that the next tick starts its schedule afresh (after its
-/// schedule changed).
-pub async fn schedule_reset(db: impl PgExecutor<'_>, policy_id: Uuid) -> sqlx::Result<()> {
-    sqlx::query("delete from schedule_slots where policy_id = $1")
+/// Forgets a policy's slots of `kinds`, so that the next tick starts those schedules afresh
+/// (after they changed).
+pub async fn schedule_reset(
+    db: impl PgExecutor<'_>,
+    policy_id: Uuid,
+    kinds: &[&str],
+) -> sqlx::Result<()> {
+    sqlx::query("delete from schedule_slots where policy_id = $1 and kind = any($2)")
         .bind(policy_id)
+        .bind(kinds)
         .execute(db)
         .await?;
     Ok(())

@@ -138,6 +138,25 @@ impl Policy {
         })
     }
 
+    /// The backup types whose slot a scheduler tick at `now` claims, each with the slot
+    /// after `now`: those whose schedule has not started (`next_at` gives `None`) and those
+    /// whose next slot has come.
+    pub fn slots_to_claim(
+        &self,
+        now: DateTime<Utc>,
+        next_at: impl Fn(JobKind) -> Option<DateTime<Utc>>,
+    ) -> Vec<(JobKind, DateTime<Utc>)> {
+        [
+            (JobKind::BackupFull, Some(self.full_window(now))),
+            (JobKind::BackupDifferential, self.differential_window(now)),
+            (JobKind::BackupLog, self.log_window(now)),
+        ]
+        .into_iter()
+        .filter_map(|(kind, window)| Some((kind, window?.next)))
+        .filter(|(kind, _)| next_at(*kind).is_none_or(|next| next <= now))
+        .collect()
+    }
+
     /// The backup types whose slots this version of a policy moves compared with `before`:
     /// their schedules start afresh (the first run is the next slot of the new schedule).
     /// The others keep their place, so a retention-only change skips no due slot.
@@ -188,6 +207,54 @@ mod tests {
             "log": {"frequency_minutes": 15, "retention_days": 30},
             "retention": {"weekly": {"weeks": 8}}
         }))
+    }
+
+    #[test]
+    fn a_tick_claims_unstarted_and_due_schedules_only() {
+        let p = weekly_amsterdam("22:00");
+        let now = utc("2027-01-04T10:07:00Z");
+        let kinds = |next: [Option<&str>; 3]| -> Vec<(JobKind, DateTime<Utc>)> {
+            p.slots_to_claim(now, |kind| {
+                let i = JobKind::SCHEDULED.iter().position(|k| *k == kind).unwrap();
+                next[i].map(utc)
+            })
+        };
+        let all = kinds([None, None, None]);
+        assert_eq!(
+            all,
+            [
+                (JobKind::BackupFull, utc("2027-01-10T21:00:00Z")),
+                (JobKind::BackupDifferential, utc("2027-01-04T21:00:00Z")),
+                (JobKind::BackupLog, utc("2027-01-04T10:15:00Z")),
+            ],
+            "schedules start at the slot after now"
+        );
+        let later = kinds([
+            Some("2027-01-10T21:00:00Z"),
+            Some("2027-01-04T21:00:00Z"),
+            Some("2027-01-04T10:15:00Z"),
+        ]);
+        assert!(later.is_empty(), "nothing due: {later:?}");
+        let log_due = kinds([
+            Some("2027-01-10T21:00:00Z"),
+            Some("2027-01-04T21:00:00Z"),
+            Some("2027-01-04T10:00:00Z"),
+        ]);
+        assert_eq!(log_due, [(JobKind::BackupLog, utc("2027-01-04T10:15:00Z"))]);
+        let daily_no_log = policy(json!({
+            "time_zone": "UTC",
+            "full": {"frequency": "daily", "time": "00:00"},
+            "retention": {"daily": {"days": 7}}
+        }));
+        assert_eq!(
+            daily_no_log
+                .slots_to_claim(now, |_| None)
+                .iter()
+                .map(|(k, _)| *k)
+                .collect::<Vec<_>>(),
+            [JobKind::BackupFull],
+            "no differential or log schedule, no claim"
+        );
     }
 
     #[test]

@@ -423,26 +423,17 @@ impl Service {
 
     async fn schedule_due_slots(&self, now: DateTime<Utc>) -> Result<usize> {
         let mut enqueued = 0;
-        for (policy_id, spec) in schedule::policies_in_use(&self.pool).await? {
-            let Some(policy) = policy_of(Some(&spec)) else {
+        for schedules in schedule::schedules_in_use(&self.pool).await? {
+            let Some(policy) = policy_of(Some(&schedules.spec)) else {
                 continue;
             };
-            let windows = [
-                (JobKind::BackupFull, Some(policy.full_window(now))),
-                (JobKind::BackupDifferential, policy.differential_window(now)),
-                (JobKind::BackupLog, policy.log_window(now)),
-            ];
-            for (kind, window) in windows {
-                let Some(window) = window else { continue };
+            let policy_id = schedules.id;
+            let next_at = |kind: JobKind| schedules.next_at(kind.as_str());
+            for (kind, next) in policy.slots_to_claim(now, next_at) {
                 let mut tx = self.pool.begin().await?;
-                let Some(slot) = schedule::schedule_claim_slot(
-                    &mut tx,
-                    policy_id,
-                    kind.as_str(),
-                    now,
-                    window.next,
-                )
-                .await?
+                let Some(slot) =
+                    schedule::schedule_claim_slot(&mut tx, policy_id, kind.as_str(), now, next)
+                        .await?
                 else {
                     tx.commit().await?;
                     continue;

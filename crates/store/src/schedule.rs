@@ -18,6 +18,45 @@ pub async fn policies_in_use(
     .await
 }
 
+/// A policy that protects something, with where its schedules stand.
+#[derive(Debug, Clone, FromRow)]
+pub struct PolicySchedule {
+    pub id: Uuid,
+    pub spec: Json<serde_json::Value>,
+    /// The next slot of each type; `None` until the schedule starts.
+    pub next_full_at: Option<DateTime<Utc>>,
+    pub next_differential_at: Option<DateTime<Utc>>,
+    pub next_log_at: Option<DateTime<Utc>>,
+}
+
+impl PolicySchedule {
+    pub fn next_at(&self, kind: &str) -> Option<DateTime<Utc>> {
+        match kind {
+            "backup_full" => self.next_full_at,
+            "backup_differential" => self.next_differential_at,
+            _ => self.next_log_at,
+        }
+    }
+}
+
+/// The policies that protect something and their next slots, in one statement: a tick
+/// with nothing due costs this read and no write.
+pub async fn schedules_in_use(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<PolicySchedule>> {
+    sqlx::query_as(
+        "select pol.id, pol.spec,
+                (select next_at from schedule_slots s where s.policy_id = pol.id and s.kind = 'backup_full'
+                 order by slot_at desc limit 1) as next_full_at,
+                (select next_at from schedule_slots s where s.policy_id = pol.id and s.kind = 'backup_differential'
+                 order by slot_at desc limit 1) as next_differential_at,
+                (select next_at from schedule_slots s where s.policy_id = pol.id and s.kind = 'backup_log'
+                 order by slot_at desc limit 1) as next_log_at
+         from policies pol
+         where exists (select 1 from protected_items p where p.policy_id = pol.id and p.state = 'protected')",
+    )
+    .fetch_all(db)
+    .await
+}
+
 /// Claims the due slot of a policy's `kind` at `now`, if any, and records `next` as the
 /// slot after it; returns the slot claimed. A policy seen for the first time only starts
 /// its schedule (nothing fires). Two replicas racing for one slot insert the same key: one

@@ -686,26 +686,21 @@ async fn tick_verify(pool: &PgPool, fx: &TickFixture, items: u64) -> anyhow::Res
 async fn tick_steps(pool: &PgPool, now: DateTime<Utc>) -> anyhow::Result<Vec<(String, Duration)>> {
     let mut steps: Vec<(String, Duration)> = Vec::new();
     let t = Instant::now();
-    let policies = schedule::policies_in_use(pool).await?;
-    steps.push(("policies_in_use".to_owned(), t.elapsed()));
-    for (policy_id, spec) in policies {
-        let spec: PolicySpec = serde_json::from_value(spec.0)?;
+    let policies = schedule::schedules_in_use(pool).await?;
+    steps.push(("schedules_in_use".to_owned(), t.elapsed()));
+    for schedules in policies {
+        let policy_id = schedules.id;
+        let spec: PolicySpec = serde_json::from_value(schedules.spec.0.clone())?;
         let policy = spec
             .validate("")
             .map_err(|v| anyhow::anyhow!("invalid policy: {v:?}"))?;
-        let windows = [
-            (JobKind::BackupFull, Some(policy.full_window(now))),
-            (JobKind::BackupDifferential, policy.differential_window(now)),
-            (JobKind::BackupLog, policy.log_window(now)),
-        ];
-        for (kind, window) in windows {
-            let Some(window) = window else { continue };
+        let next_at = |kind: JobKind| schedules.next_at(kind.as_str());
+        for (kind, next) in policy.slots_to_claim(now, next_at) {
             let short = kind.as_str().trim_start_matches("backup_");
             let mut tx = pool.begin().await?;
             let t = Instant::now();
             let slot =
-                schedule::schedule_claim_slot(&mut tx, policy_id, kind.as_str(), now, window.next)
-                    .await?;
+                schedule::schedule_claim_slot(&mut tx, policy_id, kind.as_str(), now, next).await?;
             steps.push((format!("{short}: schedule_claim_slot"), t.elapsed()));
             if let Some(slot) = slot {
                 let t = Instant::now();

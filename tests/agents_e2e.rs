@@ -427,9 +427,13 @@ async fn scheduled_backups_recovery_points_and_a_restore() {
     let (api, vault) = (&vm.api, &vm.vault);
 
     // Rehearse three slots: the first becomes the initial full, then two log slots.
+    // Ticks at fixed instants away from the daily full's midnight (the agent stamps the
+    // points with its own clock: the ticks only decide which jobs run).
     let slot = |n: i64| {
-        let now = chrono::Utc::now().timestamp();
-        chrono::DateTime::from_timestamp((now / 900 + n) * 900, 0).unwrap()
+        "2031-01-06T10:00:00Z"
+            .parse::<chrono::DateTime<chrono::Utc>>()
+            .unwrap()
+            + chrono::Duration::minutes(15 * n)
     };
     let (_, first) = api.post("/v1/scheduler/run", json!({"now": slot(0)})).await;
     assert_eq!(

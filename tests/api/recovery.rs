@@ -405,25 +405,35 @@ async fn a_slot_is_claimed_once_even_by_a_stale_reader(pool: PgPool) {
         vec![db("MSSQLSERVER", "sales")],
     )
     .await;
-    let policy: uuid::Uuid = sqlx::query_scalar("select policy_id from protected_items")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let (policy, version): (uuid::Uuid, i64) = sqlx::query_as(
+        "select id, version from policies where id = (select policy_id from protected_items)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     let t0 = utc("2027-01-04T10:00:00Z");
     p.app.service.schedule_tick(t0).await.unwrap();
     let slot = t0 + Duration::minutes(15);
     let next = slot + Duration::minutes(15);
     let claim = |pool: PgPool| async move {
         let mut conn = pool.acquire().await.unwrap();
-        backvault_store::schedule::schedule_claim_slot(&mut conn, policy, "backup_log", slot, next)
-            .await
-            .unwrap()
+        backvault_store::schedule::schedule_claim_slot(
+            &mut conn,
+            policy,
+            version,
+            "backup_log",
+            slot,
+            next,
+        )
+        .await
+        .unwrap()
     };
     // Both transactions read the due slot; the second inserts only after the first commits.
     let mut first = pool.begin().await.unwrap();
     let claimed = backvault_store::schedule::schedule_claim_slot(
         &mut first,
         policy,
+        version,
         "backup_log",
         slot,
         next,
@@ -437,6 +447,20 @@ async fn a_slot_is_claimed_once_even_by_a_stale_reader(pool: PgPool) {
     first.commit().await.unwrap();
     assert_eq!(second.await.unwrap(), None);
     assert_eq!(claim(pool.clone()).await, None, "and nobody later");
+    let stale = backvault_store::schedule::schedule_claim_slot(
+        &mut pool.acquire().await.unwrap(),
+        policy,
+        version - 1,
+        "backup_log",
+        next,
+        next + Duration::minutes(15),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        stale, None,
+        "a claim from an older policy version does nothing"
+    );
 }
 
 /// The database split into jobs in SQL is the domain's `batch`, for every size.
@@ -571,6 +595,250 @@ async fn policy_changes_restart_only_the_schedules_they_move(pool: PgPool) {
     );
 }
 
+/// A database moved to another policy while its old policy's slot is being made waits for
+/// those jobs, and the new policy's same slot coalesces it: one job per slot.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn a_database_moving_policies_mid_tick_gets_one_job_per_slot(pool: PgPool) {
+    let p = sales_and_hr_with_fulls(&pool).await;
+    let admin = p.app.admin();
+    let created = p
+        .app
+        .post(
+            &format!("/v1/vaults/{}/policies", p.vault),
+            &admin,
+            json!({"name": "Silver", "spec": weekly_dst_policy()}),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    // hr keeps Silver in use; both schedules start at 10:05.
+    let items = format!("/v1/vaults/{}/protected-items", p.vault);
+    let change = |id: String, policy: &'static str| {
+        let (app, items, admin) = (&p.app, items.clone(), admin.clone());
+        async move {
+            let etag = app.get(&format!("{items}/{id}"), &admin).await;
+            app.call(
+                axum::http::Method::PATCH,
+                &format!("{items}/{id}"),
+                Some(&admin),
+                Some(json!({"policy": policy})),
+                &[("if-match", etag.header("etag"))],
+            )
+            .await
+        }
+    };
+    assert_eq!(
+        change(p.items["hr"].clone(), "Silver").await.status,
+        StatusCode::OK
+    );
+    let t0 = utc("2027-01-04T10:05:00Z");
+    p.app.service.schedule_tick(t0).await.unwrap();
+
+    // A tick is making Gold's 10:15 log jobs (sales) and has not committed yet.
+    let slot = utc("2027-01-04T10:15:00Z");
+    let (gold, version): (uuid::Uuid, i64) =
+        sqlx::query_as("select id, version from policies where name = 'Gold'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let mut tick = pool.begin().await.unwrap();
+    let claimed = backvault_store::schedule::schedule_claim_slot(
+        &mut tick,
+        gold,
+        version,
+        "backup_log",
+        slot,
+        slot + Duration::minutes(15),
+    )
+    .await
+    .unwrap();
+    assert_eq!(claimed, Some(slot));
+    backvault_store::schedule::schedule_enqueue(
+        &mut tick,
+        gold,
+        "backup_log",
+        slot,
+        slot,
+        backvault_service::recovery::slot_jobs(backvault_domain::jobs::JobKind::BackupLog),
+    )
+    .await
+    .unwrap();
+    let committed = std::sync::atomic::AtomicBool::new(false);
+    let (moved, ()) = tokio::join!(
+        async {
+            let res = change(p.items["sales"].clone(), "Silver").await;
+            (
+                res.status,
+                committed.load(std::sync::atomic::Ordering::SeqCst),
+            )
+        },
+        async {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            committed.store(true, std::sync::atomic::Ordering::SeqCst);
+            tick.commit().await.unwrap();
+        }
+    );
+    assert_eq!(moved, (StatusCode::OK, true), "the move waits for the tick");
+
+    // Silver's 10:15 slot: hr only, sales's Gold job is still queued.
+    p.app.service.schedule_tick(slot).await.unwrap();
+    let names: Vec<String> = sqlx::query_scalar(
+        "select i ->> 'database' from jobs j, jsonb_array_elements(j.items) i
+         where j.kind = 'backup_log' order by 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        names,
+        ["hr", "sales"],
+        "each database once for the 10:15 slot"
+    );
+}
+
+/// A policy that protected nothing for a while starts its schedule afresh when a database
+/// joins it again: the first run is the next slot, not the slots that passed meanwhile.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn resuming_into_an_idle_policy_waits_for_the_next_slot(pool: PgPool) {
+    let p = sales_and_hr_with_fulls(&pool).await;
+    let admin = p.app.admin();
+    let items = format!("/v1/vaults/{}/protected-items", p.vault);
+    let t0 = utc("2027-01-04T10:00:00Z");
+    p.app.service.schedule_tick(t0).await.unwrap();
+    for name in ["sales", "hr"] {
+        let stopped = p
+            .app
+            .post(
+                &format!("{items}/{}/stop", p.items[name]),
+                &admin,
+                json!({"mode": "retain_data"}),
+            )
+            .await;
+        assert_eq!(stopped.status, StatusCode::OK, "{}", stopped.body);
+    }
+    let later = t0 + Duration::days(8) + Duration::minutes(7);
+    assert_eq!(p.app.service.schedule_tick(later).await.unwrap(), 0);
+    let resumed = p
+        .app
+        .post(
+            &format!("{items}/{}/resume", p.items["sales"]),
+            &admin,
+            json!({"policy": "Gold"}),
+        )
+        .await;
+    assert_eq!(resumed.status, StatusCode::OK, "{}", resumed.body);
+    assert_eq!(
+        p.app.service.schedule_tick(later).await.unwrap(),
+        0,
+        "no full, differential or log from the idle week"
+    );
+    assert_eq!(
+        p.app
+            .service
+            .schedule_tick(later + Duration::minutes(8))
+            .await
+            .unwrap(),
+        1,
+        "the next log slot"
+    );
+}
+
+/// Catching up across a full day runs the full and no differential beside it; `master`
+/// never gets a differential.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn no_differential_beside_a_full_or_for_master(pool: PgPool) {
+    let p = protect(
+        pool.clone(),
+        weekly_dst_policy(),
+        vec![db("MSSQLSERVER", "sales"), db("MSSQLSERVER", "master")],
+    )
+    .await;
+    with_fulls_taken(&pool).await;
+    let kinds_since = |id: uuid::Uuid| {
+        let pool = pool.clone();
+        async move {
+            let rows: Vec<(String, Value)> = sqlx::query_as(
+                "select kind, items from jobs where kind like 'backup_%' and id > $1 order by kind",
+            )
+            .bind(id)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            sqlx::query("delete from job_queue")
+                .execute(&pool)
+                .await
+                .unwrap();
+            rows.into_iter()
+                .map(|(kind, items)| {
+                    let mut names: Vec<String> = items
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|i| i["database"].as_str().unwrap().to_owned())
+                        .collect();
+                    names.sort();
+                    (kind, names)
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    // Friday 2027-01-08: the 22:00 (21:00Z) differential runs for sales, not master.
+    p.app
+        .service
+        .schedule_tick(utc("2027-01-08T20:50:00Z"))
+        .await
+        .unwrap();
+    let mark = uuid::Uuid::nil();
+    p.app
+        .service
+        .schedule_tick(utc("2027-01-08T21:00:00Z"))
+        .await
+        .unwrap();
+    assert_eq!(
+        kinds_since(mark).await,
+        [
+            ("backup_differential".to_owned(), vec!["sales".to_owned()]),
+            (
+                "backup_log".to_owned(),
+                vec!["master".to_owned(), "sales".to_owned()]
+            ),
+        ]
+    );
+    // Down from Saturday 20:00Z to Sunday 02:00Z: Saturday's differential (21:00Z) and
+    // Sunday's full (02:30 CET = 01:30Z) are both missed. Only the full runs.
+    p.app
+        .service
+        .schedule_tick(utc("2027-01-09T20:00:00Z"))
+        .await
+        .unwrap();
+    sqlx::query("delete from job_queue")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mark: uuid::Uuid = sqlx::query_scalar("select id from jobs order by id desc limit 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    p.app
+        .service
+        .schedule_tick(utc("2027-01-10T02:00:00Z"))
+        .await
+        .unwrap();
+    let caught_up = kinds_since(mark).await;
+    assert_eq!(
+        caught_up,
+        [
+            (
+                "backup_full".to_owned(),
+                vec!["master".to_owned(), "sales".to_owned()]
+            ),
+            (
+                "backup_log".to_owned(),
+                vec!["master".to_owned(), "sales".to_owned()]
+            ),
+        ]
+    );
+}
+
 /// Changing an item's policy, stopping and resuming protection take effect at the next
 /// tick, with nothing to reset per item.
 #[sqlx::test(migrator = "backvault_store::MIGRATOR")]
@@ -655,7 +923,9 @@ async fn policy_changes_stops_and_resumes_take_effect_at_the_next_tick(pool: PgP
         )
         .await;
     assert_eq!(resumed.status, StatusCode::OK, "{}", resumed.body);
-    assert_eq!(tick(t0 + Duration::minutes(85)).await, ["hr"]);
+    // Gold protected nothing while hr was stopped: its schedule starts again at 11:30.
+    assert!(tick(t0 + Duration::minutes(85)).await.is_empty());
+    assert_eq!(tick(t0 + Duration::minutes(100)).await, ["hr"]);
     assert_eq!(tick(t0 + Duration::minutes(115)).await, ["hr", "sales"]);
 }
 

@@ -15,6 +15,7 @@ use backvault_store::jobs as queue;
 use backvault_store::protection::{
     self as store, IntentRow, ItemFilter, NewItem, ProtectedItemRow,
 };
+use backvault_store::schedule;
 use backvault_store::{policies, vms};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -969,10 +970,14 @@ impl Service {
                 "protection is stopped; resume it with a policy",
             ));
         }
+        let mut policies = vec![policy_id];
+        policies.extend(item.policy_id);
+        schedule::policies_lock_members(&mut tx, &policies).await?;
+        schedule::schedule_restart_idle(&mut tx, &[policy_id]).await?;
         store::item_update(&mut tx, id, expected, Some(policy_id), &item.state)
             .await?
             .ok_or_else(Error::precondition_failed)?;
-        // Nothing more: the next tick schedules the item from its new policy's slots.
+        // The next tick schedules the item from its new policy's slots.
         tx.commit().await?;
         self.protected_item_get(principal, vault_id, id).await
     }
@@ -1037,6 +1042,10 @@ impl Service {
         let policy_id = self
             .policy_id(&mut tx, vault_id, &req.policy, "/policy")
             .await?;
+        let mut policies = vec![policy_id];
+        policies.extend(item.policy_id);
+        schedule::policies_lock_members(&mut tx, &policies).await?;
+        schedule::schedule_restart_idle(&mut tx, &[policy_id]).await?;
         store::item_update(&mut tx, id, None, Some(policy_id), "protected").await?;
         tx.commit().await?;
         self.protected_item_get(principal, vault_id, id).await
@@ -1283,6 +1292,8 @@ pub(crate) async fn jobs_finished(
             continue;
         }
         if succeeded {
+            let policies = store::items_policies(&mut *tx, &items).await?;
+            schedule::schedule_restart_idle(&mut *tx, &policies).await?;
             store::items_set_state(&mut *tx, &items, "protecting", "protected").await?;
         } else {
             store::items_delete_protecting(&mut *tx, &items).await?;

@@ -423,36 +423,66 @@ impl Service {
 
     async fn schedule_due_slots(&self, now: DateTime<Utc>) -> Result<usize> {
         let mut enqueued = 0;
+        let mut first_error = None;
         for schedules in schedule::schedules_in_use(&self.pool).await? {
             let Some(policy) = policy_of(Some(&schedules.spec)) else {
                 continue;
             };
-            let policy_id = schedules.id;
             let next_at = |kind: JobKind| schedules.next_at(kind.as_str());
             for (kind, next) in policy.slots_to_claim(now, next_at) {
-                let mut tx = self.pool.begin().await?;
-                let Some(slot) =
-                    schedule::schedule_claim_slot(&mut tx, policy_id, kind.as_str(), now, next)
-                        .await?
-                else {
-                    tx.commit().await?;
-                    continue;
-                };
-                let done = schedule::schedule_enqueue(
-                    &mut tx,
-                    policy_id,
-                    kind.as_str(),
-                    slot,
-                    now,
-                    slot_jobs(kind),
-                )
-                .await?;
-                queue::notify(&mut *tx, &queue::notify_payload('v', done.vm_ids)).await?;
-                tx.commit().await?;
-                enqueued += done.jobs as usize;
+                // One policy failing (a statement timeout, say) must not hold back the rest.
+                match self.fire_slot(&schedules, kind, now, next).await {
+                    Ok(jobs) => enqueued += jobs,
+                    Err(e) => {
+                        tracing::warn!(policy = %schedules.id, kind = kind.as_str(), error = %e, "scheduling a slot failed");
+                        first_error.get_or_insert(e);
+                    }
+                }
             }
         }
-        Ok(enqueued)
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(enqueued),
+        }
+    }
+
+    /// Claims the due slot of a policy's `kind` and makes its jobs, in one transaction.
+    async fn fire_slot(
+        &self,
+        schedules: &schedule::PolicySchedule,
+        kind: JobKind,
+        now: DateTime<Utc>,
+        next: DateTime<Utc>,
+    ) -> Result<usize> {
+        let mut tx = self.pool.begin().await?;
+        let Some(slot) = schedule::schedule_claim_slot(
+            &mut tx,
+            schedules.id,
+            schedules.version,
+            kind.as_str(),
+            now,
+            next,
+        )
+        .await?
+        else {
+            // Keeps a schedule that just started.
+            tx.commit().await?;
+            return Ok(0);
+        };
+        let done = schedule::schedule_enqueue(
+            &mut tx,
+            schedules.id,
+            kind.as_str(),
+            slot,
+            now,
+            slot_jobs(kind),
+        )
+        .await?;
+        if !done.vm_ids.is_empty() {
+            queue::notify(&mut *tx, &queue::notify_payload('v', done.vm_ids)).await?;
+        }
+        tx.commit().await?;
+        Ok(done.jobs as usize)
     }
 
     /// Removes expired recovery points, never a full a live point still needs.

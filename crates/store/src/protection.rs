@@ -337,3 +337,13 @@ pub async fn unprotected_under(
     .fetch_all(db)
     .await
 }
+
+/// The policies of these protected items.
+pub async fn items_policies(db: impl PgExecutor<'_>, item_ids: &[Uuid]) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar(
+        "select distinct policy_id from protected_items where id = any($1) and policy_id is not null",
+    )
+    .bind(item_ids)
+    .fetch_all(db)
+    .await
+}

@@ -23,6 +23,8 @@ pub async fn policies_in_use(
 pub struct PolicySchedule {
     pub id: Uuid,
     pub spec: Json<serde_json::Value>,
+    /// The policy's version the spec is of: a claim with an older one does nothing.
+    pub version: i64,
     /// The next slot of each type; `None` until the schedule starts.
     pub next_full_at: Option<DateTime<Utc>>,
     pub next_differential_at: Option<DateTime<Utc>>,
@@ -43,7 +45,7 @@ impl PolicySchedule {
 /// with nothing due costs this read and no write.
 pub async fn schedules_in_use(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<PolicySchedule>> {
     sqlx::query_as(
-        "select pol.id, pol.spec,
+        "select pol.id, pol.spec, pol.version,
                 (select next_at from schedule_slots s where s.policy_id = pol.id and s.kind = 'backup_full'
                  order by slot_at desc limit 1) as next_full_at,
                 (select next_at from schedule_slots s where s.policy_id = pol.id and s.kind = 'backup_differential'
@@ -61,13 +63,27 @@ pub async fn schedules_in_use(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<Polic
 /// slot after it; returns the slot claimed. A policy seen for the first time only starts
 /// its schedule (nothing fires). Two replicas racing for one slot insert the same key: one
 /// gets it, the other conflicts and gets nothing.
+///
+/// The policy row is held `for share` until the caller's transaction ends, so a change
+/// of the policy or of which databases it protects ([`policies_lock_members`]) waits for
+/// the slot's jobs; a claim made with `version` older than the policy's does nothing (its
+/// `next` came from an older spec).
 pub async fn schedule_claim_slot(
     conn: &mut PgConnection,
     policy_id: Uuid,
+    version: i64,
     kind: &str,
     now: DateTime<Utc>,
     next: DateTime<Utc>,
 ) -> sqlx::Result<Option<DateTime<Utc>>> {
+    let current: Option<i64> =
+        sqlx::query_scalar("select version from policies where id = $1 for share")
+            .bind(policy_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if current != Some(version) {
+        return Ok(None);
+    }
     let claimed: Option<Option<DateTime<Utc>>> = sqlx::query_scalar(
         "with latest as (
              select next_at from schedule_slots where policy_id = $1 and kind = $2
@@ -86,6 +102,39 @@ pub async fn schedule_claim_slot(
     .fetch_optional(conn)
     .await?;
     Ok(claimed.flatten())
+}
+
+/// Before databases move between policies: waits for any tick making jobs from these
+/// policies and keeps new ticks out until the caller's transaction ends, so a database
+/// cannot get a job of the same slot from its old and its new policy.
+pub async fn policies_lock_members(
+    conn: &mut PgConnection,
+    policy_ids: &[Uuid],
+) -> sqlx::Result<()> {
+    sqlx::query("select 1 from policies where id = any($1) order by id for no key update")
+        .bind(policy_ids)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Before databases join policies: the schedules of those that protect nothing now start
+/// afresh, so the databases' first run is the next slot, not slots that passed while the
+/// policy was idle.
+pub async fn schedule_restart_idle(
+    conn: &mut PgConnection,
+    policy_ids: &[Uuid],
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "delete from schedule_slots s
+         where s.policy_id = any($1)
+           and not exists (select 1 from protected_items p
+                           where p.policy_id = s.policy_id and p.state = 'protected')",
+    )
+    .bind(policy_ids)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -109,7 +158,8 @@ pub struct Enqueued {
 /// protected databases, per VM in jobs of at most `max_items_per_job` split as the domain's
 /// `batch` does. Skipped: databases whose scheduled job of that type is still queued or
 /// running (coalesced), logs of databases in the simple recovery model, differentials of
-/// `master`; a database with no usable full in its chain gets a full instead.
+/// `master`, differentials of databases with a full queued, running or taken since the
+/// slot; a database with no usable full in its chain gets a full instead.
 pub async fn schedule_enqueue(
     conn: &mut PgConnection,
     policy_id: Uuid,
@@ -125,6 +175,7 @@ pub async fn schedule_enqueue(
              join jobs j on j.id = q.job_id
              cross join lateral jsonb_array_elements(j.items) as e (item)
              where q.priority = $4 and q.kind in ($2, 'backup_full')
+               and j.vault_id = (select vault_id from policies where id = $1)
          ), due as (
              select p.id, p.vault_id, d.vm_id, v.subscription_id, i.name as instance, d.name as database,
                     case when p.needs_full then 'backup_full' else $2 end as kind
@@ -135,11 +186,17 @@ pub async fn schedule_enqueue(
              where p.policy_id = $1 and p.state = 'protected' and d.gone_at is null
                and (p.needs_full
                     or ($2 <> 'backup_log' or d.recovery_model <> 'simple')
-                       and ($2 <> 'backup_differential' or lower(d.name) <> 'master'))
+                       and ($2 <> 'backup_differential'
+                            or lower(d.name) <> 'master' and (p.last_full_at is null or p.last_full_at < $3)))
          ), runs as materialized (
              select due.*, row_number() over per_vm - 1 as position, count(*) over per_vm as of
              from due
-             where not exists (select 1 from active a where a.item_id = due.id and a.kind = due.kind)
+             -- Coalesced: the same type still queued or running; a differential also
+             -- yields to a full (never both on one day, even when catching up).
+             where not exists (select 1 from active a
+                               where a.item_id = due.id
+                                 and (a.kind = due.kind
+                                      or due.kind = 'backup_differential' and a.kind = 'backup_full'))
              window per_vm as (partition by vm_id, kind order by id
                                rows between unbounded preceding and unbounded following)
          ), grouped as materialized (

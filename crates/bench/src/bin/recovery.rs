@@ -699,8 +699,15 @@ async fn tick_steps(pool: &PgPool, now: DateTime<Utc>) -> anyhow::Result<Vec<(St
             let short = kind.as_str().trim_start_matches("backup_");
             let mut tx = pool.begin().await?;
             let t = Instant::now();
-            let slot =
-                schedule::schedule_claim_slot(&mut tx, policy_id, kind.as_str(), now, next).await?;
+            let slot = schedule::schedule_claim_slot(
+                &mut tx,
+                policy_id,
+                schedules.version,
+                kind.as_str(),
+                now,
+                next,
+            )
+            .await?;
             steps.push((format!("{short}: schedule_claim_slot"), t.elapsed()));
             if let Some(slot) = slot {
                 let t = Instant::now();

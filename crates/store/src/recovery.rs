@@ -242,29 +242,22 @@ pub async fn points_retain_forever(db: impl PgExecutor<'_>, item_id: Uuid) -> sq
     Ok(())
 }
 
-/// Deletes up to `limit` expired points per kind, dependents before fulls: a full goes only
-/// once no point depends on it any more, so a batch never cuts a full from its chain.
+/// Deletes up to `limit` expired points on which no point depends, oldest first: a full
+/// goes only once its expired dependents went in an earlier batch, so a batch never cuts a
+/// full from its chain. One statement, so the `delete_after` index serves every kind;
+/// the ids go in as an array (`id in (subquery)` makes a hash join over the whole table).
 pub async fn points_sweep(conn: &mut PgConnection, limit: i64) -> sqlx::Result<u64> {
-    let dependents = sqlx::query(
-        "delete from recovery_points where id in (
-             select id from recovery_points
-             where delete_after < now() and backup_type in ('differential', 'log')
-             order by delete_after limit $1)",
-    )
-    .bind(limit)
-    .execute(&mut *conn)
-    .await?;
-    let fulls = sqlx::query(
-        "delete from recovery_points where id in (
+    let done = sqlx::query(
+        "delete from recovery_points where id = any(array(
              select r.id from recovery_points r
-             where r.delete_after < now() and r.backup_type in ('full', 'copy_only_full')
+             where r.delete_after < now()
                and not exists (select 1 from recovery_points d where d.full_id = r.id)
-             order by r.delete_after limit $1)",
+             order by r.delete_after limit $1))",
     )
     .bind(limit)
     .execute(conn)
     .await?;
-    Ok(dependents.rows_affected() + fulls.rows_affected())
+    Ok(done.rows_affected())
 }
 
 #[derive(Debug, Clone, FromRow)]

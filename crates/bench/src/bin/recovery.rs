@@ -1618,11 +1618,7 @@ async fn sweep(ctx: &Ctx, args: &SweepArgs) -> anyhow::Result<String> {
     let outcome = async {
         let expected = sweep_fixture(args, &fx).await?;
         let mut lines = Vec::new();
-        for variant in [
-            SweepVariant::AsRecorded,
-            SweepVariant::FullsLast,
-            SweepVariant::ProposedFix,
-        ] {
+        for variant in [SweepVariant::AsRecorded, SweepVariant::FullsLast] {
             let copy = fx.copy("sweep_run").await?;
             let line = sweep_run(ctx, &copy, variant, expected).await;
             copy.drop_db().await;
@@ -1647,9 +1643,6 @@ enum SweepVariant {
     AsRecorded,
     /// Fulls' chain_until one second later, so each full sorts after all its logs.
     FullsLast,
-    /// The as-recorded fixture swept by the statement proposed in BENCHMARKS-recovery.md
-    /// (a full goes only once no point depends on it), run by the benchmark itself.
-    ProposedFix,
 }
 
 impl SweepVariant {
@@ -1657,30 +1650,6 @@ impl SweepVariant {
         match self {
             SweepVariant::AsRecorded => "as recorded (full ties its last log)",
             SweepVariant::FullsLast => "fulls 1 s after their last log",
-            SweepVariant::ProposedFix => "proposed points_sweep fix, as-recorded fixture",
-        }
-    }
-}
-
-/// The statement proposed for `points_sweep`: expired points on which nothing depends
-/// any more, oldest first; run until a batch removes nothing.
-async fn proposed_sweep(pool: &PgPool) -> anyhow::Result<u64> {
-    let mut total = 0;
-    loop {
-        let n = sqlx::query(
-            "delete from recovery_points where id in (
-                 select r.id from recovery_points r
-                 where r.delete_after < now()
-                   and not exists (select 1 from recovery_points d where d.full_id = r.id)
-                 order by r.delete_after limit $1)",
-        )
-        .bind(10_000i64)
-        .execute(pool)
-        .await?
-        .rows_affected();
-        total += n;
-        if n == 0 {
-            return Ok(total);
         }
     }
 }
@@ -1842,10 +1811,7 @@ async fn sweep_run(
     let conditions = wait_quiet(ctx, "sweep").await;
     let cpu = CpuMeter::start();
     let t = Instant::now();
-    let swept = match variant {
-        SweepVariant::ProposedFix => proposed_sweep(&pool).await,
-        _ => service.sweep_recovery_points().await.map_err(Into::into),
-    };
+    let swept: anyhow::Result<u64> = service.sweep_recovery_points().await.map_err(Into::into);
     let took = t.elapsed();
     let cores = cpu.busy_cores();
     let conditions = format!("{conditions}; {}", cpu.split());

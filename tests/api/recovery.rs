@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use backvault_domain::agent::protocol::ScheduledBackup;
 use backvault_domain::jobs::{MAX_ITEMS_PER_JOB, batch, batch_of};
 
-use crate::helpers::{TestApp, claim};
+use crate::helpers::{Response, TestApp, claim};
 use crate::protection::{db, db_id, inventory, protectable, registered, run_configure};
 
 fn utc(s: &str) -> DateTime<Utc> {
@@ -123,6 +123,46 @@ struct Protected {
     vault: String,
     agent: String,
     items: HashMap<String, String>,
+}
+
+impl Protected {
+    fn item_path(&self, database: &str) -> String {
+        format!(
+            "/v1/vaults/{}/protected-items/{}",
+            self.vault, self.items[database]
+        )
+    }
+
+    /// Moves a database's item to `policy`, with its ETag.
+    async fn change_policy(&self, database: &str, policy: &str) -> Response {
+        let path = self.item_path(database);
+        let admin = self.app.admin();
+        let etag = self.app.get(&path, &admin).await;
+        self.app
+            .call(
+                axum::http::Method::PATCH,
+                &path,
+                Some(&admin),
+                Some(json!({"policy": policy})),
+                &[("if-match", etag.header("etag"))],
+            )
+            .await
+    }
+
+    /// Stops protection, retaining the data.
+    async fn stop(&self, database: &str) -> Response {
+        let path = format!("{}/stop", self.item_path(database));
+        self.app
+            .post(&path, &self.app.admin(), json!({"mode": "retain_data"}))
+            .await
+    }
+
+    async fn resume(&self, database: &str, policy: &str) -> Response {
+        let path = format!("{}/resume", self.item_path(database));
+        self.app
+            .post(&path, &self.app.admin(), json!({"policy": policy}))
+            .await
+    }
 }
 
 async fn protect(pool: PgPool, spec: Value, databases: Vec<Value>) -> Protected {
@@ -611,25 +651,7 @@ async fn a_database_moving_policies_mid_tick_gets_one_job_per_slot(pool: PgPool)
         .await;
     assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
     // hr keeps Silver in use; both schedules start at 10:05.
-    let items = format!("/v1/vaults/{}/protected-items", p.vault);
-    let change = |id: String, policy: &'static str| {
-        let (app, items, admin) = (&p.app, items.clone(), admin.clone());
-        async move {
-            let etag = app.get(&format!("{items}/{id}"), &admin).await;
-            app.call(
-                axum::http::Method::PATCH,
-                &format!("{items}/{id}"),
-                Some(&admin),
-                Some(json!({"policy": policy})),
-                &[("if-match", etag.header("etag"))],
-            )
-            .await
-        }
-    };
-    assert_eq!(
-        change(p.items["hr"].clone(), "Silver").await.status,
-        StatusCode::OK
-    );
+    assert_eq!(p.change_policy("hr", "Silver").await.status, StatusCode::OK);
     let t0 = utc("2027-01-04T10:05:00Z");
     p.app.service.schedule_tick(t0).await.unwrap();
 
@@ -665,7 +687,7 @@ async fn a_database_moving_policies_mid_tick_gets_one_job_per_slot(pool: PgPool)
     let committed = std::sync::atomic::AtomicBool::new(false);
     let (moved, ()) = tokio::join!(
         async {
-            let res = change(p.items["sales"].clone(), "Silver").await;
+            let res = p.change_policy("sales", "Silver").await;
             (
                 res.status,
                 committed.load(std::sync::atomic::Ordering::SeqCst),
@@ -700,31 +722,15 @@ async fn a_database_moving_policies_mid_tick_gets_one_job_per_slot(pool: PgPool)
 #[sqlx::test(migrator = "backvault_store::MIGRATOR")]
 async fn resuming_into_an_idle_policy_waits_for_the_next_slot(pool: PgPool) {
     let p = sales_and_hr_with_fulls(&pool).await;
-    let admin = p.app.admin();
-    let items = format!("/v1/vaults/{}/protected-items", p.vault);
     let t0 = utc("2027-01-04T10:00:00Z");
     p.app.service.schedule_tick(t0).await.unwrap();
     for name in ["sales", "hr"] {
-        let stopped = p
-            .app
-            .post(
-                &format!("{items}/{}/stop", p.items[name]),
-                &admin,
-                json!({"mode": "retain_data"}),
-            )
-            .await;
+        let stopped = p.stop(name).await;
         assert_eq!(stopped.status, StatusCode::OK, "{}", stopped.body);
     }
     let later = t0 + Duration::days(8) + Duration::minutes(7);
     assert_eq!(p.app.service.schedule_tick(later).await.unwrap(), 0);
-    let resumed = p
-        .app
-        .post(
-            &format!("{items}/{}/resume", p.items["sales"]),
-            &admin,
-            json!({"policy": "Gold"}),
-        )
-        .await;
+    let resumed = p.resume("sales", "Gold").await;
     assert_eq!(resumed.status, StatusCode::OK, "{}", resumed.body);
     assert_eq!(
         p.app.service.schedule_tick(later).await.unwrap(),
@@ -856,7 +862,6 @@ async fn policy_changes_stops_and_resumes_take_effect_at_the_next_tick(pool: PgP
         )
         .await;
     assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
-    let items = format!("/v1/vaults/{}/protected-items", p.vault);
     // Each tick: what got a log job, the queue emptied as if the jobs had run.
     let tick = |at: DateTime<Utc>| {
         let (app, pool) = (&p.app, pool.clone());
@@ -884,44 +889,17 @@ async fn policy_changes_stops_and_resumes_take_effect_at_the_next_tick(pool: PgP
     );
     assert_eq!(tick(t0 + Duration::minutes(10)).await, ["hr", "sales"]);
 
-    let etag = p
-        .app
-        .get(&format!("{items}/{}", p.items["sales"]), &admin)
-        .await;
-    let changed = p
-        .app
-        .call(
-            axum::http::Method::PATCH,
-            &format!("{items}/{}", p.items["sales"]),
-            Some(&admin),
-            Some(json!({"policy": "Hourly"})),
-            &[("if-match", etag.header("etag"))],
-        )
-        .await;
+    let changed = p.change_policy("sales", "Hourly").await;
     assert_eq!(changed.status, StatusCode::OK, "{}", changed.body);
     // 10:30: Gold's slot (hr only); Hourly's schedule starts, its next slot is 11:00.
     assert_eq!(tick(t0 + Duration::minutes(25)).await, ["hr"]);
     assert_eq!(tick(t0 + Duration::minutes(40)).await, ["hr"]);
     assert_eq!(tick(t0 + Duration::minutes(55)).await, ["hr", "sales"]);
 
-    let stopped = p
-        .app
-        .post(
-            &format!("{items}/{}/stop", p.items["hr"]),
-            &admin,
-            json!({"mode": "retain_data"}),
-        )
-        .await;
+    let stopped = p.stop("hr").await;
     assert_eq!(stopped.status, StatusCode::OK, "{}", stopped.body);
     assert!(tick(t0 + Duration::minutes(70)).await.is_empty());
-    let resumed = p
-        .app
-        .post(
-            &format!("{items}/{}/resume", p.items["hr"]),
-            &admin,
-            json!({"policy": "Gold"}),
-        )
-        .await;
+    let resumed = p.resume("hr", "Gold").await;
     assert_eq!(resumed.status, StatusCode::OK, "{}", resumed.body);
     // Gold protected nothing while hr was stopped: its schedule starts again at 11:30.
     assert!(tick(t0 + Duration::minutes(85)).await.is_empty());

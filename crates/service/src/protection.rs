@@ -970,10 +970,7 @@ impl Service {
                 "protection is stopped; resume it with a policy",
             ));
         }
-        let mut policies = vec![policy_id];
-        policies.extend(item.policy_id);
-        schedule::policies_lock_members(&mut tx, &policies).await?;
-        schedule::schedule_restart_idle(&mut tx, &[policy_id]).await?;
+        joining_policy(&mut tx, item.policy_id, policy_id).await?;
         store::item_update(&mut tx, id, expected, Some(policy_id), &item.state)
             .await?
             .ok_or_else(Error::precondition_failed)?;
@@ -1042,10 +1039,7 @@ impl Service {
         let policy_id = self
             .policy_id(&mut tx, vault_id, &req.policy, "/policy")
             .await?;
-        let mut policies = vec![policy_id];
-        policies.extend(item.policy_id);
-        schedule::policies_lock_members(&mut tx, &policies).await?;
-        schedule::schedule_restart_idle(&mut tx, &[policy_id]).await?;
+        joining_policy(&mut tx, item.policy_id, policy_id).await?;
         store::item_update(&mut tx, id, None, Some(policy_id), "protected").await?;
         tx.commit().await?;
         self.protected_item_get(principal, vault_id, id).await
@@ -1275,6 +1269,15 @@ fn discovery_job(
         &[],
         serde_json::json!({}),
     )
+}
+
+/// Before a protected item moves from policy `from` to `to`: no tick makes jobs from
+/// either meanwhile, and `to`'s schedule starts afresh if it protects nothing yet.
+async fn joining_policy(tx: &mut PgConnection, from: Option<Uuid>, to: Uuid) -> Result<()> {
+    let policies: Vec<Uuid> = std::iter::once(to).chain(from).collect();
+    schedule::policies_lock_members(&mut *tx, &policies).await?;
+    schedule::schedule_restart_idle(&mut *tx, &[to]).await?;
+    Ok(())
 }
 
 /// Effects of finished jobs, in the transaction that finishes them: configure protection

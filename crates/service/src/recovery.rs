@@ -686,10 +686,10 @@ impl Service {
     }
 
     async fn policy_gaps(&self, now: DateTime<Utc>) -> Result<HashMap<Uuid, i64>> {
-        Ok(schedule::policies_in_use(&self.pool)
+        Ok(schedule::schedules_in_use(&self.pool)
             .await?
             .into_iter()
-            .filter_map(|(id, spec)| Some((id, policy_of(Some(&spec))?.max_gap_minutes(now))))
+            .filter_map(|p| Some((p.id, policy_of(Some(&p.spec))?.max_gap_minutes(now))))
             .collect())
     }
 

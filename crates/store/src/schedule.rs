@@ -6,18 +6,6 @@ use sqlx::types::Json;
 use sqlx::{FromRow, PgConnection, PgExecutor};
 use uuid::Uuid;
 
-/// Policies that protect something, with their specs.
-pub async fn policies_in_use(
-    db: impl PgExecutor<'_>,
-) -> sqlx::Result<Vec<(Uuid, Json<serde_json::Value>)>> {
-    sqlx::query_as(
-        "select pol.id, pol.spec from policies pol
-         where exists (select 1 from protected_items p where p.policy_id = pol.id and p.state = 'protected')",
-    )
-    .fetch_all(db)
-    .await
-}
-
 /// A policy that protects something, with where its schedules stand.
 #[derive(Debug, Clone, FromRow)]
 pub struct PolicySchedule {

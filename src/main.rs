@@ -48,6 +48,10 @@ struct DbArgs {
     /// Connections in the pool.
     #[arg(long, env = "BACKVAULT_DB_MAX_CONNECTIONS", default_value_t = 16)]
     db_max_connections: u32,
+    /// How long a request waits for a database connection before it answers 503 with
+    /// Retry-After. Short, so that clients learn of a database outage at once.
+    #[arg(long, env = "BACKVAULT_DB_ACQUIRE_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    db_acquire_timeout: Duration,
 }
 
 #[derive(Args)]
@@ -215,7 +219,7 @@ impl DbArgs {
         create_database_if_missing(&options).await?;
         PgPoolOptions::new()
             .max_connections(self.db_max_connections)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(self.db_acquire_timeout)
             .connect_with(options)
             .await
             .context("cannot connect to Postgres (DATABASE_URL)")

@@ -237,3 +237,47 @@ async fn other_subscriptions_are_invisible(pool: PgPool) {
         (StatusCode::NOT_FOUND, "vault_not_found")
     );
 }
+
+/// A token signed with the right key but not valid yet (`nbf`), or issued in the future
+/// (`iat`), is refused; the same claims valid now are accepted.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn tokens_not_valid_yet_are_refused(pool: PgPool) {
+    let app = TestApp::new(pool);
+    let now = chrono::Utc::now().timestamp();
+    let sign = |extra: serde_json::Value| {
+        let mut claims = json!({"sub": "alice", "role": "admin", "subscriptions": ["*"], "iat": now, "exp": now + 3600});
+        for (k, v) in extra.as_object().unwrap() {
+            claims[k] = v.clone();
+        }
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET),
+        )
+        .unwrap()
+    };
+    for (extra, reason) in [
+        (json!({"nbf": now + 600}), "not valid yet"),
+        (json!({"iat": now + 600}), "issued in the future"),
+    ] {
+        let res = app.get("/v1/vaults", &sign(extra.clone())).await;
+        assert_eq!(
+            (res.status, res.code()),
+            (StatusCode::UNAUTHORIZED, "invalid_token"),
+            "{extra}"
+        );
+        assert!(
+            res.body["detail"].as_str().unwrap().contains(reason),
+            "{}",
+            res.body
+        );
+    }
+    // Within the clock leeway, and in the past, both are fine.
+    for extra in [
+        json!({"nbf": now - 60}),
+        json!({"iat": now + 2, "nbf": now + 2}),
+    ] {
+        let res = app.get("/v1/vaults", &sign(extra.clone())).await;
+        assert_eq!(res.status, StatusCode::OK, "{extra}: {}", res.body);
+    }
+}

@@ -3,6 +3,7 @@
 
 mod agents;
 mod auth;
+mod hardening;
 mod health;
 mod helpers;
 mod jobs;

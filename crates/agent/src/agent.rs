@@ -129,13 +129,18 @@ impl Agent {
             // Give up by the next tick, which sends fresher leases anyway.
             match self.client.heartbeat(&body, self.settings.heartbeat).await {
                 Ok(response) => {
+                    // A job that finished while this heartbeat was under way is `lost` to
+                    // the server too: its lease ended with its result. Only jobs still at
+                    // work have really lost theirs.
                     for job_id in response.lost {
-                        tracing::warn!(%job_id, "heartbeat: lease lost");
-                        self.running.stop(job_id, Stop::Lost);
+                        if self.running.stop(job_id, Stop::Lost) {
+                            tracing::warn!(%job_id, "heartbeat: lease lost");
+                        }
                     }
                     for job_id in response.cancel_requested {
-                        tracing::info!(%job_id, "heartbeat: cancel requested");
-                        self.running.stop(job_id, Stop::Cancelled);
+                        if self.running.stop(job_id, Stop::Cancelled) {
+                            tracing::info!(%job_id, "heartbeat: cancel requested");
+                        }
                     }
                     if let Some(facts) = changed {
                         tracing::info!("sent updated VM facts");
@@ -269,6 +274,7 @@ impl Agent {
                 }),
             },
         };
+        registration.reporting();
         self.report(&job, outcome).await;
     }
 
@@ -281,8 +287,9 @@ impl Agent {
             };
             match self.client.job_heartbeat(job_id, &body, every).await {
                 Ok(response) if response.cancel_requested => {
-                    tracing::info!("cancel requested");
-                    self.running.stop(job_id, Stop::Cancelled);
+                    if self.running.stop(job_id, Stop::Cancelled) {
+                        tracing::info!("cancel requested");
+                    }
                 }
                 Ok(_) => {}
                 Err(e) if e.is_lease_lost() => {
@@ -310,7 +317,11 @@ impl Agent {
         };
         match self.client.complete(job.job_id, &body).await {
             Ok(status) => {
-                self.chains.commit(chain);
+                if let Err(e) = self.chains.commit(chain).await {
+                    // The server has the backups already; losing the file only costs a new
+                    // full backup after a restart, so it is not worth failing anything for.
+                    tracing::error!(error = format!("{e:#}"), "cannot save the chain state");
+                }
                 tracing::info!(%status, "job completed");
             }
             Err(e) if e.is_lease_lost() => {

@@ -10,6 +10,8 @@
 //! a result the server never recorded must not leave a gap in what it sees.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fs::OpenOptions;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -124,7 +126,9 @@ pub fn next_backup(
     }
 }
 
-/// A database, as SQL Server tells them apart (names ignore case).
+/// A database, as SQL Server tells them apart: instance names ignore case; database names
+/// follow the instance's collation, so the caller folds them
+/// ([`crate::config::InventoryFile::chain_key`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DbKey {
     instance: String,
@@ -135,7 +139,7 @@ impl DbKey {
     pub fn new(instance: &str, database: &str) -> Self {
         Self {
             instance: instance.to_lowercase(),
-            database: database.to_lowercase(),
+            database: database.to_owned(),
         }
     }
 }
@@ -160,7 +164,7 @@ impl PendingChain {
 /// All databases' chains, optionally persisted so that restarts keep them.
 pub struct ChainStore {
     state: Mutex<State>,
-    path: Option<PathBuf>,
+    file: Option<Arc<StateFile>>,
     locks: Mutex<HashMap<DbKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -168,6 +172,15 @@ pub struct ChainStore {
 struct State {
     clock: LsnClock,
     chains: BTreeMap<DbKey, DbChain>,
+    /// Bumped by every commit, so that a save can tell a snapshot older than the file.
+    version: u64,
+}
+
+/// The state file. Jobs commit concurrently; their saves take turns.
+struct StateFile {
+    path: PathBuf,
+    /// The version of the state the file holds. Locked for the whole of a save.
+    saved: Mutex<u64>,
 }
 
 /// A job's backups: the LSNs of each, in order, with the change to make once accepted.
@@ -188,7 +201,12 @@ impl ChainStore {
         }
         Ok(Self {
             state: Mutex::new(state),
-            path,
+            file: path.map(|path| {
+                Arc::new(StateFile {
+                    path,
+                    saved: Mutex::new(0),
+                })
+            }),
             locks: Mutex::default(),
         })
     }
@@ -197,7 +215,7 @@ impl ChainStore {
     pub fn in_memory() -> Self {
         Self {
             state: Mutex::default(),
-            path: None,
+            file: None,
             locks: Mutex::default(),
         }
     }
@@ -239,27 +257,47 @@ impl ChainStore {
             .unwrap_or_default()
     }
 
-    /// Applies backups the server accepted, and saves the state file if there is one.
-    pub fn commit(&self, pending: PendingChain) {
+    /// Applies backups the server accepted, then saves the state file if there is one.
+    /// The chains move even when the save fails: an error is about the file only.
+    pub async fn commit(&self, pending: PendingChain) -> anyhow::Result<()> {
         if pending.updates.is_empty() {
-            return;
+            return Ok(());
         }
-        let saved = {
+        let snapshot = {
             let mut state = self.state.lock().expect("chain state");
             for (key, chain) in pending.updates {
                 state.chains.insert(key, chain);
             }
-            self.path
+            state.version += 1;
+            self.file
                 .as_ref()
-                .map(|path| (path.clone(), to_file(&state)))
+                .map(|file| (Arc::clone(file), state.version, to_file(&state)))
         };
-        if let Some((path, file)) = saved
-            && let Err(e) = save(&path, &file)
-        {
-            // The server has the backups already; losing the file only costs a new full
-            // backup after a restart, so it is not worth failing anything for.
-            tracing::error!(path = %path.display(), error = format!("{e:#}"), "cannot save the chain state");
+        // Other jobs may plan against these databases now; they need not wait for the disk.
+        drop(pending._locks);
+        let Some((file, version, contents)) = snapshot else {
+            return Ok(());
+        };
+        // The save runs to its end even if this future is dropped, and holds the file's
+        // lock throughout, so no abandoned save can overtake a later one.
+        tokio::task::spawn_blocking(move || file.save(version, &contents))
+            .await
+            .context("the chain state save panicked")?
+    }
+}
+
+impl StateFile {
+    fn save(&self, version: u64, contents: &ChainFile) -> anyhow::Result<()> {
+        let mut saved = self.saved.lock().expect("state file");
+        // Commits may reach here out of order: a newer state on disk stays.
+        if *saved >= version {
+            return Ok(());
         }
+        let bytes = serde_json::to_vec_pretty(contents)?;
+        replace_file(&self.path, &bytes)
+            .with_context(|| format!("saving the chain state {}", self.path.display()))?;
+        *saved = version;
+        Ok(())
     }
 }
 
@@ -341,13 +379,45 @@ fn load(path: &Path) -> anyhow::Result<State> {
     Ok(state)
 }
 
-/// Writes a temporary file and renames it, so a crash never leaves half a file.
-fn save(path: &Path, file: &ChainFile) -> anyhow::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, serde_json::to_vec_pretty(file)?)?;
-    std::fs::rename(&tmp, path)?;
+/// Replaces `path` with `bytes` so that readers, and a crash at any instant, find either
+/// the old file or the new one in full: a temporary file, flushed to disk before it is
+/// renamed over `path`, in the same directory since a rename cannot cross file systems.
+fn replace_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let name = path.file_name().context("the path names no file")?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    // Unique, so that it collides with neither another process saving the same file nor
+    // the leftover of a save that crashed.
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        uuid::Uuid::new_v4()
+    ));
+    if let Err(e) = write_then_rename(&tmp, path, bytes) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.into());
+    }
+    sync_dir(dir).with_context(|| format!("flushing directory {}", dir.display()))
+}
+
+fn write_then_rename(tmp: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = OpenOptions::new().write(true).create_new(true).open(tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(tmp, path)
+}
+
+/// Makes the rename itself survive a power loss: it is a change to the directory.
+#[cfg(unix)]
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// std cannot open a directory on Windows to flush it.
+#[cfg(not(unix))]
+fn sync_dir(_dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
@@ -362,7 +432,7 @@ mod tests {
         let key = DbKey::new("MSSQLSERVER", db);
         let mut planner = store.planner([key.clone()]).await;
         let lsns = planner.plan(&key, kind).unwrap();
-        store.commit(planner.finish());
+        store.commit(planner.finish()).await.unwrap();
         assert!(lsns.first < lsns.last);
         lsns
     }
@@ -425,7 +495,7 @@ mod tests {
 
         let copy = backup(&store, "sales", CopyOnlyFull).await;
         assert_eq!(copy.database_backup, copy.first);
-        assert_eq!(store.get(&DbKey::new("mssqlserver", "SALES")), before);
+        assert_eq!(store.get(&DbKey::new("mssqlserver", "sales")), before);
 
         let diff = backup(&store, "sales", Differential).await;
         assert_eq!(diff.database_backup, full.first);
@@ -477,9 +547,105 @@ mod tests {
         drop(store);
 
         let store = ChainStore::open(Some(path.clone())).unwrap();
-        let log2 = backup(&store, "A+B", Log).await;
+        let log2 = backup(&store, "a+b", Log).await;
         assert_eq!(log2.first, log1.last);
         assert_eq!(log2.database_backup, full.first);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[tokio::test]
+    async fn names_differing_by_case_are_two_chains() {
+        // The caller folds names on case-insensitive instances; these come from a
+        // case-sensitive one.
+        let path =
+            std::env::temp_dir().join(format!("backvault-chain-{}.json", uuid::Uuid::new_v4()));
+        let store = ChainStore::open(Some(path.clone())).unwrap();
+        let upper = backup(&store, "Sales", Full).await;
+        let lower = backup(&store, "sales", Full).await;
+        drop(store);
+
+        let store = ChainStore::open(Some(path.clone())).unwrap();
+        assert_eq!(backup(&store, "Sales", Log).await.first, upper.last);
+        assert_eq!(backup(&store, "sales", Log).await.first, lower.last);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// Many jobs committing at once, on many threads, while someone reads the file.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+    async fn concurrent_saves_leave_the_last_state() {
+        let dir = std::env::temp_dir().join(format!("backvault-chain-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("chains.json");
+        let store = Arc::new(ChainStore::open(Some(path.clone())).unwrap());
+
+        let reading = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let reader = {
+            let (path, reading) = (path.clone(), Arc::clone(&reading));
+            std::thread::spawn(move || {
+                let mut reads = 0;
+                while reading.load(std::sync::atomic::Ordering::Relaxed) {
+                    if path.exists() {
+                        load(&path).expect("the file always parses");
+                        reads += 1;
+                    }
+                }
+                reads
+            })
+        };
+        let jobs: Vec<_> = (0..32)
+            .map(|job| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    for kind in [Full, Log, Log, Full, Log, Differential, Log, Log] {
+                        let key = DbKey::new("MSSQLSERVER", &format!("db{}", job % 8));
+                        let mut planner = store.planner([key.clone()]).await;
+                        planner.plan(&key, kind).unwrap();
+                        store.commit(planner.finish()).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for job in jobs {
+            job.await.unwrap();
+        }
+        reading.store(false, std::sync::atomic::Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+
+        let on_disk = load(&path).unwrap();
+        let state = store.state.lock().unwrap();
+        assert_eq!(on_disk.chains, state.chains);
+        assert_eq!(on_disk.chains.len(), 8);
+        let files: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(files.len(), 1, "no temporary file is left behind");
+        drop(state);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_older_snapshot_never_replaces_a_newer_one() {
+        let path =
+            std::env::temp_dir().join(format!("backvault-chain-{}.json", uuid::Uuid::new_v4()));
+        let file = StateFile {
+            path: path.clone(),
+            saved: Mutex::new(0),
+        };
+        let snapshot = |lsn: Lsn| {
+            let mut state = State::default();
+            let chain = DbChain {
+                last_full_first_lsn: Some(lsn),
+                last_lsn: Some(lsn),
+            };
+            state
+                .chains
+                .insert(DbKey::new("MSSQLSERVER", "sales"), chain);
+            to_file(&state)
+        };
+        file.save(2, &snapshot(200)).unwrap();
+        file.save(1, &snapshot(100)).unwrap();
+        let key = DbKey::new("MSSQLSERVER", "sales");
+        assert_eq!(load(&path).unwrap().chains[&key].last_lsn, Some(200));
+        file.save(3, &snapshot(300)).unwrap();
+        assert_eq!(load(&path).unwrap().chains[&key].last_lsn, Some(300));
         std::fs::remove_file(&path).unwrap();
     }
 

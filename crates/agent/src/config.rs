@@ -3,6 +3,7 @@
 //! TOML, or JSON when the file name ends in `.json`. It is re-read before every job, so a
 //! test can add a database or turn on a fault while the agent runs.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -11,6 +12,8 @@ use backvault_domain::agent::{
     AvailabilityGroup, RecoveryModel, SqlDatabase, SqlInstance, SqlInventory, VmFacts,
 };
 use serde::Deserialize;
+
+use crate::chain::DbKey;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,7 +24,7 @@ pub struct InventoryFile {
     #[serde(default)]
     sysadmin: Option<bool>,
     #[serde(default)]
-    pub instances: Vec<SqlInstance>,
+    pub instances: Vec<Instance>,
     #[serde(default)]
     pub availability_groups: Vec<AvailabilityGroup>,
     #[serde(default)]
@@ -50,6 +53,36 @@ impl TryFrom<serde_json::Map<String, serde_json::Value>> for VmSection {
             .transpose()?;
         let facts = serde_json::from_value(serde_json::Value::Object(map))?;
         Ok(Self { facts, sysadmin })
+    }
+}
+
+/// `[[instances]]`: a SQL Server instance.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Instance {
+    pub name: String,
+    /// e.g. `2019`, `2012`, `2008 R2`.
+    pub version: String,
+    /// The server collation is case-sensitive (e.g. `Latin1_General_CS_AS`): `Sales` and
+    /// `sales` are two databases, and a job must spell a name exactly. SQL Server's default
+    /// collation ignores case.
+    #[serde(default)]
+    pub case_sensitive: bool,
+}
+
+impl Instance {
+    /// Whether two names resolve to one database on this instance.
+    pub fn same_database(&self, a: &str, b: &str) -> bool {
+        fold(a, self.case_sensitive) == fold(b, self.case_sensitive)
+    }
+}
+
+/// A database name as an instance with this collation compares it.
+fn fold(name: &str, case_sensitive: bool) -> Cow<'_, str> {
+    if case_sensitive {
+        Cow::Borrowed(name)
+    } else {
+        Cow::Owned(name.to_lowercase())
     }
 }
 
@@ -112,17 +145,41 @@ impl InventoryFile {
     /// What a discovery job reports.
     pub fn sql_inventory(&self) -> SqlInventory {
         SqlInventory {
-            instances: self.instances.clone(),
+            instances: self
+                .instances
+                .iter()
+                .map(|i| SqlInstance {
+                    name: i.name.clone(),
+                    version: i.version.clone(),
+                })
+                .collect(),
             availability_groups: self.availability_groups.clone(),
             databases: self.databases.clone(),
         }
     }
 
-    /// SQL Server compares instance and database names ignoring case (default collation).
+    /// Instance names ignore case whatever the collation: they name Windows services.
+    pub fn instance(&self, name: &str) -> Option<&Instance> {
+        self.instances
+            .iter()
+            .find(|i| i.name.eq_ignore_ascii_case(name))
+    }
+
+    /// The database a job names, resolved as SQL Server would under the instance's
+    /// collation.
     pub fn database(&self, instance: &str, name: &str) -> Option<&SqlDatabase> {
+        let instance = self.instance(instance)?;
         self.databases.iter().find(|d| {
-            d.instance.eq_ignore_ascii_case(instance) && d.name.eq_ignore_ascii_case(name)
+            d.instance.eq_ignore_ascii_case(&instance.name) && instance.same_database(&d.name, name)
         })
+    }
+
+    /// Where `db`'s LSN chains are kept: one key however jobs spell the name.
+    pub fn chain_key(&self, db: &SqlDatabase) -> DbKey {
+        let case_sensitive = self
+            .instance(&db.instance)
+            .is_some_and(|i| i.case_sensitive);
+        DbKey::new(&db.instance, &fold(&db.name, case_sensitive))
     }
 
     /// Catches mistakes in hand-written files here rather than as odd server behaviour.
@@ -143,14 +200,13 @@ impl InventoryFile {
             }
         }
         for (i, db) in self.databases.iter().enumerate() {
-            ensure!(
-                self.instances
-                    .iter()
-                    .any(|inst| inst.name.eq_ignore_ascii_case(&db.instance)),
-                "database {} is on instance {}, which is not in `instances`",
-                db.name,
-                db.instance
-            );
+            let Some(instance) = self.instance(&db.instance) else {
+                bail!(
+                    "database {} is on instance {}, which is not in `instances`",
+                    db.name,
+                    db.instance
+                );
+            };
             ensure!(
                 db.size_bytes >= 0,
                 "database {} has a negative size",
@@ -165,19 +221,15 @@ impl InventoryFile {
                     db.name
                 );
             }
-            if self.databases[..i]
-                .iter()
-                .any(|other| same_database(other, db))
-            {
+            if self.databases[..i].iter().any(|other| {
+                other.instance.eq_ignore_ascii_case(&db.instance)
+                    && instance.same_database(&other.name, &db.name)
+            }) {
                 bail!("database {}/{} is listed twice", db.instance, db.name);
             }
         }
         Ok(self)
     }
-}
-
-fn same_database(a: &SqlDatabase, b: &SqlDatabase) -> bool {
-    a.instance.eq_ignore_ascii_case(&b.instance) && a.name.eq_ignore_ascii_case(&b.name)
 }
 
 /// Whether log backups are possible: only the simple recovery model truncates the log.
@@ -359,6 +411,13 @@ crash_after_claim = true
                 TOML.replace("crash_after_claim", "crash_after_clam"),
                 "unknown field",
             ),
+            (
+                TOML.replace(
+                    "version = \"2019\"",
+                    "version = \"2019\"\ncase_sensitve = true",
+                ),
+                "unknown field",
+            ),
             (TOML.replace("region = \"westeurope\"\n", ""), "region"),
             (
                 TOML.replace("dotnet_version", "dotnet_verison"),
@@ -369,6 +428,36 @@ crash_after_claim = true
             let err = format!("{:#}", InventoryFile::from_toml(&text).unwrap_err());
             assert!(err.contains(expected), "{err:?} should mention {expected}");
         }
+    }
+
+    #[test]
+    fn case_sensitive_instances_tell_names_apart_by_case() {
+        let toml = TOML
+            .replace(
+                "version = \"2019\"",
+                "version = \"2019\"\ncase_sensitive = true",
+            )
+            .replace("name = \"scratch\"", "name = \"Sales\"");
+        let file = InventoryFile::from_toml(&toml).unwrap();
+        let exact = |name: &str| file.database("mssqlserver", name).map(|d| d.size_bytes);
+        assert_eq!(exact("sales"), Some(1 << 30));
+        assert_eq!(exact("Sales"), Some(1024));
+        assert_eq!(exact("SALES"), None, "names resolve exactly");
+        assert_ne!(
+            file.chain_key(&file.databases[0]),
+            file.chain_key(&file.databases[1])
+        );
+
+        let twice = toml.replace("name = \"Sales\"", "name = \"sales\"");
+        let err = format!("{:#}", InventoryFile::from_toml(&twice).unwrap_err());
+        assert!(err.contains("listed twice"), "{err}");
+
+        let file = InventoryFile::from_toml(TOML).unwrap();
+        assert!(!file.instances[0].case_sensitive, "SQL Server's default");
+        assert_eq!(
+            file.chain_key(file.database("MSSQLSERVER", "SALES").unwrap()),
+            file.chain_key(file.database("mssqlserver", "sales").unwrap())
+        );
     }
 
     #[test]

@@ -23,6 +23,8 @@ struct Entry {
     lease: i64,
     progress: Option<serde_json::Value>,
     stop: watch::Sender<Option<Stop>>,
+    /// The job's outcome is decided and on its way to the server: nothing stops it now.
+    reporting: bool,
 }
 
 #[derive(Default)]
@@ -44,6 +46,7 @@ impl Running {
             lease,
             progress: None,
             stop,
+            reporting: false,
         };
         self.jobs.lock().expect("running").insert(job_id, entry);
         Registration {
@@ -77,17 +80,21 @@ impl Running {
     }
 
     /// A lost lease overrides any earlier reason: nobody wants a report from us any more.
-    /// Otherwise the first reason wins.
-    pub fn stop(&self, job_id: Uuid, why: Stop) {
-        if let Some(entry) = self.jobs.lock().expect("running").get(&job_id) {
-            entry.stop.send_if_modified(|current| {
-                let replace = current.is_none() || why == Stop::Lost && *current != Some(why);
-                if replace {
-                    *current = Some(why);
-                }
-                replace
-            });
-        }
+    /// Otherwise the first reason wins. Returns whether the job is still at work, so that
+    /// `why` applies to it: false once it is reporting its outcome or gone.
+    pub fn stop(&self, job_id: Uuid, why: Stop) -> bool {
+        let jobs = self.jobs.lock().expect("running");
+        let Some(entry) = jobs.get(&job_id).filter(|entry| !entry.reporting) else {
+            return false;
+        };
+        entry.stop.send_if_modified(|current| {
+            let replace = current.is_none() || why == Stop::Lost && *current != Some(why);
+            if replace {
+                *current = Some(why);
+            }
+            replace
+        });
+        true
     }
 
     pub fn stop_all(&self, why: Stop) {
@@ -99,6 +106,20 @@ impl Running {
 }
 
 impl Registration {
+    /// The job's outcome is decided: from now on its lease ends with its report, whatever
+    /// a heartbeat answered while the report was under way.
+    pub fn reporting(&self) {
+        if let Some(entry) = self
+            .running
+            .jobs
+            .lock()
+            .expect("running")
+            .get_mut(&self.job_id)
+        {
+            entry.reporting = true;
+        }
+    }
+
     /// Resolves once the job must stop, with why.
     pub async fn stopped(&mut self) -> Stop {
         let why = self.stop.wait_for(Option::is_some).await.map(|why| *why);
@@ -144,6 +165,24 @@ mod tests {
 
         drop(job_b);
         assert_eq!(running.leases().len(), 1);
-        running.stop(b, Stop::Lost);
+        assert!(!running.stop(b, Stop::Lost), "b is gone");
+    }
+
+    #[tokio::test]
+    async fn a_reporting_job_is_not_stopped() {
+        let running = Arc::new(Running::default());
+        let id = Uuid::new_v4();
+        let mut job = running.start(id, 1);
+        assert!(running.stop(id, Stop::Cancelled));
+        assert_eq!(job.stopped().await, Stop::Cancelled);
+
+        job.reporting();
+        assert!(!running.stop(id, Stop::Lost));
+        assert_eq!(job.stopped().await, Stop::Cancelled, "unchanged");
+        assert_eq!(
+            running.leases().len(),
+            1,
+            "its lease is kept alive meanwhile"
+        );
     }
 }

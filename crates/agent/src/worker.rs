@@ -6,8 +6,9 @@ use backvault_domain::agent::protocol::{ClaimedJob, ScheduledBackup};
 use backvault_domain::agent::{JobResult, RecoveryPointReport, RecoveryPointType, SqlDatabase};
 use backvault_domain::jobs::JobKind;
 use chrono::{DateTime, Utc};
+use serde::Deserialize;
 
-use crate::chain::{ChainError, ChainStore, DbKey, PendingChain};
+use crate::chain::{ChainError, ChainStore, PendingChain};
 use crate::config::{InventoryFile, InventorySource, supports_log_backup};
 
 #[derive(Debug)]
@@ -104,7 +105,7 @@ pub async fn execute(
         JobKind::BackupFull | JobKind::BackupDifferential | JobKind::BackupLog => {
             backup(job, &file, chains, started_at, clock).await
         }
-        JobKind::Restore => restore(job),
+        JobKind::Restore => restore(job, &file),
     }
 }
 
@@ -209,16 +210,12 @@ async fn backup(
     }
 
     let mut planner = chains
-        .planner(
-            databases
-                .iter()
-                .map(|db| DbKey::new(&db.instance, &db.name)),
-        )
+        .planner(databases.iter().map(|db| file.chain_key(db)))
         .await;
     let backup_time = clock.now(job);
     let mut recovery_points = Vec::with_capacity(job.items.len());
     for (item, db) in job.items.iter().zip(databases) {
-        let lsns = match planner.plan(&DbKey::new(&db.instance, &db.name), kind) {
+        let lsns = match planner.plan(&file.chain_key(db), kind) {
             Ok(lsns) => lsns,
             Err(ChainError::NoFullBackup) => {
                 return fail(
@@ -257,21 +254,110 @@ async fn backup(
     }
 }
 
-fn restore(job: &ClaimedJob) -> Outcome {
-    let target = job
-        .payload
-        .get("target_database")
-        .and_then(|v| v.as_str())
-        .or_else(|| job.items.first().map(|item| item.database.as_str()));
-    match target {
-        Some(target) => complete(JobResult::Restore {
-            restored_database: target.to_owned(),
-        }),
-        None => fail(
+/// A restore job's payload. Every field may be missing, as in payloads older than it.
+#[derive(Debug, Default, Deserialize)]
+struct RestorePayload {
+    /// Else the item's database.
+    target_database: Option<String>,
+    /// Else the item's instance.
+    target_instance: Option<String>,
+    /// Replace a database that exists (`RESTORE ... WITH REPLACE`).
+    #[serde(default)]
+    overwrite: bool,
+}
+
+const SYSTEM_DATABASES: [&str; 4] = ["master", "model", "msdb", "tempdb"];
+
+/// Restores onto the target, unless SQL Server would refuse to.
+fn restore(job: &ClaimedJob, file: &InventoryFile) -> Outcome {
+    let payload = match serde_json::from_value::<Option<RestorePayload>>(job.payload.clone()) {
+        Ok(payload) => payload.unwrap_or_default(),
+        Err(e) => {
+            return fail(
+                "AgentInvalidPayload",
+                format!("The restore job's payload is malformed: {e}."),
+                false,
+            );
+        }
+    };
+    let item = job.items.first();
+    let database = payload
+        .target_database
+        .as_deref()
+        .or_else(|| item.map(|item| item.database.as_str()));
+    let instance = payload
+        .target_instance
+        .as_deref()
+        .or_else(|| item.map(|item| item.instance.as_str()));
+    let (Some(database), Some(instance)) = (database, instance) else {
+        return fail(
             "AgentInvalidPayload",
-            "The restore job names no database: neither payload.target_database nor an item.",
+            "The restore job names no target: it has no item, and its payload lacks \
+             target_database or target_instance.",
             false,
-        ),
+        );
+    };
+    if let Some(why) = invalid_name(database) {
+        return fail(
+            "UserErrorInvalidRestoreTargetName",
+            format!("Cannot restore as database {database:?}: {why}. Choose another target name."),
+            false,
+        );
+    }
+    let Some(instance) = file.instance(instance) else {
+        return fail(
+            "UserErrorSQLInstanceNotFound",
+            format!(
+                "SQL instance {instance} does not exist on this VM. Choose one of its \
+                 instances, or run discovery again if it was just installed."
+            ),
+            false,
+        );
+    };
+    // Ignoring case whatever the collation: a name that reads as a system database's is
+    // refused even where the collation would make it another database.
+    if SYSTEM_DATABASES
+        .iter()
+        .any(|system| system.eq_ignore_ascii_case(database))
+    {
+        return fail(
+            "UserErrorRestoreSystemDatabase",
+            format!(
+                "{database} is a system database of SQL instance {}; a backup cannot be \
+                 restored over it. Restore under another database name.",
+                instance.name
+            ),
+            false,
+        );
+    }
+    if !payload.overwrite && file.database(&instance.name, database).is_some() {
+        return fail(
+            "UserErrorCannotRestoreExistingDBWithoutForceOverwrite",
+            format!(
+                "Database {database} already exists on SQL instance {} (SQL Server Msg 3154). \
+                 Restore with overwrite to replace it, or under another database name.",
+                instance.name
+            ),
+            false,
+        );
+    }
+    complete(JobResult::Restore {
+        restored_database: database.to_owned(),
+    })
+}
+
+/// Why SQL Server would not take `name` for a database.
+fn invalid_name(name: &str) -> Option<&'static str> {
+    // Names are `sysname`, nvarchar(128): 128 UTF-16 code units.
+    const MAX_UTF16_UNITS: usize = 128;
+    if name.is_empty() {
+        Some("the name is empty")
+    } else if name.encode_utf16().count() > MAX_UTF16_UNITS {
+        Some("the name is longer than the 128 characters SQL Server allows")
+    } else if name.chars().any(char::is_control) {
+        Some("the name contains control characters")
+    } else {
+        None
     }
 }
 
@@ -349,7 +435,7 @@ mod tests {
                 chain,
                 ..
             } => {
-                chains.commit(chain);
+                chains.commit(chain).await.unwrap();
                 recovery_points
             }
             other => panic!("expected recovery points, got {other:?}"),
@@ -524,26 +610,172 @@ mod tests {
         );
     }
 
+    /// The sample inventory with a case-sensitive instance holding `Sales` and `sales`.
+    fn with_case_sensitive_instance(sample: String) -> String {
+        sample
+            + "\n[[instances]]\nname = \"CS\"\nversion = \"2022\"\ncase_sensitive = true\n\
+               \n[[databases]]\ninstance = \"CS\"\nname = \"Sales\"\nrecovery_model = \"full\"\n\
+               size_bytes = 1000\n\
+               \n[[databases]]\ninstance = \"CS\"\nname = \"sales\"\nrecovery_model = \"full\"\n\
+               size_bytes = 2000\n"
+    }
+
+    #[tokio::test]
+    async fn a_case_sensitive_instance_backs_up_names_differing_by_case_apart() {
+        let temp = TempInventory::new(with_case_sensitive_instance);
+        let (inventory, chains) = (temp.source(), ChainStore::in_memory());
+        let both = [("CS", "Sales"), ("cs", "sales")];
+        let full = backed_up(
+            &job(JobKind::BackupFull, &both, json!({})),
+            &inventory,
+            &chains,
+        )
+        .await;
+        assert_eq!(
+            (full[0].size_bytes, full[1].size_bytes),
+            (1000, 2000),
+            "two databases"
+        );
+
+        let log = job(JobKind::BackupLog, &both[..1], json!({}));
+        let log = backed_up(&log, &inventory, &chains).await;
+        assert_eq!(log[0].first_lsn, full[0].last_lsn, "each has its own chain");
+        let log = job(JobKind::BackupLog, &both[1..], json!({}));
+        let log = backed_up(&log, &inventory, &chains).await;
+        assert_eq!(log[0].first_lsn, full[1].last_lsn);
+
+        let wrong_case = job(JobKind::BackupFull, &[("CS", "SALES")], json!({}));
+        let f = failure(&wrong_case, &inventory).await;
+        assert_eq!((f.code, f.retryable), ("UserErrorSQLPODoesNotExist", false));
+    }
+
+    async fn restored(job: &ClaimedJob, inventory: &InventorySource) -> String {
+        let chains = ChainStore::in_memory();
+        match execute(job, inventory, &chains, BackupClock::Clock, |_| {}).await {
+            Outcome::Complete {
+                result: JobResult::Restore { restored_database },
+                ..
+            } => restored_database,
+            other => panic!("expected a restore, got {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn restore_reports_the_target() {
-        let temp = TempInventory::new(|s| s);
+        let temp = TempInventory::new(with_case_sensitive_instance);
         let inventory = temp.source();
-        let chains = ChainStore::in_memory();
         for (payload, expected) in [
             (
                 json!({"target_database": "sales_restored"}),
                 "sales_restored",
             ),
-            (json!({}), "sales"),
+            (json!({"overwrite": true}), "sales"),
+            (
+                json!({"target_database": "sales", "target_instance": "sql2012"}),
+                "sales",
+            ),
+            (
+                json!({"target_database": "SALES", "target_instance": "CS"}),
+                "SALES",
+            ),
+            (
+                json!({"target_database": "sales", "target_instance": "CS", "overwrite": true}),
+                "sales",
+            ),
+            // As the service sends it.
+            (
+                json!({"target_database": "sales_copy", "overwrite": false,
+                       "restores_to": "2025-11-20T12:00:00Z", "steps": []}),
+                "sales_copy",
+            ),
         ] {
             let restore = job(JobKind::Restore, &[("MSSQLSERVER", "sales")], payload);
-            match execute(&restore, &inventory, &chains, BackupClock::Clock, |_| {}).await {
-                Outcome::Complete {
-                    result: JobResult::Restore { restored_database },
-                    ..
-                } => assert_eq!(restored_database, expected),
-                other => panic!("{other:?}"),
-            }
+            assert_eq!(restored(&restore, &inventory).await, expected);
+        }
+        let unnamed = job(JobKind::Restore, &[("MSSQLSERVER", "new_db")], json!(null));
+        assert_eq!(restored(&unnamed, &inventory).await, "new_db");
+    }
+
+    #[tokio::test]
+    async fn restore_refuses_what_sql_server_would() {
+        let temp = TempInventory::new(with_case_sensitive_instance);
+        let inventory = temp.source();
+        let too_long = "x".repeat(129);
+        let (max, max_wide) = ("x".repeat(128), "\u{1F600}".repeat(64));
+        for (payload, code) in [
+            (
+                json!({}),
+                "UserErrorCannotRestoreExistingDBWithoutForceOverwrite",
+            ),
+            (
+                json!({"target_database": "SALES"}),
+                "UserErrorCannotRestoreExistingDBWithoutForceOverwrite",
+            ),
+            (
+                json!({"target_database": "Sales", "target_instance": "CS", "overwrite": false}),
+                "UserErrorCannotRestoreExistingDBWithoutForceOverwrite",
+            ),
+            (
+                json!({"target_database": "MSDB", "overwrite": true}),
+                "UserErrorRestoreSystemDatabase",
+            ),
+            (
+                json!({"target_database": "master", "target_instance": "CS"}),
+                "UserErrorRestoreSystemDatabase",
+            ),
+            (
+                json!({"target_database": "tempdb", "target_instance": "nowhere"}),
+                "UserErrorSQLInstanceNotFound",
+            ),
+            (
+                json!({"target_database": ""}),
+                "UserErrorInvalidRestoreTargetName",
+            ),
+            (
+                json!({"target_database": too_long}),
+                "UserErrorInvalidRestoreTargetName",
+            ),
+            (
+                json!({"target_database": format!("{max}y")}),
+                "UserErrorInvalidRestoreTargetName",
+            ),
+            (
+                json!({"target_database": format!("{max_wide}y")}),
+                "UserErrorInvalidRestoreTargetName",
+            ),
+            (
+                json!({"target_database": "sales\nrestored"}),
+                "UserErrorInvalidRestoreTargetName",
+            ),
+            (json!({"overwrite": "yes"}), "AgentInvalidPayload"),
+        ] {
+            let restore = job(
+                JobKind::Restore,
+                &[("MSSQLSERVER", "sales")],
+                payload.clone(),
+            );
+            let f = failure(&restore, &inventory).await;
+            assert_eq!((f.code, f.retryable), (code, false), "{payload}");
+            assert!(!f.message.is_empty());
+        }
+        let f = failure(
+            &job(JobKind::Restore, &[("SQL2019", "sales")], json!({})),
+            &inventory,
+        )
+        .await;
+        assert_eq!(
+            f.code, "UserErrorSQLInstanceNotFound",
+            "the item's instance"
+        );
+
+        for name in [max, max_wide] {
+            let payload = json!({"target_database": name});
+            let restore = job(JobKind::Restore, &[("MSSQLSERVER", "sales")], payload);
+            assert_eq!(
+                restored(&restore, &inventory).await,
+                name,
+                "sysname holds 128"
+            );
         }
     }
 }

@@ -33,7 +33,13 @@ struct Fake {
     claim_outages: u32,
     queue: VecDeque<ClaimedJob>,
     cancel: HashSet<Uuid>,
+    /// Jobs whose lease went to someone else.
+    taken: HashSet<Uuid>,
+    /// How long a completion takes to answer after it is recorded.
+    completion_delay: Duration,
     heartbeats: Vec<AgentHeartbeat>,
+    /// Jobs heartbeats answered `lost`.
+    answered_lost: Vec<Uuid>,
     job_heartbeats: Vec<(Uuid, JobHeartbeat)>,
     completed: Vec<(Uuid, CompleteJob)>,
     failed: Vec<(Uuid, FailJob)>,
@@ -88,16 +94,23 @@ async fn heartbeat(
         return rejection;
     }
     let mut fake = fake.lock().unwrap();
-    let ids: Vec<Uuid> = body.jobs.iter().map(|j| j.job_id).collect();
-    let cancel_requested = ids
+    // Like backvault: a finished job's lease cannot be extended either.
+    let (lost, extended): (Vec<Uuid>, Vec<Uuid>) =
+        body.jobs.iter().map(|j| j.job_id).partition(|id| {
+            fake.taken.contains(id)
+                || fake.completed.iter().any(|(done, _)| done == id)
+                || fake.failed.iter().any(|(done, _)| done == id)
+        });
+    let cancel_requested = extended
         .iter()
         .copied()
         .filter(|id| fake.cancel.contains(id))
         .collect();
     fake.heartbeats.push(body);
+    fake.answered_lost.extend(&lost);
     Json(AgentHeartbeatResponse {
-        extended: ids,
-        lost: Vec::new(),
+        extended,
+        lost,
         cancel_requested,
         lease_expires_at: Utc::now() + chrono::Duration::seconds(30),
     })
@@ -163,7 +176,12 @@ async fn complete(
     if let Some(rejection) = unauthorized(&fake, &headers) {
         return rejection;
     }
-    fake.lock().unwrap().completed.push((job_id, body));
+    let delay = {
+        let mut fake = fake.lock().unwrap();
+        fake.completed.push((job_id, body));
+        fake.completion_delay
+    };
+    tokio::time::sleep(delay).await;
     Json(json!({"job_id": job_id, "status": "completed"})).into_response()
 }
 
@@ -321,6 +339,14 @@ impl Agent {
     fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
+
+    fn wait_for_log_line(&self, what: &str, matches: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.log().lines().any(&matches) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Agent {
@@ -434,6 +460,43 @@ fn cancelled_jobs_stop_and_report_job_cancelled() {
     assert!(harness.fake.lock().unwrap().completed.is_empty());
     agent.terminate();
     assert_eq!(agent.wait(Duration::from_secs(5)).code(), Some(0));
+}
+
+#[test]
+fn a_completed_job_is_not_reported_lost() {
+    let harness = Harness::new(|s| s.replace("backup_millis = 200", "backup_millis = 2000"));
+    // The server records the completion at once but answers late, so that heartbeats
+    // carry the job's lease while its completion is in flight, and after.
+    harness.fake.lock().unwrap().completion_delay = Duration::from_millis(2500);
+    let mut agent = harness.start_agent();
+    let done = harness.push(job(JobKind::ConfigureProtection, &[], json!({})));
+    let taken = job(JobKind::ConfigureProtection, &[], json!({}));
+    harness.fake.lock().unwrap().taken.insert(taken.job_id);
+    let taken = harness.push(taken);
+
+    harness.completion(done);
+    let (done, taken) = (done.to_string(), taken.to_string());
+    agent.wait_for_log_line("the completion's answer", |line| {
+        line.contains(&done) && line.contains("job completed")
+    });
+    agent.wait_for_log_line("the other job's loss", |line| {
+        line.contains(&taken) && line.contains("lease lost")
+    });
+    let fake = harness.fake.lock().unwrap();
+    assert!(
+        fake.answered_lost.iter().any(|id| id.to_string() == done),
+        "a heartbeat crossed the completion"
+    );
+    assert!(fake.completed.iter().all(|(id, _)| id.to_string() != taken));
+    drop(fake);
+    let log = agent.log();
+    let false_alarms: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains(&done) && line.contains("lost"))
+        .collect();
+    assert!(false_alarms.is_empty(), "{false_alarms:#?}");
+    agent.terminate();
+    assert_eq!(agent.wait(Duration::from_secs(10)).code(), Some(0));
 }
 
 #[test]

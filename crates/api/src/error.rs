@@ -7,6 +7,10 @@ use backvault_service::{Error, ErrorKind};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+/// What a 503 asks clients to wait before retrying: the pool gives up within about a
+/// second, and a database that restarts or fails over is usually back within seconds.
+pub const RETRY_AFTER_SECONDS: &str = "1";
+
 /// RFC 9457 problem details.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Problem {
@@ -102,8 +106,11 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let ApiError(e, http_status) = self;
         let status = http_status.unwrap_or_else(|| status(e.kind));
-        if status.is_server_error() {
-            // The only place a server error is logged; clients get no internals.
+        // The only place a server error is logged; clients get no internals. A 503 is the
+        // database's state, not a defect: a warning, so an outage does not read as bugs.
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::warn!(code = e.code, error = %e, "request failed: unavailable");
+        } else if status.is_server_error() {
             tracing::error!(code = e.code, error = %e, "request failed");
         }
         let mut response = problem_response(status, e.code, e.message, e.violations);
@@ -111,6 +118,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
         }
         response
     }

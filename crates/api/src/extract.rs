@@ -4,6 +4,8 @@ use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
+use backvault_domain::Violation;
+use backvault_domain::text::{check_text, text_fault};
 use backvault_service::{ErrorKind, Principal};
 use serde::de::DeserializeOwned;
 
@@ -42,32 +44,106 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
-/// JSON body whose rejections are problems with code `malformed_body`.
+/// A JSON object body. Rejections are problems: `malformed_body` (not JSON, or not of the
+/// operation's shape), `body_not_object` (an array or scalar where an object is expected:
+/// serde would otherwise read a struct from its sequence form), or a 422 whose `errors`
+/// point at every string that breaks the text rule (`domain::text`).
 pub struct Json<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Json(v)),
-            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::http(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "send the body as Content-Type: application/json",
-            )),
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::http(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                "the request body is larger than the server accepts (2 MiB)",
-            )),
-            Err(e) => Err(ApiError::new(
+        let value = match axum::Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(axum::Json(v)) => v,
+            Err(JsonRejection::MissingJsonContentType(_)) => {
+                return Err(ApiError::http(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    "send the body as Content-Type: application/json",
+                ));
+            }
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::http(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "the request body is larger than the server accepts (2 MiB)",
+                ));
+            }
+            Err(e) => {
+                return Err(ApiError::new(
+                    ErrorKind::BadRequest,
+                    "malformed_body",
+                    e.body_text(),
+                ));
+            }
+        };
+        if !value.is_object() {
+            return Err(ApiError::new(
+                ErrorKind::BadRequest,
+                "body_not_object",
+                "the request body is a JSON object",
+            ));
+        }
+        let faults = text_violations(&value);
+        if !faults.is_empty() {
+            return Err(backvault_service::Error::validation(faults).into());
+        }
+        serde_json::from_value(value).map(Json).map_err(|e| {
+            ApiError::new(
                 ErrorKind::BadRequest,
                 "malformed_body",
-                e.body_text(),
-            )),
+                format!("the body does not fit this operation: {e}"),
+            )
+        })
+    }
+}
+
+/// Reports at most this many bad strings of one body.
+const MAX_TEXT_VIOLATIONS: usize = 20;
+
+/// Every string (and object key) of `value` that breaks the text rule, with its pointer.
+fn text_violations(value: &serde_json::Value) -> Vec<Violation> {
+    fn walk(value: &serde_json::Value, pointer: &mut String, out: &mut Vec<Violation>) {
+        use serde_json::Value;
+        if out.len() >= MAX_TEXT_VIOLATIONS {
+            return;
+        }
+        match value {
+            Value::String(s) => out.extend(check_text(s, pointer)),
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let len = pointer.len();
+                    pointer.push('/');
+                    pointer.push_str(&i.to_string());
+                    walk(item, pointer, out);
+                    pointer.truncate(len);
+                }
+            }
+            Value::Object(fields) => {
+                for (key, item) in fields {
+                    let len = pointer.len();
+                    pointer.push('/');
+                    pointer.push_str(&key.replace('~', "~0").replace('/', "~1"));
+                    if let Some(fault) = text_fault(key) {
+                        out.push(Violation::new(
+                            pointer.as_str(),
+                            fault.code(),
+                            format!("field name: {}", fault.message()),
+                        ));
+                    } else {
+                        walk(item, pointer, out);
+                    }
+                    pointer.truncate(len);
+                }
+            }
+            Value::Null | Value::Bool(_) | Value::Number(_) => {}
         }
     }
+    let mut out = Vec::new();
+    walk(value, &mut String::new(), &mut out);
+    out.truncate(MAX_TEXT_VIOLATIONS);
+    out
 }
 
 pub struct Path<T>(pub T);
@@ -145,6 +221,23 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
                 }),
         }
     }
+}
+
+/// 400 `invalid_query` for a query instant outside the range backvault accepts
+/// (`domain::text`), before any arithmetic on it.
+pub fn bounded_instants(
+    instants: &[(&str, Option<chrono::DateTime<chrono::Utc>>)],
+) -> Result<(), ApiError> {
+    for (name, at) in instants {
+        if let Some(v) = at.and_then(|at| backvault_domain::text::check_instant(at, name)) {
+            return Err(ApiError::new(
+                ErrorKind::BadRequest,
+                "invalid_query",
+                format!("{name}: {}", v.message),
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub fn etag(version: i64) -> (header::HeaderName, String) {

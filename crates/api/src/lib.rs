@@ -1,6 +1,7 @@
 //! HTTP mapping only: extract, call one use case, render. Routes and the OpenAPI document
 //! are built together (utoipa-axum), so they cannot drift.
 
+pub mod edge;
 pub mod error;
 pub mod extract;
 mod openapi;
@@ -45,11 +46,16 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
     let (router, spec) = api_router().split_for_parts();
+    let contract = std::sync::Arc::new(edge::QueryContract::from_openapi(&spec));
     router
         .merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
         .route("/metrics", axum::routing::get(routes::metrics::metrics))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
+        .route_layer(axum::middleware::from_fn_with_state(
+            contract,
+            edge::checked_parameters,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             routes::metrics::track,
@@ -59,6 +65,7 @@ pub fn router(state: AppState) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_secs(90),
         ))
+        .layer(axum::middleware::from_fn(edge::bounded_uri))
         // Outside the timeout, so the timeout's bare 408 gets a problem body.
         .layer(axum::middleware::map_response(error::problem_for_timeout))
         .layer(

@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::text::check_instant;
+use crate::violation::{Violation, Violations};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeploymentModel {
@@ -125,6 +128,126 @@ pub struct RecoveryPointReport {
     pub last_lsn: String,
     pub database_backup_lsn: String,
     pub size_bytes: i64,
+}
+
+/// SQL Server's `sysname`: the longest instance or database name.
+pub const MAX_SQL_NAME_CHARS: usize = 128;
+/// A log-sequence number in decimal, as `msdb.dbo.backupset` holds it (`numeric(25,0)`).
+pub const MAX_LSN_DIGITS: usize = 25;
+/// A backup job covers at most this many databases, so it reports at most as many points.
+pub const MAX_POINTS_PER_REPORT: usize = crate::jobs::MAX_ITEMS_PER_JOB;
+/// Warnings one completion may carry.
+pub const MAX_WARNINGS: usize = 100;
+
+/// An LSN in decimal form, or `None` when it is not one.
+pub fn parse_lsn(raw: &str) -> Option<u128> {
+    let digits =
+        (1..=MAX_LSN_DIGITS).contains(&raw.len()) && raw.bytes().all(|b| b.is_ascii_digit());
+    digits.then(|| raw.parse().ok()).flatten()
+}
+
+impl RecoveryPointReport {
+    /// Every way this report cannot be a backup SQL Server took: names past `sysname`,
+    /// instants outside the accepted range or ending before they start, LSNs that are not
+    /// decimal numbers or run backwards, a negative size.
+    pub fn violations(&self, pointer: &str) -> Vec<Violation> {
+        let mut v = Violations::default();
+        for (field, name) in [("instance", &self.instance), ("database", &self.database)] {
+            let chars = name.chars().count();
+            if chars == 0 || chars > MAX_SQL_NAME_CHARS {
+                v.push(
+                    format!("{pointer}/{field}"),
+                    "sql_name_length",
+                    format!("a SQL Server name has 1 to {MAX_SQL_NAME_CHARS} characters"),
+                );
+            }
+        }
+        v.extend(check_instant(
+            self.started_at,
+            &format!("{pointer}/started_at"),
+        ));
+        v.extend(check_instant(
+            self.backup_time,
+            &format!("{pointer}/backup_time"),
+        ));
+        if self.started_at > self.backup_time {
+            v.push(
+                format!("{pointer}/started_at"),
+                "backup_times_reversed",
+                "a backup starts before it ends (started_at <= backup_time)",
+            );
+        }
+        let mut lsns = [None; 3];
+        for (slot, (field, raw)) in lsns.iter_mut().zip([
+            ("first_lsn", &self.first_lsn),
+            ("last_lsn", &self.last_lsn),
+            ("database_backup_lsn", &self.database_backup_lsn),
+        ]) {
+            *slot = parse_lsn(raw);
+            if slot.is_none() {
+                v.push(
+                    format!("{pointer}/{field}"),
+                    "lsn_invalid",
+                    format!("an LSN is a decimal number of 1 to {MAX_LSN_DIGITS} digits"),
+                );
+            }
+        }
+        if let [Some(first), Some(last), _] = lsns
+            && first > last
+        {
+            v.push(
+                format!("{pointer}/last_lsn"),
+                "lsn_order",
+                "a backup's last_lsn is not below its first_lsn",
+            );
+        }
+        if self.size_bytes < 0 {
+            v.push(
+                format!("{pointer}/size_bytes"),
+                "size_negative",
+                "size_bytes is zero or more",
+            );
+        }
+        v.into_vec()
+    }
+}
+
+impl JobResult {
+    /// Every reason this result cannot be recorded as it is, with pointers under
+    /// `pointer` (the result's place in the request).
+    pub fn violations(&self, pointer: &str) -> Vec<Violation> {
+        match self {
+            JobResult::Backup { recovery_points } => {
+                let mut v = Violations::default();
+                if recovery_points.len() > MAX_POINTS_PER_REPORT {
+                    v.push(
+                        format!("{pointer}/recovery_points"),
+                        "too_many_points",
+                        format!(
+                            "a backup job reports at most {MAX_POINTS_PER_REPORT} recovery points"
+                        ),
+                    );
+                }
+                for (i, p) in recovery_points.iter().enumerate() {
+                    v.extend(p.violations(&format!("{pointer}/recovery_points/{i}")));
+                }
+                v.into_vec()
+            }
+            JobResult::Restore { restored_database } => {
+                let chars = restored_database.chars().count();
+                if chars == 0 || chars > MAX_SQL_NAME_CHARS {
+                    vec![Violation::new(
+                        format!("{pointer}/restored_database"),
+                        "sql_name_length",
+                        format!("a SQL Server name has 1 to {MAX_SQL_NAME_CHARS} characters"),
+                    )]
+                } else {
+                    Vec::new()
+                }
+            }
+            JobResult::Discovery { .. } | JobResult::ConfigureProtection {} => Vec::new(),
+        }
+    }
 }
 
 /// What a completed job reports, by kind.
@@ -275,5 +398,93 @@ pub mod protocol {
         pub message: String,
         /// Worth trying again (a transient error); non-retryable failures end the job.
         pub retryable: bool,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point() -> RecoveryPointReport {
+        RecoveryPointReport {
+            instance: "MSSQLSERVER".into(),
+            database: "sales".into(),
+            backup_type: RecoveryPointType::Full,
+            started_at: "2026-11-30T10:00:00Z".parse().unwrap(),
+            backup_time: "2026-11-30T10:05:00Z".parse().unwrap(),
+            first_lsn: "41000000012300001".into(),
+            last_lsn: "41000000045600001".into(),
+            database_backup_lsn: "0".into(),
+            size_bytes: 1 << 30,
+        }
+    }
+
+    fn codes(p: &RecoveryPointReport) -> Vec<(String, &'static str)> {
+        p.violations("/result/recovery_points/0")
+            .into_iter()
+            .map(|v| (v.pointer, v.code))
+            .collect()
+    }
+
+    #[test]
+    fn a_plausible_point_passes() {
+        assert_eq!(codes(&point()), []);
+    }
+
+    #[test]
+    fn lsns_are_decimal_numbers_that_do_not_run_backwards() {
+        assert_eq!(parse_lsn("0"), Some(0));
+        assert_eq!(parse_lsn(&"9".repeat(25)), Some(10u128.pow(25) - 1));
+        for bad in ["", "not-a-number", "-1", "+1", "1e5", " 1", &"1".repeat(26)] {
+            assert_eq!(parse_lsn(bad), None, "{bad:?}");
+        }
+        let mut p = point();
+        p.first_lsn = "not-a-number".into();
+        assert_eq!(
+            codes(&p),
+            [(
+                "/result/recovery_points/0/first_lsn".to_owned(),
+                "lsn_invalid"
+            )]
+        );
+        let mut p = point();
+        (p.first_lsn, p.last_lsn) = ("900".into(), "100".into());
+        assert_eq!(
+            codes(&p),
+            [("/result/recovery_points/0/last_lsn".to_owned(), "lsn_order")]
+        );
+    }
+
+    #[test]
+    fn times_names_and_sizes_are_bounded() {
+        let mut p = point();
+        p.backup_time = "+10017-01-01T00:00:00Z".parse().unwrap();
+        assert_eq!(codes(&p)[0].1, "instant_out_of_range");
+        let mut p = point();
+        p.started_at = p.backup_time + chrono::Duration::hours(1);
+        assert_eq!(codes(&p)[0].1, "backup_times_reversed");
+        let mut p = point();
+        p.database = "d".repeat(MAX_SQL_NAME_CHARS + 1);
+        p.size_bytes = -1;
+        assert_eq!(
+            codes(&p).into_iter().map(|c| c.1).collect::<Vec<_>>(),
+            ["sql_name_length", "size_negative"]
+        );
+    }
+
+    #[test]
+    fn a_backup_result_checks_each_point_and_their_number() {
+        let mut bad = point();
+        bad.last_lsn = "1".into();
+        let result = JobResult::Backup {
+            recovery_points: vec![point(), bad],
+        };
+        let v = result.violations("/result");
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].pointer, "/result/recovery_points/1/last_lsn");
+        let many = JobResult::Backup {
+            recovery_points: vec![point(); MAX_POINTS_PER_REPORT + 1],
+        };
+        assert_eq!(many.violations("/result")[0].code, "too_many_points");
     }
 }

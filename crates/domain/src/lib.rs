@@ -11,6 +11,7 @@ pub mod protection;
 pub mod restore;
 pub mod retention;
 pub mod schedule;
+pub mod text;
 pub mod violation;
 
 pub use violation::Violation;

@@ -147,6 +147,40 @@ pub fn time_zone_warning(version: &str) -> Option<&'static str> {
     )
 }
 
+/// Where a protected item stands. The database holds the same set in a CHECK constraint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ProtectionState {
+    /// Configure protection is running.
+    Protecting,
+    Protected,
+    ProtectionFailed,
+    /// Stopped; recovery points kept forever.
+    StoppedRetain,
+    /// Stopped; recovery points kept as the policy says.
+    StoppedRetainPerPolicy,
+}
+
+impl ProtectionState {
+    pub const ALL: [ProtectionState; 5] = [
+        ProtectionState::Protecting,
+        ProtectionState::Protected,
+        ProtectionState::ProtectionFailed,
+        ProtectionState::StoppedRetain,
+        ProtectionState::StoppedRetainPerPolicy,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProtectionState::Protecting => "protecting",
+            ProtectionState::Protected => "protected",
+            ProtectionState::ProtectionFailed => "protection_failed",
+            ProtectionState::StoppedRetain => "stopped_retain",
+            ProtectionState::StoppedRetainPerPolicy => "stopped_retain_per_policy",
+        }
+    }
+}
+
 /// Why a database name cannot be protected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -277,13 +311,17 @@ pub fn check_on_demand(
         (OnDemandType::CopyOnlyFull, None) => v.push(
             "/retention_days",
             "on_demand_retention_required",
-            "a copy-only full backup carries its own retention (any number of days)",
+            "a copy-only full backup carries its own retention: 1 day to 99 years",
         ),
-        (OnDemandType::CopyOnlyFull, Some(0)) => v.push(
-            "/retention_days",
-            "on_demand_retention_out_of_range",
-            "keep a copy-only full backup at least one day",
-        ),
+        (OnDemandType::CopyOnlyFull, Some(days))
+            if !(1..=ON_DEMAND_FULL_MAX_RETENTION_DAYS).contains(&days) =>
+        {
+            v.push(
+                "/retention_days",
+                "on_demand_retention_out_of_range",
+                "a copy-only full backup is kept 1 day to 99 years (36159 days)",
+            )
+        }
         (OnDemandType::Differential | OnDemandType::Log, Some(_)) => v.push(
             "/retention_days",
             "on_demand_retention_not_allowed",
@@ -506,7 +544,16 @@ mod tests {
             ["on_demand_retention_required"]
         );
         assert!(on_demand(CopyOnlyFull, Some(1), target()).is_empty());
-        assert!(on_demand(CopyOnlyFull, Some(100_000), target()).is_empty());
+        assert!(on_demand(CopyOnlyFull, Some(36_159), target()).is_empty());
+        // Past 99 years a copy-only full is refused like a full: its expiry could not be
+        // computed (u32::MAX days overflowed the completion's arithmetic).
+        for days in [0, 36_160, 100_000_000, u32::MAX] {
+            assert_eq!(
+                on_demand(CopyOnlyFull, Some(days), target()),
+                ["on_demand_retention_out_of_range"],
+                "{days}"
+            );
+        }
         assert!(on_demand(Log, None, target()).is_empty());
         assert_eq!(
             on_demand(Differential, Some(30), target()),

@@ -1,5 +1,6 @@
 //! Restoring from recovery points: which continuous time ranges a database can be
-//! restored to, and the ordered list of points that brings it to a given instant.
+//! restored to, the ordered list of points that brings it to a given instant, and where a
+//! restore may write.
 //!
 //! A log backup covers the instants after the previous log backup up to its own end; it
 //! applies on top of a full or differential when its log-sequence range contains the end
@@ -11,6 +12,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::agent::RecoveryPointType;
+use crate::violation::{Violation, Violations};
 
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Point {
@@ -190,6 +192,78 @@ pub fn breaks_chain(
     }
 }
 
+/// Databases SQL Server needs to run; restoring over one takes the instance down or is
+/// refused outright, so backvault never offers it.
+pub const SYSTEM_DATABASES: [&str; 4] = ["master", "model", "msdb", "tempdb"];
+
+pub fn is_system_database(name: &str) -> bool {
+    SYSTEM_DATABASES
+        .iter()
+        .any(|s| s.eq_ignore_ascii_case(name))
+}
+
+/// What the server knows of the instance a restore would write to.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreTargetFacts<'a> {
+    pub database: &'a str,
+    pub overwrite: bool,
+    /// The instance exists on the target VM (at its latest discovery).
+    pub instance_found: bool,
+    /// Present databases of the target instance at its latest discovery.
+    pub existing_databases: &'a [&'a str],
+}
+
+/// Every reason a restore may not write `database` on the target instance. The name
+/// obeys the rules of a protectable database name and SQL Server's `sysname`; system
+/// databases are never targets; a database that exists there is overwritten only when
+/// asked (SQL Server would refuse without `REPLACE`, Msg 3154; comparing names ignoring
+/// case, as SQL Server's default collation does).
+pub fn check_restore_target(t: RestoreTargetFacts<'_>) -> Vec<Violation> {
+    let mut v = Violations::default();
+    let chars = t.database.chars().count();
+    if chars == 0 || chars > crate::agent::MAX_SQL_NAME_CHARS {
+        v.push(
+            "/target_database",
+            "restore_target_name_invalid",
+            "a database name has 1 to 128 characters (SQL Server's sysname)",
+        );
+    } else if t.database.chars().any(char::is_control)
+        || crate::protection::name_issue(t.database)
+            == Some(crate::protection::NameIssue::UnsupportedCharacters)
+    {
+        v.push(
+            "/target_database",
+            "restore_target_name_invalid",
+            "a database name has no control characters, no leading or trailing spaces, no trailing '!', and none of ']' ';' '/'",
+        );
+    }
+    if is_system_database(t.database) {
+        v.push(
+            "/target_database",
+            "restore_target_system_database",
+            "master, model, msdb and tempdb are never restore targets; restore under another name",
+        );
+    }
+    if !t.instance_found {
+        v.push(
+            "/target_instance",
+            "restore_target_instance_not_found",
+            "the target VM has no such SQL Server instance at its latest discovery; rediscover it or choose another",
+        );
+    } else if !t.overwrite
+        && t.existing_databases
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(t.database))
+    {
+        v.push(
+            "/overwrite",
+            "UserErrorCannotRestoreExistingDBWithoutForceOverwrite",
+            "a database of this name exists on the target instance; set overwrite: true to replace it, or choose another name",
+        );
+    }
+    v.into_vec()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,5 +425,69 @@ mod tests {
                 prop_assert!(plan.windows(2).all(|w| w[0].backup_time < w[1].backup_time));
             }
         }
+    }
+
+    fn target_codes(database: &str, overwrite: bool, instance_found: bool) -> Vec<&'static str> {
+        check_restore_target(RestoreTargetFacts {
+            database,
+            overwrite,
+            instance_found,
+            existing_databases: &["sales", "Orders"],
+        })
+        .into_iter()
+        .map(|v| v.code)
+        .collect()
+    }
+
+    #[test]
+    fn a_new_name_on_a_known_instance_is_a_fine_target() {
+        assert!(target_codes("sales_copy", false, true).is_empty());
+    }
+
+    #[test]
+    fn existing_databases_are_overwritten_only_when_asked() {
+        assert_eq!(
+            target_codes("SALES", false, true),
+            ["UserErrorCannotRestoreExistingDBWithoutForceOverwrite"]
+        );
+        assert!(target_codes("orders", true, true).is_empty());
+    }
+
+    #[test]
+    fn system_databases_are_never_targets() {
+        for name in ["master", "MSDB", "model", "tempdb"] {
+            assert_eq!(
+                target_codes(name, true, true),
+                ["restore_target_system_database"],
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_follow_sysname_and_the_name_rules() {
+        for bad in [
+            "",
+            "x]; DROP DATABASE y; --",
+            " lead",
+            "trail!",
+            "tab\tname",
+            &"d".repeat(129),
+        ] {
+            assert_eq!(
+                target_codes(bad, false, true),
+                ["restore_target_name_invalid"],
+                "{bad:?}"
+            );
+        }
+        assert!(target_codes(&"d".repeat(128), false, true).is_empty());
+    }
+
+    #[test]
+    fn the_instance_must_exist() {
+        assert_eq!(
+            target_codes("sales_copy", false, false),
+            ["restore_target_instance_not_found"]
+        );
     }
 }

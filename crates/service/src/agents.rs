@@ -6,11 +6,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backvault_domain::Violation;
 use backvault_domain::agent::protocol::{
     AgentHeartbeat, AgentHeartbeatResponse, ClaimedJob, CompleteJob, EnrollResponse, FailJob,
     JobHeartbeat, JobHeartbeatResponse,
 };
-use backvault_domain::agent::{JobItem, JobResult, VmFacts};
+use backvault_domain::agent::{JobItem, JobResult, MAX_WARNINGS, VmFacts};
 use backvault_domain::jobs::{JobKind, JobStatus, retry_delay};
 use backvault_store::PgPool;
 use backvault_store::jobs::{self as store, AttemptEnd, ClaimLimits, Completion};
@@ -21,8 +22,9 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::Role;
-use crate::batcher::Batcher;
+use crate::batcher::{Batcher, BatcherSpec};
 use crate::error::{Error, ErrorKind, Result};
+use crate::metrics::Metrics;
 use crate::protection::jobs_finished;
 use crate::recovery::{BackupReport, record_points};
 use crate::vms::{check_facts, facts_row};
@@ -36,6 +38,12 @@ const LOG_CHAIN_BROKEN: [&str; 3] = [
     "UserErrorParentFullBackupMissing",
     "UserErrorSQLNoFullBackup",
 ];
+
+/// The code of a job whose agent reported a result that breaks the protocol's rules.
+pub const RESULT_INVALID: &str = "JobResultInvalid";
+
+/// The code of a job whose completion the server could not record.
+pub const RESULT_NOT_RECORDED: &str = "JobResultNotRecorded";
 
 /// The code an agent reports when it stopped a job because a user cancelled it.
 pub const CANCELLED_CODE: &str = "JobCancelled";
@@ -83,13 +91,20 @@ pub(crate) fn claimed_job(row: store::ClaimedRow) -> Result<ClaimedJob> {
 pub(crate) fn claim_batcher(
     pool: PgPool,
     config: Arc<Config>,
+    metrics: Arc<Metrics>,
 ) -> Batcher<ClaimRequest, Vec<ClaimedJob>> {
-    Batcher::spawn(4, 256, move |requests: Vec<ClaimRequest>| {
+    let spec = BatcherSpec {
+        name: "claims",
+        workers: 4,
+        max_batch: 256,
+        describe: |r: &ClaimRequest| format!("claim of VM {}", r.vm_id),
+    };
+    Batcher::spawn(spec, metrics, move |requests: &[ClaimRequest]| {
         let pool = pool.clone();
         let config = config.clone();
-        async move {
+        Box::pin(async move {
             let mut wants: HashMap<Uuid, i32> = HashMap::new();
-            for r in &requests {
+            for r in requests {
                 *wants.entry(r.vm_id).or_default() += r.want as i32;
             }
             let (vm_ids, counts): (Vec<Uuid>, Vec<i32>) = wants.into_iter().unzip();
@@ -98,43 +113,40 @@ pub(crate) fn claim_batcher(
                 max_running_restores: config.max_running_restores_per_vm as i32,
                 lease: config.lease,
             };
-            let claimed = async {
-                let mut tx = pool.begin().await?;
-                let rows = store::queue_claim(&mut tx, &vm_ids, &counts, limits).await?;
-                tx.commit().await?;
-                Ok::<_, Error>(rows)
+            let mut tx = pool.begin().await?;
+            let rows = store::queue_claim(&mut tx, &vm_ids, &counts, limits).await?;
+            tx.commit().await?;
+            let mut by_vm: HashMap<Uuid, Vec<store::ClaimedRow>> = HashMap::new();
+            for row in rows {
+                by_vm.entry(row.vm_id).or_default().push(row);
             }
-            .await;
-            match claimed {
-                Err(e) => requests.iter().map(|_| Err(e.for_each_request())).collect(),
-                Ok(rows) => {
-                    let mut by_vm: HashMap<Uuid, Vec<store::ClaimedRow>> = HashMap::new();
-                    for row in rows {
-                        by_vm.entry(row.vm_id).or_default().push(row);
-                    }
-                    requests
-                        .iter()
-                        .map(|r| {
-                            let mine = by_vm.entry(r.vm_id).or_default();
-                            let take = mine.len().min(r.want as usize);
-                            mine.drain(..take).map(claimed_job).collect()
-                        })
-                        .collect()
-                }
-            }
-        }
+            Ok(requests
+                .iter()
+                .map(|r| {
+                    let mine = by_vm.entry(r.vm_id).or_default();
+                    let take = mine.len().min(r.want as usize);
+                    mine.drain(..take).map(claimed_job).collect()
+                })
+                .collect())
+        })
     })
 }
 
 /// Completes many jobs in one transaction (group commit). A completion whose lease is no
 /// longer held comes back as `lease_lost`, to be told apart from a repeat by the caller.
-pub(crate) fn complete_batcher(pool: PgPool) -> Batcher<Completion, ()> {
-    Batcher::spawn(4, 256, move |completions: Vec<Completion>| {
+pub(crate) fn complete_batcher(pool: PgPool, metrics: Arc<Metrics>) -> Batcher<Completion, ()> {
+    let spec = BatcherSpec {
+        name: "completions",
+        workers: 4,
+        max_batch: 256,
+        describe: |c: &Completion| format!("completion of job {}", c.job_id),
+    };
+    Batcher::spawn(spec, metrics, move |completions: &[Completion]| {
         let pool = pool.clone();
-        async move {
+        Box::pin(async move {
             let done = async {
                 let mut tx = pool.begin().await?;
-                let done = store::queue_complete(&mut tx, &completions).await?;
+                let done = store::queue_complete(&mut tx, completions).await?;
                 // Recovery points are recorded in the completion's own transaction.
                 let reports: Vec<BackupReport> = completions
                     .iter()
@@ -155,23 +167,18 @@ pub(crate) fn complete_batcher(pool: PgPool) -> Batcher<Completion, ()> {
                 Ok::<_, Error>(done)
             }
             .await;
-            match done {
-                Err(e) => completions
-                    .iter()
-                    .map(|_| Err(e.for_each_request()))
-                    .collect(),
-                Ok(done) => completions
-                    .iter()
-                    .map(|c| {
-                        if done.contains(&c.job_id) {
-                            Ok(())
-                        } else {
-                            Err(lease_lost())
-                        }
-                    })
-                    .collect(),
-            }
-        }
+            let done = done?;
+            Ok(completions
+                .iter()
+                .map(|c| {
+                    if done.contains(&c.job_id) {
+                        Ok(())
+                    } else {
+                        Err(lease_lost())
+                    }
+                })
+                .collect())
+        })
     })
 }
 
@@ -375,6 +382,34 @@ impl Service {
         req: CompleteJob,
     ) -> Result<JobOutcome> {
         let vm = self.agent_vm(principal).await?;
+        let mut violations = req.result.violations("/result");
+        if req.warnings.len() > MAX_WARNINGS {
+            violations.push(Violation::new(
+                "/warnings",
+                "too_many_warnings",
+                format!("a completion carries at most {MAX_WARNINGS} warnings"),
+            ));
+        }
+        if !violations.is_empty() {
+            // A result that cannot be right would be as wrong on every retry: end the job so
+            // that the operator sees the agent's fault, then tell the agent what was wrong.
+            if self
+                .fail_for_result(
+                    vm,
+                    job_id,
+                    req.lease,
+                    RESULT_INVALID,
+                    &format!(
+                        "the agent reported a result that cannot be recorded: {}",
+                        violations[0].message
+                    ),
+                )
+                .await?
+            {
+                self.metrics.jobs_failed.inc();
+            }
+            return Err(Error::validation(violations));
+        }
         let status = if req.warnings.is_empty() {
             JobStatus::Completed
         } else {
@@ -434,8 +469,65 @@ impl Service {
                     _ => Err(lease_lost()),
                 }
             }
-            Err(e) => Err(e),
+            Err(e) if e.kind == ErrorKind::Unavailable => Err(e),
+            // Not a lease problem and not the database being down: this result cannot be
+            // recorded, and retrying it would fail the same way.
+            Err(e) => Err(self.fail_unrecordable(vm, job_id, req.lease, e).await),
         }
+    }
+
+    /// The server cannot record this job's result: the job ends with `JobResultNotRecorded`
+    /// so that neither the agent nor the rescuer retries it forever, and the agent is told
+    /// with a 422 that it should not retry.
+    async fn fail_unrecordable(&self, vm: Uuid, job_id: Uuid, lease: i64, cause: Error) -> Error {
+        let message = "the server could not record this job's result; the backup may exist on the VM but is not in the catalogue. Run the backup again; if it fails the same way, report it with the job id";
+        match self
+            .fail_for_result(vm, job_id, lease, RESULT_NOT_RECORDED, message)
+            .await
+        {
+            Ok(true) if cause.kind != ErrorKind::Internal => {
+                tracing::warn!(job.id = %job_id, vm.id = %vm, error = %cause, "job failed: its result breaks a rule");
+                self.metrics.results_not_recorded.inc();
+                cause
+            }
+            Ok(true) => {
+                tracing::error!(job.id = %job_id, vm.id = %vm, error = %cause, "job failed: its result could not be recorded");
+                self.metrics.results_not_recorded.inc();
+                Error::new(
+                    ErrorKind::Validation,
+                    "result_not_recorded",
+                    "the server could not record this result; the job is failed with JobResultNotRecorded. Do not retry the completion",
+                )
+            }
+            Ok(false) | Err(_) => cause,
+        }
+    }
+
+    /// Fails the job with `code` if `lease` still holds it; false when it does not.
+    async fn fail_for_result(
+        &self,
+        vm: Uuid,
+        job_id: Uuid,
+        lease: i64,
+        code: &str,
+        message: &str,
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        if store::queue_lock_held(&mut tx, vm, job_id, lease)
+            .await?
+            .is_none()
+        {
+            return Ok(false);
+        }
+        let end = AttemptEnd {
+            outcome: "failed",
+            code,
+            message,
+        };
+        store::queue_finish(&mut tx, &[job_id], JobStatus::Failed.as_str(), &[end]).await?;
+        self.after_jobs_finished(&mut tx, &[job_id], false).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn complete_with_effects(

@@ -119,6 +119,15 @@ pub struct AuthConfig {
     pub audience: Option<String>,
 }
 
+/// Clock skew tolerated between the token's minter and this server, for `exp`, `nbf`, `iat`.
+const CLOCK_LEEWAY_SECONDS: u64 = 5;
+
+/// `now + ttl`, or the latest instant chrono can hold for lifetimes past it.
+fn expiry(now: chrono::DateTime<Utc>, ttl: Duration) -> chrono::DateTime<Utc> {
+    now.checked_add_signed(ttl)
+        .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC)
+}
+
 /// Verifies and mints tokens with the configured key.
 #[derive(Clone)]
 pub struct Auth {
@@ -131,7 +140,8 @@ pub struct Auth {
 impl Auth {
     pub fn new(config: AuthConfig) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 5;
+        validation.leeway = CLOCK_LEEWAY_SECONDS;
+        validation.validate_nbf = true;
         if let Some(iss) = &config.issuer {
             validation.set_issuer(&[iss]);
             validation.required_spec_claims.insert("iss".into());
@@ -157,6 +167,7 @@ impl Auth {
                 use jsonwebtoken::errors::ErrorKind as K;
                 let reason = match e.kind() {
                     K::ExpiredSignature => "the token has expired",
+                    K::ImmatureSignature => "the token is not valid yet (nbf)",
                     K::InvalidSignature => "the token's signature does not verify",
                     K::InvalidAlgorithm => "the token's algorithm is not accepted",
                     K::InvalidIssuer => "the token's issuer is not accepted",
@@ -167,6 +178,18 @@ impl Auth {
                 Error::new(ErrorKind::Unauthorized, "invalid_token", reason)
             })?;
         let c = data.claims;
+        // A token issued in the future was minted by a clock (or a hand) not to be trusted.
+        if c.iat
+            > Utc::now()
+                .timestamp()
+                .saturating_add(CLOCK_LEEWAY_SECONDS as i64)
+        {
+            return Err(Error::new(
+                ErrorKind::Unauthorized,
+                "invalid_token",
+                "the token is issued in the future (iat)",
+            ));
+        }
         let subscriptions = if c.subscriptions.iter().any(|s| s == ALL_SUBSCRIPTIONS) {
             None
         } else {
@@ -201,7 +224,7 @@ impl Auth {
         generation: i64,
         ttl: Duration,
     ) -> (String, i64) {
-        let exp = (Utc::now() + ttl).timestamp();
+        let exp = expiry(Utc::now(), ttl).timestamp();
         let token = self.mint_claims(
             &format!("agent:{vm}"),
             Role::Agent,
@@ -230,7 +253,7 @@ impl Auth {
             vm,
             generation,
             iat: now.timestamp(),
-            exp: (now + ttl).timestamp(),
+            exp: expiry(now, ttl).timestamp(),
             iss: self.config.issuer.clone(),
             aud: self.config.audience.clone(),
         };

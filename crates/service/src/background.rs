@@ -1,4 +1,5 @@
-//! Periodic work every replica runs: the lease rescuer and history pruning. Each tick is a
+//! Periodic work every replica runs: the scheduler, the retention sweep, periodic
+//! discovery, the lease rescuer and history pruning. Each tick is a
 //! plain function of the current state, so tests drive it without sleeping; leader work
 //! is guarded by a transaction-scoped advisory lock, so replicas never double it.
 
@@ -9,9 +10,13 @@ use backvault_store::jobs::{self as store, AttemptEnd};
 use chrono::Utc;
 use tokio::sync::watch;
 
+use futures_util::FutureExt;
+
 use crate::Service;
 use crate::agents::rand_jitter;
+use crate::batcher::panic_message;
 use crate::error::Result;
+use crate::metrics::TaskLabels;
 
 const RESCUER_LOCK: i64 = 0x6261_636b_0001;
 const RESCUE_BATCH: i64 = 1000;
@@ -100,13 +105,43 @@ impl Service {
         Ok(jobs + slots + keys)
     }
 
-    /// Runs the periodic work until `shutdown` flips.
+    /// Runs one tick of a periodic task. An error is logged; a panic is caught, logged with
+    /// the task's name and counted, so that one bad tick never stops the loop.
+    async fn guarded<T>(
+        &self,
+        task: &'static str,
+        work: impl std::future::Future<Output = Result<T>>,
+    ) -> Option<T> {
+        match std::panic::AssertUnwindSafe(work).catch_unwind().await {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(e)) => {
+                tracing::warn!(task, error = %e, "background task failed; it runs again at its next tick");
+                None
+            }
+            Err(panic) => {
+                self.metrics
+                    .task_panics
+                    .get_or_create(&TaskLabels { task })
+                    .inc();
+                tracing::error!(
+                    task,
+                    panic = %panic_message(panic.as_ref()),
+                    "background task panicked; it runs again at its next tick"
+                );
+                None
+            }
+        }
+    }
+
+    /// Runs the periodic work until `shutdown` flips: the scheduler, the retention sweep,
+    /// periodic discovery, the lease rescuer and history pruning.
     pub async fn run_background(
         self,
         rescue_every: Duration,
         prune_every: Duration,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let _running = self.health.background_started();
         let mut rescue = tokio::time::interval(rescue_every);
         let mut prune = tokio::time::interval(prune_every);
         let mut discovery = tokio::time::interval(rescue_every.max(Duration::from_secs(1)) * 6);
@@ -115,31 +150,21 @@ impl Service {
         loop {
             tokio::select! {
                 _ = schedule.tick() => {
-                    if let Err(e) = self.schedule_tick(Utc::now()).await {
-                        tracing::warn!(error = %e, "scheduler tick failed");
-                    }
+                    self.guarded("scheduler", self.schedule_tick(Utc::now())).await;
                 }
                 _ = sweep.tick() => {
-                    match self.sweep_recovery_points().await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(removed = n, "retention sweep"),
-                        Err(e) => tracing::warn!(error = %e, "retention sweep failed"),
+                    if let Some(n @ 1..) = self.guarded("retention_sweep", self.sweep_recovery_points()).await {
+                        tracing::info!(removed = n, "retention sweep");
                     }
                 }
                 _ = discovery.tick() => {
-                    if let Err(e) = self.discover_due_vms().await {
-                        tracing::warn!(error = %e, "periodic discovery failed");
-                    }
+                    self.guarded("periodic_discovery", self.discover_due_vms()).await;
                 }
                 _ = rescue.tick() => {
-                    if let Err(e) = self.rescue_expired_leases().await {
-                        tracing::warn!(error = %e, "lease rescue failed");
-                    }
+                    self.guarded("lease_rescue", self.rescue_expired_leases()).await;
                 }
                 _ = prune.tick() => {
-                    if let Err(e) = self.prune_history().await {
-                        tracing::warn!(error = %e, "pruning failed");
-                    }
+                    self.guarded("pruning", self.prune_history()).await;
                 }
                 _ = shutdown.changed() => return,
             }

@@ -100,19 +100,46 @@ impl std::fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// SQLSTATEs that say the database could not serve the statement now, not that the
+/// statement is wrong: connection exceptions (class 08), operator intervention (class 57:
+/// shutdown, cannot connect now, statement timeout), insufficient resources (class 53),
+/// and serialization failures and deadlocks, which a retry resolves.
+fn transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("57")
+        || code.starts_with("53")
+        || code == "40001"
+        || code == "40P01"
+}
+
+/// True when the error says the database is unreachable or overloaded, so the request may
+/// be retried as it is.
+pub fn is_database_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| transient_sqlstate(&c)),
+        _ => false,
+    }
+}
+
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
-        match &e {
-            sqlx::Error::PoolTimedOut => Self {
+        if is_database_unavailable(&e) {
+            return Self {
                 source: Some(e.into()),
                 ..Self::new(
                     ErrorKind::Unavailable,
                     "database_unavailable",
-                    "the database is not reachable; retry later",
+                    "the database is not reachable or is overloaded; retry after the time in Retry-After",
                 )
-            },
-            _ => Self::internal(e),
+            };
         }
+        Self::internal(e)
     }
 }
 
@@ -150,5 +177,46 @@ impl<T, E: Into<Error>> ResultExt<T> for Result<T, E> {
                 _ => e,
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_faults_are_unavailable_and_data_errors_are_not() {
+        let io = || std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        for e in [
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::PoolClosed,
+            sqlx::Error::WorkerCrashed,
+            sqlx::Error::Io(io()),
+            sqlx::Error::Protocol("unexpected message".into()),
+        ] {
+            let mapped = Error::from(e);
+            assert_eq!(
+                (mapped.kind, mapped.code),
+                (ErrorKind::Unavailable, "database_unavailable")
+            );
+        }
+        for e in [
+            sqlx::Error::RowNotFound,
+            sqlx::Error::ColumnNotFound("x".into()),
+        ] {
+            assert_eq!(Error::from(e).kind, ErrorKind::Internal);
+        }
+    }
+
+    #[test]
+    fn transient_sqlstates_are_connection_shutdown_resource_and_retryable_ones() {
+        for code in [
+            "08006", "08001", "57P01", "57P03", "57014", "53300", "40001", "40P01",
+        ] {
+            assert!(transient_sqlstate(code), "{code}");
+        }
+        for code in ["22P02", "23505", "42601", "XX000"] {
+            assert!(!transient_sqlstate(code), "{code}");
+        }
     }
 }

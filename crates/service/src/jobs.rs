@@ -143,6 +143,7 @@ pub struct CreateEnrollmentToken {
     pub subscription_id: String,
     /// Lifetime, 60 to 86400 seconds (default 3600).
     #[serde(default = "default_enrollment_ttl")]
+    #[schema(minimum = 60, maximum = 86400)]
     pub ttl_seconds: i64,
 }
 
@@ -356,13 +357,30 @@ impl Service {
         req: CreateEnrollmentToken,
     ) -> Result<EnrollmentToken> {
         principal.require(Permission::OperateJobs)?;
+        let mut v = Violations::default();
         if !(60..=86_400).contains(&req.ttl_seconds) {
-            let mut v = Violations::default();
             v.push(
                 "/ttl_seconds",
                 "ttl_out_of_range",
                 "an enrollment token lives 60 to 86400 seconds",
             );
+        }
+        backvault_domain::names::check_identifier(
+            &req.subscription_id,
+            "/subscription_id",
+            "subscription_id",
+            64,
+            &mut v,
+        );
+        // `*` in a token means every subscription: an enrollment token names one.
+        if req.subscription_id == crate::auth::ALL_SUBSCRIPTIONS {
+            v.push(
+                "/subscription_id",
+                "identifier_invalid",
+                "an enrollment token is for one subscription, not '*'",
+            );
+        }
+        if !v.is_empty() {
             return Err(Error::validation(v.into_vec()));
         }
         if !principal.sees_subscription(&req.subscription_id) {

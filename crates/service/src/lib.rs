@@ -78,6 +78,7 @@ pub struct Service {
     pub metrics: Arc<metrics::Metrics>,
     /// Flips when the server shuts down, so that long-polls answer at once.
     stopping: tokio::sync::watch::Sender<bool>,
+    pub health: Arc<Health>,
     claimer:
         batcher::Batcher<agents::ClaimRequest, Vec<backvault_domain::agent::protocol::ClaimedJob>>,
     completer: batcher::Batcher<backvault_store::jobs::Completion, ()>,
@@ -90,14 +91,16 @@ impl Service {
         let config = Arc::new(config);
         let notifier = Arc::new(notifier::Notifier::default());
         tokio::spawn(notifier.clone().listen(pool.clone()));
-        let claimer = agents::claim_batcher(pool.clone(), config.clone());
-        let completer = agents::complete_batcher(pool.clone());
+        let metrics = Arc::new(metrics::Metrics::default());
+        let claimer = agents::claim_batcher(pool.clone(), config.clone(), metrics.clone());
+        let completer = agents::complete_batcher(pool.clone(), metrics.clone());
         Self {
             pool,
             auth: Arc::new(auth),
             config,
             notifier,
-            metrics: Arc::new(metrics::Metrics::default()),
+            metrics,
+            health: Arc::default(),
             stopping: tokio::sync::watch::Sender::new(false),
             claimer,
             completer,
@@ -127,8 +130,21 @@ impl Service {
         }
     }
 
-    /// Database reachable and every embedded migration applied.
+    /// Database reachable, every embedded migration applied, and this replica's shared
+    /// tasks running: the batchers, and the background loop once it was started.
     pub async fn readiness(&self) -> Result<()> {
+        let stopped = [
+            ("claims batcher", !self.claimer.is_running()),
+            ("completions batcher", !self.completer.is_running()),
+            ("background loop", self.health.background_stopped()),
+        ];
+        if let Some((task, _)) = stopped.iter().find(|(_, stopped)| *stopped) {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                "task_stopped",
+                format!("this replica's {task} is not running; restart the replica"),
+            ));
+        }
         let applied = backvault_store::migrations_applied(&self.pool)
             .await?
             .unwrap_or(0);
@@ -180,6 +196,40 @@ impl Service {
             .rpo_breaching_items
             .set(self.rpo_breaching(chrono::Utc::now()).await?);
         Ok(())
+    }
+}
+
+/// Whether this replica's background loop runs. Tests and one-shot commands never start
+/// it, so only a loop that started and then ended counts as stopped.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// 0 until the loop starts, then `RUNNING`, then `STOPPED`.
+    background: std::sync::atomic::AtomicU8,
+}
+
+const RUNNING: u8 = 1;
+const STOPPED: u8 = 2;
+
+/// Marks the background loop stopped when dropped, however the loop ends.
+pub struct BackgroundRunning<'a>(&'a Health);
+
+impl Drop for BackgroundRunning<'_> {
+    fn drop(&mut self) {
+        self.0
+            .background
+            .store(STOPPED, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Health {
+    pub fn background_started(&self) -> BackgroundRunning<'_> {
+        self.background
+            .store(RUNNING, std::sync::atomic::Ordering::SeqCst);
+        BackgroundRunning(self)
+    }
+
+    pub fn background_stopped(&self) -> bool {
+        self.background.load(std::sync::atomic::Ordering::SeqCst) == STOPPED
     }
 }
 

@@ -16,6 +16,11 @@ pub struct HttpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabels {
+    pub task: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
 }
@@ -33,6 +38,12 @@ pub struct Metrics {
     pub rpo_breaching_items: Gauge,
     pub scheduler_tick_seconds: Histogram,
     pub scheduled_jobs: Counter,
+    /// Panics caught in shared tasks (batchers, background loops), by task.
+    pub task_panics: Family<TaskLabels, Counter>,
+    /// Batches split because their shared statement failed, by batcher.
+    pub batch_splits: Family<TaskLabels, Counter>,
+    /// Jobs failed because the server could not record what their agent reported.
+    pub results_not_recorded: Counter,
 }
 
 impl Default for Metrics {
@@ -52,6 +63,9 @@ impl Default for Metrics {
             rpo_breaching_items: Gauge::default(),
             scheduler_tick_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
             scheduled_jobs: Counter::default(),
+            task_panics: Family::default(),
+            batch_splits: Family::default(),
+            results_not_recorded: Counter::default(),
         }
     }
 }
@@ -118,6 +132,21 @@ impl Metrics {
             "scheduled_jobs",
             "Backup jobs this replica's scheduler enqueued",
             self.scheduled_jobs.clone(),
+        );
+        r.register(
+            "task_panics",
+            "Panics caught in a batcher or background loop, which kept running",
+            self.task_panics.clone(),
+        );
+        r.register(
+            "batch_splits",
+            "Group-committed batches split to isolate a failing request",
+            self.batch_splits.clone(),
+        );
+        r.register(
+            "results_not_recorded",
+            "Jobs failed with JobResultNotRecorded: the server could not record their result",
+            self.results_not_recorded.clone(),
         );
         r
     }

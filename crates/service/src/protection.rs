@@ -227,8 +227,10 @@ pub struct StopProtection {
 pub struct OnDemandBackup {
     #[serde(rename = "type")]
     pub backup_type: OnDemandType,
-    /// Full: 45 to 36159 days; copy-only full: any; differential and log: none (policy).
+    /// Full: 45 to 36159 days; copy-only full: 1 to 36159 days; differential and log:
+    /// none (they follow the policy).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 36159)]
     pub retention_days: Option<u32>,
 }
 

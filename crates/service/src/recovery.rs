@@ -8,8 +8,11 @@ use backvault_domain::agent::{JobItem, RecoveryPointReport, RecoveryPointType};
 use backvault_domain::jobs::{JobKind, MAX_ITEMS_PER_JOB, Priority};
 use backvault_domain::policy::{Policy, PolicySpec};
 use backvault_domain::preview::{rpo_breached, rpo_deadline};
-use backvault_domain::restore::{self, ChainTip, PlanError, Point, TimeRange};
+use backvault_domain::restore::{
+    self, ChainTip, PlanError, Point, RestoreTargetFacts, TimeRange, check_restore_target,
+};
 use backvault_domain::retention::BackupType;
+use backvault_domain::text::check_instant;
 use backvault_store::jobs as queue;
 use backvault_store::recovery::{self as store, ChainUpdate, NewPoint, PointRow};
 use backvault_store::schedule::{self, SlotJobs};
@@ -33,6 +36,23 @@ pub(crate) struct BackupReport {
 pub(crate) fn policy_of(spec: Option<&sqlx::types::Json<serde_json::Value>>) -> Option<Policy> {
     let spec: PolicySpec = serde_json::from_value(spec?.0.clone()).ok()?;
     spec.validate("").ok()
+}
+
+/// When a point kept `days` from `backup_time` expires. The request that set `days` and
+/// the report that set `backup_time` were both bounded at the edge, so this fails only
+/// for a job enqueued before those bounds existed; that job's completion fails alone.
+fn fixed_expiry(backup_time: DateTime<Utc>, days: u64) -> Result<DateTime<Utc>> {
+    i64::try_from(days)
+        .ok()
+        .and_then(chrono::TimeDelta::try_days)
+        .and_then(|d| backup_time.checked_add_signed(d))
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Validation,
+                "retention_out_of_range",
+                format!("a retention of {days} days from {backup_time} is past the latest instant backvault keeps"),
+            )
+        })
 }
 
 fn lsn(s: &str) -> u128 {
@@ -175,10 +195,9 @@ pub(crate) async fn record_points(tx: &mut PgConnection, reports: &[BackupReport
             }
             let (expires_at, fixed) = match (p.backup_type, fixed_days, policy.as_ref()) {
                 (RecoveryPointType::CopyOnlyFull, Some(days), _)
-                | (RecoveryPointType::Full, Some(days), _) => (
-                    Some(p.backup_time + chrono::Duration::days(days as i64)),
-                    true,
-                ),
+                | (RecoveryPointType::Full, Some(days), _) => {
+                    (Some(fixed_expiry(p.backup_time, days)?), true)
+                }
                 (_, _, None) => (None, false),
                 (t, _, Some(policy)) => {
                     let kind = match t {
@@ -331,10 +350,16 @@ pub struct RestoreRequest {
     /// A VM registered with the same vault; the original VM when absent.
     #[serde(default)]
     pub target_vm_id: Option<Uuid>,
-    /// The database name to restore as; the original name when absent (then `overwrite`
-    /// must be true).
+    /// The database name to restore as; the original name when absent. A database of that
+    /// name on the target instance is replaced only with `overwrite: true`; system
+    /// databases are never targets.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 128)]
     pub target_database: Option<String>,
+    /// The SQL Server instance on the target VM; the item's instance when absent.
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 128)]
+    pub target_instance: Option<String>,
     #[serde(default)]
     pub overwrite: bool,
 }
@@ -401,7 +426,12 @@ impl Service {
                     "ticking at a chosen instant is only allowed on a server started with --dev",
                 ));
             }
-            Some(at) => at,
+            Some(at) => {
+                if let Some(v) = check_instant(at, "/now") {
+                    return Err(Error::validation(vec![v]));
+                }
+                at
+            }
             None => Utc::now(),
         };
         let jobs_enqueued = self.schedule_tick(now).await?;
@@ -602,26 +632,55 @@ impl Service {
             .target_database
             .clone()
             .unwrap_or_else(|| item.database_name.clone());
-        if target_vm == item.vm_id
-            && database.eq_ignore_ascii_case(&item.database_name)
-            && !req.overwrite
-        {
-            let mut v = backvault_domain::violation::Violations::default();
-            v.push(
-                "/overwrite",
-                "UserErrorCannotRestoreExistingDBWithoutForceOverwrite",
-                "restoring over the original database needs overwrite: true (or give target_database)",
-            );
-            return Err(Error::validation(v.into_vec()));
+        let instance = req
+            .target_instance
+            .clone()
+            .unwrap_or_else(|| item.instance_name.clone());
+        let instances = backvault_store::inventory::instance_names(&mut *tx, target_vm).await?;
+        let instance_id = instances
+            .iter()
+            .find(|(_, name)| name.eq_ignore_ascii_case(&instance))
+            .map(|(id, _)| *id);
+        let databases = backvault_store::inventory::databases_of_vm(&mut *tx, target_vm).await?;
+        let present: Vec<_> = databases
+            .iter()
+            .filter(|d| Some(d.instance_id) == instance_id && d.gone_at.is_none())
+            .collect();
+        let existing: Vec<&str> = present.iter().map(|d| d.name.as_str()).collect();
+        let violations = check_restore_target(RestoreTargetFacts {
+            database: &database,
+            overwrite: req.overwrite,
+            instance_found: instance_id.is_some(),
+            existing_databases: &existing,
+        });
+        if !violations.is_empty() {
+            return Err(Error::validation(violations));
+        }
+        // Overwriting a protected database starts a new recovery fork there: its log chain
+        // no longer continues, so its next backup must be a full (as Azure Backup does).
+        let overwritten: Vec<Uuid> = present
+            .iter()
+            .filter(|d| req.overwrite && d.name.eq_ignore_ascii_case(&database))
+            .map(|d| d.id)
+            .collect();
+        if !overwritten.is_empty() {
+            let items: Vec<Uuid> =
+                backvault_store::protection::items_for_databases(&mut *tx, &overwritten)
+                    .await?
+                    .into_iter()
+                    .map(|(_, item, _, _)| item)
+                    .collect();
+            store::needs_full_set(&mut *tx, &items).await?;
         }
         let payload = serde_json::json!({
             "target_database": database,
+            "target_instance": instance,
             "overwrite": req.overwrite,
             "restores_to": plan.restores_to,
             "steps": plan.steps.iter().map(|s| serde_json::json!({"recovery_point_id": s.id, "backup_type": s.backup_type, "backup_time": s.backup_time})).collect::<Vec<_>>(),
         });
         let items = [JobItem {
-            instance: item.instance_name.clone(),
+            instance: instance.clone(),
             database: database.clone(),
             protected_item_id: Some(item_id),
         }];
@@ -707,7 +766,12 @@ impl Service {
 
 fn plan(rows: &[PointRow], target: &RestoreTarget) -> Result<RestorePlan> {
     let at = match (target.point_in_time, target.recovery_point_id) {
-        (Some(at), None) => at,
+        (Some(at), None) => {
+            if let Some(v) = check_instant(at, "/point_in_time") {
+                return Err(Error::validation(vec![v]));
+            }
+            at
+        }
         (None, Some(id)) => rows
             .iter()
             .find(|r| r.id == id)

@@ -15,6 +15,7 @@ use uuid::Uuid;
 use super::location;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult, Problem};
+use crate::extract::bounded_instants;
 use crate::extract::{Caller, Json, Path, Query};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -54,6 +55,10 @@ async fn list_jobs(
     Caller(principal): Caller,
     Query(p): Query<JobListParams>,
 ) -> ApiResult<axum::Json<JobList>> {
+    bounded_instants(&[
+        ("created_after", p.created_after),
+        ("created_before", p.created_before),
+    ])?;
     let query = JobQuery {
         status: p.status,
         kind: p.kind,

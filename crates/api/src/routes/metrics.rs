@@ -26,11 +26,31 @@ pub async fn metrics(axum::extract::State(state): State<AppState>) -> Result<Res
         .into_response())
 }
 
+/// Methods this API serves keep their name; anything else a client invents is `other`, so
+/// nobody can grow the label space.
+fn method_label(method: &axum::http::Method) -> String {
+    use axum::http::Method;
+    const KNOWN: [Method; 7] = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+    ];
+    if KNOWN.contains(method) {
+        method.as_str().to_owned()
+    } else {
+        "other".to_owned()
+    }
+}
+
 /// Records the latency of every request by matched route (not raw path, so ids do not
 /// explode the label space) and status.
 pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = req.method().to_string();
+    let method = method_label(req.method());
     let route = req
         .extensions()
         .get::<MatchedPath>()

@@ -13,6 +13,7 @@ use uuid::Uuid;
 use super::{ListParams, location};
 use crate::AppState;
 use crate::error::{ApiResult, Problem};
+use crate::extract::bounded_instants;
 use crate::extract::{CREATED, Caller, IdempotencyKey, IfMatch, Json, Path, Query, etag};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -205,6 +206,7 @@ async fn preview_policy(
     Query(params): Query<PreviewParams>,
     Json(spec): Json<PolicySpec>,
 ) -> ApiResult<axum::Json<PolicyPreview>> {
+    bounded_instants(&[("from", params.from)])?;
     let from = params.from.unwrap_or_else(Utc::now);
     let preview =
         state

@@ -4,6 +4,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use backvault_domain::protection::ProtectionState;
 use backvault_service::jobs::Job;
 use backvault_service::protection::{
     AutoProtection, ChangePolicy, ConfigureProtection, ConfigureProtectionResult,
@@ -269,8 +270,7 @@ pub struct ProtectedItemList {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ItemParams {
-    /// protecting, protected, stopped_retain, stopped_retain_per_policy
-    pub state: Option<String>,
+    pub state: Option<ProtectionState>,
     /// Policy name.
     pub policy: Option<String>,
     pub vm_id: Option<Uuid>,
@@ -290,7 +290,7 @@ async fn list_protected_items(
     Query(p): Query<ItemParams>,
 ) -> ApiResult<axum::Json<ProtectedItemList>> {
     let query = ItemQuery {
-        state: p.state,
+        state: p.state.map(|s| s.as_str().to_owned()),
         policy: p.policy,
         vm_id: p.vm_id,
         auto_protected: p.auto_protected,

@@ -1,0 +1,172 @@
+//! The checks every request passes before a handler sees it: a bounded URI, path and query
+//! values that obey the text rule (`domain::text`), and no query parameter that the
+//! operation does not document. The allowed parameters come from the OpenAPI document the
+//! routes are built with, so the contract and the check cannot disagree.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, MatchedPath, RawPathParams, Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use backvault_domain::text::text_fault;
+use backvault_service::ErrorKind;
+
+use crate::error::ApiError;
+
+/// Longer URIs answer 414 in problem+json. No operation needs more: ids are UUIDs, names
+/// are short and filters few.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// The query parameters each operation documents, by method and route template.
+#[derive(Debug, Default)]
+pub struct QueryContract(HashMap<(Method, String), HashSet<String>>);
+
+impl QueryContract {
+    pub fn from_openapi(spec: &utoipa::openapi::OpenApi) -> Self {
+        let mut allowed = HashMap::new();
+        let doc = serde_json::to_value(spec).unwrap_or_default();
+        let Some(paths) = doc.get("paths").and_then(|p| p.as_object()) else {
+            return Self(allowed);
+        };
+        for (path, item) in paths {
+            let Some(operations) = item.as_object() else {
+                continue;
+            };
+            for (method, operation) in operations {
+                let Ok(method) = method.to_ascii_uppercase().parse::<Method>() else {
+                    continue;
+                };
+                let names = operation
+                    .get("parameters")
+                    .and_then(|p| p.as_array())
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p.get("in").and_then(|i| i.as_str()) == Some("query"))
+                    .filter_map(|p| p.get("name").and_then(|n| n.as_str()))
+                    .map(str::to_owned)
+                    .collect();
+                allowed.insert((method, path.clone()), names);
+            }
+        }
+        Self(allowed)
+    }
+
+    fn allowed(&self, method: &Method, route: &str) -> Option<&HashSet<String>> {
+        self.0.get(&(method.clone(), route.to_owned()))
+    }
+}
+
+fn bad_request(code: &'static str, message: String) -> Response {
+    ApiError::new(ErrorKind::BadRequest, code, message).into_response()
+}
+
+/// 414 for URIs past `MAX_URI_BYTES`, before routing.
+pub async fn bounded_uri(request: Request, next: Next) -> Response {
+    let length = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |pq| pq.as_str().len());
+    if length > MAX_URI_BYTES {
+        return ApiError::http(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!("the request URI is at most {MAX_URI_BYTES} bytes"),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// After routing: path and query values obey the text rule, and every query parameter is
+/// one the operation documents.
+pub async fn checked_parameters(
+    State(contract): State<Arc<QueryContract>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (mut parts, body) = request.into_parts();
+    if let Ok(params) = RawPathParams::from_request_parts(&mut parts, &()).await {
+        for (name, value) in &params {
+            if let Some(fault) = text_fault(value) {
+                return bad_request(
+                    "invalid_path",
+                    format!("path parameter {name}: {}", fault.message()),
+                );
+            }
+        }
+    }
+    let route = parts
+        .extensions
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned());
+    if let (Some(route), Some(query)) = (route, parts.uri.query()) {
+        let allowed = contract.allowed(&parts.method, &route);
+        let Some(pairs) = form_urlencoded_pairs(query) else {
+            return bad_request(
+                "invalid_query",
+                "the query string is not valid UTF-8 once percent-decoded".to_owned(),
+            );
+        };
+        for (name, value) in pairs {
+            if let Some(fault) = text_fault(&name).or_else(|| text_fault(&value)) {
+                return bad_request(
+                    "invalid_query",
+                    format!("query parameter {name:?}: {}", fault.message()),
+                );
+            }
+            // Routes outside the document (`/docs`, `/metrics`) are not checked for names.
+            if let Some(allowed) = allowed
+                && !allowed.contains(name.as_str())
+            {
+                let mut known: Vec<_> = allowed.iter().map(String::as_str).collect();
+                known.sort_unstable();
+                return bad_request(
+                    "unknown_query_parameter",
+                    if known.is_empty() {
+                        format!("this operation takes no query parameters (got {name:?})")
+                    } else {
+                        format!(
+                            "unknown query parameter {name:?}; this operation takes {}",
+                            known.join(", ")
+                        )
+                    },
+                );
+            }
+        }
+    }
+    next.run(Request::from_parts(parts, body)).await
+}
+
+/// `application/x-www-form-urlencoded` pairs, decoded as axum's `Query` decodes them.
+fn form_urlencoded_pairs(query: &str) -> Option<Vec<(String, String)>> {
+    serde_urlencoded::from_str::<Vec<(String, String)>>(query).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_are_percent_decoded() {
+        assert_eq!(
+            form_urlencoded_pairs("policy=a%00b&x=1+2").unwrap(),
+            vec![
+                ("policy".to_owned(), "a\0b".to_owned()),
+                ("x".to_owned(), "1 2".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn the_contract_lists_documented_query_parameters() {
+        let contract = QueryContract::from_openapi(&crate::openapi());
+        let jobs = contract.allowed(&Method::GET, "/v1/jobs").unwrap();
+        assert!(jobs.contains("status") && jobs.contains("limit"));
+        let vault = contract
+            .allowed(&Method::GET, "/v1/vaults/{vault_id}")
+            .unwrap();
+        assert!(vault.is_empty());
+    }
+}

@@ -133,27 +133,7 @@ async fn configured_key_token_command_and_refusal_without_key() {
         ("BACKVAULT_JWT_SECRET", secret),
         ("BACKVAULT_JWT_ISSUER", "backvault-e2e"),
     ];
-    let mint = |role: &str| {
-        let out = Command::new(BIN)
-            .args([
-                "token",
-                "--role",
-                role,
-                "--subscription",
-                "sub-1",
-                "--ttl",
-                "10m",
-            ])
-            .envs(env)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    };
+    let mint = |role: &str| common::mint_token(role, "sub-1", "10m", &env);
     let admin = mint("admin");
     let reader = mint("reader");
     let server = Server::start(&db, &[], &env);

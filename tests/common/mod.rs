@@ -31,6 +31,17 @@ impl TestDb {
             name,
         }
     }
+
+    /// The database's name, e.g. to find its sessions in `pg_stat_activity`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A URL of the same server for another database (`DATABASE_URL`): a session there
+    /// outlives anything done to this database's sessions.
+    pub fn admin_url(&self) -> &str {
+        &self.admin_url
+    }
 }
 
 impl Drop for TestDb {
@@ -74,8 +85,31 @@ pub struct Server {
 impl Server {
     /// Starts `backvault serve` on a free port and waits until it listens.
     pub fn start(db: &TestDb, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::launch(db, "127.0.0.1:0", args, env, None)
+    }
+
+    /// Starts `backvault serve` listening on `listen` (e.g. the address of a server this
+    /// one replaces, which agents were started with), and keeps its log lines.
+    pub fn start_logged(
+        db: &TestDb,
+        listen: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Self, ServerLog) {
+        let log = ServerLog::default();
+        let server = Self::launch(db, listen, args, env, Some(log.clone()));
+        (server, log)
+    }
+
+    fn launch(
+        db: &TestDb,
+        listen: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: Option<ServerLog>,
+    ) -> Self {
         let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["serve", "--listen", listen, "--log-format", "json"])
             .args(args)
             .env("DATABASE_URL", &db.url)
             .envs(env.iter().copied())
@@ -90,6 +124,9 @@ impl Server {
                 .next()
                 .expect("server exited before listening")
                 .unwrap();
+            if let Some(log) = &log {
+                log.push(&line);
+            }
             if let Some(t) = line.strip_prefix("export BACKVAULT_TOKEN=") {
                 token = Some(t.to_owned());
             }
@@ -100,7 +137,10 @@ impl Server {
             }
         };
         // Keep draining stdout so the server never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
+        std::thread::spawn(move || match log {
+            Some(log) => lines.map_while(Result::ok).for_each(|l| log.push(&l)),
+            None => lines.for_each(drop),
+        });
         Self {
             child,
             base: format!("http://{addr}"),
@@ -132,6 +172,45 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The log lines of a server started with [`Server::start_logged`], as it wrote them.
+#[derive(Clone, Default)]
+pub struct ServerLog(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl ServerLog {
+    fn push(&self, line: &str) {
+        self.0.lock().unwrap().push(line.to_owned());
+    }
+
+    /// The lines logged at `level` (`ERROR`, `WARN`, ...).
+    pub fn at_level(&self, level: &str) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v["level"] == level))
+            .cloned()
+            .collect()
+    }
+
+    /// The lines that contain `needle`, e.g. a request's `x-request-id`.
+    pub fn containing(&self, needle: &str) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+}
+
+/// A loopback address no one listens on now, for a server that must keep its address
+/// across restarts (agents are given the server's URL once, at start).
+pub fn free_local_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
 }
 
 /// The reference agent's binary, built beside the server by `cargo test --workspace`.
@@ -321,4 +400,27 @@ pub fn inventory_toml(
         ));
     }
     s
+}
+
+/// A token minted by `backvault token`, as an operator would, with the key in `env`.
+pub fn mint_token(role: &str, subscription: &str, ttl: &str, env: &[(&str, &str)]) -> String {
+    let out = Command::new(BIN)
+        .args([
+            "token",
+            "--role",
+            role,
+            "--subscription",
+            subscription,
+            "--ttl",
+            ttl,
+        ])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }

@@ -87,6 +87,23 @@ pub fn problem_response(
     response
 }
 
+/// A handler that panicked answers 500 in problem+json, and the panic is logged once;
+/// the connection and the other requests carry on.
+pub fn problem_for_panic(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned());
+    tracing::error!(panic = %message, "request handler panicked");
+    problem_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error".into(),
+        Vec::new(),
+    )
+}
+
 /// The timeout layer answers with a bare 408; give it the problem body every error has.
 pub async fn problem_for_timeout(response: Response) -> Response {
     if response.status() == StatusCode::REQUEST_TIMEOUT
@@ -126,5 +143,26 @@ impl IntoResponse for ApiError {
             );
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_caught_panic_is_a_problem_without_internals() {
+        let response = problem_for_panic(Box::new("index out of bounds: secret detail"));
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        assert!(body.contains("\"code\":\"internal\""));
+        assert!(!body.contains("secret"), "{body}");
     }
 }

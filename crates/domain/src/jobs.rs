@@ -144,7 +144,10 @@ pub fn batch<T>(items: Vec<T>) -> Vec<Vec<T>> {
 /// form, so the scheduler's set-based statement (`backvault_batch_of` in the migrations)
 /// computes the same split in SQL; a test compares the two.
 pub fn batch_of(index: usize, count: usize) -> usize {
-    index * count.div_ceil(MAX_ITEMS_PER_JOB) / count
+    index
+        .saturating_mul(count.div_ceil(MAX_ITEMS_PER_JOB))
+        .checked_div(count)
+        .unwrap_or(0)
 }
 
 /// Delay before retry number `attempt` (1 after the first failure): exponential from 2 s,

@@ -1,8 +1,12 @@
 //! The rules of backvault, free of I/O: policy validation, backup schedules, retention
 //! and the recovery chain, resource names. Every rule lives here once; `service` calls it,
 //! `api` renders what it returns.
+// Input reaches every rule here: arithmetic that could overflow must say why it cannot
+// (tests are exempt: their numbers are their own).
+#![cfg_attr(not(test), warn(clippy::arithmetic_side_effects))]
 
 pub mod agent;
+pub mod instants;
 pub mod jobs;
 pub mod names;
 pub mod policy;

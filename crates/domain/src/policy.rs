@@ -87,6 +87,10 @@ pub enum Month {
 }
 
 impl Month {
+    #[expect(
+        clippy::arithmetic_side_effects,
+        reason = "a month's discriminant is 0 to 11"
+    )]
     pub fn number(self) -> u32 {
         self as u32 + 1
     }

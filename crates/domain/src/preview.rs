@@ -2,6 +2,7 @@
 //! point expires, how long the recovery chain keeps each full, and the worst gap between
 //! recovery points. Tools ask this instead of copying the rules.
 
+use crate::instants::{earlier, later, minutes};
 use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
 use serde::Serialize;
@@ -64,8 +65,8 @@ impl Policy {
         let tz = self.time_zone;
         // Fulls from a week back, so that the first dependents know their full.
         let fulls: Vec<_> = self
-            .full_runs(from - Duration::days(8))
-            .take(count + 2)
+            .full_runs(earlier(from, Duration::days(8)))
+            .take(count.saturating_add(2))
             .collect();
         let full_before = |at: DateTime<Utc>| {
             fulls
@@ -99,7 +100,7 @@ impl Policy {
                 let last_log = self.log.map(|l| {
                     interval_slot_at_or_before(
                         l.frequency_minutes,
-                        next_full - Duration::seconds(1),
+                        earlier(next_full, Duration::seconds(1)),
                     )
                 });
                 let last_diff = self
@@ -149,7 +150,7 @@ impl Policy {
         if let Some(log) = self.log {
             return log.frequency_minutes.into();
         }
-        let horizon = from + Duration::days(14);
+        let horizon = later(from, Duration::days(14));
         let mut points: Vec<_> = self
             .full_runs(from)
             .take_while(|t| *t <= horizon)
@@ -158,7 +159,7 @@ impl Policy {
         points.sort();
         points
             .windows(2)
-            .map(|w| (w[1] - w[0]).num_minutes())
+            .map(|w| w[1].signed_duration_since(w[0]).num_minutes())
             .max()
             .unwrap_or(7 * 24 * 60)
     }
@@ -175,7 +176,10 @@ pub fn rpo_breached(latest: DateTime<Utc>, allowed_gap_minutes: i64, now: DateTi
 
 /// The instant after which an item whose latest point is `latest` breaches its RPO.
 pub fn rpo_deadline(latest: DateTime<Utc>, allowed_gap_minutes: i64) -> DateTime<Utc> {
-    latest + Duration::minutes(allowed_gap_minutes + RPO_GRACE_MINUTES)
+    later(
+        latest,
+        minutes(allowed_gap_minutes.saturating_add(RPO_GRACE_MINUTES)),
+    )
 }
 
 #[cfg(test)]

@@ -82,7 +82,7 @@ pub fn check_registration(
             "vm_agent_missing",
             "no backup agent is installed on the VM; install and enroll backvault-agent",
         ),
-        (true, Some(seen)) if now - seen > heard_within => v.push(
+        (true, Some(seen)) if now.signed_duration_since(seen) > heard_within => v.push(
             "/last_seen_at",
             "vm_agent_unresponsive",
             format!(
@@ -107,7 +107,11 @@ pub fn check_registration(
         DeploymentModel::ResourceManager => (MAX_NAME_PLUS_RG_RESOURCE_MANAGER, "Resource Manager"),
         DeploymentModel::Classic => (MAX_NAME_PLUS_RG_CLASSIC, "classic"),
     };
-    let combined = vm.name.chars().count() + vm.resource_group.chars().count();
+    let combined = vm
+        .name
+        .chars()
+        .count()
+        .saturating_add(vm.resource_group.chars().count());
     if combined > limit {
         v.push(
             "/name",
@@ -242,7 +246,8 @@ pub fn name_issue(name: &str) -> Option<NameIssue> {
 pub fn instance_name_issues(names: &[&str]) -> Vec<Option<NameIssue>> {
     let mut by_folded: HashMap<String, usize> = HashMap::new();
     for name in names {
-        *by_folded.entry(name.to_lowercase()).or_default() += 1;
+        let seen = by_folded.entry(name.to_lowercase()).or_default();
+        *seen = seen.saturating_add(1);
     }
     names
         .iter()

@@ -55,9 +55,13 @@ fn week_of_month_matches(date: NaiveDate, week: WeekOfMonth) -> bool {
 
 fn last_day_of_month(date: NaiveDate) -> u32 {
     let first_of_next = if date.month() == 12 {
-        NaiveDate::from_ymd_opt(date.year() + 1, 1, 1)
+        date.year()
+            .checked_add(1)
+            .and_then(|y| NaiveDate::from_ymd_opt(y, 1, 1))
     } else {
-        NaiveDate::from_ymd_opt(date.year(), date.month() + 1, 1)
+        date.month()
+            .checked_add(1)
+            .and_then(|m| NaiveDate::from_ymd_opt(date.year(), m, 1))
     };
     first_of_next
         .and_then(|d| d.pred_opt())
@@ -118,7 +122,7 @@ impl Policy {
             if is_weekly_point {
                 candidates.push((
                     RetentionTag::Weekly,
-                    self.local_add_days(taken_at, weeks * 7),
+                    self.local_add_days(taken_at, weeks.saturating_mul(7)),
                 ));
             }
         }
@@ -138,7 +142,7 @@ impl Policy {
         {
             candidates.push((
                 RetentionTag::Yearly,
-                self.local_add_months(taken_at, years * 12),
+                self.local_add_months(taken_at, years.saturating_mul(12)),
             ));
         }
         let expires_at = candidates

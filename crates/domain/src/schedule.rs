@@ -25,13 +25,16 @@ pub fn resolve_local(tz: Tz, local: NaiveDateTime) -> DateTime<Utc> {
     }
     // In a gap: apply the offset in force before the jump, which lands past the gap by the
     // same distance. Transitions are months apart, so a day earlier is before it.
-    let before = local - chrono::Duration::days(1);
+    let before = local
+        .checked_sub_signed(chrono::Duration::days(1))
+        .unwrap_or(local);
     let offset = tz
         .from_local_datetime(&before)
         .earliest()
         .map(|d| d.offset().fix())
         .unwrap_or_else(|| tz.offset_from_utc_datetime(&local).fix());
-    Utc.from_utc_datetime(&(local - offset))
+    let utc = local.checked_sub_offset(offset).unwrap_or(local);
+    Utc.from_utc_datetime(&utc)
 }
 
 use chrono::Offset;
@@ -45,7 +48,8 @@ pub fn weekly_slots(
 ) -> impl Iterator<Item = DateTime<Utc>> + '_ {
     // Start a day early: a slot on the previous local date can still be after `after` when
     // a gap shift moves it forward.
-    let start = after.with_timezone(&tz).date_naive() - Days::new(1);
+    let local = after.with_timezone(&tz).date_naive();
+    let start = local.checked_sub_days(Days::new(1)).unwrap_or(local);
     let dates = (0..).map_while(move |i| start.checked_add_days(Days::new(i)));
     dates
         .filter(move |date: &NaiveDate| days.contains(&Weekday::from(date.weekday())))
@@ -53,20 +57,34 @@ pub fn weekly_slots(
         .filter(move |at| *at > after)
 }
 
+/// A log interval in seconds; never zero, so a policy that escaped validation cannot divide
+/// by it.
+fn interval_seconds(frequency_minutes: u32) -> i64 {
+    i64::from(frequency_minutes.max(1)).saturating_mul(60)
+}
+
 /// Log slots every `frequency_minutes`, strictly after `after`.
 pub fn interval_slots(
     frequency_minutes: u32,
     after: DateTime<Utc>,
 ) -> impl Iterator<Item = DateTime<Utc>> {
-    let step = i64::from(frequency_minutes) * 60;
-    let first = (after.timestamp().div_euclid(step) + 1) * step;
-    (0..).map_while(move |i: i64| DateTime::from_timestamp(first + i * step, 0))
+    let step = interval_seconds(frequency_minutes);
+    let first = after
+        .timestamp()
+        .div_euclid(step)
+        .saturating_add(1)
+        .saturating_mul(step);
+    (0..).map_while(move |i: i64| {
+        i.checked_mul(step)
+            .and_then(|offset| first.checked_add(offset))
+            .and_then(|at| DateTime::from_timestamp(at, 0))
+    })
 }
 
 /// The latest interval slot at or before `at`.
 pub fn interval_slot_at_or_before(frequency_minutes: u32, at: DateTime<Utc>) -> DateTime<Utc> {
-    let step = i64::from(frequency_minutes) * 60;
-    DateTime::from_timestamp(at.timestamp().div_euclid(step) * step, 0).unwrap_or(at)
+    let step = interval_seconds(frequency_minutes);
+    DateTime::from_timestamp(at.timestamp().div_euclid(step).saturating_mul(step), 0).unwrap_or(at)
 }
 
 impl Policy {
@@ -109,7 +127,7 @@ impl Policy {
     ) -> Option<SlotWindow> {
         let next = runs(now)?;
         let mut due = None;
-        let mut cursor = now - lookback;
+        let mut cursor = crate::instants::earlier(now, lookback);
         while let Some(run) = runs(cursor).filter(|r| *r <= now) {
             due = Some(run);
             cursor = run;

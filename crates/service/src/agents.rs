@@ -12,6 +12,7 @@ use backvault_domain::agent::protocol::{
     JobHeartbeat, JobHeartbeatResponse,
 };
 use backvault_domain::agent::{JobItem, JobResult, MAX_WARNINGS, VmFacts};
+use backvault_domain::instants::later;
 use backvault_domain::jobs::{JobKind, JobStatus, retry_delay};
 use backvault_store::PgPool;
 use backvault_store::jobs::{self as store, AttemptEnd, ClaimLimits, Completion};
@@ -105,7 +106,8 @@ pub(crate) fn claim_batcher(
         Box::pin(async move {
             let mut wants: HashMap<Uuid, i32> = HashMap::new();
             for r in requests {
-                *wants.entry(r.vm_id).or_default() += r.want as i32;
+                let want = wants.entry(r.vm_id).or_default();
+                *want = want.saturating_add(i32::try_from(r.want).unwrap_or(i32::MAX));
             }
             let (vm_ids, counts): (Vec<Uuid>, Vec<i32>) = wants.into_iter().unzip();
             let limits = ClaimLimits {
@@ -284,7 +286,7 @@ impl Service {
         };
         let lease_expires_at = extended
             .first()
-            .map_or_else(|| Utc::now() + self.config.lease, |(_, _, at)| *at);
+            .map_or_else(|| later(Utc::now(), self.config.lease), |(_, _, at)| *at);
         Ok(AgentHeartbeatResponse {
             lost: leases
                 .iter()
@@ -315,7 +317,7 @@ impl Service {
                 ),
             ));
         }
-        let deadline = Instant::now() + Duration::from_secs(wait_seconds.into());
+        let deadline = deadline_after(Duration::from_secs(wait_seconds.into()));
         let subscription = self.notifier.vm(vm);
         loop {
             let notified = subscription.notify.notified();
@@ -334,7 +336,10 @@ impl Service {
                 self.metrics.jobs_claimed.inc_by(jobs.len() as u64);
                 return Ok(jobs);
             }
-            let recheck = self.config.long_poll_recheck.min(deadline - now);
+            let recheck = self
+                .config
+                .long_poll_recheck
+                .min(deadline.saturating_duration_since(now));
             if self.wait_for_change(recheck, notified).await {
                 return Ok(Vec::new());
             }
@@ -592,7 +597,10 @@ impl Service {
             }
         } else if req.retryable && held.attempt < held.max_attempts {
             let delay = retry_delay(held.attempt, rand_jitter());
-            let retry_at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+            let retry_at = later(
+                Utc::now(),
+                chrono::Duration::from_std(delay).unwrap_or_default(),
+            );
             let end = AttemptEnd {
                 outcome: "failed",
                 code: &req.code,
@@ -622,6 +630,13 @@ impl Service {
         self.metrics.jobs_failed.inc();
         Ok(outcome)
     }
+}
+
+/// `wait` from now, for a long-poll; a wait too long for the clock ends now.
+pub(crate) fn deadline_after(wait: Duration) -> Instant {
+    Instant::now()
+        .checked_add(wait)
+        .unwrap_or_else(Instant::now)
 }
 
 /// Jitter in [0.5, 1.5) for retry delays.

@@ -12,6 +12,8 @@ use tokio::sync::watch;
 
 use futures_util::FutureExt;
 
+use backvault_domain::instants::later;
+
 use crate::Service;
 use crate::agents::rand_jitter;
 use crate::batcher::panic_message;
@@ -47,8 +49,11 @@ impl Service {
             let run_at: Vec<_> = retry
                 .iter()
                 .map(|e| {
-                    now + chrono::Duration::from_std(retry_delay(e.attempt, rand_jitter()))
-                        .unwrap_or_default()
+                    later(
+                        now,
+                        chrono::Duration::from_std(retry_delay(e.attempt, rand_jitter()))
+                            .unwrap_or_default(),
+                    )
                 })
                 .collect();
             let ends: Vec<_> = retry
@@ -81,7 +86,7 @@ impl Service {
         };
         self.metrics
             .lease_expiries
-            .inc_by((rescued.retried + rescued.failed) as u64);
+            .inc_by(rescued.retried.saturating_add(rescued.failed) as u64);
         if rescued != Rescued::default() {
             tracing::info!(
                 retried = rescued.retried,
@@ -102,7 +107,7 @@ impl Service {
         let keys =
             backvault_store::idempotency::idempotency_prune(&self.pool, chrono::Duration::days(1))
                 .await?;
-        Ok(jobs + slots + keys)
+        Ok(jobs.saturating_add(slots).saturating_add(keys))
     }
 
     /// Runs one tick of a periodic task. An error is logged; a panic is caught, logged with
@@ -144,9 +149,10 @@ impl Service {
         let _running = self.health.background_started();
         let mut rescue = tokio::time::interval(rescue_every);
         let mut prune = tokio::time::interval(prune_every);
-        let mut discovery = tokio::time::interval(rescue_every.max(Duration::from_secs(1)) * 6);
+        let mut discovery =
+            tokio::time::interval(rescue_every.max(Duration::from_secs(1)).saturating_mul(6));
         let mut schedule = tokio::time::interval(self.config.scheduler_interval);
-        let mut sweep = tokio::time::interval(prune_every / 6);
+        let mut sweep = tokio::time::interval(prune_every.checked_div(6).unwrap_or(prune_every));
         loop {
             tokio::select! {
                 _ = schedule.tick() => {

@@ -61,7 +61,12 @@ impl<Req: Send + Sync + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
     where
         F: for<'a> Fn(&'a [Req]) -> BatchRun<'a, Resp> + Send + Sync + 'static,
     {
-        let (tx, rx) = mpsc::channel::<Envelope<Req, Resp>>(spec.max_batch * spec.workers * 4);
+        let capacity = spec
+            .max_batch
+            .saturating_mul(spec.workers)
+            .saturating_mul(4)
+            .max(1);
+        let (tx, rx) = mpsc::channel::<Envelope<Req, Resp>>(capacity);
         let rx = Arc::new(Mutex::new(rx));
         let run = Arc::new(run);
         let spec = Arc::new(spec);
@@ -189,7 +194,8 @@ where
             continue;
         }
         metrics.batch_splits.get_or_create(&labels).inc();
-        let middle = range.start + slice.len() / 2;
+        // slice.len() >= 2 here, so both halves are non-empty.
+        let middle = range.start.saturating_add(slice.len().div_ceil(2));
         pending.push(middle..range.end);
         pending.push(range.start..middle);
     }

@@ -267,7 +267,7 @@ impl Service {
                 "wait is at most 60s",
             ));
         }
-        let deadline = Instant::now() + wait;
+        let deadline = crate::agents::deadline_after(wait);
         let subscription = self.notifier.job(id);
         let first = self.visible_job(principal, id).await?;
         let mut current = first.clone();
@@ -286,7 +286,10 @@ impl Service {
             if current.status != first.status || current.updated_at != first.updated_at {
                 break;
             }
-            let recheck = self.config.long_poll_recheck.min(deadline - now);
+            let recheck = self
+                .config
+                .long_poll_recheck
+                .min(deadline.saturating_duration_since(now));
             let stopping = self.wait_for_change(recheck, notified).await;
             current = self.visible_job(principal, id).await?;
             if stopping {
@@ -401,7 +404,7 @@ impl Service {
         Ok(EnrollmentToken {
             token,
             subscription_id: req.subscription_id,
-            expires_at: Utc::now() + ttl,
+            expires_at: backvault_domain::instants::later(Utc::now(), ttl),
         })
     }
 }

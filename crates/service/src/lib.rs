@@ -1,6 +1,9 @@
 //! Use cases: one function per operation. Each authorizes the principal, opens the
 //! transaction, applies the `domain` rules and calls the `store`. Transport-agnostic: the
 //! `api` crate maps requests in and `Error` out.
+// Input reaches every use case: arithmetic that could overflow must say why it cannot
+// (tests are exempt: their numbers are their own).
+#![cfg_attr(not(test), warn(clippy::arithmetic_side_effects))]
 
 pub mod agents;
 pub mod auth;
@@ -181,9 +184,9 @@ impl Service {
                 .queue_running
                 .get_or_create(&labels)
                 .set(stat.map_or(0, |s| s.running));
-            let age = stat
-                .and_then(|s| s.oldest_pending)
-                .map_or(0, |oldest| (now - oldest).num_seconds().max(0));
+            let age = stat.and_then(|s| s.oldest_pending).map_or(0, |oldest| {
+                now.signed_duration_since(oldest).num_seconds().max(0)
+            });
             self.metrics
                 .queue_oldest_pending_seconds
                 .get_or_create(&labels)

@@ -153,7 +153,7 @@ impl Notifier {
                 }
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff = backoff.saturating_mul(2).min(Duration::from_secs(5));
         }
     }
 }

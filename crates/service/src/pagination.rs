@@ -35,7 +35,8 @@ pub fn page_request(
     Ok((
         backvault_store::Page {
             after,
-            limit: limit + 1,
+            // One more than asked tells whether another page exists; limit <= MAX_LIMIT.
+            limit: limit.saturating_add(1),
         },
         limit,
     ))

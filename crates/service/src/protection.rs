@@ -391,7 +391,7 @@ impl Service {
             &mut tx,
             vm_id,
             vault_id,
-            Utc::now() + self.config.discovery_period,
+            backvault_domain::instants::later(Utc::now(), self.config.discovery_period),
         )
         .await?;
         let job = discovery_job(vm_id, &vm.subscription_id, vault_id, Priority::OnDemand)?;

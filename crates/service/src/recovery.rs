@@ -452,7 +452,7 @@ impl Service {
     }
 
     async fn schedule_due_slots(&self, now: DateTime<Utc>) -> Result<usize> {
-        let mut enqueued = 0;
+        let mut enqueued: usize = 0;
         let mut first_error = None;
         for schedules in schedule::schedules_in_use(&self.pool).await? {
             let Some(policy) = policy_of(Some(&schedules.spec)) else {
@@ -462,7 +462,7 @@ impl Service {
             for (kind, next) in policy.slots_to_claim(now, next_at) {
                 // One policy failing (a statement timeout, say) must not hold back the rest.
                 match self.fire_slot(&schedules, kind, now, next).await {
-                    Ok(jobs) => enqueued += jobs,
+                    Ok(jobs) => enqueued = enqueued.saturating_add(jobs),
                     Err(e) => {
                         tracing::warn!(policy = %schedules.id, kind = kind.as_str(), error = %e, "scheduling a slot failed");
                         first_error.get_or_insert(e);
@@ -521,11 +521,11 @@ impl Service {
     }
 
     pub async fn sweep_recovery_points_in_batches(&self, batch: i64) -> Result<u64> {
-        let mut total = 0;
+        let mut total: u64 = 0;
         loop {
             let mut conn = self.pool.acquire().await?;
             let n = store::points_sweep(&mut conn, batch).await?;
-            total += n;
+            total = total.saturating_add(n);
             if n == 0 {
                 return Ok(total);
             }
@@ -722,7 +722,7 @@ impl Service {
                     .flatten()
                     .max()
                     .unwrap_or(r.created_at);
-                let gap = (now - latest).num_minutes();
+                let gap = now.signed_duration_since(latest).num_minutes();
                 RpoItem {
                     protected_item_id: r.id,
                     vm_name: r.vm_name,
@@ -754,11 +754,12 @@ impl Service {
 
     /// Items breaching their RPO now, across all vaults (for `/metrics`).
     pub async fn rpo_breaching(&self, now: DateTime<Utc>) -> Result<i64> {
-        let mut total = 0;
+        let mut total: i64 = 0;
         for (policy, gap) in self.policy_gaps(now).await? {
             // Breached now ⇔ the latest point is before `now - gap - grace`.
-            let before = now - (rpo_deadline(now, gap) - now);
-            total += store::items_stale(&self.pool, policy, before).await?;
+            let allowed = rpo_deadline(now, gap).signed_duration_since(now);
+            let before = backvault_domain::instants::earlier(now, allowed);
+            total = total.saturating_add(store::items_stale(&self.pool, policy, before).await?);
         }
         Ok(total)
     }

@@ -134,6 +134,109 @@ pub struct RecoveryPointReport {
 pub const MAX_SQL_NAME_CHARS: usize = 128;
 /// A log-sequence number in decimal, as `msdb.dbo.backupset` holds it (`numeric(25,0)`).
 pub const MAX_LSN_DIGITS: usize = 25;
+/// SQL Server's documented maxima: instances on one computer, databases on one instance.
+pub const MAX_INSTANCES_PER_VM: usize = 50;
+pub const MAX_DATABASES_PER_INSTANCE: usize = 32_767;
+/// Availability groups one VM may report.
+pub const MAX_AVAILABILITY_GROUPS: usize = 1_000;
+/// A version string such as `2019` or `2008 R2`.
+pub const MAX_VERSION_CHARS: usize = 64;
+
+fn check_sql_name(name: &str, pointer: String, v: &mut Violations) {
+    let chars = name.chars().count();
+    if chars == 0 || chars > MAX_SQL_NAME_CHARS {
+        v.push(
+            pointer,
+            "sql_name_length",
+            format!("a SQL Server name has 1 to {MAX_SQL_NAME_CHARS} characters"),
+        );
+    }
+}
+
+impl SqlInventory {
+    /// Every way this inventory cannot be what one VM's SQL Server reports: names past
+    /// `sysname`, more instances or databases than SQL Server allows, negative sizes.
+    pub fn violations(&self, pointer: &str) -> Vec<Violation> {
+        let mut v = Violations::default();
+        if self.instances.len() > MAX_INSTANCES_PER_VM {
+            v.push(
+                format!("{pointer}/instances"),
+                "inventory_too_large",
+                format!("a VM runs at most {MAX_INSTANCES_PER_VM} SQL Server instances"),
+            );
+        }
+        let per_instance_cap = self
+            .instances
+            .len()
+            .max(1)
+            .saturating_mul(MAX_DATABASES_PER_INSTANCE);
+        if self.databases.len() > per_instance_cap {
+            v.push(
+                format!("{pointer}/databases"),
+                "inventory_too_large",
+                format!("an instance holds at most {MAX_DATABASES_PER_INSTANCE} databases"),
+            );
+        }
+        if self.availability_groups.len() > MAX_AVAILABILITY_GROUPS {
+            v.push(
+                format!("{pointer}/availability_groups"),
+                "inventory_too_large",
+                format!("a VM reports at most {MAX_AVAILABILITY_GROUPS} availability groups"),
+            );
+        }
+        if !v.is_empty() {
+            return v.into_vec();
+        }
+        for (i, instance) in self.instances.iter().enumerate() {
+            check_sql_name(
+                &instance.name,
+                format!("{pointer}/instances/{i}/name"),
+                &mut v,
+            );
+            if instance.version.chars().count() > MAX_VERSION_CHARS {
+                v.push(
+                    format!("{pointer}/instances/{i}/version"),
+                    "version_too_long",
+                    format!("a version has at most {MAX_VERSION_CHARS} characters"),
+                );
+            }
+        }
+        for (i, group) in self.availability_groups.iter().enumerate() {
+            check_sql_name(
+                &group.name,
+                format!("{pointer}/availability_groups/{i}/name"),
+                &mut v,
+            );
+            for (j, replica) in group.replicas.iter().enumerate() {
+                let at = format!("{pointer}/availability_groups/{i}/replicas/{j}");
+                check_sql_name(&replica.instance, format!("{at}/instance"), &mut v);
+                check_sql_name(&replica.vm_name, format!("{at}/vm_name"), &mut v);
+                check_sql_name(
+                    &replica.resource_group,
+                    format!("{at}/resource_group"),
+                    &mut v,
+                );
+            }
+        }
+        for (i, db) in self.databases.iter().enumerate() {
+            let at = format!("{pointer}/databases/{i}");
+            check_sql_name(&db.instance, format!("{at}/instance"), &mut v);
+            check_sql_name(&db.name, format!("{at}/name"), &mut v);
+            if let Some(group) = &db.availability_group {
+                check_sql_name(group, format!("{at}/availability_group"), &mut v);
+            }
+            if db.size_bytes < 0 {
+                v.push(
+                    format!("{at}/size_bytes"),
+                    "size_negative",
+                    "size_bytes is zero or more",
+                );
+            }
+        }
+        v.into_vec()
+    }
+}
+
 /// A backup job covers at most this many databases, so it reports at most as many points.
 pub const MAX_POINTS_PER_REPORT: usize = crate::jobs::MAX_ITEMS_PER_JOB;
 /// Warnings one completion may carry.
@@ -245,7 +348,10 @@ impl JobResult {
                     Vec::new()
                 }
             }
-            JobResult::Discovery { .. } | JobResult::ConfigureProtection {} => Vec::new(),
+            JobResult::Discovery { inventory } => {
+                inventory.violations(&format!("{pointer}/inventory"))
+            }
+            JobResult::ConfigureProtection {} => Vec::new(),
         }
     }
 }
@@ -470,6 +576,43 @@ mod tests {
             codes(&p).into_iter().map(|c| c.1).collect::<Vec<_>>(),
             ["sql_name_length", "size_negative"]
         );
+    }
+
+    #[test]
+    fn inventories_stay_within_sql_servers_limits() {
+        let inventory = |databases: Vec<SqlDatabase>| SqlInventory {
+            instances: vec![SqlInstance {
+                name: "MSSQLSERVER".into(),
+                version: "2019".into(),
+            }],
+            availability_groups: Vec::new(),
+            databases,
+        };
+        let db = |name: &str, size_bytes| SqlDatabase {
+            instance: "MSSQLSERVER".into(),
+            availability_group: None,
+            name: name.into(),
+            recovery_model: RecoveryModel::Full,
+            system: false,
+            read_only: false,
+            size_bytes,
+        };
+        assert!(inventory(vec![db("sales", 1)]).violations("/i").is_empty());
+        let codes: Vec<_> = inventory(vec![db("", 1), db(&"x".repeat(129), -5)])
+            .violations("/i")
+            .into_iter()
+            .map(|v| (v.pointer, v.code))
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                ("/i/databases/0/name".to_owned(), "sql_name_length"),
+                ("/i/databases/1/name".to_owned(), "sql_name_length"),
+                ("/i/databases/1/size_bytes".to_owned(), "size_negative"),
+            ]
+        );
+        let crowded = inventory(vec![db("d", 0); MAX_DATABASES_PER_INSTANCE + 1]);
+        assert_eq!(crowded.violations("/i")[0].code, "inventory_too_large");
     }
 
     #[test]

@@ -638,3 +638,76 @@ async fn the_seeds_recovery_chain_through_the_real_agent() {
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["result"]["restored_database"], "sales_nov20");
 }
+
+/// A SQL Server instance with a case-sensitive collation can hold `Sales` and `sales`;
+/// backvault flags both as a case collision and refuses to protect either, end to end
+/// through the real agent's discovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_differing_only_by_case_are_flagged_end_to_end() {
+    let db = TestDb::new();
+    let server = Server::start(&db, &["--dev"], &[]);
+    let api = Api::new(&server.base, server.token.as_deref().unwrap());
+    let enrollment = api.enrollment_token("sub-1").await;
+    let dir = std::env::temp_dir().join(format!("backvault-case-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let inventory = dir.join("sqlvm-cs.toml");
+    let toml = inventory_toml("sqlvm-cs", "4.8", true, &["Sales", "sales", "hr"], 10).replace(
+        "version = \"2019\"\n",
+        "version = \"2019\"\ncase_sensitive = true\n",
+    );
+    std::fs::write(&inventory, toml).unwrap();
+    let _agent = AgentProcess::start(&server.base, &enrollment, &inventory);
+    let vm = wait_for_vms(&api, 1).await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let (_, vault) = api
+        .post("/v1/vaults", json!({"name": "case-vault", "subscription_id": "sub-1", "resource_group": "rg-backup", "region": "westeurope"}))
+        .await;
+    let vault = vault["id"].as_str().unwrap().to_owned();
+    let (status, job) = api
+        .post(&format!("/v1/vaults/{vault}/vms/{vm}/discover"), json!({}))
+        .await;
+    assert_eq!(status, 202, "{job}");
+    assert_eq!(
+        api.finished_job(job["id"].as_str().unwrap()).await["status"],
+        "completed"
+    );
+
+    let (_, containers) = api
+        .get(&format!("/v1/vaults/{vault}/protectable-items"))
+        .await;
+    let dbs = containers[0]["databases"].as_array().unwrap().clone();
+    let issue = |name: &str| {
+        dbs.iter().find(|d| d["name"] == name).unwrap()["issue"]["code"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        issue("Sales").as_deref(),
+        Some("database_name_case_collision")
+    );
+    assert_eq!(
+        issue("sales").as_deref(),
+        Some("database_name_case_collision")
+    );
+    assert_eq!(issue("hr"), None);
+
+    let id = |name: &str| {
+        dbs.iter().find(|d| d["name"] == name).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (status, refused) = api
+        .post(
+            &format!("/v1/vaults/{vault}/protected-items"),
+            json!({"policy": "HourlyLogBackup", "databases": [id("Sales"), id("hr")]}),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(refused["errors"][0]["code"], "database_name_case_collision");
+    assert_eq!(refused["errors"].as_array().unwrap().len(), 1, "hr is fine");
+    let _ = std::fs::remove_dir_all(&dir);
+}

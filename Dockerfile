@@ -10,6 +10,9 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/backvault /src/target/release/backvault-agent /usr/local/bin/
 COPY crates/agent/sample-inventory.toml /etc/backvault/sample-inventory.toml
+# Owned by the user the containers run as, so that volumes mounted here are writable.
+RUN mkdir -p /var/lib/backvault/enrollment /var/lib/backvault/agent \
+    && chown -R nobody /var/lib/backvault
 USER nobody
 EXPOSE 8080
 ENV BACKVAULT_LISTEN=0.0.0.0:8080

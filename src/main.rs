@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use backvault_api::AppState;
+use backvault_domain::tokens::{describe_seconds, lifetime_range};
+use backvault_service::tokens::{
+    CreateEnrollmentToken, check_enrollment_request, mint_enrollment_token,
+};
 use backvault_service::{Auth, AuthConfig, Role, Service};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rand::RngCore;
@@ -32,7 +36,8 @@ enum Command {
     Migrate(DbArgs),
     /// Print the OpenAPI document.
     Openapi,
-    /// Mint an API token with the configured key.
+    /// Mint an API token with the configured key (enrollment tokens are recorded in the
+    /// database).
     Token(TokenArgs),
 }
 
@@ -56,9 +61,18 @@ struct DbArgs {
 
 #[derive(Args)]
 struct KeyArgs {
-    /// HS256 key for API tokens (at least 32 bytes).
+    /// HS256 key for API tokens (at least 32 bytes); it signs every new token.
     #[arg(long, env = "BACKVAULT_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
+    /// Earlier keys, comma-separated: they only verify the tokens they signed, during a
+    /// key rotation.
+    #[arg(
+        long,
+        env = "BACKVAULT_JWT_PREVIOUS_SECRETS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    jwt_previous_secrets: Vec<String>,
     /// Required `iss` of tokens, and the issuer of minted ones.
     #[arg(long, env = "BACKVAULT_JWT_ISSUER")]
     jwt_issuer: Option<String>,
@@ -82,7 +96,8 @@ struct ServeArgs {
     /// Address to listen on (port 0 picks a free port; the log says which).
     #[arg(long, env = "BACKVAULT_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Development mode: a random JWT key and an admin token printed at start.
+    /// Development mode: a random JWT key and an admin token printed (on stderr) at start.
+    /// Refuses to start with a configured key.
     #[arg(long, env = "BACKVAULT_DEV")]
     dev: bool,
     /// Log format: `json` for log pipelines (the default), `text` for eyes (the default
@@ -161,48 +176,180 @@ impl JobArgs {
 struct TokenArgs {
     #[command(flatten)]
     key: KeyArgs,
-    /// admin, operator, reader or agent.
+    /// Where enrollment tokens are recorded (other tokens need no database).
+    #[command(flatten)]
+    db: DbArgs,
+    /// admin, operator, reader or enrollment (agents get their tokens by enrolling).
     #[arg(long)]
     role: Role,
-    /// A subscription the token reaches; repeat for several, `*` for all.
+    /// A subscription the token reaches; repeat for several, `*` for all. An enrollment
+    /// token names exactly one.
     #[arg(long = "subscription", required = true)]
     subscriptions: Vec<String>,
-    /// The VM an agent token is bound to.
-    #[arg(long)]
-    vm: Option<uuid::Uuid>,
-    /// Lifetime, e.g. 15m, 1h, 30d.
+    /// Lifetime, e.g. 15m, 1h, 30d: at most 30d, and at most 24h for an enrollment token.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     ttl: Duration,
     /// The token's subject (who it is for).
     #[arg(long, default_value = "backvault-cli")]
     subject: String,
+    /// Binds an enrollment token to the one VM of this name (with --resource-group), which
+    /// it may re-enroll even when the VM already has an agent.
+    #[arg(long, requires = "resource_group")]
+    vm_name: Option<String>,
+    /// The resource group of the VM an enrollment token is bound to.
+    #[arg(long, requires = "vm_name")]
+    resource_group: Option<String>,
+    /// Enrollments an enrollment token allows, 1 to 100 (default 1).
+    #[arg(long)]
+    max_uses: Option<i32>,
+}
+
+impl TokenArgs {
+    /// The token's lifetime, within its role's cap: the caps of the API and of token
+    /// verification (`domain::tokens`).
+    fn lifetime(&self) -> anyhow::Result<chrono::Duration> {
+        let Some(range) = lifetime_range(self.role) else {
+            bail!(
+                "agent tokens are not minted here: an agent gets its token by enrolling with an enrollment token"
+            );
+        };
+        match i64::try_from(self.ttl.as_secs()) {
+            Ok(seconds) if range.contains(&seconds) => Ok(chrono::Duration::seconds(seconds)),
+            _ => bail!(
+                "--ttl: {} tokens live {} to {}",
+                self.role.as_str(),
+                describe_seconds(*range.start()),
+                describe_seconds(*range.end())
+            ),
+        }
+    }
+
+    async fn mint(self) -> anyhow::Result<()> {
+        let ttl = self.lifetime()?;
+        let auth = self.key.auth()?;
+        if self.role != Role::Enrollment {
+            if self.vm_name.is_some() || self.max_uses.is_some() {
+                bail!("--vm-name, --resource-group and --max-uses are for enrollment tokens");
+            }
+            let minted = auth.mint_with_id(
+                &self.subject,
+                self.role,
+                self.subscriptions,
+                uuid::Uuid::now_v7(),
+                None,
+                ttl,
+            );
+            println!("{}", minted.token);
+            describe_minted(minted.jti, minted.expires_at);
+            return Ok(());
+        }
+        let [subscription] = <[String; 1]>::try_from(self.subscriptions).map_err(|_| {
+            anyhow::anyhow!("an enrollment token is for exactly one --subscription")
+        })?;
+        let req = CreateEnrollmentToken {
+            subscription_id: subscription,
+            ttl_seconds: ttl.num_seconds(),
+            vm_name: self.vm_name,
+            resource_group: self.resource_group,
+            max_uses: self.max_uses.unwrap_or(1),
+        };
+        if let Err(e) = check_enrollment_request(&req) {
+            let broken: Vec<String> = e
+                .violations
+                .iter()
+                .map(|v| format!("{} ({})", v.message, v.code))
+                .collect();
+            bail!("{}", broken.join("; "));
+        }
+        let pool = self.db.connect().await?;
+        let minted = mint_enrollment_token(&pool, &auth, &self.subject, req)
+            .await
+            .context("recording the enrollment token (has `backvault migrate` run?)")?;
+        pool.close().await;
+        println!("{}", minted.token);
+        describe_minted(Some(minted.id), minted.expires_at);
+        Ok(())
+    }
+}
+
+/// Tells the operator, on stderr so that stdout stays the bare token, how to revoke it.
+fn describe_minted(jti: Option<uuid::Uuid>, expires_at: chrono::DateTime<chrono::Utc>) {
+    if let Some(jti) = jti {
+        eprintln!(
+            "token id (jti) {jti}, expires {}; revoke it with POST /v1/tokens/revoke",
+            expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        );
+    }
 }
 
 const MIN_SECRET_BYTES: usize = 32;
 
 impl KeyArgs {
-    fn auth(&self, dev: bool) -> anyhow::Result<Auth> {
-        let secret = match (&self.jwt_secret, dev) {
-            (_, true) => {
-                let mut key = vec![0u8; 32];
-                rand::rng().fill_bytes(&mut key);
-                key
-            }
-            (Some(s), false) if s.len() >= MIN_SECRET_BYTES => s.clone().into_bytes(),
-            (Some(_), false) => bail!(
-                "BACKVAULT_JWT_SECRET is shorter than {MIN_SECRET_BYTES} bytes; use a longer random key"
-            ),
-            (None, false) => bail!(
+    /// The configured key set. Compose passes unset optional settings as empty strings,
+    /// which count as unset.
+    fn auth(&self) -> anyhow::Result<Auth> {
+        let secret = match self.jwt_secret.as_deref().filter(|s| !s.is_empty()) {
+            Some(s) => key_bytes("BACKVAULT_JWT_SECRET", s)?,
+            None => bail!(
                 "no JWT key: set BACKVAULT_JWT_SECRET (32+ random bytes) or run `backvault serve --dev`"
             ),
         };
-        Ok(Auth::new(AuthConfig {
+        let previous = self
+            .previous_secrets()
+            .map(|s| key_bytes("BACKVAULT_JWT_PREVIOUS_SECRETS", s))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // Tokens find their key by id: two keys with one id would leave one unreachable.
+        let mut seen: Vec<(String, &[u8])> = Vec::new();
+        for key in std::iter::once(&secret).chain(&previous) {
+            let kid = backvault_service::keys::key_id(key);
+            if seen
+                .iter()
+                .any(|(id, other)| *id == kid && *other != key.as_slice())
+            {
+                bail!("two configured JWT keys share the key id {kid}; replace one of them");
+            }
+            seen.push((kid, key));
+        }
+        Ok(self.auth_with(secret, previous))
+    }
+
+    /// A random key nobody else holds, for `serve --dev`; a configured key is refused, so
+    /// that a development server never signs with (or accepts tokens of) a real one.
+    fn dev_auth(&self) -> anyhow::Result<Auth> {
+        if self.jwt_secret.as_deref().is_some_and(|s| !s.is_empty())
+            || self.previous_secrets().next().is_some()
+        {
+            bail!(
+                "--dev signs with a random key and refuses to start with BACKVAULT_JWT_SECRET or BACKVAULT_JWT_PREVIOUS_SECRETS set: unset them, or run without --dev"
+            );
+        }
+        let mut key = vec![0u8; 32];
+        rand::rng().fill_bytes(&mut key);
+        Ok(self.auth_with(key, Vec::new()))
+    }
+
+    fn previous_secrets(&self) -> impl Iterator<Item = &str> {
+        self.jwt_previous_secrets
+            .iter()
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
+    }
+
+    fn auth_with(&self, secret: Vec<u8>, previous_secrets: Vec<Vec<u8>>) -> Auth {
+        Auth::new(AuthConfig {
             secret,
-            // Compose passes unset optional settings as empty strings.
+            previous_secrets,
             issuer: self.jwt_issuer.clone().filter(|s| !s.is_empty()),
             audience: self.jwt_audience.clone().filter(|s| !s.is_empty()),
-        }))
+        })
     }
+}
+
+fn key_bytes(setting: &str, key: &str) -> anyhow::Result<Vec<u8>> {
+    if key.len() < MIN_SECRET_BYTES {
+        bail!("{setting}: a key is shorter than {MIN_SECRET_BYTES} bytes; use a longer random key");
+    }
+    Ok(key.as_bytes().to_vec())
 }
 
 impl DbArgs {
@@ -294,7 +441,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         LogFormat::Json
     }));
-    let auth = args.key.auth(args.dev)?;
+    let auth = if args.dev {
+        args.key.dev_auth()?
+    } else {
+        args.key.auth()?
+    };
     let pool = args.db.connect().await?;
     backvault_store::MIGRATOR
         .run(&pool)
@@ -308,16 +459,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             None,
             chrono::Duration::hours(24),
         );
-        println!(
+        // On stderr, not in the log stream: logs are shipped and kept, a token must not be.
+        eprintln!(
             "backvault --dev: admin token for all subscriptions, valid 24h (the key is random; restart invalidates it):"
         );
-        println!("export BACKVAULT_TOKEN={token}");
+        eprintln!("export BACKVAULT_TOKEN={token}");
     }
     let config = backvault_service::Config {
         allow_clock_override: args.dev,
         ..args.jobs.config()
     };
     let service = Service::new(pool.clone(), auth, config);
+    if !args.dev {
+        // A --dev rehearsal on this database may have moved schedules into the future.
+        service
+            .forget_rehearsals()
+            .await
+            .context("cannot clear rehearsed schedule slots")?;
+    }
     let (stop_background, background_stopped) = tokio::sync::watch::channel(false);
     let background = tokio::spawn(service.clone().run_background(
         args.jobs.rescue_interval,
@@ -373,13 +532,7 @@ async fn main() {
         Command::Openapi => serde_json::to_string_pretty(&backvault_api::openapi())
             .map(|s| println!("{s}"))
             .map_err(Into::into),
-        Command::Token(args) => args.key.auth(false).map(|auth| {
-            let ttl = chrono::Duration::from_std(args.ttl).unwrap_or(chrono::Duration::hours(1));
-            println!(
-                "{}",
-                auth.mint(&args.subject, args.role, args.subscriptions, args.vm, ttl)
-            );
-        }),
+        Command::Token(args) => args.mint().await,
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

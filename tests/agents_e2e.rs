@@ -40,7 +40,8 @@ async fn agents_run_their_own_jobs_and_a_killed_agents_job_is_retried() {
         ],
     );
     let api = Api::new(&server.base, server.token.as_deref().unwrap());
-    let enrollment = api.enrollment_token("sub-1").await;
+    // One use per VM: the restarted agent below must get by with its saved agent token.
+    let enrollment = api.enrollment_token_for("sub-1", 2).await;
     let dir = std::env::temp_dir().join(format!("backvault-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let inv_a = dir.join("vm-a.toml");

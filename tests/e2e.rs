@@ -212,3 +212,246 @@ async fn shutdown_ends_waiting_long_polls() {
         (200, Some(0))
     );
 }
+
+/// `backvault token` as an operator runs it: the API's lifetime caps, one subscription and a
+/// database record for enrollment tokens, no agent tokens, and a clear error (exit 2, no
+/// panic) for anything out of bounds.
+#[tokio::test]
+async fn token_command_caps_lifetimes_and_records_enrollment_tokens() {
+    let db = TestDb::new();
+    let secret = "an-e2e-secret-that-is-long-enough-0123";
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .arg("token")
+            .args(args)
+            .env("BACKVAULT_JWT_SECRET", secret)
+            .env("DATABASE_URL", &db.url)
+            .output()
+            .unwrap()
+    };
+    for (args, says) in [
+        (
+            &["--role", "admin", "--subscription", "*", "--ttl", "31d"][..],
+            "30d",
+        ),
+        (
+            &[
+                "--role",
+                "reader",
+                "--subscription",
+                "*",
+                "--ttl",
+                "500000y",
+            ],
+            "30d",
+        ),
+        (
+            &[
+                "--role",
+                "admin",
+                "--subscription",
+                "*",
+                "--ttl",
+                "100000000000000y",
+            ],
+            "--ttl",
+        ),
+        (
+            &[
+                "--role",
+                "enrollment",
+                "--subscription",
+                "sub-1",
+                "--ttl",
+                "25h",
+            ],
+            "24h",
+        ),
+        (&["--role", "enrollment", "--subscription", "*"], "'*'"),
+        (
+            &[
+                "--role",
+                "enrollment",
+                "--subscription",
+                "a",
+                "--subscription",
+                "b",
+            ],
+            "one --subscription",
+        ),
+        (
+            &[
+                "--role",
+                "enrollment",
+                "--subscription",
+                "sub-1",
+                "--max-uses",
+                "101",
+            ],
+            "1 to 100",
+        ),
+        (&["--role", "agent", "--subscription", "sub-1"], "enrolling"),
+        (
+            &["--role", "admin", "--subscription", "*", "--max-uses", "2"],
+            "enrollment tokens",
+        ),
+    ] {
+        let out = run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+
+    let migrate = Command::new(BIN)
+        .arg("migrate")
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(migrate.status.success());
+    let minted = run(&[
+        "--role",
+        "enrollment",
+        "--subscription",
+        "sub-1",
+        "--ttl",
+        "24h",
+        "--vm-name",
+        "vm-1",
+        "--resource-group",
+        "rg",
+    ]);
+    assert!(
+        minted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&minted.stderr)
+    );
+    let enrollment = String::from_utf8(minted.stdout).unwrap().trim().to_owned();
+    assert!(
+        String::from_utf8_lossy(&minted.stderr).contains("token id (jti)"),
+        "the operator learns the id to revoke it by"
+    );
+    let admin = common::mint_token("admin", "*", "30d", &[("BACKVAULT_JWT_SECRET", secret)]);
+
+    let server = Server::start(&db, &[], &[("BACKVAULT_JWT_SECRET", secret)]);
+    let api = common::Api::new(&server.base, &admin);
+    let (status, listed) = api.get("/v1/enrollment-tokens").await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed["items"][0]["created_by"], "backvault-cli");
+    assert_eq!(listed["items"][0]["vm_name"], "vm-1");
+    let facts = |name: &str| {
+        json!({"facts": {"name": name, "resource_group": "rg", "subscription_id": "sub-1", "region": "westeurope",
+            "deployment_model": "resource_manager", "agent_version": "1", "dotnet_version": "4.8",
+            "sql_iaas_extension": true, "other_backup_product": false}})
+    };
+    let agent = common::Api::new(&server.base, &enrollment);
+    let (status, body) = agent.post("/v1/agent/enroll", facts("vm-2")).await;
+    assert_eq!(
+        (status, &body["code"]),
+        (403, &json!("enrollment_token_vm_mismatch"))
+    );
+    let (status, body) = agent.post("/v1/agent/enroll", facts("vm-1")).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = agent.post("/v1/agent/enroll", facts("vm-1")).await;
+    assert_eq!(
+        (status, &body["code"]),
+        (401, &json!("enrollment_token_used"))
+    );
+
+    // A minted admin token can be revoked by its id.
+    let doomed = common::mint_token("reader", "*", "1h", &[("BACKVAULT_JWT_SECRET", secret)]);
+    let jti = {
+        use base64::Engine;
+        let payload = doomed.split('.').nth(1).unwrap();
+        let claims: Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap();
+        claims["jti"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(
+        common::Api::new(&server.base, &doomed)
+            .get("/v1/vaults")
+            .await
+            .0,
+        200
+    );
+    let (status, _) = api.post("/v1/tokens/revoke", json!({"jti": jti})).await;
+    assert_eq!(status, 204);
+    let (status, body) = common::Api::new(&server.base, &doomed)
+        .get("/v1/vaults")
+        .await;
+    assert_eq!((status, &body["code"]), (401, &json!("token_revoked")));
+}
+
+/// `serve --dev` never runs with a real key, and its admin token goes to stderr, not into
+/// the (shipped, kept) log stream. `Server::start` reads it there and checks the logs.
+#[tokio::test]
+async fn dev_mode_refuses_a_configured_key_and_prints_its_token_on_stderr() {
+    let db = TestDb::new();
+    let refused = Command::new(BIN)
+        .args(["serve", "--dev", "--listen", "127.0.0.1:0"])
+        .env("DATABASE_URL", &db.url)
+        .env(
+            "BACKVAULT_JWT_SECRET",
+            "an-e2e-secret-that-is-long-enough-0123",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8(refused.stderr).unwrap();
+    assert!(
+        stderr.contains("--dev") && stderr.contains("BACKVAULT_JWT_SECRET"),
+        "{stderr}"
+    );
+    assert!(refused.stdout.is_empty());
+
+    let server = Server::start(&db, &["--dev"], &[]);
+    let token = server.token.clone().expect("the dev token, on stderr");
+    let (status, _) = common::Api::new(&server.base, &token)
+        .get("/v1/vaults")
+        .await;
+    assert_eq!(status, 200);
+}
+
+/// Rotating the key through the configuration: tokens of the previous key keep working
+/// while it is listed in BACKVAULT_JWT_PREVIOUS_SECRETS, and stop once it is removed.
+#[tokio::test]
+async fn a_key_rotation_keeps_old_tokens_until_the_previous_key_is_removed() {
+    let db = TestDb::new();
+    let old = "the-old-e2e-secret-that-is-long-enough-01";
+    let new = "the-new-e2e-secret-that-is-long-enough-02";
+    let old_token = common::mint_token("reader", "*", "1h", &[("BACKVAULT_JWT_SECRET", old)]);
+    let new_token = common::mint_token("reader", "*", "1h", &[("BACKVAULT_JWT_SECRET", new)]);
+    let status_with = |server: &Server, token: &str| {
+        let api = common::Api::new(&server.base, token);
+        async move { api.get("/v1/vaults").await.0 }
+    };
+    let mut rotating = Server::start(
+        &db,
+        &[],
+        &[
+            ("BACKVAULT_JWT_SECRET", new),
+            ("BACKVAULT_JWT_PREVIOUS_SECRETS", &format!("{old},")),
+        ],
+    );
+    assert_eq!(status_with(&rotating, &old_token).await, 200);
+    assert_eq!(status_with(&rotating, &new_token).await, 200);
+    assert!(rotating.terminate().success());
+    let rotated = Server::start(&db, &[], &[("BACKVAULT_JWT_SECRET", new)]);
+    assert_eq!(status_with(&rotated, &old_token).await, 401);
+    assert_eq!(status_with(&rotated, &new_token).await, 200);
+
+    let short = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("DATABASE_URL", &db.url)
+        .env("BACKVAULT_JWT_SECRET", new)
+        .env("BACKVAULT_JWT_PREVIOUS_SECRETS", "too-short")
+        .output()
+        .unwrap();
+    assert_eq!(short.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&short.stderr).contains("BACKVAULT_JWT_PREVIOUS_SECRETS"));
+}

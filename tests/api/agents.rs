@@ -2,7 +2,7 @@ use axum::http::{Method, StatusCode};
 use serde_json::json;
 use sqlx::PgPool;
 
-use crate::helpers::{TestApp, claim, discovery_result, dispatch, enroll, facts};
+use crate::helpers::{TestApp, claim, discovery_result, dispatch, enroll, enroll_bound, facts};
 
 #[sqlx::test(migrator = "backvault_store::MIGRATOR")]
 async fn enrollment_upserts_the_vm_and_revokes_older_tokens(pool: PgPool) {
@@ -17,8 +17,9 @@ async fn enrollment_upserts_the_vm_and_revokes_older_tokens(pool: PgPool) {
     let hb = app.post("/v1/agent/heartbeat", &first, json!({})).await;
     assert_eq!(hb.status, StatusCode::OK, "{}", hb.body);
 
-    // The same VM enrolls again (a reinstalled agent): same id, the old token is dead.
-    let (again, second) = enroll(&app, "SQLVM-01").await;
+    // The same VM enrolls again with a token bound to it (a reinstalled agent): same id,
+    // the old token is dead.
+    let (again, second) = enroll_bound(&app, "SQLVM-01").await;
     assert_eq!(again, vm);
     let stale = app.post("/v1/agent/heartbeat", &first, json!({})).await;
     assert_eq!(
@@ -123,7 +124,11 @@ async fn claim_heartbeat_complete_and_idempotent_repeat(pool: PgPool) {
     assert_eq!(claimed[0]["job_id"], job.as_str());
     assert_eq!(claimed[0]["kind"], "discovery");
     assert_eq!(claimed[0]["attempt"], 1);
-    assert_eq!(claimed[0]["items"][0]["database"], "sales");
+    assert_eq!(
+        claimed[0]["items"],
+        json!([]),
+        "discovery names no database"
+    );
     let lease = claimed[0]["lease"].as_i64().unwrap();
 
     let running = app.get(&format!("/v1/jobs/{job}"), &app.admin()).await;
@@ -382,9 +387,27 @@ async fn per_vm_caps_bound_running_jobs(pool: PgPool) {
     for _ in 0..25 {
         dispatch(&app, &vm, "backup_log").await;
     }
-    for _ in 0..17 {
-        dispatch(&app, &vm, "restore").await;
-    }
+    // Restores are not dispatched by hand (their endpoint checks the target): queue them
+    // as the restore endpoint does.
+    // Each to a database of its own: one restore per target at a time.
+    let restores: Vec<_> = (0..17)
+        .map(|i| backvault_store::jobs::NewJob {
+            id: uuid::Uuid::now_v7(),
+            vm_id: vm.parse().unwrap(),
+            subscription_id: "sub-1".into(),
+            vault_id: None,
+            kind: "restore",
+            priority: 1,
+            items: json!([{"instance": "MSSQLSERVER", "database": format!("sales_copy_{i}")}]),
+            payload: json!({"target_database": format!("sales_copy_{i}")}),
+            max_attempts: 3,
+            run_at: chrono::Utc::now(),
+        })
+        .collect();
+    let mut conn = app.pool.acquire().await.unwrap();
+    backvault_store::jobs::jobs_enqueue(&mut conn, &restores)
+        .await
+        .unwrap();
     let first = claim(&app, &agent, 50).await;
     let restores = first.iter().filter(|j| j["kind"] == "restore").count();
     let backups = first.len() - restores;
@@ -510,7 +533,7 @@ async fn revocation_reaches_other_replicas(pool: PgPool) {
             .status,
         StatusCode::OK
     );
-    enroll(&replica_a, "sqlvm-01").await;
+    enroll_bound(&replica_a, "sqlvm-01").await;
     let mut status = StatusCode::OK;
     for _ in 0..40 {
         status = replica_b

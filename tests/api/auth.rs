@@ -46,6 +46,7 @@ async fn missing_and_bad_tokens_answer_401(pool: PgPool) {
     let other = TestApp::new(app.pool.clone()).auth;
     let foreign = backvault_service::Auth::new(AuthConfig {
         secret: b"some-other-secret-of-enough-length!!".to_vec(),
+        previous_secrets: Vec::new(),
         issuer: None,
         audience: None,
     })
@@ -97,6 +98,7 @@ async fn alg_none_is_refused(pool: PgPool) {
 async fn issuer_and_audience_are_checked_when_configured(pool: PgPool) {
     let config = |iss: &str, aud: &str| AuthConfig {
         secret: SECRET.to_vec(),
+        previous_secrets: Vec::new(),
         issuer: Some(iss.into()),
         audience: Some(aud.into()),
     };
@@ -245,7 +247,8 @@ async fn tokens_not_valid_yet_are_refused(pool: PgPool) {
     let app = TestApp::new(pool);
     let now = chrono::Utc::now().timestamp();
     let sign = |extra: serde_json::Value| {
-        let mut claims = json!({"sub": "alice", "role": "admin", "subscriptions": ["*"], "iat": now, "exp": now + 3600});
+        let mut claims = json!({"sub": "alice", "role": "admin", "subscriptions": ["*"], "jti": uuid::Uuid::now_v7(),
+                                "iat": now, "exp": now + 3600});
         for (k, v) in extra.as_object().unwrap() {
             claims[k] = v.clone();
         }

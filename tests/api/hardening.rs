@@ -511,6 +511,45 @@ async fn restore_targets_are_safe_by_rule(pool: PgPool) {
         );
     }
 
+    // Agents report sizes; a plan's total cannot overflow however large they are.
+    let res = backup_now(&p, "sales", json!({"type": "log"})).await;
+    assert_eq!(res.status, StatusCode::ACCEPTED, "{}", res.body);
+    let job = &claim(&p.app, &p.agent, 1).await[0];
+    let mut log = backup_point("sales", "log", "9000");
+    log["last_lsn"] = json!("9500");
+    let res = p
+        .app
+        .post(
+            &format!(
+                "/v1/agent/jobs/{}/complete",
+                job["job_id"].as_str().unwrap()
+            ),
+            &p.agent,
+            json!({"lease": job["lease"], "result": {"kind": "backup", "recovery_points": [log]}}),
+        )
+        .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.body);
+    let log_id: String =
+        sqlx::query_scalar("select id::text from recovery_points where backup_type = 'log'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    sqlx::query("update recovery_points set size_bytes = 9223372036854775807")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let plan = p
+        .app
+        .post(
+            &format!("{}/restore-plan", p.item_path("sales")),
+            &p.app.admin(),
+            json!({"recovery_point_id": log_id}),
+        )
+        .await;
+    assert_eq!(plan.status, StatusCode::OK, "{}", plan.body);
+    assert_eq!(plan.body["steps"].as_array().unwrap().len(), 2);
+    assert_eq!(plan.body["total_size_bytes"], i64::MAX);
+
     let copy =
         restore(json!({"target_database": "sales_copy", "target_instance": "mssqlserver"})).await;
     assert_eq!(copy.status, StatusCode::ACCEPTED, "{}", copy.body);

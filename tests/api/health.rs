@@ -24,6 +24,16 @@ async fn health_readiness_spec_and_docs_are_open(pool: PgPool) {
     let docs = app.call(Method::GET, "/docs/", None, None, &[]).await;
     assert_eq!(docs.status, StatusCode::OK);
     assert!(docs.body.as_str().unwrap().contains("<html"));
+    assert!(
+        docs.header("content-security-policy")
+            .contains("frame-ancestors 'none'")
+    );
+    assert_eq!(docs.header("x-frame-options"), "DENY");
+    assert_eq!(docs.header("x-content-type-options"), "nosniff");
+    // The page's scripts come from files the policy allows, not inline code it forbids.
+    let html = docs.body.as_str().unwrap();
+    assert!(!html.contains("<script>"), "no inline script");
+    assert_eq!(spec.header("x-content-type-options"), "nosniff");
 }
 
 #[sqlx::test(migrator = "backvault_store::MIGRATOR")]

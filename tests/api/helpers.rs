@@ -57,19 +57,49 @@ impl TestApp {
             pool,
             AuthConfig {
                 secret: SECRET.to_vec(),
+                previous_secrets: Vec::new(),
                 issuer: None,
                 audience: None,
             },
         )
     }
 
+    /// As a `--dev` server: scheduler ticks at chosen instants, and scheduled backups may
+    /// be stamped with them (`payload.scheduled_at`), so tests rehearse schedules.
+    pub fn rehearsing(pool: PgPool) -> Self {
+        Self::with_config(
+            pool,
+            backvault_service::Config {
+                allow_clock_override: true,
+                ..backvault_service::Config::default()
+            },
+        )
+    }
+
+    pub fn with_config(pool: PgPool, config: backvault_service::Config) -> Self {
+        Self::with_auth_and_config(
+            pool,
+            AuthConfig {
+                secret: SECRET.to_vec(),
+                previous_secrets: Vec::new(),
+                issuer: None,
+                audience: None,
+            },
+            config,
+        )
+    }
+
     pub fn with_auth(pool: PgPool, config: AuthConfig) -> Self {
+        Self::with_auth_and_config(pool, config, backvault_service::Config::default())
+    }
+
+    fn with_auth_and_config(
+        pool: PgPool,
+        config: AuthConfig,
+        service_config: backvault_service::Config,
+    ) -> Self {
         let auth = Auth::new(config);
-        let service = Service::new(
-            pool.clone(),
-            auth.clone(),
-            backvault_service::Config::default(),
-        );
+        let service = Service::new(pool.clone(), auth.clone(), service_config);
         let router = backvault_api::router(AppState {
             service: service.clone(),
         });
@@ -181,20 +211,28 @@ pub fn weekly_spec() -> Value {
 
 /// Enrolls an agent for a VM named `name` in `sub-1`; returns `(vm_id, agent_token)`.
 pub async fn enroll(app: &TestApp, name: &str) -> (String, String) {
-    let enrollment = app
-        .post(
-            "/v1/enrollment-tokens",
-            &app.admin(),
-            json!({"subscription_id": "sub-1"}),
-        )
-        .await;
-    assert_eq!(
-        enrollment.status,
-        StatusCode::CREATED,
-        "{}",
-        enrollment.body
-    );
-    let token = enrollment.body["token"].as_str().unwrap().to_owned();
+    enroll_using(app, json!({"subscription_id": "sub-1"}), name).await
+}
+
+/// Enrolls with a token bound to the VM, which replaces the agent the VM may already have
+/// (a reinstalled agent); returns `(vm_id, agent_token)`.
+pub async fn enroll_bound(app: &TestApp, name: &str) -> (String, String) {
+    let body = json!({"subscription_id": "sub-1", "vm_name": name, "resource_group": "rg-sql"});
+    enroll_using(app, body, name).await
+}
+
+/// Mints an enrollment token as admin from `body`; returns `(id, token)`.
+pub async fn enrollment_token(app: &TestApp, body: Value) -> (String, String) {
+    let res = app.post("/v1/enrollment-tokens", &app.admin(), body).await;
+    assert_eq!(res.status, StatusCode::CREATED, "{}", res.body);
+    (
+        res.body["id"].as_str().unwrap().to_owned(),
+        res.body["token"].as_str().unwrap().to_owned(),
+    )
+}
+
+async fn enroll_using(app: &TestApp, token_body: Value, name: &str) -> (String, String) {
+    let (_, token) = enrollment_token(app, token_body).await;
     let res = app
         .post("/v1/agent/enroll", &token, json!({"facts": facts(name)}))
         .await;
@@ -219,7 +257,11 @@ pub async fn dispatch(app: &TestApp, vm_id: &str, kind: &str) -> String {
         .post(
             "/v1/jobs",
             &app.admin(),
-            json!({"vm_id": vm_id, "kind": kind, "items": [{"instance": "MSSQLSERVER", "database": "sales"}]}),
+            if kind == "discovery" {
+                json!({"vm_id": vm_id, "kind": kind})
+            } else {
+                json!({"vm_id": vm_id, "kind": kind, "items": [{"instance": "MSSQLSERVER", "database": "sales"}]})
+            },
         )
         .await;
     assert_eq!(res.status, StatusCode::ACCEPTED, "{}", res.body);

@@ -120,7 +120,7 @@ async fn start_discovery_lists_unregistered_vms_with_their_issues(pool: PgPool) 
         .post(
             "/v1/enrollment-tokens",
             &app.admin(),
-            json!({"subscription_id": "sub-1"}),
+            json!({"subscription_id": "sub-1", "max_uses": 2}),
         )
         .await;
     let token = enrollment.body["token"].as_str().unwrap();

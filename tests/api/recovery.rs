@@ -165,8 +165,10 @@ impl Protected {
     }
 }
 
+/// `databases` on one VM protected by `spec` (the policy `Gold`), on a server that
+/// rehearses schedules: the tests tick at chosen instants and stamp backups with them.
 pub(crate) async fn protect(pool: PgPool, spec: Value, databases: Vec<Value>) -> Protected {
-    let app = TestApp::new(pool);
+    let app = TestApp::rehearsing(pool);
     let names: Vec<String> = databases
         .iter()
         .map(|d| d["name"].as_str().unwrap().to_owned())
@@ -1249,4 +1251,55 @@ async fn sweeping_in_small_batches_keeps_chains_whole(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(removed, 12);
+}
+
+/// A `--dev` rehearsal ticks at a chosen future instant; a server without `--dev` on the
+/// same database forgets those cursors, so its real ticks are not held back until then.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn rehearsed_schedule_cursors_are_forgotten(pool: PgPool) {
+    let p = protect(
+        pool.clone(),
+        weekly_dst_policy(),
+        vec![db("MSSQLSERVER", "sales")],
+    )
+    .await;
+    let now = Utc::now();
+    p.app.service.schedule_tick(now).await.unwrap();
+    let real: i64 = sqlx::query_scalar("select count(*) from schedule_slots")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(real > 0);
+    let rehearsed = now + Duration::days(3 * 365);
+    p.app.service.schedule_tick(rehearsed).await.unwrap();
+    p.app
+        .service
+        .schedule_tick(rehearsed + Duration::hours(2))
+        .await
+        .unwrap();
+    let latest_next = || async {
+        sqlx::query_scalar::<_, DateTime<Utc>>(
+            "select max(next_at) from schedule_slots where next_at > '-infinity'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    assert!(
+        latest_next().await > rehearsed,
+        "the rehearsal moved the cursors"
+    );
+
+    let forgotten = p.app.service.forget_rehearsals().await.unwrap();
+    assert!(forgotten > 0);
+    assert!(
+        latest_next().await <= now + Duration::days(8),
+        "only real cursors remain"
+    );
+    let left: i64 = sqlx::query_scalar("select count(*) from schedule_slots")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, real, "the real schedule is untouched");
+    assert_eq!(p.app.service.forget_rehearsals().await.unwrap(), 0);
 }

@@ -112,13 +112,29 @@ impl Server {
             .args(["serve", "--listen", listen, "--log-format", "json"])
             .args(args)
             .env("DATABASE_URL", &db.url)
+            // Only the keys a test gives: `--dev` refuses to start with one configured.
+            .env_remove("BACKVAULT_JWT_SECRET")
+            .env_remove("BACKVAULT_JWT_PREVIOUS_SECRETS")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        // `--dev` prints its admin token on stderr, away from the logs on stdout; the rest
+        // of stderr is passed through.
+        let (token_tx, token_rx) = std::sync::mpsc::channel();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                match line.strip_prefix("export BACKVAULT_TOKEN=") {
+                    Some(token) => {
+                        let _ = token_tx.send(token.to_owned());
+                    }
+                    None => eprintln!("{line}"),
+                }
+            }
+        });
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut token = None;
         let addr = loop {
             let line = lines
                 .next()
@@ -127,15 +143,21 @@ impl Server {
             if let Some(log) = &log {
                 log.push(&line);
             }
-            if let Some(t) = line.strip_prefix("export BACKVAULT_TOKEN=") {
-                token = Some(t.to_owned());
-            }
+            assert!(
+                !line.contains("BACKVAULT_TOKEN"),
+                "the dev token stays out of the log stream: {line}"
+            );
             if let Ok(log) = serde_json::from_str::<Value>(&line)
                 && log["message"] == "listening"
             {
                 break log["addr"].as_str().unwrap().to_owned();
             }
         };
+        // Printed before the server listens; the reading thread may just lag behind.
+        let token = args
+            .contains(&"--dev")
+            .then(|| token_rx.recv_timeout(Duration::from_secs(10)).ok())
+            .flatten();
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || match log {
             Some(log) => lines.map_while(Result::ok).for_each(|l| log.push(&l)),
@@ -253,6 +275,9 @@ impl AgentProcess {
             "5".to_owned(),
             "--state-file".to_owned(),
             inventory.with_extension("state.json").display().to_string(),
+            // A restarted agent refreshes its saved token: enrollment tokens are single-use.
+            "--token-file".to_owned(),
+            inventory.with_extension("token").display().to_string(),
         ];
         args.extend(extra.iter().map(|a| (*a).to_owned()));
         let child = Command::new(agent_bin())
@@ -336,11 +361,17 @@ impl Api {
         )
     }
 
+    /// An enrollment token for as many agents as a test starts (up to 100).
     pub async fn enrollment_token(&self, subscription: &str) -> String {
+        self.enrollment_token_for(subscription, 100).await
+    }
+
+    /// An enrollment token that enrolls `uses` VMs.
+    pub async fn enrollment_token_for(&self, subscription: &str, uses: u32) -> String {
         let (status, body) = self
             .post(
                 "/v1/enrollment-tokens",
-                serde_json::json!({"subscription_id": subscription}),
+                serde_json::json!({"subscription_id": subscription, "max_uses": uses}),
             )
             .await;
         assert_eq!(status, 201, "{body}");

@@ -40,6 +40,8 @@ const MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
 const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(5);
 const MIN_JOB_HEARTBEAT: Duration = Duration::from_millis(250);
 const MAX_JOB_HEARTBEAT: Duration = Duration::from_secs(60);
+/// A server that hands out very short-lived tokens must not be asked in a tight loop.
+const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Set once, when the agent should stop claiming and wind down.
 #[derive(Clone)]
@@ -104,11 +106,20 @@ impl Agent {
         );
 
         let _heartbeats = AbortOnDrop(tokio::spawn(Arc::clone(&self).heartbeat_loop()));
+        let _refreshes = AbortOnDrop(tokio::spawn(Arc::clone(&self).refresh_loop()));
         let mut jobs = JoinSet::new();
         self.claim_loop(&mut jobs, shutdown).await;
         self.drain(jobs).await;
         tracing::info!("stopped");
         Ok(())
+    }
+
+    /// Refreshes the agent token whenever it is half-way to its expiry.
+    async fn refresh_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(self.client.refresh_due_in().max(MIN_REFRESH_INTERVAL)).await;
+            self.client.refresh().await;
+        }
     }
 
     /// Tells the server the VM is alive and extends every running job's lease.

@@ -1,9 +1,15 @@
-//! The agent side of `/v1/agent/...`: retries while the server is away, and enrolls again
-//! when the server stops accepting the agent token.
+//! The agent side of `/v1/agent/...`: retries while the server is away, enrolls again
+//! when the server stops accepting the agent token, and refreshes the token before it
+//! expires. With a token file, the token outlives the process: a restarted agent refreshes
+//! it instead of enrolling again, so one single-use enrollment token serves for good.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
 
 use backvault_domain::agent::VmFacts;
 use backvault_domain::agent::protocol::{
@@ -55,7 +61,10 @@ impl std::error::Error for CallError {}
 /// What one HTTP exchange came to.
 enum Exchange<T> {
     Done(T),
-    Unauthorized,
+    Unauthorized {
+        code: String,
+        detail: String,
+    },
     /// Worth retrying: no answer, or the server said it is overloaded or broken.
     Transient {
         why: String,
@@ -66,14 +75,53 @@ enum Exchange<T> {
 
 struct Session {
     token: Option<String>,
-    /// Bumped by every enrollment, so that callers that all got 401 at once enroll once.
+    /// Bumped by every enrollment and refresh, so that callers that all got 401 at once
+    /// enroll once.
     generation: u64,
+    /// When the token is half-way to its expiry, and due for a refresh.
+    refresh_at: Option<DateTime<Utc>>,
+}
+
+/// The file the agent token is kept in: the token alone, readable by its owner only.
+pub struct TokenFile(PathBuf);
+
+impl TokenFile {
+    pub fn new(path: PathBuf) -> Self {
+        Self(path)
+    }
+
+    fn load(&self) -> anyhow::Result<Option<String>> {
+        match std::fs::read_to_string(&self.0) {
+            Ok(text) => Ok(Some(text.trim().to_owned()).filter(|t| !t.is_empty())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", self.0.display())),
+        }
+    }
+
+    /// Replaces the file at once (a new file renamed over it), so that a crash never
+    /// leaves half a token.
+    fn save(&self, token: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        let tmp = self.0.with_extension(format!("tmp-{}", std::process::id()));
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let written = options.open(&tmp).and_then(|mut file| {
+            file.write_all(token.as_bytes())?;
+            file.sync_all()
+        });
+        written
+            .and_then(|()| std::fs::rename(&tmp, &self.0))
+            .with_context(|| format!("saving the agent token to {}", self.0.display()))
+    }
 }
 
 pub struct Client {
     http: reqwest::Client,
     base: String,
-    enrollment_token: String,
+    enrollment_token: Option<String>,
+    token_file: Option<TokenFile>,
     session: RwLock<Session>,
     /// What the next enrollment tells the server.
     facts: Mutex<VmFacts>,
@@ -83,9 +131,16 @@ pub struct Client {
 /// Extra time the server gets beyond a long-poll's wait before the request counts as lost.
 const CLAIM_SLACK: Duration = Duration::from_secs(15);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a refused refresh waits before the next try.
+const REFRESH_RETRY: Duration = Duration::from_secs(3600);
 
 impl Client {
-    pub fn new(base: &str, enrollment_token: String, facts: VmFacts) -> anyhow::Result<Self> {
+    pub fn new(
+        base: &str,
+        enrollment_token: Option<String>,
+        token_file: Option<TokenFile>,
+        facts: VmFacts,
+    ) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .user_agent(concat!("backvault-agent/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(5))
@@ -94,23 +149,58 @@ impl Client {
             http,
             base: base.trim_end_matches('/').to_owned(),
             enrollment_token,
+            token_file,
             session: RwLock::new(Session {
                 token: None,
                 generation: 0,
+                refresh_at: None,
             }),
             facts: Mutex::new(facts),
             enrolling: tokio::sync::Mutex::new(()),
         })
     }
 
-    /// Enrolls, retrying while the server is unreachable. A refusal (a bad enrollment
-    /// token, facts the server rejects) is returned: retrying will not change it.
+    /// Enrolls at start, retrying while the server is unreachable: with the saved agent
+    /// token if there is one (a refresh), else, or if the server refuses it, with the
+    /// enrollment token. A refusal (a used or bad enrollment token, facts the server
+    /// rejects) is returned: retrying will not change it.
     pub async fn enroll(&self) -> Result<EnrollResponse, CallError> {
         let _enrolling = self.enrolling.lock().await;
-        self.enroll_locked().await
+        let saved = match self.token_file.as_ref().map(TokenFile::load).transpose() {
+            Ok(saved) => saved.flatten(),
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "cannot read the saved agent token"
+                );
+                None
+            }
+        };
+        if let Some(saved) = saved {
+            match self.enroll_locked(&saved).await {
+                Ok(enrolled) => return Ok(enrolled),
+                Err(e @ CallError::Rejected { .. }) if self.enrollment_token.is_some() => {
+                    tracing::warn!(error = %e, "the saved agent token was refused; enrolling with the enrollment token");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.enroll_with_enrollment_token().await
     }
 
-    async fn enroll_locked(&self) -> Result<EnrollResponse, CallError> {
+    async fn enroll_with_enrollment_token(&self) -> Result<EnrollResponse, CallError> {
+        match &self.enrollment_token {
+            Some(token) => self.enroll_locked(token).await,
+            None => Err(CallError::Rejected {
+                status: 401,
+                code: "no_enrollment_token".to_owned(),
+                detail: "no enrollment token was given, and no saved agent token works".to_owned(),
+            }),
+        }
+    }
+
+    /// Enrolls with `credential`: an enrollment token, or the agent token to refresh.
+    async fn enroll_locked(&self, credential: &str) -> Result<EnrollResponse, CallError> {
         let facts = self.facts.lock().expect("facts").clone();
         let body = EnrollRequest { facts };
         let mut backoff = Backoff::new();
@@ -118,23 +208,32 @@ impl Client {
             match self
                 .exchange::<_, EnrollResponse>(
                     "/v1/agent/enroll",
-                    &self.enrollment_token,
+                    credential,
                     &body,
                     REQUEST_TIMEOUT,
                 )
                 .await
             {
                 Exchange::Done(enrolled) => {
-                    let mut session = self.session.write().expect("session");
-                    session.token = Some(enrolled.agent_token.clone());
-                    session.generation += 1;
+                    {
+                        let mut session = self.session.write().expect("session");
+                        session.token = Some(enrolled.agent_token.clone());
+                        session.generation += 1;
+                        session.refresh_at = Some(halfway_to(enrolled.expires_at));
+                    }
+                    if let Some(file) = &self.token_file
+                        && let Err(e) = file.save(&enrolled.agent_token)
+                    {
+                        // The agent works on; only a restart would need a new enrollment.
+                        tracing::error!(error = format!("{e:#}"), "cannot save the agent token");
+                    }
                     return Ok(enrolled);
                 }
-                Exchange::Unauthorized => {
+                Exchange::Unauthorized { code, detail } => {
                     return Err(CallError::Rejected {
                         status: 401,
-                        code: "enrollment_token_rejected".to_owned(),
-                        detail: "the server does not accept the enrollment token".to_owned(),
+                        code,
+                        detail,
                     });
                 }
                 Exchange::Rejected(e) => return Err(e),
@@ -154,7 +253,7 @@ impl Client {
             return;
         }
         loop {
-            match self.enroll_locked().await {
+            match self.enroll_with_enrollment_token().await {
                 Ok(enrolled) => {
                     tracing::info!(vm_id = %enrolled.vm_id, "re-enrolled");
                     return;
@@ -166,6 +265,34 @@ impl Client {
                     tracing::error!(error = %e, retry_in = ?MAX_DELAY, "cannot re-enroll");
                     tokio::time::sleep(MAX_DELAY).await;
                 }
+            }
+        }
+    }
+
+    /// How long until the token is due for a refresh (half its lifetime).
+    pub fn refresh_due_in(&self) -> Duration {
+        let refresh_at = self.session.read().expect("session").refresh_at;
+        refresh_at.map_or(REFRESH_RETRY, |at| {
+            (at - Utc::now()).to_std().unwrap_or(Duration::ZERO)
+        })
+    }
+
+    /// Trades the agent token, half-way to its expiry, for a fresh one (signed with the
+    /// server's current key). The old one keeps working until it expires, so a refresh
+    /// whose answer is lost costs nothing; a refused one is tried again later.
+    pub async fn refresh(&self) {
+        let _enrolling = self.enrolling.lock().await;
+        let Some(token) = self.session.read().expect("session").token.clone() else {
+            return;
+        };
+        match self.enroll_locked(&token).await {
+            Ok(refreshed) => {
+                tracing::info!(token_expires_at = %refreshed.expires_at, "agent token refreshed");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?REFRESH_RETRY, "cannot refresh the agent token");
+                self.session.write().expect("session").refresh_at =
+                    Some(Utc::now() + REFRESH_RETRY);
             }
         }
     }
@@ -257,8 +384,8 @@ impl Client {
             let delay = match self.exchange(path, &token, body, timeout).await {
                 Exchange::Done(response) => return Ok(response),
                 Exchange::Rejected(e) => return Err(e),
-                Exchange::Unauthorized => {
-                    tracing::info!(path, "agent token rejected; enrolling again");
+                Exchange::Unauthorized { code, .. } => {
+                    tracing::info!(path, %code, "agent token rejected; enrolling again");
                     // A server that rejects even a fresh token must not be hammered.
                     if unauthorized_before {
                         tokio::time::sleep(backoff.next_delay()).await;
@@ -329,7 +456,8 @@ impl Client {
             };
         }
         if status == StatusCode::UNAUTHORIZED {
-            return Exchange::Unauthorized;
+            let (code, detail) = problem(response).await;
+            return Exchange::Unauthorized { code, detail };
         }
         if status.is_server_error()
             || status == StatusCode::TOO_MANY_REQUESTS
@@ -377,6 +505,12 @@ fn status_of(response: &serde_json::Value) -> String {
         .and_then(|s| s.as_str())
         .unwrap_or("unknown")
         .to_owned()
+}
+
+/// Half-way from now to `expires_at`: when a token is refreshed.
+fn halfway_to(expires_at: DateTime<Utc>) -> DateTime<Utc> {
+    let now = Utc::now();
+    now + (expires_at - now) / 2
 }
 
 /// Our backoff, unless the server asked for longer (within reason).

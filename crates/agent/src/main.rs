@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::agent::{Agent, Settings, Shutdown};
 use crate::chain::ChainStore;
-use crate::client::Client;
+use crate::client::{Client, TokenFile};
 use crate::config::InventorySource;
 use crate::worker::BackupClock;
 
@@ -37,9 +37,15 @@ struct Cli {
     /// backvault's base URL, e.g. http://127.0.0.1:8080.
     #[arg(long, env = "BACKVAULT_SERVER", value_parser = parse_server)]
     server: String,
-    /// Token that lets this VM enroll.
+    /// Token that lets this VM enroll. Not needed once the token file holds a working
+    /// agent token.
     #[arg(long, env = "BACKVAULT_ENROLLMENT_TOKEN", hide_env_values = true)]
-    enrollment_token: String,
+    enrollment_token: Option<String>,
+    /// Where the agent token is kept across restarts (readable by its owner only). A
+    /// restarted agent refreshes the saved token instead of enrolling again; without the
+    /// file it needs an enrollment token with a use left at every start.
+    #[arg(long, env = "BACKVAULT_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Jobs run at once (the server hands out at most 50 per claim).
     #[arg(long, env = "BACKVAULT_CONCURRENCY", default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(1..=50))]
@@ -113,7 +119,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let inventory = InventorySource::open(cli.inventory)?;
     let chains = ChainStore::open(cli.state_file)?;
     let facts = inventory.last_good().facts().clone();
-    let client = Client::new(&cli.server, cli.enrollment_token, facts)?;
+    if cli.enrollment_token.is_none() && cli.token_file.is_none() {
+        anyhow::bail!("give --enrollment-token, or a --token-file that holds an agent token");
+    }
+    let token_file = cli.token_file.map(TokenFile::new);
+    let client = Client::new(&cli.server, cli.enrollment_token, token_file, facts)?;
     let settings = Settings {
         concurrency: cli.concurrency,
         heartbeat: Duration::from_secs(cli.heartbeat_seconds),

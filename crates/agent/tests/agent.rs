@@ -1,7 +1,8 @@
 //! The agent binary against a fake backvault that speaks the agent protocol: enrollment,
-//! long-poll claims, 503s, revoked tokens, cancellation, crashes and shutdown.
+//! token refresh, long-poll claims, 503s, revoked tokens, cancellation, crashes and shutdown.
 
 use std::collections::{HashSet, VecDeque};
+use std::ffi::OsStr;
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -28,6 +29,8 @@ const ENROLLMENT_TOKEN: &str = "enroll-secret";
 #[derive(Default)]
 struct Fake {
     enrollments: u32,
+    /// Enrollments with the current agent token: refreshes.
+    refreshes: u32,
     agent_token: String,
     /// Claims to answer 503 before answering properly.
     claim_outages: u32,
@@ -70,13 +73,21 @@ async fn enroll(
     Json(request): Json<EnrollRequest>,
 ) -> Response {
     let given = headers.get("authorization").and_then(|v| v.to_str().ok());
-    if given != Some(&format!("Bearer {ENROLLMENT_TOKEN}")) {
-        return problem(StatusCode::UNAUTHORIZED, "invalid_token");
-    }
     assert_eq!(request.facts.name, "sqlvm-01");
     let mut fake = fake.lock().unwrap();
-    fake.enrollments += 1;
-    fake.agent_token = format!("agent-token-{}", fake.enrollments);
+    if given == Some(&format!("Bearer {ENROLLMENT_TOKEN}")) {
+        fake.enrollments += 1;
+        fake.agent_token = format!("agent-token-{}", fake.enrollments);
+    } else if !fake.agent_token.is_empty() && given == Some(&format!("Bearer {}", fake.agent_token))
+    {
+        fake.refreshes += 1;
+        fake.agent_token = format!(
+            "agent-token-{}-refreshed-{}",
+            fake.enrollments, fake.refreshes
+        );
+    } else {
+        return problem(StatusCode::UNAUTHORIZED, "invalid_token");
+    }
     Json(EnrollResponse {
         vm_id: Uuid::nil(),
         agent_token: fake.agent_token.clone(),
@@ -240,17 +251,25 @@ impl Harness {
     }
 
     fn start_agent(&self) -> Agent {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_backvault-agent"))
+        self.start_agent_with(Some(ENROLLMENT_TOKEN), &[])
+    }
+
+    fn start_agent_with(&self, enrollment_token: Option<&str>, extra: &[&OsStr]) -> Agent {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_backvault-agent"));
+        command
             .args(["--inventory".as_ref(), self.inventory.as_os_str()])
             .args(["--server", &self.url])
             .args(["--heartbeat-seconds", "1", "--claim-wait-seconds", "25"])
             .args(["--state-file".as_ref(), self.state_file.as_os_str()])
-            .env("BACKVAULT_ENROLLMENT_TOKEN", ENROLLMENT_TOKEN)
+            .args(extra)
+            .env_remove("BACKVAULT_ENROLLMENT_TOKEN")
             .env("BACKVAULT_LOG", "debug,hyper=info,reqwest=info")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        if let Some(token) = enrollment_token {
+            command.env("BACKVAULT_ENROLLMENT_TOKEN", token);
+        }
+        let mut child = command.spawn().unwrap();
         let mut stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
         let sink = Arc::clone(&log);
@@ -521,6 +540,43 @@ fn crash_after_claim_exits_without_reporting() {
     assert_eq!(agent.wait(Duration::from_secs(10)).code(), Some(101));
     let fake = harness.fake.lock().unwrap();
     assert!(fake.completed.is_empty() && fake.failed.is_empty());
+}
+
+/// An enrollment token is single-use: a restarted agent must not need another. It keeps its
+/// agent token in the token file and refreshes it at start.
+#[test]
+fn a_restarted_agent_refreshes_its_saved_token_instead_of_enrolling_again() {
+    let harness = Harness::new(no_delay);
+    let token_file = harness.state_file.with_extension("token");
+    let extra = ["--token-file".as_ref(), token_file.as_os_str()];
+    let mut first = harness.start_agent_with(Some(ENROLLMENT_TOKEN), &extra);
+    harness.wait_until("the enrollment", |f| (f.enrollments == 1).then_some(()));
+    first.wait_for_log_line("enrolled", |l| l.contains("enrolled"));
+    assert_eq!(
+        std::fs::read_to_string(&token_file).unwrap(),
+        "agent-token-1"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "only the agent's user reads its token");
+    }
+    first.terminate();
+    assert!(first.wait(Duration::from_secs(10)).success());
+
+    // No enrollment token this time: the saved agent token is all it has.
+    let second = harness.start_agent_with(None, &extra);
+    harness.wait_until("the refresh", |f| (f.refreshes == 1).then_some(()));
+    second.wait_for_log_line("enrolled", |l| l.contains("enrolled"));
+    assert_eq!(harness.fake.lock().unwrap().enrollments, 1);
+    assert_eq!(
+        std::fs::read_to_string(&token_file).unwrap(),
+        "agent-token-1-refreshed-1"
+    );
+    let discovery = harness.push(job(JobKind::Discovery, &[], json!({})));
+    harness.completion(discovery);
+    let _ = std::fs::remove_file(&token_file);
 }
 
 #[test]

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use crate::AppState;
 use crate::error::ApiError;
 
-/// The authenticated caller, from `Authorization: Bearer <jwt>`.
+/// The authenticated caller, from `Authorization: Bearer <jwt>`: verified, and not revoked.
 pub struct Caller(pub Principal);
 
 impl FromRequestParts<AppState> for Caller {
@@ -40,7 +40,7 @@ impl FromRequestParts<AppState> for Caller {
                     "the Authorization header is not 'Bearer <token>'",
                 )
             })?;
-        Ok(Caller(state.service.auth.verify(token.trim())?))
+        Ok(Caller(state.service.authenticate(token.trim()).await?))
     }
 }
 

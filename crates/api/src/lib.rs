@@ -37,6 +37,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(routes::jobs::router())
         .merge(routes::agent::router())
         .merge(routes::protection::router())
+        .merge(routes::tokens::router())
 }
 
 /// The OpenAPI document the code describes; committed as `openapi/openapi.json`.
@@ -67,6 +68,7 @@ pub fn router(state: AppState) -> Router {
             Duration::from_secs(90),
         ))
         .layer(axum::middleware::from_fn(edge::bounded_uri))
+        .layer(axum::middleware::from_fn(edge::security_headers))
         .layer(CatchPanicLayer::custom(error::problem_for_panic))
         // Outside the timeout, so the timeout's bare 408 gets a problem body.
         .layer(axum::middleware::map_response(error::problem_for_timeout))

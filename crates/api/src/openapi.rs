@@ -19,6 +19,7 @@ use utoipa::{Modify, OpenApi};
         (name = "vms", description = "The VM inventory"),
         (name = "jobs", description = "Backup jobs: history, waiting, cancelling, on-demand dispatch"),
         (name = "agent", description = "The protocol agents on VMs speak"),
+        (name = "tokens", description = "Enrollment tokens for new agents, and revoking tokens"),
         (name = "protection", description = "Discovery, registration, protection and auto-protection of SQL databases"),
     )
 )]

@@ -109,6 +109,7 @@ pub fn http_client(max_idle: usize) -> anyhow::Result<reqwest::Client> {
 pub fn admin_token() -> String {
     Auth::new(AuthConfig {
         secret: JWT_SECRET.as_bytes().to_vec(),
+        previous_secrets: Vec::new(),
         issuer: None,
         audience: None,
     })
@@ -127,37 +128,41 @@ pub struct Agent {
     pub token: String,
 }
 
-/// Mints an enrollment token as admin (`POST /v1/enrollment-tokens`) and enrolls `n`
-/// agents with it (`POST /v1/agent/enroll`), `concurrency` at a time.
+/// Mints enrollment tokens as admin (`POST /v1/enrollment-tokens`, one per 100 agents, the
+/// most one token enrolls) and enrolls `n` agents with them (`POST /v1/agent/enroll`),
+/// `concurrency` at a time.
 pub async fn enroll_agents(
     client: &reqwest::Client,
     server: &Server,
     n: usize,
     concurrency: usize,
 ) -> anyhow::Result<Vec<Agent>> {
-    let res = client
-        .post(server.url("/v1/enrollment-tokens"))
-        .bearer_auth(admin_token())
-        .json(&serde_json::json!({"subscription_id": "sub-1", "ttl_seconds": 7200}))
-        .send()
-        .await?;
-    let status = res.status();
-    let body: serde_json::Value = res.json().await?;
-    if !status.is_success() {
-        bail!("POST /v1/enrollment-tokens: {status} {body}");
+    let mut tokens = Vec::new();
+    for _ in 0..n.div_ceil(100) {
+        let res = client
+            .post(server.url("/v1/enrollment-tokens"))
+            .bearer_auth(admin_token())
+            .json(&serde_json::json!({"subscription_id": "sub-1", "ttl_seconds": 7200, "max_uses": 100}))
+            .send()
+            .await?;
+        let status = res.status();
+        let body: serde_json::Value = res.json().await?;
+        if !status.is_success() {
+            bail!("POST /v1/enrollment-tokens: {status} {body}");
+        }
+        tokens.push(Arc::new(
+            body["token"]
+                .as_str()
+                .context("enrollment token in the response")?
+                .to_owned(),
+        ));
     }
-    let enrollment = Arc::new(
-        body["token"]
-            .as_str()
-            .context("enrollment token in the response")?
-            .to_owned(),
-    );
     let url = Arc::new(server.url("/v1/agent/enroll"));
     let gate = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut set = tokio::task::JoinSet::new();
     for i in 0..n {
         let client = client.clone();
-        let enrollment = enrollment.clone();
+        let enrollment = tokens[i / 100].clone();
         let url = url.clone();
         let gate = gate.clone();
         set.spawn(async move {

@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::instants::{earlier, later};
+use crate::jobs::JobKind;
 use crate::text::check_instant;
 use crate::violation::{Violation, Violations};
 
@@ -25,8 +27,9 @@ pub struct VmFacts {
     pub subscription_id: String,
     pub region: String,
     pub deployment_model: DeploymentModel,
+    /// At most 64 characters.
     pub agent_version: String,
-    /// e.g. `4.8`.
+    /// e.g. `4.8`; at most 64 characters.
     pub dotnet_version: String,
     pub sql_iaas_extension: bool,
     /// Another backup product backs up this VM's SQL databases.
@@ -241,6 +244,106 @@ impl SqlInventory {
 pub const MAX_POINTS_PER_REPORT: usize = crate::jobs::MAX_ITEMS_PER_JOB;
 /// Warnings one completion may carry.
 pub const MAX_WARNINGS: usize = 100;
+/// Characters of one warning.
+pub const MAX_WARNING_CHARS: usize = 1024;
+/// Bytes of a job's `progress` (JSON, as the server stores it), in a job heartbeat or an
+/// agent heartbeat.
+pub const MAX_PROGRESS_BYTES: usize = 4 * 1024;
+/// Bytes of a completion's `result` (JSON, as the server stores it): about 7,000
+/// databases of a discovery.
+pub const MAX_RESULT_BYTES: usize = 1024 * 1024;
+/// Characters of the free-form VM facts `agent_version` and `dotnet_version`.
+pub const MAX_VERSION_FACT_CHARS: usize = 64;
+/// Job leases one agent heartbeat may extend (a VM runs at most 35 jobs at once).
+pub const MAX_HEARTBEAT_LEASES: usize = 100;
+/// How far a reported `backup_time` may lie outside its job's claim-to-completion window:
+/// the agent's clock may differ from the server's by this much.
+pub const BACKUP_TIME_SKEW_MINUTES: i64 = 5;
+
+/// Counts the bytes of a value's JSON without building it.
+#[derive(Default)]
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 = self.0.saturating_add(buf.len());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The size of `value` serialized as compact JSON (as stored).
+pub fn json_bytes(value: &impl Serialize) -> usize {
+    let mut count = ByteCount::default();
+    // A value that does not serialize counts as too large.
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX,
+    }
+}
+
+fn too_large(pointer: impl Into<String>, what: String) -> Violation {
+    Violation::new(pointer, "field_too_large", what)
+}
+
+/// `field_too_large` when an agent's `progress` is over [`MAX_PROGRESS_BYTES`].
+pub fn check_progress(progress: Option<&serde_json::Value>, pointer: &str) -> Option<Violation> {
+    let bytes = json_bytes(&progress?);
+    (bytes > MAX_PROGRESS_BYTES).then(|| {
+        too_large(
+            pointer,
+            format!(
+                "progress is at most {MAX_PROGRESS_BYTES} bytes of JSON (this one has {bytes})"
+            ),
+        )
+    })
+}
+
+/// At most [`MAX_WARNINGS`] warnings of at most [`MAX_WARNING_CHARS`] characters each.
+pub fn check_warnings(warnings: &[String], pointer: &str) -> Vec<Violation> {
+    let mut v = Violations::default();
+    if warnings.len() > MAX_WARNINGS {
+        v.push(
+            pointer,
+            "too_many_warnings",
+            format!("a completion carries at most {MAX_WARNINGS} warnings"),
+        );
+        return v.into_vec();
+    }
+    for (i, warning) in warnings.iter().enumerate() {
+        if warning.chars().count() > MAX_WARNING_CHARS {
+            v.push(
+                format!("{pointer}/{i}"),
+                "field_too_large",
+                format!("a warning has at most {MAX_WARNING_CHARS} characters"),
+            );
+        }
+    }
+    v.into_vec()
+}
+
+impl VmFacts {
+    /// The free-form facts' size bounds (the identity fields have rules of their own).
+    pub fn size_violations(&self, pointer: &str) -> Vec<Violation> {
+        let mut v = Violations::default();
+        for (field, value) in [
+            ("agent_version", &self.agent_version),
+            ("dotnet_version", &self.dotnet_version),
+        ] {
+            if value.chars().count() > MAX_VERSION_FACT_CHARS {
+                v.push(
+                    format!("{pointer}/{field}"),
+                    "field_too_large",
+                    format!("{field} has at most {MAX_VERSION_FACT_CHARS} characters"),
+                );
+            }
+        }
+        v.into_vec()
+    }
+}
 
 /// An LSN in decimal form, or `None` when it is not one.
 pub fn parse_lsn(raw: &str) -> Option<u128> {
@@ -319,6 +422,16 @@ impl JobResult {
     /// Every reason this result cannot be recorded as it is, with pointers under
     /// `pointer` (the result's place in the request).
     pub fn violations(&self, pointer: &str) -> Vec<Violation> {
+        let bytes = json_bytes(self);
+        if bytes > MAX_RESULT_BYTES {
+            // Alone: the rest of a result this large is not worth reading.
+            return vec![too_large(
+                pointer,
+                format!(
+                    "a result is at most {MAX_RESULT_BYTES} bytes of JSON (this one has {bytes})"
+                ),
+            )];
+        }
         match self {
             JobResult::Backup { recovery_points } => {
                 let mut v = Violations::default();
@@ -353,6 +466,170 @@ impl JobResult {
             }
             JobResult::ConfigureProtection {} => Vec::new(),
         }
+    }
+}
+
+/// What the server knows of a job when its agent reports the result: what the report
+/// must match.
+#[derive(Debug, Clone, Copy)]
+pub struct ReportedJob<'a> {
+    pub kind: JobKind,
+    pub items: &'a [JobItem],
+    pub payload: &'a serde_json::Value,
+    /// When the job was first handed to an agent (its `started_at`).
+    pub claimed_at: Option<DateTime<Utc>>,
+    /// When the completion arrived (the server's clock).
+    pub completed_at: DateTime<Utc>,
+    /// A `--dev` server rehearsing schedules: a scheduled job's `payload.scheduled_at` is
+    /// a chosen instant, and agents may stamp their backups with it.
+    pub rehearsal: bool,
+}
+
+impl JobItem {
+    /// Whether a report naming `instance` and `database` is about this item: instance
+    /// names ignoring ASCII case (as SQL Server resolves them), database names exactly.
+    pub fn is_named(&self, instance: &str, database: &str) -> bool {
+        self.instance.eq_ignore_ascii_case(instance) && self.database == database
+    }
+}
+
+impl ReportedJob<'_> {
+    /// The type of every point a backup job of this kind reports; `None` for other kinds.
+    pub fn point_type(&self) -> Option<RecoveryPointType> {
+        match self.kind {
+            JobKind::BackupFull
+                if self
+                    .payload
+                    .get("copy_only")
+                    .and_then(serde_json::Value::as_bool)
+                    == Some(true) =>
+            {
+                Some(RecoveryPointType::CopyOnlyFull)
+            }
+            JobKind::BackupFull => Some(RecoveryPointType::Full),
+            JobKind::BackupDifferential => Some(RecoveryPointType::Differential),
+            JobKind::BackupLog => Some(RecoveryPointType::Log),
+            _ => None,
+        }
+    }
+
+    /// The instants a backup of this job may be stamped with: from the claim to the
+    /// completion, widened by [`BACKUP_TIME_SKEW_MINUTES`] on both sides; in a rehearsal,
+    /// also stretched to cover the job's `scheduled_at`.
+    pub fn backup_window(&self) -> (DateTime<Utc>, DateTime<Utc>) {
+        let skew = crate::instants::minutes(BACKUP_TIME_SKEW_MINUTES);
+        let mut from = self
+            .claimed_at
+            .unwrap_or(self.completed_at)
+            .min(self.completed_at);
+        let mut to = self.completed_at;
+        if self.rehearsal
+            && let Some(at) = self
+                .payload
+                .get("scheduled_at")
+                .and_then(|v| serde_json::from_value::<DateTime<Utc>>(v.clone()).ok())
+        {
+            from = from.min(at);
+            to = to.max(at);
+        }
+        (earlier(from, skew), later(to, skew))
+    }
+
+    /// The database a restore job writes: `payload.target_database`, else its item's.
+    pub fn restore_target(&self) -> Option<&str> {
+        self.payload
+            .get("target_database")
+            .and_then(serde_json::Value::as_str)
+            .or_else(|| self.items.first().map(|i| i.database.as_str()))
+    }
+}
+
+impl JobResult {
+    /// Every way this result does not fit the job it completes (pointers under
+    /// `pointer`): a backup's points have the job's type, name only the job's items, at
+    /// most one each, stamped within the job's window; a restore reports the database the
+    /// job restores. A result of another kind than the job's is not judged here (the
+    /// completion answers `result_kind_mismatch`).
+    pub fn job_violations(&self, job: &ReportedJob<'_>, pointer: &str) -> Vec<Violation> {
+        let mut v = Violations::default();
+        match self {
+            JobResult::Backup { recovery_points } => {
+                let Some(expected) = job.point_type() else {
+                    return Vec::new();
+                };
+                let (from, to) = job.backup_window();
+                let mut reported = vec![false; job.items.len()];
+                for (i, p) in recovery_points.iter().enumerate() {
+                    let at = format!("{pointer}/recovery_points/{i}");
+                    if p.backup_type != expected {
+                        v.push(
+                            format!("{at}/backup_type"),
+                            "point_type_mismatch",
+                            format!(
+                                "a {} job reports points of type {}",
+                                job.kind.as_str(),
+                                point_type_str(expected)
+                            ),
+                        );
+                    }
+                    let mut named = job
+                        .items
+                        .iter()
+                        .zip(reported.iter_mut())
+                        .filter(|(item, _)| item.is_named(&p.instance, &p.database))
+                        .map(|(_, seen)| seen)
+                        .peekable();
+                    if named.peek().is_none() {
+                        v.push(
+                            format!("{at}/database"),
+                            "point_not_in_job",
+                            "a point names one of the job's databases (its instance and name)",
+                        );
+                    } else if let Some(seen) = named.find(|seen| !**seen) {
+                        *seen = true;
+                    } else {
+                        v.push(
+                            at.clone(),
+                            "point_duplicate",
+                            "a backup job reports at most one point per database",
+                        );
+                    }
+                    if p.backup_time < from || p.backup_time > to {
+                        v.push(
+                            format!("{at}/backup_time"),
+                            "backup_time_out_of_window",
+                            format!(
+                                "a point of this job is stamped between {} and {} (from its claim to its completion, give or take {BACKUP_TIME_SKEW_MINUTES} minutes)",
+                                from.to_rfc3339(),
+                                to.to_rfc3339()
+                            ),
+                        );
+                    }
+                }
+            }
+            JobResult::Restore { restored_database } if job.kind == JobKind::Restore => {
+                if let Some(target) = job.restore_target()
+                    && restored_database != target
+                {
+                    v.push(
+                        format!("{pointer}/restored_database"),
+                        "restored_database_mismatch",
+                        format!("this job restores the database {target:?}"),
+                    );
+                }
+            }
+            _ => {}
+        }
+        v.into_vec()
+    }
+}
+
+fn point_type_str(t: RecoveryPointType) -> &'static str {
+    match t {
+        RecoveryPointType::Full => "full",
+        RecoveryPointType::CopyOnlyFull => "copy_only_full",
+        RecoveryPointType::Differential => "differential",
+        RecoveryPointType::Log => "log",
     }
 }
 
@@ -401,6 +678,7 @@ pub mod protocol {
     pub struct JobLease {
         pub job_id: Uuid,
         pub lease: i64,
+        /// At most 4 KiB of JSON.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub progress: Option<serde_json::Value>,
     }
@@ -412,6 +690,7 @@ pub mod protocol {
     pub struct AgentHeartbeat {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub facts: Option<VmFacts>,
+        /// At most 100 leases.
         #[serde(default)]
         pub jobs: Vec<JobLease>,
     }
@@ -475,6 +754,8 @@ pub mod protocol {
     #[serde(deny_unknown_fields)]
     pub struct JobHeartbeat {
         pub lease: i64,
+        /// What the job has done so far, for users (`GET /v1/jobs/{job_id}`): at most 4 KiB
+        /// of JSON.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub progress: Option<serde_json::Value>,
     }
@@ -489,8 +770,11 @@ pub mod protocol {
     #[serde(deny_unknown_fields)]
     pub struct CompleteJob {
         pub lease: i64,
+        /// What the job did; at most 1 MiB of JSON, and it must fit the job (its points, its
+        /// databases, its window, its restore target).
         pub result: JobResult,
-        /// Non-fatal problems; the job ends `completed_with_warnings`.
+        /// Non-fatal problems; the job ends `completed_with_warnings`. At most 100, of at
+        /// most 1,024 characters each.
         #[serde(default)]
         pub warnings: Vec<String>,
     }
@@ -629,5 +913,309 @@ mod tests {
             recovery_points: vec![point(); MAX_POINTS_PER_REPORT + 1],
         };
         assert_eq!(many.violations("/result")[0].code, "too_many_points");
+    }
+
+    fn item(database: &str) -> JobItem {
+        JobItem {
+            instance: "MSSQLSERVER".into(),
+            database: database.into(),
+            protected_item_id: None,
+        }
+    }
+
+    fn at(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
+    fn job<'a>(
+        kind: JobKind,
+        items: &'a [JobItem],
+        payload: &'a serde_json::Value,
+    ) -> ReportedJob<'a> {
+        ReportedJob {
+            kind,
+            items,
+            payload,
+            claimed_at: Some(at("2026-11-30T10:00:00Z")),
+            completed_at: at("2026-11-30T10:10:00Z"),
+            rehearsal: false,
+        }
+    }
+
+    fn backup(points: Vec<RecoveryPointReport>) -> JobResult {
+        JobResult::Backup {
+            recovery_points: points,
+        }
+    }
+
+    fn job_codes(result: &JobResult, job: &ReportedJob<'_>) -> Vec<(String, &'static str)> {
+        result
+            .job_violations(job, "/result")
+            .into_iter()
+            .map(|v| (v.pointer, v.code))
+            .collect()
+    }
+
+    #[test]
+    fn a_backup_report_has_the_jobs_type_and_names_only_its_items_once() {
+        let items = [item("sales"), item("hr")];
+        let plain = serde_json::json!({});
+        let copy_only = serde_json::json!({"copy_only": true});
+        let mut hr = point();
+        hr.database = "hr".into();
+        hr.instance = "mssqlserver".into();
+        let both = backup(vec![point(), hr.clone()]);
+        assert_eq!(
+            job_codes(&both, &job(JobKind::BackupFull, &items, &plain)),
+            []
+        );
+        assert_eq!(
+            job_codes(&both, &job(JobKind::BackupFull, &items, &copy_only)),
+            [
+                (
+                    "/result/recovery_points/0/backup_type".to_owned(),
+                    "point_type_mismatch"
+                ),
+                (
+                    "/result/recovery_points/1/backup_type".to_owned(),
+                    "point_type_mismatch"
+                ),
+            ],
+            "a copy-only job reports copy-only fulls"
+        );
+        let mut copy = point();
+        copy.backup_type = RecoveryPointType::CopyOnlyFull;
+        assert_eq!(
+            job_codes(
+                &backup(vec![copy]),
+                &job(JobKind::BackupFull, &items, &copy_only)
+            ),
+            []
+        );
+        for kind in [JobKind::BackupDifferential, JobKind::BackupLog] {
+            assert_eq!(
+                job_codes(&backup(vec![point()]), &job(kind, &items, &plain)),
+                [(
+                    "/result/recovery_points/0/backup_type".to_owned(),
+                    "point_type_mismatch"
+                )]
+            );
+        }
+        let mut log = point();
+        log.backup_type = RecoveryPointType::Log;
+        assert_eq!(
+            job_codes(&backup(vec![log]), &job(JobKind::BackupLog, &items, &plain)),
+            []
+        );
+
+        let mut stranger = point();
+        stranger.database = "payroll".into();
+        let mut other_instance = point();
+        other_instance.instance = "SQL2".into();
+        let mut recased = point();
+        recased.database = "SALES".into();
+        assert_eq!(
+            job_codes(
+                &backup(vec![point(), stranger, other_instance, recased, point()]),
+                &job(JobKind::BackupFull, &items, &plain)
+            ),
+            [
+                (
+                    "/result/recovery_points/1/database".to_owned(),
+                    "point_not_in_job"
+                ),
+                (
+                    "/result/recovery_points/2/database".to_owned(),
+                    "point_not_in_job"
+                ),
+                (
+                    "/result/recovery_points/3/database".to_owned(),
+                    "point_not_in_job"
+                ),
+                ("/result/recovery_points/4".to_owned(), "point_duplicate"),
+            ]
+        );
+        // No point at all is not a lie (a job may report fewer points than items).
+        assert_eq!(
+            job_codes(&backup(vec![]), &job(JobKind::BackupLog, &items, &plain)),
+            []
+        );
+    }
+
+    #[test]
+    fn a_backup_is_stamped_between_its_claim_and_its_completion() {
+        let items = [item("sales")];
+        let plain = serde_json::json!({});
+        let stamped = |s: &str| {
+            let mut p = point();
+            p.started_at = at(s);
+            p.backup_time = at(s);
+            backup(vec![p])
+        };
+        let full = job(JobKind::BackupFull, &items, &plain);
+        for ok in [
+            "2026-11-30T09:55:00Z",
+            "2026-11-30T10:05:00Z",
+            "2026-11-30T10:15:00Z",
+        ] {
+            assert_eq!(job_codes(&stamped(ok), &full), [], "{ok}");
+        }
+        for late_or_early in [
+            "2026-11-30T09:54:59Z",
+            "2026-11-30T10:15:01Z",
+            "2031-11-16T00:30:00Z",
+        ] {
+            assert_eq!(
+                job_codes(&stamped(late_or_early), &full),
+                [(
+                    "/result/recovery_points/0/backup_time".to_owned(),
+                    "backup_time_out_of_window"
+                )],
+                "{late_or_early}"
+            );
+        }
+        // A rehearsal: the job's scheduled instant counts, in the future or the past, and
+        // only on a server that rehearses.
+        for scheduled in ["2031-11-16T00:30:00Z", "2025-11-16T00:30:00Z"] {
+            let payload = serde_json::json!({"slot_at": scheduled, "scheduled_at": scheduled});
+            let rehearsed = ReportedJob {
+                rehearsal: true,
+                ..job(JobKind::BackupFull, &items, &payload)
+            };
+            assert_eq!(
+                job_codes(&stamped(scheduled), &rehearsed),
+                [],
+                "{scheduled}"
+            );
+            assert_eq!(job_codes(&stamped("2026-11-30T10:05:00Z"), &rehearsed), []);
+            assert_eq!(
+                job_codes(
+                    &stamped(scheduled),
+                    &job(JobKind::BackupFull, &items, &payload)
+                )
+                .len(),
+                1,
+                "not without --dev"
+            );
+        }
+        let unscheduled = ReportedJob {
+            rehearsal: true,
+            ..full
+        };
+        assert_eq!(
+            job_codes(&stamped("2031-11-16T00:30:00Z"), &unscheduled).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_restore_reports_the_database_its_job_restores() {
+        let items = [item("sales")];
+        let payload = serde_json::json!({"target_database": "sales_copy"});
+        let restore = job(JobKind::Restore, &items, &payload);
+        let restored = |name: &str| JobResult::Restore {
+            restored_database: name.into(),
+        };
+        assert_eq!(job_codes(&restored("sales_copy"), &restore), []);
+        for wrong in ["sales", "SALES_COPY", "master"] {
+            assert_eq!(
+                job_codes(&restored(wrong), &restore),
+                [(
+                    "/result/restored_database".to_owned(),
+                    "restored_database_mismatch"
+                )]
+            );
+        }
+        let old = serde_json::json!({});
+        assert_eq!(
+            job_codes(&restored("sales"), &job(JobKind::Restore, &items, &old)),
+            []
+        );
+        // Another kind's result is the kind check's business.
+        assert_eq!(
+            job_codes(&restored("x"), &job(JobKind::BackupLog, &items, &old)),
+            []
+        );
+        assert_eq!(job_codes(&backup(vec![point()]), &restore), []);
+    }
+
+    #[test]
+    fn free_form_fields_are_bounded() {
+        let small = serde_json::json!({"percent": 50, "step": "copying"});
+        assert_eq!(check_progress(Some(&small), "/progress"), None);
+        assert_eq!(check_progress(None, "/progress"), None);
+        let big = serde_json::json!({"log": "x".repeat(MAX_PROGRESS_BYTES)});
+        assert_eq!(
+            check_progress(Some(&big), "/jobs/0/progress").map(|v| (v.pointer, v.code)),
+            Some(("/jobs/0/progress".to_owned(), "field_too_large"))
+        );
+        let exact = serde_json::Value::String("x".repeat(MAX_PROGRESS_BYTES - 2));
+        assert_eq!(json_bytes(&exact), MAX_PROGRESS_BYTES);
+        assert_eq!(check_progress(Some(&exact), "/progress"), None);
+
+        let warnings = vec![
+            "w".repeat(MAX_WARNING_CHARS),
+            "é".repeat(MAX_WARNING_CHARS + 1),
+        ];
+        assert_eq!(
+            check_warnings(&warnings, "/warnings")
+                .into_iter()
+                .map(|v| (v.pointer, v.code))
+                .collect::<Vec<_>>(),
+            [("/warnings/1".to_owned(), "field_too_large")]
+        );
+        assert_eq!(
+            check_warnings(&vec![String::new(); MAX_WARNINGS + 1], "/warnings")[0].code,
+            "too_many_warnings"
+        );
+
+        let db = |i: usize| SqlDatabase {
+            instance: "MSSQLSERVER".into(),
+            availability_group: None,
+            name: format!("{i:0>120}"),
+            recovery_model: RecoveryModel::Full,
+            system: false,
+            read_only: false,
+            size_bytes: 1,
+        };
+        let huge = JobResult::Discovery {
+            inventory: SqlInventory {
+                instances: vec![SqlInstance {
+                    name: "MSSQLSERVER".into(),
+                    version: "2019".into(),
+                }],
+                availability_groups: Vec::new(),
+                databases: (0..8_000).map(db).collect(),
+            },
+        };
+        assert_eq!(
+            huge.violations("/result")
+                .into_iter()
+                .map(|v| (v.pointer, v.code))
+                .collect::<Vec<_>>(),
+            [("/result".to_owned(), "field_too_large")]
+        );
+
+        let mut facts = VmFacts {
+            name: "vm".into(),
+            resource_group: "rg".into(),
+            subscription_id: "sub".into(),
+            region: "westeurope".into(),
+            deployment_model: DeploymentModel::ResourceManager,
+            agent_version: "1.0.0".into(),
+            dotnet_version: "4.8".into(),
+            sql_iaas_extension: true,
+            other_backup_product: false,
+        };
+        assert!(facts.size_violations("/facts").is_empty());
+        facts.dotnet_version = "4".repeat(MAX_VERSION_FACT_CHARS + 1);
+        assert_eq!(
+            facts
+                .size_violations("/facts")
+                .into_iter()
+                .map(|v| (v.pointer, v.code))
+                .collect::<Vec<_>>(),
+            [("/facts/dotnet_version".to_owned(), "field_too_large")]
+        );
     }
 }

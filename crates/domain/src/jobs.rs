@@ -6,6 +6,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::violation::{Violation, Violations};
+
 /// At most this many databases go into one job (Azure Backup's limit per backup job).
 pub const MAX_ITEMS_PER_JOB: usize = 50;
 /// Azure Backup runs at most 20 backup jobs and 15 restore jobs at once on one VM.
@@ -159,6 +161,53 @@ pub fn retry_delay(attempt: i32, jitter: f64) -> Duration {
     Duration::from_secs_f64(base * jitter.clamp(0.5, 1.5))
 }
 
+/// Every reason `POST /v1/jobs` may not send this job. Only the kinds whose rules the
+/// generic dispatch can check go through it: discovery, and backups of the VM's own
+/// databases with no payload beyond `copy_only`. Configure protection and restores have
+/// endpoints that check their rules (eligibility, restore targets); a raw job would skip
+/// them.
+pub fn check_dispatch(
+    kind: JobKind,
+    item_count: usize,
+    payload: &serde_json::Value,
+) -> Vec<Violation> {
+    let mut v = Violations::default();
+    match kind {
+        JobKind::ConfigureProtection | JobKind::Restore => v.push(
+            "/kind",
+            "job_kind_not_dispatchable",
+            "configure protection with POST /v1/vaults/{vault_id}/protected-items and restore with POST .../protected-items/{item_id}/restore, which check their rules",
+        ),
+        JobKind::Discovery if item_count > 0 => v.push(
+            "/items",
+            "items_not_allowed",
+            "a discovery job names no databases: it reports them",
+        ),
+        _ => {}
+    }
+    if item_count > MAX_ITEMS_PER_JOB {
+        v.push(
+            "/items",
+            "too_many_items",
+            format!("a job carries at most {MAX_ITEMS_PER_JOB} databases"),
+        );
+    }
+    let allowed_payload = match payload.as_object() {
+        Some(fields) => fields.iter().all(|(name, value)| {
+            kind == JobKind::BackupFull && name == "copy_only" && value.is_boolean()
+        }),
+        None => false,
+    };
+    if !allowed_payload {
+        v.push(
+            "/payload",
+            "payload_not_allowed",
+            "a dispatched job's payload is {} (a full backup may add \"copy_only\": true); retention comes from the policy or an on-demand backup",
+        );
+    }
+    v.into_vec()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,5 +267,44 @@ mod tests {
         assert_eq!(retry_delay(2, 1.0), Duration::from_secs(4));
         assert_eq!(retry_delay(3, 1.0), Duration::from_secs(8));
         assert_eq!(retry_delay(30, 1.0), Duration::from_secs(600));
+    }
+
+    #[test]
+    fn only_checkable_jobs_are_dispatched_and_only_with_plain_payloads() {
+        use serde_json::json;
+        let codes = |kind, items, payload: serde_json::Value| -> Vec<&'static str> {
+            check_dispatch(kind, items, &payload)
+                .into_iter()
+                .map(|v| v.code)
+                .collect()
+        };
+        assert!(codes(JobKind::Discovery, 0, json!({})).is_empty());
+        assert!(codes(JobKind::BackupLog, 3, json!({})).is_empty());
+        assert!(codes(JobKind::BackupFull, 1, json!({"copy_only": true})).is_empty());
+        assert_eq!(
+            codes(JobKind::Restore, 1, json!({})),
+            ["job_kind_not_dispatchable"]
+        );
+        assert_eq!(
+            codes(JobKind::ConfigureProtection, 1, json!({})),
+            ["job_kind_not_dispatchable"]
+        );
+        assert_eq!(
+            codes(JobKind::Discovery, 1, json!({})),
+            ["items_not_allowed"]
+        );
+        assert_eq!(
+            codes(JobKind::BackupFull, 1, json!({"retention_days": 3650})),
+            ["payload_not_allowed"]
+        );
+        assert_eq!(
+            codes(JobKind::BackupLog, 1, json!({"copy_only": true})),
+            ["payload_not_allowed"]
+        );
+        assert_eq!(
+            codes(JobKind::BackupLog, 1, json!([])),
+            ["payload_not_allowed"]
+        );
+        assert_eq!(codes(JobKind::BackupLog, 51, json!({})), ["too_many_items"]);
     }
 }

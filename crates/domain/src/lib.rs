@@ -5,6 +5,7 @@
 // (tests are exempt: their numbers are their own).
 #![cfg_attr(not(test), warn(clippy::arithmetic_side_effects))]
 
+pub mod access;
 pub mod agent;
 pub mod instants;
 pub mod jobs;
@@ -16,6 +17,7 @@ pub mod restore;
 pub mod retention;
 pub mod schedule;
 pub mod text;
+pub mod tokens;
 pub mod violation;
 
 pub use violation::Violation;

@@ -11,7 +11,9 @@ use backvault_domain::agent::protocol::{
     AgentHeartbeat, AgentHeartbeatResponse, ClaimedJob, CompleteJob, EnrollResponse, FailJob,
     JobHeartbeat, JobHeartbeatResponse,
 };
-use backvault_domain::agent::{JobItem, JobResult, MAX_WARNINGS, VmFacts};
+use backvault_domain::agent::{
+    JobItem, JobResult, MAX_HEARTBEAT_LEASES, ReportedJob, VmFacts, check_progress, check_warnings,
+};
 use backvault_domain::instants::later;
 use backvault_domain::jobs::{JobKind, JobStatus, retry_delay};
 use backvault_store::PgPool;
@@ -28,6 +30,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::metrics::Metrics;
 use crate::protection::jobs_finished;
 use crate::recovery::{BackupReport, record_points};
+use crate::tokens::{same_name, take_enrollment_use};
 use crate::vms::{check_facts, facts_row};
 use crate::{Config, Principal, Service};
 
@@ -65,6 +68,14 @@ pub(crate) struct ClaimRequest {
 
 fn job_not_found(id: Uuid) -> Error {
     Error::not_found("job_not_found", format_args!("job {id}"))
+}
+
+fn token_revoked() -> Error {
+    Error::new(
+        ErrorKind::Unauthorized,
+        "token_revoked",
+        "this agent token was replaced by a newer enrollment or its VM was removed; enroll again",
+    )
 }
 
 fn lease_lost() -> Error {
@@ -136,7 +147,14 @@ pub(crate) fn claim_batcher(
 
 /// Completes many jobs in one transaction (group commit). A completion whose lease is no
 /// longer held comes back as `lease_lost`, to be told apart from a repeat by the caller.
-pub(crate) fn complete_batcher(pool: PgPool, metrics: Arc<Metrics>) -> Batcher<Completion, ()> {
+/// Each result is first judged against its job (loaded for the whole batch in one
+/// statement): one that does not fit fails its job with `JobResultInvalid` and comes back
+/// as `validation_failed`.
+pub(crate) fn complete_batcher(
+    pool: PgPool,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+) -> Batcher<Completion, ()> {
     let spec = BatcherSpec {
         name: "completions",
         workers: 4,
@@ -145,35 +163,79 @@ pub(crate) fn complete_batcher(pool: PgPool, metrics: Arc<Metrics>) -> Batcher<C
     };
     Batcher::spawn(spec, metrics, move |completions: &[Completion]| {
         let pool = pool.clone();
+        let rehearsal = config.allow_clock_override;
         Box::pin(async move {
-            let done = async {
+            let outcome = async {
                 let mut tx = pool.begin().await?;
-                let done = store::queue_complete(&mut tx, completions).await?;
+                let held: HashMap<Uuid, store::CompletingJob> =
+                    store::queue_lock_completing(&mut tx, completions)
+                        .await?
+                        .into_iter()
+                        .map(|j| (j.job_id, j))
+                        .collect();
+                let results: Vec<Option<JobResult>> = completions
+                    .iter()
+                    .map(|c| serde_json::from_value(c.result.clone()).ok())
+                    .collect();
+                let mut rejected: HashMap<Uuid, Vec<Violation>> = HashMap::new();
+                for (c, result) in completions.iter().zip(&results) {
+                    let (Some(result), Some(job)) = (result, held.get(&c.job_id)) else {
+                        continue;
+                    };
+                    let Some(kind) = JobKind::parse(&job.kind) else {
+                        continue;
+                    };
+                    let items: Vec<JobItem> =
+                        serde_json::from_value(job.items.0.clone()).unwrap_or_default();
+                    let violations = result.job_violations(
+                        &ReportedJob {
+                            kind,
+                            items: &items,
+                            payload: &job.payload.0,
+                            claimed_at: job.started_at,
+                            completed_at: job.now,
+                            rehearsal,
+                        },
+                        "/result",
+                    );
+                    if !violations.is_empty() {
+                        rejected.insert(c.job_id, violations);
+                    }
+                }
+                if !rejected.is_empty() {
+                    fail_rejected(&mut tx, &rejected).await?;
+                }
+                let accepted: Vec<&Completion> = completions
+                    .iter()
+                    .filter(|c| !rejected.contains_key(&c.job_id))
+                    .collect();
+                let done = store::queue_complete(&mut tx, &accepted).await?;
                 // Recovery points are recorded in the completion's own transaction.
                 let reports: Vec<BackupReport> = completions
                     .iter()
-                    .filter(|c| done.contains(&c.job_id))
-                    .filter_map(
-                        |c| match serde_json::from_value::<JobResult>(c.result.clone()) {
-                            Ok(JobResult::Backup { recovery_points }) => Some(BackupReport {
-                                job_id: c.job_id,
-                                points: recovery_points,
-                            }),
-                            _ => None,
-                        },
-                    )
+                    .zip(results)
+                    .filter(|(c, _)| done.contains(&c.job_id))
+                    .filter_map(|(c, result)| match result {
+                        Some(JobResult::Backup { recovery_points }) => Some(BackupReport {
+                            job_id: c.job_id,
+                            points: recovery_points,
+                        }),
+                        _ => None,
+                    })
                     .collect();
                 record_points(&mut tx, &reports).await?;
                 jobs_finished(&mut tx, &done, true).await?;
                 tx.commit().await?;
-                Ok::<_, Error>(done)
+                Ok::<_, Error>((done, rejected))
             }
             .await;
-            let done = done?;
+            let (done, rejected) = outcome?;
             Ok(completions
                 .iter()
                 .map(|c| {
-                    if done.contains(&c.job_id) {
+                    if let Some(violations) = rejected.get(&c.job_id) {
+                        Err(Error::validation(violations.clone()))
+                    } else if done.contains(&c.job_id) {
                         Ok(())
                     } else {
                         Err(lease_lost())
@@ -182,6 +244,34 @@ pub(crate) fn complete_batcher(pool: PgPool, metrics: Arc<Metrics>) -> Batcher<C
                 .collect())
         })
     })
+}
+
+/// Fails the jobs whose results do not fit them, with `JobResultInvalid`: retrying such a
+/// completion would be refused again.
+async fn fail_rejected(
+    tx: &mut sqlx::PgConnection,
+    rejected: &HashMap<Uuid, Vec<Violation>>,
+) -> Result<()> {
+    let ids: Vec<Uuid> = rejected.keys().copied().collect();
+    let messages: Vec<String> = ids
+        .iter()
+        .map(|id| {
+            format!(
+                "the agent reported a result that does not fit its job: {}",
+                rejected[id].first().map_or("", |v| v.message.as_str())
+            )
+        })
+        .collect();
+    let ends: Vec<AttemptEnd<'_>> = messages
+        .iter()
+        .map(|message| AttemptEnd {
+            outcome: "failed",
+            code: RESULT_INVALID,
+            message,
+        })
+        .collect();
+    store::queue_finish(tx, &ids, JobStatus::Failed.as_str(), &ends).await?;
+    jobs_finished(tx, &ids, false).await
 }
 
 fn result_kind_like(result: &JobResult) -> &'static str {
@@ -218,28 +308,38 @@ impl Service {
         };
         match current {
             Some(current) if current == generation => Ok(vm),
-            _ => Err(Error::new(
-                ErrorKind::Unauthorized,
-                "token_revoked",
-                "this agent token was replaced by a newer enrollment or its VM was removed; enroll again",
-            )),
+            _ => Err(token_revoked()),
         }
     }
 
-    /// An agent presents an enrollment token and its VM's facts; the VM is upserted into
-    /// the inventory and the agent gets a token bound to it.
+    /// `POST /v1/agent/enroll`. With an enrollment token: a new agent enrolls its VM (see
+    /// [`Self::enroll_with_token`]). With the VM's current agent token: its agent refreshes
+    /// that token (see [`Self::refresh_agent_token`]).
     pub async fn agent_enroll(
         &self,
         principal: &Principal,
         facts: VmFacts,
     ) -> Result<EnrollResponse> {
-        if principal.role != Role::Enrollment {
-            return Err(Error::new(
+        match principal.role {
+            Role::Enrollment => self.enroll_with_token(principal, facts).await,
+            Role::Agent => self.refresh_agent_token(principal, facts).await,
+            _ => Err(Error::new(
                 ErrorKind::Forbidden,
                 "forbidden",
-                "enrollment needs an enrollment token",
-            ));
+                "enrollment needs an enrollment token, or the VM's current agent token to refresh it",
+            )),
         }
+    }
+
+    /// The VM is upserted into the inventory and the agent gets a token bound to it, for
+    /// one use of the enrollment token. A VM that already has an agent is not taken over
+    /// (`vm_already_enrolled`) unless the token is bound to it: a token that leaked from
+    /// one machine must not let another impersonate the subscription's VMs.
+    async fn enroll_with_token(
+        &self,
+        principal: &Principal,
+        facts: VmFacts,
+    ) -> Result<EnrollResponse> {
         check_facts(&facts, "/facts")?;
         if !principal.sees_subscription(&facts.subscription_id) {
             return Err(Error::new(
@@ -249,7 +349,20 @@ impl Service {
             ));
         }
         let mut tx = self.pool.begin().await?;
-        let vm = vms::vm_enroll(&mut tx, Uuid::now_v7(), &facts_row(&facts)).await?;
+        let grant = take_enrollment_use(&mut tx, principal, &facts).await?;
+        // Dropping the transaction on refusal gives the enrollment token's use back.
+        let vm = vms::vm_enroll(&mut tx, Uuid::now_v7(), &facts_row(&facts), grant.bound)
+            .await?
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Conflict,
+                    "vm_already_enrolled",
+                    format!(
+                        "VM {} in resource group {} already has an agent. Its agent refreshes its token with that token; to replace the agent, enroll with a token bound to this VM (vm_name, resource_group) or remove the VM first",
+                        facts.name, facts.resource_group
+                    ),
+                )
+            })?;
         // Other replicas drop their cached generation of this VM at commit.
         store::notify(&mut *tx, &store::notify_payload('g', [vm.id])).await?;
         tx.commit().await?;
@@ -260,7 +373,55 @@ impl Service {
             vm.token_generation,
             self.config.agent_token_ttl,
         );
-        tracing::info!(vm.id = %vm.id, vm.name = %vm.name, "agent enrolled");
+        tracing::info!(vm.id = %vm.id, vm.name = %vm.name, enrollment_token.id = %grant.token_id,
+                       replaced_agent = vm.token_generation > 1, "agent enrolled");
+        Ok(EnrollResponse {
+            vm_id: vm.id,
+            agent_token,
+            expires_at: DateTime::from_timestamp(exp, 0).unwrap_or_default(),
+        })
+    }
+
+    /// A fresh token for the agent that holds the VM's current one, signed with the current
+    /// key, and the VM's facts updated. The generation stays, so the presented token keeps
+    /// working until it expires: an agent whose refresh answer was lost is not locked out.
+    /// The facts must name the token's VM: an agent token never reaches another VM.
+    async fn refresh_agent_token(
+        &self,
+        principal: &Principal,
+        facts: VmFacts,
+    ) -> Result<EnrollResponse> {
+        let vm_id = self.agent_vm(principal).await?;
+        check_facts(&facts, "/facts")?;
+        let generation = principal.generation.ok_or_else(token_revoked)?;
+        let mut tx = self.pool.begin().await?;
+        let current = vms::vm_get(&mut *tx, vm_id)
+            .await?
+            .ok_or_else(token_revoked)?;
+        if current.subscription_id != facts.subscription_id
+            || !same_name(&current.resource_group, &facts.resource_group)
+            || !same_name(&current.name, &facts.name)
+        {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                "vm_identity_mismatch",
+                format!(
+                    "this agent token is for VM {} in resource group {} of subscription {}; the facts name another VM. Enroll that one with an enrollment token",
+                    current.name, current.resource_group, current.subscription_id
+                ),
+            ));
+        }
+        let vm = vms::vm_refresh(&mut tx, vm_id, generation, &facts_row(&facts))
+            .await?
+            .ok_or_else(token_revoked)?;
+        tx.commit().await?;
+        let (agent_token, exp) = self.auth.mint_agent(
+            vm.id,
+            &vm.subscription_id,
+            vm.token_generation,
+            self.config.agent_token_ttl,
+        );
+        tracing::info!(vm.id = %vm.id, vm.name = %vm.name, "agent token refreshed");
         Ok(EnrollResponse {
             vm_id: vm.id,
             agent_token,
@@ -276,6 +437,21 @@ impl Service {
         let vm = self.agent_vm(principal).await?;
         if let Some(facts) = &hb.facts {
             check_facts(facts, "/facts")?;
+        }
+        let mut violations = Vec::new();
+        if hb.jobs.len() > MAX_HEARTBEAT_LEASES {
+            violations.push(Violation::new(
+                "/jobs",
+                "field_too_large",
+                format!("a heartbeat extends at most {MAX_HEARTBEAT_LEASES} leases"),
+            ));
+        } else {
+            violations.extend(hb.jobs.iter().enumerate().filter_map(|(i, j)| {
+                check_progress(j.progress.as_ref(), &format!("/jobs/{i}/progress"))
+            }));
+        }
+        if !violations.is_empty() {
+            return Err(Error::validation(violations));
         }
         vms::vm_heartbeat(&self.pool, vm, hb.facts.as_ref().map(facts_row).as_ref()).await?;
         let leases: Vec<(Uuid, i64)> = hb.jobs.iter().map(|j| (j.job_id, j.lease)).collect();
@@ -353,6 +529,9 @@ impl Service {
         hb: JobHeartbeat,
     ) -> Result<JobHeartbeatResponse> {
         let vm = self.agent_vm(principal).await?;
+        if let Some(v) = check_progress(hb.progress.as_ref(), "/progress") {
+            return Err(Error::validation(vec![v]));
+        }
         match store::queue_job_heartbeat(
             &self.pool,
             vm,
@@ -388,13 +567,7 @@ impl Service {
     ) -> Result<JobOutcome> {
         let vm = self.agent_vm(principal).await?;
         let mut violations = req.result.violations("/result");
-        if req.warnings.len() > MAX_WARNINGS {
-            violations.push(Violation::new(
-                "/warnings",
-                "too_many_warnings",
-                format!("a completion carries at most {MAX_WARNINGS} warnings"),
-            ));
-        }
+        violations.extend(check_warnings(&req.warnings, "/warnings"));
         if !violations.is_empty() {
             // A result that cannot be right would be as wrong on every retry: end the job so
             // that the operator sees the agent's fault, then tell the agent what was wrong.
@@ -473,6 +646,11 @@ impl Service {
                     }
                     _ => Err(lease_lost()),
                 }
+            }
+            // The result does not fit its job: the batch failed the job already.
+            Err(e) if e.code == "validation_failed" => {
+                self.metrics.jobs_failed.inc();
+                Err(e)
             }
             Err(e) if e.kind == ErrorKind::Unavailable => Err(e),
             // Not a lease problem and not the database being down: this result cannot be

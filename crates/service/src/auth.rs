@@ -1,43 +1,18 @@
 //! Who is calling and what they may do. Tokens are HS256 JWTs; the algorithm is pinned, so
-//! `alg: none` and algorithm-confusion tokens are rejected.
+//! `alg: none` and algorithm-confusion tokens are rejected. Every token but an agent's
+//! carries an id (`jti`) so that it can be revoked, and a lifetime within its role's cap
+//! (`domain::tokens`); agent tokens are revoked through their VM's token generation.
 
-use chrono::{Duration, Utc};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use backvault_domain::tokens::lifetime_allowed;
+use chrono::{DateTime, Duration, Utc};
+use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::keys::KeySet;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// Everything.
-    Admin,
-    /// Policies, protection and jobs; reads everything in scope.
-    Operator,
-    /// Reads only.
-    Reader,
-    /// A VM's agent: the agent protocol for its own VM only.
-    Agent,
-    /// Short-lived: lets a new agent enroll its VM in the token's subscriptions.
-    Enrollment,
-}
-
-impl std::str::FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "admin" => Ok(Self::Admin),
-            "operator" => Ok(Self::Operator),
-            "reader" => Ok(Self::Reader),
-            "agent" => Ok(Self::Agent),
-            "enrollment" => Ok(Self::Enrollment),
-            _ => Err(format!(
-                "unknown role '{s}' (admin, operator, reader, enrollment)"
-            )),
-        }
-    }
-}
+pub use backvault_domain::access::{Operation, Role};
 
 /// The subscription that means "all subscriptions" in a token.
 pub const ALL_SUBSCRIPTIONS: &str = "*";
@@ -53,6 +28,9 @@ pub struct Claims {
     /// VM's removal makes it stale.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<i64>,
+    /// The token's id: what revocation names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<Uuid>,
     pub iat: i64,
     pub exp: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -69,38 +47,24 @@ pub struct Principal {
     pub subscriptions: Option<Vec<String>>,
     pub vm: Option<Uuid>,
     pub generation: Option<i64>,
-}
-
-/// What a use case asks permission for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Permission {
-    Read,
-    WritePolicies,
-    WriteVaults,
-    /// Run, cancel and dispatch jobs; mint enrollment tokens.
-    OperateJobs,
-    /// Remove VMs from the inventory.
-    WriteInventory,
+    /// The token's id; only agent tokens have none.
+    pub jti: Option<Uuid>,
 }
 
 impl Principal {
-    pub fn require(&self, permission: Permission) -> Result<()> {
-        let allowed = match self.role {
-            Role::Admin => true,
-            Role::Operator => matches!(
-                permission,
-                Permission::Read | Permission::WritePolicies | Permission::OperateJobs
-            ),
-            Role::Reader => permission == Permission::Read,
-            Role::Agent | Role::Enrollment => false,
-        };
-        if allowed {
+    /// Whether the principal's role may perform `operation` (the table in
+    /// `domain::access`).
+    pub fn require(&self, operation: Operation) -> Result<()> {
+        if backvault_domain::access::allowed(self.role, operation) {
             Ok(())
         } else {
             Err(Error::new(
                 ErrorKind::Forbidden,
                 "forbidden",
-                format!("the {:?} role may not do this", self.role).to_lowercase(),
+                format!(
+                    "the {} role may not do this ({operation:?})",
+                    self.role.as_str()
+                ),
             ))
         }
     }
@@ -114,7 +78,10 @@ impl Principal {
 
 #[derive(Clone)]
 pub struct AuthConfig {
+    /// The key that signs new tokens.
     pub secret: Vec<u8>,
+    /// Earlier keys, which still verify the tokens they signed (a rotation in progress).
+    pub previous_secrets: Vec<Vec<u8>>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
 }
@@ -128,12 +95,23 @@ fn expiry(now: chrono::DateTime<Utc>, ttl: Duration) -> chrono::DateTime<Utc> {
         .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC)
 }
 
-/// Verifies and mints tokens with the configured key.
+fn invalid_token(reason: impl Into<String>) -> Error {
+    Error::new(ErrorKind::Unauthorized, "invalid_token", reason)
+}
+
+/// A minted token and what identifies it.
+#[derive(Debug, Clone)]
+pub struct Minted {
+    pub token: String,
+    pub jti: Option<Uuid>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Verifies tokens with the configured keys and mints them with the current one.
 #[derive(Clone)]
 pub struct Auth {
     config: AuthConfig,
-    encoding: EncodingKey,
-    decoding: DecodingKey,
+    keys: KeySet,
     validation: Validation,
 }
 
@@ -154,29 +132,37 @@ impl Auth {
             None => validation.validate_aud = false,
         }
         Self {
-            encoding: EncodingKey::from_secret(&config.secret),
-            decoding: DecodingKey::from_secret(&config.secret),
+            keys: KeySet::new(&config.secret, &config.previous_secrets),
             validation,
             config,
         }
     }
 
+    /// The id (`kid`) of the key that signs new tokens.
+    pub fn current_key_id(&self) -> &str {
+        &self.keys.current().kid
+    }
+
     pub fn verify(&self, token: &str) -> Result<Principal> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|e| {
-                use jsonwebtoken::errors::ErrorKind as K;
-                let reason = match e.kind() {
-                    K::ExpiredSignature => "the token has expired",
-                    K::ImmatureSignature => "the token is not valid yet (nbf)",
-                    K::InvalidSignature => "the token's signature does not verify",
-                    K::InvalidAlgorithm => "the token's algorithm is not accepted",
-                    K::InvalidIssuer => "the token's issuer is not accepted",
-                    K::InvalidAudience => "the token's audience is not accepted",
-                    K::MissingRequiredClaim(_) => "the token lacks a required claim",
-                    _ => "the token is malformed",
-                };
-                Error::new(ErrorKind::Unauthorized, "invalid_token", reason)
-            })?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| invalid_token("the token is malformed"))?;
+        let key = self.keys.verifying(header.kid.as_deref()).ok_or_else(|| {
+            invalid_token("the token's key (kid) is not one this server holds; it was signed with a key since removed, or elsewhere")
+        })?;
+        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            let reason = match e.kind() {
+                K::ExpiredSignature => "the token has expired",
+                K::ImmatureSignature => "the token is not valid yet (nbf)",
+                K::InvalidSignature => "the token's signature does not verify",
+                K::InvalidAlgorithm => "the token's algorithm is not accepted",
+                K::InvalidIssuer => "the token's issuer is not accepted",
+                K::InvalidAudience => "the token's audience is not accepted",
+                K::MissingRequiredClaim(_) => "the token lacks a required claim",
+                _ => "the token is malformed",
+            };
+            invalid_token(reason)
+        })?;
         let c = data.claims;
         // A token issued in the future was minted by a clock (or a hand) not to be trusted.
         if c.iat
@@ -184,11 +170,22 @@ impl Auth {
                 .timestamp()
                 .saturating_add(CLOCK_LEEWAY_SECONDS as i64)
         {
-            return Err(Error::new(
-                ErrorKind::Unauthorized,
-                "invalid_token",
-                "the token is issued in the future (iat)",
-            ));
+            return Err(invalid_token("the token is issued in the future (iat)"));
+        }
+        // Only a token with an id can be revoked, and only one within its role's lifetime
+        // cap stays on the deny list for as long as it could be presented.
+        if c.role != Role::Agent {
+            if c.jti.is_none() {
+                return Err(invalid_token(
+                    "the token has no id (jti): it was minted by an older backvault; mint a new one",
+                ));
+            }
+            if !lifetime_allowed(c.role, c.exp.saturating_sub(c.iat)) {
+                return Err(invalid_token(format!(
+                    "the token lives longer than a {} token may",
+                    c.role.as_str()
+                )));
+            }
         }
         let subscriptions = if c.subscriptions.iter().any(|s| s == ALL_SUBSCRIPTIONS) {
             None
@@ -201,9 +198,11 @@ impl Auth {
             subscriptions,
             vm: c.vm,
             generation: c.generation,
+            jti: c.jti,
         })
     }
 
+    /// A token with a fresh id.
     pub fn mint(
         &self,
         subject: &str,
@@ -212,7 +211,21 @@ impl Auth {
         vm: Option<Uuid>,
         ttl: Duration,
     ) -> String {
-        self.mint_claims(subject, role, subscriptions, vm, None, ttl)
+        self.mint_with_id(subject, role, subscriptions, Uuid::now_v7(), vm, ttl)
+            .token
+    }
+
+    /// A token whose id is `jti`: an enrollment token's is its record's.
+    pub fn mint_with_id(
+        &self,
+        subject: &str,
+        role: Role,
+        subscriptions: Vec<String>,
+        jti: Uuid,
+        vm: Option<Uuid>,
+        ttl: Duration,
+    ) -> Minted {
+        self.mint_claims(subject, role, subscriptions, vm, None, Some(jti), ttl)
     }
 
     /// An agent token bound to one VM and its current token generation; returns the token
@@ -224,18 +237,21 @@ impl Auth {
         generation: i64,
         ttl: Duration,
     ) -> (String, i64) {
-        let exp = expiry(Utc::now(), ttl).timestamp();
-        let token = self.mint_claims(
+        // No id: an agent token is revoked through its VM's generation, checked on every
+        // agent call anyway.
+        let minted = self.mint_claims(
             &format!("agent:{vm}"),
             Role::Agent,
             vec![subscription.to_owned()],
             Some(vm),
             Some(generation),
+            None,
             ttl,
         );
-        (token, exp)
+        (minted.token, minted.expires_at.timestamp())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn mint_claims(
         &self,
         subject: &str,
@@ -243,22 +259,35 @@ impl Auth {
         subscriptions: Vec<String>,
         vm: Option<Uuid>,
         generation: Option<i64>,
+        jti: Option<Uuid>,
         ttl: Duration,
-    ) -> String {
+    ) -> Minted {
         let now = Utc::now();
+        let expires_at = expiry(now, ttl);
         let claims = Claims {
             sub: subject.to_owned(),
             role,
             subscriptions,
             vm,
             generation,
+            jti,
             iat: now.timestamp(),
-            exp: expiry(now, ttl).timestamp(),
+            exp: expires_at.timestamp(),
             iss: self.config.issuer.clone(),
             aud: self.config.audience.clone(),
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
-            .expect("HS256 signing with an in-memory key cannot fail")
+        let key = self.keys.current();
+        let header = Header {
+            kid: Some(key.kid.clone()),
+            ..Header::new(Algorithm::HS256)
+        };
+        let token = jsonwebtoken::encode(&header, &claims, &key.encoding)
+            .expect("HS256 signing with an in-memory key cannot fail");
+        Minted {
+            token,
+            jti,
+            expires_at,
+        }
     }
 }
 
@@ -269,6 +298,7 @@ mod tests {
     fn auth(issuer: Option<&str>, audience: Option<&str>) -> Auth {
         Auth::new(AuthConfig {
             secret: b"unit-test-secret".to_vec(),
+            previous_secrets: Vec::new(),
             issuer: issuer.map(Into::into),
             audience: audience.map(Into::into),
         })
@@ -308,12 +338,28 @@ mod tests {
         );
         let other_key = Auth::new(AuthConfig {
             secret: b"another".to_vec(),
+            previous_secrets: Vec::new(),
             issuer: Some("backvault".into()),
             audience: Some("api".into()),
         })
         .mint("a", Role::Admin, vec![], None, Duration::hours(1));
+        assert!(
+            a.verify(&other_key).unwrap_err().message.contains("(kid)"),
+            "another key has another id"
+        );
+        let now = Utc::now().timestamp();
+        let forged = jsonwebtoken::encode(
+            &Header {
+                kid: Some(a.current_key_id().to_owned()),
+                ..Header::new(Algorithm::HS256)
+            },
+            &serde_json::json!({"sub": "a", "role": "admin", "subscriptions": ["*"], "jti": Uuid::now_v7(),
+                                "iat": now, "exp": now + 60, "iss": "backvault", "aud": "api"}),
+            &jsonwebtoken::EncodingKey::from_secret(b"another"),
+        )
+        .unwrap();
         assert_eq!(
-            a.verify(&other_key).unwrap_err().message,
+            a.verify(&forged).unwrap_err().message,
             "the token's signature does not verify"
         );
         let wrong_iss = auth(Some("elsewhere"), Some("api")).mint(
@@ -337,26 +383,113 @@ mod tests {
     }
 
     #[test]
-    fn roles_grant_what_they_say() {
+    fn require_follows_the_permission_table() {
         let p = |role| Principal {
             subject: "x".into(),
             role,
             subscriptions: None,
             vm: None,
             generation: None,
+            jti: None,
         };
-        assert!(p(Role::Admin).require(Permission::WriteVaults).is_ok());
-        assert!(p(Role::Operator).require(Permission::WritePolicies).is_ok());
-        assert!(p(Role::Operator).require(Permission::WriteVaults).is_err());
-        assert!(p(Role::Reader).require(Permission::Read).is_ok());
-        assert!(p(Role::Reader).require(Permission::WritePolicies).is_err());
-        assert!(p(Role::Agent).require(Permission::Read).is_err());
-        assert!(p(Role::Enrollment).require(Permission::Read).is_err());
-        assert!(p(Role::Operator).require(Permission::OperateJobs).is_ok());
+        for role in Role::ALL {
+            for op in Operation::ALL {
+                assert_eq!(
+                    p(role).require(op).is_ok(),
+                    backvault_domain::access::allowed(role, op),
+                    "{role:?} {op:?}"
+                );
+            }
+        }
+        let denied = p(Role::Reader).require(Operation::DeleteVault).unwrap_err();
+        assert_eq!(
+            (denied.kind, denied.code),
+            (ErrorKind::Forbidden, "forbidden")
+        );
+    }
+
+    fn keyed(secret: &[u8], previous: &[&[u8]]) -> Auth {
+        Auth::new(AuthConfig {
+            secret: secret.to_vec(),
+            previous_secrets: previous.iter().map(|p| p.to_vec()).collect(),
+            issuer: None,
+            audience: None,
+        })
+    }
+
+    #[test]
+    fn tokens_name_their_key_and_a_rotation_keeps_old_ones_until_removed() {
+        let (old, new) = (&b"the-old-key"[..], &b"the-new-key"[..]);
+        let before = keyed(old, &[]);
+        let user = before.mint("a", Role::Admin, vec!["*".into()], None, Duration::hours(1));
+        let (agent, _) = before.mint_agent(Uuid::now_v7(), "sub-1", 1, Duration::days(90));
+        let header = jsonwebtoken::decode_header(&agent).unwrap();
+        assert_eq!(header.kid.as_deref(), Some(before.current_key_id()));
+        assert_eq!(before.current_key_id(), crate::keys::key_id(old));
+
+        let rotating = keyed(new, &[old]);
+        assert!(rotating.verify(&user).is_ok());
+        assert!(rotating.verify(&agent).is_ok());
+        let fresh = rotating.mint("a", Role::Admin, vec!["*".into()], None, Duration::hours(1));
+        assert_eq!(
+            jsonwebtoken::decode_header(&fresh).unwrap().kid.as_deref(),
+            Some(crate::keys::key_id(new).as_str())
+        );
+        assert!(before.verify(&fresh).is_err(), "new tokens use the new key");
+
+        let rotated = keyed(new, &[]);
+        assert!(rotated.verify(&fresh).is_ok());
+        let removed = rotated.verify(&agent).unwrap_err();
+        assert!(removed.message.contains("kid"), "{}", removed.message);
+    }
+
+    #[test]
+    fn tokens_without_kid_are_tried_with_the_current_key_only() {
+        let claims = |role: &str| {
+            let now = Utc::now().timestamp();
+            serde_json::json!({"sub": "a", "role": role, "subscriptions": ["*"], "jti": Uuid::now_v7(),
+                               "iat": now, "exp": now + 60})
+        };
+        let sign = |secret: &[u8]| {
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &claims("admin"),
+                &jsonwebtoken::EncodingKey::from_secret(secret),
+            )
+            .unwrap()
+        };
+        let auth = keyed(b"current", &[b"previous"]);
+        assert!(auth.verify(&sign(b"current")).is_ok());
+        assert!(auth.verify(&sign(b"previous")).is_err());
+    }
+
+    #[test]
+    fn user_tokens_need_an_id_and_a_lifetime_within_the_cap() {
+        let auth = keyed(b"k", &[]);
+        let sign = |role: &str, jti: Option<Uuid>, lifetime: i64| {
+            let now = Utc::now().timestamp();
+            let mut claims = serde_json::json!({"sub": "a", "role": role, "subscriptions": ["*"],
+                                                "iat": now, "exp": now + lifetime});
+            if let Some(jti) = jti {
+                claims["jti"] = serde_json::json!(jti);
+            }
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(b"k"),
+            )
+            .unwrap()
+        };
+        let id = Some(Uuid::now_v7());
+        assert!(auth.verify(&sign("admin", id, 3_600)).is_ok());
+        let no_id = auth.verify(&sign("admin", None, 3_600)).unwrap_err();
+        assert!(no_id.message.contains("jti"), "{}", no_id.message);
+        assert!(auth.verify(&sign("reader", id, 31 * 86_400)).is_err());
+        assert!(auth.verify(&sign("enrollment", id, 86_400)).is_ok());
+        assert!(auth.verify(&sign("enrollment", id, 86_401)).is_err());
         assert!(
-            p(Role::Operator)
-                .require(Permission::WriteInventory)
-                .is_err()
+            auth.verify(&sign("agent", None, 90 * 86_400)).is_ok(),
+            "agent tokens live as the server says and are revoked by generation"
         );
     }
 }

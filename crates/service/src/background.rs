@@ -97,8 +97,8 @@ impl Service {
         Ok(rescued)
     }
 
-    /// Removes finished jobs and fired schedule slots past the job retention, and day-old
-    /// idempotency keys.
+    /// Removes finished jobs, fired schedule slots and expired enrollment tokens past the
+    /// job retention, day-old idempotency keys, and deny-list entries of expired tokens.
     pub async fn prune_history(&self) -> Result<u64> {
         let jobs = store::jobs_prune(&self.pool, self.config.job_retention, 10_000).await?;
         let slots =
@@ -107,7 +107,15 @@ impl Service {
         let keys =
             backvault_store::idempotency::idempotency_prune(&self.pool, chrono::Duration::days(1))
                 .await?;
-        Ok(jobs.saturating_add(slots).saturating_add(keys))
+        let enrollment_tokens =
+            backvault_store::tokens::enrollment_tokens_prune(&self.pool, self.config.job_retention)
+                .await?;
+        let revoked = backvault_store::tokens::revoked_tokens_prune(&self.pool).await?;
+        Ok(jobs
+            .saturating_add(slots)
+            .saturating_add(keys)
+            .saturating_add(enrollment_tokens)
+            .saturating_add(revoked))
     }
 
     /// Runs one tick of a periodic task. An error is logged; a panic is caught, logged with

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use backvault_domain::agent::JobItem;
-use backvault_domain::jobs::{JobKind, JobStatus, MAX_ITEMS_PER_JOB, Priority};
+use backvault_domain::jobs::{JobKind, JobStatus, MAX_ITEMS_PER_JOB, Priority, check_dispatch};
 use backvault_domain::violation::Violations;
 use backvault_store::jobs::{self as store, CancelOutcome, JobFilter, JobRow, NewJob};
 use chrono::{DateTime, Utc};
@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::auth::{Permission, Role};
+use crate::auth::Operation;
 use crate::error::{Error, ErrorKind, Result};
 use crate::pagination::{Page, page, page_request};
 use crate::{Principal, Service};
@@ -46,8 +46,13 @@ pub struct Job {
     pub status: JobStatus,
     pub priority: Priority,
     pub items: Vec<JobItem>,
-    pub payload: serde_json::Value,
-    /// What the agent reported, for completed jobs.
+    /// What the job's agent is told beyond its items. Omitted from lists (`GET /v1/jobs`):
+    /// read the job (`GET /v1/jobs/{job_id}`) for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<serde_json::Value>,
+    /// What the agent reported, once the job completed. Omitted from lists
+    /// (`GET /v1/jobs`): read the job (`GET /v1/jobs/{job_id}`) for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<serde_json::Value>,
     pub warnings: Vec<String>,
     /// The last error: the final one for a failed job, the latest for a retried one.
@@ -55,7 +60,9 @@ pub struct Job {
     pub attempts: i32,
     pub max_attempts: i32,
     pub cancel_requested: bool,
-    /// The agent's latest progress report while running.
+    /// The agent's latest progress report while running (at most 4 KiB of JSON). Omitted
+    /// from lists (`GET /v1/jobs`): read the job (`GET /v1/jobs/{job_id}`) for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<serde_json::Value>,
     /// When a queued job becomes claimable (later than now while backing off).
     pub next_attempt_at: Option<DateTime<Utc>>,
@@ -86,7 +93,7 @@ impl TryFrom<JobRow> for Job {
                 Priority::Scheduled
             },
             items: serde_json::from_value(r.items.0).map_err(Error::internal)?,
-            payload: r.payload.0,
+            payload: r.payload.map(|p| p.0),
             result: r.result.map(|r| r.0),
             warnings: serde_json::from_value(r.warnings.0).unwrap_or_default(),
             error: r.error_code.map(|code| JobError {
@@ -126,36 +133,17 @@ pub struct JobQuery {
 pub struct DispatchJob {
     pub vm_id: Uuid,
     pub kind: JobKind,
-    /// At most 50 databases.
+    /// At most 50 databases of this VM; none for discovery. A `protected_item_id` names a
+    /// protected item of this VM's databases.
     #[serde(default)]
     pub items: Vec<JobItem>,
+    /// `{}`; a full backup may say `{"copy_only": true}`.
     #[serde(default = "empty_object")]
     pub payload: serde_json::Value,
 }
 
 fn empty_object() -> serde_json::Value {
     serde_json::json!({})
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateEnrollmentToken {
-    pub subscription_id: String,
-    /// Lifetime, 60 to 86400 seconds (default 3600).
-    #[serde(default = "default_enrollment_ttl")]
-    #[schema(minimum = 60, maximum = 86400)]
-    pub ttl_seconds: i64,
-}
-
-fn default_enrollment_ttl() -> i64 {
-    3600
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct EnrollmentToken {
-    pub token: String,
-    pub subscription_id: String,
-    pub expires_at: DateTime<Utc>,
 }
 
 /// The protected items a job works on.
@@ -232,7 +220,7 @@ impl Service {
         cursor: Option<&str>,
         limit: Option<i64>,
     ) -> Result<Page<Job>> {
-        principal.require(Permission::Read)?;
+        principal.require(Operation::Read)?;
         let (request, limit) = page_request(cursor, limit)?;
         let filter = JobFilter {
             subscriptions: principal.subscriptions.as_deref(),
@@ -258,7 +246,7 @@ impl Service {
         id: Uuid,
         wait: Option<Duration>,
     ) -> Result<Job> {
-        principal.require(Permission::Read)?;
+        principal.require(Operation::Read)?;
         let wait = wait.unwrap_or_default();
         if wait > MAX_WAIT {
             return Err(Error::new(
@@ -319,7 +307,7 @@ impl Service {
 
     /// Cancels a queued job at once; flags a running one for its agent.
     pub async fn job_cancel(&self, principal: &Principal, id: Uuid) -> Result<Job> {
-        principal.require(Permission::OperateJobs)?;
+        principal.require(Operation::CancelJob)?;
         self.visible_job(principal, id).await?;
         let mut tx = self.pool.begin().await?;
         let outcome = store::queue_cancel(&mut tx, id).await?;
@@ -339,9 +327,29 @@ impl Service {
 
     /// Sends an on-demand job to a VM's agent.
     pub async fn job_dispatch(&self, principal: &Principal, req: DispatchJob) -> Result<Job> {
-        principal.require(Permission::OperateJobs)?;
+        principal.require(Operation::DispatchJob)?;
+        let violations = check_dispatch(req.kind, req.items.len(), &req.payload);
+        if !violations.is_empty() {
+            return Err(Error::validation(violations));
+        }
         let mut tx = self.pool.begin().await?;
         let vm = self.visible_vm(&mut *tx, principal, req.vm_id).await?;
+        // A job's results are applied to the protected items it names: each must be one of
+        // this VM's, or an agent could write into another tenant's recovery chain.
+        let named: Vec<Uuid> = req
+            .items
+            .iter()
+            .filter_map(|i| i.protected_item_id)
+            .collect();
+        if !named.is_empty() {
+            let own = backvault_store::protection::items_of_vm(&mut *tx, vm.id, &named).await?;
+            if let Some(foreign) = named.iter().find(|id| !own.contains(id)) {
+                return Err(Error::not_found(
+                    "protected_item_not_found",
+                    format_args!("protected item {foreign} on this VM"),
+                ));
+            }
+        }
         let job = new_job(
             vm.id,
             &vm.subscription_id,
@@ -352,59 +360,5 @@ impl Service {
             req.payload,
         )?;
         self.commit_with_job(principal, tx, job).await
-    }
-
-    pub fn enrollment_token_create(
-        &self,
-        principal: &Principal,
-        req: CreateEnrollmentToken,
-    ) -> Result<EnrollmentToken> {
-        principal.require(Permission::OperateJobs)?;
-        let mut v = Violations::default();
-        if !(60..=86_400).contains(&req.ttl_seconds) {
-            v.push(
-                "/ttl_seconds",
-                "ttl_out_of_range",
-                "an enrollment token lives 60 to 86400 seconds",
-            );
-        }
-        backvault_domain::names::check_identifier(
-            &req.subscription_id,
-            "/subscription_id",
-            "subscription_id",
-            64,
-            &mut v,
-        );
-        // `*` in a token means every subscription: an enrollment token names one.
-        if req.subscription_id == crate::auth::ALL_SUBSCRIPTIONS {
-            v.push(
-                "/subscription_id",
-                "identifier_invalid",
-                "an enrollment token is for one subscription, not '*'",
-            );
-        }
-        if !v.is_empty() {
-            return Err(Error::validation(v.into_vec()));
-        }
-        if !principal.sees_subscription(&req.subscription_id) {
-            return Err(Error::new(
-                ErrorKind::Forbidden,
-                "subscription_forbidden",
-                "your token does not grant this subscription",
-            ));
-        }
-        let ttl = chrono::Duration::seconds(req.ttl_seconds);
-        let token = self.auth.mint(
-            &format!("enrollment:{}", principal.subject),
-            Role::Enrollment,
-            vec![req.subscription_id.clone()],
-            None,
-            ttl,
-        );
-        Ok(EnrollmentToken {
-            token,
-            subscription_id: req.subscription_id,
-            expires_at: backvault_domain::instants::later(Utc::now(), ttl),
-        })
     }
 }

@@ -12,12 +12,14 @@ mod batcher;
 pub mod error;
 mod idempotency;
 pub mod jobs;
+pub mod keys;
 pub mod metrics;
 pub mod notifier;
 pub mod pagination;
 pub mod policies;
 pub mod protection;
 pub mod recovery;
+pub mod tokens;
 pub mod vaults;
 pub mod vms;
 
@@ -94,9 +96,10 @@ impl Service {
         let config = Arc::new(config);
         let notifier = Arc::new(notifier::Notifier::default());
         tokio::spawn(notifier.clone().listen(pool.clone()));
+        tokio::spawn(notifier.clone().refresh_revocations(pool.clone()));
         let metrics = Arc::new(metrics::Metrics::default());
         let claimer = agents::claim_batcher(pool.clone(), config.clone(), metrics.clone());
-        let completer = agents::complete_batcher(pool.clone(), metrics.clone());
+        let completer = agents::complete_batcher(pool.clone(), config.clone(), metrics.clone());
         Self {
             pool,
             auth: Arc::new(auth),

@@ -1,7 +1,8 @@
 //! Wake-ups for long-polls. One `LISTEN` connection per replica receives the NOTIFYs that
 //! enqueues and state changes send at commit, and wakes the requests waiting in this
 //! process for those VMs or jobs. Waiters also re-check on a slow timer, which covers a
-//! notification lost while the listener reconnects.
+//! notification lost while the listener reconnects. The same connection keeps this
+//! replica's copy of the token deny list current.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use backvault_store::PgPool;
 use backvault_store::jobs::NOTIFY_CHANNEL;
+use chrono::{DateTime, Utc};
 use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -21,9 +23,22 @@ pub struct Notifier {
     /// removal anywhere invalidates the entry through `g:` notifications, and entries
     /// expire after [`GENERATION_TTL`] should a notification be lost.
     generations: Mutex<HashMap<Uuid, (i64, Instant)>>,
+    /// Revoked token ids until their tokens expire, loaded once the listener listens and
+    /// then kept by `r:` notifications. `None` while this replica cannot vouch for it: not
+    /// loaded yet, or the listener lost its connection (revocations may have been missed).
+    revoked: Mutex<Option<HashMap<Uuid, DateTime<Utc>>>>,
+}
+
+/// The notification of a revocation: `r:<jti>@<expiry, Unix seconds>`.
+pub fn revoked_payload(jti: Uuid, until: DateTime<Utc>) -> String {
+    format!("r:{jti}@{}", until.timestamp())
 }
 
 pub const GENERATION_TTL: Duration = Duration::from_secs(5);
+
+/// How often the deny list is read again besides notifications: a listener on a half-open
+/// connection notices nothing, and would otherwise miss revocations for good.
+pub const DENY_LIST_REFRESH: Duration = Duration::from_secs(30);
 
 /// A registration; dropping it forgets the key once nobody else waits on it.
 pub struct Subscription<'a> {
@@ -84,6 +99,14 @@ impl Notifier {
             Some(("v", ids)) => wake(&self.vms, ids),
             Some(("j", ids)) => wake(&self.jobs, ids),
             Some(("g", ids)) => self.forget_generations(ids),
+            Some(("r", entry)) => match entry
+                .split_once('@')
+                .and_then(|(jti, at)| Some((jti.parse().ok()?, at.parse().ok()?)))
+                .and_then(|(jti, at)| Some((jti, DateTime::from_timestamp(at, 0)?)))
+            {
+                Some((jti, until)) => self.note_revoked(jti, until),
+                None => tracing::warn!(payload, "malformed revocation notification"),
+            },
             _ => tracing::warn!(payload, "unknown notification"),
         }
     }
@@ -119,8 +142,57 @@ impl Notifier {
         }
     }
 
+    /// Whether the token `jti` is revoked; `None` when this replica's list cannot say.
+    pub fn revoked(&self, jti: Uuid) -> Option<bool> {
+        let revoked = self.revoked.lock().expect("notifier lock");
+        revoked
+            .as_ref()
+            .map(|map| map.get(&jti).is_some_and(|until| *until > Utc::now()))
+    }
+
+    /// Adds a revocation to a loaded list (an unloaded one gets it when it loads).
+    pub fn note_revoked(&self, jti: Uuid, until: DateTime<Utc>) {
+        if let Some(map) = self.revoked.lock().expect("notifier lock").as_mut() {
+            let now = Utc::now();
+            map.retain(|_, until| *until > now);
+            map.insert(jti, until);
+        }
+    }
+
+    fn revocations_unknown(&self) {
+        *self.revoked.lock().expect("notifier lock") = None;
+    }
+
+    /// Merges what the database lists into the deny list; with `vouch`, an unknown list
+    /// becomes known. Entries are never dropped but at expiry: a revocation noted from a
+    /// notification after this read began must stay.
+    async fn read_revocations(&self, pool: &PgPool, vouch: bool) -> sqlx::Result<()> {
+        let list = backvault_store::tokens::tokens_revoked(pool).await?;
+        let mut revoked = self.revoked.lock().expect("notifier lock");
+        if revoked.is_none() && !vouch {
+            return Ok(());
+        }
+        let map = revoked.get_or_insert_default();
+        let now = Utc::now();
+        map.retain(|_, until| *until > now);
+        map.extend(list);
+        Ok(())
+    }
+
+    /// Re-reads the deny list every [`DENY_LIST_REFRESH`] until the process ends.
+    pub async fn refresh_revocations(self: Arc<Self>, pool: PgPool) {
+        loop {
+            tokio::time::sleep(DENY_LIST_REFRESH).await;
+            if let Err(e) = self.read_revocations(&pool, false).await {
+                tracing::warn!(error = %e, "cannot read the token deny list");
+            }
+        }
+    }
+
     /// Listens until the process ends, reconnecting with backoff. After a reconnect every
-    /// waiter re-checks, since notifications may have been missed meanwhile.
+    /// waiter re-checks and the deny list is read again, since notifications may have been
+    /// missed meanwhile. The list is read after `LISTEN`, so that a revocation committed
+    /// in between is in the read or in a notification.
     pub async fn listen(self: Arc<Self>, pool: PgPool) {
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -128,17 +200,21 @@ impl Notifier {
                 Ok(mut listener) => {
                     if let Err(e) = listener.listen(NOTIFY_CHANNEL).await {
                         tracing::warn!(error = %e, "cannot LISTEN; retrying");
+                    } else if let Err(e) = self.read_revocations(&pool, true).await {
+                        tracing::warn!(error = %e, "cannot read the token deny list; retrying");
                     } else {
                         backoff = Duration::from_millis(100);
                         self.wake_all();
                         loop {
                             match listener.try_recv().await {
                                 Ok(Some(n)) => self.dispatch(n.payload()),
+                                // The listener would reconnect by itself at the next
+                                // receive, without reading the deny list again: start over.
                                 Ok(None) => {
                                     tracing::warn!(
                                         "notification listener lost its connection; reconnecting"
                                     );
-                                    self.wake_all();
+                                    break;
                                 }
                                 Err(e) => {
                                     tracing::warn!(error = %e, "notification listener failed; reconnecting");
@@ -146,6 +222,8 @@ impl Notifier {
                                 }
                             }
                         }
+                        self.revocations_unknown();
+                        self.wake_all();
                     }
                 }
                 Err(e) => {

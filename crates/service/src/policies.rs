@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::auth::Permission;
+use crate::auth::Operation;
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::idempotency::idempotent;
 use crate::pagination::{Page, page, page_request};
@@ -106,7 +106,7 @@ impl Service {
         req: CreatePolicy,
         idempotency_key: Option<&str>,
     ) -> Result<Created<BackupPolicy>> {
-        principal.require(Permission::WritePolicies)?;
+        principal.require(Operation::WritePolicy)?;
         let name_check = PolicyName::parse(&req.name, "/name");
         let spec_check = req.spec.validate("/spec");
         if name_check.is_err() || spec_check.is_err() {
@@ -145,7 +145,7 @@ impl Service {
         vault_id: Uuid,
         name: &str,
     ) -> Result<BackupPolicy> {
-        principal.require(Permission::Read)?;
+        principal.require(Operation::Read)?;
         let mut conn = self.pool.acquire().await?;
         self.visible_policy(&mut conn, principal, vault_id, name)
             .await?
@@ -159,7 +159,7 @@ impl Service {
         cursor: Option<&str>,
         limit: Option<i64>,
     ) -> Result<Page<BackupPolicy>> {
-        principal.require(Permission::Read)?;
+        principal.require(Operation::Read)?;
         let (request, limit) = page_request(cursor, limit)?;
         self.visible_vault(&self.pool, principal, vault_id).await?;
         let rows = policies::policy_list(&self.pool, vault_id, request).await?;
@@ -178,7 +178,7 @@ impl Service {
         expected: ExpectedVersion,
         req: ReplacePolicy,
     ) -> Result<BackupPolicy> {
-        principal.require(Permission::WritePolicies)?;
+        principal.require(Operation::WritePolicy)?;
         let spec = validated_json(&req.spec)?;
         let mut tx = self.pool.begin().await?;
         let current = self
@@ -209,7 +209,7 @@ impl Service {
         name: &str,
         expected: ExpectedVersion,
     ) -> Result<()> {
-        principal.require(Permission::WritePolicies)?;
+        principal.require(Operation::WritePolicy)?;
         let mut tx = self.pool.begin().await?;
         let current = self
             .visible_policy(&mut tx, principal, vault_id, name)
@@ -240,7 +240,7 @@ impl Service {
         req: CopyPolicy,
         idempotency_key: Option<&str>,
     ) -> Result<Created<BackupPolicy>> {
-        principal.require(Permission::WritePolicies)?;
+        principal.require(Operation::WritePolicy)?;
         let mut tx = self.pool.begin().await?;
         let source = self
             .visible_policy(&mut tx, principal, vault_id, name)
@@ -281,7 +281,7 @@ impl Service {
         from: DateTime<Utc>,
         count: usize,
     ) -> Result<PolicyPreview> {
-        principal.require(Permission::Read)?;
+        principal.require(Operation::Read)?;
         if !(1..=MAX_PREVIEW_RUNS).contains(&count) {
             return Err(Error::new(
                 ErrorKind::BadRequest,

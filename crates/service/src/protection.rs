@@ -7,7 +7,7 @@ use backvault_domain::agent::{JobItem, SqlInventory};
 use backvault_domain::jobs::{JobKind, Priority, batch};
 use backvault_domain::protection::{
     NameIssue, OnDemandTarget, OnDemandType, VaultTarget, VmPrerequisites, check_on_demand,
-    check_registration, instance_name_issues, time_zone_warning,
+    check_registration, instance_name_issues, name_issue, name_issues, time_zone_warning,
 };
 use backvault_domain::violation::Violations;
 use backvault_store::inventory::{self, AgUpsert, DatabaseRow, DatabaseWrite};
@@ -23,7 +23,7 @@ use sqlx::PgConnection;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::auth::Permission;
+use crate::auth::Operation;
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::jobs::{Job, new_job};
 use crate::pagination::{Page, page, page_request};
@@ -325,7 +325,7 @@ impl Service {
         principal: &Principal,
         vault_id: Uuid,
     ) -> Result<Vec<DiscoveryCandidate>> {
-        principal.require(Permission::Read)?;
+        principal.require(Operation::Read)?;
         let vault = self.visible_vault(&self.pool, principal, vault_id).await?;
         let rows = inventory::vms_unregistered(&self.pool, &vault.subscription_id).await?;
         let now = Utc::now();
@@ -358,7 +358,7 @@ impl Service {
         vault_id: Uuid,
         vm_id: Uuid,
     ) -> Result<Job> {
-        principal.require(Permission::OperateJobs)?;
+        principal.require(Operation::RegisterVm)?;
         let mut tx = self.pool.begin().await?;
         let vault = self.visible_vault(&mut *tx, principal, vault_id).await?;
         let row = inventory::vm_lock(&mut tx, vm_id)
@@ -406,7 +406,7 @@ impl Service {
         vault_id: Uuid,
         vm_id: Uuid,
     ) -> Result<Job> {
-        principal.require(Permission::OperateJobs)?;
+        principal.require(Operation::RegisterVm)?;
         let mut tx = self.pool.begin().await?;
         self.visible_vault(&mut *tx, principal, vault_id).await?;
         let vm = self
@@ -441,7 +441,7 @@ impl Service {
         vault_id: Uuid,
         vm_id: Uuid,
     ) -> Result<()> {
-        principal.require(Permission::OperateJobs)?;
+        principal.require(Operation::UnregisterVm)?;
         let mut tx = self.pool.begin().await?;
         self.visible_vault(&mut *tx, principal, vault_id).await?;
         inventory::vm_lock(&mut tx, vm_id).await?;
@@ -505,6 +505,21 @@ impl Service {
                 .collect();
 
         let existing = inventory::databases_of_vm(&mut *tx, vm_id).await?;
+        // Lookups by name, built once: a discovery of thousands of databases stays linear.
+        let mut by_name: HashMap<(Uuid, &str), &DatabaseRow> = HashMap::new();
+        let mut by_folded_name: HashMap<(Uuid, String), Vec<&DatabaseRow>> = HashMap::new();
+        for e in &existing {
+            by_name.entry((e.instance_id, e.name.as_str())).or_insert(e);
+            by_folded_name
+                .entry((e.instance_id, e.name.to_ascii_lowercase()))
+                .or_default()
+                .push(e);
+        }
+        let reported_names: std::collections::HashSet<(String, &str)> = reported
+            .databases
+            .iter()
+            .map(|r| (r.instance.to_ascii_lowercase(), r.name.as_str()))
+            .collect();
         let mut writes = Vec::new();
         let mut present = Vec::new();
         let mut recased = Vec::new();
@@ -512,18 +527,18 @@ impl Service {
             let Some(&instance) = instance_id.get(&db.instance.to_lowercase()) else {
                 continue;
             };
-            let exact = existing
-                .iter()
-                .find(|e| e.instance_id == instance && e.name == db.name);
+            let exact = by_name.get(&(instance, db.name.as_str())).copied();
             // The same database under another casing: keep its row (and history), flag it.
             let recase = exact.is_none().then(|| {
-                existing.iter().find(|e| {
-                    e.instance_id == instance
-                        && e.name.eq_ignore_ascii_case(&db.name)
-                        && !reported.databases.iter().any(|r| {
-                            r.instance.eq_ignore_ascii_case(&db.instance) && r.name == e.name
-                        })
-                })
+                let reported_instance = db.instance.to_ascii_lowercase();
+                by_folded_name
+                    .get(&(instance, db.name.to_ascii_lowercase()))
+                    .into_iter()
+                    .flatten()
+                    .find(|e| {
+                        !reported_names.contains(&(reported_instance.clone(), e.name.as_str()))
+                    })
+                    .copied()
             });
             let id = match (exact, recase.flatten()) {
                 (Some(e), _) => e.id,
@@ -571,18 +586,12 @@ impl Service {
                 .await?;
         let mut eligible = Vec::new();
         for (vm_id, dbs) in group_by_vm(candidates) {
-            let all = inventory::databases_of_vm(&mut *tx, vm_id).await?;
+            let issues = vm_name_issues(&inventory::databases_of_vm(&mut *tx, vm_id).await?);
             for d in dbs {
-                let names: Vec<&str> = all
-                    .iter()
-                    .filter(|o| o.instance_id == d.instance_id)
-                    .map(|o| o.name.as_str())
-                    .collect();
-                let issues = instance_name_issues(&names);
-                let issue = names
-                    .iter()
-                    .position(|n| *n == d.name)
-                    .and_then(|i| issues[i]);
+                let issue = issues
+                    .get(&d.id)
+                    .copied()
+                    .unwrap_or_else(|| name_issue(&d.name));
                 if issue.is_none_or(NameIssue::auto_protection_allowed) {
                     eligible.push(d);
                 }
@@ -682,7 +691,7 @@ impl Service {
         vault_id: Uuid,
         unprotected_only: bool,
     ) -> Result<Vec<ProtectableContainer>> {
-        principal.require(Permission::Read)?;
+        principal.require(Operation::Read)?;
         self.visible_vault(&self.pool, principal, vault_id).await?;
         let rows = inventory::instances_of_vault(&self.pool, vault_id).await?;
         let intents = store::intents_of_vault(&self.pool, vault_id).await?;
@@ -776,7 +785,7 @@ impl Service {
         vault_id: Uuid,
         req: ConfigureProtection,
     ) -> Result<ConfigureProtectionResult> {
-        principal.require(Permission::OperateJobs)?;
+        principal.require(Operation::ConfigureProtection)?;
         let mut tx = self.pool.begin().await?;
         self.visible_vault(&mut *tx, principal, vault_id).await?;
         let mut v = Violations::default();
@@ -800,6 +809,9 @@ impl Service {
         }
         let found = inventory::databases_get(&mut *tx, &req.databases).await?;
         let protection = store::items_for_databases(&mut *tx, &req.databases).await?;
+        // Per VM, read once: its vault and the name issues of its databases.
+        let mut vm_vaults: HashMap<Uuid, Option<Uuid>> = HashMap::new();
+        let mut vm_issues: HashMap<Uuid, HashMap<Uuid, Option<NameIssue>>> = HashMap::new();
         let mut accepted = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for (i, id) in req.databases.iter().enumerate() {
@@ -820,7 +832,15 @@ impl Service {
                 );
                 continue;
             }
-            if inventory::vm_vault(&mut *tx, d.vm_id).await? != Some(vault_id) {
+            let vm_vault = match vm_vaults.get(&d.vm_id) {
+                Some(vault) => *vault,
+                None => {
+                    let vault = inventory::vm_vault(&mut *tx, d.vm_id).await?;
+                    vm_vaults.insert(d.vm_id, vault);
+                    vault
+                }
+            };
+            if vm_vault != Some(vault_id) {
                 v.push(
                     pointer,
                     "database_not_in_vault",
@@ -845,17 +865,16 @@ impl Service {
                 v.push(pointer, "database_already_protected", message);
                 continue;
             }
-            let siblings = inventory::databases_of_vm(&mut *tx, d.vm_id).await?;
-            let names: Vec<&str> = siblings
-                .iter()
-                .filter(|o| o.instance_id == d.instance_id && o.gone_at.is_none())
-                .map(|o| o.name.as_str())
-                .collect();
-            let issues = instance_name_issues(&names);
-            if let Some(issue) = names
-                .iter()
-                .position(|n| *n == d.name)
-                .and_then(|i| issues[i])
+            let issues = match vm_issues.entry(d.vm_id) {
+                std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
+                std::collections::hash_map::Entry::Vacant(slot) => slot.insert(vm_name_issues(
+                    &inventory::databases_of_vm(&mut *tx, d.vm_id).await?,
+                )),
+            };
+            if let Some(issue) = issues
+                .get(&d.id)
+                .copied()
+                .unwrap_or_else(|| name_issue(&d.name))
             {
                 v.push(pointer, issue.code(), issue.message());
                 continue;
@@ -919,7 +938,7 @@ impl Service {
         cursor: Option<&str>,
         limit: Option<i64>,
     ) -> Result<Page<ProtectedItem>> {
-        principal.require(Permission::Read)?;
+        principal.require(Operation::Read)?;
         let (request, limit) = page_request(cursor, limit)?;
         let mut conn = self.pool.acquire().await?;
         self.visible_vault(&mut *conn, principal, vault_id).await?;
@@ -943,7 +962,7 @@ impl Service {
         vault_id: Uuid,
         id: Uuid,
     ) -> Result<ProtectedItem> {
-        principal.require(Permission::Read)?;
+        principal.require(Operation::Read)?;
         let mut conn = self.pool.acquire().await?;
         Ok(self
             .visible_item(&mut conn, principal, vault_id, id)
@@ -959,7 +978,7 @@ impl Service {
         expected: ExpectedVersion,
         req: ChangePolicy,
     ) -> Result<ProtectedItem> {
-        principal.require(Permission::OperateJobs)?;
+        principal.require(Operation::ConfigureProtection)?;
         let mut tx = self.pool.begin().await?;
         let item = self.visible_item(&mut tx, principal, vault_id, id).await?;
         let policy_id = self
@@ -989,7 +1008,10 @@ impl Service {
         id: Uuid,
         req: StopProtection,
     ) -> Result<Option<ProtectedItem>> {
-        principal.require(Permission::OperateJobs)?;
+        principal.require(match req.mode {
+            StopMode::DeleteData => Operation::StopProtectionDeleteData,
+            StopMode::RetainData | StopMode::RetainPerPolicy => Operation::StopProtectionRetainData,
+        })?;
         let mut tx = self.pool.begin().await?;
         let item = self.visible_item(&mut tx, principal, vault_id, id).await?;
         match req.mode {
@@ -1028,7 +1050,7 @@ impl Service {
         id: Uuid,
         req: ChangePolicy,
     ) -> Result<ProtectedItem> {
-        principal.require(Permission::OperateJobs)?;
+        principal.require(Operation::ConfigureProtection)?;
         let mut tx = self.pool.begin().await?;
         let item = self.visible_item(&mut tx, principal, vault_id, id).await?;
         if !item.state.starts_with("stopped") {
@@ -1055,7 +1077,7 @@ impl Service {
         id: Uuid,
         req: OnDemandBackup,
     ) -> Result<Job> {
-        principal.require(Permission::OperateJobs)?;
+        principal.require(Operation::BackupNow)?;
         let mut tx = self.pool.begin().await?;
         let item = self.visible_item(&mut tx, principal, vault_id, id).await?;
         if item.state != "protected" {
@@ -1116,7 +1138,7 @@ impl Service {
         vault_id: Uuid,
         req: CreateAutoProtection,
     ) -> Result<AutoProtection> {
-        principal.require(Permission::OperateJobs)?;
+        principal.require(Operation::ManageAutoProtection)?;
         let mut tx = self.pool.begin().await?;
         self.visible_vault(&mut *tx, principal, vault_id).await?;
         let mut v = Violations::default();
@@ -1196,7 +1218,7 @@ impl Service {
         principal: &Principal,
         vault_id: Uuid,
     ) -> Result<Vec<AutoProtection>> {
-        principal.require(Permission::Read)?;
+        principal.require(Operation::Read)?;
         self.visible_vault(&self.pool, principal, vault_id).await?;
         Ok(store::intents_of_vault(&self.pool, vault_id)
             .await?
@@ -1211,7 +1233,7 @@ impl Service {
         vault_id: Uuid,
         id: Uuid,
     ) -> Result<AutoProtection> {
-        principal.require(Permission::Read)?;
+        principal.require(Operation::Read)?;
         self.visible_vault(&self.pool, principal, vault_id).await?;
         store::intent_get(&self.pool, id)
             .await?
@@ -1232,7 +1254,7 @@ impl Service {
         vault_id: Uuid,
         id: Uuid,
     ) -> Result<()> {
-        principal.require(Permission::OperateJobs)?;
+        principal.require(Operation::ManageAutoProtection)?;
         self.auto_protection_get(principal, vault_id, id).await?;
         let mut tx = self.pool.begin().await?;
         store::intent_delete(&mut tx, id).await?;
@@ -1320,6 +1342,21 @@ fn prerequisites<'a>(vm: &'a Vm, registered_vault: Option<&'a str>) -> VmPrerequ
         other_backup_product: vm.other_backup_product,
         registered_vault,
     }
+}
+
+/// The name issue of each present database of a VM, judged among its instance's names
+/// in one pass over the VM's databases.
+fn vm_name_issues(databases: &[DatabaseRow]) -> HashMap<Uuid, Option<NameIssue>> {
+    let present: Vec<&DatabaseRow> = databases.iter().filter(|d| d.gone_at.is_none()).collect();
+    let named: Vec<(Uuid, &str)> = present
+        .iter()
+        .map(|d| (d.instance_id, d.name.as_str()))
+        .collect();
+    present
+        .iter()
+        .map(|d| d.id)
+        .zip(name_issues(&named))
+        .collect()
 }
 
 fn group_by_vm(dbs: Vec<DatabaseRow>) -> BTreeMap<Uuid, Vec<DatabaseRow>> {

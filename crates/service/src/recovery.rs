@@ -22,8 +22,8 @@ use sqlx::PgConnection;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::auth::Permission;
-use crate::error::{Error, ErrorKind, Result};
+use crate::auth::Operation;
+use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::jobs::{Job, new_job};
 use crate::{Principal, Service};
 
@@ -417,7 +417,7 @@ impl Service {
         principal: &Principal,
         req: RunScheduler,
     ) -> Result<SchedulerRun> {
-        principal.require(Permission::WriteVaults)?;
+        principal.require(Operation::RunScheduler)?;
         let now = match req.now {
             Some(_) if !self.config.allow_clock_override => {
                 return Err(Error::new(
@@ -436,6 +436,20 @@ impl Service {
         };
         let jobs_enqueued = self.schedule_tick(now).await?;
         Ok(SchedulerRun { now, jobs_enqueued })
+    }
+
+    /// Forgets what `--dev` rehearsals (`scheduler_run` with `now`) left in the schedule,
+    /// so that a server started without `--dev` on the same database schedules from real
+    /// time. Jobs the rehearsal made stay: they are real jobs.
+    pub async fn forget_rehearsals(&self) -> Result<u64> {
+        let forgotten = schedule::schedule_forget_rehearsals(&self.pool).await?;
+        if forgotten > 0 {
+            tracing::warn!(
+                slots = forgotten,
+                "forgot schedule slots a --dev rehearsal left in the future"
+            );
+        }
+        Ok(forgotten)
     }
 
     /// One scheduler tick: the due slot of each policy and backup type becomes that
@@ -569,7 +583,7 @@ impl Service {
         vault_id: Uuid,
         item_id: Uuid,
     ) -> Result<(backvault_store::protection::ProtectedItemRow, Vec<PointRow>)> {
-        principal.require(Permission::Read)?;
+        principal.require(Operation::Read)?;
         let item = self
             .protected_item_row(principal, vault_id, item_id)
             .await?;
@@ -611,7 +625,11 @@ impl Service {
         item_id: Uuid,
         req: RestoreRequest,
     ) -> Result<Job> {
-        principal.require(Permission::OperateJobs)?;
+        principal.require(if req.overwrite {
+            Operation::RestoreOverwrite
+        } else {
+            Operation::RestoreAsNew
+        })?;
         let (item, rows) = self.item_points(principal, vault_id, item_id).await?;
         let target = RestoreTarget {
             point_in_time: req.point_in_time,
@@ -656,6 +674,12 @@ impl Service {
         if !violations.is_empty() {
             return Err(Error::validation(violations));
         }
+        // One restore per target at a time (the queue's unique index settles a race).
+        if let Some(running) =
+            queue::restore_of_target(&mut *tx, target_vm, &instance, &database).await?
+        {
+            return Err(restore_in_progress(Some(running)));
+        }
         // Overwriting a protected database starts a new recovery fork there: its log chain
         // no longer continues, so its next backup must be a full (as Azure Backup does).
         let overwritten: Vec<Uuid> = present
@@ -693,7 +717,12 @@ impl Service {
             &items,
             payload,
         )?;
-        self.commit_with_job(principal, tx, job).await
+        let id = job.id;
+        queue::jobs_enqueue(&mut tx, &[job])
+            .await
+            .on_constraint(queue::ONE_RESTORE_PER_TARGET, || restore_in_progress(None))?;
+        tx.commit().await?;
+        self.job_get(principal, id, None).await
     }
 
     /// Per protected item: the latest backups, the gap the policy allows and whether it is
@@ -704,7 +733,7 @@ impl Service {
         vault_id: Option<Uuid>,
         now: DateTime<Utc>,
     ) -> Result<RpoReport> {
-        principal.require(Permission::Read)?;
+        principal.require(Operation::Read)?;
         if let Some(v) = vault_id {
             self.visible_vault(&self.pool, principal, v).await?;
         }
@@ -752,17 +781,36 @@ impl Service {
             .collect())
     }
 
-    /// Items breaching their RPO now, across all vaults (for `/metrics`).
+    /// Items breaching their RPO now, across all vaults (for `/metrics`): two statements
+    /// (the policies in use, then one count over all of them), however many policies.
     pub async fn rpo_breaching(&self, now: DateTime<Utc>) -> Result<i64> {
-        let mut total: i64 = 0;
-        for (policy, gap) in self.policy_gaps(now).await? {
-            // Breached now ⇔ the latest point is before `now - gap - grace`.
-            let allowed = rpo_deadline(now, gap).signed_duration_since(now);
-            let before = backvault_domain::instants::earlier(now, allowed);
-            total = total.saturating_add(store::items_stale(&self.pool, policy, before).await?);
+        let (policies, before): (Vec<Uuid>, Vec<DateTime<Utc>>) = self
+            .policy_gaps(now)
+            .await?
+            .into_iter()
+            .map(|(policy, gap)| {
+                // Breached now ⇔ the latest point is before `now - gap - grace`.
+                let allowed = rpo_deadline(now, gap).signed_duration_since(now);
+                (policy, backvault_domain::instants::earlier(now, allowed))
+            })
+            .unzip();
+        if policies.is_empty() {
+            return Ok(0);
         }
-        Ok(total)
+        Ok(store::items_stale(&self.pool, &policies, &before).await?)
     }
+}
+
+/// A restore of the same target (VM, instance, database) is queued or running.
+fn restore_in_progress(job: Option<Uuid>) -> Error {
+    let which = job.map_or_else(String::new, |id| format!(" (job {id})"));
+    Error::new(
+        ErrorKind::Conflict,
+        "restore_in_progress",
+        format!(
+            "a restore of this database on the target VM's instance is queued or running{which}; wait for it to finish or cancel it"
+        ),
+    )
 }
 
 fn plan(rows: &[PointRow], target: &RestoreTarget) -> Result<RestorePlan> {
@@ -802,7 +850,10 @@ fn plan(rows: &[PointRow], target: &RestoreTarget) -> Result<RestorePlan> {
                 .map(RecoveryPoint::from)
                 .collect();
             Ok(RestorePlan {
-                total_size_bytes: steps.iter().map(|s| s.size_bytes).sum(),
+                // Sizes are agent-reported: a sum that cannot overflow.
+                total_size_bytes: steps
+                    .iter()
+                    .fold(0i64, |total, s| total.saturating_add(s.size_bytes)),
                 restores_to: at,
                 steps,
             })

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::auth::Permission;
+use crate::auth::Operation;
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::idempotency::idempotent;
 use crate::pagination::{Page, page, page_request};
@@ -94,7 +94,7 @@ impl Service {
         req: CreateVault,
         idempotency_key: Option<&str>,
     ) -> Result<Created<Vault>> {
-        principal.require(Permission::WriteVaults)?;
+        principal.require(Operation::CreateVault)?;
         let mut v = Violations::default();
         let name = VaultName::parse(&req.name, "/name").map_err(|e| v.extend(e));
         check_identifier(
@@ -162,7 +162,7 @@ impl Service {
     }
 
     pub async fn vault_get(&self, principal: &Principal, id: Uuid) -> Result<Vault> {
-        principal.require(Permission::Read)?;
+        principal.require(Operation::Read)?;
         Ok(self.visible_vault(&self.pool, principal, id).await?.into())
     }
 
@@ -172,7 +172,7 @@ impl Service {
         cursor: Option<&str>,
         limit: Option<i64>,
     ) -> Result<Page<Vault>> {
-        principal.require(Permission::Read)?;
+        principal.require(Operation::Read)?;
         let (request, limit) = page_request(cursor, limit)?;
         let rows =
             vaults::vault_list(&self.pool, principal.subscriptions.as_deref(), request).await?;
@@ -186,7 +186,7 @@ impl Service {
         expected: ExpectedVersion,
         req: UpdateVault,
     ) -> Result<Vault> {
-        principal.require(Permission::WriteVaults)?;
+        principal.require(Operation::UpdateVault)?;
         if req.description.len() > MAX_DESCRIPTION {
             let mut v = Violations::default();
             v.push(
@@ -211,7 +211,7 @@ impl Service {
         id: Uuid,
         expected: ExpectedVersion,
     ) -> Result<()> {
-        principal.require(Permission::WriteVaults)?;
+        principal.require(Operation::DeleteVault)?;
         let mut tx = self.pool.begin().await?;
         self.visible_vault(&mut *tx, principal, id).await?;
         let deleted = vaults::vault_delete(&mut tx, id, expected).await.on_foreign_key(|| {

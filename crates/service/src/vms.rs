@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::auth::Permission;
+use crate::auth::Operation;
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::pagination::{Page, page, page_request};
 use crate::{Principal, Service};
@@ -87,7 +87,8 @@ pub(crate) fn deployment_model_str(m: DeploymentModel) -> &'static str {
     }
 }
 
-/// Checks the identity fields of reported facts; pointers are under `base`.
+/// Checks the identity fields of reported facts and the size of the free-form ones;
+/// pointers are under `base`.
 pub(crate) fn check_facts(facts: &VmFacts, base: &str) -> Result<()> {
     let mut v = Violations::default();
     check_identifier(&facts.name, &format!("{base}/name"), "name", 64, &mut v);
@@ -112,6 +113,7 @@ pub(crate) fn check_facts(facts: &VmFacts, base: &str) -> Result<()> {
         64,
         &mut v,
     );
+    v.extend(facts.size_violations(base));
     v.finish(()).map_err(Error::validation)
 }
 
@@ -147,7 +149,7 @@ impl Service {
     }
 
     pub async fn vm_get(&self, principal: &Principal, id: Uuid) -> Result<Vm> {
-        principal.require(Permission::Read)?;
+        principal.require(Operation::Read)?;
         Ok(self.visible_vm(&self.pool, principal, id).await?.into())
     }
 
@@ -158,7 +160,7 @@ impl Service {
         cursor: Option<&str>,
         limit: Option<i64>,
     ) -> Result<Page<Vm>> {
-        principal.require(Permission::Read)?;
+        principal.require(Operation::Read)?;
         let (request, limit) = page_request(cursor, limit)?;
         let filter = vms::VmFilter {
             subscriptions: principal.subscriptions.as_deref(),
@@ -173,7 +175,7 @@ impl Service {
 
     /// Inventory automation adds or updates a VM; returns it and whether it is new.
     pub async fn vm_upsert(&self, principal: &Principal, req: UpsertVm) -> Result<(Vm, bool)> {
-        principal.require(Permission::OperateJobs)?;
+        principal.require(Operation::UpsertVm)?;
         let facts = VmFacts {
             name: req.name,
             resource_group: req.resource_group,
@@ -201,7 +203,7 @@ impl Service {
 
     /// Removes a VM, its jobs and (through its token generation) its agent's tokens.
     pub async fn vm_delete(&self, principal: &Principal, id: Uuid) -> Result<()> {
-        principal.require(Permission::WriteInventory)?;
+        principal.require(Operation::DeleteVm)?;
         let mut tx = self.pool.begin().await?;
         self.visible_vm(&mut *tx, principal, id).await?;
         vms::vm_delete(&mut tx, id).await.on_foreign_key(|| {

@@ -39,6 +39,29 @@ pub async fn notify(db: impl PgExecutor<'_>, payload: &str) -> sqlx::Result<()> 
     Ok(())
 }
 
+/// The unique index that admits one queued or running restore per target (VM, instance,
+/// database, ignoring case).
+pub const ONE_RESTORE_PER_TARGET: &str = "job_queue_one_restore_per_target";
+
+/// The queued or running restore of this target on `vm_id`, if any (names ignoring case).
+pub async fn restore_of_target(
+    db: impl PgExecutor<'_>,
+    vm_id: Uuid,
+    instance: &str,
+    database: &str,
+) -> sqlx::Result<Option<Uuid>> {
+    sqlx::query_scalar(
+        "select job_id from job_queue
+         where vm_id = $1 and kind = 'restore' and lower(target_instance) = lower($2)
+           and lower(target_database) = lower($3)",
+    )
+    .bind(vm_id)
+    .bind(instance)
+    .bind(database)
+    .fetch_optional(db)
+    .await
+}
+
 pub struct NewJob {
     pub id: Uuid,
     pub vm_id: Uuid,
@@ -53,7 +76,9 @@ pub struct NewJob {
 }
 
 /// Inserts jobs into the history and the queue, and notifies the VMs' agents, all in the
-/// caller's transaction: a rollback leaves neither job nor wake-up.
+/// caller's transaction: a rollback leaves neither job nor wake-up. A restore's queue row
+/// names its target; a second restore of a target that has one queued or running breaks
+/// [`ONE_RESTORE_PER_TARGET`].
 pub async fn jobs_enqueue(conn: &mut PgConnection, jobs: &[NewJob]) -> sqlx::Result<()> {
     if jobs.is_empty() {
         return Ok(());
@@ -77,8 +102,11 @@ pub async fn jobs_enqueue(conn: &mut PgConnection, jobs: &[NewJob]) -> sqlx::Res
              insert into jobs (id, vm_id, subscription_id, vault_id, kind, status, priority, items, payload, max_attempts)
              select id, vm_id, subscription_id, vault_id, kind, 'queued', priority, items, payload, max_attempts from input
          )
-         insert into job_queue (job_id, vm_id, kind, priority, run_at, max_attempts)
-         select id, vm_id, kind, priority, run_at, max_attempts from input",
+         insert into job_queue (job_id, vm_id, kind, priority, run_at, max_attempts, target_instance, target_database)
+         select id, vm_id, kind, priority, run_at, max_attempts,
+                case when kind = 'restore' then coalesce(payload->>'target_instance', items->0->>'instance') end,
+                case when kind = 'restore' then coalesce(payload->>'target_database', items->0->>'database') end
+         from input",
     )
     .bind(&ids)
     .bind(&vms)
@@ -119,8 +147,11 @@ pub struct ClaimLimits {
 
 /// Claims up to `wants[i]` due jobs for each of `vm_ids[i]` (distinct), on-demand before
 /// scheduled, oldest first, never beyond a VM's caps of running backups and restores.
-/// Claims for one VM are serialized by an advisory lock so that two concurrent claims
-/// cannot both fill the same free slot; claims for different VMs run in parallel.
+/// A restore excludes backups of its target database: a backup naming it is not handed
+/// out while the restore is queued or running, and the restore is not handed out while
+/// such a backup runs. Claims for one VM are serialized by an advisory lock so that two
+/// concurrent claims cannot both fill the same free slot or both pass an exclusion;
+/// claims for different VMs run in parallel.
 pub async fn queue_claim(
     conn: &mut PgConnection,
     vm_ids: &[Uuid],
@@ -147,6 +178,15 @@ pub async fn queue_claim(
              select c.job_id, c.vm_id, c.priority, c.run_at from room,
              lateral (select q.job_id, q.vm_id, q.priority, q.run_at from job_queue q
                       where q.vm_id = room.vm_id and not q.running and q.run_at <= now() and q.kind <> 'restore'
+                        -- A backup waits while a restore of one of its databases is queued or running.
+                        and (q.kind not like 'backup%' or not exists (
+                             select 1 from job_queue r
+                             where r.vm_id = q.vm_id and r.kind = 'restore' and r.target_database is not null
+                               and exists (
+                                   select 1 from jobs j, jsonb_array_elements(j.items) i
+                                   where j.id = q.job_id
+                                     and lower(i->>'instance') = lower(r.target_instance)
+                                     and lower(i->>'database') = lower(r.target_database))))
                       order by q.priority, q.run_at
                       limit least(room.want, room.backups)
                       for no key update skip locked) c
@@ -154,6 +194,13 @@ pub async fn queue_claim(
              select c.job_id, c.vm_id, c.priority, c.run_at from room,
              lateral (select q.job_id, q.vm_id, q.priority, q.run_at from job_queue q
                       where q.vm_id = room.vm_id and not q.running and q.run_at <= now() and q.kind = 'restore'
+                        -- A restore waits while a backup of its database runs.
+                        and not exists (
+                             select 1 from job_queue b join jobs j on j.id = b.job_id,
+                                  jsonb_array_elements(j.items) i
+                             where b.vm_id = q.vm_id and b.running and b.kind like 'backup%'
+                               and lower(i->>'instance') = lower(q.target_instance)
+                               and lower(i->>'database') = lower(q.target_database))
                       order by q.priority, q.run_at
                       limit least(room.want, room.restores)
                       for no key update skip locked) c
@@ -258,12 +305,55 @@ pub struct Completion {
     pub warnings: serde_json::Value,
 }
 
-/// Completes every job whose lease is still held, in one statement: the queue rows go,
-/// the history rows and attempts record the outcome. Returns the ids completed now.
-pub async fn queue_complete(
+/// A running job a completion holds the lease of, with what its result must match.
+#[derive(Debug, Clone, FromRow)]
+pub struct CompletingJob {
+    pub job_id: Uuid,
+    pub kind: String,
+    pub items: Json<serde_json::Value>,
+    pub payload: Json<serde_json::Value>,
+    /// When an agent first claimed it.
+    pub started_at: Option<DateTime<Utc>>,
+    /// The server's clock now (the completion's instant).
+    pub now: DateTime<Utc>,
+}
+
+/// The jobs of these completions whose lease is still held, with their content and claim
+/// time, in one statement for the whole batch. Their queue rows are locked (in id order,
+/// so that concurrent batches cannot deadlock) until the caller's transaction ends, so a
+/// job judged here cannot change hands before it is completed or failed.
+pub async fn queue_lock_completing(
     conn: &mut PgConnection,
     completions: &[Completion],
+) -> sqlx::Result<Vec<CompletingJob>> {
+    let ids: Vec<Uuid> = completions.iter().map(|c| c.job_id).collect();
+    let vms: Vec<Uuid> = completions.iter().map(|c| c.vm_id).collect();
+    let leases: Vec<i64> = completions.iter().map(|c| c.lease).collect();
+    sqlx::query_as(
+        "select q.job_id, j.kind, j.items, j.payload, j.started_at, now() as now
+         from job_queue q join jobs j on j.id = q.job_id
+         where (q.job_id, q.vm_id, q.lease) in (select * from unnest($1::uuid[], $2::uuid[], $3::bigint[]))
+           and q.running
+         order by q.job_id
+         for no key update of q",
+    )
+    .bind(&ids)
+    .bind(&vms)
+    .bind(&leases)
+    .fetch_all(conn)
+    .await
+}
+
+/// Completes every job whose lease is still held, in one statement: the queue rows go,
+/// the history rows and attempts record the outcome. Returns the ids completed now.
+pub async fn queue_complete<C: std::borrow::Borrow<Completion>>(
+    conn: &mut PgConnection,
+    completions: &[C],
 ) -> sqlx::Result<Vec<Uuid>> {
+    if completions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let completions: Vec<&Completion> = completions.iter().map(|c| c.borrow()).collect();
     let ids: Vec<Uuid> = completions.iter().map(|c| c.job_id).collect();
     let vms: Vec<Uuid> = completions.iter().map(|c| c.vm_id).collect();
     let leases: Vec<i64> = completions.iter().map(|c| c.lease).collect();
@@ -487,7 +577,8 @@ pub struct JobRow {
     pub status: String,
     pub priority: i16,
     pub items: Json<serde_json::Value>,
-    pub payload: Json<serde_json::Value>,
+    /// `None` in lists ([`job_list`] does not read the bodies).
+    pub payload: Option<Json<serde_json::Value>>,
     pub result: Option<Json<serde_json::Value>>,
     pub warnings: Json<serde_json::Value>,
     pub error_code: Option<String>,
@@ -506,6 +597,13 @@ pub struct JobRow {
 const JOB_COLUMNS: &str = "j.id, j.vm_id, j.subscription_id, j.vault_id, j.kind, j.status, j.priority, j.items, \
     j.payload, j.result, j.warnings, j.error_code, j.error_message, j.attempts, j.max_attempts, j.cancel_requested, \
     q.progress, q.run_at, j.created_at, j.started_at, j.finished_at, j.updated_at";
+
+/// A list's columns: the agent-supplied bodies (`payload`, `result`, `progress`) stay in
+/// the table, so a page costs the same whatever agents reported.
+const JOB_LIST_COLUMNS: &str = "j.id, j.vm_id, j.subscription_id, j.vault_id, j.kind, j.status, j.priority, \
+    j.items, null::jsonb as payload, null::jsonb as result, j.warnings, j.error_code, j.error_message, j.attempts, \
+    j.max_attempts, j.cancel_requested, null::jsonb as progress, q.run_at, j.created_at, j.started_at, j.finished_at, \
+    j.updated_at";
 
 pub async fn job_get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<JobRow>> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -550,14 +648,15 @@ pub struct JobFilter<'a> {
     pub created_before: Option<DateTime<Utc>>,
 }
 
-/// Newest first: ids are UUIDv7, so descending id is descending creation time.
+/// Newest first: ids are UUIDv7, so descending id is descending creation time. Without
+/// the bodies (`payload`, `result`, `progress` are `None`).
 pub async fn job_list(
     db: impl PgExecutor<'_>,
     f: &JobFilter<'_>,
     page: Page,
 ) -> sqlx::Result<Vec<JobRow>> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {JOB_COLUMNS} from jobs j left join job_queue q on q.job_id = j.id
+        "select {JOB_LIST_COLUMNS} from jobs j left join job_queue q on q.job_id = j.id
          where ($1::text[] is null or j.subscription_id = any($1))
            and ($2::text is null or j.status = $2)
            and ($3::text is null or j.kind = $3)

@@ -8,6 +8,7 @@ pub mod policies;
 pub mod protection;
 pub mod recovery;
 pub mod schedule;
+pub mod tokens;
 pub mod vaults;
 pub mod vms;
 

@@ -129,6 +129,22 @@ pub async fn items_list(
     .await
 }
 
+/// Of `ids`, the protected items whose database is on `vm_id`.
+pub async fn items_of_vm(
+    db: impl PgExecutor<'_>,
+    vm_id: Uuid,
+    ids: &[Uuid],
+) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar(
+        "select p.id from protected_items p join sql_databases d on d.id = p.database_id \
+         where d.vm_id = $1 and p.id = any($2)",
+    )
+    .bind(vm_id)
+    .bind(ids)
+    .fetch_all(db)
+    .await
+}
+
 /// Protection state of databases: `(database_id, item_id, vault_id, state)`.
 pub async fn items_for_databases(
     db: impl PgExecutor<'_>,

@@ -288,18 +288,21 @@ pub async fn rpo_rows(
     .await
 }
 
-/// Protected items of a policy whose latest backup (or start of protection) is older
-/// than `before`.
+/// Protected items whose latest backup (or start of protection) is older than the instant
+/// given for their policy (`before[i]` for `policies[i]`), counted in one statement
+/// however many policies there are.
 pub async fn items_stale(
     db: impl PgExecutor<'_>,
-    policy_id: Uuid,
-    before: DateTime<Utc>,
+    policies: &[Uuid],
+    before: &[DateTime<Utc>],
 ) -> sqlx::Result<i64> {
     sqlx::query_scalar(
-        "select count(*) from protected_items where policy_id = $1 and state = 'protected'
-           and coalesce(greatest(last_full_at, last_differential_at, last_log_at), created_at) < $2",
+        "select count(*) from protected_items p
+           join unnest($1::uuid[], $2::timestamptz[]) as s(policy_id, before) on s.policy_id = p.policy_id
+         where p.state = 'protected'
+           and coalesce(greatest(p.last_full_at, p.last_differential_at, p.last_log_at), p.created_at) < s.before",
     )
-    .bind(policy_id)
+    .bind(policies)
     .bind(before)
     .fetch_one(db)
     .await

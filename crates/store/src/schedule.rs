@@ -92,6 +92,22 @@ pub async fn schedule_claim_slot(
     Ok(claimed.flatten())
 }
 
+/// Removes the slot cursors a `--dev` rehearsal left (ticks at a chosen future instant):
+/// a real tick fires a slot when it is due, so its slot is never after the moment it was
+/// fired, and a schedule it starts waits at most a week for its next slot. A cursor
+/// beyond that was rehearsed; left in place it would hold real ticks back until the
+/// rehearsed instant. Returns how many were removed.
+pub async fn schedule_forget_rehearsals(db: impl PgExecutor<'_>) -> sqlx::Result<u64> {
+    let done = sqlx::query(
+        "delete from schedule_slots
+         where slot_at > fired_at + interval '5 minutes'
+            or next_at > fired_at + interval '8 days'",
+    )
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Before databases move between policies: waits for any tick making jobs from these
 /// policies and keeps new ticks out until the caller's transaction ends, so a database
 /// cannot get a job of the same slot from its old and its new policy.

@@ -46,12 +46,16 @@ const COLUMNS: &str = "id, subscription_id, resource_group, name, region, deploy
     vault_id, version, created_at, updated_at";
 
 /// Inserts or updates the VM an agent enrolls for, marks it heard from, and bumps its
-/// token generation so that tokens issued before this enrollment stop working.
+/// token generation so that tokens issued before this enrollment stop working. A VM that
+/// already has an agent (a token generation above 0) is left alone unless `replace_agent`:
+/// then `None` comes back, decided under the row's lock, so two racing enrollments of one
+/// VM cannot both win.
 pub async fn vm_enroll(
     conn: &mut PgConnection,
     new_id: Uuid,
     f: &VmFactsRow<'_>,
-) -> sqlx::Result<VmRow> {
+    replace_agent: bool,
+) -> sqlx::Result<Option<VmRow>> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "insert into vms (id, subscription_id, resource_group, name, region, deployment_model, agent_installed,
                           agent_version, dotnet_version, sql_iaas_extension, other_backup_product, last_seen_at,
@@ -63,6 +67,7 @@ pub async fn vm_enroll(
              sql_iaas_extension = excluded.sql_iaas_extension,
              other_backup_product = excluded.other_backup_product, last_seen_at = now(),
              token_generation = vms.token_generation + 1, version = vms.version + 1, updated_at = now()
+         where vms.token_generation = 0 or $11
          returning {COLUMNS}"
     )))
     .bind(new_id)
@@ -75,7 +80,37 @@ pub async fn vm_enroll(
     .bind(f.dotnet_version)
     .bind(f.sql_iaas_extension)
     .bind(f.other_backup_product)
-    .fetch_one(conn)
+    .bind(replace_agent)
+    .fetch_optional(conn)
+    .await
+}
+
+/// An agent refreshing its token: the VM's facts are updated and it is marked heard from,
+/// if `generation` is still its token generation (else `None`). The generation stays, so
+/// the token the agent refreshed keeps working until it expires.
+pub async fn vm_refresh(
+    conn: &mut PgConnection,
+    id: Uuid,
+    generation: i64,
+    f: &VmFactsRow<'_>,
+) -> sqlx::Result<Option<VmRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "update vms set
+             region = $3, deployment_model = $4, agent_installed = true, agent_version = $5,
+             dotnet_version = $6, sql_iaas_extension = $7, other_backup_product = $8,
+             last_seen_at = now(), version = version + 1, updated_at = now()
+         where id = $1 and token_generation = $2
+         returning {COLUMNS}"
+    )))
+    .bind(id)
+    .bind(generation)
+    .bind(f.region)
+    .bind(f.deployment_model)
+    .bind(f.agent_version)
+    .bind(f.dotnet_version)
+    .bind(f.sql_iaas_extension)
+    .bind(f.other_backup_product)
+    .fetch_optional(conn)
     .await
 }
 

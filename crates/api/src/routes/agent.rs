@@ -1,7 +1,8 @@
-//! The agent protocol. Every route takes an agent token bound to one VM (enrollment takes
-//! an enrollment token); a job of another VM answers 404.
+//! The agent protocol. Every route takes an agent token bound to one VM (enrollment also
+//! takes an enrollment token); a job of another VM answers 404.
 
 use axum::extract::State;
+use axum::response::{IntoResponse, Response};
 use backvault_domain::agent::protocol::{
     AgentHeartbeat, AgentHeartbeatResponse, ClaimRequest, ClaimResponse, CompleteJob,
     EnrollRequest, EnrollResponse, FailJob, JobHeartbeat, JobHeartbeatResponse,
@@ -10,6 +11,7 @@ use backvault_service::agents::JobOutcome;
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
+use super::tokens::no_store;
 use crate::AppState;
 use crate::error::{ApiResult, Problem};
 use crate::extract::{Caller, Json, Path};
@@ -24,19 +26,25 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(fail_job))
 }
 
-/// Enroll a VM's agent with an enrollment token; returns the agent's token.
+/// Enroll a VM's agent; returns the agent's token.
+///
+/// With an enrollment token, a new agent enrolls its VM; a VM that already has an agent
+/// answers 409 `vm_already_enrolled` unless the token is bound to it. With the VM's current
+/// agent token, the agent refreshes its token (a new expiry, the current signing key) and
+/// the VM's facts, which must name the same VM.
 #[utoipa::path(post, path = "/v1/agent/enroll", tag = "agent", request_body = EnrollRequest,
-    responses((status = 200, body = EnrollResponse), (status = 401, body = Problem, content_type = "application/problem+json"),
+    responses((status = 200, body = EnrollResponse, headers(("Cache-Control" = String))),
+              (status = 401, body = Problem, content_type = "application/problem+json"),
               (status = 403, body = Problem, content_type = "application/problem+json"),
+              (status = 409, body = Problem, content_type = "application/problem+json", description = "vm_already_enrolled, vm_identity_mismatch"),
               (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn enroll_agent(
     State(state): State<AppState>,
     Caller(principal): Caller,
     Json(req): Json<EnrollRequest>,
-) -> ApiResult<axum::Json<EnrollResponse>> {
-    Ok(axum::Json(
-        state.service.agent_enroll(&principal, req.facts).await?,
-    ))
+) -> ApiResult<Response> {
+    let enrolled = state.service.agent_enroll(&principal, req.facts).await?;
+    Ok(([no_store()], axum::Json(enrolled)).into_response())
 }
 
 /// The agent is alive: updates the VM's facts and extends the leases of its running jobs.

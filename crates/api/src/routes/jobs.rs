@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use backvault_domain::jobs::{JobKind, JobStatus};
 use backvault_service::ErrorKind;
-use backvault_service::jobs::{CreateEnrollmentToken, DispatchJob, EnrollmentToken, Job, JobQuery};
+use backvault_service::jobs::{DispatchJob, Job, JobQuery};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -23,7 +23,6 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_jobs, dispatch_job))
         .routes(routes!(get_job))
         .routes(routes!(cancel_job))
-        .routes(routes!(create_enrollment_token))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -151,17 +150,4 @@ async fn dispatch_job(
         axum::Json(job),
     )
         .into_response())
-}
-
-/// Mint a short-lived enrollment token for agents of one subscription.
-#[utoipa::path(post, path = "/v1/enrollment-tokens", tag = "agent", request_body = CreateEnrollmentToken,
-    responses((status = 201, body = EnrollmentToken), (status = 403, body = Problem, content_type = "application/problem+json"),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
-async fn create_enrollment_token(
-    State(state): State<AppState>,
-    Caller(principal): Caller,
-    Json(req): Json<CreateEnrollmentToken>,
-) -> ApiResult<Response> {
-    let token = state.service.enrollment_token_create(&principal, req)?;
-    Ok((StatusCode::CREATED, axum::Json(token)).into_response())
 }

@@ -527,6 +527,7 @@ fn bench_service(pool: PgPool) -> Service {
         pool,
         Auth::new(AuthConfig {
             secret: b"bench-secret-0123456789-0123456789".to_vec(),
+            previous_secrets: Vec::new(),
             issuer: None,
             audience: None,
         }),
@@ -1347,28 +1348,35 @@ async fn ingest_on(
         .as_str()
         .context("vault id")?
         .to_owned();
-    let enrollment = http
-        .post(
-            "/v1/enrollment-tokens",
-            &admin,
-            &json!({"subscription_id": "sub-1", "ttl_seconds": 7200}),
-            201,
-        )
-        .await?["token"]
-        .as_str()
-        .context("enrollment token")?
-        .to_owned();
+    // An enrollment token enrolls at most 100 VMs.
+    let mut enrollment = Vec::new();
+    for _ in 0..args.agents.div_ceil(100) {
+        enrollment.push(
+            http.post(
+                "/v1/enrollment-tokens",
+                &admin,
+                &json!({"subscription_id": "sub-1", "ttl_seconds": 7200, "max_uses": 100}),
+                201,
+            )
+            .await?["token"]
+                .as_str()
+                .context("enrollment token")?
+                .to_owned(),
+        );
+    }
+    let enrollment = Arc::new(enrollment);
     let enrolled = Arc::new(tokio::sync::Mutex::new(Vec::new()));
     {
         let (http, enrollment, enrolled) = (http.clone(), enrollment.clone(), enrolled.clone());
         for_each_concurrent(args.agents, 16, move |i| {
             let (http, enrollment, enrolled) = (http.clone(), enrollment.clone(), enrolled.clone());
             async move {
+                let enrollment = &enrollment[i / 100];
                 let facts = json!({"name": format!("bench-vm-{i:05}"), "resource_group": "rg-bench", "subscription_id": "sub-1",
                     "region": "westeurope", "deployment_model": "resource_manager", "agent_version": "1.0.0",
                     "dotnet_version": "4.8", "sql_iaas_extension": true, "other_backup_product": false});
                 let res = http
-                    .post("/v1/agent/enroll", &enrollment, &json!({"facts": facts}), 200)
+                    .post("/v1/agent/enroll", enrollment, &json!({"facts": facts}), 200)
                     .await?;
                 let vm_id: Uuid = res["vm_id"].as_str().context("vm_id")?.parse()?;
                 let token = res["agent_token"].as_str().context("agent_token")?.to_owned();

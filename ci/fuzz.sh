@@ -1,0 +1,447 @@
+#!/usr/bin/env bash
+# Bounded API fuzzing: schemathesis against a real `backvault serve` on a throwaway
+# database, with a little seeded data so that ids in paths resolve to real resources.
+#
+#   bash ci/fuzz.sh
+#
+# Fails when schemathesis reports a failing check, or when the server logged a panic or
+# an ERROR line (every 5xx is logged at ERROR, so this also catches 5xx answers to
+# requests that schemathesis did not flag).
+#
+# Knobs (environment):
+#   DATABASE_URL        Postgres to create the throwaway database on (its db name is replaced)
+#   BACKVAULT_BIN       a prebuilt server binary; skips `cargo build`
+#   FUZZ_SEED           schemathesis/hypothesis seed (fixed by default: runs are reproducible)
+#   FUZZ_CHECKS         schemathesis checks (comma-separated)
+#   FUZZ_MAX_EXAMPLES   test cases per operation and phase
+#   FUZZ_PHASES         schemathesis phases
+#   FUZZ_RUN_TIMEOUT    seconds one schemathesis run may take before it is stopped
+#   FUZZ_TIME_BUDGET    seconds all runs together may take (a run gets what is left, at most
+#                       FUZZ_RUN_TIMEOUT); a run stopped by either bound fails the script
+#   FUZZ_WORKERS        schemathesis workers
+#   FUZZ_OUT            where logs and reports go (default target/fuzz; a new run replaces
+#                       what the last one left there)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# --- settings -----------------------------------------------------------------------------
+
+# Only 5xx for now; the API-contract work will widen this to `all`.
+FUZZ_CHECKS="${FUZZ_CHECKS:-not_a_server_error}"
+FUZZ_MAX_EXAMPLES="${FUZZ_MAX_EXAMPLES:-20}"
+FUZZ_SEED="${FUZZ_SEED:-20250101}"
+FUZZ_PHASES="${FUZZ_PHASES:-examples,coverage,fuzzing,stateful}"
+FUZZ_RUN_TIMEOUT="${FUZZ_RUN_TIMEOUT:-300}"
+# Keeps the whole script within ~8 minutes on a 2-core machine, build and seeding included
+# (a run with the defaults takes well under a minute).
+FUZZ_TIME_BUDGET="${FUZZ_TIME_BUDGET:-420}"
+# One worker: with several, hypothesis parses lambda sources with `ast` from several threads,
+# which on some CPython builds (3.11.7 here) fails with "AST constructor recursion depth
+# mismatch" and shows up as a schemathesis error that is no finding.
+FUZZ_WORKERS="${FUZZ_WORKERS:-1}"
+FUZZ_OUT="${FUZZ_OUT:-target/fuzz}"
+
+# schemathesis 4 changed its CLI and config format; pin what this script was written against.
+SCHEMATHESIS_VERSION=4.32.5
+VENV=target/fuzz-venv
+
+DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+PG_SERVER="${DATABASE_URL%/*}"
+FUZZ_DB="backvault_fuzz_$$"
+FUZZ_DB_URL="$PG_SERVER/$FUZZ_DB"
+
+log() { echo "fuzz: $*"; }
+die() { echo "fuzz: $*" >&2; exit 1; }
+
+for tool in curl psql python3 timeout; do
+    command -v "$tool" >/dev/null || die "$tool is required"
+done
+
+mkdir -p "$FUZZ_OUT"
+FUZZ_OUT="$(cd "$FUZZ_OUT" && pwd)"
+# Only what an earlier run left: FUZZ_OUT may be a directory with other things in it.
+rm -rf "$FUZZ_OUT"/{agent,admin,enroll} "$FUZZ_OUT"/{agent,admin,enroll}.log \
+    "$FUZZ_OUT"/{server.log,offending.log,schemathesis.toml}
+SERVER_LOG="$FUZZ_OUT/server.log"
+
+# --- schemathesis ---------------------------------------------------------------------------
+
+if [[ "$("$VENV/bin/schemathesis" --version 2>/dev/null || true)" != *"version $SCHEMATHESIS_VERSION" ]]; then
+    log "installing schemathesis $SCHEMATHESIS_VERSION into $VENV"
+    [[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "schemathesis==$SCHEMATHESIS_VERSION"
+fi
+PY="$VENV/bin/python"
+ST="$VENV/bin/schemathesis"
+log "$("$ST" --version)"
+
+# --- the server binary ----------------------------------------------------------------------
+
+if [[ -z "${BACKVAULT_BIN:-}" ]]; then
+    log "cargo build --locked --bin backvault"
+    cargo build --locked --bin backvault
+    BACKVAULT_BIN="$(cargo metadata --format-version 1 --no-deps \
+        | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/backvault"
+fi
+[[ -x "$BACKVAULT_BIN" ]] || die "no server binary at $BACKVAULT_BIN"
+
+# --- database, server, cleanup --------------------------------------------------------------
+
+SERVER_PID=""
+# shellcheck disable=SC2317  # run by the EXIT trap, which shellcheck does not follow
+cleanup() {
+    local rc=$?
+    if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        # The server drains in-flight requests on SIGTERM; don't wait for its full grace.
+        for _ in $(seq 1 50); do
+            kill -0 "$SERVER_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    psql "$DATABASE_URL" -qAtc "drop database if exists \"$FUZZ_DB\" with (force)" >/dev/null 2>&1 || true
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+psql "$DATABASE_URL" -qAtc "create database \"$FUZZ_DB\"" >/dev/null \
+    || die "cannot create database $FUZZ_DB on $PG_SERVER"
+
+# A random key per run: tokens minted here are worthless after it.
+JWT_SECRET="$("$PY" -c 'import secrets; print(secrets.token_hex(32))')"
+export BACKVAULT_JWT_SECRET="$JWT_SECRET"
+
+log "starting $BACKVAULT_BIN (database $FUZZ_DB)"
+# Leases outlive the fuzz runs, so the jobs seeded as running keep their leases instead of
+# being rescued back to pending half-way through.
+DATABASE_URL="$FUZZ_DB_URL" BACKVAULT_LEASE_SECONDS=3600 BACKVAULT_SHUTDOWN_GRACE_SECONDS=2 \
+    "$BACKVAULT_BIN" serve --listen 127.0.0.1:0 --log-format json >"$SERVER_LOG" 2>&1 &
+SERVER_PID=$!
+
+# The server logs `{"message":"listening","addr":"127.0.0.1:PORT",...}` once bound.
+ADDR=""
+for _ in $(seq 1 300); do
+    kill -0 "$SERVER_PID" 2>/dev/null || { cat "$SERVER_LOG" >&2; die "server exited at start"; }
+    ADDR="$("$PY" - "$SERVER_LOG" <<'PY'
+import json, sys
+for line in open(sys.argv[1], errors="replace"):
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        continue
+    if isinstance(entry, dict) and entry.get("message") == "listening":
+        print(entry["addr"])
+        break
+PY
+)"
+    [[ -n "$ADDR" ]] && break
+    sleep 0.1
+done
+[[ -n "$ADDR" ]] || { cat "$SERVER_LOG" >&2; die "server did not log 'listening' within 30s"; }
+BASE="http://$ADDR"
+for _ in $(seq 1 100); do
+    [[ "$(curl -s -o /dev/null -w '%{http_code}' "$BASE/readyz")" == 200 ]] && break
+    sleep 0.2
+done
+[[ "$(curl -s -o /dev/null -w '%{http_code}' "$BASE/readyz")" == 200 ]] || die "$BASE/readyz is not 200"
+log "server at $BASE"
+
+# --- tokens, seed data, schemathesis config -----------------------------------------------
+
+# Enrollment tokens are recorded in the server's database, and are single-use by default.
+mint() { DATABASE_URL="$FUZZ_DB_URL" "$BACKVAULT_BIN" token --ttl 1h --subject fuzz "$@"; }
+ADMIN_TOKEN="$(mint --role admin --subscription '*')"
+ENROLL_TOKEN="$(mint --role enrollment --subscription sub-fuzz)"
+# The enrollment run gets a token of another subscription: re-enrolling the seeded VM would
+# revoke the agent token (harmless, that run comes last, but it would muddle the seed).
+ENROLL_TOKEN_FUZZ="$(mint --role enrollment --subscription sub-fuzz-enroll --max-uses 100)"
+CONFIG="$FUZZ_OUT/schemathesis.toml"
+
+# Walks the README's flow as an operator and an agent would: vaults, an enrolled VM,
+# discovery, protection with full backups (so recovery points exist), auto-protection, a
+# policy, and backup jobs left running under leases for the agent run. Then writes the
+# schemathesis config: random UUIDs only ever reach "not found", so dictionaries make most
+# generated ids and references the seeded ones, and the handlers run past their lookups.
+# Destructive operations get "victim" resources of their own, or an early DELETE/stop
+# would turn every later request on the shared fixtures into a 404.
+# Prints the agent token.
+AGENT_TOKEN="$("$PY" - "$BASE" "$ADMIN_TOKEN" "$ENROLL_TOKEN" "$CONFIG" <<'PY'
+import datetime, json, sys, urllib.error, urllib.request
+
+base, admin, enroll, config_path = sys.argv[1:5]
+
+def call(method, path, token, body=None, ok=(200, 201, 202, 204)):
+    req = urllib.request.Request(base + path, method=method,
+                                 data=None if body is None else json.dumps(body).encode())
+    req.add_header("Authorization", f"Bearer {token}")
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as res:
+            status, text = res.status, res.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode()
+    if status not in ok:
+        sys.exit(f"seed: {method} {path} answered {status}: {text}")
+    return json.loads(text) if text else None
+
+def vault(name):
+    return call("POST", "/v1/vaults", admin, {"name": name, "subscription_id": "sub-fuzz",
+                "resource_group": "rg-fuzz", "region": "westeurope"})["id"]
+
+vault_id, victim_vault = vault("fuzz-vault"), vault("fuzz-victim")
+facts = {"name": "fuzz-vm", "resource_group": "rg-fuzz", "subscription_id": "sub-fuzz",
+         "region": "westeurope", "deployment_model": "resource_manager", "agent_version": "1.0.0",
+         "dotnet_version": "4.8", "sql_iaas_extension": True, "other_backup_product": False}
+enrolled = call("POST", "/v1/agent/enroll", enroll, {"facts": facts})
+vm, agent = enrolled["vm_id"], enrolled["agent_token"]
+victim_vm = call("PUT", "/v1/vms", admin, {"name": "fuzz-victim-vm", "resource_group": "rg-fuzz",
+                 "subscription_id": "sub-fuzz", "region": "westeurope",
+                 "deployment_model": "resource_manager"})["id"]
+
+inventory = {
+    "instances": [{"name": "MSSQLSERVER", "version": "2019"}, {"name": "SQL2", "version": "2017"}],
+    "databases": [{"instance": i, "name": n, "recovery_model": m, "size_bytes": 1024}
+                  for i, n, m in (("MSSQLSERVER", "sales", "full"), ("MSSQLSERVER", "hr", "simple"),
+                                  ("SQL2", "finance", "full"))],
+}
+now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+next_lsn = iter(range(1000, 10**9, 10))
+
+def run_jobs(leave_running=False):
+    """Plays the agent: claims the pending jobs and completes them (or leaves them running)."""
+    claimed = call("POST", "/v1/agent/claim", agent, {"max_jobs": 50, "wait_seconds": 0})["jobs"]
+    for job in [] if leave_running else claimed:
+        kind = job["kind"]
+        if kind == "discovery":
+            result = {"kind": "discovery", "inventory": inventory}
+        elif kind == "configure_protection":
+            result = {"kind": "configure_protection"}
+        elif kind.startswith("backup_"):
+            points = []
+            for item in job["items"]:
+                first = next(next_lsn)
+                points.append({"instance": item["instance"], "database": item["database"],
+                               "backup_type": "full", "started_at": now, "backup_time": now,
+                               "first_lsn": str(first), "last_lsn": str(first + 5),
+                               "database_backup_lsn": str(first), "size_bytes": 100})
+            result = {"kind": "backup", "recovery_points": points}
+        else:
+            result = {"kind": "restore", "restored_database": "restored"}
+        call("POST", f"/v1/agent/jobs/{job['job_id']}/complete", agent,
+             {"lease": job["lease"], "result": result})
+    return claimed
+
+completed_job = call("POST", f"/v1/vaults/{vault_id}/vms/{vm}/discover", admin)["id"]
+run_jobs()
+containers = call("GET", f"/v1/vaults/{vault_id}/protectable-items", admin)
+instances = {c["name"]: c["id"] for c in containers}
+databases = {d["name"]: d["id"] for c in containers for d in c["databases"]}
+call("POST", f"/v1/vaults/{vault_id}/protected-items", admin,
+     {"policy": "HourlyLogBackup", "databases": [databases["sales"], databases["hr"]]})
+run_jobs()
+items = {i["database"]: i["id"] for i in
+         call("GET", f"/v1/vaults/{vault_id}/protected-items", admin)["items"]}
+for item in items.values():
+    call("POST", f"/v1/vaults/{vault_id}/protected-items/{item}/backup", admin,
+         {"type": "full", "retention_days": 45})
+run_jobs()
+points = [p["id"] for p in call("GET", f"/v1/vaults/{vault_id}/protected-items/{items['sales']}"
+                                 "/recovery-points", admin)["items"]]
+intent = call("POST", f"/v1/vaults/{vault_id}/auto-protection", admin,
+              {"instance_id": instances["MSSQLSERVER"], "policy": "HourlyLogBackup"})["id"]
+victim_intent = call("POST", f"/v1/vaults/{vault_id}/auto-protection", admin,
+                     {"instance_id": instances["SQL2"], "policy": "HourlyLogBackup"})["id"]
+run_jobs()
+for name in ("Gold", "Victim"):
+    call("POST", f"/v1/vaults/{vault_id}/policies/HourlyLogBackup/copy", admin,
+         {"target_vault_id": vault_id, "name": name})
+# Jobs running under leases for the agent run (each complete/fail ends one), then one left
+# pending for the admin run.
+for _ in range(4):
+    call("POST", "/v1/jobs", admin, {"vm_id": vm, "kind": "backup_full",
+         "items": [{"instance": "MSSQLSERVER", "database": "sales"}]})
+running = run_jobs(leave_running=True)
+pending = call("POST", "/v1/jobs", admin, {"vm_id": vm, "kind": "backup_log",
+               "items": [{"instance": "MSSQLSERVER", "database": "sales"}]})["id"]
+
+dictionaries = {
+    "vault_ids": [vault_id], "victim_vault_ids": [victim_vault],
+    "vm_ids": [vm], "victim_vm_ids": [victim_vm],
+    "item_ids": [items["sales"]], "victim_item_ids": [items["hr"]],
+    "intent_ids": [intent], "victim_intent_ids": [victim_intent],
+    "policy_names": ["HourlyLogBackup", "Gold"], "victim_policy_names": ["Victim"],
+    "job_ids": [j["job_id"] for j in running] + [pending, completed_job],
+    "leases": [j["lease"] for j in running],
+    "database_ids": list(databases.values()), "instance_ids": list(instances.values()),
+    "instance_names": [i["name"] for i in inventory["instances"]],
+    "database_names": [d["name"] for d in inventory["databases"]],
+    "lsns": ["1000", "1005", "1010", "99999999999999999999999999"],
+    "instants": [now],
+    "recovery_point_ids": points,
+    # Claims long-poll for up to wait_seconds when no job is pending; values in 1..60
+    # would only make the run wait. These still probe the bounds.
+    "no_wait": [0, 61, 2147483647],
+    # Now and then in any string query, path or header parameter and in free-text body
+    # fields: a NUL (Postgres text and jsonb refuse it) and instants at or past the ends
+    # of what chrono and Postgres represent.
+    "hostile_strings": ["a\u0000b", "-4714-11-24T00:00:00Z", "-262143-01-01T00:00:00Z",
+                        "+262142-12-31T23:59:59Z"],
+}
+bind = lambda d, p: f'{{ dictionary = "{d}", probability = {p} }}'
+parameters = {
+    "path.vault_id": bind("vault_ids", 0.8), "path.vm_id": bind("vm_ids", 0.8),
+    "path.item_id": bind("item_ids", 0.8), "path.intent_id": bind("intent_ids", 0.8),
+    "path.job_id": bind("job_ids", 0.8), "path.policy_name": bind("policy_names", 0.6),
+    "query.vm_id": bind("vm_ids", 0.5),
+    "body.vm_id": bind("vm_ids", 0.8), "body.target_vm_id": bind("vm_ids", 0.5),
+    "body.target_vault_id": bind("vault_ids", 0.8),
+    "body.databases[*]": bind("database_ids", 0.8), "body.instance_id": bind("instance_ids", 0.8),
+    "body.recovery_point_id": bind("recovery_point_ids", 0.5),
+    "body.policy": bind("policy_names", 0.6), "body.lease": bind("leases", 0.7),
+    # Recovery points the agent reports: about the seeded databases, with plausible LSNs,
+    # so that some are recorded and later reads (recovery points, restore plans) see them.
+    **{f"body.result.recovery_points[*].{field}": bind(d, 0.7) for field, d in (
+        ("instance", "instance_names"), ("database", "database_names"),
+        ("first_lsn", "lsns"), ("last_lsn", "lsns"), ("database_backup_lsn", "lsns"),
+        ("started_at", "instants"), ("backup_time", "instants"))},
+    # Free-text fields, which no validation rule narrows: hostile strings now and then.
+    **{f"body.{field}": bind("hostile_strings", 0.1) for field in (
+        "description", "facts.agent_version", "facts.dotnet_version", "code", "message",
+        "warnings[*]", "target_database", "result.restored_database")},
+}
+operations = {  # operation id -> parameter -> dictionary (probability 1)
+    "delete_vault": {"path.vault_id": "victim_vault_ids"},
+    "delete_vm": {"path.vm_id": "victim_vm_ids"},
+    "stop_protection": {"path.item_id": "victim_item_ids"},
+    "disable_auto_protection": {"path.intent_id": "victim_intent_ids"},
+    "delete_policy": {"path.policy_name": "victim_policy_names"},
+    "claim_jobs": {"body.wait_seconds": "no_wait"},
+}
+with open(config_path, "w") as f:
+    f.write("# Written by ci/fuzz.sh for one run: ids of the seeded resources.\n")
+    # No crash cache (.schemathesis/ in the work tree): every run starts from the seed alone.
+    f.write("[cache]\nenabled = false\n\n")
+    for name, values in dictionaries.items():
+        f.write(f"[dictionaries.{name}]\nvalues = {json.dumps(values)}\n")
+    f.write('\n[generation]\ndictionaries = { string = { dictionary = "hostile_strings", '
+            'probability = 0.1 } }\n')
+    f.write("\n[parameters]\n")
+    for key, value in parameters.items():
+        f.write(f'"{key}" = {value}\n')
+    for op, params in operations.items():
+        inline = ", ".join(f'"{k}" = {bind(d, 1.0)}' for k, d in params.items())
+        f.write(f'\n[[operations]]\ninclude-operation-id = "{op}"\nparameters = {{ {inline} }}\n')
+print(agent)
+PY
+)" || die "seeding failed"
+log "seeded; schemathesis config in $CONFIG"
+
+# --- fuzz runs -------------------------------------------------------------------------------
+
+FAILED_RUNS=()
+FUZZ_STARTED=$SECONDS
+
+# fuzz_run NAME TOKEN [schemathesis filter options...]
+fuzz_run() {
+    local name=$1 token=$2
+    shift 2
+    local limit=$((FUZZ_TIME_BUDGET - (SECONDS - FUZZ_STARTED)))
+    if ((limit < 10)); then
+        echo "fuzz: no time left for run '$name' (FUZZ_TIME_BUDGET=${FUZZ_TIME_BUDGET}s)" >&2
+        FAILED_RUNS+=("$name (not run: no time left)")
+        return
+    fi
+    ((limit <= FUZZ_RUN_TIMEOUT)) || limit=$FUZZ_RUN_TIMEOUT
+    log "schemathesis run '$name' (at most ${limit}s)"
+    local started=$SECONDS rc
+    # SIGINT first: schemathesis then still prints its summary of what it found so far.
+    # No example database: a fixed seed then means the same cases on every machine.
+    # Health checks off: they judge the generator (slow or over-filtered strategies for the
+    # large policy bodies), not the server. Request timeout: long polls answer within 60s.
+    set +e
+    timeout --signal=INT --kill-after=20 "$limit" \
+        "$ST" --config-file "$CONFIG" run "$BASE/openapi.json" \
+        --header "Authorization: Bearer $token" \
+        --checks "$FUZZ_CHECKS" \
+        --phases "$FUZZ_PHASES" \
+        --max-examples "$FUZZ_MAX_EXAMPLES" \
+        --seed "$FUZZ_SEED" \
+        --workers "$FUZZ_WORKERS" \
+        --generation-database none \
+        --suppress-health-check all \
+        --request-timeout 65 \
+        --no-color \
+        --report junit,ndjson --report-dir "$FUZZ_OUT/$name" \
+        "$@" 2>&1 | tee "$FUZZ_OUT/$name.log"
+    rc=${PIPESTATUS[0]}
+    set -e
+    log "run '$name' took $((SECONDS - started))s, exit $rc"
+    if [[ $rc -eq 124 || $rc -eq 137 ]]; then
+        echo "fuzz: run '$name' did not finish within ${limit}s" >&2
+        FAILED_RUNS+=("$name (timed out)")
+    elif [[ $rc -ne 0 ]]; then
+        FAILED_RUNS+=("$name")
+    fi
+}
+
+# The agent run goes first: the admin run cancels jobs and re-registers or removes VMs,
+# which would leave the agent run little to work on. Enrollment comes last (see above).
+fuzz_run agent "$AGENT_TOKEN" --include-path-regex '^/v1/agent/' --exclude-path /v1/agent/enroll
+fuzz_run admin "$ADMIN_TOKEN" --exclude-path-regex '^/v1/agent/'
+fuzz_run enroll "$ENROLL_TOKEN_FUZZ" --include-path /v1/agent/enroll
+
+# --- verdict -----------------------------------------------------------------------------------
+
+# Every 5xx is logged at ERROR (crates/api/src/error.rs); a panic prints "panicked at" and,
+# on the next line, its message. Collects those lines into $OFFENDING and prints one line per
+# distinct route and error, with counts (each 5xx logs "request failed" and "response failed").
+OFFENDING="$FUZZ_OUT/offending.log"
+SUMMARY="$("$PY" - "$SERVER_LOG" "$OFFENDING" <<'PY'
+import collections, json, sys
+lines = open(sys.argv[1], errors="replace").read().splitlines()
+offending, seen = [], collections.Counter()
+for i, line in enumerate(lines):
+    if "panicked at" in line:
+        message = lines[i + 1].strip() if i + 1 < len(lines) else ""
+        offending += [line, message]
+        seen[f"PANIC at {line.split('panicked at', 1)[1].strip()} {message}"] += 1
+        continue
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        continue
+    if not isinstance(entry, dict) or entry.get("level") != "ERROR":
+        continue
+    offending.append(line)
+    if entry.get("message") != "response failed":
+        span = entry.get("span") or {}
+        detail = entry.get("error") or " ".join(
+            str(entry[k]) for k in ("message", "panic") if k in entry)
+        seen[f"{span.get('method', '-')} {span.get('route', '-')}: {detail}"] += 1
+with open(sys.argv[2], "w") as f:
+    f.writelines(l + "\n" for l in offending)
+for what, count in seen.most_common():
+    print(f"  {count:5d}  {what}")
+PY
+)"
+status=0
+if [[ ${#FAILED_RUNS[@]} -gt 0 ]]; then
+    echo "fuzz: schemathesis failed: ${FAILED_RUNS[*]} (details in $FUZZ_OUT/<run>.log)" >&2
+    status=1
+fi
+if [[ -s "$OFFENDING" ]]; then
+    echo "fuzz: the server logged panics or ERROR lines; distinct ones, with counts:" >&2
+    echo "$SUMMARY" >&2
+    echo "fuzz: the offending lines ($(wc -l <"$OFFENDING"), all in $OFFENDING), the first 40:" >&2
+    head -n 40 "$OFFENDING" >&2
+    status=1
+fi
+if [[ $status -eq 0 ]]; then
+    log "no failures, no panics, no ERROR lines"
+fi
+exit "$status"

@@ -495,11 +495,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let stopping = service.clone();
     // A make-service built once: `serve(listener, router)` would clone the router's whole
     // route table and layer stack for every connection (~50 KB each under many agents).
-    let server =
-        axum::serve(listener, app.into_make_service()).with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            stopping.begin_shutdown();
-        });
+    let server = axum::serve(
+        backvault_api::transport::ProblemListener(listener),
+        app.into_make_service(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        stopping.begin_shutdown();
+    });
     tokio::select! {
         result = server => result?,
         () = async { shutdown_signal().await; tokio::time::sleep(grace).await } => {

@@ -455,3 +455,59 @@ async fn a_key_rotation_keeps_old_tokens_until_the_previous_key_is_removed() {
     assert_eq!(short.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&short.stderr).contains("BACKVAULT_JWT_PREVIOUS_SECRETS"));
 }
+
+/// Requests hyper cannot parse — a 100k URI, a head past its buffer, a garbage request
+/// line — are answered by hyper itself; the real server's connections turn those answers
+/// into problem+json like every other error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unparsable_requests_are_answered_in_problem_json() {
+    let db = TestDb::new();
+    let server = Server::start(&db, &["--dev"], &[]);
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let raw = |request: Vec<u8>| {
+        let addr = addr.clone();
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            // The server may answer and close before it has read everything we send.
+            let _ = stream.write_all(&request).await;
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+                .await
+                .expect("the server answers and closes");
+            String::from_utf8_lossy(&answer).into_owned()
+        }
+    };
+    let long_uri = format!(
+        "GET /v1/vaults?cursor={} HTTP/1.1\r\nhost: x\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    let big_header = format!(
+        "GET /healthz HTTP/1.1\r\nhost: x\r\nx-filler: {}\r\n\r\n",
+        "b".repeat(600_000)
+    );
+    for (request, status, code) in [
+        (long_uri.into_bytes(), "414", "uri_too_long"),
+        (big_header.into_bytes(), "431", "headers_too_large"),
+        (
+            b"NOT HTTP AT ALL\r\n\r\n".to_vec(),
+            "400",
+            "malformed_request",
+        ),
+    ] {
+        let answer = raw(request).await;
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+        assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/problem+json"),
+            "{head}"
+        );
+        let problem: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(problem["code"], code);
+    }
+    // The server is unharmed.
+    let health = reqwest::get(format!("{}/healthz", server.base))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+}

@@ -312,6 +312,17 @@ async fn bodies_are_objects(pool: PgPool) {
     }
     let vaults = app.get("/v1/vaults", &app.admin()).await;
     assert_eq!(vaults.body["items"], json!([]), "nothing was created");
+    // Nested objects too: a policy whose `full` is the sequence form of its struct.
+    let mut spec = crate::helpers::weekly_spec();
+    spec["full"] = json!(["weekly", ["sunday"], "22:00"]);
+    let res = app.post("/v1/policies/preview", &app.admin(), spec).await;
+    assert_eq!(
+        (res.status, res.code()),
+        (StatusCode::BAD_REQUEST, "malformed_body"),
+        "{}",
+        res.body
+    );
+    assert!(res.body["detail"].as_str().unwrap().contains("a JSON object"));
 }
 
 /// Filters are validated, unknown parameters refused, instants bounded, long URIs 414.

@@ -45,8 +45,9 @@ impl FromRequestParts<AppState> for Caller {
 }
 
 /// A JSON object body. Rejections are problems: `malformed_body` (not JSON, or not of the
-/// operation's shape), `body_not_object` (an array or scalar where an object is expected:
-/// serde would otherwise read a struct from its sequence form), or a 422 whose `errors`
+/// operation's shape, including a nested struct sent as an array: serde would otherwise
+/// read it from its sequence form), `body_not_object` (an array or scalar as the body), or
+/// a 422 whose `errors`
 /// point at every string that breaks the text rule (`domain::text`).
 pub struct Json<T>(pub T);
 
@@ -89,7 +90,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
         if !faults.is_empty() {
             return Err(backvault_service::Error::validation(faults).into());
         }
-        serde_json::from_value(value).map(Json).map_err(|e| {
+        crate::strict::from_value(&value).map(Json).map_err(|e| {
             ApiError::new(
                 ErrorKind::BadRequest,
                 "malformed_body",

@@ -6,6 +6,7 @@ pub mod error;
 pub mod extract;
 mod openapi;
 mod routes;
+mod strict;
 pub mod transport;
 
 use std::time::Duration;

@@ -322,7 +322,12 @@ async fn bodies_are_objects(pool: PgPool) {
         "{}",
         res.body
     );
-    assert!(res.body["detail"].as_str().unwrap().contains("a JSON object"));
+    assert!(
+        res.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("a JSON object")
+    );
 }
 
 /// Filters are validated, unknown parameters refused, instants bounded, long URIs 414.

@@ -175,7 +175,7 @@ pub(crate) fn complete_batcher(
                         .collect();
                 let results: Vec<Option<JobResult>> = completions
                     .iter()
-                    .map(|c| serde_json::from_value(c.result.clone()).ok())
+                    .map(|c| JobResult::deserialize(&c.result).ok())
                     .collect();
                 let mut rejected: HashMap<Uuid, Vec<Violation>> = HashMap::new();
                 for (c, result) in completions.iter().zip(&results) {
@@ -185,8 +185,7 @@ pub(crate) fn complete_batcher(
                     let Some(kind) = JobKind::parse(&job.kind) else {
                         continue;
                     };
-                    let items: Vec<JobItem> =
-                        serde_json::from_value(job.items.0.clone()).unwrap_or_default();
+                    let items = Vec::<JobItem>::deserialize(&job.items.0).unwrap_or_default();
                     let violations = result.job_violations(
                         &ReportedJob {
                             kind,

@@ -44,12 +44,15 @@ fn api_router() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document the code describes; committed as `openapi/openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api_router().into_openapi()
+    let mut doc = api_router().into_openapi();
+    openapi::describe_every_response(&mut doc);
+    doc
 }
 
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
-    let (router, spec) = api_router().split_for_parts();
+    let (router, mut spec) = api_router().split_for_parts();
+    openapi::describe_every_response(&mut spec);
     let contract = std::sync::Arc::new(edge::QueryContract::from_openapi(&spec));
     router
         .merge(SwaggerUi::new("/docs").url("/openapi.json", spec))

@@ -270,6 +270,7 @@ pub struct ProtectedItemList {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ItemParams {
+    #[param(inline)]
     pub state: Option<ProtectionState>,
     /// Policy name.
     pub policy: Option<String>,

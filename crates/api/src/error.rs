@@ -90,11 +90,7 @@ pub fn problem_response(
 /// A handler that panicked answers 500 in problem+json, and the panic is logged once;
 /// the connection and the other requests carry on.
 pub fn problem_for_panic(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    let message = panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".to_owned());
+    let message = backvault_service::panic_message(panic.as_ref());
     tracing::error!(panic = %message, "request handler panicked");
     problem_response(
         StatusCode::INTERNAL_SERVER_ERROR,

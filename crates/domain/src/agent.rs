@@ -359,14 +359,7 @@ impl RecoveryPointReport {
     pub fn violations(&self, pointer: &str) -> Vec<Violation> {
         let mut v = Violations::default();
         for (field, name) in [("instance", &self.instance), ("database", &self.database)] {
-            let chars = name.chars().count();
-            if chars == 0 || chars > MAX_SQL_NAME_CHARS {
-                v.push(
-                    format!("{pointer}/{field}"),
-                    "sql_name_length",
-                    format!("a SQL Server name has 1 to {MAX_SQL_NAME_CHARS} characters"),
-                );
-            }
+            check_sql_name(name, format!("{pointer}/{field}"), &mut v);
         }
         v.extend(check_instant(
             self.started_at,
@@ -450,16 +443,13 @@ impl JobResult {
                 v.into_vec()
             }
             JobResult::Restore { restored_database } => {
-                let chars = restored_database.chars().count();
-                if chars == 0 || chars > MAX_SQL_NAME_CHARS {
-                    vec![Violation::new(
-                        format!("{pointer}/restored_database"),
-                        "sql_name_length",
-                        format!("a SQL Server name has 1 to {MAX_SQL_NAME_CHARS} characters"),
-                    )]
-                } else {
-                    Vec::new()
-                }
+                let mut v = Violations::default();
+                check_sql_name(
+                    restored_database,
+                    format!("{pointer}/restored_database"),
+                    &mut v,
+                );
+                v.into_vec()
             }
             JobResult::Discovery { inventory } => {
                 inventory.violations(&format!("{pointer}/inventory"))

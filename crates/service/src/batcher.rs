@@ -124,7 +124,7 @@ impl<Req: Send + Sync + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
 }
 
 /// The text of a caught panic.
-pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())

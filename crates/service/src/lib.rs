@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use auth::{Auth, AuthConfig, Principal, Role};
+pub use batcher::panic_message;
 pub use error::{Error, ErrorKind, Result};
 
 use backvault_domain::jobs::{

@@ -240,6 +240,17 @@ async fn backup(
             last_lsn: lsns.last.to_string(),
             database_backup_lsn: lsns.database_backup.to_string(),
             size_bytes: backup_size(db, kind),
+            checkpoint_lsn: None,
+            differential_base_lsn: None,
+            differential_base_guid: None,
+            backup_set_uuid: None,
+            is_copy_only: None,
+            begins_log_chain: None,
+            has_bulk_logged_data: None,
+            recovery_model: None,
+            recovery_fork_guid: None,
+            fork_point_lsn: None,
+            database_guid: None,
         });
     }
     let warnings = if job.items.is_empty() {
@@ -342,6 +353,7 @@ fn restore(job: &ClaimedJob, file: &InventoryFile) -> Outcome {
         );
     }
     complete(JobResult::Restore {
+        tail_log_backup: None,
         restored_database: database.to_owned(),
     })
 }
@@ -653,7 +665,7 @@ mod tests {
         let chains = ChainStore::in_memory();
         match execute(job, inventory, &chains, BackupClock::Clock, |_| {}).await {
             Outcome::Complete {
-                result: JobResult::Restore { restored_database },
+                result: JobResult::Restore { restored_database, .. },
                 ..
             } => restored_database,
             other => panic!("expected a restore, got {other:?}"),

@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use crate::instants::{earlier, later};
 use crate::jobs::JobKind;
+use crate::lsn::Lsn;
 use crate::text::check_instant;
 use crate::violation::{Violation, Violations};
 
@@ -116,9 +117,15 @@ pub enum RecoveryPointType {
     Log,
 }
 
-/// One backup an agent took. Log-sequence numbers chain the points: a differential's
-/// `database_backup_lsn` is its full's `first_lsn`; a log's `first_lsn` is the previous
-/// log's `last_lsn`.
+/// One backup an agent took, as `msdb.dbo.backupset` describes it. LSNs come in SQL
+/// Server's decimal form (`numeric(25,0)`) or its textual form (`0000002a:00000010:0001`).
+///
+/// The chain is SQL Server's: a differential's `differential_base_lsn` is the
+/// `checkpoint_lsn` of its base full (the latest full that was not copy-only, whoever
+/// took it); a log's `first_lsn` is the previous log's `last_lsn`; a data backup's
+/// `database_backup_lsn` is the `checkpoint_lsn` of the full before it. The fields after
+/// `size_bytes` came with the second version of the report: an agent that sends none of
+/// them keeps working, and each point says which checks the server could not make.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RecoveryPointReport {
     pub instance: String,
@@ -131,12 +138,45 @@ pub struct RecoveryPointReport {
     pub last_lsn: String,
     pub database_backup_lsn: String,
     pub size_bytes: i64,
+    /// Data backups: the checkpoint the backup began with (between `first_lsn` and
+    /// `last_lsn`; equal to `first_lsn` only on an idle database).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_lsn: Option<String>,
+    /// Differentials: the `checkpoint_lsn` of their base full. Fulls: the base they
+    /// establish (their own `checkpoint_lsn`; copy-only fulls establish none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub differential_base_lsn: Option<String>,
+    /// Differentials: the identifier of their base. Fulls: the identifier of the base they
+    /// establish (`sys.database_files.differential_base_guid` after the backup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub differential_base_guid: Option<Uuid>,
+    /// `msdb`'s identifier of the backup set: a report of it is recorded once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_set_uuid: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_copy_only: Option<bool>,
+    /// Logs: the first of a log chain (after the database's creation, or after a switch
+    /// from the simple recovery model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub begins_log_chain: Option<bool>,
+    /// Logs: the backup holds minimally logged changes; it restores to its end only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub has_bulk_logged_data: Option<bool>,
+    /// The database's recovery model when the backup was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_model: Option<RecoveryModel>,
+    /// The recovery fork the backup belongs to; a restore starts a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_fork_guid: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fork_point_lsn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_guid: Option<Uuid>,
 }
 
 /// SQL Server's `sysname`: the longest instance or database name.
 pub const MAX_SQL_NAME_CHARS: usize = 128;
-/// A log-sequence number in decimal, as `msdb.dbo.backupset` holds it (`numeric(25,0)`).
-pub const MAX_LSN_DIGITS: usize = 25;
+pub use crate::lsn::MAX_LSN_DIGITS;
 /// SQL Server's documented maxima: instances on one computer, databases on one instance.
 pub const MAX_INSTANCES_PER_VM: usize = 50;
 pub const MAX_DATABASES_PER_INSTANCE: usize = 32_767;
@@ -345,17 +385,12 @@ impl VmFacts {
     }
 }
 
-/// An LSN in decimal form, or `None` when it is not one.
-pub fn parse_lsn(raw: &str) -> Option<u128> {
-    let digits =
-        (1..=MAX_LSN_DIGITS).contains(&raw.len()) && raw.bytes().all(|b| b.is_ascii_digit());
-    digits.then(|| raw.parse().ok()).flatten()
-}
-
 impl RecoveryPointReport {
     /// Every way this report cannot be a backup SQL Server took: names past `sysname`,
-    /// instants outside the accepted range or ending before they start, LSNs that are not
-    /// decimal numbers or run backwards, a negative size.
+    /// instants outside the accepted range or ending before they start, LSNs in neither of
+    /// SQL Server's forms or out of order (`first_lsn <= checkpoint_lsn <= last_lsn`,
+    /// a differential's base before its start), a copy-only flag that contradicts the
+    /// type, log-only facts on a data backup, a negative size.
     pub fn violations(&self, pointer: &str) -> Vec<Violation> {
         let mut v = Violations::default();
         for (field, name) in [("instance", &self.instance), ("database", &self.database)] {
@@ -376,28 +411,90 @@ impl RecoveryPointReport {
                 "a backup starts before it ends (started_at <= backup_time)",
             );
         }
-        let mut lsns = [None; 3];
-        for (slot, (field, raw)) in lsns.iter_mut().zip([
-            ("first_lsn", &self.first_lsn),
-            ("last_lsn", &self.last_lsn),
-            ("database_backup_lsn", &self.database_backup_lsn),
-        ]) {
-            *slot = parse_lsn(raw);
-            if slot.is_none() {
+        let mut lsn = |field: &str, raw: Option<&String>| -> Option<Lsn> {
+            let raw = raw?;
+            let parsed = Lsn::parse(raw);
+            if parsed.is_none() {
                 v.push(
                     format!("{pointer}/{field}"),
                     "lsn_invalid",
-                    format!("an LSN is a decimal number of 1 to {MAX_LSN_DIGITS} digits"),
+                    format!(
+                        "an LSN is a decimal number of 1 to {MAX_LSN_DIGITS} digits, or SQL Server's textual form (0000002a:00000010:0001)"
+                    ),
                 );
             }
-        }
-        if let [Some(first), Some(last), _] = lsns
+            parsed
+        };
+        let first = lsn("first_lsn", Some(&self.first_lsn));
+        let last = lsn("last_lsn", Some(&self.last_lsn));
+        lsn("database_backup_lsn", Some(&self.database_backup_lsn));
+        let checkpoint = lsn("checkpoint_lsn", self.checkpoint_lsn.as_ref());
+        let base = lsn("differential_base_lsn", self.differential_base_lsn.as_ref());
+        lsn("fork_point_lsn", self.fork_point_lsn.as_ref());
+        let data = self.backup_type != RecoveryPointType::Log;
+        if let (Some(first), Some(last)) = (first, last)
             && first > last
         {
             v.push(
                 format!("{pointer}/last_lsn"),
                 "lsn_order",
                 "a backup's last_lsn is not below its first_lsn",
+            );
+        }
+        if let Some(checkpoint) = checkpoint {
+            if !data {
+                v.push(
+                    format!("{pointer}/checkpoint_lsn"),
+                    "lsn_not_applicable",
+                    "a log backup has no checkpoint_lsn",
+                );
+            } else if first.is_some_and(|f| checkpoint < f) || last.is_some_and(|l| checkpoint > l)
+            {
+                v.push(
+                    format!("{pointer}/checkpoint_lsn"),
+                    "lsn_order",
+                    "a data backup's checkpoint_lsn lies between its first_lsn and last_lsn",
+                );
+            }
+        }
+        if let (Some(base), Some(first)) = (base, first)
+            && self.backup_type == RecoveryPointType::Differential
+            && base > first
+        {
+            v.push(
+                format!("{pointer}/differential_base_lsn"),
+                "lsn_order",
+                "a differential's base is a checkpoint before the differential began",
+            );
+        }
+        if let Some(copy_only) = self.is_copy_only {
+            let expected = self.backup_type == RecoveryPointType::CopyOnlyFull;
+            if copy_only != expected {
+                v.push(
+                    format!("{pointer}/is_copy_only"),
+                    "copy_only_mismatch",
+                    "is_copy_only is true exactly for backup_type copy_only_full (backvault takes no copy-only logs or differentials)",
+                );
+            }
+        }
+        if data {
+            for (field, set) in [
+                ("begins_log_chain", self.begins_log_chain),
+                ("has_bulk_logged_data", self.has_bulk_logged_data),
+            ] {
+                if set == Some(true) {
+                    v.push(
+                        format!("{pointer}/{field}"),
+                        "log_fact_on_data_backup",
+                        format!("{field} is true only for log backups"),
+                    );
+                }
+            }
+        } else if self.recovery_model == Some(RecoveryModel::Simple) {
+            v.push(
+                format!("{pointer}/recovery_model"),
+                "log_backup_in_simple_recovery",
+                "SQL Server takes no log backups of a database in the simple recovery model (Msg 4208)",
             );
         }
         if self.size_bytes < 0 {
@@ -442,13 +539,26 @@ impl JobResult {
                 }
                 v.into_vec()
             }
-            JobResult::Restore { restored_database } => {
+            JobResult::Restore {
+                restored_database,
+                tail_log_backup,
+            } => {
                 let mut v = Violations::default();
                 check_sql_name(
                     restored_database,
                     format!("{pointer}/restored_database"),
                     &mut v,
                 );
+                if let Some(tail) = tail_log_backup {
+                    v.extend(tail.violations(&format!("{pointer}/tail_log_backup")));
+                    if tail.backup_type != RecoveryPointType::Log {
+                        v.push(
+                            format!("{pointer}/tail_log_backup/backup_type"),
+                            "point_type_mismatch",
+                            "a tail-log backup is a log backup",
+                        );
+                    }
+                }
                 v.into_vec()
             }
             JobResult::Discovery { inventory } => {
@@ -597,7 +707,7 @@ impl JobResult {
                     }
                 }
             }
-            JobResult::Restore { restored_database } if job.kind == JobKind::Restore => {
+            JobResult::Restore { restored_database, .. } if job.kind == JobKind::Restore => {
                 if let Some(target) = job.restore_target()
                     && restored_database != target
                 {
@@ -636,6 +746,10 @@ pub enum JobResult {
     },
     Restore {
         restored_database: String,
+        /// The tail-log backup the job took of the database it overwrote, when its
+        /// payload asked for one: a log backup of the protected item like any other.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tail_log_backup: Option<RecoveryPointReport>,
     },
 }
 
@@ -796,7 +910,68 @@ mod tests {
             last_lsn: "41000000045600001".into(),
             database_backup_lsn: "0".into(),
             size_bytes: 1 << 30,
+            checkpoint_lsn: None,
+            differential_base_lsn: None,
+            differential_base_guid: None,
+            backup_set_uuid: None,
+            is_copy_only: None,
+            begins_log_chain: None,
+            has_bulk_logged_data: None,
+            recovery_model: None,
+            recovery_fork_guid: None,
+            fork_point_lsn: None,
+            database_guid: None,
         }
+    }
+
+    #[test]
+    fn second_version_facts_are_checked_against_each_other() {
+        let mut p = point();
+        p.checkpoint_lsn = Some("41000000030000001".into());
+        p.differential_base_lsn = p.checkpoint_lsn.clone();
+        p.is_copy_only = Some(false);
+        p.recovery_model = Some(RecoveryModel::Simple);
+        assert_eq!(codes(&p), [], "a full in simple recovery");
+        p.checkpoint_lsn = Some("41000000050000001".into());
+        p.is_copy_only = Some(true);
+        p.has_bulk_logged_data = Some(true);
+        assert_eq!(
+            codes(&p),
+            [
+                ("/result/recovery_points/0/checkpoint_lsn".to_owned(), "lsn_order"),
+                ("/result/recovery_points/0/is_copy_only".to_owned(), "copy_only_mismatch"),
+                (
+                    "/result/recovery_points/0/has_bulk_logged_data".to_owned(),
+                    "log_fact_on_data_backup"
+                ),
+            ]
+        );
+        let mut log = point();
+        log.backup_type = RecoveryPointType::Log;
+        log.checkpoint_lsn = Some("41000000030000001".into());
+        log.recovery_model = Some(RecoveryModel::Simple);
+        log.fork_point_lsn = Some("x".into());
+        assert_eq!(
+            codes(&log),
+            [
+                ("/result/recovery_points/0/fork_point_lsn".to_owned(), "lsn_invalid"),
+                ("/result/recovery_points/0/checkpoint_lsn".to_owned(), "lsn_not_applicable"),
+                (
+                    "/result/recovery_points/0/recovery_model".to_owned(),
+                    "log_backup_in_simple_recovery"
+                ),
+            ]
+        );
+        let mut diff = point();
+        diff.backup_type = RecoveryPointType::Differential;
+        diff.differential_base_lsn = Some("41000000012300002".into());
+        assert_eq!(
+            codes(&diff),
+            [(
+                "/result/recovery_points/0/differential_base_lsn".to_owned(),
+                "lsn_order"
+            )]
+        );
     }
 
     fn codes(p: &RecoveryPointReport) -> Vec<(String, &'static str)> {
@@ -813,11 +988,9 @@ mod tests {
 
     #[test]
     fn lsns_are_decimal_numbers_that_do_not_run_backwards() {
-        assert_eq!(parse_lsn("0"), Some(0));
-        assert_eq!(parse_lsn(&"9".repeat(25)), Some(10u128.pow(25) - 1));
-        for bad in ["", "not-a-number", "-1", "+1", "1e5", " 1", &"1".repeat(26)] {
-            assert_eq!(parse_lsn(bad), None, "{bad:?}");
-        }
+        let mut p = point();
+        p.first_lsn = "00000029:0000007b:0001".into();
+        assert_eq!(codes(&p), [], "the textual form names 41000000012300001");
         let mut p = point();
         p.first_lsn = "not-a-number".into();
         assert_eq!(
@@ -1104,6 +1277,7 @@ mod tests {
         let payload = serde_json::json!({"target_database": "sales_copy"});
         let restore = job(JobKind::Restore, &items, &payload);
         let restored = |name: &str| JobResult::Restore {
+            tail_log_backup: None,
             restored_database: name.into(),
         };
         assert_eq!(job_codes(&restored("sales_copy"), &restore), []);

@@ -9,6 +9,7 @@ pub mod access;
 pub mod agent;
 pub mod instants;
 pub mod jobs;
+pub mod lsn;
 pub mod names;
 pub mod policy;
 pub mod preview;

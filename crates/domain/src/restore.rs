@@ -7,7 +7,7 @@
 //! of that base. A break in the log-sequence chain ends a range.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -31,6 +31,64 @@ pub struct Point {
 pub struct TimeRange {
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
+}
+
+/// How a step of a restore sequence ends: `WITH NORECOVERY` leaves the database restoring,
+/// ready for the next step; `WITH RECOVERY` (the last step only) brings it online.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Recovery {
+    NoRecovery,
+    Recovery,
+}
+
+/// The statement a step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RestoreStatement {
+    /// `RESTORE DATABASE` from a full, copy-only full or differential backup.
+    RestoreDatabase,
+    /// `RESTORE LOG`.
+    RestoreLog,
+}
+
+/// One statement of a restore sequence, in order: exactly what the agent runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RestoreStep {
+    pub recovery_point_id: Uuid,
+    pub statement: RestoreStatement,
+    pub backup_type: RecoveryPointType,
+    pub backup_time: DateTime<Utc>,
+    /// The backup set to read (`msdb`'s identifier), when its agent reported one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_set_uuid: Option<Uuid>,
+    pub first_lsn: String,
+    pub last_lsn: String,
+    pub recovery: Recovery,
+    /// `STOPAT`: the last log step, when the target instant lies inside it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_at: Option<DateTime<Utc>>,
+}
+
+/// A restore job's payload: the target, what to do with a database already there, and
+/// the statements to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RestoreJobPayload {
+    pub target_database: String,
+    pub target_instance: String,
+    /// A database of that name exists on the target and is replaced.
+    pub overwrite: bool,
+    /// Before the first step: `BACKUP LOG … WITH NORECOVERY` of the database being
+    /// overwritten, so no work since its last log backup is lost; reported as the result's
+    /// `tail_log_backup`.
+    #[serde(default)]
+    pub tail_log_backup: bool,
+    /// The first step runs `WITH REPLACE`: the database is overwritten without a tail-log
+    /// backup (what it logged since its last log backup is lost).
+    #[serde(default)]
+    pub replace: bool,
+    pub restores_to: DateTime<Utc>,
+    pub steps: Vec<RestoreStep>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod agent;
+pub mod chain;
 pub mod instants;
 pub mod jobs;
 pub mod lsn;

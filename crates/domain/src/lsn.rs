@@ -65,6 +65,20 @@ impl fmt::Display for Lsn {
     }
 }
 
+/// As a decimal string: a JSON number cannot hold every LSN exactly.
+impl serde::Serialize for Lsn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Lsn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Lsn::parse(&raw).ok_or_else(|| serde::de::Error::custom(format!("not an LSN: {raw:?}")))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -707,7 +707,10 @@ impl JobResult {
                     }
                 }
             }
-            JobResult::Restore { restored_database, .. } if job.kind == JobKind::Restore => {
+            JobResult::Restore {
+                restored_database,
+                tail_log_backup,
+            } if job.kind == JobKind::Restore => {
                 if let Some(target) = job.restore_target()
                     && restored_database != target
                 {
@@ -716,6 +719,39 @@ impl JobResult {
                         "restored_database_mismatch",
                         format!("this job restores the database {target:?}"),
                     );
+                }
+                if let Some(tail) = tail_log_backup {
+                    let at = format!("{pointer}/tail_log_backup");
+                    let asked = job
+                        .payload
+                        .get("tail_log_backup")
+                        .and_then(serde_json::Value::as_bool)
+                        == Some(true);
+                    if !asked {
+                        v.push(
+                            at.clone(),
+                            "tail_log_backup_not_requested",
+                            "this restore job takes no tail-log backup",
+                        );
+                    } else if !job
+                        .items
+                        .iter()
+                        .any(|i| i.is_named(&tail.instance, &tail.database))
+                    {
+                        v.push(
+                            format!("{at}/database"),
+                            "point_not_in_job",
+                            "the tail-log backup is of the database the job overwrites",
+                        );
+                    }
+                    let (from, to) = job.backup_window();
+                    if tail.backup_time < from || tail.backup_time > to {
+                        v.push(
+                            format!("{at}/backup_time"),
+                            "backup_time_out_of_window",
+                            "the tail-log backup is stamped between the job's claim and its completion",
+                        );
+                    }
                 }
             }
             _ => {}
@@ -938,8 +974,14 @@ mod tests {
         assert_eq!(
             codes(&p),
             [
-                ("/result/recovery_points/0/checkpoint_lsn".to_owned(), "lsn_order"),
-                ("/result/recovery_points/0/is_copy_only".to_owned(), "copy_only_mismatch"),
+                (
+                    "/result/recovery_points/0/checkpoint_lsn".to_owned(),
+                    "lsn_order"
+                ),
+                (
+                    "/result/recovery_points/0/is_copy_only".to_owned(),
+                    "copy_only_mismatch"
+                ),
                 (
                     "/result/recovery_points/0/has_bulk_logged_data".to_owned(),
                     "log_fact_on_data_backup"
@@ -954,8 +996,14 @@ mod tests {
         assert_eq!(
             codes(&log),
             [
-                ("/result/recovery_points/0/fork_point_lsn".to_owned(), "lsn_invalid"),
-                ("/result/recovery_points/0/checkpoint_lsn".to_owned(), "lsn_not_applicable"),
+                (
+                    "/result/recovery_points/0/fork_point_lsn".to_owned(),
+                    "lsn_invalid"
+                ),
+                (
+                    "/result/recovery_points/0/checkpoint_lsn".to_owned(),
+                    "lsn_not_applicable"
+                ),
                 (
                     "/result/recovery_points/0/recovery_model".to_owned(),
                     "log_backup_in_simple_recovery"

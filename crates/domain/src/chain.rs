@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::agent::{RecoveryModel, RecoveryPointType};
+use crate::agent::{RecoveryModel, RecoveryPointReport, RecoveryPointType};
 use crate::lsn::Lsn;
 use crate::restore::{Recovery, RestoreStatement};
 
@@ -90,6 +90,34 @@ pub fn base_match(
 }
 
 impl Point {
+    /// The chain's view of a reported backup; `None` when its LSNs are not LSNs (a report
+    /// that passed [`RecoveryPointReport::violations`] always has them).
+    pub fn from_report(id: Uuid, r: &RecoveryPointReport) -> Option<Point> {
+        let optional = |raw: &Option<String>| match raw {
+            Some(raw) => Lsn::parse(raw).map(Some),
+            None => Some(None),
+        };
+        let database_backup_lsn = Lsn::parse(&r.database_backup_lsn)?;
+        let differential_base_lsn = match optional(&r.differential_base_lsn)? {
+            // SQL Server sets a differential's database_backup_lsn to its base's checkpoint.
+            None if r.backup_type == RecoveryPointType::Differential => Some(database_backup_lsn),
+            other => other,
+        };
+        Some(Point {
+            id,
+            backup_type: r.backup_type,
+            backup_time: r.backup_time,
+            first_lsn: Lsn::parse(&r.first_lsn)?,
+            last_lsn: Lsn::parse(&r.last_lsn)?,
+            checkpoint_lsn: optional(&r.checkpoint_lsn)?,
+            differential_base_lsn,
+            differential_base_guid: r.differential_base_guid,
+            has_bulk_logged_data: r.has_bulk_logged_data == Some(true),
+            recovery_model: r.recovery_model,
+            recovery_fork_guid: r.recovery_fork_guid,
+        })
+    }
+
     fn is_data(&self) -> bool {
         self.backup_type != RecoveryPointType::Log
     }
@@ -257,7 +285,9 @@ impl<'a> Catalogue<'a> {
         let mut next = self.entry_log(last);
         while let Some(log) = next {
             logs.push(log);
-            if until.is_some_and(|t| self.points[log].backup_time >= t) || logs.len() > self.points.len() {
+            if until.is_some_and(|t| self.points[log].backup_time >= t)
+                || logs.len() > self.points.len()
+            {
                 break;
             }
             next = self.next_log(log);

@@ -33,7 +33,8 @@ impl Lsn {
         let mut parts = raw.split(':');
         let mut part = |max_digits: usize| -> Option<u128> {
             let p = parts.next()?;
-            let hex = (1..=max_digits).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_hexdigit());
+            let hex =
+                (1..=max_digits).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_hexdigit());
             hex.then(|| u128::from_str_radix(p, 16).ok()).flatten()
         };
         let (vlf, block, slot) = (part(8)?, part(8)?, part(4)?);

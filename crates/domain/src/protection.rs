@@ -195,6 +195,9 @@ pub enum NameIssue {
     CaseCollision,
     /// `+` or `&`: Configure Protection refuses it; auto-protection protects it.
     NeedsAutoProtection,
+    /// `tempdb`: SQL Server recreates it at every start and refuses to back it up
+    /// (Msg 3147).
+    Tempdb,
 }
 
 impl NameIssue {
@@ -203,6 +206,7 @@ impl NameIssue {
             NameIssue::UnsupportedCharacters => "database_name_unsupported",
             NameIssue::CaseCollision => "database_name_case_collision",
             NameIssue::NeedsAutoProtection => "database_name_needs_auto_protection",
+            NameIssue::Tempdb => "tempdb_not_protectable",
         }
     }
 
@@ -217,6 +221,9 @@ impl NameIssue {
             NameIssue::NeedsAutoProtection => {
                 "names with '+' or '&' cannot be protected one by one; enable auto-protection on the instance or availability group, or rename the database"
             }
+            NameIssue::Tempdb => {
+                "tempdb is recreated at every SQL Server start and cannot be backed up (Msg 3147); it is never protected"
+            }
         }
     }
 
@@ -228,6 +235,9 @@ impl NameIssue {
 
 /// The issue of one name on its own (case collisions need the instance's other names).
 pub fn name_issue(name: &str) -> Option<NameIssue> {
+    if name.eq_ignore_ascii_case("tempdb") {
+        return Some(NameIssue::Tempdb);
+    }
     let bad = name.starts_with(' ')
         || name.ends_with(' ')
         || name.ends_with('!')
@@ -364,14 +374,15 @@ pub fn check_on_demand(
             "read-only databases take only full and copy-only full backups",
         );
     }
-    if kind == OnDemandType::Differential && t.database_name.eq_ignore_ascii_case("master") {
+    if matches!(kind, OnDemandType::Differential | OnDemandType::Log)
+        && t.database_name.eq_ignore_ascii_case("master")
+    {
         v.push(
             "/type",
             "UserErrorSQLPODoesNotSupportBackupType",
-            "master takes no differential backups",
+            "master takes full backups only, whatever its recovery model",
         );
-    }
-    if kind == OnDemandType::Log && t.simple_recovery {
+    } else if kind == OnDemandType::Log && t.simple_recovery {
         v.push(
             "/type",
             "UserErrorSQLPODoesNotSupportBackupType",
@@ -622,6 +633,12 @@ mod tests {
             on_demand(OnDemandType::Differential, None, master),
             ["UserErrorSQLPODoesNotSupportBackupType"]
         );
+        assert_eq!(
+            on_demand(OnDemandType::Log, None, master),
+            ["UserErrorSQLPODoesNotSupportBackupType"],
+            "by name: master in the full recovery model still takes no log backups"
+        );
+        assert_eq!(name_issue("TempDB"), Some(NameIssue::Tempdb));
         let simple = OnDemandTarget {
             simple_recovery: true,
             ..target()

@@ -29,7 +29,7 @@ use crate::batcher::{Batcher, BatcherSpec};
 use crate::error::{Error, ErrorKind, Result};
 use crate::metrics::Metrics;
 use crate::protection::jobs_finished;
-use crate::recovery::{BackupReport, record_points};
+use crate::recovery::{BackupReport, record_points, restores_completed};
 use crate::tokens::{same_name, take_enrollment_use};
 use crate::vms::{check_facts, facts_row};
 use crate::{Config, Principal, Service};
@@ -209,6 +209,14 @@ pub(crate) fn complete_batcher(
                     .filter(|c| !rejected.contains_key(&c.job_id))
                     .collect();
                 let done = store::queue_complete(&mut tx, &accepted).await?;
+                let restores: Vec<Uuid> = completions
+                    .iter()
+                    .zip(&results)
+                    .filter(|(c, r)| {
+                        matches!(r, Some(JobResult::Restore { .. })) && done.contains(&c.job_id)
+                    })
+                    .map(|(c, _)| c.job_id)
+                    .collect();
                 // Recovery points are recorded in the completion's own transaction.
                 let reports: Vec<BackupReport> = completions
                     .iter()
@@ -219,10 +227,19 @@ pub(crate) fn complete_batcher(
                             job_id: c.job_id,
                             points: recovery_points,
                         }),
+                        // A tail-log backup is a log of the item like any other.
+                        Some(JobResult::Restore {
+                            tail_log_backup: Some(tail),
+                            ..
+                        }) => Some(BackupReport {
+                            job_id: c.job_id,
+                            points: vec![tail],
+                        }),
                         _ => None,
                     })
                     .collect();
                 record_points(&mut tx, &reports).await?;
+                restores_completed(&mut tx, &restores).await?;
                 jobs_finished(&mut tx, &done, true).await?;
                 tx.commit().await?;
                 Ok::<_, Error>((done, rejected))

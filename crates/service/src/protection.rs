@@ -23,6 +23,8 @@ use sqlx::PgConnection;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use backvault_domain::agent::RecoveryModel;
+
 use crate::auth::Operation;
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::jobs::{Job, new_job};
@@ -172,7 +174,7 @@ impl From<ProtectedItemRow> for ProtectedItem {
             recovery_model: r.recovery_model,
             health: if r.database_gone {
                 ItemHealth::DatabaseGone
-            } else if r.needs_full && r.last_full_at.is_some() {
+            } else if (r.needs_full || r.needs_differential) && r.last_full_at.is_some() {
                 ItemHealth::ChainBroken
             } else if r.casing_changed {
                 ItemHealth::CasingChanged
@@ -523,6 +525,7 @@ impl Service {
         let mut writes = Vec::new();
         let mut present = Vec::new();
         let mut recased = Vec::new();
+        let mut switched = HashMap::new();
         for db in &reported.databases {
             let Some(&instance) = instance_id.get(&db.instance.to_lowercase()) else {
                 continue;
@@ -549,6 +552,22 @@ impl Service {
                 (None, None) => Uuid::now_v7(),
             };
             present.push(id);
+            let model = match db.recovery_model {
+                backvault_domain::agent::RecoveryModel::Full => "full",
+                backvault_domain::agent::RecoveryModel::BulkLogged => "bulk_logged",
+                backvault_domain::agent::RecoveryModel::Simple => "simple",
+            };
+            if let Some(before) = existing.iter().find(|e| e.id == id)
+                && before.recovery_model != model
+            {
+                switched.insert(
+                    id,
+                    (
+                        crate::recovery::model_of(&before.recovery_model)?,
+                        db.recovery_model,
+                    ),
+                );
+            }
             writes.push(DatabaseWrite {
                 id,
                 instance_id: instance,
@@ -557,11 +576,7 @@ impl Service {
                     .as_ref()
                     .and_then(|g| group_id.get(&g.to_lowercase()).copied()),
                 name: &db.name,
-                recovery_model: match db.recovery_model {
-                    backvault_domain::agent::RecoveryModel::Full => "full",
-                    backvault_domain::agent::RecoveryModel::BulkLogged => "bulk_logged",
-                    backvault_domain::agent::RecoveryModel::Simple => "simple",
-                },
+                recovery_model: model,
                 system: db.system,
                 read_only: db.read_only,
                 size_bytes: db.size_bytes,
@@ -569,12 +584,49 @@ impl Service {
         }
         inventory::databases_retire(tx, vm_id, &present).await?;
         inventory::databases_write(tx, vm_id, &writes).await?;
+        if !switched.is_empty() {
+            self.recovery_models_switched(tx, &switched).await?;
+        }
         if !recased.is_empty() {
             store::items_flag_casing(&mut *tx, &recased).await?;
         }
         for intent in store::intents_for_vm(&mut *tx, vm_id).await? {
             self.auto_protect(tx, &intent).await?;
         }
+        Ok(())
+    }
+
+    /// Databases whose recovery model changed since the last discovery: their items'
+    /// chains follow (`domain::chain::model_changed`).
+    async fn recovery_models_switched(
+        &self,
+        tx: &mut PgConnection,
+        switched: &HashMap<Uuid, (RecoveryModel, RecoveryModel)>,
+    ) -> Result<()> {
+        let databases: Vec<Uuid> = switched.keys().copied().collect();
+        let items: HashMap<Uuid, Uuid> = store::items_for_databases(&mut *tx, &databases)
+            .await?
+            .into_iter()
+            .map(|(database, item, _, _)| (item, database))
+            .collect();
+        let ids: Vec<Uuid> = items.keys().copied().collect();
+        let mut changed_ids = Vec::new();
+        let mut chains = Vec::new();
+        for (item, state, has_differential) in
+            backvault_store::recovery::chains_of_items(&mut *tx, &ids).await?
+        {
+            let Some((from, to)) = items.get(&item).and_then(|d| switched.get(d)) else {
+                continue;
+            };
+            changed_ids.push(item);
+            chains.push(backvault_domain::chain::model_changed(
+                state.0,
+                *from,
+                *to,
+                has_differential,
+            ));
+        }
+        backvault_store::recovery::chains_set(&mut *tx, &changed_ids, &chains).await?;
         Ok(())
     }
 

@@ -4,15 +4,21 @@
 
 use std::collections::HashMap;
 
-use backvault_domain::agent::{JobItem, RecoveryPointReport, RecoveryPointType};
+use std::collections::HashSet;
+
+use backvault_domain::agent::{JobItem, RecoveryModel, RecoveryPointReport, RecoveryPointType};
+use backvault_domain::chain::{self, ChainBreak, ChainState};
+use backvault_domain::chain::{PlanError, TimeRange};
 use backvault_domain::jobs::{JobKind, MAX_ITEMS_PER_JOB, Priority};
+use backvault_domain::lsn::Lsn;
 use backvault_domain::policy::{Policy, PolicySpec};
 use backvault_domain::preview::{rpo_breached, rpo_deadline};
 use backvault_domain::restore::{
-    self, ChainTip, PlanError, Point, RestoreTargetFacts, TimeRange, check_restore_target,
+    RestoreJobPayload, RestoreStep, RestoreTargetFacts, check_restore_target,
 };
 use backvault_domain::retention::BackupType;
 use backvault_domain::text::check_instant;
+use backvault_store::inventory::DatabaseRow;
 use backvault_store::jobs as queue;
 use backvault_store::recovery::{self as store, ChainUpdate, NewPoint, PointRow};
 use backvault_store::schedule::{self, SlotJobs};
@@ -55,16 +61,13 @@ fn fixed_expiry(backup_time: DateTime<Utc>, days: u64) -> Result<DateTime<Utc>> 
         })
 }
 
-fn lsn(s: &str) -> u128 {
-    s.parse().unwrap_or(0)
-}
-
-fn point_type(s: &str) -> RecoveryPointType {
+fn point_type(s: &str) -> Result<RecoveryPointType> {
     match s {
-        "full" => RecoveryPointType::Full,
-        "copy_only_full" => RecoveryPointType::CopyOnlyFull,
-        "differential" => RecoveryPointType::Differential,
-        _ => RecoveryPointType::Log,
+        "full" => Ok(RecoveryPointType::Full),
+        "copy_only_full" => Ok(RecoveryPointType::CopyOnlyFull),
+        "differential" => Ok(RecoveryPointType::Differential),
+        "log" => Ok(RecoveryPointType::Log),
+        other => Err(data_error(format!("a recovery point of type {other:?}"))),
     }
 }
 
@@ -77,10 +80,48 @@ fn type_str(t: RecoveryPointType) -> &'static str {
     }
 }
 
+fn model_str(m: RecoveryModel) -> &'static str {
+    match m {
+        RecoveryModel::Full => "full",
+        RecoveryModel::BulkLogged => "bulk_logged",
+        RecoveryModel::Simple => "simple",
+    }
+}
+
+pub(crate) fn model_of(s: &str) -> Result<RecoveryModel> {
+    match s {
+        "full" => Ok(RecoveryModel::Full),
+        "bulk_logged" => Ok(RecoveryModel::BulkLogged),
+        "simple" => Ok(RecoveryModel::Simple),
+        other => Err(data_error(format!("a recovery model {other:?}"))),
+    }
+}
+
+/// The database holds a value its constraints should have kept out.
+fn data_error(what: String) -> Error {
+    Error::internal(format!("stored data out of its domain: {what}"))
+}
+
+fn stored_lsn(raw: &str) -> Result<Lsn> {
+    Lsn::parse(raw).ok_or_else(|| data_error(format!("an LSN {raw:?}")))
+}
+
+/// A protected item's chain while a batch of its points is recorded.
+struct Recording {
+    chain: ChainState,
+    policy: Option<Policy>,
+    last_full_id: Option<Uuid>,
+    last_full_at: Option<DateTime<Utc>>,
+    last_differential_at: Option<DateTime<Utc>>,
+    last_log_at: Option<DateTime<Utc>>,
+    stored_full_at: Option<DateTime<Utc>>,
+    stored_log_at: Option<DateTime<Utc>>,
+}
+
 /// Records the recovery points of completed backup jobs in the caller's transaction:
-/// expiry from the policy (or the job's own retention), the full each depends on, the
-/// chain extension of that full, and gap detection (a broken log chain or a differential
-/// without its full marks the item for a full at its next slot).
+/// each applied to its item's chain (`domain::chain::apply`: the full it depends on, a
+/// break and what heals it), with its expiry from the policy (or the job's own
+/// retention). A backup set already recorded for the item (a re-report) is skipped.
 pub(crate) async fn record_points(tx: &mut PgConnection, reports: &[BackupReport]) -> Result<()> {
     if reports.is_empty() {
         return Ok(());
@@ -104,26 +145,35 @@ pub(crate) async fn record_points(tx: &mut PgConnection, reports: &[BackupReport
         .collect();
     item_ids.sort();
     item_ids.dedup();
-    let states = store::chain_lock(tx, &item_ids).await?;
-    let mut chains: HashMap<Uuid, (store::ChainState, Option<Policy>, ChainUpdate)> = states
+    let mut chains: HashMap<Uuid, Recording> = store::chain_lock(tx, &item_ids)
+        .await?
         .into_iter()
-        .map(|s| {
-            let policy = policy_of(s.spec.as_ref());
-            let update = ChainUpdate {
-                id: s.id,
+        .map(|row| {
+            let recording = Recording {
+                chain: row.chain.0,
+                policy: policy_of(row.spec.as_ref()),
                 last_full_id: None,
-                last_full_first_lsn: None,
-                last_log_lsn: None,
                 last_full_at: None,
                 last_differential_at: None,
                 last_log_at: None,
-                needs_full: None,
+                stored_full_at: row.last_full_at,
+                stored_log_at: row.last_log_at,
             };
-            (s.id, (s, policy, update))
+            (row.id, recording)
         })
         .collect();
-    // In time order: a full satisfies the need for one, a gap creates it.
-    let mut needs_full: HashMap<Uuid, bool> = HashMap::new();
+    let backup_sets: Vec<Uuid> = reports
+        .iter()
+        .flat_map(|r| r.points.iter().filter_map(|p| p.backup_set_uuid))
+        .collect();
+    let mut recorded: HashSet<(Uuid, Uuid)> = if backup_sets.is_empty() {
+        HashSet::new()
+    } else {
+        store::points_recorded(&mut *tx, &item_ids, &backup_sets)
+            .await?
+            .into_iter()
+            .collect()
+    };
     let mut points = Vec::new();
     for report in reports {
         let Some((_, items, payload)) = jobs.iter().find(|j| j.0 == report.job_id) else {
@@ -137,63 +187,50 @@ pub(crate) async fn record_points(tx: &mut PgConnection, reports: &[BackupReport
         for p in reported {
             let Some(item) = items
                 .iter()
-                .find(|i| i.instance.eq_ignore_ascii_case(&p.instance) && i.database == p.database)
+                .find(|i| i.is_named(&p.instance, &p.database))
                 .and_then(|i| i.protected_item_id)
             else {
                 continue;
             };
-            let Some((state, policy, update)) = chains.get_mut(&item) else {
+            let Some(rec) = chains.get_mut(&item) else {
                 continue;
             };
+            if let Some(set) = p.backup_set_uuid
+                && !recorded.insert((item, set))
+            {
+                continue;
+            }
             let id = Uuid::now_v7();
-            let full_first = update
-                .last_full_first_lsn
-                .clone()
-                .or(state.last_full_first_lsn.clone());
-            let last_log = update.last_log_lsn.clone().or(state.last_log_lsn.clone());
-            let tip = ChainTip {
-                full_first_lsn: full_first.as_deref().map(lsn),
-                log_end_lsn: last_log.as_deref().map(lsn),
-                log_chain_started: update.last_log_at.or(state.last_log_at).is_some(),
-            };
-            let gap = restore::breaks_chain(
-                tip,
-                p.backup_type,
-                lsn(&p.first_lsn),
-                lsn(&p.database_backup_lsn),
-            );
-            let mut full_id = update.last_full_id.or(state.last_full_id);
+            let point = chain::Point::from_report(id, p).ok_or_else(|| {
+                data_error(format!(
+                    "unchecked LSNs in a report of job {}",
+                    report.job_id
+                ))
+            })?;
+            let has_differential = rec
+                .policy
+                .as_ref()
+                .is_some_and(|p| p.differential.is_some());
+            let applied = chain::apply(rec.chain, &point, has_differential);
+            rec.chain = applied.state;
             let mut log_from = None;
             match p.backup_type {
                 RecoveryPointType::Full => {
-                    full_id = None;
-                    // Before any log, the first one may start up to this full's end.
-                    if last_log.is_none() {
-                        update.last_log_lsn = Some(p.last_lsn.clone());
-                    }
-                    update.last_full_id = Some(id);
-                    update.last_full_first_lsn = Some(p.first_lsn.clone());
-                    update.last_full_at = Some(p.backup_time);
-                    needs_full.insert(item, false);
+                    rec.last_full_id = Some(id);
+                    rec.last_full_at = Some(p.backup_time);
                 }
-                RecoveryPointType::CopyOnlyFull => full_id = None,
-                RecoveryPointType::Differential => {
-                    update.last_differential_at = Some(p.backup_time)
-                }
+                RecoveryPointType::CopyOnlyFull => {}
+                RecoveryPointType::Differential => rec.last_differential_at = Some(p.backup_time),
                 RecoveryPointType::Log => {
-                    log_from = update
+                    log_from = rec
                         .last_log_at
-                        .or(state.last_log_at)
-                        .or(update.last_full_at)
-                        .or(state.last_full_at);
-                    update.last_log_lsn = Some(p.last_lsn.clone());
-                    update.last_log_at = Some(p.backup_time);
+                        .or(rec.stored_log_at)
+                        .or(rec.last_full_at)
+                        .or(rec.stored_full_at);
+                    rec.last_log_at = Some(p.backup_time);
                 }
             }
-            if gap {
-                needs_full.insert(item, true);
-            }
-            let (expires_at, fixed) = match (p.backup_type, fixed_days, policy.as_ref()) {
+            let (expires_at, fixed) = match (p.backup_type, fixed_days, rec.policy.as_ref()) {
                 (RecoveryPointType::CopyOnlyFull, Some(days), _)
                 | (RecoveryPointType::Full, Some(days), _) => {
                     (Some(fixed_expiry(p.backup_time, days)?), true)
@@ -213,6 +250,7 @@ pub(crate) async fn record_points(tx: &mut PgConnection, reports: &[BackupReport
                     )
                 }
             };
+            let optional = |raw: &Option<String>| raw.as_deref().and_then(Lsn::parse);
             points.push(NewPoint {
                 id,
                 protected_item_id: item,
@@ -221,21 +259,25 @@ pub(crate) async fn record_points(tx: &mut PgConnection, reports: &[BackupReport
                 started_at: p.started_at,
                 backup_time: p.backup_time,
                 log_from,
-                first_lsn: p.first_lsn.clone(),
-                last_lsn: p.last_lsn.clone(),
-                database_backup_lsn: p.database_backup_lsn.clone(),
+                first_lsn: point.first_lsn,
+                last_lsn: point.last_lsn,
+                database_backup_lsn: stored_lsn(&p.database_backup_lsn)?,
+                checkpoint_lsn: point.checkpoint_lsn,
+                differential_base_lsn: point.differential_base_lsn,
+                differential_base_guid: p.differential_base_guid,
+                backup_set_uuid: p.backup_set_uuid,
+                begins_log_chain: p.begins_log_chain,
+                has_bulk_logged_data: point.has_bulk_logged_data,
+                recovery_model: p.recovery_model.map(model_str),
+                recovery_fork_guid: p.recovery_fork_guid,
+                fork_point_lsn: optional(&p.fork_point_lsn),
+                database_guid: p.database_guid,
                 size_bytes: p.size_bytes,
-                full_id: if matches!(
-                    p.backup_type,
-                    RecoveryPointType::Differential | RecoveryPointType::Log
-                ) {
-                    full_id
-                } else {
-                    None
-                },
+                full_id: applied.full_id,
                 expires_at,
                 fixed_retention: fixed,
-                chain_gap: gap,
+                chain_break: applied.chain_break.map(ChainBreak::as_str),
+                unverified: applied.unverified,
             });
         }
     }
@@ -246,13 +288,43 @@ pub(crate) async fn record_points(tx: &mut PgConnection, reports: &[BackupReport
         .unzip();
     store::fulls_extend_chain(&mut *tx, &fulls, &expiries).await?;
     let updates: Vec<ChainUpdate> = chains
-        .into_values()
-        .map(|(state, _, mut u)| {
-            u.needs_full = needs_full.get(&state.id).copied();
-            u
+        .into_iter()
+        .map(|(id, rec)| ChainUpdate {
+            id,
+            chain: rec.chain,
+            last_full_id: rec.last_full_id,
+            last_full_at: rec.last_full_at,
+            last_differential_at: rec.last_differential_at,
+            last_log_at: rec.last_log_at,
         })
         .collect();
     store::chain_update(tx, &updates).await?;
+    Ok(())
+}
+
+/// Restore jobs among `done` that overwrote their item's database after backing up its
+/// tail: that item's chain restarts now (a new recovery fork), its tail-log backup
+/// recorded first.
+pub(crate) async fn restores_completed(tx: &mut PgConnection, done: &[Uuid]) -> Result<()> {
+    if done.is_empty() {
+        return Ok(());
+    }
+    let mut items = Vec::new();
+    for (_, kind, job_items, payload) in queue::jobs_content(&mut *tx, done).await? {
+        if kind != JobKind::Restore.as_str() {
+            continue;
+        }
+        let Ok(payload) = serde_json::from_value::<RestoreJobPayload>(payload.0) else {
+            continue;
+        };
+        if payload.overwrite && payload.tail_log_backup {
+            items.extend(crate::jobs::protected_items_of(&job_items.0));
+        }
+    }
+    if !items.is_empty() {
+        let chains = vec![chain::overwritten(); items.len()];
+        store::chains_set(&mut *tx, &items, &chains).await?;
+    }
     Ok(())
 }
 
@@ -264,11 +336,25 @@ pub struct RecoveryPoint {
     pub backup_time: DateTime<Utc>,
     /// Logs cover the instants after this one up to `backup_time`.
     pub log_from: Option<DateTime<Utc>>,
+    /// LSNs in decimal, as `msdb` holds them.
     pub first_lsn: String,
     pub last_lsn: String,
     pub database_backup_lsn: String,
+    pub checkpoint_lsn: Option<String>,
+    pub differential_base_lsn: Option<String>,
+    pub differential_base_guid: Option<Uuid>,
+    pub backup_set_uuid: Option<Uuid>,
+    pub begins_log_chain: Option<bool>,
+    /// A log holding minimally logged changes: it restores to its end only.
+    pub has_bulk_logged_data: bool,
+    /// The recovery model when the backup was taken, when the agent said.
+    pub recovery_model: Option<RecoveryModel>,
+    pub recovery_fork_guid: Option<Uuid>,
+    pub fork_point_lsn: Option<String>,
+    pub database_guid: Option<Uuid>,
     pub size_bytes: i64,
-    /// The full this point restores on top of.
+    /// The full this point restores on top of (a differential's base) or, for a log, the
+    /// latest full before it; kept at least as long as this point.
     pub full_id: Option<Uuid>,
     /// Its own expiry (none while retained without a policy).
     pub expires_at: Option<DateTime<Utc>>,
@@ -276,43 +362,79 @@ pub struct RecoveryPoint {
     pub chain_until: Option<DateTime<Utc>>,
     /// When the retention sweep may remove it.
     pub delete_after: Option<DateTime<Utc>>,
+    /// The point does not continue the chain; `chain_break` says why.
     pub chain_gap: bool,
+    pub chain_break: Option<ChainBreak>,
+    /// Checks the server could not make because the agent did not report the facts
+    /// (agents of the first report version): `checkpoint_lsn`, `differential_base`,
+    /// `recovery_model`, `recovery_fork`.
+    pub unverified: Vec<String>,
     pub job_id: Option<Uuid>,
 }
 
-impl From<&PointRow> for RecoveryPoint {
-    fn from(r: &PointRow) -> Self {
-        Self {
+fn chain_break_of(s: &str) -> Result<ChainBreak> {
+    [
+        ChainBreak::LogChainBroken,
+        ChainBreak::DifferentialBaseUnknown,
+        ChainBreak::NoFullBackup,
+        ChainBreak::RecoveryForkChanged,
+    ]
+    .into_iter()
+    .find(|b| b.as_str() == s)
+    .ok_or_else(|| data_error(format!("a chain break {s:?}")))
+}
+
+impl TryFrom<&PointRow> for RecoveryPoint {
+    type Error = Error;
+
+    fn try_from(r: &PointRow) -> Result<Self> {
+        Ok(Self {
             id: r.id,
-            backup_type: point_type(&r.backup_type),
+            backup_type: point_type(&r.backup_type)?,
             started_at: r.started_at,
             backup_time: r.backup_time,
             log_from: r.log_from,
             first_lsn: r.first_lsn.clone(),
             last_lsn: r.last_lsn.clone(),
             database_backup_lsn: r.database_backup_lsn.clone(),
+            checkpoint_lsn: r.checkpoint_lsn.clone(),
+            differential_base_lsn: r.differential_base_lsn.clone(),
+            differential_base_guid: r.differential_base_guid,
+            backup_set_uuid: r.backup_set_uuid,
+            begins_log_chain: r.begins_log_chain,
+            has_bulk_logged_data: r.has_bulk_logged_data,
+            recovery_model: r.recovery_model.as_deref().map(model_of).transpose()?,
+            recovery_fork_guid: r.recovery_fork_guid,
+            fork_point_lsn: r.fork_point_lsn.clone(),
+            database_guid: r.database_guid,
             size_bytes: r.size_bytes,
             full_id: r.full_id,
             expires_at: r.expires_at,
             chain_until: r.chain_until,
             delete_after: r.delete_after,
             chain_gap: r.chain_gap,
+            chain_break: r.chain_break.as_deref().map(chain_break_of).transpose()?,
+            unverified: r.unverified.clone(),
             job_id: r.job_id,
-        }
+        })
     }
 }
 
-fn domain_point(r: &PointRow) -> Point {
-    Point {
+fn chain_point(r: &PointRow) -> Result<chain::Point> {
+    let optional = |raw: &Option<String>| raw.as_deref().map(stored_lsn).transpose();
+    Ok(chain::Point {
         id: r.id,
-        backup_type: point_type(&r.backup_type),
+        backup_type: point_type(&r.backup_type)?,
         backup_time: r.backup_time,
-        log_from: r.log_from,
-        first_lsn: lsn(&r.first_lsn),
-        last_lsn: lsn(&r.last_lsn),
-        full_id: r.full_id,
-        size_bytes: r.size_bytes,
-    }
+        first_lsn: stored_lsn(&r.first_lsn)?,
+        last_lsn: stored_lsn(&r.last_lsn)?,
+        checkpoint_lsn: optional(&r.checkpoint_lsn)?,
+        differential_base_lsn: optional(&r.differential_base_lsn)?,
+        differential_base_guid: r.differential_base_guid,
+        has_bulk_logged_data: r.has_bulk_logged_data,
+        recovery_model: r.recovery_model.as_deref().map(model_of).transpose()?,
+        recovery_fork_guid: r.recovery_fork_guid,
+    })
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -334,8 +456,10 @@ pub struct RestoreTarget {
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct RestorePlan {
-    /// The points to restore, in order: a full, at most one differential, then logs.
-    pub steps: Vec<RecoveryPoint>,
+    /// The statements to run, in order: a full (or copy-only full), at most one
+    /// differential on it, then logs; all `WITH NORECOVERY` but the last, which recovers
+    /// (with `STOPAT` when the instant lies inside its log).
+    pub steps: Vec<RestoreStep>,
     pub total_size_bytes: i64,
     pub restores_to: DateTime<Utc>,
 }
@@ -362,6 +486,12 @@ pub struct RestoreRequest {
     pub target_instance: Option<String>,
     #[serde(default)]
     pub overwrite: bool,
+    /// When overwriting the item's own database: back up the tail of its log first
+    /// (`BACKUP LOG … WITH NORECOVERY`). The default where possible (full or bulk-logged
+    /// recovery model); `false` overwrites `WITH REPLACE`, losing what was logged since
+    /// the last log backup.
+    #[serde(default)]
+    pub tail_log_backup: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -401,8 +531,9 @@ pub struct SchedulerRun {
 }
 
 /// What the jobs of a scheduled slot of `kind` are made of.
-pub fn slot_jobs(kind: JobKind) -> SlotJobs {
+pub fn slot_jobs(kind: JobKind, policy: Option<&Policy>) -> SlotJobs {
     SlotJobs {
+        heal_with_differential: policy.is_some_and(|p| p.differential.is_some()),
         priority: Priority::Scheduled.rank(),
         max_attempts: kind.max_attempts(),
         max_items_per_job: MAX_ITEMS_PER_JOB as i32,
@@ -519,7 +650,7 @@ impl Service {
             kind.as_str(),
             slot,
             now,
-            slot_jobs(kind),
+            slot_jobs(kind, policy_of(Some(&schedules.spec)).as_ref()),
         )
         .await?;
         if !done.vm_ids.is_empty() {
@@ -598,10 +729,13 @@ impl Service {
         item_id: Uuid,
     ) -> Result<RecoveryPoints> {
         let (_, rows) = self.item_points(principal, vault_id, item_id).await?;
-        let domain: Vec<Point> = rows.iter().map(domain_point).collect();
+        let points = rows.iter().map(chain_point).collect::<Result<Vec<_>>>()?;
         Ok(RecoveryPoints {
-            items: rows.iter().map(RecoveryPoint::from).collect(),
-            restorable_ranges: restore::restorable_ranges(&domain),
+            items: rows
+                .iter()
+                .map(RecoveryPoint::try_from)
+                .collect::<Result<_>>()?,
+            restorable_ranges: chain::Catalogue::new(&points).restorable_ranges(),
         })
     }
 
@@ -660,7 +794,7 @@ impl Service {
             .find(|(_, name)| name.eq_ignore_ascii_case(&instance))
             .map(|(id, _)| *id);
         let databases = backvault_store::inventory::databases_of_vm(&mut *tx, target_vm).await?;
-        let present: Vec<_> = databases
+        let present: Vec<&DatabaseRow> = databases
             .iter()
             .filter(|d| Some(d.instance_id) == instance_id && d.gone_at.is_none())
             .collect();
@@ -680,29 +814,57 @@ impl Service {
         {
             return Err(restore_in_progress(Some(running)));
         }
-        // Overwriting a protected database starts a new recovery fork there: its log chain
-        // no longer continues, so its next backup must be a full (as Azure Backup does).
-        let overwritten: Vec<Uuid> = present
+        let overwritten: Vec<&DatabaseRow> = present
             .iter()
+            .copied()
             .filter(|d| req.overwrite && d.name.eq_ignore_ascii_case(&database))
+            .collect();
+        // The item's own database, overwritten where it lives: its tail of the log can be
+        // backed up first (SQL Server refuses the overwrite otherwise, Msg 3159, unless told
+        // to REPLACE and lose it).
+        let source = overwritten.iter().find(|d| d.id == item.database_id);
+        let tail_possible = source.is_some_and(|d| d.recovery_model != "simple");
+        let tail_log_backup = match req.tail_log_backup {
+            Some(true) if !tail_possible => {
+                let mut v = backvault_domain::violation::Violations::default();
+                v.push(
+                    "/tail_log_backup",
+                    "tail_log_backup_not_possible",
+                    "a tail-log backup is taken only when overwriting the item's own database in the full or bulk-logged recovery model",
+                );
+                return Err(Error::validation(v.into_vec()));
+            }
+            Some(asked) => asked,
+            None => tail_possible,
+        };
+        // Overwriting a protected database starts a new recovery fork there: its chain
+        // restarts with a full. The item whose tail is backed up restarts once that
+        // backup is recorded, at the restore's completion.
+        let restarted: Vec<Uuid> = overwritten
+            .iter()
+            .filter(|d| !(tail_log_backup && d.id == item.database_id))
             .map(|d| d.id)
             .collect();
-        if !overwritten.is_empty() {
+        if !restarted.is_empty() {
             let items: Vec<Uuid> =
-                backvault_store::protection::items_for_databases(&mut *tx, &overwritten)
+                backvault_store::protection::items_for_databases(&mut *tx, &restarted)
                     .await?
                     .into_iter()
                     .map(|(_, item, _, _)| item)
                     .collect();
-            store::needs_full_set(&mut *tx, &items).await?;
+            let chains = vec![chain::overwritten(); items.len()];
+            store::chains_set(&mut *tx, &items, &chains).await?;
         }
-        let payload = serde_json::json!({
-            "target_database": database,
-            "target_instance": instance,
-            "overwrite": req.overwrite,
-            "restores_to": plan.restores_to,
-            "steps": plan.steps.iter().map(|s| serde_json::json!({"recovery_point_id": s.id, "backup_type": s.backup_type, "backup_time": s.backup_time})).collect::<Vec<_>>(),
-        });
+        let payload = serde_json::to_value(RestoreJobPayload {
+            target_database: database.clone(),
+            target_instance: instance.clone(),
+            overwrite: req.overwrite,
+            tail_log_backup,
+            replace: !overwritten.is_empty() && !tail_log_backup,
+            restores_to: plan.restores_to,
+            steps: plan.steps,
+        })
+        .map_err(Error::internal)?;
         let items = [JobItem {
             instance: instance.clone(),
             database: database.clone(),
@@ -841,20 +1003,33 @@ fn plan(rows: &[PointRow], target: &RestoreTarget) -> Result<RestorePlan> {
             return Err(Error::validation(v.into_vec()));
         }
     };
-    let domain: Vec<Point> = rows.iter().map(domain_point).collect();
-    match restore::plan_to(&domain, at) {
-        Ok(steps) => {
-            let steps: Vec<RecoveryPoint> = steps
+    let points = rows.iter().map(chain_point).collect::<Result<Vec<_>>>()?;
+    match chain::Catalogue::new(&points).plan_to(at) {
+        Ok(sequence) => {
+            let steps: Vec<RestoreStep> = sequence
+                .steps
                 .iter()
-                .filter_map(|s| rows.iter().find(|r| r.id == s.id))
-                .map(RecoveryPoint::from)
-                .collect();
+                .map(|step| {
+                    let row = &rows[step.point];
+                    Ok(RestoreStep {
+                        recovery_point_id: row.id,
+                        statement: step.statement,
+                        backup_type: point_type(&row.backup_type)?,
+                        backup_time: row.backup_time,
+                        backup_set_uuid: row.backup_set_uuid,
+                        first_lsn: row.first_lsn.clone(),
+                        last_lsn: row.last_lsn.clone(),
+                        recovery: step.recovery,
+                        stop_at: step.stop_at,
+                    })
+                })
+                .collect::<Result<_>>()?;
             Ok(RestorePlan {
                 // Sizes are agent-reported: a sum that cannot overflow.
-                total_size_bytes: steps
-                    .iter()
-                    .fold(0i64, |total, s| total.saturating_add(s.size_bytes)),
-                restores_to: at,
+                total_size_bytes: sequence.steps.iter().fold(0i64, |total, s| {
+                    total.saturating_add(rows[s.point].size_bytes)
+                }),
+                restores_to: sequence.restores_to,
                 steps,
             })
         }

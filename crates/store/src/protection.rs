@@ -38,13 +38,15 @@ pub struct ProtectedItemRow {
     pub last_differential_at: Option<DateTime<Utc>>,
     pub last_log_at: Option<DateTime<Utc>>,
     pub needs_full: bool,
+    pub needs_differential: bool,
 }
 
 const ITEM_SELECT: &str = "select p.id, p.vault_id, p.database_id, p.policy_id, pol.name as policy_name, p.state,
         p.auto_protection_id, p.auto_protected, p.protected_name, p.casing_changed, p.version, p.created_at, p.updated_at,
         d.vm_id, v.name as vm_name, v.resource_group, v.subscription_id, i.name as instance_name,
         ag.name as availability_group, d.name as database_name, d.recovery_model, d.system, d.read_only,
-        d.gone_at is not null as database_gone, p.last_full_at, p.last_differential_at, p.last_log_at, p.needs_full
+        d.gone_at is not null as database_gone, p.last_full_at, p.last_differential_at, p.last_log_at, p.needs_full,
+        p.needs_differential
     from protected_items p
     join sql_databases d on d.id = p.database_id
     join sql_instances i on i.id = d.instance_id

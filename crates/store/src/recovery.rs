@@ -5,31 +5,44 @@ use sqlx::types::Json;
 use sqlx::{FromRow, PgConnection, PgExecutor};
 use uuid::Uuid;
 
+use backvault_domain::chain::ChainState;
+use backvault_domain::lsn::Lsn;
+
 /// The chain state of a protected item, locked while points are recorded.
 #[derive(Debug, Clone, FromRow)]
-pub struct ChainState {
+pub struct ChainRow {
     pub id: Uuid,
     pub state: String,
     pub spec: Option<Json<serde_json::Value>>,
-    pub last_full_id: Option<Uuid>,
-    pub last_full_first_lsn: Option<String>,
-    pub last_log_lsn: Option<String>,
+    pub chain: Json<ChainState>,
     pub last_full_at: Option<DateTime<Utc>>,
     pub last_log_at: Option<DateTime<Utc>>,
 }
 
-pub async fn chain_lock(
-    conn: &mut PgConnection,
-    item_ids: &[Uuid],
-) -> sqlx::Result<Vec<ChainState>> {
+pub async fn chain_lock(conn: &mut PgConnection, item_ids: &[Uuid]) -> sqlx::Result<Vec<ChainRow>> {
     sqlx::query_as(
-        "select p.id, p.state, pol.spec, p.last_full_id, p.last_full_first_lsn::text as last_full_first_lsn,
-                p.last_log_lsn::text as last_log_lsn, p.last_full_at, p.last_log_at
+        "select p.id, p.state, pol.spec, p.chain, p.last_full_at, p.last_log_at
          from protected_items p left join policies pol on pol.id = p.policy_id
          where p.id = any($1) order by p.id for update of p",
     )
     .bind(item_ids)
     .fetch_all(conn)
+    .await
+}
+
+/// The backup sets of `item_ids` already recorded, among `backup_sets`.
+pub async fn points_recorded(
+    db: impl PgExecutor<'_>,
+    item_ids: &[Uuid],
+    backup_sets: &[Uuid],
+) -> sqlx::Result<Vec<(Uuid, Uuid)>> {
+    sqlx::query_as(
+        "select protected_item_id, backup_set_uuid from recovery_points
+         where protected_item_id = any($1) and backup_set_uuid = any($2)",
+    )
+    .bind(item_ids)
+    .bind(backup_sets)
+    .fetch_all(db)
     .await
 }
 
@@ -41,31 +54,56 @@ pub struct NewPoint {
     pub started_at: DateTime<Utc>,
     pub backup_time: DateTime<Utc>,
     pub log_from: Option<DateTime<Utc>>,
-    pub first_lsn: String,
-    pub last_lsn: String,
-    pub database_backup_lsn: String,
+    pub first_lsn: Lsn,
+    pub last_lsn: Lsn,
+    pub database_backup_lsn: Lsn,
+    pub checkpoint_lsn: Option<Lsn>,
+    pub differential_base_lsn: Option<Lsn>,
+    pub differential_base_guid: Option<Uuid>,
+    pub backup_set_uuid: Option<Uuid>,
+    pub begins_log_chain: Option<bool>,
+    pub has_bulk_logged_data: bool,
+    pub recovery_model: Option<&'static str>,
+    pub recovery_fork_guid: Option<Uuid>,
+    pub fork_point_lsn: Option<Lsn>,
+    pub database_guid: Option<Uuid>,
     pub size_bytes: i64,
     pub full_id: Option<Uuid>,
     pub expires_at: Option<DateTime<Utc>>,
     pub fixed_retention: bool,
-    pub chain_gap: bool,
+    pub chain_break: Option<&'static str>,
+    pub unverified: Vec<&'static str>,
 }
 
 pub async fn points_insert(conn: &mut PgConnection, points: &[NewPoint]) -> sqlx::Result<()> {
     if points.is_empty() {
         return Ok(());
     }
-    let col = |f: fn(&NewPoint) -> String| points.iter().map(f).collect::<Vec<String>>();
+    let lsn = |f: fn(&NewPoint) -> Option<Lsn>| {
+        points
+            .iter()
+            .map(|p| f(p).map(|l| l.to_string()))
+            .collect::<Vec<Option<String>>>()
+    };
+    let uuid = |f: fn(&NewPoint) -> Option<Uuid>| points.iter().map(f).collect::<Vec<_>>();
     sqlx::query(
         "insert into recovery_points (id, protected_item_id, job_id, backup_type, started_at, backup_time, log_from,
-                                      first_lsn, last_lsn, database_backup_lsn, size_bytes, full_id, expires_at,
-                                      fixed_retention, chain_gap)
-         select id, item, job, kind, started, at, log_from, first::numeric, last::numeric, base::numeric, size, full_id,
-                expires, fixed, gap
+                                      first_lsn, last_lsn, database_backup_lsn, checkpoint_lsn, differential_base_lsn,
+                                      differential_base_guid, backup_set_uuid, begins_log_chain, has_bulk_logged_data,
+                                      recovery_model, recovery_fork_guid, fork_point_lsn, database_guid, size_bytes,
+                                      full_id, expires_at, fixed_retention, chain_gap, chain_break, unverified)
+         select id, item, job, kind, started, at, log_from, first::numeric, last::numeric, base::numeric,
+                checkpoint::numeric, diff_base::numeric, diff_guid, backup_set, begins, bulk, model, fork,
+                fork_point::numeric, db_guid, size, full_id, expires, fixed, chain_break is not null, chain_break,
+                string_to_array(unverified, ',')
          from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::timestamptz[], $6::timestamptz[],
-                     $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::int8[], $12::uuid[],
-                     $13::timestamptz[], $14::bool[], $15::bool[])
-              as p(id, item, job, kind, started, at, log_from, first, last, base, size, full_id, expires, fixed, gap)",
+                     $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::uuid[],
+                     $14::uuid[], $15::bool[], $16::bool[], $17::text[], $18::uuid[], $19::text[], $20::uuid[],
+                     $21::int8[], $22::uuid[], $23::timestamptz[], $24::bool[], $25::text[], $26::text[])
+              as p(id, item, job, kind, started, at, log_from, first, last, base, checkpoint, diff_base, diff_guid,
+                   backup_set, begins, bulk, model, fork, fork_point, db_guid, size, full_id, expires, fixed,
+                   chain_break, unverified)
+         on conflict (protected_item_id, backup_set_uuid) where backup_set_uuid is not null do nothing",
     )
     .bind(points.iter().map(|p| p.id).collect::<Vec<_>>())
     .bind(points.iter().map(|p| p.protected_item_id).collect::<Vec<_>>())
@@ -74,14 +112,25 @@ pub async fn points_insert(conn: &mut PgConnection, points: &[NewPoint]) -> sqlx
     .bind(points.iter().map(|p| p.started_at).collect::<Vec<_>>())
     .bind(points.iter().map(|p| p.backup_time).collect::<Vec<_>>())
     .bind(points.iter().map(|p| p.log_from).collect::<Vec<_>>())
-    .bind(col(|p| p.first_lsn.clone()))
-    .bind(col(|p| p.last_lsn.clone()))
-    .bind(col(|p| p.database_backup_lsn.clone()))
+    .bind(lsn(|p| Some(p.first_lsn)))
+    .bind(lsn(|p| Some(p.last_lsn)))
+    .bind(lsn(|p| Some(p.database_backup_lsn)))
+    .bind(lsn(|p| p.checkpoint_lsn))
+    .bind(lsn(|p| p.differential_base_lsn))
+    .bind(uuid(|p| p.differential_base_guid))
+    .bind(uuid(|p| p.backup_set_uuid))
+    .bind(points.iter().map(|p| p.begins_log_chain).collect::<Vec<_>>())
+    .bind(points.iter().map(|p| p.has_bulk_logged_data).collect::<Vec<_>>())
+    .bind(points.iter().map(|p| p.recovery_model).collect::<Vec<_>>())
+    .bind(uuid(|p| p.recovery_fork_guid))
+    .bind(lsn(|p| p.fork_point_lsn))
+    .bind(uuid(|p| p.database_guid))
     .bind(points.iter().map(|p| p.size_bytes).collect::<Vec<_>>())
-    .bind(points.iter().map(|p| p.full_id).collect::<Vec<_>>())
+    .bind(uuid(|p| p.full_id))
     .bind(points.iter().map(|p| p.expires_at).collect::<Vec<_>>())
     .bind(points.iter().map(|p| p.fixed_retention).collect::<Vec<_>>())
-    .bind(points.iter().map(|p| p.chain_gap).collect::<Vec<_>>())
+    .bind(points.iter().map(|p| p.chain_break).collect::<Vec<_>>())
+    .bind(points.iter().map(|p| p.unverified.join(",")).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())
@@ -90,14 +139,11 @@ pub async fn points_insert(conn: &mut PgConnection, points: &[NewPoint]) -> sqlx
 /// The chain state after recording points.
 pub struct ChainUpdate {
     pub id: Uuid,
+    pub chain: ChainState,
     pub last_full_id: Option<Uuid>,
-    pub last_full_first_lsn: Option<String>,
-    pub last_log_lsn: Option<String>,
     pub last_full_at: Option<DateTime<Utc>>,
     pub last_differential_at: Option<DateTime<Utc>>,
     pub last_log_at: Option<DateTime<Utc>>,
-    /// `None`: unchanged.
-    pub needs_full: Option<bool>,
 }
 
 pub async fn chain_update(conn: &mut PgConnection, updates: &[ChainUpdate]) -> sqlx::Result<()> {
@@ -106,28 +152,60 @@ pub async fn chain_update(conn: &mut PgConnection, updates: &[ChainUpdate]) -> s
     }
     sqlx::query(
         "update protected_items p set
+             chain = u.chain,
+             needs_full = u.chain ->> 'needs' = 'full',
+             needs_differential = u.chain ->> 'needs' = 'differential',
              last_full_id = coalesce(u.full_id, p.last_full_id),
-             last_full_first_lsn = coalesce(u.full_lsn::numeric, p.last_full_first_lsn),
-             last_log_lsn = coalesce(u.log_lsn::numeric, p.last_log_lsn),
              last_full_at = greatest(u.full_at, p.last_full_at),
              last_differential_at = greatest(u.diff_at, p.last_differential_at),
              last_log_at = greatest(u.log_at, p.last_log_at),
-             needs_full = coalesce(u.needs_full, p.needs_full),
              updated_at = now()
-         from unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
-                     $7::timestamptz[], $8::bool[])
-              as u(id, full_id, full_lsn, log_lsn, full_at, diff_at, log_at, needs_full)
+         from unnest($1::uuid[], $2::jsonb[], $3::uuid[], $4::timestamptz[], $5::timestamptz[], $6::timestamptz[])
+              as u(id, chain, full_id, full_at, diff_at, log_at)
          where p.id = u.id",
     )
     .bind(updates.iter().map(|u| u.id).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| Json(u.chain)).collect::<Vec<_>>())
     .bind(updates.iter().map(|u| u.last_full_id).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.last_full_first_lsn.clone()).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.last_log_lsn.clone()).collect::<Vec<_>>())
     .bind(updates.iter().map(|u| u.last_full_at).collect::<Vec<_>>())
     .bind(updates.iter().map(|u| u.last_differential_at).collect::<Vec<_>>())
     .bind(updates.iter().map(|u| u.last_log_at).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.needs_full).collect::<Vec<_>>())
     .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The chain states of `item_ids`, locked, for a change that does not come with points (a
+/// recovery model switch, an overwrite).
+pub async fn chains_of_items(
+    conn: &mut PgConnection,
+    item_ids: &[Uuid],
+) -> sqlx::Result<Vec<(Uuid, Json<ChainState>, bool)>> {
+    sqlx::query_as(
+        "select p.id, p.chain, coalesce(pol.spec ? 'differential', false)
+         from protected_items p left join policies pol on pol.id = p.policy_id
+         where p.id = any($1) order by p.id for update of p",
+    )
+    .bind(item_ids)
+    .fetch_all(conn)
+    .await
+}
+
+pub async fn chains_set(
+    db: impl PgExecutor<'_>,
+    item_ids: &[Uuid],
+    chains: &[ChainState],
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "update protected_items p set chain = u.chain,
+             needs_full = u.chain ->> 'needs' = 'full',
+             needs_differential = u.chain ->> 'needs' = 'differential',
+             updated_at = now()
+         from unnest($1::uuid[], $2::jsonb[]) as u(id, chain) where p.id = u.id",
+    )
+    .bind(item_ids)
+    .bind(chains.iter().map(|c| Json(*c)).collect::<Vec<_>>())
+    .execute(db)
     .await?;
     Ok(())
 }
@@ -153,11 +231,16 @@ pub async fn fulls_extend_chain(
     Ok(())
 }
 
+/// The next backup of these items must be a full (an agent found their chain broken).
 pub async fn needs_full_set(db: impl PgExecutor<'_>, item_ids: &[Uuid]) -> sqlx::Result<()> {
-    sqlx::query("update protected_items set needs_full = true where id = any($1)")
-        .bind(item_ids)
-        .execute(db)
-        .await?;
+    sqlx::query(
+        "update protected_items set needs_full = true, needs_differential = false,
+             chain = jsonb_set(chain, '{needs}', '\"full\"')
+         where id = any($1)",
+    )
+    .bind(item_ids)
+    .execute(db)
+    .await?;
     Ok(())
 }
 
@@ -173,6 +256,18 @@ pub struct PointRow {
     pub first_lsn: String,
     pub last_lsn: String,
     pub database_backup_lsn: String,
+    pub checkpoint_lsn: Option<String>,
+    pub differential_base_lsn: Option<String>,
+    pub differential_base_guid: Option<Uuid>,
+    pub backup_set_uuid: Option<Uuid>,
+    pub begins_log_chain: Option<bool>,
+    pub has_bulk_logged_data: bool,
+    pub recovery_model: Option<String>,
+    pub recovery_fork_guid: Option<Uuid>,
+    pub fork_point_lsn: Option<String>,
+    pub database_guid: Option<Uuid>,
+    pub chain_break: Option<String>,
+    pub unverified: Vec<String>,
     pub size_bytes: i64,
     pub full_id: Option<Uuid>,
     pub expires_at: Option<DateTime<Utc>>,
@@ -185,8 +280,10 @@ pub struct PointRow {
 pub async fn points_of_item(db: impl PgExecutor<'_>, item_id: Uuid) -> sqlx::Result<Vec<PointRow>> {
     sqlx::query_as(
         "select id, protected_item_id, job_id, backup_type, started_at, backup_time, log_from, first_lsn::text,
-                last_lsn::text, database_backup_lsn::text, size_bytes, full_id, expires_at, chain_until,
-                delete_after, fixed_retention, chain_gap
+                last_lsn::text, database_backup_lsn::text, checkpoint_lsn::text, differential_base_lsn::text,
+                differential_base_guid, backup_set_uuid, begins_log_chain, has_bulk_logged_data, recovery_model,
+                recovery_fork_guid, fork_point_lsn::text, database_guid, chain_break, unverified, size_bytes,
+                full_id, expires_at, chain_until, delete_after, fixed_retention, chain_gap
          from recovery_points where protected_item_id = $1 order by backup_time, id",
     )
     .bind(item_id)

@@ -148,6 +148,9 @@ pub struct SlotJobs {
     pub priority: i16,
     pub max_attempts: i32,
     pub max_items_per_job: i32,
+    /// The policy takes differentials: a log slot of an item whose log chain broke (with
+    /// its differential base intact) runs as a differential.
+    pub heal_with_differential: bool,
 }
 
 #[derive(Debug, Clone, FromRow)]
@@ -161,9 +164,10 @@ pub struct Enqueued {
 /// and the scheduler's `now` in their payload (`ScheduledBackup`): the policy's
 /// protected databases, per VM in jobs of at most `max_items_per_job` split as the domain's
 /// `batch` does. Skipped: databases whose scheduled job of that type is still queued or
-/// running (coalesced), logs of databases in the simple recovery model, differentials of
-/// `master`, differentials of databases with a full queued, running or taken since the
-/// slot; a database with no usable full in its chain gets a full instead.
+/// running (coalesced), logs of databases in the simple recovery model and of `master`,
+/// differentials of `master`, differentials of databases with a full queued, running or
+/// taken since the slot; a database with no usable full in its chain gets a full instead,
+/// one whose log chain broke a differential instead of a log (where the policy has them).
 pub async fn schedule_enqueue(
     conn: &mut PgConnection,
     policy_id: Uuid,
@@ -182,14 +186,16 @@ pub async fn schedule_enqueue(
                and j.vault_id = (select vault_id from policies where id = $1)
          ), due as (
              select p.id, p.vault_id, d.vm_id, v.subscription_id, i.name as instance, d.name as database,
-                    case when p.needs_full then 'backup_full' else $2 end as kind
+                    case when p.needs_full then 'backup_full'
+                         when p.needs_differential and $2 = 'backup_log' and $8 then 'backup_differential'
+                         else $2 end as kind
              from protected_items p
              join sql_databases d on d.id = p.database_id
              join sql_instances i on i.id = d.instance_id
              join vms v on v.id = d.vm_id
              where p.policy_id = $1 and p.state = 'protected' and d.gone_at is null
                and (p.needs_full
-                    or ($2 <> 'backup_log' or d.recovery_model <> 'simple')
+                    or ($2 <> 'backup_log' or d.recovery_model <> 'simple' and lower(d.name) <> 'master')
                        and ($2 <> 'backup_differential'
                             or lower(d.name) <> 'master' and (p.last_full_at is null or p.last_full_at < $3)))
          ), runs as materialized (
@@ -234,6 +240,7 @@ pub async fn schedule_enqueue(
     .bind(jobs.max_attempts)
     .bind(jobs.max_items_per_job)
     .bind(now)
+    .bind(jobs.heal_with_differential)
     .fetch_one(conn)
     .await
 }

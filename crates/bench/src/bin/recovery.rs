@@ -614,11 +614,15 @@ async fn tick_fixture(ctx: &Ctx, items: u64, vms: u64) -> anyhow::Result<TickFix
     .await?;
     sqlx::query(
         "insert into protected_items (id, vault_id, database_id, policy_id, state, protected_name,
-                                      needs_full, last_full_id, last_full_first_lsn,
-                                      last_log_lsn, last_full_at, last_log_at)
+                                      needs_full, last_full_id, chain, last_full_at, last_log_at)
          select pg_temp.seq_uuid(4, s), $3, pg_temp.seq_uuid(3, s), $4, 'protected',
                 'db' || lpad(s::text, 7, '0'),
-                false, pg_temp.seq_uuid(5, s), 1000, 1100, $5 - interval '1 day', $5 - interval '15 minutes'
+                false, pg_temp.seq_uuid(5, s),
+                jsonb_build_object('base', jsonb_build_object('point_id', pg_temp.seq_uuid(5, s), 'checkpoint_lsn', '1000',
+                                                              'first_lsn', '1000', 'last_lsn', '1000', 'guid', null),
+                                   'log_end', '1100', 'log_anchored', true, 'anchor', '1000', 'fork', null,
+                                   'needs', 'nothing'),
+                $5 - interval '1 day', $5 - interval '15 minutes'
          from generate_series(0, $1::int8 - 1) s",
     )
     .bind(items as i64)
@@ -712,7 +716,7 @@ async fn tick_steps(pool: &PgPool, now: DateTime<Utc>) -> anyhow::Result<Vec<(St
             steps.push((format!("{short}: schedule_claim_slot"), t.elapsed()));
             if let Some(slot) = slot {
                 let t = Instant::now();
-                let jobs = slot_jobs(kind);
+                let jobs = slot_jobs(kind, None);
                 let done =
                     schedule::schedule_enqueue(&mut tx, policy_id, kind.as_str(), slot, now, jobs)
                         .await?;
@@ -1593,7 +1597,8 @@ async fn preload_logs(pool: &PgPool, per_item: u32) -> anyhow::Result<()> {
                                       last_lsn, database_backup_lsn, size_bytes, full_id, expires_at)
          select gen_random_uuid(), p.id, 'log', f.backup_time + k * interval '1 second',
                 f.backup_time + k * interval '1 second', f.backup_time + (k - 1) * interval '1 second',
-                p.last_log_lsn, p.last_log_lsn, p.last_full_first_lsn, 1048576, f.id,
+                (p.chain ->> 'log_end')::numeric, (p.chain ->> 'log_end')::numeric,
+                (p.chain -> 'base' ->> 'first_lsn')::numeric, 1048576, f.id,
                 f.backup_time + k * interval '1 second' + interval '30 days'
          from generate_series(1, $1::int8) k, protected_items p join recovery_points f on f.id = p.last_full_id
          order by k, p.id",

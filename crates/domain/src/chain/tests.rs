@@ -4,8 +4,8 @@
 //! reach.
 
 use super::*;
-use proptest::prelude::*;
 use RecoveryPointType::{CopyOnlyFull, Differential, Full, Log};
+use proptest::prelude::*;
 
 fn t(minutes: i64) -> DateTime<Utc> {
     DateTime::<Utc>::from_timestamp(1_800_000_000, 0).unwrap() + chrono::Duration::minutes(minutes)
@@ -78,7 +78,13 @@ impl Database {
         Lsn(self.lsn)
     }
 
-    fn take(&mut self, kind: RecoveryPointType, foreign: bool, at: DateTime<Utc>, busy: bool) -> bool {
+    fn take(
+        &mut self,
+        kind: RecoveryPointType,
+        foreign: bool,
+        at: DateTime<Utc>,
+        busy: bool,
+    ) -> bool {
         let model = self.model();
         let id = Uuid::from_u128(self.history.len() as u128 + 1);
         let point = match kind {
@@ -87,7 +93,8 @@ impl Database {
                 let first = self.advance(1);
                 let checkpoint = if busy { self.advance(3) } else { first };
                 let last = self.advance(2);
-                let guid = (kind == Full).then(|| Uuid::from_u128(0xBA5E_0000 + self.history.len() as u128));
+                let guid = (kind == Full)
+                    .then(|| Uuid::from_u128(0xBA5E_0000 + self.history.len() as u128));
                 Point {
                     id,
                     backup_type: kind,
@@ -128,7 +135,9 @@ impl Database {
                 if model == RecoveryModel::Simple {
                     return false;
                 }
-                let Some(first) = self.log_end.or(self.log_chain_start) else { return false };
+                let Some(first) = self.log_end.or(self.log_chain_start) else {
+                    return false;
+                };
                 let last = self.advance(1);
                 let p = Point {
                     id,
@@ -152,7 +161,10 @@ impl Database {
         if kind == Full {
             self.base = Some(self.history.len());
         }
-        if matches!(kind, Full | Differential) && model != RecoveryModel::Simple && self.log_end.is_none() {
+        if matches!(kind, Full | Differential)
+            && model != RecoveryModel::Simple
+            && self.log_end.is_none()
+        {
             // The log chain begins with this backup's log records.
             self.log_chain_start = Some(point.first_lsn);
         }
@@ -184,7 +196,11 @@ impl Database {
                     }
                 }
                 Op::ToFull | Op::ToBulkLogged => {
-                    let to = if op == Op::ToFull { RecoveryModel::Full } else { RecoveryModel::BulkLogged };
+                    let to = if op == Op::ToFull {
+                        RecoveryModel::Full
+                    } else {
+                        RecoveryModel::BulkLogged
+                    };
                     db.model = Some(to);
                 }
                 Op::BulkOperation => {
@@ -200,7 +216,11 @@ impl Database {
     }
 
     fn catalogue(&self) -> Vec<Point> {
-        self.history.iter().filter(|b| !b.foreign).map(|b| b.point.clone()).collect()
+        self.history
+            .iter()
+            .filter(|b| !b.foreign)
+            .map(|b| b.point.clone())
+            .collect()
     }
 
     /// Whether a restore can reach `at`, from the history alone: a data backup in the
@@ -225,9 +245,13 @@ impl Database {
             }
             // The log records after this backup are in some log backup only if a log
             // chain had begun at or before it.
-            let logs_after: Vec<&Taken> =
-                self.history[i + 1..].iter().filter(|b| b.point.backup_type == Log).collect();
-            let Some(first) = logs_after.first() else { return false };
+            let logs_after: Vec<&Taken> = self.history[i + 1..]
+                .iter()
+                .filter(|b| b.point.backup_type == Log)
+                .collect();
+            let Some(first) = logs_after.first() else {
+                return false;
+            };
             if first.point.first_lsn > s.point.last_lsn {
                 return false;
             }
@@ -236,7 +260,11 @@ impl Database {
                 if log.foreign {
                     return false;
                 }
-                if self.simple_from.iter().any(|&w| s.point.backup_time < w && w <= log.point.backup_time) {
+                if self
+                    .simple_from
+                    .iter()
+                    .any(|&w| s.point.backup_time < w && w <= log.point.backup_time)
+                {
                     return false;
                 }
                 if log.point.backup_time >= at {
@@ -416,7 +444,10 @@ fn log(id: u128, at: i64, first: u128, last: u128) -> Point {
 }
 
 fn range(from: i64, to: i64) -> TimeRange {
-    TimeRange { from: t(from), to: t(to) }
+    TimeRange {
+        from: t(from),
+        to: t(to),
+    }
 }
 
 #[test]
@@ -428,7 +459,10 @@ fn a_busy_databases_differential_matches_its_fulls_checkpoint_not_first_lsn() {
     assert_eq!((applied.chain_break, applied.full_id), (None, Some(f.id)));
     let points = [f.clone(), d.clone()];
     let plan = Catalogue::new(&points).plan_to(t(60)).unwrap();
-    assert_eq!(plan.steps.iter().map(|s| s.point).collect::<Vec<_>>(), [0, 1]);
+    assert_eq!(
+        plan.steps.iter().map(|s| s.point).collect::<Vec<_>>(),
+        [0, 1]
+    );
     assert_eq!(
         (plan.steps[0].recovery, plan.steps[1].recovery),
         (Recovery::NoRecovery, Recovery::Recovery)
@@ -441,7 +475,10 @@ fn a_differential_on_another_tools_full_is_never_planned() {
     let foreign = full(9, 30, 200, 220, 230);
     let d = diff_on(&foreign, 2, 60, 300, 310);
     let applied = apply(apply(ChainState::default(), &f, true).state, &d, true);
-    assert_eq!(applied.chain_break, Some(ChainBreak::DifferentialBaseUnknown));
+    assert_eq!(
+        applied.chain_break,
+        Some(ChainBreak::DifferentialBaseUnknown)
+    );
     assert_eq!(applied.state.needs, Needs::Full);
     assert_eq!(applied.full_id, None);
     let points = [f, d];
@@ -459,8 +496,14 @@ fn fulls_without_logs_are_instants_not_a_range() {
     b.recovery_model = Some(RecoveryModel::Simple);
     let points = [a, b];
     let chain = Catalogue::new(&points);
-    assert_eq!(chain.restorable_ranges(), [range(0, 0), range(24 * 60, 24 * 60)]);
-    assert!(matches!(chain.plan_to(t(12 * 60)), Err(PlanError::NotCovered { .. })));
+    assert_eq!(
+        chain.restorable_ranges(),
+        [range(0, 0), range(24 * 60, 24 * 60)]
+    );
+    assert!(matches!(
+        chain.plan_to(t(12 * 60)),
+        Err(PlanError::NotCovered { .. })
+    ));
     assert_eq!(chain.plan_to(t(0)).unwrap().steps.len(), 1);
 }
 
@@ -476,7 +519,10 @@ fn a_differential_moves_where_the_next_log_may_start() {
     let chain = Catalogue::new(&points);
     assert_eq!(chain.restorable_ranges(), [range(0, 0), range(60, 75)]);
     let plan = chain.plan_to(t(70)).unwrap();
-    assert_eq!(plan.steps.iter().map(|s| s.point).collect::<Vec<_>>(), [0, 1, 2]);
+    assert_eq!(
+        plan.steps.iter().map(|s| s.point).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
     assert_eq!(plan.steps[2].stop_at, Some(t(70)));
 }
 
@@ -522,14 +568,21 @@ fn a_log_gap_with_an_intact_full_heals_with_a_differential() {
     assert_eq!(gap.chain_break, Some(ChainBreak::LogChainBroken));
     assert_eq!(gap.state.needs, Needs::Differential);
     let no_diff = apply(s, &log(3, 45, 250, 300), false);
-    assert_eq!(no_diff.state.needs, Needs::Full, "a policy without differentials");
+    assert_eq!(
+        no_diff.state.needs,
+        Needs::Full,
+        "a policy without differentials"
+    );
     let next = apply(gap.state, &log(4, 60, 300, 350), true);
     assert_eq!(next.chain_break, None, "the same break is reported once");
     assert_eq!(next.state.needs, Needs::Differential);
     let healed = apply(next.state, &diff_on(&f, 5, 70, 360, 370), true);
     assert_eq!(healed.state.needs, Needs::Nothing);
     let after = apply(healed.state, &log(6, 75, 350, 400), true);
-    assert_eq!(after.chain_break, None, "the next log holds the differential's end");
+    assert_eq!(
+        after.chain_break, None,
+        "the next log holds the differential's end"
+    );
 }
 
 #[test]
@@ -572,10 +625,18 @@ fn first_version_reports_say_what_could_not_be_checked() {
     let s = apply(ChainState::default(), &f, true);
     assert_eq!(
         s.unverified,
-        [UNVERIFIED_RECOVERY_MODEL, UNVERIFIED_FORK, UNVERIFIED_CHECKPOINT]
+        [
+            UNVERIFIED_RECOVERY_MODEL,
+            UNVERIFIED_FORK,
+            UNVERIFIED_CHECKPOINT
+        ]
     );
     let applied = apply(s.state, &d, true);
-    assert_eq!(applied.full_id, Some(f.id), "a base inside the full's range is plausible");
+    assert_eq!(
+        applied.full_id,
+        Some(f.id),
+        "a base inside the full's range is plausible"
+    );
     assert!(applied.unverified.contains(&UNVERIFIED_DIFFERENTIAL_BASE));
     d.differential_base_lsn = Some(Lsn(99));
     assert_eq!(

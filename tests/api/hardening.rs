@@ -573,6 +573,26 @@ async fn restore_targets_are_safe_by_rule(pool: PgPool) {
 
     let over = restore(json!({"target_database": "hr", "overwrite": true})).await;
     assert_eq!(over.status, StatusCode::ACCEPTED, "{}", over.body);
+    assert_eq!(
+        over.body["payload"]["replace"], true,
+        "not the item's own database"
+    );
+    // The overwritten database's chain restarts once the restore has run.
+    for job in claim(&p.app, &p.agent, 10).await {
+        let target = job["payload"]["target_database"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let res = p
+            .app
+            .post(
+                &format!("/v1/agent/jobs/{}/complete", job["job_id"].as_str().unwrap()),
+                &p.agent,
+                json!({"lease": job["lease"], "result": {"kind": "restore", "restored_database": target}}),
+            )
+            .await;
+        assert_eq!(res.status, StatusCode::OK, "{}", res.body);
+    }
     let needs_full: Vec<(String, bool)> =
         sqlx::query_as("select i.protected_name, i.needs_full from protected_items i order by 1")
             .fetch_all(&pool)

@@ -4,6 +4,7 @@
 mod agent_trust;
 mod agents;
 mod auth;
+mod chain;
 mod hardening;
 mod health;
 mod helpers;

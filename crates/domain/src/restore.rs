@@ -65,6 +65,10 @@ pub struct RestoreJobPayload {
     pub replace: bool,
     pub restores_to: DateTime<Utc>,
     pub steps: Vec<RestoreStep>,
+    /// The protected items whose database this restore overwrites: each becomes a new
+    /// recovery fork when the restore completes.
+    #[serde(default)]
+    pub overwritten_items: Vec<Uuid>,
 }
 
 /// Databases SQL Server needs to run; restoring over one takes the instance down or is

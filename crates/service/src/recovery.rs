@@ -302,23 +302,19 @@ pub(crate) async fn record_points(tx: &mut PgConnection, reports: &[BackupReport
     Ok(())
 }
 
-/// Restore jobs among `done` that overwrote their item's database after backing up its
-/// tail: that item's chain restarts now (a new recovery fork), its tail-log backup
-/// recorded first.
+/// Restore jobs among `done` that overwrote protected databases: their chains restart
+/// now (a new recovery fork), after any tail-log backup was recorded.
 pub(crate) async fn restores_completed(tx: &mut PgConnection, done: &[Uuid]) -> Result<()> {
     if done.is_empty() {
         return Ok(());
     }
     let mut items = Vec::new();
-    for (_, kind, job_items, payload) in queue::jobs_content(&mut *tx, done).await? {
+    for (_, kind, _, payload) in queue::jobs_content(&mut *tx, done).await? {
         if kind != JobKind::Restore.as_str() {
             continue;
         }
-        let Ok(payload) = serde_json::from_value::<RestoreJobPayload>(payload.0) else {
-            continue;
-        };
-        if payload.overwrite && payload.tail_log_backup {
-            items.extend(crate::jobs::protected_items_of(&job_items.0));
+        if let Ok(payload) = serde_json::from_value::<RestoreJobPayload>(payload.0) {
+            items.extend(payload.overwritten_items);
         }
     }
     if !items.is_empty() {
@@ -838,23 +834,18 @@ impl Service {
             None => tail_possible,
         };
         // Overwriting a protected database starts a new recovery fork there: its chain
-        // restarts with a full. The item whose tail is backed up restarts once that
-        // backup is recorded, at the restore's completion.
-        let restarted: Vec<Uuid> = overwritten
-            .iter()
-            .filter(|d| !(tail_log_backup && d.id == item.database_id))
-            .map(|d| d.id)
-            .collect();
-        if !restarted.is_empty() {
-            let items: Vec<Uuid> =
-                backvault_store::protection::items_for_databases(&mut *tx, &restarted)
-                    .await?
-                    .into_iter()
-                    .map(|(_, item, _, _)| item)
-                    .collect();
-            let chains = vec![chain::overwritten(); items.len()];
-            store::chains_set(&mut *tx, &items, &chains).await?;
-        }
+        // restarts with a full once the restore completes (a restore that never ran
+        // overwrote nothing).
+        let overwritten_ids: Vec<Uuid> = overwritten.iter().map(|d| d.id).collect();
+        let overwritten_items: Vec<Uuid> = if overwritten_ids.is_empty() {
+            Vec::new()
+        } else {
+            backvault_store::protection::items_for_databases(&mut *tx, &overwritten_ids)
+                .await?
+                .into_iter()
+                .map(|(_, item, _, _)| item)
+                .collect()
+        };
         let payload = serde_json::to_value(RestoreJobPayload {
             target_database: database.clone(),
             target_instance: instance.clone(),
@@ -863,6 +854,7 @@ impl Service {
             replace: !overwritten.is_empty() && !tail_log_backup,
             restores_to: plan.restores_to,
             steps: plan.steps,
+            overwritten_items,
         })
         .map_err(Error::internal)?;
         let items = [JobItem {

@@ -16,10 +16,10 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
-use crate::chain::ChainStore;
 use crate::client::Client;
 use crate::config::InventorySource;
 use crate::running::{Running, Stop};
+use crate::store::Store;
 use crate::worker::{self, BackupClock, Failure, Outcome};
 
 pub struct Settings {
@@ -62,7 +62,7 @@ impl Shutdown {
 pub struct Agent {
     client: Client,
     inventory: InventorySource,
-    chains: ChainStore,
+    store: Store,
     running: Arc<Running>,
     settings: Settings,
 }
@@ -80,13 +80,13 @@ impl Agent {
     pub fn new(
         client: Client,
         inventory: InventorySource,
-        chains: ChainStore,
+        store: Store,
         settings: Settings,
     ) -> Self {
         Self {
             client,
             inventory,
-            chains,
+            store,
             running: Arc::default(),
             settings,
         }
@@ -267,9 +267,10 @@ impl Agent {
                 .set_progress(job.job_id, serde_json::json!({ "percent": percent }));
         };
         let outcome = tokio::select! {
-            outcome = worker::execute(&job, &self.inventory, &self.chains, self.settings.backup_clock, progress) => outcome,
+            outcome = worker::execute(&job, &self.inventory, &self.store, self.settings.backup_clock, progress) => outcome,
             why = registration.stopped() => match why {
                 Stop::Lost => {
+                    // Backups it took stay taken; a retry of the job reports them.
                     tracing::warn!("lease lost: abandoning the job");
                     return;
                 }
@@ -313,12 +314,8 @@ impl Agent {
     }
 
     async fn report(&self, job: &ClaimedJob, outcome: Outcome) {
-        let (result, warnings, chain) = match outcome {
-            Outcome::Complete {
-                result,
-                warnings,
-                chain,
-            } => (result, warnings, chain),
+        let (result, warnings) = match outcome {
+            Outcome::Complete { result, warnings } => (result, warnings),
             Outcome::Fail(failure) => return self.report_failure(job, failure).await,
         };
         let body = CompleteJob {
@@ -327,16 +324,13 @@ impl Agent {
             warnings,
         };
         match self.client.complete(job.job_id, &body).await {
-            Ok(status) => {
-                if let Err(e) = self.chains.commit(chain).await {
-                    // The server has the backups already; losing the file only costs a new
-                    // full backup after a restart, so it is not worth failing anything for.
-                    tracing::error!(error = format!("{e:#}"), "cannot save the chain state");
-                }
-                tracing::info!(%status, "job completed");
-            }
+            Ok(status) => tracing::info!(%status, "job completed"),
             Err(e) if e.is_lease_lost() => {
-                tracing::warn!("lease lost before the result was accepted: dropping it");
+                // SQL Server cannot undo a backup, so neither does the simulation: the job's
+                // next attempt finds its backups in the history and reports them.
+                tracing::warn!(
+                    "lease lost before the result was accepted: a retry of the job reports it again"
+                );
             }
             Err(e) => {
                 tracing::error!(error = %e, "the server refused the job's result");

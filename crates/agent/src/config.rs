@@ -8,12 +8,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail, ensure};
+#[cfg(test)]
+use backvault_domain::agent::RecoveryModel;
 use backvault_domain::agent::{
-    AvailabilityGroup, RecoveryModel, SqlDatabase, SqlInstance, SqlInventory, VmFacts,
+    AvailabilityGroup, RecoveryPointType, SqlDatabase, SqlInstance, SqlInventory, VmFacts,
 };
 use serde::Deserialize;
 
-use crate::chain::DbKey;
+use crate::sim::Activity;
+use crate::store::DbKey;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,9 +31,87 @@ pub struct InventoryFile {
     #[serde(default)]
     pub availability_groups: Vec<AvailabilityGroup>,
     #[serde(default)]
-    pub databases: Vec<SqlDatabase>,
+    pub databases: Vec<DatabaseEntry>,
     #[serde(default)]
     pub faults: Faults,
+}
+
+/// `[[databases]]`: what discovery reports, and how the simulated database behaves.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "serde_json::Map<String, serde_json::Value>")]
+pub struct DatabaseEntry {
+    pub sql: SqlDatabase,
+    pub sim: Simulation,
+}
+
+/// A database's behaviour beyond what discovery reports. All off by default.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Simulation {
+    /// Transactions are always open: a data backup's `first_lsn` (the oldest active
+    /// transaction) lies below its `checkpoint_lsn`, and the log moves between backups.
+    pub busy: bool,
+    /// Minimally logged operations (bulk imports, index rebuilds) run: in the bulk-logged
+    /// model, log backups then hold bulk-logged changes.
+    pub bulk_operations: bool,
+    /// Report LSNs in SQL Server's textual form (`0000002a:00000010:0001`).
+    pub textual_lsns: bool,
+    /// Backups another tool takes, each once (by `id`), before the next job on this
+    /// database: they move the database like backvault's but are never reported.
+    pub external_backups: Vec<ExternalBackup>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalBackup {
+    pub id: String,
+    /// `full`, `copy_only_full`, `differential` or `log`.
+    #[serde(rename = "type")]
+    pub kind: RecoveryPointType,
+}
+
+/// The keys of [`Simulation`]; the rest of a `[[databases]]` table is discovery's.
+const SIMULATION_KEYS: [&str; 4] = [
+    "busy",
+    "bulk_operations",
+    "textual_lsns",
+    "external_backups",
+];
+
+// Not `#[serde(flatten)]`: it would make misspelt fields pass unnoticed, and the fields of
+// `SqlDatabase` belong to the domain crate.
+impl TryFrom<serde_json::Map<String, serde_json::Value>> for DatabaseEntry {
+    type Error = serde_json::Error;
+
+    fn try_from(mut map: serde_json::Map<String, serde_json::Value>) -> Result<Self, Self::Error> {
+        use serde::de::Error;
+        let mut sim = serde_json::Map::new();
+        for key in SIMULATION_KEYS {
+            if let Some(value) = map.remove(key) {
+                sim.insert(key.to_owned(), value);
+            }
+        }
+        let sim: Simulation = serde_json::from_value(serde_json::Value::Object(sim))?;
+        let given: Vec<String> = map.keys().cloned().collect();
+        let sql: SqlDatabase = serde_json::from_value(serde_json::Value::Object(map))?;
+        let known = serde_json::to_value(&sql)?;
+        if let Some(unknown) = given.iter().find(|key| known.get(key.as_str()).is_none()) {
+            return Err(Error::custom(format!(
+                "unknown field `{unknown}` of database {}",
+                sql.name
+            )));
+        }
+        Ok(Self { sql, sim })
+    }
+}
+
+impl DatabaseEntry {
+    pub fn activity(&self) -> Activity {
+        Activity {
+            busy: self.sim.busy,
+            bulk_operations: self.sim.bulk_operations,
+        }
+    }
 }
 
 /// `[vm]`: the VM's facts, and perhaps `sysadmin`.
@@ -154,7 +235,7 @@ impl InventoryFile {
                 })
                 .collect(),
             availability_groups: self.availability_groups.clone(),
-            databases: self.databases.clone(),
+            databases: self.databases.iter().map(|d| d.sql.clone()).collect(),
         }
     }
 
@@ -167,19 +248,20 @@ impl InventoryFile {
 
     /// The database a job names, resolved as SQL Server would under the instance's
     /// collation.
-    pub fn database(&self, instance: &str, name: &str) -> Option<&SqlDatabase> {
+    pub fn database(&self, instance: &str, name: &str) -> Option<&DatabaseEntry> {
         let instance = self.instance(instance)?;
         self.databases.iter().find(|d| {
-            d.instance.eq_ignore_ascii_case(&instance.name) && instance.same_database(&d.name, name)
+            d.sql.instance.eq_ignore_ascii_case(&instance.name)
+                && instance.same_database(&d.sql.name, name)
         })
     }
 
-    /// Where `db`'s LSN chains are kept: one key however jobs spell the name.
-    pub fn chain_key(&self, db: &SqlDatabase) -> DbKey {
-        let case_sensitive = self
-            .instance(&db.instance)
-            .is_some_and(|i| i.case_sensitive);
-        DbKey::new(&db.instance, &fold(&db.name, case_sensitive))
+    /// Where the simulated database a job names is kept: one key however jobs spell the
+    /// name, whether or not the file lists it (a restore may create it; a backup may have
+    /// been taken before it was dropped).
+    pub fn db_key(&self, instance: &str, name: &str) -> DbKey {
+        let case_sensitive = self.instance(instance).is_some_and(|i| i.case_sensitive);
+        DbKey::new(instance, &fold(name, case_sensitive))
     }
 
     /// Catches mistakes in hand-written files here rather than as odd server behaviour.
@@ -199,7 +281,8 @@ impl InventoryFile {
                 bail!("instance {} is listed twice", instance.name);
             }
         }
-        for (i, db) in self.databases.iter().enumerate() {
+        for (i, entry) in self.databases.iter().enumerate() {
+            let db = &entry.sql;
             let Some(instance) = self.instance(&db.instance) else {
                 bail!(
                     "database {} is on instance {}, which is not in `instances`",
@@ -222,10 +305,25 @@ impl InventoryFile {
                 );
             }
             if self.databases[..i].iter().any(|other| {
-                other.instance.eq_ignore_ascii_case(&db.instance)
-                    && instance.same_database(&other.name, &db.name)
+                other.sql.instance.eq_ignore_ascii_case(&db.instance)
+                    && instance.same_database(&other.sql.name, &db.name)
             }) {
                 bail!("database {}/{} is listed twice", db.instance, db.name);
+            }
+            for (j, external) in entry.sim.external_backups.iter().enumerate() {
+                ensure!(
+                    !external.id.is_empty(),
+                    "database {} has an external backup without an id",
+                    db.name
+                );
+                ensure!(
+                    entry.sim.external_backups[..j]
+                        .iter()
+                        .all(|other| other.id != external.id),
+                    "database {} lists external backup {} twice",
+                    db.name,
+                    external.id
+                );
             }
         }
         Ok(self)
@@ -233,6 +331,7 @@ impl InventoryFile {
 }
 
 /// Whether log backups are possible: only the simple recovery model truncates the log.
+#[cfg(test)]
 pub fn supports_log_backup(db: &SqlDatabase) -> bool {
     db.recovery_model != RecoveryModel::Simple
 }
@@ -341,20 +440,35 @@ crash_after_claim = true
             BackupPreference::Secondary
         );
         assert_eq!(file.databases.len(), 2);
-        assert_eq!(file.databases[0].availability_group.as_deref(), Some("ag1"));
-        assert!(file.databases[1].system && !file.databases[1].read_only);
+        assert_eq!(
+            file.databases[0].sql.availability_group.as_deref(),
+            Some("ag1")
+        );
+        assert!(file.databases[1].sql.system && !file.databases[1].sql.read_only);
+        assert_eq!(
+            file.databases[1].sim,
+            Simulation::default(),
+            "knobs are off by default"
+        );
         assert_eq!(file.faults.failure_rate, 0.25);
         assert_eq!(file.faults.backup_millis, 200, "unset faults keep defaults");
         assert!(file.faults.crash_after_claim);
         assert_eq!(
-            file.database("MSSQLSERVER", "SALES").map(|d| d.size_bytes),
+            file.database("MSSQLSERVER", "SALES")
+                .map(|d| d.sql.size_bytes),
             Some(1 << 30)
         );
         assert!(!supports_log_backup(
-            file.database("MSSQLSERVER", "scratch").unwrap()
+            &file.database("MSSQLSERVER", "scratch").unwrap().sql
         ));
         let inventory = file.sql_inventory();
-        assert_eq!(inventory.databases, file.databases);
+        assert_eq!(
+            inventory.databases,
+            file.databases
+                .iter()
+                .map(|d| d.sql.clone())
+                .collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -378,7 +492,10 @@ crash_after_claim = true
         assert!(file.facts().other_backup_product);
         assert!(file.sysadmin(), "sysadmin defaults to true");
         assert!(file.availability_groups.is_empty());
-        assert_eq!(file.databases[0].recovery_model, RecoveryModel::BulkLogged);
+        assert_eq!(
+            file.databases[0].sql.recovery_model,
+            RecoveryModel::BulkLogged
+        );
         assert_eq!(file.faults.backup_millis, 0);
         assert_eq!(file.faults.failure_rate, 0.0);
     }
@@ -439,13 +556,13 @@ crash_after_claim = true
             )
             .replace("name = \"scratch\"", "name = \"Sales\"");
         let file = InventoryFile::from_toml(&toml).unwrap();
-        let exact = |name: &str| file.database("mssqlserver", name).map(|d| d.size_bytes);
+        let exact = |name: &str| file.database("mssqlserver", name).map(|d| d.sql.size_bytes);
         assert_eq!(exact("sales"), Some(1 << 30));
         assert_eq!(exact("Sales"), Some(1024));
         assert_eq!(exact("SALES"), None, "names resolve exactly");
         assert_ne!(
-            file.chain_key(&file.databases[0]),
-            file.chain_key(&file.databases[1])
+            file.db_key("MSSQLSERVER", "sales"),
+            file.db_key("MSSQLSERVER", "Sales")
         );
 
         let twice = toml.replace("name = \"Sales\"", "name = \"sales\"");
@@ -455,8 +572,8 @@ crash_after_claim = true
         let file = InventoryFile::from_toml(TOML).unwrap();
         assert!(!file.instances[0].case_sensitive, "SQL Server's default");
         assert_eq!(
-            file.chain_key(file.database("MSSQLSERVER", "SALES").unwrap()),
-            file.chain_key(file.database("mssqlserver", "sales").unwrap())
+            file.db_key("MSSQLSERVER", "SALES"),
+            file.db_key("mssqlserver", "sales")
         );
     }
 
@@ -467,7 +584,60 @@ crash_after_claim = true
         assert!(file.sysadmin());
         assert_eq!(file.instances.len(), 2);
         assert!(file.databases.len() >= 6);
-        assert!(file.databases.iter().any(|d| !supports_log_backup(d)));
-        assert!(file.databases.iter().any(|d| d.name.contains('+')));
+        assert!(file.databases.iter().any(|d| !supports_log_backup(&d.sql)));
+        assert!(file.databases.iter().any(|d| d.sql.name.contains('+')));
+        assert!(file.databases.iter().any(|d| d.sim.busy));
+        assert!(file.databases.iter().any(|d| d.sim.bulk_operations
+            && d.sql.recovery_model == RecoveryModel::BulkLogged));
+    }
+
+    #[test]
+    fn simulation_knobs_parse_and_misspellings_do_not() {
+        let toml = TOML.replace(
+            "availability_group = \"ag1\"\n",
+            "availability_group = \"ag1\"\nbusy = true\nbulk_operations = true\ntextual_lsns = true\n\
+             external_backups = [{ id = \"x1\", type = \"full\" }, { id = \"x2\", type = \"log\" }]\n",
+        );
+        let file = InventoryFile::from_toml(&toml).unwrap();
+        let sales = file.database("MSSQLSERVER", "sales").unwrap();
+        assert!(sales.sim.busy && sales.sim.bulk_operations && sales.sim.textual_lsns);
+        assert_eq!(
+            sales.sim.external_backups,
+            [
+                ExternalBackup {
+                    id: "x1".into(),
+                    kind: RecoveryPointType::Full
+                },
+                ExternalBackup {
+                    id: "x2".into(),
+                    kind: RecoveryPointType::Log
+                },
+            ]
+        );
+        assert_eq!(sales.sql.availability_group.as_deref(), Some("ag1"));
+        assert!(!file.sql_inventory().databases.is_empty());
+
+        for (text, expected) in [
+            (toml.replace("busy = true", "bussy = true"), "bussy"),
+            (
+                toml.replace("system = true", "sytem = true"),
+                "unknown field `sytem`",
+            ),
+            (
+                TOML.replace(
+                    "size_bytes = 1024",
+                    "size_bytes = 1024\nrecovery = \"full\"",
+                ),
+                "unknown field `recovery`",
+            ),
+            (
+                toml.replace("type = \"log\"", "type = \"incremental\""),
+                "incremental",
+            ),
+            (toml.replace("\"x2\"", "\"x1\""), "twice"),
+        ] {
+            let err = format!("{:#}", InventoryFile::from_toml(&text).unwrap_err());
+            assert!(err.contains(expected), "{err:?} should mention {expected}");
+        }
     }
 }

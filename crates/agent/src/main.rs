@@ -3,10 +3,11 @@
 
 mod agent;
 mod backoff;
-mod chain;
 mod client;
 mod config;
 mod running;
+mod sim;
+mod store;
 mod worker;
 
 use std::io::IsTerminal;
@@ -19,9 +20,9 @@ use clap::{Parser, ValueEnum};
 use tokio::sync::watch;
 
 use crate::agent::{Agent, Settings, Shutdown};
-use crate::chain::ChainStore;
 use crate::client::{Client, TokenFile};
 use crate::config::InventorySource;
+use crate::store::Store;
 use crate::worker::BackupClock;
 
 #[derive(Parser)]
@@ -58,8 +59,9 @@ struct Cli {
     #[arg(long, env = "BACKVAULT_CLAIM_WAIT_SECONDS", default_value_t = 25,
           value_parser = clap::value_parser!(u32).range(0..=60))]
     claim_wait_seconds: u32,
-    /// Where the LSN chains are kept across restarts (JSON); without it, a restarted
-    /// agent needs a new full backup before differentials and logs.
+    /// Where the simulated databases (their LSNs, recovery forks and backup history) are
+    /// kept across restarts (JSON); without it, a restarted agent has databases that were
+    /// never backed up.
     #[arg(long, env = "BACKVAULT_STATE_FILE")]
     state_file: Option<PathBuf>,
     /// Format of the logs on stderr; their level comes from BACKVAULT_LOG (default info).
@@ -117,7 +119,7 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let inventory = InventorySource::open(cli.inventory)?;
-    let chains = ChainStore::open(cli.state_file)?;
+    let store = Store::open(cli.state_file)?;
     let facts = inventory.last_good().facts().clone();
     if cli.enrollment_token.is_none() && cli.token_file.is_none() {
         anyhow::bail!("give --enrollment-token, or a --token-file that holds an agent token");
@@ -131,7 +133,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         shutdown_grace: Duration::from_secs(cli.shutdown_grace_seconds),
         backup_clock: cli.backup_time,
     };
-    let agent = Arc::new(Agent::new(client, inventory, chains, settings));
+    let agent = Arc::new(Agent::new(client, inventory, store, settings));
     let (trigger, shutdown) = Shutdown::new();
     tokio::spawn(watch_signals(trigger));
     agent.run(shutdown).await

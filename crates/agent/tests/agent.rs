@@ -20,6 +20,7 @@ use backvault_domain::agent::protocol::{
 };
 use backvault_domain::agent::{JobItem, JobResult, RecoveryPointType};
 use backvault_domain::jobs::JobKind;
+use backvault_domain::lsn::Lsn;
 use chrono::Utc;
 use serde_json::json;
 use uuid::Uuid;
@@ -46,6 +47,10 @@ struct Fake {
     job_heartbeats: Vec<(Uuid, JobHeartbeat)>,
     completed: Vec<(Uuid, CompleteJob)>,
     failed: Vec<(Uuid, FailJob)>,
+    /// Jobs whose next completion is answered `lease_lost`, as after the lease expired.
+    lose_completion: HashSet<Uuid>,
+    /// Completions answered `lease_lost`.
+    refused: Vec<(Uuid, CompleteJob)>,
 }
 
 type Shared = Arc<Mutex<Fake>>;
@@ -189,6 +194,10 @@ async fn complete(
     }
     let delay = {
         let mut fake = fake.lock().unwrap();
+        if fake.lose_completion.remove(&job_id) {
+            fake.refused.push((job_id, body));
+            return problem(StatusCode::CONFLICT, "lease_lost");
+        }
         fake.completed.push((job_id, body));
         fake.completion_delay
     };
@@ -437,8 +446,21 @@ fn discovers_backs_up_survives_outages_and_revocation_then_stops_on_sigterm() {
         panic!("not a backup result");
     };
     assert!(harness.fake.lock().unwrap().enrollments >= 2);
-    assert_eq!(log[0].first_lsn, full[0].last_lsn);
-    assert_eq!(log[0].database_backup_lsn, full[0].first_lsn);
+    let lsn = |text: &str| Lsn::parse(text).unwrap();
+    assert!(
+        lsn(&log[0].first_lsn) <= lsn(&full[0].last_lsn),
+        "the first log holds the full's end"
+    );
+    assert_eq!(
+        Some(&log[0].database_backup_lsn),
+        full[0].checkpoint_lsn.as_ref(),
+        "the full's checkpoint"
+    );
+    assert_ne!(
+        full[0].checkpoint_lsn.as_ref(),
+        Some(&full[0].first_lsn),
+        "sales is busy"
+    );
 
     let simple = harness.push(job(
         JobKind::BackupLog,
@@ -456,6 +478,61 @@ fn discovers_backs_up_survives_outages_and_revocation_then_stops_on_sigterm() {
     agent.terminate();
     assert_eq!(agent.wait(Duration::from_secs(5)).code(), Some(0));
     assert!(asked.elapsed() < Duration::from_secs(3));
+}
+
+/// SQL Server cannot undo a backup: when the server refuses a completion because the lease
+/// expired, the job's next attempt, even by a restarted agent, reports the same backup.
+#[test]
+fn a_retry_reports_the_backup_whose_completion_was_refused() {
+    let harness = Harness::new(no_delay);
+    let mut agent = harness.start_agent();
+    let hr = [("MSSQLSERVER", "hr")];
+    let full = harness.push(job(JobKind::BackupFull, &hr, json!({})));
+    harness.completion(full);
+
+    let log = job(JobKind::BackupLog, &hr, json!({}));
+    let mut retry = log.clone();
+    (retry.attempt, retry.lease) = (2, 2);
+    harness
+        .fake
+        .lock()
+        .unwrap()
+        .lose_completion
+        .insert(log.job_id);
+    harness.push(log);
+    let refused = harness.wait_until("the refused completion", |f| {
+        f.refused.first().map(|(_, c)| c.clone())
+    });
+    agent.wait_for_log_line("the lease loss", |line| {
+        line.contains("lease lost before the result was accepted")
+    });
+    agent.terminate();
+    assert!(agent.wait(Duration::from_secs(10)).success());
+
+    let _restarted = harness.start_agent();
+    let id = harness.push(retry);
+    let reported = harness.completion(id);
+    assert_eq!(reported.lease, 2);
+    assert_eq!(
+        reported.result, refused.result,
+        "the same backup set, LSNs and times"
+    );
+    let JobResult::Backup { recovery_points } = reported.result else {
+        panic!("not a backup result");
+    };
+    assert!(recovery_points[0].backup_set_uuid.is_some());
+
+    let next = harness.push(job(JobKind::BackupLog, &hr, json!({})));
+    let JobResult::Backup {
+        recovery_points: next,
+    } = harness.completion(next).result
+    else {
+        panic!("not a backup result");
+    };
+    assert_eq!(
+        next[0].first_lsn, recovery_points[0].last_lsn,
+        "the chain goes on from it"
+    );
 }
 
 #[test]

@@ -785,7 +785,7 @@ pub enum JobResult {
         /// The tail-log backup the job took of the database it overwrote, when its
         /// payload asked for one: a log backup of the protected item like any other.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        tail_log_backup: Option<RecoveryPointReport>,
+        tail_log_backup: Option<Box<RecoveryPointReport>>,
     },
 }
 

@@ -233,7 +233,7 @@ pub(crate) fn complete_batcher(
                             ..
                         }) => Some(BackupReport {
                             job_id: c.job_id,
-                            points: vec![tail],
+                            points: vec![*tail],
                         }),
                         _ => None,
                     })

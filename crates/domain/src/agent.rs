@@ -45,6 +45,27 @@ pub enum RecoveryModel {
     Simple,
 }
 
+impl RecoveryModel {
+    pub const ALL: [RecoveryModel; 3] = [
+        RecoveryModel::Full,
+        RecoveryModel::BulkLogged,
+        RecoveryModel::Simple,
+    ];
+
+    /// As on the wire and in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecoveryModel::Full => "full",
+            RecoveryModel::BulkLogged => "bulk_logged",
+            RecoveryModel::Simple => "simple",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.as_str() == s)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SqlInstance {
     pub name: String,
@@ -115,6 +136,39 @@ pub enum RecoveryPointType {
     CopyOnlyFull,
     Differential,
     Log,
+}
+
+impl RecoveryPointType {
+    pub const ALL: [RecoveryPointType; 4] = [
+        RecoveryPointType::Full,
+        RecoveryPointType::CopyOnlyFull,
+        RecoveryPointType::Differential,
+        RecoveryPointType::Log,
+    ];
+
+    /// As on the wire and in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecoveryPointType::Full => "full",
+            RecoveryPointType::CopyOnlyFull => "copy_only_full",
+            RecoveryPointType::Differential => "differential",
+            RecoveryPointType::Log => "log",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// The retention a point of this type follows: a copy-only full is kept as a full.
+    pub fn retention_type(self) -> crate::retention::BackupType {
+        use crate::retention::BackupType;
+        match self {
+            RecoveryPointType::Full | RecoveryPointType::CopyOnlyFull => BackupType::Full,
+            RecoveryPointType::Differential => BackupType::Differential,
+            RecoveryPointType::Log => BackupType::Log,
+        }
+    }
 }
 
 /// One backup an agent took, as `msdb.dbo.backupset` describes it. LSNs come in SQL
@@ -668,7 +722,7 @@ impl JobResult {
                             format!(
                                 "a {} job reports points of type {}",
                                 job.kind.as_str(),
-                                point_type_str(expected)
+                                expected.as_str()
                             ),
                         );
                     }
@@ -757,15 +811,6 @@ impl JobResult {
             _ => {}
         }
         v.into_vec()
-    }
-}
-
-fn point_type_str(t: RecoveryPointType) -> &'static str {
-    match t {
-        RecoveryPointType::Full => "full",
-        RecoveryPointType::CopyOnlyFull => "copy_only_full",
-        RecoveryPointType::Differential => "differential",
-        RecoveryPointType::Log => "log",
     }
 }
 
@@ -957,6 +1002,18 @@ mod tests {
             recovery_fork_guid: None,
             fork_point_lsn: None,
             database_guid: None,
+        }
+    }
+
+    #[test]
+    fn enum_names_are_their_wire_names() {
+        for t in RecoveryPointType::ALL {
+            assert_eq!(serde_json::to_value(t).unwrap(), t.as_str());
+            assert_eq!(RecoveryPointType::parse(t.as_str()), Some(t));
+        }
+        for m in RecoveryModel::ALL {
+            assert_eq!(serde_json::to_value(m).unwrap(), m.as_str());
+            assert_eq!(RecoveryModel::parse(m.as_str()), Some(m));
         }
     }
 

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::agent::RecoveryPointType;
+use crate::agent::{RecoveryModel, RecoveryPointType};
 use crate::violation::{Violation, Violations};
 
 /// How a step of a restore sequence ends: `WITH NORECOVERY` leaves the database restoring,
@@ -143,6 +143,49 @@ pub fn check_restore_target(t: RestoreTargetFacts<'_>) -> Vec<Violation> {
     v.into_vec()
 }
 
+/// The database a restore overwrites, as the latest discovery saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct Overwritten {
+    /// It is the protected item's own database, where it lives.
+    pub own_database: bool,
+    pub recovery_model: RecoveryModel,
+}
+
+/// How a restore treats the database it overwrites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverwriteMode {
+    pub tail_log_backup: bool,
+    pub replace: bool,
+}
+
+/// Whether to back up the tail of the log of the database a restore overwrites, as asked
+/// (`tail_log_backup`) or by default: possible only for the item's own database in the
+/// full or bulk-logged model (SQL Server refuses the overwrite otherwise, Msg 3159, unless
+/// told to `REPLACE` and lose what was logged since the last log backup), and the
+/// default there.
+pub fn overwrite_mode(
+    overwritten: Option<Overwritten>,
+    tail_log_backup: Option<bool>,
+) -> Result<OverwriteMode, Violation> {
+    let possible =
+        overwritten.is_some_and(|o| o.own_database && o.recovery_model != RecoveryModel::Simple);
+    let tail_log_backup = match tail_log_backup {
+        Some(true) if !possible => {
+            return Err(Violation::new(
+                "/tail_log_backup",
+                "tail_log_backup_not_possible",
+                "a tail-log backup is taken only when overwriting the item's own database in the full or bulk-logged recovery model",
+            ));
+        }
+        Some(asked) => asked,
+        None => possible,
+    };
+    Ok(OverwriteMode {
+        tail_log_backup,
+        replace: overwritten.is_some() && !tail_log_backup,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,5 +252,43 @@ mod tests {
             target_codes("sales_copy", false, false),
             ["restore_target_instance_not_found"]
         );
+    }
+
+    #[test]
+    fn the_tail_of_the_items_own_database_is_backed_up_unless_told_otherwise() {
+        let own = |recovery_model| {
+            Some(Overwritten {
+                own_database: true,
+                recovery_model,
+            })
+        };
+        let mode = |tail, replace| OverwriteMode {
+            tail_log_backup: tail,
+            replace,
+        };
+        assert_eq!(
+            overwrite_mode(own(RecoveryModel::Full), None),
+            Ok(mode(true, false))
+        );
+        assert_eq!(
+            overwrite_mode(own(RecoveryModel::BulkLogged), Some(false)),
+            Ok(mode(false, true))
+        );
+        assert_eq!(
+            overwrite_mode(own(RecoveryModel::Simple), None),
+            Ok(mode(false, true))
+        );
+        let other = Some(Overwritten {
+            own_database: false,
+            recovery_model: RecoveryModel::Full,
+        });
+        assert_eq!(overwrite_mode(other, None), Ok(mode(false, true)));
+        assert_eq!(overwrite_mode(None, None), Ok(mode(false, false)));
+        for refused in [other, own(RecoveryModel::Simple), None] {
+            assert_eq!(
+                overwrite_mode(refused, Some(true)).unwrap_err().code,
+                "tail_log_backup_not_possible"
+            );
+        }
     }
 }

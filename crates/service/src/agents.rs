@@ -209,13 +209,14 @@ pub(crate) fn complete_batcher(
                     .filter(|c| !rejected.contains_key(&c.job_id))
                     .collect();
                 let done = store::queue_complete(&mut tx, &accepted).await?;
-                let restores: Vec<Uuid> = completions
+                // The restores done, with the payloads the completion already read.
+                let restores: Vec<&serde_json::Value> = completions
                     .iter()
                     .zip(&results)
                     .filter(|(c, r)| {
                         matches!(r, Some(JobResult::Restore { .. })) && done.contains(&c.job_id)
                     })
-                    .map(|(c, _)| c.job_id)
+                    .filter_map(|(c, _)| held.get(&c.job_id).map(|j| &j.payload.0))
                     .collect();
                 // Recovery points are recorded in the completion's own transaction.
                 let reports: Vec<BackupReport> = completions

@@ -552,11 +552,7 @@ impl Service {
                 (None, None) => Uuid::now_v7(),
             };
             present.push(id);
-            let model = match db.recovery_model {
-                backvault_domain::agent::RecoveryModel::Full => "full",
-                backvault_domain::agent::RecoveryModel::BulkLogged => "bulk_logged",
-                backvault_domain::agent::RecoveryModel::Simple => "simple",
-            };
+            let model = db.recovery_model.as_str();
             if let Some(before) = existing.iter().find(|e| e.id == id)
                 && before.recovery_model != model
             {

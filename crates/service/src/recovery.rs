@@ -14,9 +14,9 @@ use backvault_domain::lsn::Lsn;
 use backvault_domain::policy::{Policy, PolicySpec};
 use backvault_domain::preview::{rpo_breached, rpo_deadline};
 use backvault_domain::restore::{
-    RestoreJobPayload, RestoreStep, RestoreTargetFacts, check_restore_target,
+    Overwritten, RestoreJobPayload, RestoreStep, RestoreTargetFacts, check_restore_target,
+    overwrite_mode,
 };
-use backvault_domain::retention::BackupType;
 use backvault_domain::text::check_instant;
 use backvault_store::inventory::DatabaseRow;
 use backvault_store::jobs as queue;
@@ -62,39 +62,11 @@ fn fixed_expiry(backup_time: DateTime<Utc>, days: u64) -> Result<DateTime<Utc>> 
 }
 
 fn point_type(s: &str) -> Result<RecoveryPointType> {
-    match s {
-        "full" => Ok(RecoveryPointType::Full),
-        "copy_only_full" => Ok(RecoveryPointType::CopyOnlyFull),
-        "differential" => Ok(RecoveryPointType::Differential),
-        "log" => Ok(RecoveryPointType::Log),
-        other => Err(data_error(format!("a recovery point of type {other:?}"))),
-    }
-}
-
-fn type_str(t: RecoveryPointType) -> &'static str {
-    match t {
-        RecoveryPointType::Full => "full",
-        RecoveryPointType::CopyOnlyFull => "copy_only_full",
-        RecoveryPointType::Differential => "differential",
-        RecoveryPointType::Log => "log",
-    }
-}
-
-fn model_str(m: RecoveryModel) -> &'static str {
-    match m {
-        RecoveryModel::Full => "full",
-        RecoveryModel::BulkLogged => "bulk_logged",
-        RecoveryModel::Simple => "simple",
-    }
+    RecoveryPointType::parse(s).ok_or_else(|| data_error(format!("a recovery point of type {s:?}")))
 }
 
 pub(crate) fn model_of(s: &str) -> Result<RecoveryModel> {
-    match s {
-        "full" => Ok(RecoveryModel::Full),
-        "bulk_logged" => Ok(RecoveryModel::BulkLogged),
-        "simple" => Ok(RecoveryModel::Simple),
-        other => Err(data_error(format!("a recovery model {other:?}"))),
-    }
+    RecoveryModel::parse(s).ok_or_else(|| data_error(format!("a recovery model {s:?}")))
 }
 
 /// The database holds a value its constraints should have kept out.
@@ -236,26 +208,19 @@ pub(crate) async fn record_points(tx: &mut PgConnection, reports: &[BackupReport
                     (Some(fixed_expiry(p.backup_time, days)?), true)
                 }
                 (_, _, None) => (None, false),
-                (t, _, Some(policy)) => {
-                    let kind = match t {
-                        RecoveryPointType::Full | RecoveryPointType::CopyOnlyFull => {
-                            BackupType::Full
-                        }
-                        RecoveryPointType::Differential => BackupType::Differential,
-                        RecoveryPointType::Log => BackupType::Log,
-                    };
-                    (
-                        policy.expiry(kind, p.backup_time).map(|e| e.expires_at),
-                        false,
-                    )
-                }
+                (t, _, Some(policy)) => (
+                    policy
+                        .expiry(t.retention_type(), p.backup_time)
+                        .map(|e| e.expires_at),
+                    false,
+                ),
             };
             let optional = |raw: &Option<String>| raw.as_deref().and_then(Lsn::parse);
             points.push(NewPoint {
                 id,
                 protected_item_id: item,
                 job_id: report.job_id,
-                backup_type: type_str(p.backup_type),
+                backup_type: p.backup_type.as_str(),
                 started_at: p.started_at,
                 backup_time: p.backup_time,
                 log_from,
@@ -268,7 +233,7 @@ pub(crate) async fn record_points(tx: &mut PgConnection, reports: &[BackupReport
                 backup_set_uuid: p.backup_set_uuid,
                 begins_log_chain: p.begins_log_chain,
                 has_bulk_logged_data: point.has_bulk_logged_data,
-                recovery_model: p.recovery_model.map(model_str),
+                recovery_model: p.recovery_model.map(RecoveryModel::as_str),
                 recovery_fork_guid: p.recovery_fork_guid,
                 fork_point_lsn: optional(&p.fork_point_lsn),
                 database_guid: p.database_guid,
@@ -302,21 +267,17 @@ pub(crate) async fn record_points(tx: &mut PgConnection, reports: &[BackupReport
     Ok(())
 }
 
-/// Restore jobs among `done` that overwrote protected databases: their chains restart
-/// now (a new recovery fork), after any tail-log backup was recorded.
-pub(crate) async fn restores_completed(tx: &mut PgConnection, done: &[Uuid]) -> Result<()> {
-    if done.is_empty() {
-        return Ok(());
-    }
-    let mut items = Vec::new();
-    for (_, kind, _, payload) in queue::jobs_content(&mut *tx, done).await? {
-        if kind != JobKind::Restore.as_str() {
-            continue;
-        }
-        if let Ok(payload) = serde_json::from_value::<RestoreJobPayload>(payload.0) {
-            items.extend(payload.overwritten_items);
-        }
-    }
+/// Completed restores (their payloads) that overwrote protected databases: those items'
+/// chains restart now (a new recovery fork), after any tail-log backup was recorded.
+pub(crate) async fn restores_completed(
+    tx: &mut PgConnection,
+    payloads: &[&serde_json::Value],
+) -> Result<()> {
+    let items: Vec<Uuid> = payloads
+        .iter()
+        .filter_map(|p| RestoreJobPayload::deserialize(*p).ok())
+        .flat_map(|p| p.overwritten_items)
+        .collect();
     if !items.is_empty() {
         let chains = vec![chain::overwritten(); items.len()];
         store::chains_set(&mut *tx, &items, &chains).await?;
@@ -687,13 +648,7 @@ impl Service {
         let mut ids = Vec::new();
         let mut expiries = Vec::new();
         for (id, kind, at) in points {
-            let kind = match kind.as_str() {
-                "full" => BackupType::Full,
-                "differential" => BackupType::Differential,
-                "log" => BackupType::Log,
-                _ => continue,
-            };
-            if let Some(e) = policy.expiry(kind, at) {
+            if let Some(e) = policy.expiry(point_type(&kind)?.retention_type(), at) {
                 ids.push(id);
                 expiries.push(e.expires_at);
             }
@@ -815,24 +770,19 @@ impl Service {
             .copied()
             .filter(|d| req.overwrite && d.name.eq_ignore_ascii_case(&database))
             .collect();
-        // The item's own database, overwritten where it lives: its tail of the log can be
-        // backed up first (SQL Server refuses the overwrite otherwise, Msg 3159, unless told
-        // to REPLACE and lose it).
-        let source = overwritten.iter().find(|d| d.id == item.database_id);
-        let tail_possible = source.is_some_and(|d| d.recovery_model != "simple");
-        let tail_log_backup = match req.tail_log_backup {
-            Some(true) if !tail_possible => {
-                let mut v = backvault_domain::violation::Violations::default();
-                v.push(
-                    "/tail_log_backup",
-                    "tail_log_backup_not_possible",
-                    "a tail-log backup is taken only when overwriting the item's own database in the full or bulk-logged recovery model",
-                );
-                return Err(Error::validation(v.into_vec()));
-            }
-            Some(asked) => asked,
-            None => tail_possible,
-        };
+        let overwritten_database = overwritten
+            .iter()
+            .find(|d| d.id == item.database_id)
+            .or(overwritten.first())
+            .map(|d| -> Result<Overwritten> {
+                Ok(Overwritten {
+                    own_database: d.id == item.database_id,
+                    recovery_model: model_of(&d.recovery_model)?,
+                })
+            })
+            .transpose()?;
+        let mode = overwrite_mode(overwritten_database, req.tail_log_backup)
+            .map_err(|v| Error::validation(vec![v]))?;
         // Overwriting a protected database starts a new recovery fork there: its chain
         // restarts with a full once the restore completes (a restore that never ran
         // overwrote nothing).
@@ -850,8 +800,8 @@ impl Service {
             target_database: database.clone(),
             target_instance: instance.clone(),
             overwrite: req.overwrite,
-            tail_log_backup,
-            replace: !overwritten.is_empty() && !tail_log_backup,
+            tail_log_backup: mode.tail_log_backup,
+            replace: mode.replace,
             restores_to: plan.restores_to,
             steps: plan.steps,
             overwritten_items,

@@ -302,7 +302,7 @@ async fn restores_exclude_each_other_and_the_backups_of_their_database(pool: PgP
         vec![db("MSSQLSERVER", "sales"), db("MSSQLSERVER", "hr")],
     )
     .await;
-    sqlx::query("update protected_items set needs_full = false")
+    sqlx::query("update protected_items set chain = jsonb_set(chain, '{needs}', '\"nothing\"')")
         .execute(&pool)
         .await
         .unwrap();

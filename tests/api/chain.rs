@@ -506,3 +506,112 @@ async fn tempdb_is_never_protectable(pool: PgPool) {
         .await;
     assert_eq!(res.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", res.body);
 }
+
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn a_new_chain_needs_a_full_even_after_a_copy_only_one(pool: PgPool) {
+    let p = sales(pool.clone()).await;
+    let t = times();
+    let copy = point(
+        "copy_only_full",
+        t(0),
+        "100",
+        "110",
+        json!({"checkpoint_lsn": "105", "is_copy_only": true}),
+    );
+    assert_eq!(backup(&p, copy).await.status, StatusCode::OK);
+    let needs: bool = sqlx::query_scalar("select needs_full from protected_items")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(
+        needs,
+        "a copy-only full is no differential base: the next backup is a full"
+    );
+}
+
+/// Items protected before the chain state existed keep their base and log chain: the
+/// migration builds the state from the old columns.
+#[sqlx::test(migrations = false)]
+async fn items_protected_before_the_upgrade_keep_their_chain(pool: PgPool) {
+    const CHAIN_STATE: i64 = 20261130000003;
+    let run = |below: bool| {
+        let pool = pool.clone();
+        async move {
+            for m in backvault_store::MIGRATOR
+                .iter()
+                .filter(|m| (m.version < CHAIN_STATE) == below)
+            {
+                sqlx::raw_sql(m.sql.clone()).execute(&pool).await.unwrap();
+            }
+        }
+    };
+    run(true).await;
+    sqlx::raw_sql(
+        "insert into vaults (id, subscription_id, resource_group, name, region)
+             values ('00000000-0000-0000-0000-000000000001', 'sub-1', 'rg', 'v', 'westeurope');
+         insert into vms (id, subscription_id, resource_group, name, region, deployment_model)
+             values ('00000000-0000-0000-0000-000000000002', 'sub-1', 'rg', 'vm', 'westeurope', 'resource_manager');
+         insert into sql_instances (id, vm_id, name, version)
+             values ('00000000-0000-0000-0000-000000000003', '00000000-0000-0000-0000-000000000002', 'MSSQLSERVER', '2019');
+         insert into sql_databases (id, vm_id, instance_id, name, recovery_model, size_bytes)
+             values ('00000000-0000-0000-0000-000000000004', '00000000-0000-0000-0000-000000000002',
+                     '00000000-0000-0000-0000-000000000003', 'sales', 'full', 1),
+                    ('00000000-0000-0000-0000-000000000005', '00000000-0000-0000-0000-000000000002',
+                     '00000000-0000-0000-0000-000000000003', 'fresh', 'full', 1);
+         insert into protected_items (id, vault_id, database_id, state, protected_name, needs_full)
+             values ('00000000-0000-0000-0000-000000000006', '00000000-0000-0000-0000-000000000001',
+                     '00000000-0000-0000-0000-000000000004', 'stopped_retain', 'sales', false),
+                    ('00000000-0000-0000-0000-000000000007', '00000000-0000-0000-0000-000000000001',
+                     '00000000-0000-0000-0000-000000000005', 'stopped_retain', 'fresh', true);
+         insert into recovery_points (id, protected_item_id, backup_type, started_at, backup_time, first_lsn,
+                                      last_lsn, database_backup_lsn, size_bytes, chain_gap)
+             values ('00000000-0000-0000-0000-000000000008', '00000000-0000-0000-0000-000000000006', 'full',
+                     now(), now(), 100, 110, 0, 1, false),
+                    ('00000000-0000-0000-0000-000000000009', '00000000-0000-0000-0000-000000000006', 'log',
+                     now(), now(), 150, 200, 100, 1, true);
+         update protected_items set last_full_id = '00000000-0000-0000-0000-000000000008',
+                                    last_full_first_lsn = 100, last_log_lsn = 200
+             where id = '00000000-0000-0000-0000-000000000006';",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    run(false).await;
+
+    let rows: Vec<(String, Value, bool, bool)> = sqlx::query_as(
+        "select protected_name, chain, needs_full, needs_differential from protected_items order by 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let full_id = "00000000-0000-0000-0000-000000000008";
+    assert_eq!(
+        rows[0],
+        (
+            "fresh".to_owned(),
+            json!({"needs": "full", "log_anchored": false}),
+            true,
+            false
+        )
+    );
+    assert_eq!(
+        rows[1],
+        (
+            "sales".to_owned(),
+            json!({"base": {"point_id": full_id, "first_lsn": "100", "last_lsn": "110"},
+                   "log_end": "200", "log_anchored": true, "anchor": "110", "needs": "nothing"}),
+            false,
+            false
+        )
+    );
+    let state: backvault_domain::chain::ChainState =
+        serde_json::from_value(rows[1].1.clone()).unwrap();
+    assert_eq!(state.log_end, Some(backvault_domain::lsn::Lsn(200)));
+    let flagged: (bool, Option<String>) = sqlx::query_as(
+        "select chain_gap, chain_break from recovery_points where backup_type = 'log'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(flagged, (true, Some("log_chain_broken".to_owned())));
+}

@@ -466,7 +466,7 @@ async fn restore_targets_are_safe_by_rule(pool: PgPool) {
         )
         .await;
     assert_eq!(res.status, StatusCode::OK, "{}", res.body);
-    sqlx::query("update protected_items set needs_full = false")
+    sqlx::query("update protected_items set chain = jsonb_set(chain, '{needs}', '\"nothing\"')")
         .execute(&pool)
         .await
         .unwrap();

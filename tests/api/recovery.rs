@@ -100,7 +100,7 @@ pub(crate) fn weekly_dst_policy() -> Value {
 
 /// As if every protected database had its full already: the scheduler's other types run.
 async fn with_fulls_taken(pool: &PgPool) {
-    sqlx::query("update protected_items set needs_full = false")
+    sqlx::query("update protected_items set chain = jsonb_set(chain, '{needs}', '\"nothing\"')")
         .execute(pool)
         .await
         .unwrap();

@@ -427,11 +427,13 @@ fn merge(mut pieces: Vec<TimeRange>) -> Vec<TimeRange> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Needs {
-    #[default]
     Nothing,
     /// A differential (or a full) before the next log: the log chain broke while the
     /// differential base is intact.
     Differential,
+    /// No usable full: a new chain (nothing recorded yet), or one broken beyond a
+    /// differential's reach.
+    #[default]
     Full,
 }
 

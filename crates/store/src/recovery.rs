@@ -91,10 +91,10 @@ pub async fn points_insert(conn: &mut PgConnection, points: &[NewPoint]) -> sqlx
                                       first_lsn, last_lsn, database_backup_lsn, checkpoint_lsn, differential_base_lsn,
                                       differential_base_guid, backup_set_uuid, begins_log_chain, has_bulk_logged_data,
                                       recovery_model, recovery_fork_guid, fork_point_lsn, database_guid, size_bytes,
-                                      full_id, expires_at, fixed_retention, chain_gap, chain_break, unverified)
+                                      full_id, expires_at, fixed_retention, chain_break, unverified)
          select id, item, job, kind, started, at, log_from, first::numeric, last::numeric, base::numeric,
                 checkpoint::numeric, diff_base::numeric, diff_guid, backup_set, begins, bulk, model, fork,
-                fork_point::numeric, db_guid, size, full_id, expires, fixed, chain_break is not null, chain_break,
+                fork_point::numeric, db_guid, size, full_id, expires, fixed, chain_break,
                 string_to_array(unverified, ',')
          from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::timestamptz[], $6::timestamptz[],
                      $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::uuid[],
@@ -153,8 +153,6 @@ pub async fn chain_update(conn: &mut PgConnection, updates: &[ChainUpdate]) -> s
     sqlx::query(
         "update protected_items p set
              chain = u.chain,
-             needs_full = u.chain ->> 'needs' = 'full',
-             needs_differential = u.chain ->> 'needs' = 'differential',
              last_full_id = coalesce(u.full_id, p.last_full_id),
              last_full_at = greatest(u.full_at, p.last_full_at),
              last_differential_at = greatest(u.diff_at, p.last_differential_at),
@@ -197,10 +195,7 @@ pub async fn chains_set(
     chains: &[ChainState],
 ) -> sqlx::Result<()> {
     sqlx::query(
-        "update protected_items p set chain = u.chain,
-             needs_full = u.chain ->> 'needs' = 'full',
-             needs_differential = u.chain ->> 'needs' = 'differential',
-             updated_at = now()
+        "update protected_items p set chain = u.chain, updated_at = now()
          from unnest($1::uuid[], $2::jsonb[]) as u(id, chain) where p.id = u.id",
     )
     .bind(item_ids)
@@ -234,9 +229,7 @@ pub async fn fulls_extend_chain(
 /// The next backup of these items must be a full (an agent found their chain broken).
 pub async fn needs_full_set(db: impl PgExecutor<'_>, item_ids: &[Uuid]) -> sqlx::Result<()> {
     sqlx::query(
-        "update protected_items set needs_full = true, needs_differential = false,
-             chain = jsonb_set(chain, '{needs}', '\"full\"')
-         where id = any($1)",
+        "update protected_items set chain = jsonb_set(chain, '{needs}', '\"full\"') where id = any($1)",
     )
     .bind(item_ids)
     .execute(db)

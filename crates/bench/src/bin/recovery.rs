@@ -614,10 +614,10 @@ async fn tick_fixture(ctx: &Ctx, items: u64, vms: u64) -> anyhow::Result<TickFix
     .await?;
     sqlx::query(
         "insert into protected_items (id, vault_id, database_id, policy_id, state, protected_name,
-                                      needs_full, last_full_id, chain, last_full_at, last_log_at)
+                                      last_full_id, chain, last_full_at, last_log_at)
          select pg_temp.seq_uuid(4, s), $3, pg_temp.seq_uuid(3, s), $4, 'protected',
                 'db' || lpad(s::text, 7, '0'),
-                false, pg_temp.seq_uuid(5, s),
+                pg_temp.seq_uuid(5, s),
                 jsonb_build_object('base', jsonb_build_object('point_id', pg_temp.seq_uuid(5, s), 'checkpoint_lsn', '1000',
                                                               'first_lsn', '1000', 'last_lsn', '1000', 'guid', null),
                                    'log_end', '1100', 'log_anchored', true, 'anchor', '1000', 'fork', null,
@@ -1716,8 +1716,8 @@ async fn sweep_fixture(args: &SweepArgs, db: &Scratch) -> anyhow::Result<i64> {
     .execute(&mut *tx)
     .await?;
     sqlx::query(
-        "insert into protected_items (id, vault_id, database_id, policy_id, state, protected_name, needs_full)
-         select pg_temp.seq_uuid(4, s), $2, pg_temp.seq_uuid(3, s), $3, 'protected', 'db' || s, false
+        "insert into protected_items (id, vault_id, database_id, policy_id, state, protected_name, chain)
+         select pg_temp.seq_uuid(4, s), $2, pg_temp.seq_uuid(3, s), $3, 'protected', 'db' || s, '{\"needs\": \"nothing\"}'
          from generate_series(-$4::int8, $1::int8 - 1) s",
     )
     .bind(items)

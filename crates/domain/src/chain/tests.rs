@@ -555,7 +555,11 @@ fn a_copy_only_full_starts_a_log_sequence_but_is_no_base() {
     assert_eq!(chain.plan_to(t(10)).unwrap().steps.len(), 2);
     let applied = apply(ChainState::default(), &c, true);
     assert_eq!(applied.state.base, None);
-    assert_eq!(applied.state.needs, Needs::Nothing);
+    assert_eq!(
+        applied.state.needs,
+        Needs::Full,
+        "a new chain whose first backup is copy-only still has no differential base"
+    );
 }
 
 #[test]

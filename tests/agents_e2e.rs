@@ -333,6 +333,7 @@ async fn the_seed_flow_from_start_discovery_to_auto_protection() {
 struct ProtectedVm {
     api: Api,
     vault: String,
+    vm: String,
     /// Protected item id by database name.
     items: std::collections::HashMap<String, String>,
     dir: std::path::PathBuf,
@@ -353,13 +354,25 @@ async fn protected_vm(
     databases: &[&str],
     agent_args: &[&str],
 ) -> ProtectedVm {
+    let inventory = inventory_toml("sqlvm-01", "4.8", true, databases, 10);
+    protected_vm_with(db, tag, spec, &inventory, agent_args).await
+}
+
+/// As [`protected_vm`], with the agent's inventory file as given (`dir/vm.toml`).
+async fn protected_vm_with(
+    db: &TestDb,
+    tag: &str,
+    spec: Value,
+    inventory: &str,
+    agent_args: &[&str],
+) -> ProtectedVm {
     let server = Server::start(db, &["--dev"], &[("BACKVAULT_SCHEDULER_INTERVAL", "1h")]);
     let api = Api::new(&server.base, server.token.as_deref().unwrap());
     let enrollment = api.enrollment_token("sub-1").await;
     let dir = std::env::temp_dir().join(format!("backvault-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let inv = dir.join("vm.toml");
-    std::fs::write(&inv, inventory_toml("sqlvm-01", "4.8", true, databases, 10)).unwrap();
+    std::fs::write(&inv, inventory).unwrap();
     let agent = AgentProcess::start_with(&server.base, &enrollment, &inv, agent_args);
     let vm = wait_for_vms(&api, 1).await[0]["id"]
         .as_str()
@@ -413,6 +426,7 @@ async fn protected_vm(
     ProtectedVm {
         api,
         vault,
+        vm,
         items,
         dir,
         _agent: agent,
@@ -715,4 +729,250 @@ async fn names_differing_only_by_case_are_flagged_end_to_end() {
     assert_eq!(refused["errors"][0]["code"], "database_name_case_collision");
     assert_eq!(refused["errors"].as_array().unwrap().len(), 1, "hr is fine");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `sales` on a busy database as the reference agent simulates SQL Server, with what the
+/// test says of its recovery model, bulk operations and another tool's backups.
+fn chain_inventory(model: &str, bulk: bool, external: &[(&str, &str)]) -> String {
+    let external: Vec<String> = external
+        .iter()
+        .map(|(id, kind)| format!("{{ id = \"{id}\", type = \"{kind}\" }}"))
+        .collect();
+    inventory_toml("sqlvm-01", "4.8", true, &[], 10)
+        + &format!(
+            "\n[[databases]]\ninstance = \"MSSQLSERVER\"\nname = \"sales\"\nrecovery_model = \"{model}\"\n\
+             size_bytes = 1048576\nbusy = true\ntextual_lsns = true\nbulk_operations = {bulk}\n\
+             external_backups = [{}]\n",
+            external.join(", ")
+        )
+}
+
+impl ProtectedVm {
+    fn sales(&self) -> String {
+        format!(
+            "/v1/vaults/{}/protected-items/{}",
+            self.vault, self.items["sales"]
+        )
+    }
+
+    /// Runs an on-demand backup of `sales` to its end.
+    async fn backup(&self, kind: &str) -> Value {
+        let body = match kind {
+            "full" => json!({"type": kind, "retention_days": 60}),
+            _ => json!({"type": kind}),
+        };
+        let (status, job) = self
+            .api
+            .post(&format!("{}/backup", self.sales()), body)
+            .await;
+        assert_eq!(status, 202, "{job}");
+        self.api.finished_job(job["id"].as_str().unwrap()).await
+    }
+
+    /// The inventory says `inventory` now, and the server has discovered it.
+    async fn rediscover(&self, inventory: String) {
+        std::fs::write(self.dir.join("vm.toml"), inventory).unwrap();
+        let (_, job) = self
+            .api
+            .post(
+                &format!("/v1/vaults/{}/vms/{}/discover", self.vault, self.vm),
+                json!({}),
+            )
+            .await;
+        let done = self.api.finished_job(job["id"].as_str().unwrap()).await;
+        assert_eq!(done["status"], "completed", "{done}");
+    }
+
+    async fn points(&self) -> Value {
+        self.api
+            .get(&format!("{}/recovery-points", self.sales()))
+            .await
+            .1
+    }
+
+    /// Every range the server shows is restorable at its start, middle and end: each
+    /// plan, run by the agent's simulation of SQL Server, completes.
+    async fn restore_every_range(&self, runs: &mut u32) {
+        let points = self.points().await;
+        let ranges = points["restorable_ranges"].as_array().unwrap().clone();
+        assert!(!ranges.is_empty(), "{points}");
+        for range in ranges {
+            let at = |k: &str| -> chrono::DateTime<chrono::Utc> {
+                range[k].as_str().unwrap().parse().unwrap()
+            };
+            let (from, to) = (at("from"), at("to"));
+            for instant in [from, from + (to - from) / 2, to] {
+                *runs += 1;
+                let (status, restore) = self
+                    .api
+                    .post(
+                        &format!("{}/restore", self.sales()),
+                        json!({"point_in_time": instant, "target_database": format!("sales_r{runs}")}),
+                    )
+                    .await;
+                assert_eq!(status, 202, "{instant}: {restore}");
+                let done = self.api.finished_job(restore["id"].as_str().unwrap()).await;
+                assert_eq!(done["status"], "completed", "{instant}: {done}");
+            }
+        }
+    }
+}
+
+fn break_of(points: &Value, index: usize) -> Value {
+    points["items"][index]["chain_break"].clone()
+}
+
+/// Issue 11's proof: a busy database, another tool's backups, FULL → SIMPLE → FULL, a
+/// bulk-logged window and an overwrite with a tail-log backup, through the real server
+/// and agent. Every range the server shows is restored at its start, middle and end by
+/// the agent, which replays the steps as SQL Server would and refuses what it refuses.
+#[tokio::test]
+async fn recovery_chains_that_sql_server_accepts() {
+    let db = TestDb::new();
+    let spec = json!({"time_zone": "UTC",
+        "full": {"frequency": "weekly", "days": ["sunday"], "time": "00:00"},
+        "differential": {"days": ["monday"], "time": "12:00", "retention_days": 14},
+        "log": {"frequency_minutes": 15, "retention_days": 14},
+        "retention": {"weekly": {"weeks": 4}}});
+    let vm = protected_vm_with(
+        &db,
+        "chain",
+        spec,
+        &chain_inventory("full", false, &[]),
+        &[],
+    )
+    .await;
+    let mut runs = 0;
+
+    // A busy database: checkpoints trail open transactions, and the differential still
+    // matches its full.
+    assert_eq!(vm.backup("full").await["status"], "completed");
+    vm.backup("log").await;
+    assert_eq!(vm.backup("differential").await["status"], "completed");
+    vm.backup("log").await;
+    let points = vm.points().await;
+    let full = &points["items"][0];
+    assert_ne!(full["checkpoint_lsn"], full["first_lsn"], "{full}");
+    assert_eq!(points["items"][2]["full_id"], full["id"]);
+    assert!(
+        points["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["chain_gap"] == false),
+        "{points}"
+    );
+
+    // Another tool: a differential (harmless), then a log the server never sees.
+    vm.rediscover(chain_inventory(
+        "full",
+        false,
+        &[("x1", "differential"), ("x2", "log")],
+    ))
+    .await;
+    vm.backup("log").await;
+    let points = vm.points().await;
+    assert_eq!(break_of(&points, 4), "log_chain_broken", "{points}");
+    let (_, item) = vm.api.get(&vm.sales()).await;
+    assert_eq!(item["health"], "chain_broken");
+    // The full is intact: a differential heals the chain, the next log holds its end.
+    vm.backup("differential").await;
+    vm.backup("log").await;
+    let points = vm.points().await;
+    assert_eq!(break_of(&points, 6), Value::Null, "{points}");
+
+    // Another tool's full moves the differential base: ours no longer fits.
+    vm.rediscover(chain_inventory(
+        "full",
+        false,
+        &[("x1", "differential"), ("x2", "log"), ("x3", "full")],
+    ))
+    .await;
+    vm.backup("differential").await;
+    let points = vm.points().await;
+    assert_eq!(
+        break_of(&points, 7),
+        "differential_base_unknown",
+        "{points}"
+    );
+    assert_eq!(vm.backup("full").await["status"], "completed");
+    vm.backup("log").await;
+    vm.restore_every_range(&mut runs).await;
+
+    // FULL → SIMPLE → FULL: no log until a differential (SQL Server's Msg 4214).
+    vm.rediscover(chain_inventory("simple", false, &[])).await;
+    vm.rediscover(chain_inventory("full", false, &[])).await;
+    let refused = vm.backup("log").await;
+    assert_eq!(refused["status"], "failed", "{refused}");
+    assert_eq!(refused["error"]["code"], "UserErrorParentFullBackupMissing");
+    vm.backup("differential").await;
+    vm.backup("log").await;
+
+    // A bulk-logged window: its logs restore to their ends only.
+    vm.rediscover(chain_inventory("bulk_logged", true, &[]))
+        .await;
+    vm.backup("log").await;
+    vm.backup("log").await;
+    vm.rediscover(chain_inventory("full", false, &[])).await;
+    vm.backup("log").await;
+    let points = vm.points().await;
+    let bulk: Vec<&Value> = points["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["has_bulk_logged_data"] == true)
+        .collect();
+    assert_eq!(bulk.len(), 2, "{points}");
+    let inside: chrono::DateTime<chrono::Utc> = {
+        let end: chrono::DateTime<chrono::Utc> =
+            bulk[1]["backup_time"].as_str().unwrap().parse().unwrap();
+        let start: chrono::DateTime<chrono::Utc> =
+            bulk[0]["backup_time"].as_str().unwrap().parse().unwrap();
+        start + (end - start) / 2
+    };
+    let (status, plan) = vm
+        .api
+        .post(
+            &format!("{}/restore-plan", vm.sales()),
+            json!({"point_in_time": inside}),
+        )
+        .await;
+    assert_eq!(status, 409, "no instant inside bulk-logged changes: {plan}");
+    vm.restore_every_range(&mut runs).await;
+
+    // Overwrite the database itself: its tail is backed up first, and its chain restarts.
+    let ranges = vm.points().await["restorable_ranges"].clone();
+    let last = ranges.as_array().unwrap().last().unwrap();
+    let (status, restore) = vm
+        .api
+        .post(
+            &format!("{}/restore", vm.sales()),
+            json!({"point_in_time": last["to"], "overwrite": true}),
+        )
+        .await;
+    assert_eq!(status, 202, "{restore}");
+    assert_eq!(restore["payload"]["tail_log_backup"], true);
+    let done = vm.api.finished_job(restore["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let tail = &done["result"]["tail_log_backup"];
+    let points = vm.points().await;
+    let recorded = points["items"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (&recorded["backup_type"], &recorded["backup_set_uuid"]),
+        (&json!("log"), &tail["backup_set_uuid"]),
+        "{points}"
+    );
+    let (_, item) = vm.api.get(&vm.sales()).await;
+    assert_eq!(
+        item["health"], "chain_broken",
+        "a new fork: the next backup is a full"
+    );
+    // On the new fork: a full, logs, and everything restorable again.
+    assert_eq!(vm.backup("full").await["status"], "completed");
+    vm.backup("log").await;
+    let points = vm.points().await;
+    let newest = points["items"].as_array().unwrap().last().unwrap();
+    assert_eq!(newest["chain_gap"], false, "{points}");
+    assert_ne!(newest["recovery_fork_guid"], full["recovery_fork_guid"]);
+    vm.restore_every_range(&mut runs).await;
 }

@@ -615,3 +615,45 @@ async fn items_protected_before_the_upgrade_keep_their_chain(pool: PgPool) {
     .unwrap();
     assert_eq!(flagged, (true, Some("log_chain_broken".to_owned())));
 }
+
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn a_database_in_an_availability_group_is_never_overwritten(pool: PgPool) {
+    let p = sales(pool).await;
+    let t = times();
+    let full = point("full", t(0), "100", "110", json!({"checkpoint_lsn": "100"}));
+    assert_eq!(backup(&p, full).await.status, StatusCode::OK);
+    let item = p.app.get(&p.item_path("sales"), &p.app.admin()).await;
+    let vm = item.body["vm_id"].as_str().unwrap().to_owned();
+    p.app
+        .call(
+            Method::POST,
+            &format!("/v1/vaults/{}/vms/{vm}/discover", p.vault),
+            Some(&p.app.admin()),
+            None,
+            &[],
+        )
+        .await;
+    let mut joined = db("MSSQLSERVER", "hr");
+    joined["availability_group"] = json!("ag1");
+    let mut inv = inventory(vec![db("MSSQLSERVER", "sales"), joined]);
+    inv["availability_groups"] = json!([{"name": "ag1", "backup_preference": "primary",
+        "replicas": [{"vm_name": "sqlvm-01", "resource_group": "rg-sql", "instance": "MSSQLSERVER", "primary": true}]}]);
+    run_discovery(&p.app, &p.agent, &inv).await;
+    let res = p
+        .app
+        .post(
+            &format!("{}/restore", p.item_path("sales")),
+            &p.app.admin(),
+            json!({"point_in_time": t(0), "target_database": "hr", "overwrite": true}),
+        )
+        .await;
+    assert_eq!(
+        res.violations(),
+        [(
+            "/overwrite".to_owned(),
+            "restore_target_in_availability_group".to_owned()
+        )],
+        "{}",
+        res.body
+    );
+}

@@ -115,7 +115,10 @@ pub async fn execute(
     }
 
     match job.kind {
-        JobKind::Discovery => discover(&file),
+        JobKind::Discovery => {
+            observe(&file, store, started_at).await;
+            discover(&file)
+        }
         JobKind::ConfigureProtection => complete(JobResult::ConfigureProtection {}),
         JobKind::BackupFull | JobKind::BackupDifferential | JobKind::BackupLog => {
             backup(job, &file, store, started_at, clock).await
@@ -248,6 +251,25 @@ fn prepare(sim: &mut SimState, key: &DbKey, entry: &DatabaseEntry, at: DateTime<
             ),
         }
     }
+}
+
+/// Discovery looks at SQL Server: whatever the file says happened to a database (a
+/// recovery model switch, another tool's backup) has happened by now, whether or not a
+/// job touched the database since. A switch to simple and back between two backups still
+/// breaks the log chain.
+async fn observe(file: &InventoryFile, store: &Store, at: DateTime<Utc>) {
+    let entries: Vec<(DbKey, &DatabaseEntry)> = file
+        .databases
+        .iter()
+        .map(|e| (file.db_key(&e.sql.instance, &e.sql.name), e))
+        .collect();
+    let locked = store.lock(entries.iter().map(|(key, _)| key.clone())).await;
+    let ((), saving) = locked.apply(|sim| {
+        for (key, entry) in &entries {
+            prepare(sim, key, entry, at);
+        }
+    });
+    saved(saving).await;
 }
 
 /// Waits for the state file to hold what a job did. A failed save is logged, not failed:
@@ -1299,6 +1321,25 @@ mod tests {
         let f = restore_failure(&[&full, &log1, &log2], json!({}), &inventory, &store).await;
         assert_eq!(f.code, "UserErrorRestoreLogBackupTooRecent");
         assert!(f.message.contains("Msg 4305"), "{}", f.message);
+    }
+
+    /// A switch seen only by a discovery (no backup ran while the database was in simple)
+    /// happened all the same.
+    #[tokio::test]
+    async fn a_switch_to_simple_and_back_between_backups_still_breaks_the_chain() {
+        let temp = TempInventory::new(|s| s);
+        let (inventory, store) = (temp.source(), Store::in_memory());
+        one(JobKind::BackupFull, "hr", &inventory, &store).await;
+        one(JobKind::BackupLog, "hr", &inventory, &store).await;
+        let discovery = job(JobKind::Discovery, &[], json!({}));
+        temp.edit(hr_model("full", "simple"));
+        run(&discovery, &inventory, &store).await;
+        temp.edit(hr_model("simple", "full"));
+        run(&discovery, &inventory, &store).await;
+        let (code, message) =
+            refused_backup(JobKind::BackupLog, "hr", json!({}), &inventory, &store).await;
+        assert_eq!(code, "UserErrorParentFullBackupMissing");
+        assert!(message.contains("Msg 4214"), "{message}");
     }
 
     #[tokio::test]

@@ -149,6 +149,8 @@ pub struct Overwritten {
     /// It is the protected item's own database, where it lives.
     pub own_database: bool,
     pub recovery_model: RecoveryModel,
+    /// It has joined an availability group.
+    pub in_availability_group: bool,
 }
 
 /// How a restore treats the database it overwrites.
@@ -162,11 +164,19 @@ pub struct OverwriteMode {
 /// (`tail_log_backup`) or by default: possible only for the item's own database in the
 /// full or bulk-logged model (SQL Server refuses the overwrite otherwise, Msg 3159, unless
 /// told to `REPLACE` and lose what was logged since the last log backup), and the
-/// default there.
+/// default there. A database that has joined an availability group is never overwritten
+/// (SQL Server refuses, Msg 3104): it must leave the group first.
 pub fn overwrite_mode(
     overwritten: Option<Overwritten>,
     tail_log_backup: Option<bool>,
 ) -> Result<OverwriteMode, Violation> {
+    if overwritten.is_some_and(|o| o.in_availability_group) {
+        return Err(Violation::new(
+            "/overwrite",
+            "restore_target_in_availability_group",
+            "the database has joined an availability group, and SQL Server cannot restore over it (Msg 3104); remove it from the group first, or restore under another name",
+        ));
+    }
     let possible =
         overwritten.is_some_and(|o| o.own_database && o.recovery_model != RecoveryModel::Simple);
     let tail_log_backup = match tail_log_backup {
@@ -260,6 +270,7 @@ mod tests {
             Some(Overwritten {
                 own_database: true,
                 recovery_model,
+                in_availability_group: false,
             })
         };
         let mode = |tail, replace| OverwriteMode {
@@ -278,10 +289,20 @@ mod tests {
             overwrite_mode(own(RecoveryModel::Simple), None),
             Ok(mode(false, true))
         );
-        let other = Some(Overwritten {
+        let another = Overwritten {
             own_database: false,
             recovery_model: RecoveryModel::Full,
+            in_availability_group: false,
+        };
+        let other = Some(another);
+        let joined = Some(Overwritten {
+            in_availability_group: true,
+            ..another
         });
+        assert_eq!(
+            overwrite_mode(joined, Some(false)).unwrap_err().code,
+            "restore_target_in_availability_group"
+        );
         assert_eq!(overwrite_mode(other, None), Ok(mode(false, true)));
         assert_eq!(overwrite_mode(None, None), Ok(mode(false, false)));
         for refused in [other, own(RecoveryModel::Simple), None] {

@@ -778,6 +778,7 @@ impl Service {
                 Ok(Overwritten {
                     own_database: d.id == item.database_id,
                     recovery_model: model_of(&d.recovery_model)?,
+                    in_availability_group: d.availability_group_id.is_some(),
                 })
             })
             .transpose()?;

@@ -84,6 +84,24 @@ async fn plan(p: &Protected, at: DateTime<Utc>) -> Response {
         .await
 }
 
+/// A discovery of the item's VM whose agent reports `inv`.
+async fn rediscover(p: &Protected, inv: &Value) {
+    let item = p.app.get(&p.item_path("sales"), &p.app.admin()).await;
+    let vm = item.body["vm_id"].as_str().unwrap();
+    let res = p
+        .app
+        .call(
+            Method::POST,
+            &format!("/v1/vaults/{}/vms/{vm}/discover", p.vault),
+            Some(&p.app.admin()),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(res.status, StatusCode::ACCEPTED, "{}", res.body);
+    run_discovery(&p.app, &p.agent, inv).await;
+}
+
 fn statements(plan: &Value) -> Vec<(String, String, String)> {
     plan["steps"]
         .as_array()
@@ -301,22 +319,10 @@ async fn a_switch_to_simple_and_back_needs_a_differential(pool: PgPool) {
     assert_eq!(backup(&p, full).await.status, StatusCode::OK);
     let item = p.app.get(&p.item_path("sales"), &p.app.admin()).await;
     assert_eq!(item.body["health"], "healthy");
-    let vm = item.body["vm_id"].as_str().unwrap().to_owned();
     for model in ["simple", "full"] {
-        let res = p
-            .app
-            .call(
-                Method::POST,
-                &format!("/v1/vaults/{}/vms/{vm}/discover", p.vault),
-                Some(&p.app.admin()),
-                None,
-                &[],
-            )
-            .await;
-        assert_eq!(res.status, StatusCode::ACCEPTED, "{}", res.body);
         let mut switched = db("MSSQLSERVER", "sales");
         switched["recovery_model"] = json!(model);
-        run_discovery(&p.app, &p.agent, &inventory(vec![switched])).await;
+        rediscover(&p, &inventory(vec![switched])).await;
     }
     let item = p.app.get(&p.item_path("sales"), &p.app.admin()).await;
     assert_eq!(
@@ -464,26 +470,10 @@ async fn a_backup_set_reported_twice_is_recorded_once(pool: PgPool) {
 #[sqlx::test(migrator = "backvault_store::MIGRATOR")]
 async fn tempdb_is_never_protectable(pool: PgPool) {
     let p = sales(pool).await;
-    let item = p.app.get(&p.item_path("sales"), &p.app.admin()).await;
-    let vm = item.body["vm_id"].as_str().unwrap().to_owned();
-    p.app
-        .call(
-            Method::POST,
-            &format!("/v1/vaults/{}/vms/{vm}/discover", p.vault),
-            Some(&p.app.admin()),
-            None,
-            &[],
-        )
-        .await;
     let mut tempdb = db("MSSQLSERVER", "tempdb");
     tempdb["system"] = json!(true);
     tempdb["recovery_model"] = json!("simple");
-    run_discovery(
-        &p.app,
-        &p.agent,
-        &inventory(vec![db("MSSQLSERVER", "sales"), tempdb]),
-    )
-    .await;
+    rediscover(&p, &inventory(vec![db("MSSQLSERVER", "sales"), tempdb])).await;
     let containers = protectable(&p.app, &p.vault).await;
     let id = db_id(&containers, "tempdb");
     let entry = containers
@@ -622,23 +612,12 @@ async fn a_database_in_an_availability_group_is_never_overwritten(pool: PgPool) 
     let t = times();
     let full = point("full", t(0), "100", "110", json!({"checkpoint_lsn": "100"}));
     assert_eq!(backup(&p, full).await.status, StatusCode::OK);
-    let item = p.app.get(&p.item_path("sales"), &p.app.admin()).await;
-    let vm = item.body["vm_id"].as_str().unwrap().to_owned();
-    p.app
-        .call(
-            Method::POST,
-            &format!("/v1/vaults/{}/vms/{vm}/discover", p.vault),
-            Some(&p.app.admin()),
-            None,
-            &[],
-        )
-        .await;
     let mut joined = db("MSSQLSERVER", "hr");
     joined["availability_group"] = json!("ag1");
     let mut inv = inventory(vec![db("MSSQLSERVER", "sales"), joined]);
     inv["availability_groups"] = json!([{"name": "ag1", "backup_preference": "primary",
         "replicas": [{"vm_name": "sqlvm-01", "resource_group": "rg-sql", "instance": "MSSQLSERVER", "primary": true}]}]);
-    run_discovery(&p.app, &p.agent, &inv).await;
+    rediscover(&p, &inv).await;
     let res = p
         .app
         .post(

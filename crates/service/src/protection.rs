@@ -543,17 +543,15 @@ impl Service {
                     })
                     .copied()
             });
-            let id = match (exact, recase.flatten()) {
-                (Some(e), _) => e.id,
-                (None, Some(e)) => {
-                    recased.push(e.id);
-                    e.id
-                }
-                (None, None) => Uuid::now_v7(),
-            };
+            let recase = recase.flatten();
+            if let Some(e) = recase {
+                recased.push(e.id);
+            }
+            let before = exact.or(recase);
+            let id = before.map_or_else(Uuid::now_v7, |e| e.id);
             present.push(id);
             let model = db.recovery_model.as_str();
-            if let Some(before) = existing.iter().find(|e| e.id == id)
+            if let Some(before) = before
                 && before.recovery_model != model
             {
                 switched.insert(
@@ -608,12 +606,14 @@ impl Service {
         let ids: Vec<Uuid> = items.keys().copied().collect();
         let mut changed_ids = Vec::new();
         let mut chains = Vec::new();
-        for (item, state, has_differential) in
+        for (item, state, spec) in
             backvault_store::recovery::chains_of_items(&mut *tx, &ids).await?
         {
             let Some((from, to)) = items.get(&item).and_then(|d| switched.get(d)) else {
                 continue;
             };
+            let has_differential =
+                crate::recovery::policy_of(spec.as_ref()).is_some_and(|p| p.differential.is_some());
             changed_ids.push(item);
             chains.push(backvault_domain::chain::model_changed(
                 state.0,

@@ -173,14 +173,14 @@ pub async fn chain_update(conn: &mut PgConnection, updates: &[ChainUpdate]) -> s
     Ok(())
 }
 
-/// The chain states of `item_ids`, locked, for a change that does not come with points (a
-/// recovery model switch, an overwrite).
+/// The chain states of `item_ids`, locked, with their policies' specs, for a change that
+/// does not come with points (a recovery model switch).
 pub async fn chains_of_items(
     conn: &mut PgConnection,
     item_ids: &[Uuid],
-) -> sqlx::Result<Vec<(Uuid, Json<ChainState>, bool)>> {
+) -> sqlx::Result<Vec<(Uuid, Json<ChainState>, Option<Json<serde_json::Value>>)>> {
     sqlx::query_as(
-        "select p.id, p.chain, coalesce(pol.spec ? 'differential', false)
+        "select p.id, p.chain, pol.spec
          from protected_items p left join policies pol on pol.id = p.policy_id
          where p.id = any($1) order by p.id for update of p",
     )

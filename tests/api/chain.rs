@@ -273,7 +273,10 @@ async fn a_log_with_bulk_logged_changes_restores_to_its_end_only(pool: PgPool) {
         points(&p).await["restorable_ranges"],
         json!([range(t(0), t(15)), range(t(30), t(45))])
     );
-    assert_eq!(plan(&p, t(20)).await.code(), "point_not_covered");
+    assert_eq!(
+        plan(&p, t(20)).await.code(),
+        "UserErrorRestoreNotPossibleBecauseLogBackupContainsBulkLoggedChanges"
+    );
     let to_end = plan(&p, t(30)).await;
     assert_eq!(to_end.status, StatusCode::OK, "{}", to_end.body);
     assert_eq!(to_end.body["steps"][2]["stop_at"], Value::Null);

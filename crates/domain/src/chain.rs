@@ -186,6 +186,18 @@ pub enum PlanError {
     NoFullBefore,
     /// No restore sequence reaches the instant.
     NotCovered { restorable: Vec<TimeRange> },
+    /// The instant lies inside a log backup holding bulk-logged changes, and no other
+    /// sequence reaches it: SQL Server restores such a log to its end only.
+    InsideBulkLoggedLog {
+        log_from: DateTime<Utc>,
+        log_to: DateTime<Utc>,
+    },
+}
+
+/// Why one walk does not reach an instant.
+enum Miss {
+    NotReached,
+    InsideBulkLoggedLog(DateTime<Utc>, DateTime<Utc>),
 }
 
 /// One data backup to start from and the logs that chain on it.
@@ -354,19 +366,26 @@ impl<'a> Catalogue<'a> {
             // Latest first; at one instant a differential (it holds more) before a full.
             std::cmp::Reverse((self.points[last].backup_time, data.len(), last))
         });
+        let mut bulk = None;
         for data in starts {
-            if let Some(sequence) = self.sequence(self.walk(data, Some(at)), at) {
-                return Ok(sequence);
+            match self.sequence(self.walk(data, Some(at)), at) {
+                Ok(sequence) => return Ok(sequence),
+                Err(Miss::InsideBulkLoggedLog(from, to)) => bulk = bulk.or(Some((from, to))),
+                Err(Miss::NotReached) => {}
             }
         }
-        Err(PlanError::NotCovered {
-            restorable: self.restorable_ranges(),
+        Err(match bulk {
+            Some((log_from, log_to)) => PlanError::InsideBulkLoggedLog { log_from, log_to },
+            None => PlanError::NotCovered {
+                restorable: self.restorable_ranges(),
+            },
         })
     }
 
     /// The steps of `walk` that stop at `at`, if it reaches `at`.
-    fn sequence(&self, walk: Walk, at: DateTime<Utc>) -> Option<Sequence> {
-        let data_time = self.points[*walk.data.last()?].backup_time;
+    fn sequence(&self, walk: Walk, at: DateTime<Utc>) -> Result<Sequence, Miss> {
+        let last = *walk.data.last().ok_or(Miss::NotReached)?;
+        let data_time = self.points[last].backup_time;
         let mut steps: Vec<Step> = walk
             .data
             .iter()
@@ -384,7 +403,7 @@ impl<'a> Catalogue<'a> {
                 let p = &self.points[log];
                 let inside = reached < at && at < p.backup_time;
                 if inside && p.has_bulk_logged_data {
-                    return None;
+                    return Err(Miss::InsideBulkLoggedLog(reached, p.backup_time));
                 }
                 steps.push(Step {
                     point: log,
@@ -399,11 +418,11 @@ impl<'a> Catalogue<'a> {
                 reached = p.backup_time;
             }
             if !found {
-                return None;
+                return Err(Miss::NotReached);
             }
         }
-        steps.last_mut()?.recovery = Recovery::Recovery;
-        Some(Sequence {
+        steps.last_mut().ok_or(Miss::NotReached)?.recovery = Recovery::Recovery;
+        Ok(Sequence {
             steps,
             restores_to: at,
         })

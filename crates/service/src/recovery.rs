@@ -976,6 +976,13 @@ fn plan(rows: &[PointRow], target: &RestoreTarget) -> Result<RestorePlan> {
                 steps,
             })
         }
+        Err(PlanError::InsideBulkLoggedLog { log_from, log_to }) => Err(Error::new(
+            ErrorKind::Conflict,
+            "UserErrorRestoreNotPossibleBecauseLogBackupContainsBulkLoggedChanges",
+            format!(
+                "the log backup covering that instant holds bulk-logged changes: SQL Server restores it only to its end ({log_to}); choose {log_from} or {log_to}"
+            ),
+        )),
         Err(PlanError::NoFullBefore) => Err(Error::new(
             ErrorKind::Conflict,
             "point_not_covered",

@@ -536,7 +536,13 @@ fn bulk_logged_logs_restore_to_their_end_only() {
     let points = [f, l1, l2, l3];
     let chain = Catalogue::new(&points);
     assert_eq!(chain.restorable_ranges(), [range(0, 15), range(30, 45)]);
-    assert!(chain.plan_to(t(20)).is_err());
+    assert_eq!(
+        chain.plan_to(t(20)),
+        Err(PlanError::InsideBulkLoggedLog {
+            log_from: t(15),
+            log_to: t(30)
+        })
+    );
     let to_end = chain.plan_to(t(30)).unwrap();
     assert_eq!(to_end.steps.last().unwrap().stop_at, None);
     assert_eq!(chain.plan_to(t(40)).unwrap().steps.len(), 4);

@@ -472,7 +472,7 @@ async fn a_backup_set_reported_twice_is_recorded_once(pool: PgPool) {
 
 #[sqlx::test(migrator = "backvault_store::MIGRATOR")]
 async fn tempdb_is_never_protectable(pool: PgPool) {
-    let p = sales(pool).await;
+    let p = sales(pool.clone()).await;
     let mut tempdb = db("MSSQLSERVER", "tempdb");
     tempdb["system"] = json!(true);
     tempdb["recovery_model"] = json!("simple");
@@ -498,6 +498,31 @@ async fn tempdb_is_never_protectable(pool: PgPool) {
         )
         .await;
     assert_eq!(res.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", res.body);
+    // Nor by auto-protection of its instance.
+    let instance = containers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "MSSQLSERVER")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let intent = p
+        .app
+        .post(
+            &format!("/v1/vaults/{}/auto-protection", p.vault),
+            &p.app.admin(),
+            json!({"instance_id": instance, "policy": "Gold"}),
+        )
+        .await;
+    assert_eq!(intent.status, StatusCode::CREATED, "{}", intent.body);
+    let protected: Vec<String> =
+        sqlx::query_scalar("select protected_name from protected_items order by 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(protected, ["sales"], "tempdb stays unprotected");
 }
 
 #[sqlx::test(migrator = "backvault_store::MIGRATOR")]

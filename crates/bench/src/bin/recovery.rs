@@ -979,17 +979,28 @@ impl Server {
             .env_remove("BACKVAULT_LISTEN")
             .env_remove("BACKVAULT_JWT_SECRET")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let stdout = child.stdout.take().context("server stdout")?;
+        let stderr = child.stderr.take().context("server stderr")?;
         let (tx, rx) = std::sync::mpsc::channel::<(Option<String>, Option<String>)>();
+        // The --dev admin token comes on stderr, the logs on stdout; both pipes are read
+        // to their end so the server never blocks on a full one.
+        let token_tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                match line.strip_prefix("export BACKVAULT_TOKEN=") {
+                    Some(token) => drop(token_tx.send((Some(token.trim().to_owned()), None))),
+                    None => eprintln!("{line}"),
+                }
+            }
+        });
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some(token) = line.strip_prefix("export BACKVAULT_TOKEN=") {
-                    let _ = tx.send((Some(token.trim().to_owned()), None));
-                } else if let Ok(log) = serde_json::from_str::<Value>(&line)
+                if let Ok(log) = serde_json::from_str::<Value>(&line)
                     && log["message"] == "listening"
                     && let Some(addr) = log["addr"].as_str()
                 {

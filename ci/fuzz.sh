@@ -4,15 +4,19 @@
 #
 #   bash ci/fuzz.sh
 #
-# Fails when schemathesis reports a failing check, or when the server logged a panic or
-# an ERROR line (every 5xx is logged at ERROR, so this also catches 5xx answers to
-# requests that schemathesis did not flag).
+# Fails when schemathesis reports a failing check (all of them by default: 5xx, status codes,
+# response schemas, content types and headers the spec documents, schema-valid requests
+# rejected, schema-violating requests accepted, resources gone or missing after the calls
+# the spec's links describe), or when the server logged a panic or an ERROR line (every 5xx
+# is logged at ERROR, so this also catches 5xx answers to requests that schemathesis did not
+# flag). Where a check's expectation does not fit an operation (a 422 for a rule that no
+# schema can state), the generated config says so per operation, with the reason.
 #
 # Knobs (environment):
 #   DATABASE_URL        Postgres to create the throwaway database on (its db name is replaced)
 #   BACKVAULT_BIN       a prebuilt server binary; skips `cargo build`
 #   FUZZ_SEED           schemathesis/hypothesis seed (fixed by default: runs are reproducible)
-#   FUZZ_CHECKS         schemathesis checks (comma-separated)
+#   FUZZ_CHECKS         schemathesis checks (comma-separated; default all)
 #   FUZZ_MAX_EXAMPLES   test cases per operation and phase
 #   FUZZ_PHASES         schemathesis phases
 #   FUZZ_RUN_TIMEOUT    seconds one schemathesis run may take before it is stopped
@@ -26,14 +30,15 @@ cd "$(dirname "$0")/.."
 
 # --- settings -----------------------------------------------------------------------------
 
-# Only 5xx for now; the API-contract work will widen this to `all`.
-FUZZ_CHECKS="${FUZZ_CHECKS:-not_a_server_error}"
+# Every check: the spec is the contract (issue #12). Exceptions are per operation, in the
+# generated config below, never global.
+FUZZ_CHECKS="${FUZZ_CHECKS:-all}"
 FUZZ_MAX_EXAMPLES="${FUZZ_MAX_EXAMPLES:-20}"
 FUZZ_SEED="${FUZZ_SEED:-20250101}"
 FUZZ_PHASES="${FUZZ_PHASES:-examples,coverage,fuzzing,stateful}"
 FUZZ_RUN_TIMEOUT="${FUZZ_RUN_TIMEOUT:-300}"
 # Keeps the whole script within ~8 minutes on a 2-core machine, build and seeding included
-# (a run with the defaults takes well under a minute).
+# (the three runs with the defaults take about a minute together).
 FUZZ_TIME_BUDGET="${FUZZ_TIME_BUDGET:-420}"
 # One worker: with several, hypothesis parses lambda sources with `ast` from several threads,
 # which on some CPython builds (3.11.7 here) fails with "AST constructor recursion depth
@@ -61,7 +66,7 @@ mkdir -p "$FUZZ_OUT"
 FUZZ_OUT="$(cd "$FUZZ_OUT" && pwd)"
 # Only what an earlier run left: FUZZ_OUT may be a directory with other things in it.
 rm -rf "$FUZZ_OUT"/{agent,admin,enroll} "$FUZZ_OUT"/{agent,admin,enroll}.log \
-    "$FUZZ_OUT"/{server.log,offending.log,schemathesis.toml}
+    "$FUZZ_OUT"/{server.log,offending.log,schemathesis.toml,openapi.json}
 SERVER_LOG="$FUZZ_OUT/server.log"
 
 # --- schemathesis ---------------------------------------------------------------------------
@@ -149,6 +154,8 @@ for _ in $(seq 1 100); do
 done
 [[ "$(curl -s -o /dev/null -w '%{http_code}' "$BASE/readyz")" == 200 ]] || die "$BASE/readyz is not 200"
 log "server at $BASE"
+# The spec the runs test (generated from the code): failures are read against this one.
+curl -sf "$BASE/openapi.json" -o "$FUZZ_OUT/openapi.json" || die "no $BASE/openapi.json"
 
 # --- tokens, seed data, schemathesis config -----------------------------------------------
 
@@ -286,11 +293,16 @@ dictionaries = {
     # Claims long-poll for up to wait_seconds when no job is pending; values in 1..60
     # would only make the run wait. These still probe the bounds.
     "no_wait": [0, 61, 2147483647],
-    # Now and then in any string query, path or header parameter and in free-text body
-    # fields: a NUL (Postgres text and jsonb refuse it) and instants at or past the ends
-    # of what chrono and Postgres represent.
+    # Free-text body fields, now and then: a NUL (Postgres text and jsonb refuse it, and the
+    # schema's `pattern` forbids control characters, so schemathesis sends it only in negative
+    # cases: the probe that the server rejects NUL with a 4xx) and strings that look like
+    # instants at or past the ends of what chrono and Postgres represent.
     "hostile_strings": ["a\u0000b", "-4714-11-24T00:00:00Z", "-262143-01-01T00:00:00Z",
                         "+262142-12-31T23:59:59Z"],
+    # date-time parameters: valid RFC 3339 instants whose UTC value lies past year 0 or 9999
+    # (Postgres has no year 0; a UTC offset moves them past the 4-digit years).
+    "edge_instants": ["0000-01-01T00:00:00Z", "0000-01-01T00:00:00+23:59",
+                      "9999-12-31T23:59:59-23:59", "9999-12-31T23:59:59.999999999Z"],
 }
 bind = lambda d, p: f'{{ dictionary = "{d}", probability = {p} }}'
 parameters = {
@@ -309,10 +321,15 @@ parameters = {
         ("instance", "instance_names"), ("database", "database_names"),
         ("first_lsn", "lsns"), ("last_lsn", "lsns"), ("database_backup_lsn", "lsns"),
         ("started_at", "instants"), ("backup_time", "instants"))},
-    # Free-text fields, which no validation rule narrows: hostile strings now and then.
+    # Free-text fields, which no validation rule narrows beyond "no control characters".
+    # Only these: a type-wide string binding would also put the NUL and the instant-like
+    # strings into enums, uuids, dates and names, where they are never schema-valid and so
+    # only duplicate what the negative phase already sends there.
     **{f"body.{field}": bind("hostile_strings", 0.1) for field in (
         "description", "facts.agent_version", "facts.dotnet_version", "code", "message",
         "warnings[*]", "target_database", "result.restored_database")},
+    **{f"{where}": bind("edge_instants", 0.2) for where in (
+        "query.created_after", "query.created_before", "query.from", "body.point_in_time")},
 }
 operations = {  # operation id -> parameter -> dictionary (probability 1)
     "delete_vault": {"path.vault_id": "victim_vault_ids"},
@@ -322,20 +339,103 @@ operations = {  # operation id -> parameter -> dictionary (probability 1)
     "delete_policy": {"path.policy_name": "victim_policy_names"},
     "claim_jobs": {"body.wait_seconds": "no_wait"},
 }
+
+# Statuses that are right answers although the generic checks do not expect them, per
+# operation, each with why. positive_data_acceptance wants 2xx/3xx/401/403/404/409/429 for
+# schema-valid requests; a 422 is right where a rule cannot be written in JSON Schema (it
+# depends on stored state, or on other fields in a way the schema does not express); a 400
+# never is (it would mean the schema promises more than the server takes: a defect of the
+# schema or the server, which the run must report). negative_data_rejection wants
+# 400/401/403/404/405/406/409/415/422/428/429 for schema-violating requests.
+POSITIVE = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"]
+NEGATIVE = ["400", "401", "403", "404", "405", "406", "409", "415", "422", "428", "429", "5xx"]
+# A query string past the server's 8 KiB request-URI limit is refused with 414 before any
+# parameter is read: a rejection, and the only one possible for a `cursor` longer than its
+# maxLength (8192).
+URI_TOO_LONG = "414 URI Too Long: a cursor past its maxLength makes the URI exceed 8 KiB"
+# An If-Match that names no current ETag of the resource (random, empty or stale) fails the
+# precondition: 412 is the answer RFC 9110 prescribes, for generated ETags valid or not.
+PRECONDITION = "412 Precondition Failed: a generated If-Match never names the current ETag"
+expectations = {  # operation id -> (extra positive statuses, extra negative statuses, why)
+    "preview_policy": (["422"], [], "422: a policy must hold the backup rules (an existing "
+                       "IANA time zone, retention minimums and caps, log frequency, cross-field "
+                       "rules between full, differential, log and retention)"),
+    "create_policy": (["422"], [], "422: the backup rules, as for preview_policy"),
+    "replace_policy": (["412", "422"], ["412"],
+                       f"422: the backup rules, as for preview_policy; {PRECONDITION}"),
+    "update_vault": (["412"], ["412"], PRECONDITION),
+    "delete_vault": (["412"], ["412"], PRECONDITION),
+    "delete_policy": (["412"], ["412"], PRECONDITION),
+    "change_protected_item_policy": (["412", "422"], ["412"], "422: the policy must exist in "
+                                     f"the item's vault; {PRECONDITION}"),
+    "create_vault": (["422"], [], "422: an Idempotency-Key reused with another body "
+                     "(the coverage phase sends one key with many bodies), as the IETF "
+                     "Idempotency-Key draft prescribes"),
+    "create_enrollment_token": (["422"], [], "422: vm_name and resource_group bind a token "
+                                "to a VM together: both or neither (null counts as absent)"),
+    "dispatch_job": (["422"], [], "422: the items must be databases of the VM's inventory, "
+                     "the VM must have an agent, and each kind has its own item rules"),
+    "enable_auto_protection": (["422"], [], "422: the instance or availability group must be "
+                               "in the vault's inventory and the policy in the vault"),
+    "configure_protection": (["422"], [], "422: the databases must be protectable items of "
+                             "the vault, not yet protected, and the policy must exist in it"),
+    "backup_now": (["422"], [], "422: retention_days is for full backups only, and its range "
+                   "depends on copy_only and the item's state"),
+    "start_restore": (["422"], [], "422: the recovery point or point in time must be in the "
+                      "item's recovery chain, the target VM registered with the vault"),
+    "plan_restore": (["422"], [], "422: as for start_restore"),
+    "discover_vm": (["422"], [], "422: the VM must meet the registration prerequisites "
+                    "(agent, .NET version, SQL IaaS extension, no other backup product)"),
+    "list_protected_items": (["422"], ["414"], "422: the policy filter must "
+                             f"name a policy of the vault; {URI_TOO_LONG}"),
+    "complete_job": (["422"], [], "422: the result kind must match the job's kind, and the "
+                     "recovery points reported must belong to the job's items"),
+    **{op: ([], ["414"], URI_TOO_LONG) for op in (
+        "list_vaults", "list_vms", "list_jobs", "list_policies", "list_enrollment_tokens")},
+}
+# Per-operation settings that are no status.
+extra = {
+    # A claim long-polls for up to wait_seconds when no job is pending; the coverage phase's
+    # positive boundary case wait_seconds=60 would only make the run wait a minute on an
+    # empty queue. Negative coverage cases still go out; positive claims come from the
+    # fuzzing and stateful phases, with the no_wait dictionary. A long poll answers within
+    # wait_seconds (at most 60) by design, so the response-time limit is above that.
+    "claim_jobs": ['phases.coverage.generation.mode = "negative"', "checks.max_response_time = 65"],
+}
+
+toml_list = lambda items: json.dumps(items)
 with open(config_path, "w") as f:
     f.write("# Written by ci/fuzz.sh for one run: ids of the seeded resources.\n")
     # No crash cache (.schemathesis/ in the work tree): every run starts from the seed alone.
     f.write("[cache]\nenabled = false\n\n")
     for name, values in dictionaries.items():
         f.write(f"[dictionaries.{name}]\nvalues = {json.dumps(values)}\n")
-    f.write('\n[generation]\ndictionaries = { string = { dictionary = "hostile_strings", '
-            'probability = 0.1 } }\n')
+    # The stateful phase follows the links the spec declares (and Location headers), not
+    # links schemathesis guesses from field names: a guessed link from a nullable field
+    # (a VM's vault_id, say) sends the literal "None" as a path id, which is no request a
+    # client of this spec would make.
+    f.write('\n[phases.stateful.inference]\nalgorithms = ["location-headers"]\n')
     f.write("\n[parameters]\n")
     for key, value in parameters.items():
         f.write(f'"{key}" = {value}\n')
-    for op, params in operations.items():
-        inline = ", ".join(f'"{k}" = {bind(d, 1.0)}' for k, d in params.items())
-        f.write(f'\n[[operations]]\ninclude-operation-id = "{op}"\nparameters = {{ {inline} }}\n')
+    # One section per operation: schemathesis applies the first that matches.
+    for op in dict.fromkeys([*operations, *expectations, *extra]):
+        f.write("\n")
+        lines = []
+        if op in expectations:
+            positive, negative, why = expectations[op]
+            f.write(f"# {op}: {why}\n")
+            if positive:
+                lines.append("checks.positive_data_acceptance.expected-statuses = "
+                             + toml_list(POSITIVE + positive))
+            if negative:
+                lines.append("checks.negative_data_rejection.expected-statuses = "
+                             + toml_list(NEGATIVE + negative))
+        if op in operations:
+            inline = ", ".join(f'"{k}" = {bind(d, 1.0)}' for k, d in operations[op].items())
+            lines.append(f"parameters = {{ {inline} }}")
+        lines += extra.get(op, [])
+        f.write(f'[[operations]]\ninclude-operation-id = "{op}"\n' + "".join(l + "\n" for l in lines))
 print(agent)
 PY
 )" || die "seeding failed"
@@ -346,10 +446,10 @@ log "seeded; schemathesis config in $CONFIG"
 FAILED_RUNS=()
 FUZZ_STARTED=$SECONDS
 
-# fuzz_run NAME TOKEN [schemathesis filter options...]
+# fuzz_run NAME TOKEN PHASES [schemathesis filter options...]
 fuzz_run() {
-    local name=$1 token=$2
-    shift 2
+    local name=$1 token=$2 phases=$3
+    shift 3
     local limit=$((FUZZ_TIME_BUDGET - (SECONDS - FUZZ_STARTED)))
     if ((limit < 10)); then
         echo "fuzz: no time left for run '$name' (FUZZ_TIME_BUDGET=${FUZZ_TIME_BUDGET}s)" >&2
@@ -368,7 +468,7 @@ fuzz_run() {
         "$ST" --config-file "$CONFIG" run "$BASE/openapi.json" \
         --header "Authorization: Bearer $token" \
         --checks "$FUZZ_CHECKS" \
-        --phases "$FUZZ_PHASES" \
+        --phases "$phases" \
         --max-examples "$FUZZ_MAX_EXAMPLES" \
         --seed "$FUZZ_SEED" \
         --workers "$FUZZ_WORKERS" \
@@ -391,9 +491,18 @@ fuzz_run() {
 
 # The agent run goes first: the admin run cancels jobs and re-registers or removes VMs,
 # which would leave the agent run little to work on. Enrollment comes last (see above).
-fuzz_run agent "$AGENT_TOKEN" --include-path-regex '^/v1/agent/' --exclude-path /v1/agent/enroll
-fuzz_run admin "$ADMIN_TOKEN" --exclude-path-regex '^/v1/agent/'
-fuzz_run enroll "$ENROLL_TOKEN_FUZZ" --include-path /v1/agent/enroll
+# The spec's links are between admin operations: the agent protocol and enrollment have
+# none to follow, and a stateful phase there is an error ("all link definitions required
+# for stateful testing are excluded by filters"), not a test.
+NO_LINK_PHASES="$(tr ',' '\n' <<<"$FUZZ_PHASES" | grep -vx stateful | paste -sd, -)"
+if [[ -n "$NO_LINK_PHASES" ]]; then
+    fuzz_run agent "$AGENT_TOKEN" "$NO_LINK_PHASES" \
+        --include-path-regex '^/v1/agent/' --exclude-path /v1/agent/enroll
+fi
+fuzz_run admin "$ADMIN_TOKEN" "$FUZZ_PHASES" --exclude-path-regex '^/v1/agent/'
+if [[ -n "$NO_LINK_PHASES" ]]; then
+    fuzz_run enroll "$ENROLL_TOKEN_FUZZ" "$NO_LINK_PHASES" --include-path /v1/agent/enroll
+fi
 
 # --- verdict -----------------------------------------------------------------------------------
 

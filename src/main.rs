@@ -107,6 +107,10 @@ struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, env = "BACKVAULT_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     shutdown_grace_seconds: u64,
+    /// Origins browsers may call the API from (CORS), comma-separated, e.g.
+    /// `https://console.example.com`; `*` for any. None by default.
+    #[arg(long, env = "BACKVAULT_CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    cors_allowed_origins: Vec<String>,
     #[command(flatten)]
     jobs: JobArgs,
 }
@@ -483,9 +487,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Duration::from_secs(3600),
         background_stopped,
     ));
-    let app = backvault_api::router(AppState {
-        service: service.clone(),
-    });
+    let app = backvault_api::router_with(
+        AppState {
+            service: service.clone(),
+        },
+        &backvault_api::HttpOptions {
+            cors_allowed_origins: args.cors_allowed_origins.clone(),
+        },
+    );
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -89,6 +89,18 @@ impl TestApp {
         )
     }
 
+    /// The router built with HTTP options (CORS), as `serve` builds it.
+    pub fn with_http(pool: PgPool, options: &backvault_api::HttpOptions) -> Self {
+        let mut app = Self::new(pool);
+        app.router = backvault_api::router_with(
+            AppState {
+                service: app.service.clone(),
+            },
+            options,
+        );
+        app
+    }
+
     pub fn with_auth(pool: PgPool, config: AuthConfig) -> Self {
         Self::with_auth_and_config(pool, config, backvault_service::Config::default())
     }

@@ -5,6 +5,7 @@ mod agent_trust;
 mod agents;
 mod auth;
 mod chain;
+mod contract;
 mod hardening;
 mod health;
 mod helpers;

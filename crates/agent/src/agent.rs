@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use backvault_domain::agent::JobProgress;
 use backvault_domain::agent::protocol::{
     AgentHeartbeat, ClaimedJob, CompleteJob, FailJob, JobHeartbeat,
 };
@@ -263,8 +264,13 @@ impl Agent {
         tracing::info!(items = job.items.len(), lease = ?lease, "job started");
 
         let progress = |percent: u8| {
-            self.running
-                .set_progress(job.job_id, serde_json::json!({ "percent": percent }));
+            self.running.set_progress(
+                job.job_id,
+                JobProgress {
+                    percent: Some(percent),
+                    message: None,
+                },
+            );
         };
         let outcome = tokio::select! {
             outcome = worker::execute(&job, &self.inventory, &self.store, self.settings.backup_clock, progress) => outcome,

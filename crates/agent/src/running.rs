@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use backvault_domain::agent::JobProgress;
 use backvault_domain::agent::protocol::JobLease;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -21,7 +22,7 @@ pub enum Stop {
 
 struct Entry {
     lease: i64,
-    progress: Option<serde_json::Value>,
+    progress: Option<JobProgress>,
     stop: watch::Sender<Option<Stop>>,
     /// The job's outcome is decided and on its way to the server: nothing stops it now.
     reporting: bool,
@@ -68,12 +69,12 @@ impl Running {
             .collect()
     }
 
-    pub fn progress(&self, job_id: Uuid) -> Option<serde_json::Value> {
+    pub fn progress(&self, job_id: Uuid) -> Option<JobProgress> {
         let jobs = self.jobs.lock().expect("running");
         jobs.get(&job_id).and_then(|entry| entry.progress.clone())
     }
 
-    pub fn set_progress(&self, job_id: Uuid, progress: serde_json::Value) {
+    pub fn set_progress(&self, job_id: Uuid, progress: JobProgress) {
         if let Some(entry) = self.jobs.lock().expect("running").get_mut(&job_id) {
             entry.progress = Some(progress);
         }
@@ -145,17 +146,24 @@ impl Drop for Registration {
 mod tests {
     use super::*;
 
+    fn percent(p: u8) -> JobProgress {
+        JobProgress {
+            percent: Some(p),
+            message: None,
+        }
+    }
+
     #[tokio::test]
     async fn tracks_leases_and_stop_reasons() {
         let running = Arc::new(Running::default());
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         let mut job_a = running.start(a, 7);
         let job_b = running.start(b, 9);
-        running.set_progress(a, serde_json::json!({"percent": 50}));
+        running.set_progress(a, percent(50));
         let mut leases = running.leases();
         leases.sort_by_key(|l| l.lease);
         assert_eq!(leases.len(), 2);
-        assert_eq!(leases[0].progress, Some(serde_json::json!({"percent": 50})));
+        assert_eq!(leases[0].progress, Some(percent(50)));
 
         running.stop(a, Stop::Cancelled);
         running.stop(a, Stop::Shutdown);

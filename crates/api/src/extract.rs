@@ -245,6 +245,24 @@ pub fn etag(version: i64) -> (header::HeaderName, String) {
     (header::ETAG, format!("\"{version}\""))
 }
 
+/// The ETag of a resource that has no version: a digest of the representation the client
+/// gets, so it changes exactly when the body does.
+pub fn etag_of(body: &impl serde::Serialize) -> (header::HeaderName, String) {
+    use sha2::{Digest, Sha256};
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let digest = Sha256::digest(&bytes);
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    (header::ETAG, format!("\"{hex}\""))
+}
+
+/// Whether `If-None-Match` holds a tag that matches `etag`: a list, `*`, weak or strong
+/// (RFC 9110 compares weakly for `If-None-Match`).
+pub fn none_match_hit(if_none_match: &str, etag: &str) -> bool {
+    let opaque = |tag: &str| tag.trim().trim_start_matches("W/").to_owned();
+    let current = opaque(etag);
+    if_none_match.trim() == "*" || if_none_match.split(',').any(|tag| opaque(tag) == current)
+}
+
 pub const CREATED: StatusCode = StatusCode::CREATED;
 
 #[cfg(test)]

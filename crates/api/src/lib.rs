@@ -15,6 +15,8 @@ use axum::Router;
 use axum::http::{HeaderName, StatusCode};
 use backvault_service::Service;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::CompressionLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
@@ -43,22 +45,73 @@ fn api_router() -> OpenApiRouter<AppState> {
 }
 
 /// The OpenAPI document the code describes; committed as `openapi/openapi.json`.
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    let mut doc = api_router().into_openapi();
-    openapi::describe_every_response(&mut doc);
-    doc
+pub fn openapi() -> serde_json::Value {
+    openapi::document(&api_router().into_openapi())
+}
+
+/// What the HTTP layer is configured with, beyond the service.
+#[derive(Debug, Clone, Default)]
+pub struct HttpOptions {
+    /// Origins a browser may call the API from (CORS); none by default. `*` allows any:
+    /// the API authenticates with bearer tokens, never cookies, so a page on another
+    /// origin can only act with a token its user gave it.
+    pub cors_allowed_origins: Vec<String>,
+}
+
+/// The whole HTTP application, with default options.
+pub fn router(state: AppState) -> Router {
+    router_with(state, &HttpOptions::default())
+}
+
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    use axum::http::{Method, header};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow_origin = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow_origin)
+            .allow_methods([
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::PATCH,
+                Method::DELETE,
+            ])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::IF_MATCH,
+                header::IF_NONE_MATCH,
+                HeaderName::from_static("idempotency-key"),
+            ])
+            .expose_headers([
+                header::ETAG,
+                header::LOCATION,
+                header::RETRY_AFTER,
+                header::WWW_AUTHENTICATE,
+                REQUEST_ID,
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 /// The whole HTTP application.
-pub fn router(state: AppState) -> Router {
-    let (router, mut spec) = api_router().split_for_parts();
-    openapi::describe_every_response(&mut spec);
+pub fn router_with(state: AppState, options: &HttpOptions) -> Router {
+    let (router, described) = api_router().split_for_parts();
+    let spec = openapi::document(&described);
     let contract = std::sync::Arc::new(edge::QueryContract::from_openapi(&spec));
     router
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
+        .merge(SwaggerUi::new("/docs").external_url_unchecked("/openapi.json", spec))
         .route("/metrics", axum::routing::get(routes::metrics::metrics))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
+        .route_layer(axum::middleware::from_fn(edge::conditional_get))
         .route_layer(axum::middleware::from_fn_with_state(
             contract,
             edge::checked_parameters,
@@ -94,6 +147,11 @@ pub fn router(state: AppState) -> Router {
                 // Failures are logged once, where the error is rendered (`error.rs`).
                 .on_failure(()),
         )
+        // Inside the request id, so compressed and preflight answers carry it too.
+        .layer(CompressionLayer::new())
+        .layer(tower::util::option_layer(cors(
+            &options.cors_allowed_origins,
+        )))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }

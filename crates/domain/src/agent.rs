@@ -384,16 +384,21 @@ fn too_large(pointer: impl Into<String>, what: String) -> Violation {
 }
 
 /// `field_too_large` when an agent's `progress` is over [`MAX_PROGRESS_BYTES`].
-pub fn check_progress(progress: Option<&serde_json::Value>, pointer: &str) -> Option<Violation> {
-    let bytes = json_bytes(&progress?);
-    (bytes > MAX_PROGRESS_BYTES).then(|| {
-        too_large(
+pub fn check_progress(progress: Option<&JobProgress>, pointer: &str) -> Vec<Violation> {
+    let Some(progress) = progress else {
+        return Vec::new();
+    };
+    let mut v = progress.violations(pointer);
+    let bytes = json_bytes(progress);
+    if bytes > MAX_PROGRESS_BYTES {
+        v.push(too_large(
             pointer,
             format!(
                 "progress is at most {MAX_PROGRESS_BYTES} bytes of JSON (this one has {bytes})"
             ),
-        )
-    })
+        ));
+    }
+    v
 }
 
 /// At most [`MAX_WARNINGS`] warnings of at most [`MAX_WARNING_CHARS`] characters each.
@@ -814,6 +819,46 @@ impl JobResult {
     }
 }
 
+/// The longest progress message.
+pub const MAX_PROGRESS_MESSAGE_CHARS: usize = 1024;
+
+/// What a running job has done so far, for users (`GET /v1/jobs/{job_id}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobProgress {
+    /// 0 to 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u8>,
+    /// What the agent is doing, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl JobProgress {
+    pub fn violations(&self, pointer: &str) -> Vec<Violation> {
+        let mut v = Violations::default();
+        if self.percent.is_some_and(|p| p > 100) {
+            v.push(
+                format!("{pointer}/percent"),
+                "progress_invalid",
+                "percent is 0 to 100",
+            );
+        }
+        if self
+            .message
+            .as_ref()
+            .is_some_and(|m| m.chars().count() > MAX_PROGRESS_MESSAGE_CHARS)
+        {
+            v.push(
+                format!("{pointer}/message"),
+                "field_too_large",
+                format!("a progress message has at most {MAX_PROGRESS_MESSAGE_CHARS} characters"),
+            );
+        }
+        v.into_vec()
+    }
+}
+
 /// What a completed job reports, by kind.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -841,7 +886,7 @@ pub mod protocol {
     use utoipa::ToSchema;
     use uuid::Uuid;
 
-    use super::{JobItem, JobResult, VmFacts};
+    use super::{JobItem, JobProgress, JobResult, VmFacts};
     use crate::jobs::JobKind;
 
     #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -863,9 +908,8 @@ pub mod protocol {
     pub struct JobLease {
         pub job_id: Uuid,
         pub lease: i64,
-        /// At most 4 KiB of JSON.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        pub progress: Option<serde_json::Value>,
+        pub progress: Option<JobProgress>,
     }
 
     /// The VM is alive; optionally new facts, and the leases of the jobs it is running
@@ -916,6 +960,9 @@ pub mod protocol {
         /// 1 on the first try.
         pub attempt: i32,
         pub items: Vec<JobItem>,
+        /// The job's [`JobPayload`](crate::jobs::JobPayload), tagged with its kind. Read
+        /// tolerantly: a job queued by an older server may carry fewer fields.
+        #[schema(value_type = crate::jobs::JobPayload)]
         pub payload: serde_json::Value,
     }
 
@@ -939,10 +986,9 @@ pub mod protocol {
     #[serde(deny_unknown_fields)]
     pub struct JobHeartbeat {
         pub lease: i64,
-        /// What the job has done so far, for users (`GET /v1/jobs/{job_id}`): at most 4 KiB
-        /// of JSON.
+        /// What the job has done so far, for users (`GET /v1/jobs/{job_id}`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        pub progress: Option<serde_json::Value>,
+        pub progress: Option<JobProgress>,
     }
 
     #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -1410,17 +1456,36 @@ mod tests {
 
     #[test]
     fn free_form_fields_are_bounded() {
-        let small = serde_json::json!({"percent": 50, "step": "copying"});
-        assert_eq!(check_progress(Some(&small), "/progress"), None);
-        assert_eq!(check_progress(None, "/progress"), None);
-        let big = serde_json::json!({"log": "x".repeat(MAX_PROGRESS_BYTES)});
+        let codes = |p: &JobProgress| {
+            check_progress(Some(p), "/jobs/0/progress")
+                .into_iter()
+                .map(|v| (v.pointer, v.code))
+                .collect::<Vec<_>>()
+        };
+        let message = |m: String| JobProgress {
+            percent: Some(50),
+            message: Some(m),
+        };
+        assert_eq!(codes(&message("copying".into())), []);
+        assert!(check_progress(None, "/progress").is_empty());
         assert_eq!(
-            check_progress(Some(&big), "/jobs/0/progress").map(|v| (v.pointer, v.code)),
-            Some(("/jobs/0/progress".to_owned(), "field_too_large"))
+            codes(&JobProgress {
+                percent: Some(101),
+                message: None
+            }),
+            [("/jobs/0/progress/percent".to_owned(), "progress_invalid")]
+        );
+        assert_eq!(
+            codes(&message("x".repeat(MAX_PROGRESS_MESSAGE_CHARS + 1))),
+            [("/jobs/0/progress/message".to_owned(), "field_too_large")]
+        );
+        // Within the characters allowed, but four bytes each: over the byte cap.
+        assert_eq!(
+            codes(&message("🦀".repeat(MAX_PROGRESS_MESSAGE_CHARS))),
+            [("/jobs/0/progress".to_owned(), "field_too_large")]
         );
         let exact = serde_json::Value::String("x".repeat(MAX_PROGRESS_BYTES - 2));
         assert_eq!(json_bytes(&exact), MAX_PROGRESS_BYTES);
-        assert_eq!(check_progress(Some(&exact), "/progress"), None);
 
         let warnings = vec![
             "w".repeat(MAX_WARNING_CHARS),

@@ -3,10 +3,88 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::restore::RestoreJobPayload;
 use crate::violation::{Violation, Violations};
+
+/// How one attempt at a job ended. The database holds the same set in a CHECK constraint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    Completed,
+    Failed,
+    /// The agent stopped heartbeating; the job was handed out again.
+    LeaseExpired,
+    Cancelled,
+}
+
+/// What a backup job's agent is told beyond its databases. A scheduled job names its
+/// policy slot; an on-demand one its retention; a copy-only full says so.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackupPayload {
+    /// The policy slot a scheduled job serves; after downtime, the first slot missed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_at: Option<DateTime<Utc>>,
+    /// The scheduler's clock when it enqueued the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_at: Option<DateTime<Utc>>,
+    /// A full backup outside the recovery chain (`BACKUP ... WITH COPY_ONLY`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_only: Option<bool>,
+    /// Days an on-demand backup is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_days: Option<u32>,
+    /// Taken by a user (`backup_now`), not by the scheduler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_demand: Option<bool>,
+}
+
+/// Nothing beyond the job's items.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NoPayload {}
+
+/// What a job's agent is told beyond its items, by the job's kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobPayload {
+    Discovery(NoPayload),
+    ConfigureProtection(NoPayload),
+    BackupFull(BackupPayload),
+    BackupDifferential(BackupPayload),
+    BackupLog(BackupPayload),
+    Restore(RestoreJobPayload),
+}
+
+impl JobPayload {
+    /// The payload of a job of `kind` as stored (without its kind).
+    pub fn from_stored(
+        kind: JobKind,
+        stored: &serde_json::Value,
+    ) -> Result<Self, serde_json::Error> {
+        let mut tagged = match stored {
+            serde_json::Value::Object(fields) => fields.clone(),
+            _ => serde_json::Map::new(),
+        };
+        tagged.insert("kind".into(), kind.as_str().into());
+        serde_json::from_value(serde_json::Value::Object(tagged))
+    }
+
+    pub fn kind(&self) -> JobKind {
+        match self {
+            JobPayload::Discovery(_) => JobKind::Discovery,
+            JobPayload::ConfigureProtection(_) => JobKind::ConfigureProtection,
+            JobPayload::BackupFull(_) => JobKind::BackupFull,
+            JobPayload::BackupDifferential(_) => JobKind::BackupDifferential,
+            JobPayload::BackupLog(_) => JobKind::BackupLog,
+            JobPayload::Restore(_) => JobKind::Restore,
+        }
+    }
+}
 
 /// At most this many databases go into one job (Azure Backup's limit per backup job).
 pub const MAX_ITEMS_PER_JOB: usize = 50;
@@ -166,11 +244,7 @@ pub fn retry_delay(attempt: i32, jitter: f64) -> Duration {
 /// databases with no payload beyond `copy_only`. Configure protection and restores have
 /// endpoints that check their rules (eligibility, restore targets); a raw job would skip
 /// them.
-pub fn check_dispatch(
-    kind: JobKind,
-    item_count: usize,
-    payload: &serde_json::Value,
-) -> Vec<Violation> {
+pub fn check_dispatch(kind: JobKind, item_count: usize, copy_only: Option<bool>) -> Vec<Violation> {
     let mut v = Violations::default();
     match kind {
         JobKind::ConfigureProtection | JobKind::Restore => v.push(
@@ -192,17 +266,11 @@ pub fn check_dispatch(
             format!("a job carries at most {MAX_ITEMS_PER_JOB} databases"),
         );
     }
-    let allowed_payload = match payload.as_object() {
-        Some(fields) => fields.iter().all(|(name, value)| {
-            kind == JobKind::BackupFull && name == "copy_only" && value.is_boolean()
-        }),
-        None => false,
-    };
-    if !allowed_payload {
+    if copy_only.is_some() && kind != JobKind::BackupFull {
         v.push(
-            "/payload",
+            "/payload/copy_only",
             "payload_not_allowed",
-            "a dispatched job's payload is {} (a full backup may add \"copy_only\": true); retention comes from the policy or an on-demand backup",
+            "only a full backup may be copy-only; a dispatched job's payload is otherwise {}",
         );
     }
     v.into_vec()
@@ -271,40 +339,77 @@ mod tests {
 
     #[test]
     fn only_checkable_jobs_are_dispatched_and_only_with_plain_payloads() {
-        use serde_json::json;
-        let codes = |kind, items, payload: serde_json::Value| -> Vec<&'static str> {
-            check_dispatch(kind, items, &payload)
+        let codes = |kind, items, copy_only| -> Vec<&'static str> {
+            check_dispatch(kind, items, copy_only)
                 .into_iter()
                 .map(|v| v.code)
                 .collect()
         };
-        assert!(codes(JobKind::Discovery, 0, json!({})).is_empty());
-        assert!(codes(JobKind::BackupLog, 3, json!({})).is_empty());
-        assert!(codes(JobKind::BackupFull, 1, json!({"copy_only": true})).is_empty());
+        assert!(codes(JobKind::Discovery, 0, None).is_empty());
+        assert!(codes(JobKind::BackupLog, 3, None).is_empty());
+        assert!(codes(JobKind::BackupFull, 1, Some(true)).is_empty());
+        assert!(codes(JobKind::BackupFull, 1, Some(false)).is_empty());
         assert_eq!(
-            codes(JobKind::Restore, 1, json!({})),
+            codes(JobKind::Restore, 1, None),
             ["job_kind_not_dispatchable"]
         );
         assert_eq!(
-            codes(JobKind::ConfigureProtection, 1, json!({})),
+            codes(JobKind::ConfigureProtection, 1, None),
             ["job_kind_not_dispatchable"]
         );
+        assert_eq!(codes(JobKind::Discovery, 1, None), ["items_not_allowed"]);
         assert_eq!(
-            codes(JobKind::Discovery, 1, json!({})),
-            ["items_not_allowed"]
-        );
-        assert_eq!(
-            codes(JobKind::BackupFull, 1, json!({"retention_days": 3650})),
+            codes(JobKind::BackupLog, 1, Some(true)),
             ["payload_not_allowed"]
         );
         assert_eq!(
-            codes(JobKind::BackupLog, 1, json!({"copy_only": true})),
+            codes(JobKind::BackupDifferential, 1, Some(false)),
             ["payload_not_allowed"]
         );
         assert_eq!(
-            codes(JobKind::BackupLog, 1, json!([])),
-            ["payload_not_allowed"]
+            codes(JobKind::BackupLog, MAX_ITEMS_PER_JOB + 1, None),
+            ["too_many_items"]
         );
-        assert_eq!(codes(JobKind::BackupLog, 51, json!({})), ["too_many_items"]);
+    }
+}
+
+#[cfg(test)]
+mod payload_tests {
+    use super::*;
+
+    #[test]
+    fn stored_payloads_read_as_their_kind() {
+        let scheduled = serde_json::json!({"slot_at": "2026-11-30T22:00:00Z", "scheduled_at": "2026-11-30T22:00:05Z"});
+        let payload = JobPayload::from_stored(JobKind::BackupLog, &scheduled).unwrap();
+        let JobPayload::BackupLog(backup) = &payload else {
+            panic!("{payload:?}");
+        };
+        assert!(backup.slot_at.is_some() && backup.copy_only.is_none());
+        let wire = serde_json::to_value(&payload).unwrap();
+        assert_eq!(wire["kind"], "backup_log");
+        assert_eq!(wire["slot_at"], "2026-11-30T22:00:00Z");
+
+        let on_demand =
+            serde_json::json!({"copy_only": true, "retention_days": 30, "on_demand": true});
+        assert!(matches!(
+            JobPayload::from_stored(JobKind::BackupFull, &on_demand).unwrap(),
+            JobPayload::BackupFull(BackupPayload {
+                copy_only: Some(true),
+                retention_days: Some(30),
+                ..
+            })
+        ));
+        assert_eq!(
+            JobPayload::from_stored(JobKind::Discovery, &serde_json::json!({})).unwrap(),
+            JobPayload::Discovery(NoPayload {})
+        );
+        // A field no payload of that kind has is refused, not dropped.
+        assert!(JobPayload::from_stored(JobKind::Discovery, &on_demand).is_err());
+        for kind in JobKind::ALL {
+            if kind != JobKind::Restore {
+                let payload = JobPayload::from_stored(kind, &serde_json::json!({})).unwrap();
+                assert_eq!(payload.kind(), kind);
+            }
+        }
     }
 }

@@ -10,6 +10,8 @@ use std::fmt;
 
 /// The digits of `numeric(25,0)`.
 pub const MAX_LSN_DIGITS: usize = 25;
+/// [`Lsn::parse`] as a JSON Schema pattern: decimal, or SQL Server's textual form.
+pub const LSN_PATTERN: &str = "^([0-9]{1,25}|[0-9A-Fa-f]{1,8}:[0-9A-Fa-f]{1,8}:[0-9A-Fa-f]{1,4})$";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Lsn(pub u128);

@@ -2,6 +2,18 @@
 
 use crate::violation::{Violation, Violations};
 
+pub const MIN_VAULT_NAME_CHARS: usize = 2;
+pub const MAX_VAULT_NAME_CHARS: usize = 50;
+pub const MIN_POLICY_NAME_CHARS: usize = 1;
+pub const MAX_POLICY_NAME_CHARS: usize = 150;
+
+/// [`VaultName::parse`] as a JSON Schema pattern (lengths included).
+pub const VAULT_NAME_PATTERN: &str = "^[A-Za-z][A-Za-z0-9-]{0,48}[A-Za-z0-9]$";
+/// [`PolicyName::parse`] as a JSON Schema pattern (lengths included).
+pub const POLICY_NAME_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9_-]{0,149}$";
+/// [`check_identifier`] as a JSON Schema pattern; the length goes in `maxLength`.
+pub const IDENTIFIER_PATTERN: &str = r"^[^\s/\u0000-\u001F\u007F-\u009F]([^/\u0000-\u001F\u007F-\u009F]*[^\s/\u0000-\u001F\u007F-\u009F])?$";
+
 /// A vault name as Azure allows it: 2–50 characters, letters, digits and hyphens, a letter
 /// first, not ending in a hyphen. Uniqueness (per subscription and resource group, ignoring
 /// case) is the store's to enforce.
@@ -12,7 +24,7 @@ impl VaultName {
     pub fn parse(raw: &str, pointer: &str) -> Result<Self, Vec<Violation>> {
         let mut v = Violations::default();
         let len = raw.chars().count();
-        if !(2..=50).contains(&len) {
+        if !(MIN_VAULT_NAME_CHARS..=MAX_VAULT_NAME_CHARS).contains(&len) {
             v.push(
                 pointer,
                 "vault_name_length",
@@ -60,7 +72,7 @@ impl PolicyName {
     pub fn parse(raw: &str, pointer: &str) -> Result<Self, Vec<Violation>> {
         let mut v = Violations::default();
         let len = raw.chars().count();
-        if !(1..=150).contains(&len) {
+        if !(MIN_POLICY_NAME_CHARS..=MAX_POLICY_NAME_CHARS).contains(&len) {
             v.push(
                 pointer,
                 "policy_name_length",
@@ -85,6 +97,13 @@ impl PolicyName {
         &self.0
     }
 }
+
+/// The longest subscription id, region and VM name; Azure's own limits are within these.
+pub const MAX_SUBSCRIPTION_ID_CHARS: usize = 64;
+pub const MAX_REGION_CHARS: usize = 64;
+pub const MAX_VM_NAME_CHARS: usize = 64;
+/// Azure's limit on a resource group's name.
+pub const MAX_RESOURCE_GROUP_CHARS: usize = 90;
 
 /// Subscriptions, resource groups and regions are identifiers from the cloud inventory;
 /// backvault only insists they are non-empty, printable and of sane length.

@@ -300,6 +300,9 @@ impl Policy {
 
 pub const DEFAULT_POLICY_NAME: &str = "HourlyLogBackup";
 
+/// The times `parse_time` accepts, as a JSON Schema pattern: HH:MM on the hour or half hour.
+pub const TIME_OF_DAY_PATTERN: &str = "^([01][0-9]|2[0-3]):(00|30)$";
+
 fn parse_time(raw: &str, pointer: &str, v: &mut Violations) -> Option<NaiveTime> {
     let Ok(time) = NaiveTime::parse_from_str(raw, "%H:%M") else {
         v.push(

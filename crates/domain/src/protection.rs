@@ -304,6 +304,8 @@ pub enum OnDemandType {
 pub const ON_DEMAND_FULL_MIN_RETENTION_DAYS: u32 = 45;
 /// 99 years.
 pub const ON_DEMAND_FULL_MAX_RETENTION_DAYS: u32 = 36_159;
+/// A copy-only full is kept at least a day.
+pub const COPY_ONLY_MIN_RETENTION_DAYS: u32 = 1;
 /// Besides the scheduled full, at most this many on-demand fulls a day.
 pub const MAX_ON_DEMAND_FULLS_PER_DAY: i64 = 3;
 
@@ -345,7 +347,8 @@ pub fn check_on_demand(
             "a copy-only full backup carries its own retention: 1 day to 99 years",
         ),
         (OnDemandType::CopyOnlyFull, Some(days))
-            if !(1..=ON_DEMAND_FULL_MAX_RETENTION_DAYS).contains(&days) =>
+            if !(COPY_ONLY_MIN_RETENTION_DAYS..=ON_DEMAND_FULL_MAX_RETENTION_DAYS)
+                .contains(&days) =>
         {
             v.push(
                 "/retention_days",

@@ -10,6 +10,10 @@ use crate::violation::Violation;
 /// The longest single string a request may carry (bodies have their own size cap).
 pub const MAX_TEXT_CHARS: usize = 8192;
 
+/// [`text_fault`] as a JSON Schema (ECMA-262) pattern, for the OpenAPI document: no control
+/// character but tab, line feed and carriage return. The length goes in `maxLength`.
+pub const TEXT_PATTERN: &str = r"^[^\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F-\u009F]*$";
+
 /// Why a string is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TextFault {

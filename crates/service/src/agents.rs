@@ -15,7 +15,7 @@ use backvault_domain::agent::{
     JobItem, JobResult, MAX_HEARTBEAT_LEASES, ReportedJob, VmFacts, check_progress, check_warnings,
 };
 use backvault_domain::instants::later;
-use backvault_domain::jobs::{JobKind, JobStatus, retry_delay};
+use backvault_domain::jobs::{JobKind, JobPayload, JobStatus, retry_delay};
 use backvault_store::PgPool;
 use backvault_store::jobs::{self as store, AttemptEnd, ClaimLimits, Completion};
 use backvault_store::vms;
@@ -36,6 +36,8 @@ use crate::{Config, Principal, Service};
 
 pub const MAX_CLAIM_JOBS: u32 = 50;
 pub const MAX_CLAIM_WAIT_SECONDS: u32 = 60;
+/// The longest error code an agent may report for a failed job.
+pub const MAX_FAILURE_CODE_CHARS: usize = 128;
 /// Agent codes that mean the log chain is broken: the next backup must be a full.
 const LOG_CHAIN_BROKEN: [&str; 3] = [
     "UserErrorSQLLSNValidationFailure",
@@ -86,16 +88,33 @@ fn lease_lost() -> Error {
     )
 }
 
+/// A stored payload as agents get it: tagged with the job's kind. One the current types do
+/// not read (queued by an older server) goes as stored, with its kind.
+fn tagged_payload(kind: JobKind, stored: serde_json::Value) -> serde_json::Value {
+    match JobPayload::from_stored(kind, &stored).map(serde_json::to_value) {
+        Ok(Ok(tagged)) => tagged,
+        _ => {
+            let mut fields = match stored {
+                serde_json::Value::Object(fields) => fields,
+                _ => serde_json::Map::new(),
+            };
+            fields.insert("kind".into(), kind.as_str().into());
+            serde_json::Value::Object(fields)
+        }
+    }
+}
+
 pub(crate) fn claimed_job(row: store::ClaimedRow) -> Result<ClaimedJob> {
+    let kind = JobKind::parse(&row.kind)
+        .ok_or_else(|| Error::internal(format!("unknown job kind {}", row.kind)))?;
     Ok(ClaimedJob {
         job_id: row.job_id,
-        kind: JobKind::parse(&row.kind)
-            .ok_or_else(|| Error::internal(format!("unknown job kind {}", row.kind)))?,
+        kind,
         lease: row.lease,
         lease_expires_at: row.lease_expires_at,
         attempt: row.attempt,
         items: serde_json::from_value::<Vec<JobItem>>(row.items.0).map_err(Error::internal)?,
-        payload: row.payload.0,
+        payload: tagged_payload(kind, row.payload.0),
     })
 }
 
@@ -463,7 +482,7 @@ impl Service {
                 format!("a heartbeat extends at most {MAX_HEARTBEAT_LEASES} leases"),
             ));
         } else {
-            violations.extend(hb.jobs.iter().enumerate().filter_map(|(i, j)| {
+            violations.extend(hb.jobs.iter().enumerate().flat_map(|(i, j)| {
                 check_progress(j.progress.as_ref(), &format!("/jobs/{i}/progress"))
             }));
         }
@@ -546,15 +565,21 @@ impl Service {
         hb: JobHeartbeat,
     ) -> Result<JobHeartbeatResponse> {
         let vm = self.agent_vm(principal).await?;
-        if let Some(v) = check_progress(hb.progress.as_ref(), "/progress") {
-            return Err(Error::validation(vec![v]));
+        let violations = check_progress(hb.progress.as_ref(), "/progress");
+        if !violations.is_empty() {
+            return Err(Error::validation(violations));
         }
         match store::queue_job_heartbeat(
             &self.pool,
             vm,
             job_id,
             hb.lease,
-            hb.progress.as_ref(),
+            hb.progress
+                .as_ref()
+                .map(serde_json::to_value)
+                .transpose()
+                .map_err(Error::internal)?
+                .as_ref(),
             self.config.lease,
         )
         .await?
@@ -758,11 +783,11 @@ impl Service {
         req: FailJob,
     ) -> Result<JobOutcome> {
         let vm = self.agent_vm(principal).await?;
-        if req.code.is_empty() || req.code.len() > 128 {
+        if req.code.is_empty() || req.code.chars().count() > MAX_FAILURE_CODE_CHARS {
             return Err(Error::new(
                 ErrorKind::BadRequest,
                 "invalid_error_code",
-                "code is 1 to 128 characters",
+                format!("code is 1 to {MAX_FAILURE_CODE_CHARS} characters"),
             ));
         }
         let mut tx = self.pool.begin().await?;

@@ -10,6 +10,9 @@ use sqlx::PgConnection;
 use crate::error::{Error, ErrorKind, Result};
 use crate::{Created, Principal};
 
+/// The longest `Idempotency-Key` (visible ASCII, so characters are bytes).
+pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
+
 /// Runs `create` in `tx` under the key, or replays the stored response.
 pub(crate) async fn idempotent<T, F>(
     tx: &mut PgConnection,
@@ -29,11 +32,11 @@ where
             replayed: false,
         });
     };
-    if key.is_empty() || key.len() > 255 {
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_CHARS {
         return Err(Error::new(
             ErrorKind::BadRequest,
             "idempotency_key_invalid",
-            "Idempotency-Key is 1 to 255 characters",
+            format!("Idempotency-Key is 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters"),
         ));
     }
     let mut hasher = Sha256::new();

@@ -3,8 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use backvault_domain::agent::JobItem;
-use backvault_domain::jobs::{JobKind, JobStatus, MAX_ITEMS_PER_JOB, Priority, check_dispatch};
+use backvault_domain::agent::{JobItem, JobProgress, JobResult};
+use backvault_domain::jobs::{
+    JobKind, JobPayload, JobStatus, MAX_ITEMS_PER_JOB, Priority, check_dispatch,
+};
 use backvault_domain::violation::Violations;
 use backvault_store::jobs::{self as store, CancelOutcome, JobFilter, JobRow, NewJob};
 use chrono::{DateTime, Utc};
@@ -32,7 +34,8 @@ pub struct JobAttempt {
     pub lease: i64,
     pub started_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,
-    /// `completed`, `failed`, `lease_expired` or `cancelled`; absent while running.
+    /// Absent while running.
+    #[schema(value_type = Option<backvault_domain::jobs::AttemptOutcome>)]
     pub outcome: Option<String>,
     pub error: Option<JobError>,
 }
@@ -46,24 +49,24 @@ pub struct Job {
     pub status: JobStatus,
     pub priority: Priority,
     pub items: Vec<JobItem>,
-    /// What the job's agent is told beyond its items. Omitted from lists (`GET /v1/jobs`):
-    /// read the job (`GET /v1/jobs/{job_id}`) for it.
+    /// What the job's agent is told beyond its items, tagged with the job's kind. Omitted
+    /// from lists (`GET /v1/jobs`): read the job (`GET /v1/jobs/{job_id}`) for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub payload: Option<serde_json::Value>,
+    pub payload: Option<JobPayload>,
     /// What the agent reported, once the job completed. Omitted from lists
     /// (`GET /v1/jobs`): read the job (`GET /v1/jobs/{job_id}`) for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<serde_json::Value>,
+    pub result: Option<JobResult>,
     pub warnings: Vec<String>,
     /// The last error: the final one for a failed job, the latest for a retried one.
     pub error: Option<JobError>,
     pub attempts: i32,
     pub max_attempts: i32,
     pub cancel_requested: bool,
-    /// The agent's latest progress report while running (at most 4 KiB of JSON). Omitted
-    /// from lists (`GET /v1/jobs`): read the job (`GET /v1/jobs/{job_id}`) for it.
+    /// The agent's latest progress report while running. Omitted from lists
+    /// (`GET /v1/jobs`): read the job (`GET /v1/jobs/{job_id}`) for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub progress: Option<serde_json::Value>,
+    pub progress: Option<JobProgress>,
     /// When a queued job becomes claimable (later than now while backing off).
     pub next_attempt_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
@@ -75,17 +78,32 @@ pub struct Job {
     pub attempt_history: Option<Vec<JobAttempt>>,
 }
 
+/// A stored body read as its type. One the current types do not read (written by an older
+/// server or agent) is left out of the view, with a warning: the row keeps it.
+fn stored<T: serde::de::DeserializeOwned>(
+    job: Uuid,
+    what: &str,
+    read: impl FnOnce() -> serde_json::Result<T>,
+) -> Option<T> {
+    read()
+        .inspect_err(
+            |e| tracing::warn!(%job, error = %e, "a stored job {what} is not of the current type"),
+        )
+        .ok()
+}
+
 impl TryFrom<JobRow> for Job {
     type Error = Error;
     fn try_from(r: JobRow) -> Result<Self> {
         let status = JobStatus::parse(&r.status)
             .ok_or_else(|| Error::internal(format!("status {}", r.status)))?;
+        let kind =
+            JobKind::parse(&r.kind).ok_or_else(|| Error::internal(format!("kind {}", r.kind)))?;
         Ok(Self {
             id: r.id,
             vm_id: r.vm_id,
             vault_id: r.vault_id,
-            kind: JobKind::parse(&r.kind)
-                .ok_or_else(|| Error::internal(format!("kind {}", r.kind)))?,
+            kind,
             status,
             priority: if r.priority == Priority::OnDemand.rank() {
                 Priority::OnDemand
@@ -93,8 +111,12 @@ impl TryFrom<JobRow> for Job {
                 Priority::Scheduled
             },
             items: serde_json::from_value(r.items.0).map_err(Error::internal)?,
-            payload: r.payload.map(|p| p.0),
-            result: r.result.map(|r| r.0),
+            payload: r
+                .payload
+                .and_then(|p| stored(r.id, "payload", || JobPayload::from_stored(kind, &p.0))),
+            result: r
+                .result
+                .and_then(|v| stored(r.id, "result", || serde_json::from_value(v.0))),
             warnings: serde_json::from_value(r.warnings.0).unwrap_or_default(),
             error: r.error_code.map(|code| JobError {
                 code,
@@ -103,7 +125,9 @@ impl TryFrom<JobRow> for Job {
             attempts: r.attempts,
             max_attempts: r.max_attempts,
             cancel_requested: r.cancel_requested,
-            progress: r.progress.map(|p| p.0),
+            progress: r
+                .progress
+                .and_then(|v| stored(r.id, "progress", || serde_json::from_value(v.0))),
             next_attempt_at: if status == JobStatus::Queued {
                 r.run_at
             } else {
@@ -137,13 +161,17 @@ pub struct DispatchJob {
     /// protected item of this VM's databases.
     #[serde(default)]
     pub items: Vec<JobItem>,
-    /// `{}`; a full backup may say `{"copy_only": true}`.
-    #[serde(default = "empty_object")]
-    pub payload: serde_json::Value,
+    #[serde(default)]
+    pub payload: DispatchPayload,
 }
 
-fn empty_object() -> serde_json::Value {
-    serde_json::json!({})
+/// What a dispatched job adds to its items: nothing, except that a full backup may be
+/// copy-only.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DispatchPayload {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_only: Option<bool>,
 }
 
 /// The protected items a job works on.
@@ -328,7 +356,7 @@ impl Service {
     /// Sends an on-demand job to a VM's agent.
     pub async fn job_dispatch(&self, principal: &Principal, req: DispatchJob) -> Result<Job> {
         principal.require(Operation::DispatchJob)?;
-        let violations = check_dispatch(req.kind, req.items.len(), &req.payload);
+        let violations = check_dispatch(req.kind, req.items.len(), req.payload.copy_only);
         if !violations.is_empty() {
             return Err(Error::validation(violations));
         }
@@ -357,7 +385,7 @@ impl Service {
             req.kind,
             Priority::OnDemand,
             &req.items,
-            req.payload,
+            serde_json::to_value(&req.payload).map_err(Error::internal)?,
         )?;
         self.commit_with_job(principal, tx, job).await
     }

@@ -10,7 +10,7 @@ pub mod auth;
 pub mod background;
 mod batcher;
 pub mod error;
-mod idempotency;
+pub mod idempotency;
 pub mod jobs;
 pub mod keys;
 pub mod metrics;

@@ -47,6 +47,17 @@ impl TryFrom<PolicyRow> for BackupPolicy {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "name": "Gold",
+    "spec": {
+        "time_zone": "Europe/Amsterdam",
+        "full": {"frequency": "weekly", "days": ["sunday"], "time": "22:00"},
+        "differential": {"days": ["wednesday"], "time": "22:00", "retention_days": 30},
+        "log": {"frequency_minutes": 30, "retention_days": 14},
+        "retention": {"weekly": {"weeks": 8}},
+        "compression": true
+    }
+}))]
 pub struct CreatePolicy {
     /// Unique within the vault, ignoring case.
     pub name: String,

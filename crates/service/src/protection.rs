@@ -47,12 +47,14 @@ pub struct DiscoveryCandidate {
 pub struct ProtectableDatabase {
     pub id: Uuid,
     pub name: String,
+    #[schema(value_type = backvault_domain::agent::RecoveryModel)]
     pub recovery_model: String,
     pub system: bool,
     pub read_only: bool,
     pub size_bytes: i64,
     /// The protection it has, in this vault.
     pub protected_item_id: Option<Uuid>,
+    #[schema(value_type = Option<backvault_domain::protection::ProtectionState>)]
     pub protection_state: Option<String>,
     /// Whether Configure Protection accepts it now.
     pub protectable: bool,
@@ -91,6 +93,10 @@ pub struct ProtectableContainer {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "policy": "HourlyLogBackup",
+    "databases": ["0192f3a0-7b1c-7d2e-9f00-1a2b3c4d5e6f", "0192f3a0-7b1c-7d2e-9f00-1a2b3c4d5e70"]
+}))]
 pub struct ConfigureProtection {
     /// A policy of this vault, by name.
     pub policy: String,
@@ -111,6 +117,7 @@ pub struct ProtectedItem {
     pub id: Uuid,
     pub vault_id: Uuid,
     pub database_id: Uuid,
+    #[schema(value_type = backvault_domain::protection::ProtectionState)]
     pub state: String,
     pub policy: Option<String>,
     pub auto_protected: bool,
@@ -127,6 +134,7 @@ pub struct ProtectedItem {
     pub casing_changed: bool,
     /// The database is no longer reported by discovery.
     pub database_gone: bool,
+    #[schema(value_type = backvault_domain::agent::RecoveryModel)]
     pub recovery_model: String,
     pub last_full_at: Option<DateTime<Utc>>,
     pub last_differential_at: Option<DateTime<Utc>>,
@@ -232,7 +240,6 @@ pub struct OnDemandBackup {
     /// Full: 45 to 36159 days; copy-only full: 1 to 36159 days; differential and log:
     /// none (they follow the policy).
     #[serde(default)]
-    #[schema(minimum = 1, maximum = 36159)]
     pub retention_days: Option<u32>,
 }
 

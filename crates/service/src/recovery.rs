@@ -423,6 +423,10 @@ pub struct RestorePlan {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "point_in_time": "2026-11-30T14:05:00Z",
+    "target_database": "sales_restored"
+}))]
 pub struct RestoreRequest {
     #[serde(default)]
     pub point_in_time: Option<DateTime<Utc>>,
@@ -435,11 +439,9 @@ pub struct RestoreRequest {
     /// name on the target instance is replaced only with `overwrite: true`; system
     /// databases are never targets.
     #[serde(default)]
-    #[schema(min_length = 1, max_length = 128)]
     pub target_database: Option<String>,
     /// The SQL Server instance on the target VM; the item's instance when absent.
     #[serde(default)]
-    #[schema(min_length = 1, max_length = 128)]
     pub target_instance: Option<String>,
     #[serde(default)]
     pub overwrite: bool,

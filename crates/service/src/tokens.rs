@@ -3,7 +3,9 @@
 //! request is checked against.
 
 use backvault_domain::agent::VmFacts;
-use backvault_domain::names::check_identifier;
+use backvault_domain::names::{
+    MAX_RESOURCE_GROUP_CHARS, MAX_SUBSCRIPTION_ID_CHARS, MAX_VM_NAME_CHARS, check_identifier,
+};
 use backvault_domain::tokens::{
     DEFAULT_ENROLLMENT_TTL_SECONDS, MAX_ENROLLMENT_TTL_SECONDS, MAX_ENROLLMENT_USES,
     MAX_USER_TTL_SECONDS, MIN_TOKEN_TTL_SECONDS,
@@ -27,7 +29,6 @@ pub struct CreateEnrollmentToken {
     pub subscription_id: String,
     /// Lifetime, 60 to 86400 seconds (default 3600).
     #[serde(default = "default_enrollment_ttl")]
-    #[schema(minimum = 60, maximum = 86400)]
     pub ttl_seconds: i64,
     /// Binds the token to one VM, with `resource_group`: only that VM may enroll with it,
     /// and it may re-enroll that VM when it already has an agent (a reinstalled agent),
@@ -39,7 +40,6 @@ pub struct CreateEnrollmentToken {
     pub resource_group: Option<String>,
     /// Enrollments the token allows, 1 to 100 (default 1).
     #[serde(default = "default_max_uses")]
-    #[schema(minimum = 1, maximum = 100)]
     pub max_uses: i32,
 }
 
@@ -136,7 +136,7 @@ pub fn check_enrollment_request(req: &CreateEnrollmentToken) -> Result<()> {
         &req.subscription_id,
         "/subscription_id",
         "subscription_id",
-        64,
+        MAX_SUBSCRIPTION_ID_CHARS,
         &mut v,
     );
     // `*` in a token means every subscription: an enrollment token names one.
@@ -149,8 +149,14 @@ pub fn check_enrollment_request(req: &CreateEnrollmentToken) -> Result<()> {
     }
     match (&req.vm_name, &req.resource_group) {
         (Some(name), Some(group)) => {
-            check_identifier(name, "/vm_name", "vm_name", 64, &mut v);
-            check_identifier(group, "/resource_group", "resource_group", 90, &mut v);
+            check_identifier(name, "/vm_name", "vm_name", MAX_VM_NAME_CHARS, &mut v);
+            check_identifier(
+                group,
+                "/resource_group",
+                "resource_group",
+                MAX_RESOURCE_GROUP_CHARS,
+                &mut v,
+            );
         }
         (None, None) => {}
         (Some(_), None) | (None, Some(_)) => {

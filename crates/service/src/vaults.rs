@@ -1,6 +1,9 @@
 //! Vault use cases.
 
-use backvault_domain::names::{VaultName, check_identifier};
+use backvault_domain::names::{
+    MAX_REGION_CHARS, MAX_RESOURCE_GROUP_CHARS, MAX_SUBSCRIPTION_ID_CHARS, VaultName,
+    check_identifier,
+};
 use backvault_domain::policy::{DEFAULT_POLICY_NAME, Policy};
 use backvault_domain::violation::Violations;
 use backvault_store::{policies, vaults};
@@ -48,6 +51,13 @@ impl From<vaults::VaultRow> for Vault {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "name": "prod-sql",
+    "subscription_id": "sub-1",
+    "resource_group": "rg-sql",
+    "region": "westeurope",
+    "description": "Production SQL Server VMs"
+}))]
 pub struct CreateVault {
     /// 2–50 characters: letters, digits and hyphens, a letter first, no hyphen last.
     /// Unique per subscription and resource group, ignoring case.
@@ -67,7 +77,8 @@ pub struct UpdateVault {
     pub description: String,
 }
 
-const MAX_DESCRIPTION: usize = 1024;
+/// The longest vault description.
+pub const MAX_DESCRIPTION_CHARS: usize = 1024;
 
 fn vault_not_found(id: Uuid) -> Error {
     Error::not_found("vault_not_found", format_args!("vault {id}"))
@@ -101,22 +112,22 @@ impl Service {
             &req.subscription_id,
             "/subscription_id",
             "subscription_id",
-            64,
+            MAX_SUBSCRIPTION_ID_CHARS,
             &mut v,
         );
         check_identifier(
             &req.resource_group,
             "/resource_group",
             "resource_group",
-            90,
+            MAX_RESOURCE_GROUP_CHARS,
             &mut v,
         );
-        check_identifier(&req.region, "/region", "region", 64, &mut v);
-        if req.description.len() > MAX_DESCRIPTION {
+        check_identifier(&req.region, "/region", "region", MAX_REGION_CHARS, &mut v);
+        if req.description.chars().count() > MAX_DESCRIPTION_CHARS {
             v.push(
                 "/description",
                 "description_too_long",
-                "a description has at most 1024 bytes",
+                "a description has at most 1024 characters",
             );
         }
         let name = match (name, v.is_empty()) {
@@ -187,12 +198,12 @@ impl Service {
         req: UpdateVault,
     ) -> Result<Vault> {
         principal.require(Operation::UpdateVault)?;
-        if req.description.len() > MAX_DESCRIPTION {
+        if req.description.chars().count() > MAX_DESCRIPTION_CHARS {
             let mut v = Violations::default();
             v.push(
                 "/description",
                 "description_too_long",
-                "a description has at most 1024 bytes",
+                "a description has at most 1024 characters",
             );
             return Err(Error::validation(v.into_vec()));
         }

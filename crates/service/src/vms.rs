@@ -1,7 +1,10 @@
 //! The VM inventory.
 
 use backvault_domain::agent::{DeploymentModel, VmFacts};
-use backvault_domain::names::check_identifier;
+use backvault_domain::names::{
+    MAX_REGION_CHARS, MAX_RESOURCE_GROUP_CHARS, MAX_SUBSCRIPTION_ID_CHARS, MAX_VM_NAME_CHARS,
+    check_identifier,
+};
 use backvault_domain::violation::Violations;
 use backvault_store::vms::{self, VmFactsRow, VmRow};
 use chrono::{DateTime, Utc};
@@ -91,26 +94,32 @@ pub(crate) fn deployment_model_str(m: DeploymentModel) -> &'static str {
 /// pointers are under `base`.
 pub(crate) fn check_facts(facts: &VmFacts, base: &str) -> Result<()> {
     let mut v = Violations::default();
-    check_identifier(&facts.name, &format!("{base}/name"), "name", 64, &mut v);
+    check_identifier(
+        &facts.name,
+        &format!("{base}/name"),
+        "name",
+        MAX_VM_NAME_CHARS,
+        &mut v,
+    );
     check_identifier(
         &facts.resource_group,
         &format!("{base}/resource_group"),
         "resource_group",
-        90,
+        MAX_RESOURCE_GROUP_CHARS,
         &mut v,
     );
     check_identifier(
         &facts.subscription_id,
         &format!("{base}/subscription_id"),
         "subscription_id",
-        64,
+        MAX_SUBSCRIPTION_ID_CHARS,
         &mut v,
     );
     check_identifier(
         &facts.region,
         &format!("{base}/region"),
         "region",
-        64,
+        MAX_REGION_CHARS,
         &mut v,
     );
     v.extend(facts.size_violations(base));

@@ -34,10 +34,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// the VM's facts, which must name the same VM.
 #[utoipa::path(post, path = "/v1/agent/enroll", tag = "agent", request_body = EnrollRequest,
     responses((status = 200, body = EnrollResponse, headers(("Cache-Control" = String))),
-              (status = 401, body = Problem, content_type = "application/problem+json"),
-              (status = 403, body = Problem, content_type = "application/problem+json"),
-              (status = 409, body = Problem, content_type = "application/problem+json", description = "vm_already_enrolled, vm_identity_mismatch"),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+              (status = 409, body = Problem, content_type = "application/problem+json", description = "vm_already_enrolled, vm_identity_mismatch")))]
 async fn enroll_agent(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -49,7 +46,7 @@ async fn enroll_agent(
 
 /// The agent is alive: updates the VM's facts and extends the leases of its running jobs.
 #[utoipa::path(post, path = "/v1/agent/heartbeat", tag = "agent", request_body = AgentHeartbeat,
-    responses((status = 200, body = AgentHeartbeatResponse), (status = 401, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = AgentHeartbeatResponse)))]
 async fn agent_heartbeat(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -62,8 +59,7 @@ async fn agent_heartbeat(
 
 /// Claim jobs for this VM, waiting up to `wait_seconds` for one (long-poll).
 #[utoipa::path(post, path = "/v1/agent/claim", tag = "agent", request_body = ClaimRequest,
-    responses((status = 200, body = ClaimResponse), (status = 400, body = Problem, content_type = "application/problem+json"),
-              (status = 401, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = ClaimResponse)))]
 async fn claim_jobs(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -79,7 +75,7 @@ async fn claim_jobs(
 /// Extend one job's lease and report progress; says whether a user cancelled it.
 #[utoipa::path(post, path = "/v1/agent/jobs/{job_id}/heartbeat", tag = "agent", params(("job_id" = Uuid, Path)),
     request_body = JobHeartbeat,
-    responses((status = 200, body = JobHeartbeatResponse), (status = 404, body = Problem, content_type = "application/problem+json"),
+    responses((status = 200, body = JobHeartbeatResponse),
               (status = 409, body = Problem, content_type = "application/problem+json", description = "lease_lost")))]
 async fn heartbeat_job(
     State(state): State<AppState>,
@@ -98,7 +94,7 @@ async fn heartbeat_job(
 /// Complete a job with its kind's result. Repeating the same completion is harmless.
 #[utoipa::path(post, path = "/v1/agent/jobs/{job_id}/complete", tag = "agent", params(("job_id" = Uuid, Path)),
     request_body = CompleteJob,
-    responses((status = 200, body = JobOutcome), (status = 404, body = Problem, content_type = "application/problem+json"),
+    responses((status = 200, body = JobOutcome),
               (status = 409, body = Problem, content_type = "application/problem+json", description = "lease_lost"),
               (status = 422, body = Problem, content_type = "application/problem+json", description = "result_kind_mismatch")))]
 async fn complete_job(
@@ -118,7 +114,7 @@ async fn complete_job(
 /// Report a failed attempt; retryable failures are retried with backoff.
 #[utoipa::path(post, path = "/v1/agent/jobs/{job_id}/fail", tag = "agent", params(("job_id" = Uuid, Path)),
     request_body = FailJob,
-    responses((status = 200, body = JobOutcome), (status = 404, body = Problem, content_type = "application/problem+json"),
+    responses((status = 200, body = JobOutcome),
               (status = 409, body = Problem, content_type = "application/problem+json", description = "lease_lost")))]
 async fn fail_job(
     State(state): State<AppState>,

@@ -16,7 +16,7 @@ use super::location;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::bounded_instants;
-use crate::extract::{Caller, Json, Path, Query};
+use crate::extract::{Caller, Json, Path, Query, etag_of};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -48,7 +48,7 @@ pub struct JobListParams {
 
 /// List jobs, newest first.
 #[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(JobListParams),
-    responses((status = 200, body = JobList), (status = 400, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = JobList)))]
 async fn list_jobs(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -87,18 +87,16 @@ pub struct GetJobParams {
 /// With `?wait=30s` the response comes as soon as the job changes state (at once if it has
 /// finished), so clients need no polling loop.
 #[utoipa::path(get, path = "/v1/jobs/{job_id}", tag = "jobs", params(("job_id" = Uuid, Path), GetJobParams),
-    responses((status = 200, body = Job), (status = 400, body = Problem, content_type = "application/problem+json"),
-              (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Job, headers(("ETag" = String)))))]
 async fn get_job(
     State(state): State<AppState>,
     Caller(principal): Caller,
     Path(job_id): Path<Uuid>,
     Query(p): Query<GetJobParams>,
-) -> ApiResult<axum::Json<Job>> {
+) -> ApiResult<Response> {
     let wait = p.wait.as_deref().map(parse_wait).transpose()?;
-    Ok(axum::Json(
-        state.service.job_get(&principal, job_id, wait).await?,
-    ))
+    let job = state.service.job_get(&principal, job_id, wait).await?;
+    Ok(([etag_of(&job)], axum::Json(job)).into_response())
 }
 
 fn parse_wait(raw: &str) -> Result<Duration, ApiError> {
@@ -122,7 +120,6 @@ fn invalid_wait() -> ApiError {
 /// Cancel a job: a queued one at once, a running one at its agent's next heartbeat.
 #[utoipa::path(post, path = "/v1/jobs/{job_id}/cancel", tag = "jobs", params(("job_id" = Uuid, Path)),
     responses((status = 202, body = Job, description = "Cancelled, or cancellation requested from the agent"),
-              (status = 404, body = Problem, content_type = "application/problem+json"),
               (status = 409, body = Problem, content_type = "application/problem+json", description = "job_finished")))]
 async fn cancel_job(
     State(state): State<AppState>,
@@ -135,9 +132,7 @@ async fn cancel_job(
 
 /// Dispatch an on-demand job to a VM's agent.
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = DispatchJob,
-    responses((status = 202, body = Job, headers(("Location" = String))),
-              (status = 404, body = Problem, content_type = "application/problem+json"),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 202, body = Job, headers(("Location" = String)))))]
 async fn dispatch_job(
     State(state): State<AppState>,
     Caller(principal): Caller,

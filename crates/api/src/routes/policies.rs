@@ -1,6 +1,6 @@
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::{AppendHeaders, IntoResponse, Response};
 use backvault_domain::policy::PolicySpec;
 use backvault_domain::preview::PolicyPreview;
 use backvault_service::policies::{BackupPolicy, CopyPolicy, CreatePolicy, ReplacePolicy};
@@ -32,14 +32,14 @@ pub struct PolicyList {
 }
 
 fn policy_response(status: StatusCode, policy: BackupPolicy) -> Response {
-    let headers = [
-        etag(policy.version),
-        location(format!(
+    let mut headers = vec![etag(policy.version)];
+    if status == StatusCode::CREATED {
+        headers.push(location(format!(
             "/v1/vaults/{}/policies/{}",
             policy.vault_id, policy.name
-        )),
-    ];
-    (status, headers, axum::Json(policy)).into_response()
+        )));
+    }
+    (status, AppendHeaders(headers), axum::Json(policy)).into_response()
 }
 
 /// Create a policy in a vault.
@@ -51,9 +51,7 @@ fn policy_response(status: StatusCode, policy: BackupPolicy) -> Response {
     request_body = CreatePolicy,
     responses(
         (status = 201, body = BackupPolicy, headers(("ETag" = String), ("Location" = String))),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, body = Problem, content_type = "application/problem+json", description = "policy_name_taken"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
     ))]
 async fn create_policy(
     State(state): State<AppState>,
@@ -72,7 +70,7 @@ async fn create_policy(
 /// List a vault's policies.
 #[utoipa::path(get, path = "/v1/vaults/{vault_id}/policies", tag = "policies",
     params(("vault_id" = Uuid, Path), ListParams),
-    responses((status = 200, body = PolicyList), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = PolicyList)))]
 async fn list_policies(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -92,7 +90,7 @@ async fn list_policies(
 /// Get a policy by name (names ignore case).
 #[utoipa::path(get, path = "/v1/vaults/{vault_id}/policies/{policy_name}", tag = "policies",
     params(("vault_id" = Uuid, Path), ("policy_name" = String, Path)),
-    responses((status = 200, body = BackupPolicy, headers(("ETag" = String))), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = BackupPolicy, headers(("ETag" = String)))))]
 async fn get_policy(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -111,9 +109,7 @@ async fn get_policy(
     request_body = ReplacePolicy,
     responses(
         (status = 200, body = BackupPolicy, headers(("ETag" = String))),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 412, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
     ))]
 async fn replace_policy(
     State(state): State<AppState>,
@@ -136,7 +132,6 @@ async fn replace_policy(
     params(("vault_id" = Uuid, Path), ("policy_name" = String, Path), ("If-Match" = Option<String>, Header)),
     responses(
         (status = 204),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, body = Problem, content_type = "application/problem+json"),
         (status = 412, body = Problem, content_type = "application/problem+json"),
     ))]
@@ -159,9 +154,7 @@ async fn delete_policy(
     request_body = CopyPolicy,
     responses(
         (status = 201, body = BackupPolicy, headers(("ETag" = String), ("Location" = String))),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
     ))]
 async fn copy_policy(
     State(state): State<AppState>,
@@ -198,7 +191,6 @@ pub struct PreviewParams {
     responses(
         (status = 200, body = PolicyPreview),
         (status = 400, body = Problem, content_type = "application/problem+json", description = "invalid_count, invalid_query"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
     ))]
 async fn preview_policy(
     State(state): State<AppState>,

@@ -23,7 +23,7 @@ use uuid::Uuid;
 use super::location;
 use crate::AppState;
 use crate::error::{ApiResult, Problem};
-use crate::extract::{Caller, IfMatch, Json, Path, Query, etag};
+use crate::extract::{Caller, IfMatch, Json, Path, Query, etag, etag_of};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -48,8 +48,8 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 /// Run a scheduler tick now (admin). A server started with `--dev` also takes `now`, to
 /// rehearse a schedule without waiting for it.
-#[utoipa::path(post, path = "/v1/scheduler/run", tag = "protection", request_body = RunScheduler,
-    responses((status = 200, body = SchedulerRun), (status = 403, body = Problem, content_type = "application/problem+json")))]
+#[utoipa::path(post, path = "/v1/scheduler/run", tag = "scheduler", request_body = RunScheduler,
+    responses((status = 200, body = SchedulerRun)))]
 async fn run_scheduler(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -61,9 +61,9 @@ async fn run_scheduler(
 }
 
 /// Recovery points of a protected item, with the continuous restorable time ranges.
-#[utoipa::path(get, path = "/v1/vaults/{vault_id}/protected-items/{item_id}/recovery-points", tag = "protection",
+#[utoipa::path(get, path = "/v1/vaults/{vault_id}/protected-items/{item_id}/recovery-points", tag = "recovery",
     params(("vault_id" = Uuid, Path), ("item_id" = Uuid, Path)),
-    responses((status = 200, body = RecoveryPoints), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = RecoveryPoints)))]
 async fn list_recovery_points(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -79,11 +79,10 @@ async fn list_recovery_points(
 
 /// The restore plan for an instant or a recovery point: the full, the latest
 /// differential before it, and the logs up to it, in order, with sizes.
-#[utoipa::path(post, path = "/v1/vaults/{vault_id}/protected-items/{item_id}/restore-plan", tag = "protection",
+#[utoipa::path(post, path = "/v1/vaults/{vault_id}/protected-items/{item_id}/restore-plan", tag = "recovery",
     params(("vault_id" = Uuid, Path), ("item_id" = Uuid, Path)), request_body = RestoreTarget,
     responses((status = 200, body = RestorePlan),
-              (status = 409, body = Problem, content_type = "application/problem+json", description = "point_not_covered"),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+              (status = 409, body = Problem, content_type = "application/problem+json", description = "point_not_covered")))]
 async fn plan_restore(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -99,11 +98,10 @@ async fn plan_restore(
 }
 
 /// Restore to the original database (overwrite) or under another name, on a VM of the vault.
-#[utoipa::path(post, path = "/v1/vaults/{vault_id}/protected-items/{item_id}/restore", tag = "protection",
+#[utoipa::path(post, path = "/v1/vaults/{vault_id}/protected-items/{item_id}/restore", tag = "recovery",
     params(("vault_id" = Uuid, Path), ("item_id" = Uuid, Path)), request_body = RestoreRequest,
     responses((status = 202, body = Job, headers(("Location" = String))),
-              (status = 409, body = Problem, content_type = "application/problem+json"),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+              (status = 409, body = Problem, content_type = "application/problem+json")))]
 async fn start_restore(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -120,7 +118,7 @@ async fn start_restore(
 
 /// RPO report: per protected item the latest backups, the gap the policy allows and
 /// whether it is breached now.
-#[utoipa::path(get, path = "/v1/vaults/{vault_id}/rpo", tag = "protection", params(("vault_id" = Uuid, Path)),
+#[utoipa::path(get, path = "/v1/vaults/{vault_id}/rpo", tag = "reports", params(("vault_id" = Uuid, Path)),
     responses((status = 200, body = RpoReport)))]
 async fn rpo_report(
     State(state): State<AppState>,
@@ -147,8 +145,8 @@ fn accepted_job(job: Job) -> Response {
 /// "Start Discovery": VMs of the vault's subscription not registered with any vault.
 ///
 /// Each comes with the prerequisites it fails now (empty when it can be registered).
-#[utoipa::path(get, path = "/v1/vaults/{vault_id}/discovery", tag = "protection", params(("vault_id" = Uuid, Path)),
-    responses((status = 200, body = Vec<DiscoveryCandidate>), (status = 404, body = Problem, content_type = "application/problem+json")))]
+#[utoipa::path(get, path = "/v1/vaults/{vault_id}/discovery", tag = "discovery", params(("vault_id" = Uuid, Path)),
+    responses((status = 200, body = Vec<DiscoveryCandidate>)))]
 async fn list_discovery_candidates(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -165,10 +163,9 @@ async fn list_discovery_candidates(
 /// "Discover DBs": register the VM with the vault and discover its databases.
 ///
 /// Every failed prerequisite is reported at once (422 `prerequisites_failed`).
-#[utoipa::path(post, path = "/v1/vaults/{vault_id}/vms/{vm_id}/discover", tag = "protection",
+#[utoipa::path(post, path = "/v1/vaults/{vault_id}/vms/{vm_id}/discover", tag = "discovery",
     params(("vault_id" = Uuid, Path), ("vm_id" = Uuid, Path)),
     responses((status = 202, body = Job, headers(("Location" = String))),
-              (status = 404, body = Problem, content_type = "application/problem+json"),
               (status = 422, body = Problem, content_type = "application/problem+json", description = "prerequisites_failed")))]
 async fn discover_vm(
     State(state): State<AppState>,
@@ -184,7 +181,7 @@ async fn discover_vm(
 }
 
 /// "Rediscover DBs" on a registered VM.
-#[utoipa::path(post, path = "/v1/vaults/{vault_id}/vms/{vm_id}/rediscover", tag = "protection",
+#[utoipa::path(post, path = "/v1/vaults/{vault_id}/vms/{vm_id}/rediscover", tag = "discovery",
     params(("vault_id" = Uuid, Path), ("vm_id" = Uuid, Path)),
     responses((status = 202, body = Job, headers(("Location" = String))),
               (status = 409, body = Problem, content_type = "application/problem+json", description = "vm_not_registered")))]
@@ -202,7 +199,7 @@ async fn rediscover_vm(
 }
 
 /// Unregister a VM from the vault; refused while its databases are protected.
-#[utoipa::path(delete, path = "/v1/vaults/{vault_id}/vms/{vm_id}", tag = "protection",
+#[utoipa::path(delete, path = "/v1/vaults/{vault_id}/vms/{vm_id}", tag = "discovery",
     params(("vault_id" = Uuid, Path), ("vm_id" = Uuid, Path)),
     responses((status = 204), (status = 409, body = Problem, content_type = "application/problem+json")))]
 async fn unregister_vm(
@@ -226,7 +223,7 @@ pub struct ProtectableParams {
 }
 
 /// Registered instances and availability groups with their databases.
-#[utoipa::path(get, path = "/v1/vaults/{vault_id}/protectable-items", tag = "protection",
+#[utoipa::path(get, path = "/v1/vaults/{vault_id}/protectable-items", tag = "discovery",
     params(("vault_id" = Uuid, Path), ProtectableParams),
     responses((status = 200, body = Vec<ProtectableContainer>)))]
 async fn list_protectable_items(
@@ -246,8 +243,7 @@ async fn list_protectable_items(
 /// Configure protection for databases with a policy of the vault.
 #[utoipa::path(post, path = "/v1/vaults/{vault_id}/protected-items", tag = "protection",
     params(("vault_id" = Uuid, Path)), request_body = ConfigureProtection,
-    responses((status = 202, body = ConfigureProtectionResult),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 202, body = ConfigureProtectionResult)))]
 async fn configure_protection(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -313,8 +309,7 @@ fn item_response(item: ProtectedItem) -> Response {
 /// Get a protected item.
 #[utoipa::path(get, path = "/v1/vaults/{vault_id}/protected-items/{item_id}", tag = "protection",
     params(("vault_id" = Uuid, Path), ("item_id" = Uuid, Path)),
-    responses((status = 200, body = ProtectedItem, headers(("ETag" = String))),
-              (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = ProtectedItem, headers(("ETag" = String)))))]
 async fn get_protected_item(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -332,8 +327,7 @@ async fn get_protected_item(
 #[utoipa::path(patch, path = "/v1/vaults/{vault_id}/protected-items/{item_id}", tag = "protection",
     params(("vault_id" = Uuid, Path), ("item_id" = Uuid, Path), ("If-Match" = Option<String>, Header)),
     request_body = ChangePolicy,
-    responses((status = 200, body = ProtectedItem), (status = 412, body = Problem, content_type = "application/problem+json"),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = ProtectedItem, headers(("ETag" = String))), (status = 412, body = Problem, content_type = "application/problem+json")))]
 async fn change_protected_item_policy(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -351,7 +345,7 @@ async fn change_protected_item_policy(
 /// Stop protection, deleting or retaining the recovery points.
 #[utoipa::path(post, path = "/v1/vaults/{vault_id}/protected-items/{item_id}/stop", tag = "protection",
     params(("vault_id" = Uuid, Path), ("item_id" = Uuid, Path)), request_body = StopProtection,
-    responses((status = 200, body = ProtectedItem), (status = 204, description = "Stopped and deleted")))]
+    responses((status = 200, body = ProtectedItem, headers(("ETag" = String))), (status = 204, description = "Stopped and deleted")))]
 async fn stop_protection(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -371,7 +365,7 @@ async fn stop_protection(
 /// Resume stopped protection with a policy.
 #[utoipa::path(post, path = "/v1/vaults/{vault_id}/protected-items/{item_id}/resume", tag = "protection",
     params(("vault_id" = Uuid, Path), ("item_id" = Uuid, Path)), request_body = ChangePolicy,
-    responses((status = 200, body = ProtectedItem), (status = 409, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = ProtectedItem, headers(("ETag" = String))), (status = 409, body = Problem, content_type = "application/problem+json")))]
 async fn resume_protection(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -390,8 +384,7 @@ async fn resume_protection(
 #[utoipa::path(post, path = "/v1/vaults/{vault_id}/protected-items/{item_id}/backup", tag = "protection",
     params(("vault_id" = Uuid, Path), ("item_id" = Uuid, Path)), request_body = OnDemandBackup,
     responses((status = 202, body = Job, headers(("Location" = String))),
-              (status = 409, body = Problem, content_type = "application/problem+json"),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+              (status = 409, body = Problem, content_type = "application/problem+json")))]
 async fn backup_now(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -409,8 +402,7 @@ async fn backup_now(
 /// Enable auto-protection on an instance or availability group.
 #[utoipa::path(post, path = "/v1/vaults/{vault_id}/auto-protection", tag = "protection",
     params(("vault_id" = Uuid, Path)), request_body = CreateAutoProtection,
-    responses((status = 201, body = AutoProtection), (status = 409, body = Problem, content_type = "application/problem+json"),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 201, body = AutoProtection, headers(("Location" = String))), (status = 409, body = Problem, content_type = "application/problem+json")))]
 async fn enable_auto_protection(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -444,24 +436,23 @@ async fn list_auto_protection(
 /// Get an auto-protection intent.
 #[utoipa::path(get, path = "/v1/vaults/{vault_id}/auto-protection/{intent_id}", tag = "protection",
     params(("vault_id" = Uuid, Path), ("intent_id" = Uuid, Path)),
-    responses((status = 200, body = AutoProtection), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = AutoProtection, headers(("ETag" = String)))))]
 async fn get_auto_protection(
     State(state): State<AppState>,
     Caller(principal): Caller,
     Path((vault_id, intent_id)): Path<(Uuid, Uuid)>,
-) -> ApiResult<axum::Json<AutoProtection>> {
-    Ok(axum::Json(
-        state
-            .service
-            .auto_protection_get(&principal, vault_id, intent_id)
-            .await?,
-    ))
+) -> ApiResult<Response> {
+    let intent = state
+        .service
+        .auto_protection_get(&principal, vault_id, intent_id)
+        .await?;
+    Ok(([etag_of(&intent)], axum::Json(intent)).into_response())
 }
 
 /// Disable auto-protection; protected databases stay protected.
 #[utoipa::path(delete, path = "/v1/vaults/{vault_id}/auto-protection/{intent_id}", tag = "protection",
     params(("vault_id" = Uuid, Path), ("intent_id" = Uuid, Path)),
-    responses((status = 204), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 204)))]
 async fn disable_auto_protection(
     State(state): State<AppState>,
     Caller(principal): Caller,

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::ListParams;
 use crate::AppState;
-use crate::error::{ApiResult, Problem};
+use crate::error::ApiResult;
 use crate::extract::{Caller, Json, Path, Query};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -40,9 +40,7 @@ pub struct EnrollmentTokenList {
 /// `resource_group`, it may also re-enroll that VM when it already has an agent. The token
 /// is in this response only.
 #[utoipa::path(post, path = "/v1/enrollment-tokens", tag = "tokens", request_body = CreateEnrollmentToken,
-    responses((status = 201, body = EnrollmentToken, headers(("Cache-Control" = String))),
-              (status = 403, body = Problem, content_type = "application/problem+json"),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 201, body = EnrollmentToken, headers(("Cache-Control" = String)))))]
 async fn create_enrollment_token(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -58,8 +56,7 @@ async fn create_enrollment_token(
 /// List the enrollment tokens that can still enroll a VM (not revoked, not expired, uses
 /// left), oldest first. The tokens themselves are never shown again.
 #[utoipa::path(get, path = "/v1/enrollment-tokens", tag = "tokens", params(ListParams),
-    responses((status = 200, body = EnrollmentTokenList), (status = 400, body = Problem, content_type = "application/problem+json"),
-              (status = 403, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = EnrollmentTokenList)))]
 async fn list_enrollment_tokens(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -77,8 +74,7 @@ async fn list_enrollment_tokens(
 
 /// Revoke an enrollment token: it enrolls nothing more. Agents it enrolled keep working.
 #[utoipa::path(delete, path = "/v1/enrollment-tokens/{token_id}", tag = "tokens", params(("token_id" = Uuid, Path)),
-    responses((status = 204), (status = 403, body = Problem, content_type = "application/problem+json"),
-              (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 204)))]
 async fn revoke_enrollment_token(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -95,7 +91,7 @@ async fn revoke_enrollment_token(
 /// answers 401 `token_revoked`. Agent tokens carry no id: remove the VM, or re-enroll it
 /// with a token bound to it, to revoke them.
 #[utoipa::path(post, path = "/v1/tokens/revoke", tag = "tokens", request_body = RevokeToken,
-    responses((status = 204), (status = 403, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 204)))]
 async fn revoke_token(
     State(state): State<AppState>,
     Caller(principal): Caller,

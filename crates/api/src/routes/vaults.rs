@@ -1,6 +1,6 @@
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::{AppendHeaders, IntoResponse, Response};
 use backvault_service::vaults::{CreateVault, UpdateVault, Vault};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -26,11 +26,11 @@ pub struct VaultList {
 }
 
 fn vault_response(status: StatusCode, vault: Vault) -> Response {
-    let headers = [
-        etag(vault.version),
-        location(format!("/v1/vaults/{}", vault.id)),
-    ];
-    (status, headers, axum::Json(vault)).into_response()
+    let mut headers = vec![etag(vault.version)];
+    if status == CREATED {
+        headers.push(location(format!("/v1/vaults/{}", vault.id)));
+    }
+    (status, AppendHeaders(headers), axum::Json(vault)).into_response()
 }
 
 /// Create a vault.
@@ -42,11 +42,7 @@ fn vault_response(status: StatusCode, vault: Vault) -> Response {
     request_body = CreateVault,
     responses(
         (status = 201, body = Vault, headers(("ETag" = String), ("Location" = String))),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 409, body = Problem, content_type = "application/problem+json", description = "vault_name_taken"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
     ))]
 async fn create_vault(
     State(state): State<AppState>,
@@ -63,7 +59,7 @@ async fn create_vault(
 
 /// List the vaults of your subscriptions.
 #[utoipa::path(get, path = "/v1/vaults", tag = "vaults", params(ListParams),
-    responses((status = 200, body = VaultList), (status = 400, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = VaultList)))]
 async fn list_vaults(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -82,7 +78,7 @@ async fn list_vaults(
 /// Get a vault.
 #[utoipa::path(get, path = "/v1/vaults/{vault_id}", tag = "vaults",
     params(("vault_id" = Uuid, Path)),
-    responses((status = 200, body = Vault, headers(("ETag" = String))), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Vault, headers(("ETag" = String)))))]
 async fn get_vault(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -98,7 +94,6 @@ async fn get_vault(
     request_body = UpdateVault,
     responses(
         (status = 200, body = Vault, headers(("ETag" = String))),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 412, body = Problem, content_type = "application/problem+json"),
     ))]
 async fn update_vault(
@@ -122,7 +117,6 @@ async fn update_vault(
     params(("vault_id" = Uuid, Path), ("If-Match" = Option<String>, Header)),
     responses(
         (status = 204),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, body = Problem, content_type = "application/problem+json"),
         (status = 412, body = Problem, content_type = "application/problem+json"),
     ))]

@@ -9,8 +9,8 @@ use uuid::Uuid;
 
 use super::location;
 use crate::AppState;
-use crate::error::{ApiResult, Problem};
-use crate::extract::{Caller, Json, Path, Query};
+use crate::error::ApiResult;
+use crate::extract::{Caller, Json, Path, Query, etag_of};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -39,30 +39,24 @@ pub struct VmListParams {
 
 /// Add or update a VM from inventory automation (by subscription, resource group and name).
 #[utoipa::path(put, path = "/v1/vms", tag = "vms", request_body = UpsertVm,
-    responses((status = 200, body = Vm, description = "Updated"), (status = 201, body = Vm, description = "Created"),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Vm, description = "Updated", headers(("ETag" = String))),
+              (status = 201, body = Vm, description = "Created", headers(("ETag" = String), ("Location" = String)))))]
 async fn upsert_vm(
     State(state): State<AppState>,
     Caller(principal): Caller,
     Json(req): Json<UpsertVm>,
 ) -> ApiResult<Response> {
     let (vm, created) = state.service.vm_upsert(&principal, req).await?;
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((
-        status,
-        [location(format!("/v1/vms/{}", vm.id))],
-        axum::Json(vm),
-    )
-        .into_response())
+    if !created {
+        return Ok(([etag_of(&vm)], axum::Json(vm)).into_response());
+    }
+    let at = location(format!("/v1/vms/{}", vm.id));
+    Ok((StatusCode::CREATED, [etag_of(&vm), at], axum::Json(vm)).into_response())
 }
 
 /// List the VMs of your subscriptions.
 #[utoipa::path(get, path = "/v1/vms", tag = "vms", params(VmListParams),
-    responses((status = 200, body = VmList), (status = 400, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = VmList)))]
 async fn list_vms(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -86,19 +80,19 @@ async fn list_vms(
 
 /// Get a VM.
 #[utoipa::path(get, path = "/v1/vms/{vm_id}", tag = "vms", params(("vm_id" = Uuid, Path)),
-    responses((status = 200, body = Vm), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Vm, headers(("ETag" = String)))))]
 async fn get_vm(
     State(state): State<AppState>,
     Caller(principal): Caller,
     Path(vm_id): Path<Uuid>,
-) -> ApiResult<axum::Json<Vm>> {
-    Ok(axum::Json(state.service.vm_get(&principal, vm_id).await?))
+) -> ApiResult<Response> {
+    let vm = state.service.vm_get(&principal, vm_id).await?;
+    Ok(([etag_of(&vm)], axum::Json(vm)).into_response())
 }
 
 /// Remove a VM from the inventory, with its jobs; its agent's tokens stop working.
 #[utoipa::path(delete, path = "/v1/vms/{vm_id}", tag = "vms", params(("vm_id" = Uuid, Path)),
-    responses((status = 204), (status = 403, body = Problem, content_type = "application/problem+json"),
-              (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 204)))]
 async fn delete_vm(
     State(state): State<AppState>,
     Caller(principal): Caller,

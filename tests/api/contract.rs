@@ -1,0 +1,243 @@
+//! What the OpenAPI document promises about HTTP itself: conditional reads, where
+//! `Location` is sent, typed job bodies, CORS and compression.
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use serde_json::json;
+use sqlx::PgPool;
+
+use crate::helpers::*;
+
+#[sqlx::test]
+async fn reads_answer_304_while_the_etag_holds(pool: PgPool) {
+    let app = TestApp::new(pool);
+    let admin = app.admin();
+    let vault = app.vault("etag-vault", "sub-1").await;
+    let vault_path = format!("/v1/vaults/{}", vault["id"].as_str().unwrap());
+    let (vm_id, _) = enroll(&app, "vm-etag").await;
+    let job_id = dispatch(&app, &vm_id, "discovery").await;
+
+    for path in [
+        vault_path.clone(),
+        format!("/v1/vms/{vm_id}"),
+        format!("/v1/jobs/{job_id}"),
+        format!("{vault_path}/policies/HourlyLogBackup"),
+    ] {
+        let first = app.get(&path, &admin).await;
+        assert_eq!(first.status, StatusCode::OK, "{path}: {}", first.body);
+        let etag = first.header("etag").to_owned();
+        assert!(
+            etag.starts_with('"') && etag.ends_with('"'),
+            "{path}: {etag:?}"
+        );
+        let again = app
+            .call(
+                Method::GET,
+                &path,
+                Some(&admin),
+                None,
+                &[("if-none-match", &etag)],
+            )
+            .await;
+        assert_eq!(again.status, StatusCode::NOT_MODIFIED, "{path}");
+        assert_eq!(again.header("etag"), etag);
+        assert_eq!(again.body, serde_json::Value::Null, "a 304 has no body");
+        // Weak and listed forms match too (If-None-Match compares weakly).
+        let listed = format!("\"other\", W/{etag}");
+        let weak = app
+            .call(
+                Method::GET,
+                &path,
+                Some(&admin),
+                None,
+                &[("if-none-match", &listed)],
+            )
+            .await;
+        assert_eq!(weak.status, StatusCode::NOT_MODIFIED, "{path}");
+        let stale = app
+            .call(
+                Method::GET,
+                &path,
+                Some(&admin),
+                None,
+                &[("if-none-match", "\"stale\"")],
+            )
+            .await;
+        assert_eq!(stale.status, StatusCode::OK, "{path}");
+        assert_eq!(stale.body, first.body);
+    }
+
+    // A change makes the old tag stale.
+    let etag = app.get(&vault_path, &admin).await.header("etag").to_owned();
+    let changed = app
+        .call(
+            Method::PATCH,
+            &vault_path,
+            Some(&admin),
+            Some(json!({"description": "changed"})),
+            &[],
+        )
+        .await;
+    assert_eq!(changed.status, StatusCode::OK, "{}", changed.body);
+    let after = app
+        .call(
+            Method::GET,
+            &vault_path,
+            Some(&admin),
+            None,
+            &[("if-none-match", &etag)],
+        )
+        .await;
+    assert_eq!(after.status, StatusCode::OK);
+    assert_eq!(after.body["description"], "changed");
+}
+
+#[sqlx::test]
+async fn location_is_sent_for_what_was_created_only(pool: PgPool) {
+    let app = TestApp::new(pool);
+    let admin = app.admin();
+    let created = app
+        .post("/v1/vaults", &admin, vault_body("where-vault", "sub-1"))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let id = created.body["id"].as_str().unwrap();
+    assert_eq!(created.header("location"), format!("/v1/vaults/{id}"));
+    let read = app.get(&format!("/v1/vaults/{id}"), &admin).await;
+    assert_eq!(read.status, StatusCode::OK);
+    assert!(read.headers.get("location").is_none());
+    let policy = app
+        .get(&format!("/v1/vaults/{id}/policies/HourlyLogBackup"), &admin)
+        .await;
+    assert!(policy.headers.get("location").is_none());
+}
+
+#[sqlx::test]
+async fn jobs_show_typed_payloads_and_refuse_unknown_payload_fields(pool: PgPool) {
+    let app = TestApp::new(pool);
+    let admin = app.admin();
+    let (vm_id, _) = enroll(&app, "vm-typed").await;
+    let job_id = dispatch(&app, &vm_id, "discovery").await;
+    let job = app.get(&format!("/v1/jobs/{job_id}"), &admin).await;
+    assert_eq!(job.body["payload"], json!({"kind": "discovery"}));
+
+    let copy_only = app
+        .post(
+            "/v1/jobs",
+            &admin,
+            json!({"vm_id": vm_id, "kind": "backup_full", "payload": {"copy_only": true},
+                   "items": [{"instance": "MSSQLSERVER", "database": "sales"}]}),
+        )
+        .await;
+    assert_eq!(copy_only.status, StatusCode::ACCEPTED, "{}", copy_only.body);
+    assert_eq!(
+        copy_only.body["payload"],
+        json!({"kind": "backup_full", "copy_only": true})
+    );
+    let unknown = app
+        .post(
+            "/v1/jobs",
+            &admin,
+            json!({"vm_id": vm_id, "kind": "backup_full", "payload": {"retention_days": 3650}}),
+        )
+        .await;
+    assert_eq!(unknown.status, StatusCode::BAD_REQUEST, "{}", unknown.body);
+    assert_eq!(unknown.code(), "malformed_body");
+    let log_copy = app
+        .post(
+            "/v1/jobs",
+            &admin,
+            json!({"vm_id": vm_id, "kind": "backup_log", "payload": {"copy_only": true}}),
+        )
+        .await;
+    assert_eq!(log_copy.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        log_copy.violations(),
+        [(
+            "/payload/copy_only".to_owned(),
+            "payload_not_allowed".to_owned()
+        )]
+    );
+}
+
+async fn preflight(app: &TestApp, origin: &str) -> Response {
+    app.send(
+        Request::builder()
+            .method(Method::OPTIONS)
+            .uri("/v1/vaults")
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await
+}
+
+#[sqlx::test]
+async fn cors_is_off_unless_origins_are_configured(pool: PgPool) {
+    let app = TestApp::new(pool.clone());
+    let res = preflight(&app, "https://console.example.com").await;
+    assert!(res.headers.get("access-control-allow-origin").is_none());
+
+    let app = TestApp::with_http(
+        pool,
+        &backvault_api::HttpOptions {
+            cors_allowed_origins: vec!["https://console.example.com".into()],
+        },
+    );
+    let allowed = preflight(&app, "https://console.example.com").await;
+    assert!(allowed.status.is_success(), "{}", allowed.status);
+    assert_eq!(
+        allowed.header("access-control-allow-origin"),
+        "https://console.example.com"
+    );
+    assert!(
+        allowed
+            .header("access-control-allow-headers")
+            .contains("authorization")
+    );
+    let other = preflight(&app, "https://evil.example.net").await;
+    assert!(other.headers.get("access-control-allow-origin").is_none());
+
+    // A real request from the allowed origin exposes the headers a client reads.
+    let admin = app.admin();
+    let res = app
+        .call(
+            Method::GET,
+            "/v1/vaults",
+            Some(&admin),
+            None,
+            &[("origin", "https://console.example.com")],
+        )
+        .await;
+    assert_eq!(res.status, StatusCode::OK);
+    assert!(res.header("access-control-expose-headers").contains("etag"));
+}
+
+#[sqlx::test]
+async fn large_bodies_are_compressed_when_asked(pool: PgPool) {
+    use tower::ServiceExt;
+    let app = TestApp::new(pool);
+    for encoding in [None, Some("gzip"), Some("br")] {
+        let mut req = Request::builder().uri("/openapi.json");
+        if let Some(e) = encoding {
+            req = req.header("accept-encoding", e);
+        }
+        let res = app
+            .router
+            .clone()
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(
+            res.headers()
+                .get("content-encoding")
+                .map(|v| v.to_str().unwrap()),
+            encoding
+        );
+    }
+}

@@ -148,6 +148,9 @@ bv_build() {
     fi
     [[ -x "$BACKVAULT_BIN" ]] || bv_die "no server binary at $BACKVAULT_BIN"
     [[ -x "$BACKVAULT_AGENT_BIN" ]] || bv_die "no agent binary at $BACKVAULT_AGENT_BIN"
+    # Absolute, so that a client started in another directory (sdk/typescript) finds them.
+    BACKVAULT_BIN="$(realpath "$BACKVAULT_BIN")"
+    BACKVAULT_AGENT_BIN="$(realpath "$BACKVAULT_AGENT_BIN")"
     export BACKVAULT_BIN BACKVAULT_AGENT_BIN
 }
 

@@ -500,22 +500,42 @@ async fn agent_supplied_fields_are_bounded_and_lists_omit_bodies(pool: PgPool) {
         let path = format!("/v1/agent/jobs/{log}/heartbeat");
         async move { app.post(&path, &agent, body).await }
     };
-    let res = hb(json!({"percent": 40, "step": "x".repeat(4000)})).await;
+    let res = hb(json!({"percent": 40, "message": "x".repeat(1000)})).await;
     assert_eq!(res.status, StatusCode::OK, "{}", res.body);
-    let res = hb(json!({"percent": 50, "step": "x".repeat(5000)})).await;
+    // Within the characters a message may have, but over 4 KiB of JSON.
+    let res = hb(json!({"percent": 50, "message": "🦀".repeat(1024)})).await;
     assert_eq!(res.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", res.body);
     assert_eq!(res.violations(), expect("/progress", "field_too_large"));
+    let res = hb(json!({"percent": 101})).await;
+    assert_eq!(
+        res.violations(),
+        expect("/progress/percent", "progress_invalid")
+    );
+    // Progress has a shape: a field it does not have is refused, not stored.
+    let res = hb(json!({"percent": 50, "step": "copying"})).await;
+    assert_eq!(
+        (res.status, res.code()),
+        (StatusCode::BAD_REQUEST, "malformed_body")
+    );
     let res = app
         .post(
             "/v1/agent/heartbeat",
             &s.agent,
-            json!({"jobs": [{"job_id": log, "lease": lease, "progress": {"log": "y".repeat(5000)}}]}),
+            json!({"jobs": [{"job_id": log, "lease": lease, "progress": {"message": "y".repeat(1025)}}]}),
         )
         .await;
     assert_eq!(
         res.violations(),
-        expect("/jobs/0/progress", "field_too_large")
+        expect("/jobs/0/progress/message", "field_too_large")
     );
+    let res = app
+        .post(
+            "/v1/agent/heartbeat",
+            &s.agent,
+            json!({"jobs": [{"job_id": log, "lease": 0}]}),
+        )
+        .await;
+    assert_eq!(res.violations(), expect("/jobs/0/lease", "lease_invalid"));
     let mut facts = crate::helpers::facts("sqlvm-01");
     facts["dotnet_version"] = json!("4.".repeat(40));
     facts["agent_version"] = json!("1.0.0");
@@ -537,7 +557,7 @@ async fn agent_supplied_fields_are_bounded_and_lists_omit_bodies(pool: PgPool) {
         assert!(job.get("items").is_some());
     }
     let one = app.get(&format!("/v1/jobs/{log}"), &admin).await;
-    assert_eq!(one.body["payload"], json!({}));
+    assert_eq!(one.body["payload"], json!({"kind": "backup_log"}));
     assert_eq!(one.body["progress"]["percent"], 40);
 
     // Warnings: 1,024 characters each.

@@ -241,3 +241,109 @@ async fn large_bodies_are_compressed_when_asked(pool: PgPool) {
         );
     }
 }
+
+/// Requests the schema calls valid are taken, and ones it calls invalid refused, where the
+/// server and the schema used to disagree.
+#[sqlx::test]
+async fn the_server_takes_what_the_schema_allows_and_no_more(pool: PgPool) {
+    let app = TestApp::new(pool);
+    let admin = app.admin();
+    let vault = app.vault("schema-vault", "sub-1").await;
+    let vault_path = format!("/v1/vaults/{}", vault["id"].as_str().unwrap());
+
+    // JSON Schema counts 3.0 as an integer: so does the server.
+    let (_, agent) = enroll(&app, "vm-floats").await;
+    let claim = app
+        .post(
+            "/v1/agent/claim",
+            &agent,
+            json!({"max_jobs": 3.0, "wait_seconds": 0.0}),
+        )
+        .await;
+    assert_eq!(claim.status, StatusCode::OK, "{}", claim.body);
+    let fraction = app
+        .post("/v1/agent/claim", &agent, json!({"max_jobs": 2.5}))
+        .await;
+    assert_eq!(fraction.code(), "malformed_body");
+
+    // A cursor is a UUID; any UUID is a position in the list.
+    let page = app.get("/v1/vaults?limit=1", &admin).await;
+    assert_eq!(page.status, StatusCode::OK);
+    let after = app
+        .get(&format!("/v1/vaults?cursor={}", uuid::Uuid::nil()), &admin)
+        .await;
+    assert_eq!(after.status, StatusCode::OK);
+    assert_eq!(after.body["items"][0]["id"], vault["id"]);
+    let garbage = app.get("/v1/vaults?cursor=", &admin).await;
+    assert_eq!(garbage.code(), "invalid_cursor");
+
+    // Conditional headers longer than any ETag are malformed.
+    let long = "\"".to_owned() + &"0".repeat(70) + "\"";
+    let res = app
+        .call(
+            Method::GET,
+            &vault_path,
+            Some(&admin),
+            None,
+            &[("if-none-match", &long)],
+        )
+        .await;
+    assert_eq!(
+        (res.status, res.code()),
+        (StatusCode::BAD_REQUEST, "invalid_header")
+    );
+    // An empty If-None-Match is a list of nothing: it matches nothing.
+    let res = app
+        .call(
+            Method::GET,
+            &vault_path,
+            Some(&admin),
+            None,
+            &[("if-none-match", "")],
+        )
+        .await;
+    assert_eq!(res.status, StatusCode::OK);
+
+    // A filter that breaks the identifier rule matches no VM: it is refused.
+    let res = app.get("/v1/vms?subscription_id=", &admin).await;
+    assert_eq!(
+        (res.status, res.code()),
+        (StatusCode::BAD_REQUEST, "invalid_query")
+    );
+
+    // A well-formed instant outside 1970..9000: a rule, not a malformed query.
+    let res = app
+        .post(
+            "/v1/policies/preview?from=0000-01-01T00:00:00Z",
+            &admin,
+            weekly_spec(),
+        )
+        .await;
+    assert_eq!(
+        res.violations(),
+        [("/from".to_owned(), "instant_out_of_range".to_owned())]
+    );
+
+    // What a client sent comes back bounded and printable.
+    let res = app
+        .post(
+            "/v1/policies/preview",
+            &admin,
+            json!({"time_zone": "0".repeat(8000), "full": {"frequency": "daily", "time": "02:00"},
+                   "retention": {"daily": {"days": 30}}}),
+        )
+        .await;
+    assert_eq!(res.status, StatusCode::UNPROCESSABLE_ENTITY);
+    for v in res.body["errors"].as_array().unwrap() {
+        assert!(
+            v["message"].as_str().unwrap().chars().count() <= 1024,
+            "{v}"
+        );
+    }
+    let res = app
+        .post("/v1/tokens/revoke", &admin, json!({"a\u{13}": 1}))
+        .await;
+    assert_eq!(res.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let pointer = res.body["errors"][0]["pointer"].as_str().unwrap();
+    assert_eq!(pointer, "/a\\u0013");
+}

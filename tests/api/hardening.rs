@@ -378,10 +378,11 @@ async fn queries_and_uris_are_strict(pool: PgPool) {
         let res = app.get(path, &admin).await;
         assert_eq!(
             (res.status, res.code()),
-            (StatusCode::BAD_REQUEST, "invalid_query"),
+            (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
             "{path}: {}",
             res.body
         );
+        assert_eq!(res.violations()[0].1, "instant_out_of_range", "{path}");
     }
     let preview = app
         .post(
@@ -391,8 +392,8 @@ async fn queries_and_uris_are_strict(pool: PgPool) {
         )
         .await;
     assert_eq!(
-        (preview.status, preview.code()),
-        (StatusCode::BAD_REQUEST, "invalid_query"),
+        preview.violations(),
+        [("/from".to_owned(), "instant_out_of_range".to_owned())],
         "not a panic"
     );
 

@@ -107,10 +107,26 @@ pub async fn security_headers(request: Request, next: Next) -> Response {
     response
 }
 
-/// `If-None-Match` on a read: a 200 whose `ETag` the client already holds becomes a 304
-/// without a body, for every operation that sends an `ETag`.
+/// Conditional requests: `If-Match` and `If-None-Match` longer than any ETag this server
+/// sends are malformed (400 `invalid_header`); on a read, a 200 whose `ETag` the client
+/// already holds becomes a 304 without a body, for every operation that sends an `ETag`.
 pub async fn conditional_get(request: Request, next: Next) -> Response {
     use axum::http::header;
+    for name in [header::IF_MATCH, header::IF_NONE_MATCH] {
+        if request
+            .headers()
+            .get(&name)
+            .is_some_and(|v| v.len() > crate::openapi::MAX_ETAG_CHARS)
+        {
+            return bad_request(
+                "invalid_header",
+                format!(
+                    "{name} holds at most {} characters: the ETags this server sends",
+                    crate::openapi::MAX_ETAG_CHARS
+                ),
+            );
+        }
+    }
     let if_none_match = (request.method() == Method::GET)
         .then(|| request.headers().get(header::IF_NONE_MATCH).cloned())
         .flatten();

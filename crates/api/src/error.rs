@@ -11,6 +11,9 @@ use utoipa::ToSchema;
 /// second, and a database that restarts or fails over is usually back within seconds.
 pub const RETRY_AFTER_SECONDS: &str = "1";
 
+/// The longest `detail`; a longer one is cut.
+pub const MAX_DETAIL_CHARS: usize = 2048;
+
 /// RFC 9457 problem details.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Problem {
@@ -75,7 +78,8 @@ pub fn problem_response(
         type_: format!("urn:backvault:problem:{code}"),
         title: status.canonical_reason().unwrap_or("Error").to_owned(),
         status: status.as_u16(),
-        detail,
+        // A detail can quote what the client sent.
+        detail: backvault_domain::violation::bounded(detail, MAX_DETAIL_CHARS),
         code: code.to_owned(),
         errors,
     };

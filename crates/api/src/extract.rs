@@ -55,7 +55,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let value = match axum::Json::<serde_json::Value>::from_request(req, state).await {
+        let mut value = match axum::Json::<serde_json::Value>::from_request(req, state).await {
             Ok(axum::Json(v)) => v,
             Err(JsonRejection::MissingJsonContentType(_)) => {
                 return Err(ApiError::http(
@@ -90,6 +90,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
         if !faults.is_empty() {
             return Err(backvault_service::Error::validation(faults).into());
         }
+        whole_numbers_as_integers(&mut value);
         crate::strict::from_value(&value).map(Json).map_err(|e| {
             ApiError::new(
                 ErrorKind::BadRequest,
@@ -97,6 +98,28 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
                 format!("the body does not fit this operation: {e}"),
             )
         })
+    }
+}
+
+/// JSON has one number type, and JSON Schema counts `3.0` as the integer 3; serde does
+/// not. Whole numbers written with a fraction become integers before the typed parse, so
+/// a client whose JSON library writes `3.0` is not refused.
+fn whole_numbers_as_integers(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) if !n.is_i64() && !n.is_u64() => {
+            if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0) {
+                // Exactly representable: |f| below 2^63 (i64) or 2^64 (u64).
+                if (-9_223_372_036_854_775_808.0..9_223_372_036_854_775_808.0).contains(&f) {
+                    *value = Value::from(f as i64);
+                } else if (0.0..18_446_744_073_709_551_616.0).contains(&f) {
+                    *value = Value::from(f as u64);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(whole_numbers_as_integers),
+        Value::Object(fields) => fields.values_mut().for_each(whole_numbers_as_integers),
+        _ => {}
     }
 }
 
@@ -224,21 +247,23 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     }
 }
 
-/// 400 `invalid_query` for a query instant outside the range backvault accepts
-/// (`domain::text`), before any arithmetic on it.
+/// 422 `instant_out_of_range` for query instants outside the range backvault accepts
+/// (`domain::text`), before any arithmetic on them: a well-formed date-time whose year the
+/// schema cannot bound. The pointer names the parameter (`/from`).
 pub fn bounded_instants(
     instants: &[(&str, Option<chrono::DateTime<chrono::Utc>>)],
 ) -> Result<(), ApiError> {
-    for (name, at) in instants {
-        if let Some(v) = at.and_then(|at| backvault_domain::text::check_instant(at, name)) {
-            return Err(ApiError::new(
-                ErrorKind::BadRequest,
-                "invalid_query",
-                format!("{name}: {}", v.message),
-            ));
-        }
+    let violations: Vec<Violation> = instants
+        .iter()
+        .filter_map(|(name, at)| {
+            at.and_then(|at| backvault_domain::text::check_instant(at, &format!("/{name}")))
+        })
+        .collect();
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(backvault_service::Error::validation(violations).into())
     }
-    Ok(())
 }
 
 pub fn etag(version: i64) -> (header::HeaderName, String) {
@@ -280,6 +305,19 @@ mod tests {
             .ok()
             .unwrap();
         v
+    }
+
+    #[test]
+    fn whole_numbers_are_integers() {
+        let mut v = serde_json::json!({"a": 3.0, "b": [1.5, -2.0, 1e300], "c": 7, "d": 1e19});
+        whole_numbers_as_integers(&mut v);
+        assert_eq!(v["a"], serde_json::json!(3));
+        assert!(v["a"].is_i64());
+        assert_eq!(v["b"][0], serde_json::json!(1.5));
+        assert!(v["b"][1].is_i64());
+        assert!(v["b"][2].is_f64(), "too large for an integer: left alone");
+        assert!(v["c"].is_i64());
+        assert!(v["d"].is_u64());
     }
 
     #[tokio::test]

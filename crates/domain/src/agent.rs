@@ -819,6 +819,20 @@ impl JobResult {
     }
 }
 
+/// Fencing tokens count up from this: a claim hands out the first.
+pub const FIRST_LEASE: i64 = 1;
+
+/// `lease_invalid` for a lease no claim can have handed out.
+pub fn check_lease(lease: i64, pointer: &str) -> Option<Violation> {
+    (lease < FIRST_LEASE).then(|| {
+        Violation::new(
+            pointer,
+            "lease_invalid",
+            format!("a lease is a fencing token from a claim: {FIRST_LEASE} or more"),
+        )
+    })
+}
+
 /// The longest progress message.
 pub const MAX_PROGRESS_MESSAGE_CHARS: usize = 1024;
 

@@ -300,6 +300,9 @@ impl Policy {
 
 pub const DEFAULT_POLICY_NAME: &str = "HourlyLogBackup";
 
+/// Longer than every IANA time zone name (the longest has 32 characters).
+pub const MAX_TIME_ZONE_CHARS: usize = 64;
+
 /// The times `parse_time` accepts, as a JSON Schema pattern: HH:MM on the hour or half hour.
 pub const TIME_OF_DAY_PATTERN: &str = "^([01][0-9]|2[0-3]):(00|30)$";
 
@@ -1193,5 +1196,21 @@ mod tests {
         let spec: PolicySpec = serde_json::from_value(spec).unwrap();
         let err = spec.validate("/spec").unwrap_err();
         assert_eq!(err[0].pointer, "/spec/time_zone");
+    }
+}
+
+#[cfg(test)]
+mod time_zone_tests {
+    use super::*;
+
+    #[test]
+    fn every_time_zone_name_fits_the_bound() {
+        for tz in chrono_tz::TZ_VARIANTS {
+            assert!(
+                tz.name().chars().count() <= MAX_TIME_ZONE_CHARS,
+                "{}",
+                tz.name()
+            );
+        }
     }
 }

@@ -14,13 +14,65 @@ pub struct Violation {
     pub message: String,
 }
 
+/// A pointer or message longer than this is cut: both may quote what a client sent.
+pub const MAX_POINTER_CHARS: usize = 512;
+pub const MAX_MESSAGE_CHARS: usize = 1024;
+
 impl Violation {
+    /// Control characters in the pointer (a field name can hold them) are written as
+    /// `\uXXXX`, and pointer and message are bounded, so that a violation is always text
+    /// a client can show and a log can hold.
     pub fn new(pointer: impl Into<String>, code: &'static str, message: impl Into<String>) -> Self {
+        let pointer: String = pointer.into();
+        let pointer = if pointer.chars().any(char::is_control) {
+            pointer
+                .chars()
+                .map(|c| {
+                    if c.is_control() {
+                        format!("\\u{:04X}", u32::from(c))
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect()
+        } else {
+            pointer
+        };
         Self {
-            pointer: pointer.into(),
+            pointer: bounded(pointer, MAX_POINTER_CHARS),
             code,
-            message: message.into(),
+            message: bounded(message.into(), MAX_MESSAGE_CHARS),
         }
+    }
+}
+
+/// `text` cut to `max` characters, the last of them `…` when cut.
+pub fn bounded(text: String, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text;
+    }
+    let mut cut: String = text.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
+#[cfg(test)]
+mod bounds_tests {
+    use super::*;
+
+    #[test]
+    fn pointers_and_messages_stay_printable_and_bounded() {
+        let v = Violation::new("/a\u{13}b", "c", "m");
+        assert_eq!(v.pointer, "/a\\u0013b");
+        let long = Violation::new("/".repeat(5000), "c", "x".repeat(9000));
+        assert_eq!(long.pointer.chars().count(), MAX_POINTER_CHARS);
+        assert!(long.pointer.ends_with('…'));
+        assert_eq!(long.message.chars().count(), MAX_MESSAGE_CHARS);
+        let plain = Violation::new("/name", "c", "short");
+        assert_eq!(
+            (plain.pointer.as_str(), plain.message.as_str()),
+            ("/name", "short")
+        );
     }
 }
 

@@ -12,7 +12,8 @@ use backvault_domain::agent::protocol::{
     JobHeartbeat, JobHeartbeatResponse,
 };
 use backvault_domain::agent::{
-    JobItem, JobResult, MAX_HEARTBEAT_LEASES, ReportedJob, VmFacts, check_progress, check_warnings,
+    JobItem, JobResult, MAX_HEARTBEAT_LEASES, ReportedJob, VmFacts, check_lease, check_progress,
+    check_warnings,
 };
 use backvault_domain::instants::later;
 use backvault_domain::jobs::{JobKind, JobPayload, JobStatus, retry_delay};
@@ -483,7 +484,9 @@ impl Service {
             ));
         } else {
             violations.extend(hb.jobs.iter().enumerate().flat_map(|(i, j)| {
-                check_progress(j.progress.as_ref(), &format!("/jobs/{i}/progress"))
+                let mut v = check_progress(j.progress.as_ref(), &format!("/jobs/{i}/progress"));
+                v.extend(check_lease(j.lease, &format!("/jobs/{i}/lease")));
+                v
             }));
         }
         if !violations.is_empty() {

@@ -276,13 +276,8 @@ impl Service {
     ) -> Result<Job> {
         principal.require(Operation::Read)?;
         let wait = wait.unwrap_or_default();
-        if wait > MAX_WAIT {
-            return Err(Error::new(
-                ErrorKind::BadRequest,
-                "invalid_wait",
-                "wait is at most 60s",
-            ));
-        }
+        // A longer wait is cut to the longest: the client re-asks, as after any wait.
+        let wait = wait.min(MAX_WAIT);
         let deadline = crate::agents::deadline_after(wait);
         let subscription = self.notifier.job(id);
         let first = self.visible_job(principal, id).await?;

@@ -1,4 +1,5 @@
-//! Opaque cursors and page sizes for every list.
+//! Cursors and page sizes for every list. A cursor is the id of the last item of the
+//! page before (lists are ordered by id, and ids are UUIDv7): any UUID is a position.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -59,20 +60,28 @@ pub fn page<R, T>(
 }
 
 fn encode(id: Uuid) -> String {
-    URL_SAFE_NO_PAD.encode(format!("v1:{id}"))
+    id.hyphenated().to_string()
 }
 
+/// A cursor: a UUID, or the base64 form servers issued before (`v1:<uuid>`), so that a
+/// client paging across an upgrade is not cut off.
 fn decode(cursor: &str) -> Result<Uuid> {
-    URL_SAFE_NO_PAD
-        .decode(cursor)
+    cursor
+        .parse::<Uuid>()
         .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|s| s.strip_prefix("v1:").and_then(|id| id.parse().ok()))
+        .filter(|_| cursor.len() == 36)
+        .or_else(|| {
+            URL_SAFE_NO_PAD
+                .decode(cursor)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .and_then(|s| s.strip_prefix("v1:").and_then(|id| id.parse().ok()))
+        })
         .ok_or_else(|| {
             Error::new(
                 ErrorKind::BadRequest,
                 "invalid_cursor",
-                "the cursor is not one this server issued",
+                "the cursor is the next_cursor of a page: a UUID",
             )
         })
 }
@@ -85,7 +94,15 @@ mod tests {
     fn cursors_round_trip_and_reject_garbage() {
         let id = Uuid::now_v7();
         assert_eq!(decode(&encode(id)).unwrap(), id);
+        let legacy = URL_SAFE_NO_PAD.encode(format!("v1:{id}"));
+        assert_eq!(decode(&legacy).unwrap(), id);
         assert_eq!(decode("bm9wZQ").unwrap_err().code, "invalid_cursor");
+        assert_eq!(decode("").unwrap_err().code, "invalid_cursor");
+        // Only the hyphenated form the schema describes.
+        assert_eq!(
+            decode(&id.simple().to_string()).unwrap_err().code,
+            "invalid_cursor"
+        );
         assert_eq!(
             page_request(None, Some(0)).unwrap_err().code,
             "invalid_limit"

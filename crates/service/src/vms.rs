@@ -170,6 +170,32 @@ impl Service {
         limit: Option<i64>,
     ) -> Result<Page<Vm>> {
         principal.require(Operation::Read)?;
+        let mut v = Violations::default();
+        for (name, value, max) in [
+            (
+                "subscription_id",
+                &query.subscription_id,
+                MAX_SUBSCRIPTION_ID_CHARS,
+            ),
+            (
+                "resource_group",
+                &query.resource_group,
+                MAX_RESOURCE_GROUP_CHARS,
+            ),
+            ("region", &query.region, MAX_REGION_CHARS),
+        ] {
+            if let Some(value) = value {
+                check_identifier(value, name, name, max, &mut v);
+            }
+        }
+        if let Some(fault) = v.into_vec().into_iter().next() {
+            // A filter no VM can match is a malformed query, not an empty page.
+            return Err(Error::new(
+                ErrorKind::BadRequest,
+                "invalid_query",
+                fault.message,
+            ));
+        }
         let (request, limit) = page_request(cursor, limit)?;
         let filter = vms::VmFilter {
             subscriptions: principal.subscriptions.as_deref(),

@@ -4,8 +4,8 @@
 //! differential kept longer than its full).
 
 use backvault_domain::agent::{
-    MAX_HEARTBEAT_LEASES, MAX_PROGRESS_MESSAGE_CHARS, MAX_SQL_NAME_CHARS, MAX_VERSION_FACT_CHARS,
-    MAX_WARNING_CHARS, MAX_WARNINGS,
+    FIRST_LEASE, MAX_HEARTBEAT_LEASES, MAX_PROGRESS_MESSAGE_CHARS, MAX_SQL_NAME_CHARS,
+    MAX_VERSION_FACT_CHARS, MAX_WARNING_CHARS, MAX_WARNINGS,
 };
 use backvault_domain::jobs::MAX_ITEMS_PER_JOB;
 use backvault_domain::lsn::LSN_PATTERN;
@@ -16,8 +16,9 @@ use backvault_domain::names::{
 };
 use backvault_domain::policy::{
     ALLOWED_LOG_FREQUENCIES, MAX_DAILY_RETENTION_DAYS, MAX_DIFFERENTIAL_RETENTION_DAYS,
-    MAX_LOG_RETENTION_DAYS, MAX_MONTHLY_RETENTION_MONTHS, MAX_WEEKLY_RETENTION_WEEKS,
-    MAX_YEARLY_RETENTION_YEARS, MIN_RETENTION_DAYS, TIME_OF_DAY_PATTERN,
+    MAX_LOG_RETENTION_DAYS, MAX_MONTHLY_RETENTION_MONTHS, MAX_TIME_ZONE_CHARS,
+    MAX_WEEKLY_RETENTION_WEEKS, MAX_YEARLY_RETENTION_YEARS, MIN_RETENTION_DAYS,
+    TIME_OF_DAY_PATTERN,
 };
 use backvault_domain::preview::MAX_PREVIEW_RUNS;
 use backvault_domain::protection::{
@@ -43,6 +44,8 @@ enum At {
 }
 
 enum Constraint {
+    /// A UUID in the hyphenated form the server reads.
+    Uuid,
     Integer {
         min: i64,
         max: i64,
@@ -54,10 +57,15 @@ enum Constraint {
         pattern: &'static str,
     },
     MaxItems(usize),
+    MinItems(usize),
 }
 
 use At::{Parameter, Property};
-use Constraint::{Integer, MaxItems, OneOf, Text};
+use Constraint::{Integer, MaxItems, MinItems, OneOf, Text};
+
+/// What `uuid::Uuid` parses and the server writes.
+pub const UUID_PATTERN: &str =
+    "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
 
 fn int(min: impl Into<i64>, max: impl TryInto<i64>) -> Constraint {
     Integer {
@@ -86,9 +94,8 @@ fn policy_name() -> Constraint {
     )
 }
 
-/// Fencing tokens count up from 1.
 fn lease() -> Constraint {
-    int(1, i64::MAX)
+    int(FIRST_LEASE, i64::MAX)
 }
 
 fn lsn() -> Constraint {
@@ -189,6 +196,11 @@ fn rules() -> Vec<(At, Constraint)> {
         (Property("CreatePolicy", "name"), policy_name()),
         (Property("CopyPolicy", "name"), policy_name()),
         (Property("ConfigureProtection", "policy"), policy_name()),
+        (Property("ConfigureProtection", "databases"), MinItems(1)),
+        (
+            Property("PolicySpec", "time_zone"),
+            text(1, MAX_TIME_ZONE_CHARS, TEXT_PATTERN),
+        ),
         (Property("ChangePolicy", "policy"), policy_name()),
         (Property("CreateAutoProtection", "policy"), policy_name()),
         (Parameter("policy_name"), policy_name()),
@@ -310,11 +322,21 @@ fn rules() -> Vec<(At, Constraint)> {
         (Property("RecoveryPointReport", "fork_point_lsn"), lsn()),
         // Every list.
         (Parameter("limit"), int(1, MAX_LIMIT)),
+        (Parameter("cursor"), Constraint::Uuid),
+        (
+            Parameter("wait"),
+            text(1, 11, crate::routes::jobs::WAIT_PATTERN),
+        ),
     ]
 }
 
 fn apply(schema: &mut Value, constraint: &Constraint) {
     match constraint {
+        Constraint::Uuid => {
+            schema["type"] = json!("string");
+            schema["format"] = json!("uuid");
+            schema["pattern"] = json!(UUID_PATTERN);
+        }
         Integer { min, max } => {
             schema["minimum"] = json!(min);
             schema["maximum"] = json!(max);
@@ -329,6 +351,9 @@ fn apply(schema: &mut Value, constraint: &Constraint) {
         }
         MaxItems(max) => {
             schema["maxItems"] = json!(max);
+        }
+        MinItems(min) => {
+            schema["minItems"] = json!(min);
         }
     }
 }
@@ -393,6 +418,9 @@ fn text_rule(doc: &mut Value) {
                     Some(Value::Array(types)) => types.iter().any(|t| t == "string"),
                     _ => false,
                 };
+                if is_string && fields.get("format") == Some(&json!("uuid")) {
+                    fields.insert("pattern".into(), json!(UUID_PATTERN));
+                }
                 let open = ["enum", "const", "format", "pattern", "contentEncoding"]
                     .iter()
                     .all(|k| !fields.contains_key(*k));

@@ -12,13 +12,14 @@ pub const MAX_ETAG_CHARS: usize = 64;
 
 fn request_header(name: &str) -> Option<Value> {
     let (description, schema) = match name {
+        // No minLength: HTTP allows an empty list (which matches nothing).
         "If-Match" => (
             "The `ETag` you read: the change applies only to that version (412 otherwise). `*` or no header: unconditionally.",
-            json!({ "type": "string", "minLength": 1, "maxLength": MAX_ETAG_CHARS }),
+            json!({ "type": "string", "maxLength": MAX_ETAG_CHARS }),
         ),
         "If-None-Match" => (
             "The `ETag` you hold: 304 Not Modified, without a body, while the resource is unchanged.",
-            json!({ "type": "string", "minLength": 1, "maxLength": MAX_ETAG_CHARS }),
+            json!({ "type": "string", "maxLength": MAX_ETAG_CHARS }),
         ),
         "Idempotency-Key" => (
             "Makes retries safe: a retried create with the same key and body returns the first response; with another body, 422 `idempotency_key_reused`. Visible ASCII.",

@@ -9,6 +9,8 @@ mod links;
 mod responses;
 mod unions;
 
+pub use headers::MAX_ETAG_CHARS;
+
 use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};

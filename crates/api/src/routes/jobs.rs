@@ -78,7 +78,8 @@ async fn list_jobs(
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct GetJobParams {
-    /// Wait up to this long (e.g. `30s`, at most `60s`) for the job to change state.
+    /// Wait up to this long for the job to change state: seconds (`30s` or `30`) or
+    /// milliseconds (`500ms`); a wait over 60 seconds waits 60.
     pub wait: Option<String>,
 }
 
@@ -99,8 +100,14 @@ async fn get_job(
     Ok(([etag_of(&job)], axum::Json(job)).into_response())
 }
 
+/// What `parse_wait` takes, as the document states it.
+pub const WAIT_PATTERN: &str = "^[0-9]{1,9}(s|ms)?$";
+
 fn parse_wait(raw: &str) -> Result<Duration, ApiError> {
     let (number, unit) = raw.split_at(raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len()));
+    if !(1..=9).contains(&number.len()) {
+        return Err(invalid_wait());
+    }
     let n: u64 = number.parse().map_err(|_| invalid_wait())?;
     match unit {
         "" | "s" => Ok(Duration::from_secs(n)),
@@ -113,7 +120,7 @@ fn invalid_wait() -> ApiError {
     ApiError::new(
         ErrorKind::BadRequest,
         "invalid_wait",
-        "wait is a number of seconds like 30s (at most 60s)",
+        "wait is a number of seconds like 30s, or of milliseconds like 500ms (at most 9 digits)",
     )
 }
 
@@ -145,4 +152,37 @@ async fn dispatch_job(
         axum::Json(job),
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `parse_wait` takes exactly what `WAIT_PATTERN` describes.
+    #[test]
+    fn wait_pattern_is_the_parser() {
+        let pattern = regex::Regex::new(WAIT_PATTERN).unwrap();
+        for raw in [
+            "",
+            "0",
+            "30",
+            "30s",
+            "500ms",
+            "999999999",
+            "1234567890",
+            "s",
+            "30m",
+            "2h",
+            "-1",
+            "1.5s",
+            " 30s",
+            "30s ",
+            "007s",
+            "30S",
+            "30mss",
+            "٣٠s",
+        ] {
+            assert_eq!(pattern.is_match(raw), parse_wait(raw).is_ok(), "{raw:?}");
+        }
+    }
 }

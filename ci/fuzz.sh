@@ -374,6 +374,8 @@ expectations = {  # operation id -> (extra positive statuses, extra negative sta
     "create_vault": (["422"], [], "422: an Idempotency-Key reused with another body "
                      "(the coverage phase sends one key with many bodies), as the IETF "
                      "Idempotency-Key draft prescribes"),
+    "copy_policy": (["422"], [], "422: an Idempotency-Key reused with another body, as for "
+                    "create_vault"),
     "create_enrollment_token": (["422"], [], "422: vm_name and resource_group bind a token "
                                 "to a VM together: both or neither (null counts as absent)"),
     "dispatch_job": (["422"], [], "422: the items must be databases of the VM's inventory, "

@@ -393,10 +393,12 @@ async fn protected_vm_with(
     let (_, job) = api
         .post(&format!("/v1/vaults/{vault}/vms/{vm}/discover"), json!({}))
         .await;
-    api.finished_job(job["id"].as_str().unwrap()).await;
-    let (_, containers) = api
+    let discovery = api.finished_job(job["id"].as_str().unwrap()).await;
+    assert_eq!(discovery["status"], "completed", "{discovery}");
+    let (status, containers) = api
         .get(&format!("/v1/vaults/{vault}/protectable-items"))
         .await;
+    assert_eq!(status, 200, "{containers}");
     let ids: Vec<Value> = containers[0]["databases"]
         .as_array()
         .unwrap()

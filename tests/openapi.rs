@@ -193,6 +193,14 @@ fn schema_bounds_are_the_domains_constants() {
         schemas["DispatchJob"]["properties"]["items"]["maxItems"],
         jobs::MAX_ITEMS_PER_JOB
     );
+    let dispatchable: Vec<&str> = jobs::JobKind::DISPATCHABLE
+        .iter()
+        .map(|k| k.as_str())
+        .collect();
+    assert_eq!(
+        schemas["DispatchJob"]["properties"]["kind"]["enum"],
+        serde_json::json!(dispatchable)
+    );
     assert_eq!(
         prop("RecoveryPointReport", "first_lsn")["pattern"],
         backvault_domain::lsn::LSN_PATTERN

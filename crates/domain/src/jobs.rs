@@ -116,6 +116,15 @@ impl JobKind {
         JobKind::Restore,
     ];
 
+    /// The kinds `POST /v1/jobs` dispatches: configuring protection and restoring have
+    /// operations of their own, which check their rules.
+    pub const DISPATCHABLE: [JobKind; 4] = [
+        JobKind::Discovery,
+        JobKind::BackupFull,
+        JobKind::BackupDifferential,
+        JobKind::BackupLog,
+    ];
+
     /// The kinds the scheduler makes from a policy's slots.
     pub const SCHEDULED: [JobKind; 3] = [
         JobKind::BackupFull,
@@ -247,7 +256,7 @@ pub fn retry_delay(attempt: i32, jitter: f64) -> Duration {
 pub fn check_dispatch(kind: JobKind, item_count: usize, copy_only: Option<bool>) -> Vec<Violation> {
     let mut v = Violations::default();
     match kind {
-        JobKind::ConfigureProtection | JobKind::Restore => v.push(
+        _ if !JobKind::DISPATCHABLE.contains(&kind) => v.push(
             "/kind",
             "job_kind_not_dispatchable",
             "configure protection with POST /v1/vaults/{vault_id}/protected-items and restore with POST .../protected-items/{item_id}/restore, which check their rules",

@@ -7,7 +7,7 @@ use backvault_domain::agent::{
     FIRST_LEASE, MAX_HEARTBEAT_LEASES, MAX_PROGRESS_MESSAGE_CHARS, MAX_SQL_NAME_CHARS,
     MAX_VERSION_FACT_CHARS, MAX_WARNING_CHARS, MAX_WARNINGS,
 };
-use backvault_domain::jobs::MAX_ITEMS_PER_JOB;
+use backvault_domain::jobs::{JobKind, MAX_ITEMS_PER_JOB};
 use backvault_domain::lsn::LSN_PATTERN;
 use backvault_domain::names::{
     IDENTIFIER_PATTERN, MAX_POLICY_NAME_CHARS, MAX_REGION_CHARS, MAX_RESOURCE_GROUP_CHARS,
@@ -44,6 +44,8 @@ enum At {
 }
 
 enum Constraint {
+    /// One of these strings.
+    Strings(Vec<&'static str>),
     /// A UUID in the hyphenated form the server reads.
     Uuid,
     Integer {
@@ -267,6 +269,10 @@ fn rules() -> Vec<(At, Constraint)> {
             Property("DispatchJob", "items"),
             MaxItems(MAX_ITEMS_PER_JOB),
         ),
+        (
+            Property("DispatchJob", "kind"),
+            Constraint::Strings(JobKind::DISPATCHABLE.iter().map(|k| k.as_str()).collect()),
+        ),
         (Property("ClaimRequest", "max_jobs"), int(1, MAX_CLAIM_JOBS)),
         (
             Property("ClaimRequest", "wait_seconds"),
@@ -332,6 +338,9 @@ fn rules() -> Vec<(At, Constraint)> {
 
 fn apply(schema: &mut Value, constraint: &Constraint) {
     match constraint {
+        Constraint::Strings(values) => {
+            *schema = json!({ "type": "string", "enum": values });
+        }
         Constraint::Uuid => {
             schema["type"] = json!("string");
             schema["format"] = json!("uuid");

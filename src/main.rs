@@ -109,7 +109,8 @@ struct ServeArgs {
     shutdown_grace_seconds: u64,
     /// Origins browsers may call the API from (CORS), comma-separated, e.g.
     /// `https://console.example.com`; `*` for any. None by default.
-    #[arg(long, env = "BACKVAULT_CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    #[arg(long, env = "BACKVAULT_CORS_ALLOWED_ORIGINS", value_delimiter = ',',
+          value_parser = backvault_api::parse_cors_origin)]
     cors_allowed_origins: Vec<String>,
     #[command(flatten)]
     jobs: JobArgs,

@@ -221,6 +221,22 @@ async fn cors_is_off_unless_origins_are_configured(pool: PgPool) {
 async fn large_bodies_are_compressed_when_asked(pool: PgPool) {
     use tower::ServiceExt;
     let app = TestApp::new(pool);
+    // A client that refuses unencoded bodies and names no encoding the server has gets the
+    // body unencoded, not a 406 after the request ran.
+    let res = app
+        .router
+        .clone()
+        .oneshot(
+            Request::builder()
+                .uri("/openapi.json")
+                .header("accept-encoding", "zstd, identity;q=0, *;q=0")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.headers().get("content-encoding").is_none());
     for encoding in [None, Some("gzip"), Some("br")] {
         let mut req = Request::builder().uri("/openapi.json");
         if let Some(e) = encoding {
@@ -278,7 +294,7 @@ async fn the_server_takes_what_the_schema_allows_and_no_more(pool: PgPool) {
     assert_eq!(garbage.code(), "invalid_cursor");
 
     // Conditional headers longer than any ETag are malformed.
-    let long = "\"".to_owned() + &"0".repeat(70) + "\"";
+    let long = "\"".to_owned() + &"0".repeat(520) + "\"";
     let res = app
         .call(
             Method::GET,
@@ -346,4 +362,106 @@ async fn the_server_takes_what_the_schema_allows_and_no_more(pool: PgPool) {
     assert_eq!(res.status, StatusCode::UNPROCESSABLE_ENTITY);
     let pointer = res.body["errors"][0]["pointer"].as_str().unwrap();
     assert_eq!(pointer, "/a\\u0013");
+}
+
+/// A protected item's ETag changes when what it shows changes, even where its version
+/// does not (its last backup comes from the recovery points); If-Match still takes it.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn an_item_etag_follows_its_backups(pool: PgPool) {
+    use crate::protection::db;
+    use crate::recovery::{Lsns, protect, run_backups, weekly_dst_policy};
+    let p = protect(pool, weekly_dst_policy(), vec![db("MSSQLSERVER", "sales")]).await;
+    let admin = p.app.admin();
+    let item = p.item_path("sales");
+    let before = p.app.get(&item, &admin).await;
+    let etag = before.header("etag").to_owned();
+    let same = p
+        .app
+        .call(
+            Method::GET,
+            &item,
+            Some(&admin),
+            None,
+            &[("if-none-match", &etag)],
+        )
+        .await;
+    assert_eq!(same.status, StatusCode::NOT_MODIFIED);
+
+    let backup = p
+        .app
+        .post(
+            &format!("{item}/backup"),
+            &admin,
+            json!({"type": "full", "retention_days": 45}),
+        )
+        .await;
+    assert_eq!(backup.status, StatusCode::ACCEPTED, "{}", backup.body);
+    let ran = run_backups(&p.app, &p.agent, &mut Lsns::default(), chrono::Utc::now()).await;
+    assert_eq!(ran, ["backup_full"]);
+    let after = p
+        .app
+        .call(
+            Method::GET,
+            &item,
+            Some(&admin),
+            None,
+            &[("if-none-match", &etag)],
+        )
+        .await;
+    assert_eq!(after.status, StatusCode::OK, "the backup changed the item");
+    assert_ne!(after.body["last_full_at"], before.body["last_full_at"]);
+    assert_eq!(after.body["version"], before.body["version"]);
+
+    // Changing the policy conditionally: the tag read last is current.
+    let fresh = after.header("etag").to_owned();
+    let change = p
+        .app
+        .call(
+            Method::PATCH,
+            &item,
+            Some(&admin),
+            Some(json!({"policy": "HourlyLogBackup"})),
+            &[("if-match", &fresh)],
+        )
+        .await;
+    assert_eq!(change.status, StatusCode::OK, "{}", change.body);
+}
+
+/// `Idempotency-Key` is 1 to 255 visible ASCII characters, as the document says.
+#[sqlx::test]
+async fn idempotency_keys_are_bounded(pool: PgPool) {
+    let app = TestApp::new(pool);
+    let admin = app.admin();
+    let create = |key: String, name: &'static str| {
+        let app = &app;
+        let admin = admin.clone();
+        async move {
+            app.send(
+                Request::builder()
+                    .method(Method::POST)
+                    .uri("/v1/vaults")
+                    .header("authorization", format!("Bearer {admin}"))
+                    .header("content-type", "application/json")
+                    .header(
+                        "idempotency-key",
+                        axum::http::HeaderValue::from_bytes(key.as_bytes()).unwrap(),
+                    )
+                    .body(Body::from(vault_body(name, "sub-1").to_string()))
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let longest = create("k".repeat(255), "key-longest").await;
+    assert_eq!(longest.status, StatusCode::CREATED, "{}", longest.body);
+    let too_long = create("k".repeat(256), "key-too-long").await;
+    assert_eq!(
+        (too_long.status, too_long.code()),
+        (StatusCode::BAD_REQUEST, "idempotency_key_invalid")
+    );
+    let latin = create("clé".into(), "key-latin").await;
+    assert_eq!(
+        (latin.status, latin.code()),
+        (StatusCode::BAD_REQUEST, "idempotency_key_invalid")
+    );
 }

@@ -55,7 +55,7 @@ impl Lsns {
 
 /// Completes every claimable job as the agent would, with points taken at `at`; returns
 /// the kinds run.
-async fn run_backups(
+pub(crate) async fn run_backups(
     app: &TestApp,
     agent: &str,
     lsns: &mut Lsns,

@@ -78,6 +78,47 @@ pub async fn bounded_uri(request: Request, next: Next) -> Response {
     next.run(request).await
 }
 
+/// `Accept-Encoding` that refuses an unencoded body (`identity;q=0`, `*;q=0`) is read as if
+/// it did not: the compression layer would otherwise replace the answer of a request that
+/// already ran (a vault created, jobs claimed) with a 406. Clients get the body unencoded
+/// when none of their encodings is one the server has.
+pub async fn lenient_accept_encoding(mut request: Request, next: Next) -> Response {
+    use axum::http::{HeaderValue, header};
+    let refuses_identity = |entry: &str| {
+        let mut parts = entry.split(';').map(str::trim);
+        let coding = parts.next().unwrap_or("");
+        let zero = parts.any(|p| {
+            p.strip_prefix("q=")
+                .and_then(|q| q.trim().parse::<f32>().ok())
+                .is_some_and(|q| q == 0.0)
+        });
+        zero && (coding.eq_ignore_ascii_case("identity") || coding == "*")
+    };
+    if let Some(value) = request
+        .headers()
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        && value.split(',').any(refuses_identity)
+    {
+        let kept = value
+            .split(',')
+            .filter(|entry| !refuses_identity(entry))
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let headers = request.headers_mut();
+        match HeaderValue::from_str(&kept) {
+            Ok(v) if !kept.is_empty() => {
+                headers.insert(header::ACCEPT_ENCODING, v);
+            }
+            _ => {
+                headers.remove(header::ACCEPT_ENCODING);
+            }
+        }
+    }
+    next.run(request).await
+}
+
 /// The interactive documentation's policy: its own scripts and styles only (Swagger UI
 /// styles elements inline), fetches to this origin, never framed.
 const DOCS_CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
@@ -116,18 +157,18 @@ pub async fn conditional_get(request: Request, next: Next) -> Response {
         if request
             .headers()
             .get(&name)
-            .is_some_and(|v| v.len() > crate::openapi::MAX_ETAG_CHARS)
+            .is_some_and(|v| v.len() > crate::openapi::MAX_CONDITIONAL_HEADER_CHARS)
         {
             return bad_request(
                 "invalid_header",
                 format!(
-                    "{name} holds at most {} characters: the ETags this server sends",
-                    crate::openapi::MAX_ETAG_CHARS
+                    "{name} holds at most {} characters: a few of the ETags this server sends",
+                    crate::openapi::MAX_CONDITIONAL_HEADER_CHARS
                 ),
             );
         }
     }
-    let if_none_match = (request.method() == Method::GET)
+    let if_none_match = matches!(*request.method(), Method::GET | Method::HEAD)
         .then(|| request.headers().get(header::IF_NONE_MATCH).cloned())
         .flatten();
     let response = next.run(request).await;

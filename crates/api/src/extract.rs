@@ -216,9 +216,11 @@ impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
         if value == "*" {
             return Ok(IfMatch(None));
         }
+        // `"<version>-<digest>"` as sent, or `"<version>"` as servers before sent it.
         let version = value
             .strip_prefix('"')
             .and_then(|v| v.strip_suffix('"'))
+            .map(|v| v.split_once('-').map_or(v, |(version, _)| version))
             .and_then(|v| v.parse::<i64>().ok())
             .unwrap_or(-1);
         Ok(IfMatch(Some(version)))
@@ -266,18 +268,25 @@ pub fn bounded_instants(
     }
 }
 
-pub fn etag(version: i64) -> (header::HeaderName, String) {
-    (header::ETAG, format!("\"{version}\""))
+/// The ETag of a resource with a version: `"<version>-<digest>"`. `If-Match` compares the
+/// version (what a change conflicts on); the digest makes the tag change whenever the
+/// representation does, for `If-None-Match`, also where it shows what other tables hold
+/// (a protected item's last backups, its VM's name).
+pub fn etag(version: i64, body: &impl serde::Serialize) -> (header::HeaderName, String) {
+    (header::ETAG, format!("\"{version}-{}\"", digest(body)))
 }
 
 /// The ETag of a resource that has no version: a digest of the representation the client
 /// gets, so it changes exactly when the body does.
 pub fn etag_of(body: &impl serde::Serialize) -> (header::HeaderName, String) {
+    (header::ETAG, format!("\"{}\"", digest(body)))
+}
+
+fn digest(body: &impl serde::Serialize) -> String {
     use sha2::{Digest, Sha256};
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     let digest = Sha256::digest(&bytes);
-    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-    (header::ETAG, format!("\"{hex}\""))
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Whether `If-None-Match` holds a tag that matches `etag`: a list, `*`, weak or strong
@@ -323,6 +332,8 @@ mod tests {
     #[tokio::test]
     async fn if_match_compares_strongly() {
         assert_eq!(if_match("\"3\"").await, Some(3));
+        assert_eq!(if_match("\"3-0a1b\"").await, Some(3));
+        assert_eq!(if_match("\"-3\"").await, Some(-1));
         assert_eq!(if_match("*").await, None);
         assert_eq!(if_match("W/\"3\"").await, Some(-1));
         assert_eq!(if_match("3").await, Some(-1));

@@ -63,6 +63,31 @@ pub fn router(state: AppState) -> Router {
     router_with(state, &HttpOptions::default())
 }
 
+/// An origin as browsers send it and CORS compares it: `*`, or `scheme://host[:port]`
+/// (http or https, no path, no trailing slash). Surrounding spaces are dropped, so a list
+/// written `a, b` works.
+pub fn parse_cors_origin(raw: &str) -> Result<String, String> {
+    let origin = raw.trim();
+    if origin == "*" {
+        return Ok(origin.to_owned());
+    }
+    let uri: axum::http::Uri = origin
+        .parse()
+        .map_err(|e| format!("{origin:?} is not an origin: {e}"))?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+    // `http` reads an absent path as `/`; the text tells the two apart.
+    let bare = uri
+        .path_and_query()
+        .is_none_or(|pq| matches!(pq.as_str(), "" | "/"))
+        && !origin.ends_with('/');
+    if !scheme_ok || uri.host().is_none() || !bare {
+        return Err(format!(
+            "{origin:?} is not an origin: write scheme://host[:port], e.g. https://console.example.com"
+        ));
+    }
+    Ok(origin.to_owned())
+}
+
 fn cors(origins: &[String]) -> Option<CorsLayer> {
     use axum::http::{Method, header};
     if origins.is_empty() {
@@ -149,9 +174,37 @@ pub fn router_with(state: AppState, options: &HttpOptions) -> Router {
         )
         // Inside the request id, so compressed and preflight answers carry it too.
         .layer(CompressionLayer::new())
+        .layer(axum::middleware::from_fn(edge::lenient_accept_encoding))
         .layer(tower::util::option_layer(cors(
             &options.cors_allowed_origins,
         )))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_cors_origin;
+
+    #[test]
+    fn cors_origins_are_checked() {
+        assert_eq!(
+            parse_cors_origin(" https://a.example ").unwrap(),
+            "https://a.example"
+        );
+        assert_eq!(
+            parse_cors_origin("http://localhost:3000").unwrap(),
+            "http://localhost:3000"
+        );
+        assert_eq!(parse_cors_origin("*").unwrap(), "*");
+        for bad in [
+            "https://a.example/",
+            "https://a.example/app",
+            "a.example",
+            "ftp://a.example",
+            "",
+        ] {
+            assert!(parse_cors_origin(bad).is_err(), "{bad:?}");
+        }
+    }
 }

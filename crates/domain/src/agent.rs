@@ -974,8 +974,9 @@ pub mod protocol {
         /// 1 on the first try.
         pub attempt: i32,
         pub items: Vec<JobItem>,
-        /// The job's [`JobPayload`](crate::jobs::JobPayload), tagged with its kind. Read
-        /// tolerantly: a job queued by an older server may carry fewer fields.
+        /// The job's [`JobPayload`](crate::jobs::JobPayload), tagged with its kind. A value
+        /// here rather than the type: a job queued by an older server is forwarded as
+        /// stored (with its kind), and agents read it tolerantly.
         #[schema(value_type = crate::jobs::JobPayload)]
         pub payload: serde_json::Value,
     }

@@ -12,7 +12,9 @@ pub const VAULT_NAME_PATTERN: &str = "^[A-Za-z][A-Za-z0-9-]{0,48}[A-Za-z0-9]$";
 /// [`PolicyName::parse`] as a JSON Schema pattern (lengths included).
 pub const POLICY_NAME_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9_-]{0,149}$";
 /// [`check_identifier`] as a JSON Schema pattern; the length goes in `maxLength`.
-pub const IDENTIFIER_PATTERN: &str = r"^[^\s/\u0000-\u001F\u007F-\u009F]([^/\u0000-\u001F\u007F-\u009F]*[^\s/\u0000-\u001F\u007F-\u009F])?$";
+/// Whitespace is spelled out (Unicode's White_Space, what `str::trim` removes): `\s`
+/// differs between regex dialects (ECMA-262's includes U+FEFF).
+pub const IDENTIFIER_PATTERN: &str = r"^[^/\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]([^/\u0000-\u001F\u007F-\u009F]*[^/\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000])?$";
 
 /// A vault name as Azure allows it: 2–50 characters, letters, digits and hyphens, a letter
 /// first, not ending in a hyphen. Uniqueness (per subscription and resource group, ignoring

@@ -19,16 +19,18 @@ pub const MAX_POINTER_CHARS: usize = 512;
 pub const MAX_MESSAGE_CHARS: usize = 1024;
 
 impl Violation {
-    /// Control characters in the pointer (a field name can hold them) are written as
-    /// `\uXXXX`, and pointer and message are bounded, so that a violation is always text
-    /// a client can show and a log can hold.
+    /// Control characters the text rule refuses (a field name can hold them) are written
+    /// as `\uXXXX` in the pointer, and pointer and message are bounded: what a client sent
+    /// comes back as text the response schema allows and a log can hold. (A field name
+    /// with such a character is itself refused, so the pointer only has to name it.)
     pub fn new(pointer: impl Into<String>, code: &'static str, message: impl Into<String>) -> Self {
         let pointer: String = pointer.into();
-        let pointer = if pointer.chars().any(char::is_control) {
+        let refused = |c: char| c.is_control() && !matches!(c, '\t' | '\n' | '\r');
+        let pointer = if pointer.chars().any(refused) {
             pointer
                 .chars()
                 .map(|c| {
-                    if c.is_control() {
+                    if refused(c) {
                         format!("\\u{:04X}", u32::from(c))
                     } else {
                         c.to_string()

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use backvault_domain::agent::{JobItem, SqlInventory};
-use backvault_domain::jobs::{JobKind, Priority, batch};
+use backvault_domain::jobs::{BackupPayload, JobKind, Priority, batch};
 use backvault_domain::protection::{
     NameIssue, OnDemandTarget, OnDemandType, VaultTarget, VmPrerequisites, check_on_demand,
     check_registration, instance_name_issues, name_issue, name_issues, time_zone_warning,
@@ -1172,7 +1172,13 @@ impl Service {
             database: item.database_name.clone(),
             protected_item_id: Some(id),
         }];
-        let payload = serde_json::json!({"copy_only": copy_only, "retention_days": req.retention_days, "on_demand": true});
+        let payload = serde_json::to_value(BackupPayload {
+            copy_only: Some(copy_only),
+            retention_days: req.retention_days,
+            on_demand: Some(true),
+            ..BackupPayload::default()
+        })
+        .map_err(Error::internal)?;
         let job = new_job(
             item.vm_id,
             &item.subscription_id,

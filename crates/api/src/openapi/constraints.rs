@@ -29,6 +29,7 @@ use backvault_domain::text::TEXT_PATTERN;
 use backvault_domain::tokens::{
     MAX_ENROLLMENT_TTL_SECONDS, MAX_ENROLLMENT_USES, MIN_TOKEN_TTL_SECONDS,
 };
+use backvault_domain::violation::{MAX_MESSAGE_CHARS, MAX_POINTER_CHARS};
 use backvault_service::agents::{MAX_CLAIM_JOBS, MAX_CLAIM_WAIT_SECONDS, MAX_FAILURE_CODE_CHARS};
 use backvault_service::pagination::MAX_LIMIT;
 use backvault_service::vaults::MAX_DESCRIPTION_CHARS;
@@ -326,6 +327,19 @@ fn rules() -> Vec<(At, Constraint)> {
             lsn(),
         ),
         (Property("RecoveryPointReport", "fork_point_lsn"), lsn()),
+        // What comes back quoting what a client sent, cut to these lengths.
+        (
+            Property("Problem", "detail"),
+            text(0, crate::error::MAX_DETAIL_CHARS, TEXT_PATTERN),
+        ),
+        (
+            Property("Violation", "pointer"),
+            text(0, MAX_POINTER_CHARS, TEXT_PATTERN),
+        ),
+        (
+            Property("Violation", "message"),
+            text(0, MAX_MESSAGE_CHARS, TEXT_PATTERN),
+        ),
         // Every list.
         (Parameter("limit"), int(1, MAX_LIMIT)),
         (Parameter("cursor"), Constraint::Uuid),

@@ -9,17 +9,19 @@ use super::methods_and_operations_mut;
 
 /// What the server sends as an ETag: a quoted version or digest, never longer than this.
 pub const MAX_ETAG_CHARS: usize = 64;
+/// The longest `If-Match` or `If-None-Match`: a list of a few ETags.
+pub const MAX_CONDITIONAL_HEADER_CHARS: usize = 8 * MAX_ETAG_CHARS;
 
 fn request_header(name: &str) -> Option<Value> {
     let (description, schema) = match name {
         // No minLength: HTTP allows an empty list (which matches nothing).
         "If-Match" => (
             "The `ETag` you read: the change applies only to that version (412 otherwise). `*` or no header: unconditionally.",
-            json!({ "type": "string", "maxLength": MAX_ETAG_CHARS }),
+            json!({ "type": "string", "maxLength": MAX_CONDITIONAL_HEADER_CHARS }),
         ),
         "If-None-Match" => (
-            "The `ETag` you hold: 304 Not Modified, without a body, while the resource is unchanged.",
-            json!({ "type": "string", "maxLength": MAX_ETAG_CHARS }),
+            "The `ETag`s you hold (a comma-separated list): 304 Not Modified, without a body, while the resource still has one of them.",
+            json!({ "type": "string", "maxLength": MAX_CONDITIONAL_HEADER_CHARS }),
         ),
         "Idempotency-Key" => (
             "Makes retries safe: a retried create with the same key and body returns the first response; with another body, 422 `idempotency_key_reused`. Visible ASCII.",

@@ -9,7 +9,7 @@ mod links;
 mod responses;
 mod unions;
 
-pub use headers::MAX_ETAG_CHARS;
+pub use headers::MAX_CONDITIONAL_HEADER_CHARS;
 
 use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};

@@ -49,6 +49,16 @@ const SHARED: &[(&str, &str, &str)] = &[
         "The request breaks backvault's rules (`validation_failed`): `errors` lists every violation, each with a JSON pointer and a stable code (see docs/rules.md).",
     ),
     (
+        "408",
+        "RequestTimeout",
+        "The request took longer than the server allows, 90 seconds (`request_timeout`): retry.",
+    ),
+    (
+        "414",
+        "UriTooLong",
+        "The request URI is longer than 8 KiB (`uri_too_long`).",
+    ),
+    (
         "503",
         "Unavailable",
         "The database cannot be reached (`database_unavailable`); nothing was changed. Retry after `Retry-After` seconds.",
@@ -56,7 +66,7 @@ const SHARED: &[(&str, &str, &str)] = &[
     (
         "default",
         "UnexpectedError",
-        "Any other error, in the same problem form: 408 `request_timeout`, 414 `uri_too_long`, 500 `internal`.",
+        "A server error (500 `internal`), in the same problem form. Every other status is documented on its operation.",
     ),
 ];
 
@@ -149,7 +159,7 @@ fn shared_statuses(operation: &Value) -> Vec<&'static str> {
             .any(|p| p["in"] == location && name.is_none_or(|n| p["name"].as_str() == Some(n)))
     };
     let secured = operation.get("security") != Some(&json!([{}]));
-    let mut statuses = vec!["400"];
+    let mut statuses = vec!["400", "408", "414"];
     if secured {
         statuses.extend(["401", "403"]);
     }
@@ -159,8 +169,15 @@ fn shared_statuses(operation: &Value) -> Vec<&'static str> {
     if has("header", Some("If-Match")) {
         statuses.push("412");
     }
+    let takes_instants = parameters
+        .into_iter()
+        .flatten()
+        .any(|p| p["in"] == "query" && p["schema"]["format"] == "date-time");
     if operation.get("requestBody").is_some() {
         statuses.extend(["413", "415", "422"]);
+    } else if takes_instants {
+        // `instant_out_of_range`: a date-time whose year no format bounds.
+        statuses.push("422");
     }
     if !ANSWERED_WITHOUT_THE_DATABASE.contains(&operation["operationId"].as_str().unwrap_or("")) {
         statuses.push("503");

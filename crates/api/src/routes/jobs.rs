@@ -139,7 +139,8 @@ async fn cancel_job(
 
 /// Dispatch an on-demand job to a VM's agent.
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = DispatchJob,
-    responses((status = 202, body = Job, headers(("Location" = String)))))]
+    responses((status = 202, body = Job, headers(("Location" = String))),
+              (status = 404, body = Problem, content_type = "application/problem+json", description = "`vm_not_found`; `protected_item_not_found` for an item that is not the VM's")))]
 async fn dispatch_job(
     State(state): State<AppState>,
     Caller(principal): Caller,

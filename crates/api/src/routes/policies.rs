@@ -32,7 +32,7 @@ pub struct PolicyList {
 }
 
 fn policy_response(status: StatusCode, policy: BackupPolicy) -> Response {
-    let mut headers = vec![etag(policy.version)];
+    let mut headers = vec![etag(policy.version, &policy)];
     if status == StatusCode::CREATED {
         headers.push(location(format!(
             "/v1/vaults/{}/policies/{}",

@@ -279,7 +279,8 @@ pub struct ItemParams {
 /// List protected items.
 #[utoipa::path(get, path = "/v1/vaults/{vault_id}/protected-items", tag = "protection",
     params(("vault_id" = Uuid, Path), ItemParams),
-    responses((status = 200, body = ProtectedItemList)))]
+    responses((status = 200, body = ProtectedItemList),
+              (status = 422, body = Problem, content_type = "application/problem+json", description = "`policy_not_found`: the `policy` filter names no policy of the vault")))]
 async fn list_protected_items(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -303,7 +304,12 @@ async fn list_protected_items(
 }
 
 fn item_response(item: ProtectedItem) -> Response {
-    (StatusCode::OK, [etag(item.version)], axum::Json(item)).into_response()
+    (
+        StatusCode::OK,
+        [etag(item.version, &item)],
+        axum::Json(item),
+    )
+        .into_response()
 }
 
 /// Get a protected item.

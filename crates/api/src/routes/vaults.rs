@@ -26,7 +26,7 @@ pub struct VaultList {
 }
 
 fn vault_response(status: StatusCode, vault: Vault) -> Response {
-    let mut headers = vec![etag(vault.version)];
+    let mut headers = vec![etag(vault.version, &vault)];
     if status == CREATED {
         headers.push(location(format!("/v1/vaults/{}", vault.id)));
     }

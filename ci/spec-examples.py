@@ -17,7 +17,8 @@ resolver_root = {"components": doc["components"]}
 def check(where, schema, example):
     wrapped = dict(schema)
     wrapped["components"] = doc["components"]
-    validator = jsonschema.Draft202012Validator(wrapped)
+    validator = jsonschema.Draft202012Validator(
+        wrapped, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
     errors = sorted(validator.iter_errors(example), key=str)
     for error in errors:
         print(f"{where}: {error.message} at {list(error.absolute_path)}")

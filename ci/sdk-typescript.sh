@@ -95,6 +95,14 @@ if [[ $rc -eq 124 || $rc -eq 137 ]]; then
     bv_log "the flow did not finish within ${SDK_TYPESCRIPT_TIMEOUT}s"
 fi
 bv_log "the flow took $((SECONDS - phase))s, exit $rc"
+if [[ $rc -eq 0 ]]; then
+    # The example docs/clients.md quotes (tests/openapi.rs keeps the two identical).
+    bv_log "running src/example.ts"
+    set +e
+    (cd "$SDK" && timeout --kill-after=10 30 node --import tsx src/example.ts)
+    rc=$?
+    set -e
+fi
 
 # Every 5xx is logged at ERROR; a panic prints "panicked at".
 if grep -qE '"level":"ERROR"|panicked at' "$BV_SERVER_LOG"; then

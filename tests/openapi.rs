@@ -369,3 +369,27 @@ fn job_bodies_are_typed_by_kind() {
         "#/components/schemas/JobPayload"
     );
 }
+
+/// The examples docs/clients.md shows are the files CI runs, word for word.
+#[test]
+fn the_documented_examples_are_the_ones_ci_runs() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let docs = std::fs::read_to_string(format!("{root}/docs/clients.md")).unwrap();
+    for file in [
+        "sdk/python/test_example.py",
+        "sdk/typescript/src/example.ts",
+    ] {
+        let marker = format!("<!-- {file} -->\n");
+        let after = docs
+            .split_once(&marker)
+            .unwrap_or_else(|| panic!("docs/clients.md does not quote {file}"))
+            .1;
+        let (_, block) = after.split_once('\n').unwrap();
+        let quoted = block.split_once("```\n").unwrap().0;
+        let code = std::fs::read_to_string(format!("{root}/{file}")).unwrap();
+        assert_eq!(
+            quoted, code,
+            "docs/clients.md's copy of {file} differs from it"
+        );
+    }
+}

@@ -465,3 +465,47 @@ async fn idempotency_keys_are_bounded(pool: PgPool) {
         (StatusCode::BAD_REQUEST, "idempotency_key_invalid")
     );
 }
+
+/// A long poll with the ETag the client holds answers at once when the job already
+/// differs from it, and waits while it does not.
+#[sqlx::test]
+async fn a_job_wait_answers_at_once_for_a_stale_etag(pool: PgPool) {
+    let app = TestApp::new(pool);
+    let admin = app.admin();
+    let (vm_id, _) = enroll(&app, "vm-wait").await;
+    let job_id = dispatch(&app, &vm_id, "discovery").await;
+    let path = format!("/v1/jobs/{job_id}?wait=2s");
+    let started = std::time::Instant::now();
+    let stale = app
+        .call(
+            Method::GET,
+            &path,
+            Some(&admin),
+            None,
+            &[("if-none-match", "\"stale\"")],
+        )
+        .await;
+    assert_eq!(stale.status, StatusCode::OK);
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(1500),
+        "answered at once: {:?}",
+        started.elapsed()
+    );
+    let etag = stale.header("etag").to_owned();
+    let started = std::time::Instant::now();
+    let held = app
+        .call(
+            Method::GET,
+            &path,
+            Some(&admin),
+            None,
+            &[("if-none-match", &etag)],
+        )
+        .await;
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(1500),
+        "waited for a change: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(held.status, StatusCode::NOT_MODIFIED, "still the same job");
+}

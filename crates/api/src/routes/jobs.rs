@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use backvault_domain::jobs::{JobKind, JobStatus};
 use backvault_service::ErrorKind;
@@ -16,7 +16,7 @@ use super::location;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::bounded_instants;
-use crate::extract::{Caller, Json, Path, Query, etag_of};
+use crate::extract::{Caller, Json, Path, Query, etag_of, none_match_hit};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -86,7 +86,8 @@ pub struct GetJobParams {
 /// Get a job with its attempts; optionally wait for it to change.
 ///
 /// With `?wait=30s` the response comes as soon as the job changes state (at once if it has
-/// finished), so clients need no polling loop.
+/// finished), so clients need no polling loop. With `If-None-Match` too, the wait is for a
+/// job unlike the one the client holds: if it already differs, the answer comes at once.
 #[utoipa::path(get, path = "/v1/jobs/{job_id}", tag = "jobs", params(("job_id" = Uuid, Path), GetJobParams),
     responses((status = 200, body = Job, headers(("ETag" = String)))))]
 async fn get_job(
@@ -94,8 +95,21 @@ async fn get_job(
     Caller(principal): Caller,
     Path(job_id): Path<Uuid>,
     Query(p): Query<GetJobParams>,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
     let wait = p.wait.as_deref().map(parse_wait).transpose()?;
+    let held = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok());
+    if let (Some(_), Some(held)) = (wait, held) {
+        let now = state.service.job_get(&principal, job_id, None).await?;
+        let current = etag_of(&now);
+        if !none_match_hit(held, &current.1) {
+            return Ok(([current], axum::Json(now)).into_response());
+        }
+    }
+    // A change between that read and the wait's start is seen when the wait ends: late,
+    // never lost.
     let job = state.service.job_get(&principal, job_id, wait).await?;
     Ok(([etag_of(&job)], axum::Json(job)).into_response())
 }

@@ -827,3 +827,97 @@ async fn periodic_discovery_runs_once_per_period_across_replicas(pool: PgPool) {
             .unwrap();
     assert_eq!(scheduled, 30);
 }
+
+/// A database discovery no longer finds is nobody's sibling: once `Sales` (protected) is
+/// gone, `sales` no longer collides with it — for protectable items, configure protection
+/// and auto-protection alike (one rule, `vm_name_issues`).
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn a_gone_database_is_no_sibling(pool: PgPool) {
+    let app = TestApp::new(pool);
+    let admin = app.admin();
+    let s = registered(
+        &app,
+        "vault-a",
+        "sqlvm-01",
+        &inventory(vec![db("MSSQLSERVER", "Sales")]),
+    )
+    .await;
+    let base = format!("/v1/vaults/{}/protected-items", s.vault);
+    let containers = protectable(&app, &s.vault).await;
+    let res = app
+        .post(
+            &base,
+            &admin,
+            json!({"policy": "HourlyLogBackup", "databases": [db_id(&containers, "Sales")]}),
+        )
+        .await;
+    assert_eq!(res.status, StatusCode::ACCEPTED, "{}", res.body);
+    run_configure(&app, &s.agent, false).await;
+
+    let rediscover = |inv: Value| {
+        let app = &app;
+        let admin = admin.clone();
+        let path = format!("/v1/vaults/{}/vms/{}/rediscover", s.vault, s.vm);
+        let agent = s.agent.clone();
+        async move {
+            let res = app.call(Method::POST, &path, Some(&admin), None, &[]).await;
+            assert_eq!(res.status, StatusCode::ACCEPTED, "{}", res.body);
+            run_discovery(app, &agent, &inv).await;
+        }
+    };
+    let issue_of = |containers: &Value, name: &str| {
+        containers[0]["databases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == name)
+            .unwrap()["issue"]
+            .clone()
+    };
+    // Both present: `sales` collides with the protected `Sales`.
+    rediscover(inventory(vec![
+        db("MSSQLSERVER", "Sales"),
+        db("MSSQLSERVER", "sales"),
+    ]))
+    .await;
+    let both = protectable(&app, &s.vault).await;
+    assert_eq!(
+        issue_of(&both, "sales")["code"],
+        "database_name_case_collision"
+    );
+    let refused = app
+        .post(
+            &base,
+            &admin,
+            json!({"policy": "HourlyLogBackup", "databases": [db_id(&both, "sales")]}),
+        )
+        .await;
+    assert_eq!(refused.violations()[0].1, "database_name_case_collision");
+
+    // `Sales` dropped: kept as a gone protected item, and `sales` is protectable now.
+    rediscover(inventory(vec![db("MSSQLSERVER", "sales")])).await;
+    let after = protectable(&app, &s.vault).await;
+    assert_eq!(issue_of(&after, "sales"), Value::Null);
+    let items = app.get(&base, &admin).await;
+    assert_eq!(
+        items.body["items"][0]["database_gone"], true,
+        "{}",
+        items.body
+    );
+
+    // Auto-protection judges it the same way: it protects `sales`.
+    let instance = after[0]["id"].as_str().unwrap();
+    let intent = app
+        .post(
+            &format!("/v1/vaults/{}/auto-protection", s.vault),
+            &admin,
+            json!({"instance_id": instance, "policy": "HourlyLogBackup"}),
+        )
+        .await;
+    assert_eq!(intent.status, StatusCode::CREATED, "{}", intent.body);
+    assert_eq!(run_configure(&app, &s.agent, false).await, [1]);
+    let protected = app
+        .get(&format!("{base}?auto_protected=true"), &admin)
+        .await;
+    assert_eq!(protected.body["items"][0]["database"], "sales");
+}

@@ -7,7 +7,7 @@ use backvault_domain::agent::{JobItem, SqlInventory};
 use backvault_domain::jobs::{BackupPayload, JobKind, Priority, batch};
 use backvault_domain::protection::{
     NameIssue, OnDemandTarget, OnDemandType, VaultTarget, VmPrerequisites, check_on_demand,
-    check_registration, instance_name_issues, name_issue, name_issues, time_zone_warning,
+    check_registration, name_issue, name_issues, time_zone_warning,
 };
 use backvault_domain::violation::Violations;
 use backvault_store::inventory::{self, AgUpsert, DatabaseRow, DatabaseWrite};
@@ -752,18 +752,21 @@ impl Service {
         let intents = store::intents_of_vault(&self.pool, vault_id).await?;
         let mut containers: Vec<ProtectableContainer> = Vec::new();
         let mut groups: BTreeMap<Uuid, ProtectableContainer> = BTreeMap::new();
-        let mut dbs_by_vm: HashMap<Uuid, Vec<DatabaseRow>> = HashMap::new();
+        let mut dbs_by_vm: HashMap<Uuid, (Vec<DatabaseRow>, NameIssues)> = HashMap::new();
         for (instance_id, name, version, vm_id, vm_name, rg) in rows {
             if let std::collections::hash_map::Entry::Vacant(slot) = dbs_by_vm.entry(vm_id) {
-                slot.insert(inventory::databases_of_vm(&self.pool, vm_id).await?);
+                let databases = inventory::databases_of_vm(&self.pool, vm_id).await?;
+                let issues = vm_name_issues(&databases);
+                slot.insert((databases, issues));
             }
-            let all = &dbs_by_vm[&vm_id];
+            let (all, vm_issues) = &dbs_by_vm[&vm_id];
             let on_instance: Vec<&DatabaseRow> = all
                 .iter()
                 .filter(|d| d.instance_id == instance_id && d.gone_at.is_none())
                 .collect();
-            let names: Vec<&str> = on_instance.iter().map(|d| d.name.as_str()).collect();
-            let issues = instance_name_issues(&names);
+            let issues = on_instance
+                .iter()
+                .map(|d| vm_issues.get(&d.id).copied().flatten());
             let protection = store::items_for_databases(
                 &self.pool,
                 &on_instance.iter().map(|d| d.id).collect::<Vec<_>>(),
@@ -1405,9 +1408,14 @@ fn prerequisites<'a>(vm: &'a Vm, registered_vault: Option<&'a str>) -> VmPrerequ
     }
 }
 
+/// Each present database's name issue, by database id.
+type NameIssues = HashMap<Uuid, Option<NameIssue>>;
+
 /// The name issue of each present database of a VM, judged among its instance's names
-/// in one pass over the VM's databases.
-fn vm_name_issues(databases: &[DatabaseRow]) -> HashMap<Uuid, Option<NameIssue>> {
+/// in one pass over the VM's databases. The one place protectable items, configure
+/// protection and auto-protection take name issues from: a database discovery no longer
+/// finds is no sibling (its name collides with nothing).
+fn vm_name_issues(databases: &[DatabaseRow]) -> NameIssues {
     let present: Vec<&DatabaseRow> = databases.iter().filter(|d| d.gone_at.is_none()).collect();
     let named: Vec<(Uuid, &str)> = present
         .iter()

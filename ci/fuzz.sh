@@ -14,7 +14,8 @@
 #
 # Knobs (environment):
 #   DATABASE_URL        Postgres to create the throwaway database on (its db name is replaced)
-#   BACKVAULT_BIN       a prebuilt server binary; skips `cargo build`
+#   BACKVAULT_BIN       a prebuilt server binary; skips `cargo build` (ci/lib/server.sh builds
+#                       the server and the agent when it is unset)
 #   FUZZ_SEED           schemathesis/hypothesis seed (fixed by default: runs are reproducible)
 #   FUZZ_CHECKS         schemathesis checks (comma-separated; default all)
 #   FUZZ_MAX_EXAMPLES   test cases per operation and phase
@@ -50,24 +51,18 @@ FUZZ_OUT="${FUZZ_OUT:-target/fuzz}"
 SCHEMATHESIS_VERSION=4.32.5
 VENV=target/fuzz-venv
 
-DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
-PG_SERVER="${DATABASE_URL%/*}"
-FUZZ_DB="backvault_fuzz_$$"
-FUZZ_DB_URL="$PG_SERVER/$FUZZ_DB"
-
-log() { echo "fuzz: $*"; }
-die() { echo "fuzz: $*" >&2; exit 1; }
-
-for tool in curl psql python3 timeout; do
-    command -v "$tool" >/dev/null || die "$tool is required"
-done
+# shellcheck source=ci/lib/server.sh
+source ci/lib/server.sh
+bv_init fuzz
+log() { bv_log "$*"; }
+die() { bv_die "$*"; }
+command -v timeout >/dev/null || die "timeout is required"
 
 mkdir -p "$FUZZ_OUT"
 FUZZ_OUT="$(cd "$FUZZ_OUT" && pwd)"
 # Only what an earlier run left: FUZZ_OUT may be a directory with other things in it.
 rm -rf "$FUZZ_OUT"/{agent,admin,enroll} "$FUZZ_OUT"/{agent,admin,enroll}.log \
     "$FUZZ_OUT"/{server.log,offending.log,schemathesis.toml,openapi.json,openapi-strict.json}
-SERVER_LOG="$FUZZ_OUT/server.log"
 
 # --- schemathesis ---------------------------------------------------------------------------
 
@@ -81,79 +76,12 @@ PY="$VENV/bin/python"
 ST="$VENV/bin/schemathesis"
 log "$("$ST" --version)"
 
-# --- the server binary ----------------------------------------------------------------------
+# --- the server ------------------------------------------------------------------------------
 
-if [[ -z "${BACKVAULT_BIN:-}" ]]; then
-    log "cargo build --locked --bin backvault"
-    cargo build --locked --bin backvault
-    BACKVAULT_BIN="$(cargo metadata --format-version 1 --no-deps \
-        | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/backvault"
-fi
-[[ -x "$BACKVAULT_BIN" ]] || die "no server binary at $BACKVAULT_BIN"
-
-# --- database, server, cleanup --------------------------------------------------------------
-
-SERVER_PID=""
-# shellcheck disable=SC2317  # run by the EXIT trap, which shellcheck does not follow
-cleanup() {
-    local rc=$?
-    if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        # The server drains in-flight requests on SIGTERM; don't wait for its full grace.
-        for _ in $(seq 1 50); do
-            kill -0 "$SERVER_PID" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
-    psql "$DATABASE_URL" -qAtc "drop database if exists \"$FUZZ_DB\" with (force)" >/dev/null 2>&1 || true
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-psql "$DATABASE_URL" -qAtc "create database \"$FUZZ_DB\"" >/dev/null \
-    || die "cannot create database $FUZZ_DB on $PG_SERVER"
-
-# A random key per run: tokens minted here are worthless after it.
-JWT_SECRET="$("$PY" -c 'import secrets; print(secrets.token_hex(32))')"
-export BACKVAULT_JWT_SECRET="$JWT_SECRET"
-
-log "starting $BACKVAULT_BIN (database $FUZZ_DB)"
 # Leases outlive the fuzz runs, so the jobs seeded as running keep their leases instead of
 # being rescued back to pending half-way through.
-DATABASE_URL="$FUZZ_DB_URL" BACKVAULT_LEASE_SECONDS=3600 BACKVAULT_SHUTDOWN_GRACE_SECONDS=2 \
-    "$BACKVAULT_BIN" serve --listen 127.0.0.1:0 --log-format json >"$SERVER_LOG" 2>&1 &
-SERVER_PID=$!
-
-# The server logs `{"message":"listening","addr":"127.0.0.1:PORT",...}` once bound.
-ADDR=""
-for _ in $(seq 1 300); do
-    kill -0 "$SERVER_PID" 2>/dev/null || { cat "$SERVER_LOG" >&2; die "server exited at start"; }
-    ADDR="$("$PY" - "$SERVER_LOG" <<'PY'
-import json, sys
-for line in open(sys.argv[1], errors="replace"):
-    try:
-        entry = json.loads(line)
-    except ValueError:
-        continue
-    if isinstance(entry, dict) and entry.get("message") == "listening":
-        print(entry["addr"])
-        break
-PY
-)"
-    [[ -n "$ADDR" ]] && break
-    sleep 0.1
-done
-[[ -n "$ADDR" ]] || { cat "$SERVER_LOG" >&2; die "server did not log 'listening' within 30s"; }
-BASE="http://$ADDR"
-for _ in $(seq 1 100); do
-    [[ "$(curl -s -o /dev/null -w '%{http_code}' "$BASE/readyz")" == 200 ]] && break
-    sleep 0.2
-done
-[[ "$(curl -s -o /dev/null -w '%{http_code}' "$BASE/readyz")" == 200 ]] || die "$BASE/readyz is not 200"
-log "server at $BASE"
+bv_start_server --lease-seconds 3600
+BASE="$BASE_URL"
 # The spec the runs test (generated from the code): failures are read against this one.
 curl -sf "$BASE/openapi.json" -o "$FUZZ_OUT/openapi.json" || die "no $BASE/openapi.json"
 # The runs test the spec without its `default` responses: `default` would make every status
@@ -172,12 +100,10 @@ PY
 # --- tokens, seed data, schemathesis config -----------------------------------------------
 
 # Enrollment tokens are recorded in the server's database, and are single-use by default.
-mint() { DATABASE_URL="$FUZZ_DB_URL" "$BACKVAULT_BIN" token --ttl 1h --subject fuzz "$@"; }
-ADMIN_TOKEN="$(mint --role admin --subscription '*')"
-ENROLL_TOKEN="$(mint --role enrollment --subscription sub-fuzz)"
+ENROLL_TOKEN="$(bv_token enrollment --subscription sub-fuzz --subject fuzz)"
 # The enrollment run gets a token of another subscription: re-enrolling the seeded VM would
 # revoke the agent token (harmless, that run comes last, but it would muddle the seed).
-ENROLL_TOKEN_FUZZ="$(mint --role enrollment --subscription sub-fuzz-enroll --max-uses 100)"
+ENROLL_TOKEN_FUZZ="$(bv_token enrollment --subscription sub-fuzz-enroll --max-uses 100 --subject fuzz)"
 CONFIG="$FUZZ_OUT/schemathesis.toml"
 
 # Walks the README's flow as an operator and an agent would: vaults, an enrolled VM,
@@ -532,6 +458,9 @@ fi
 # Every 5xx is logged at ERROR (crates/api/src/error.rs); a panic prints "panicked at" and,
 # on the next line, its message. Collects those lines into $OFFENDING and prints one line per
 # distinct route and error, with counts (each 5xx logs "request failed" and "response failed").
+# The server's log beside the runs' logs, kept whatever the verdict.
+SERVER_LOG="$FUZZ_OUT/server.log"
+cp "$BV_SERVER_LOG" "$SERVER_LOG"
 OFFENDING="$FUZZ_OUT/offending.log"
 SUMMARY="$("$PY" - "$SERVER_LOG" "$OFFENDING" <<'PY'
 import collections, json, sys

@@ -8,6 +8,18 @@ use sqlx::PgPool;
 
 use crate::helpers::*;
 
+/// GET `path` as the client holding `tags` (`If-None-Match`).
+async fn get_unless(app: &TestApp, path: &str, token: &str, tags: &str) -> Response {
+    app.call(
+        Method::GET,
+        path,
+        Some(token),
+        None,
+        &[("if-none-match", tags)],
+    )
+    .await
+}
+
 #[sqlx::test]
 async fn reads_answer_304_while_the_etag_holds(pool: PgPool) {
     let app = TestApp::new(pool);
@@ -30,39 +42,15 @@ async fn reads_answer_304_while_the_etag_holds(pool: PgPool) {
             etag.starts_with('"') && etag.ends_with('"'),
             "{path}: {etag:?}"
         );
-        let again = app
-            .call(
-                Method::GET,
-                &path,
-                Some(&admin),
-                None,
-                &[("if-none-match", &etag)],
-            )
-            .await;
+        let again = get_unless(&app, &path, &admin, &etag).await;
         assert_eq!(again.status, StatusCode::NOT_MODIFIED, "{path}");
         assert_eq!(again.header("etag"), etag);
         assert_eq!(again.body, serde_json::Value::Null, "a 304 has no body");
         // Weak and listed forms match too (If-None-Match compares weakly).
         let listed = format!("\"other\", W/{etag}");
-        let weak = app
-            .call(
-                Method::GET,
-                &path,
-                Some(&admin),
-                None,
-                &[("if-none-match", &listed)],
-            )
-            .await;
+        let weak = get_unless(&app, &path, &admin, &listed).await;
         assert_eq!(weak.status, StatusCode::NOT_MODIFIED, "{path}");
-        let stale = app
-            .call(
-                Method::GET,
-                &path,
-                Some(&admin),
-                None,
-                &[("if-none-match", "\"stale\"")],
-            )
-            .await;
+        let stale = get_unless(&app, &path, &admin, "\"stale\"").await;
         assert_eq!(stale.status, StatusCode::OK, "{path}");
         assert_eq!(stale.body, first.body);
     }
@@ -79,15 +67,7 @@ async fn reads_answer_304_while_the_etag_holds(pool: PgPool) {
         )
         .await;
     assert_eq!(changed.status, StatusCode::OK, "{}", changed.body);
-    let after = app
-        .call(
-            Method::GET,
-            &vault_path,
-            Some(&admin),
-            None,
-            &[("if-none-match", &etag)],
-        )
-        .await;
+    let after = get_unless(&app, &vault_path, &admin, &etag).await;
     assert_eq!(after.status, StatusCode::OK);
     assert_eq!(after.body["description"], "changed");
 }
@@ -295,29 +275,13 @@ async fn the_server_takes_what_the_schema_allows_and_no_more(pool: PgPool) {
 
     // Conditional headers longer than any ETag are malformed.
     let long = "\"".to_owned() + &"0".repeat(520) + "\"";
-    let res = app
-        .call(
-            Method::GET,
-            &vault_path,
-            Some(&admin),
-            None,
-            &[("if-none-match", &long)],
-        )
-        .await;
+    let res = get_unless(&app, &vault_path, &admin, &long).await;
     assert_eq!(
         (res.status, res.code()),
         (StatusCode::BAD_REQUEST, "invalid_header")
     );
     // An empty If-None-Match is a list of nothing: it matches nothing.
-    let res = app
-        .call(
-            Method::GET,
-            &vault_path,
-            Some(&admin),
-            None,
-            &[("if-none-match", "")],
-        )
-        .await;
+    let res = get_unless(&app, &vault_path, &admin, "").await;
     assert_eq!(res.status, StatusCode::OK);
 
     // A filter that breaks the identifier rule matches no VM: it is refused.
@@ -375,16 +339,7 @@ async fn an_item_etag_follows_its_backups(pool: PgPool) {
     let item = p.item_path("sales");
     let before = p.app.get(&item, &admin).await;
     let etag = before.header("etag").to_owned();
-    let same = p
-        .app
-        .call(
-            Method::GET,
-            &item,
-            Some(&admin),
-            None,
-            &[("if-none-match", &etag)],
-        )
-        .await;
+    let same = get_unless(&p.app, &item, &admin, &etag).await;
     assert_eq!(same.status, StatusCode::NOT_MODIFIED);
 
     let backup = p
@@ -398,16 +353,7 @@ async fn an_item_etag_follows_its_backups(pool: PgPool) {
     assert_eq!(backup.status, StatusCode::ACCEPTED, "{}", backup.body);
     let ran = run_backups(&p.app, &p.agent, &mut Lsns::default(), chrono::Utc::now()).await;
     assert_eq!(ran, ["backup_full"]);
-    let after = p
-        .app
-        .call(
-            Method::GET,
-            &item,
-            Some(&admin),
-            None,
-            &[("if-none-match", &etag)],
-        )
-        .await;
+    let after = get_unless(&p.app, &item, &admin, &etag).await;
     assert_eq!(after.status, StatusCode::OK, "the backup changed the item");
     assert_ne!(after.body["last_full_at"], before.body["last_full_at"]);
     assert_eq!(after.body["version"], before.body["version"]);
@@ -476,15 +422,7 @@ async fn a_job_wait_answers_at_once_for_a_stale_etag(pool: PgPool) {
     let job_id = dispatch(&app, &vm_id, "discovery").await;
     let path = format!("/v1/jobs/{job_id}?wait=2s");
     let started = std::time::Instant::now();
-    let stale = app
-        .call(
-            Method::GET,
-            &path,
-            Some(&admin),
-            None,
-            &[("if-none-match", "\"stale\"")],
-        )
-        .await;
+    let stale = get_unless(&app, &path, &admin, "\"stale\"").await;
     assert_eq!(stale.status, StatusCode::OK);
     assert!(
         started.elapsed() < std::time::Duration::from_millis(1500),
@@ -493,15 +431,7 @@ async fn a_job_wait_answers_at_once_for_a_stale_etag(pool: PgPool) {
     );
     let etag = stale.header("etag").to_owned();
     let started = std::time::Instant::now();
-    let held = app
-        .call(
-            Method::GET,
-            &path,
-            Some(&admin),
-            None,
-            &[("if-none-match", &etag)],
-        )
-        .await;
+    let held = get_unless(&app, &path, &admin, &etag).await;
     assert!(
         started.elapsed() >= std::time::Duration::from_millis(1500),
         "waited for a change: {:?}",

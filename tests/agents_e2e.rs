@@ -1,10 +1,12 @@
 //! End to end with the real server and real `backvault-agent` processes.
+// A test's unwrap is its assertion: a panic fails the test that made it.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
 use std::collections::BTreeSet;
 
-use common::{AgentProcess, Api, Server, TestDb, inventory_toml};
+use common::{Agents, Api, Inventories, Server, TestDb, inventory_toml};
 use serde_json::{Value, json};
 
 fn names(values: &[Value], key: &str) -> BTreeSet<String> {
@@ -12,18 +14,6 @@ fn names(values: &[Value], key: &str) -> BTreeSet<String> {
         .iter()
         .map(|v| v[key].as_str().unwrap().to_owned())
         .collect()
-}
-
-async fn wait_for_vms(api: &Api, count: usize) -> Vec<Value> {
-    for _ in 0..100 {
-        let (_, vms) = api.get("/v1/vms").await;
-        let items = vms["items"].as_array().unwrap().clone();
-        if items.len() >= count {
-            return items;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    panic!("agents did not enroll");
 }
 
 /// Two agents each run only their own VM's jobs; an agent killed mid-job loses its lease,
@@ -39,34 +29,27 @@ async fn agents_run_their_own_jobs_and_a_killed_agents_job_is_retried() {
             ("BACKVAULT_RESCUE_INTERVAL", "300ms"),
         ],
     );
-    let api = Api::new(&server.base, server.token.as_deref().unwrap());
+    let api = server.dev_api();
     // One use per VM: the restarted agent below must get by with its saved agent token.
     let enrollment = api.enrollment_token_for("sub-1", 2).await;
-    let dir = std::env::temp_dir().join(format!("backvault-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let inv_a = dir.join("vm-a.toml");
-    let inv_b = dir.join("vm-b.toml");
-    std::fs::write(
-        &inv_a,
-        inventory_toml("vm-a", "4.8", true, &["sales_a", "hr_a"], 50),
-    )
-    .unwrap();
-    std::fs::write(
-        &inv_b,
-        inventory_toml("vm-b", "4.8", true, &["sales_b"], 50),
-    )
-    .unwrap();
-    let mut agent_a = AgentProcess::start(&server.base, &enrollment, &inv_a);
-    let _agent_b = AgentProcess::start(&server.base, &enrollment, &inv_b);
-
-    let vms = wait_for_vms(&api, 2).await;
-    let vm_id = |name: &str| {
-        vms.iter().find(|v| v["name"] == name).unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
-    let (a, b) = (vm_id("vm-a"), vm_id("vm-b"));
+    let mut agents = api
+        .start_agents(
+            &enrollment,
+            Inventories::new("e2e"),
+            &[
+                (
+                    "vm-a",
+                    inventory_toml("vm-a", "4.8", true, &["sales_a", "hr_a"], 50),
+                ),
+                (
+                    "vm-b",
+                    inventory_toml("vm-b", "4.8", true, &["sales_b"], 50),
+                ),
+            ],
+            &[],
+        )
+        .await;
+    let (a, b) = (agents.vm("vm-a"), agents.vm("vm-b"));
 
     let mut jobs = Vec::new();
     for (vm, dbs) in [(&a, vec!["sales_a", "hr_a"]), (&b, vec!["sales_b"])] {
@@ -110,29 +93,27 @@ async fn agents_run_their_own_jobs_and_a_killed_agents_job_is_retried() {
     }
 
     // Slow the next backup down, then kill the agent while it runs.
-    std::fs::write(
-        &inv_a,
-        inventory_toml("vm-a", "4.8", true, &["sales_a", "hr_a"], 3000),
-    )
-    .unwrap();
+    agents.inventories.write(
+        "vm-a",
+        &inventory_toml("vm-a", "4.8", true, &["sales_a", "hr_a"], 3000),
+    );
     let (_, job) = api
         .post("/v1/jobs", json!({"vm_id": a, "kind": "backup_log", "items": [{"instance": "MSSQLSERVER", "database": "sales_a"}]}))
         .await;
     let id = job["id"].as_str().unwrap().to_owned();
     api.job_until(&id, |j| j["status"] == "in_progress").await;
-    agent_a.kill_hard();
+    agents.processes[0].kill_hard();
     let requeued = api
         .job_until(&id, |j| {
             j["attempt_history"][0]["outcome"] == "lease_expired"
         })
         .await;
     assert_eq!(requeued["status"], "queued");
-    std::fs::write(
-        &inv_a,
-        inventory_toml("vm-a", "4.8", true, &["sales_a", "hr_a"], 50),
-    )
-    .unwrap();
-    agent_a.restart(&enrollment);
+    agents.inventories.write(
+        "vm-a",
+        &inventory_toml("vm-a", "4.8", true, &["sales_a", "hr_a"], 50),
+    );
+    agents.processes[0].restart(&enrollment);
     let done = api.finished_job(&id).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["attempts"], 2);
@@ -152,7 +133,6 @@ async fn agents_run_their_own_jobs_and_a_killed_agents_job_is_retried() {
         log_point["database_backup_lsn"],
         full_point["checkpoint_lsn"]
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The seed document's flow, start to finish.
@@ -160,36 +140,28 @@ async fn agents_run_their_own_jobs_and_a_killed_agents_job_is_retried() {
 async fn the_seed_flow_from_start_discovery_to_auto_protection() {
     let db = TestDb::new();
     let server = Server::start(&db, &["--dev"], &[]);
-    let api = Api::new(&server.base, server.token.as_deref().unwrap());
+    let api = server.dev_api();
     let enrollment = api.enrollment_token("sub-1").await;
-    let dir = std::env::temp_dir().join(format!("backvault-seed-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-
-    let (status, vault) = api
-        .post("/v1/vaults", json!({"name": "seed-vault", "subscription_id": "sub-1", "resource_group": "rg-backup", "region": "westeurope"}))
-        .await;
-    assert_eq!(status, 201);
-    let vault = vault["id"].as_str().unwrap().to_owned();
+    let vault = api.create_vault("seed-vault").await;
 
     let mut databases: Vec<String> = (0..120).map(|i| format!("db{i:03}")).collect();
     databases.extend(["bad;name".to_owned(), "R&D".to_owned()]);
     let db_refs: Vec<&str> = databases.iter().map(String::as_str).collect();
-    let main_inv = dir.join("sqlvm-01.toml");
-    std::fs::write(
-        &main_inv,
-        inventory_toml("sqlvm-01", "4.8", true, &db_refs, 10),
-    )
-    .unwrap();
-    let old_inv = dir.join("oldvm.toml");
-    std::fs::write(&old_inv, inventory_toml("oldvm", "4.0", true, &["x"], 10)).unwrap();
-    let nosa_inv = dir.join("nosa.toml");
-    std::fs::write(&nosa_inv, inventory_toml("nosa", "4.8", false, &["y"], 10)).unwrap();
-    let _agents = [
-        AgentProcess::start(&server.base, &enrollment, &main_inv),
-        AgentProcess::start(&server.base, &enrollment, &old_inv),
-        AgentProcess::start(&server.base, &enrollment, &nosa_inv),
-    ];
-    wait_for_vms(&api, 3).await;
+    let agents = api
+        .start_agents(
+            &enrollment,
+            Inventories::new("seed"),
+            &[
+                (
+                    "sqlvm-01",
+                    inventory_toml("sqlvm-01", "4.8", true, &db_refs, 10),
+                ),
+                ("oldvm", inventory_toml("oldvm", "4.0", true, &["x"], 10)),
+                ("nosa", inventory_toml("nosa", "4.8", false, &["y"], 10)),
+            ],
+            &[],
+        )
+        .await;
 
     // Start discovery: the unregistered VMs of the subscription, with their issues.
     let (_, candidates) = api.get(&format!("/v1/vaults/{vault}/discovery")).await;
@@ -289,11 +261,10 @@ async fn the_seed_flow_from_start_discovery_to_auto_protection() {
     }
     let mut grown = db_refs.clone();
     grown.push("added_later");
-    std::fs::write(
-        &main_inv,
-        inventory_toml("sqlvm-01", "4.8", true, &grown, 10),
-    )
-    .unwrap();
+    agents.inventories.write(
+        "sqlvm-01",
+        &inventory_toml("sqlvm-01", "4.8", true, &grown, 10),
+    );
     let (_, job) = api
         .post(
             &format!("/v1/vaults/{vault}/vms/{main}/rediscover"),
@@ -325,7 +296,6 @@ async fn the_seed_flow_from_start_discovery_to_auto_protection() {
     let failed = api.finished_job(job["id"].as_str().unwrap()).await;
     assert_eq!(failed["status"], "failed");
     assert_eq!(failed["error"]["code"], "UserErrorSQLNoSysAdminMembership");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A `--dev` server whose periodic scheduler stays out of the way, and one agent playing
@@ -336,15 +306,8 @@ struct ProtectedVm {
     vm: String,
     /// Protected item id by database name.
     items: std::collections::HashMap<String, String>,
-    dir: std::path::PathBuf,
-    _agent: AgentProcess,
+    agents: Agents,
     _server: Server,
-}
-
-impl Drop for ProtectedVm {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 async fn protected_vm(
@@ -358,7 +321,7 @@ async fn protected_vm(
     protected_vm_with(db, tag, spec, &inventory, agent_args).await
 }
 
-/// As [`protected_vm`], with the agent's inventory file as given (`dir/vm.toml`).
+/// As [`protected_vm`], with the agent's inventory file as given.
 async fn protected_vm_with(
     db: &TestDb,
     tag: &str,
@@ -367,56 +330,23 @@ async fn protected_vm_with(
     agent_args: &[&str],
 ) -> ProtectedVm {
     let server = Server::start(db, &["--dev"], &[("BACKVAULT_SCHEDULER_INTERVAL", "1h")]);
-    let api = Api::new(&server.base, server.token.as_deref().unwrap());
+    let api = server.dev_api();
     let enrollment = api.enrollment_token("sub-1").await;
-    let dir = std::env::temp_dir().join(format!("backvault-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let inv = dir.join("vm.toml");
-    std::fs::write(&inv, inventory).unwrap();
-    let agent = AgentProcess::start_with(&server.base, &enrollment, &inv, agent_args);
-    let vm = wait_for_vms(&api, 1).await[0]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-
-    let (_, vault) = api
-        .post("/v1/vaults", json!({"name": format!("{tag}-vault"), "subscription_id": "sub-1", "resource_group": "rg", "region": "westeurope"}))
-        .await;
-    let vault = vault["id"].as_str().unwrap().to_owned();
-    let (status, policy) = api
-        .post(
-            &format!("/v1/vaults/{vault}/policies"),
-            json!({"name": "Gold", "spec": spec}),
+    let agents = api
+        .start_agents(
+            &enrollment,
+            Inventories::new(tag),
+            &[("sqlvm-01", inventory.to_owned())],
+            agent_args,
         )
         .await;
-    assert_eq!(status, 201, "{policy}");
-    let (_, job) = api
-        .post(&format!("/v1/vaults/{vault}/vms/{vm}/discover"), json!({}))
-        .await;
-    let discovery = api.finished_job(job["id"].as_str().unwrap()).await;
-    assert_eq!(discovery["status"], "completed", "{discovery}");
-    let (status, containers) = api
-        .get(&format!("/v1/vaults/{vault}/protectable-items"))
-        .await;
-    assert_eq!(status, 200, "{containers}");
-    let ids: Vec<Value> = containers[0]["databases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["id"].clone())
-        .collect();
-    let (_, configured) = api
-        .post(
-            &format!("/v1/vaults/{vault}/protected-items"),
-            json!({"policy": "Gold", "databases": ids}),
-        )
-        .await;
-    for job in configured["jobs"].as_array().unwrap() {
-        api.finished_job(job.as_str().unwrap()).await;
-    }
-    let items = configured["items"]
-        .as_array()
-        .unwrap()
+    let vm = agents.vm("sqlvm-01");
+    let vault = api.create_vault(&format!("{tag}-vault")).await;
+    api.create_policy(&vault, "Gold", spec).await;
+    api.register(&vault, &[&vm]).await;
+    let items = api
+        .protect_all(&vault, "Gold")
+        .await
         .iter()
         .map(|i| {
             (
@@ -430,8 +360,7 @@ async fn protected_vm_with(
         vault,
         vm,
         items,
-        dir,
-        _agent: agent,
+        agents,
         _server: server,
     }
 }
@@ -667,34 +596,22 @@ async fn the_seeds_recovery_chain_through_the_real_agent() {
 async fn names_differing_only_by_case_are_flagged_end_to_end() {
     let db = TestDb::new();
     let server = Server::start(&db, &["--dev"], &[]);
-    let api = Api::new(&server.base, server.token.as_deref().unwrap());
+    let api = server.dev_api();
     let enrollment = api.enrollment_token("sub-1").await;
-    let dir = std::env::temp_dir().join(format!("backvault-case-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let inventory = dir.join("sqlvm-cs.toml");
     let toml = inventory_toml("sqlvm-cs", "4.8", true, &["Sales", "sales", "hr"], 10).replace(
         "version = \"2019\"\n",
         "version = \"2019\"\ncase_sensitive = true\n",
     );
-    std::fs::write(&inventory, toml).unwrap();
-    let _agent = AgentProcess::start(&server.base, &enrollment, &inventory);
-    let vm = wait_for_vms(&api, 1).await[0]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-
-    let (_, vault) = api
-        .post("/v1/vaults", json!({"name": "case-vault", "subscription_id": "sub-1", "resource_group": "rg-backup", "region": "westeurope"}))
+    let agents = api
+        .start_agents(
+            &enrollment,
+            Inventories::new("case"),
+            &[("sqlvm-cs", toml)],
+            &[],
+        )
         .await;
-    let vault = vault["id"].as_str().unwrap().to_owned();
-    let (status, job) = api
-        .post(&format!("/v1/vaults/{vault}/vms/{vm}/discover"), json!({}))
-        .await;
-    assert_eq!(status, 202, "{job}");
-    assert_eq!(
-        api.finished_job(job["id"].as_str().unwrap()).await["status"],
-        "completed"
-    );
+    let vault = api.create_vault("case-vault").await;
+    api.register(&vault, &[&agents.vm("sqlvm-cs")]).await;
 
     let (_, containers) = api
         .get(&format!("/v1/vaults/{vault}/protectable-items"))
@@ -730,7 +647,6 @@ async fn names_differing_only_by_case_are_flagged_end_to_end() {
     assert_eq!(status, 422, "{refused}");
     assert_eq!(refused["errors"][0]["code"], "database_name_case_collision");
     assert_eq!(refused["errors"].as_array().unwrap().len(), 1, "hr is fine");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `sales` on a busy database as the reference agent simulates SQL Server, with what the
@@ -773,16 +689,8 @@ impl ProtectedVm {
 
     /// The inventory says `inventory` now, and the server has discovered it.
     async fn rediscover(&self, inventory: String) {
-        std::fs::write(self.dir.join("vm.toml"), inventory).unwrap();
-        let (_, job) = self
-            .api
-            .post(
-                &format!("/v1/vaults/{}/vms/{}/discover", self.vault, self.vm),
-                json!({}),
-            )
-            .await;
-        let done = self.api.finished_job(job["id"].as_str().unwrap()).await;
-        assert_eq!(done["status"], "completed", "{done}");
+        self.agents.inventories.write("sqlvm-01", &inventory);
+        self.api.register(&self.vault, &[&self.vm]).await;
     }
 
     async fn points(&self) -> Value {

@@ -1,11 +1,13 @@
 //! End to end: the real `backvault` binary, started as an operator would, driven over HTTP.
+// A test's unwrap is its assertion: a panic fails the test that made it.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
 use std::process::Command;
 use std::time::Duration;
 
-use common::{BIN, Server, TestDb};
+use common::{Api, BIN, Server, TestDb, migrate, serve_refused, vm_facts, wait_until};
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,7 +15,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 #[tokio::test]
 async fn dev_server_creates_its_database_serves_the_walkthrough_and_shuts_down_gracefully() {
     let db = TestDb::new();
-    let mut server = Server::start(&db, &["--dev"], &[]);
+    // Debug logs of the HTTP layer, to see the in-flight request start.
+    let (mut server, log) = Server::start_logged(
+        &db,
+        "127.0.0.1:0",
+        &["--dev"],
+        &[("BACKVAULT_LOG", "info,sqlx=warn,tower_http=debug")],
+    );
     let token = server.token.clone().expect("--dev prints an admin token");
     let http = reqwest::Client::new();
     let url = |p: &str| format!("{}{p}", server.base);
@@ -73,27 +81,23 @@ async fn dev_server_creates_its_database_serves_the_walkthrough_and_shuts_down_g
     assert_eq!(preview["max_gap_minutes"], 30);
 
     // A request in flight when SIGTERM arrives still gets its answer: send the headers and
-    // half the body, signal, then send the rest.
+    // half the body, signal once the server is handling the request, then send the rest
+    // once it is shutting down.
     let body = json!({"name": "late-vault", "subscription_id": "sub-1", "resource_group": "rg", "region": "westeurope"}).to_string();
-    let addr = server.base.trim_start_matches("http://").to_owned();
+    let addr = server.addr().to_owned();
     let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let request_id = "e2e-in-flight-at-sigterm";
     let head = format!(
-        "POST /v1/vaults HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "POST /v1/vaults HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\nx-request-id: {request_id}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     );
     let (first, rest) = body.split_at(body.len() / 2);
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(first.as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let pid = server.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    log.awaited(&["started processing request", request_id])
+        .await;
+    server.signal_terminate();
+    log.awaited(&["shutting down"]).await;
     stream.write_all(rest.as_bytes()).await.unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
@@ -106,27 +110,13 @@ async fn dev_server_creates_its_database_serves_the_walkthrough_and_shuts_down_g
 #[tokio::test]
 async fn configured_key_token_command_and_refusal_without_key() {
     let db = TestDb::new();
-    let no_key = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("DATABASE_URL", &db.url)
-        .env_remove("BACKVAULT_JWT_SECRET")
-        .output()
-        .unwrap();
+    let no_key = serve_refused(&db, &[], &[]);
     assert!(!no_key.status.success());
     let stderr = String::from_utf8(no_key.stderr).unwrap();
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("BACKVAULT_JWT_SECRET"), "{stderr}");
 
-    let migrate = Command::new(BIN)
-        .arg("migrate")
-        .env("DATABASE_URL", &db.url)
-        .output()
-        .unwrap();
-    assert!(
-        migrate.status.success(),
-        "{}",
-        String::from_utf8_lossy(&migrate.stderr)
-    );
+    migrate(&db);
 
     let secret = "an-e2e-secret-that-is-long-enough-0123";
     let env = [
@@ -179,16 +169,9 @@ async fn configured_key_token_command_and_refusal_without_key() {
 async fn shutdown_ends_waiting_long_polls() {
     let db = TestDb::new();
     let mut server = Server::start(&db, &["--dev"], &[]);
-    let api = common::Api::new(&server.base, server.token.as_deref().unwrap());
+    let api = server.dev_api();
     let enrollment = api.enrollment_token("sub-1").await;
-    let facts = json!({"name": "vm-1", "resource_group": "rg", "subscription_id": "sub-1", "region": "westeurope",
-        "deployment_model": "resource_manager", "agent_version": "1", "dotnet_version": "4.8",
-        "sql_iaas_extension": true, "other_backup_product": false});
-    let enrolled = common::Api::new(&server.base, &enrollment)
-        .post("/v1/agent/enroll", json!({"facts": facts}))
-        .await
-        .1;
-    let agent = common::Api::new(&server.base, enrolled["agent_token"].as_str().unwrap());
+    let agent = api.with_token(&enrollment).enroll_agent("vm-1").await;
     let poll = tokio::spawn(async move {
         agent
             .post(
@@ -197,7 +180,15 @@ async fn shutdown_ends_waiting_long_polls() {
             )
             .await
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The claim waits in its long-poll when the signal comes.
+    let api = &api;
+    wait_until(
+        Duration::from_secs(10),
+        "the claim to wait in a long-poll",
+        || async move { api.metric("backvault_long_polls_waiting").await == Some(1.0) },
+    )
+    .await;
+    assert!(!poll.is_finished(), "nothing to claim: the claim waits");
     let started = std::time::Instant::now();
     let status = server.terminate();
     assert!(status.success());
@@ -304,12 +295,7 @@ async fn token_command_caps_lifetimes_and_records_enrollment_tokens() {
         assert!(out.stdout.is_empty(), "{args:?}");
     }
 
-    let migrate = Command::new(BIN)
-        .arg("migrate")
-        .env("DATABASE_URL", &db.url)
-        .output()
-        .unwrap();
-    assert!(migrate.status.success());
+    migrate(&db);
     let minted = run(&[
         "--role",
         "enrollment",
@@ -335,17 +321,13 @@ async fn token_command_caps_lifetimes_and_records_enrollment_tokens() {
     let admin = common::mint_token("admin", "*", "30d", &[("BACKVAULT_JWT_SECRET", secret)]);
 
     let server = Server::start(&db, &[], &[("BACKVAULT_JWT_SECRET", secret)]);
-    let api = common::Api::new(&server.base, &admin);
+    let api = Api::new(&server.base, &admin);
     let (status, listed) = api.get("/v1/enrollment-tokens").await;
     assert_eq!(status, 200, "{listed}");
     assert_eq!(listed["items"][0]["created_by"], "backvault-cli");
     assert_eq!(listed["items"][0]["vm_name"], "vm-1");
-    let facts = |name: &str| {
-        json!({"facts": {"name": name, "resource_group": "rg", "subscription_id": "sub-1", "region": "westeurope",
-            "deployment_model": "resource_manager", "agent_version": "1", "dotnet_version": "4.8",
-            "sql_iaas_extension": true, "other_backup_product": false}})
-    };
-    let agent = common::Api::new(&server.base, &enrollment);
+    let facts = |name: &str| json!({"facts": vm_facts(name)});
+    let agent = api.with_token(&enrollment);
     let (status, body) = agent.post("/v1/agent/enroll", facts("vm-2")).await;
     assert_eq!(
         (status, &body["code"]),
@@ -372,18 +354,10 @@ async fn token_command_caps_lifetimes_and_records_enrollment_tokens() {
         .unwrap();
         claims["jti"].as_str().unwrap().to_owned()
     };
-    assert_eq!(
-        common::Api::new(&server.base, &doomed)
-            .get("/v1/vaults")
-            .await
-            .0,
-        200
-    );
+    assert_eq!(api.with_token(&doomed).get("/v1/vaults").await.0, 200);
     let (status, _) = api.post("/v1/tokens/revoke", json!({"jti": jti})).await;
     assert_eq!(status, 204);
-    let (status, body) = common::Api::new(&server.base, &doomed)
-        .get("/v1/vaults")
-        .await;
+    let (status, body) = api.with_token(&doomed).get("/v1/vaults").await;
     assert_eq!((status, &body["code"]), (401, &json!("token_revoked")));
 }
 
@@ -392,15 +366,14 @@ async fn token_command_caps_lifetimes_and_records_enrollment_tokens() {
 #[tokio::test]
 async fn dev_mode_refuses_a_configured_key_and_prints_its_token_on_stderr() {
     let db = TestDb::new();
-    let refused = Command::new(BIN)
-        .args(["serve", "--dev", "--listen", "127.0.0.1:0"])
-        .env("DATABASE_URL", &db.url)
-        .env(
+    let refused = serve_refused(
+        &db,
+        &["--dev"],
+        &[(
             "BACKVAULT_JWT_SECRET",
             "an-e2e-secret-that-is-long-enough-0123",
-        )
-        .output()
-        .unwrap();
+        )],
+    );
     assert_eq!(refused.status.code(), Some(2));
     let stderr = String::from_utf8(refused.stderr).unwrap();
     assert!(
@@ -410,10 +383,8 @@ async fn dev_mode_refuses_a_configured_key_and_prints_its_token_on_stderr() {
     assert!(refused.stdout.is_empty());
 
     let server = Server::start(&db, &["--dev"], &[]);
-    let token = server.token.clone().expect("the dev token, on stderr");
-    let (status, _) = common::Api::new(&server.base, &token)
-        .get("/v1/vaults")
-        .await;
+    assert!(server.token.is_some(), "the dev token, on stderr");
+    let (status, _) = server.dev_api().get("/v1/vaults").await;
     assert_eq!(status, 200);
 }
 
@@ -427,7 +398,7 @@ async fn a_key_rotation_keeps_old_tokens_until_the_previous_key_is_removed() {
     let old_token = common::mint_token("reader", "*", "1h", &[("BACKVAULT_JWT_SECRET", old)]);
     let new_token = common::mint_token("reader", "*", "1h", &[("BACKVAULT_JWT_SECRET", new)]);
     let status_with = |server: &Server, token: &str| {
-        let api = common::Api::new(&server.base, token);
+        let api = Api::new(&server.base, token);
         async move { api.get("/v1/vaults").await.0 }
     };
     let mut rotating = Server::start(
@@ -445,13 +416,14 @@ async fn a_key_rotation_keeps_old_tokens_until_the_previous_key_is_removed() {
     assert_eq!(status_with(&rotated, &old_token).await, 401);
     assert_eq!(status_with(&rotated, &new_token).await, 200);
 
-    let short = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("DATABASE_URL", &db.url)
-        .env("BACKVAULT_JWT_SECRET", new)
-        .env("BACKVAULT_JWT_PREVIOUS_SECRETS", "too-short")
-        .output()
-        .unwrap();
+    let short = serve_refused(
+        &db,
+        &[],
+        &[
+            ("BACKVAULT_JWT_SECRET", new),
+            ("BACKVAULT_JWT_PREVIOUS_SECRETS", "too-short"),
+        ],
+    );
     assert_eq!(short.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&short.stderr).contains("BACKVAULT_JWT_PREVIOUS_SECRETS"));
 }
@@ -463,7 +435,7 @@ async fn a_key_rotation_keeps_old_tokens_until_the_previous_key_is_removed() {
 async fn unparsable_requests_are_answered_in_problem_json() {
     let db = TestDb::new();
     let server = Server::start(&db, &["--dev"], &[]);
-    let addr = server.base.trim_start_matches("http://").to_owned();
+    let addr = server.addr().to_owned();
     let raw = |request: Vec<u8>| {
         let addr = addr.clone();
         async move {

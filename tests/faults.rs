@@ -2,6 +2,8 @@
 //! the server killed with SIGKILL while jobs flow, and the database cutting every
 //! connection while clients read and write. Each test is bounded by request counts and
 //! deadlines, and waits by polling the API or the database, never by sleeping on a guess.
+// A test's unwrap is its assertion: a panic fails the test that made it.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
@@ -9,7 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{AgentProcess, Api, Server, ServerLog, TestDb, free_local_addr, inventory_toml};
+use common::{
+    Agents, Api, Deadline, Inventories, Server, ServerLog, TestDb, free_local_addr, inventory_toml,
+};
 use reqwest::Method;
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
@@ -37,14 +41,7 @@ struct Fleet {
     vault: String,
     /// Every protected item: (item id, VM id).
     items: Vec<(String, String)>,
-    agents: Vec<AgentProcess>,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    agents: Agents,
 }
 
 impl Fleet {
@@ -62,91 +59,41 @@ impl Fleet {
     }
 }
 
-async fn wait_for_vms(api: &Api, count: usize) -> Vec<Value> {
-    let deadline = Deadline::within(Duration::from_secs(10), "the agents to enroll");
-    loop {
-        let (_, vms) = api.get("/v1/vms").await;
-        let items = vms["items"].as_array().cloned().unwrap_or_default();
-        if items.len() >= count {
-            return items;
-        }
-        deadline.check(|| format!("{} of {count} VMs enrolled", items.len()));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// `VMS` agents with `DATABASES_PER_VM` databases each, registered with a new vault, every
 /// database protected by the vault's default policy and given a first full backup (so the
 /// log backups of the load have a chain to extend).
 async fn protected_fleet(api: &Api, tag: &str) -> Fleet {
     let enrollment = api.enrollment_token("sub-1").await;
-    let dir = std::env::temp_dir().join(format!("backvault-faults-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut agents = Vec::new();
-    for v in 0..VMS {
-        let names: Vec<String> = (0..DATABASES_PER_VM)
-            .map(|d| format!("db{v}_{d}"))
-            .collect();
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        let inventory = dir.join(format!("vm-{v}.toml"));
-        std::fs::write(
-            &inventory,
-            inventory_toml(&format!("{tag}-vm-{v}"), "4.8", true, &names, BACKUP_MILLIS),
-        )
-        .unwrap();
-        agents.push(AgentProcess::start(&api.base, &enrollment, &inventory));
-    }
-    let vms = wait_for_vms(api, VMS).await;
-
-    let (status, vault) = api
-        .post("/v1/vaults", json!({"name": format!("{tag}-vault"), "subscription_id": "sub-1", "resource_group": "rg", "region": "westeurope"}))
-        .await;
-    assert_eq!(status, 201, "{vault}");
-    let vault = vault["id"].as_str().unwrap().to_owned();
-    let mut discoveries = Vec::new();
-    for vm in &vms {
-        let (status, job) = api
-            .post(
-                &format!(
-                    "/v1/vaults/{vault}/vms/{}/discover",
-                    vm["id"].as_str().unwrap()
-                ),
-                json!({}),
-            )
-            .await;
-        assert_eq!(status, 202, "{job}");
-        discoveries.push(job["id"].as_str().unwrap().to_owned());
-    }
-    for id in &discoveries {
-        let job = api.finished_job(id).await;
-        assert_eq!(job["status"], "completed", "{job}");
-    }
-
-    let (_, containers) = api
-        .get(&format!("/v1/vaults/{vault}/protectable-items"))
-        .await;
-    let databases: Vec<Value> = containers
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|c| c["databases"].as_array().unwrap())
-        .map(|d| d["id"].clone())
+    let inventories: Vec<(String, String)> = (0..VMS)
+        .map(|v| {
+            let name = format!("{tag}-vm-{v}");
+            let databases: Vec<String> = (0..DATABASES_PER_VM)
+                .map(|d| format!("db{v}_{d}"))
+                .collect();
+            let databases: Vec<&str> = databases.iter().map(String::as_str).collect();
+            let toml = inventory_toml(&name, "4.8", true, &databases, BACKUP_MILLIS);
+            (name, toml)
+        })
         .collect();
-    assert_eq!(databases.len(), VMS * DATABASES_PER_VM, "{containers}");
-    let (status, configured) = api
-        .post(
-            &format!("/v1/vaults/{vault}/protected-items"),
-            json!({"policy": "HourlyLogBackup", "databases": databases}),
+    let inventories: Vec<(&str, String)> = inventories
+        .iter()
+        .map(|(name, toml)| (name.as_str(), toml.clone()))
+        .collect();
+    let agents = api
+        .start_agents(
+            &enrollment,
+            Inventories::new(&format!("faults-{tag}")),
+            &inventories,
+            &[],
         )
         .await;
-    assert_eq!(status, 202, "{configured}");
-    for job in configured["jobs"].as_array().unwrap() {
-        let job = api.finished_job(job.as_str().unwrap()).await;
-        assert_eq!(job["status"], "completed", "{job}");
-    }
-    let items: Vec<(String, String)> = configured["items"]
-        .as_array()
-        .unwrap()
+
+    let vault = api.create_vault(&format!("{tag}-vault")).await;
+    let vms: Vec<&str> = agents.vms.values().map(String::as_str).collect();
+    api.register(&vault, &vms).await;
+    let items: Vec<(String, String)> = api
+        .protect_all(&vault, "HourlyLogBackup")
+        .await
         .iter()
         .map(|i| {
             (
@@ -155,27 +102,26 @@ async fn protected_fleet(api: &Api, tag: &str) -> Fleet {
             )
         })
         .collect();
+    assert_eq!(items.len(), VMS * DATABASES_PER_VM, "{items:?}");
 
     let mut fulls = Vec::new();
     for (item, _) in &items {
-        let (status, job) = api
-            .post(
+        let job = api
+            .post_expecting(
                 &format!("/v1/vaults/{vault}/protected-items/{item}/backup"),
                 json!({"type": "full", "retention_days": 45}),
+                202,
             )
             .await;
-        assert_eq!(status, 202, "{job}");
         fulls.push(job["id"].as_str().unwrap().to_owned());
     }
     for id in &fulls {
-        let job = api.finished_job(id).await;
-        assert_eq!(job["status"], "completed", "{job}");
+        api.completed_job(id).await;
     }
     Fleet {
         vault,
         items,
         agents,
-        dir,
     }
 }
 
@@ -390,29 +336,6 @@ fn on_demand_backups(vault: String, items: Vec<String>) -> impl Fn(usize) -> Req
 // Waiting and checking.
 // ---------------------------------------------------------------------------------------
 
-struct Deadline {
-    at: Instant,
-    what: &'static str,
-}
-
-impl Deadline {
-    fn within(limit: Duration, what: &'static str) -> Self {
-        Self {
-            at: Instant::now() + limit,
-            what,
-        }
-    }
-
-    fn check(&self, state: impl FnOnce() -> String) {
-        assert!(
-            Instant::now() < self.at,
-            "gave up waiting for {}: {}",
-            self.what,
-            state()
-        );
-    }
-}
-
 async fn count(conn: &mut PgConnection, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(conn).await.unwrap()
 }
@@ -611,10 +534,25 @@ async fn a_server_killed_mid_load_loses_no_job_and_duplicates_no_point() {
     first.child.kill().unwrap();
     first.child.wait().unwrap();
     let acknowledged_at_kill = traffic.acknowledged();
-    // Down for longer than a lease: the leases of the jobs that were running lapse, so the
-    // new server's rescuer hands them out again while their agents still hold results the
-    // old server never recorded, or recorded without answering.
-    tokio::time::sleep(Duration::from_secs(LEASE_SECONDS + 1)).await;
+    // Down until the leases of the jobs that were running have lapsed, so the new server's
+    // rescuer hands them out again while their agents still hold results the old server
+    // never recorded, or recorded without answering.
+    let deadline = Deadline::within(
+        Duration::from_secs(LEASE_SECONDS + 10),
+        "the leases of the running jobs to lapse",
+    );
+    loop {
+        let live = count(
+            &mut conn,
+            "select count(*) from job_queue where running and lease_expires_at > now()",
+        )
+        .await;
+        if live == 0 {
+            break;
+        }
+        deadline.check(|| format!("{live} leases still live"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (second, second_log) = Server::start_logged(&db, &addr, &[], &env);
     assert_eq!(second.base, first.base);
 
@@ -659,7 +597,7 @@ async fn a_server_killed_mid_load_loses_no_job_and_duplicates_no_point() {
 
     // The agents survived the server's death and work with the new one: a backup on each
     // VM completes.
-    for (i, agent) in fleet.agents.iter_mut().enumerate() {
+    for (i, agent) in fleet.agents.processes.iter_mut().enumerate() {
         if let Some(status) = agent.child.try_wait().unwrap() {
             findings.push(format!("agent {i} exited: {status}"));
         }

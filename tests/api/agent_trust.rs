@@ -9,7 +9,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use crate::helpers::{Response, TestApp, claim};
+use crate::helpers::{Response, TestApp, claim, job_outcome, jobs, protected_items, sql};
 use crate::protection::{db, inventory, protectable, registered, run_configure, run_discovery};
 use crate::recovery::{Protected, protect, weekly_dst_policy};
 
@@ -40,21 +40,6 @@ async fn complete(app: &TestApp, agent: &str, job: &Value, result: Value) -> Res
 
 fn backup_result(points: Vec<Value>) -> Value {
     json!({"kind": "backup", "recovery_points": points})
-}
-
-async fn job_status(app: &TestApp, job: &str) -> (String, String) {
-    let res = app.get(&format!("/v1/jobs/{job}"), &app.admin()).await;
-    (
-        res.body["status"].as_str().unwrap().to_owned(),
-        res.body["error"]["code"].as_str().unwrap_or("").to_owned(),
-    )
-}
-
-async fn points_recorded(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("select count(*) from recovery_points")
-        .fetch_one(pool)
-        .await
-        .unwrap()
 }
 
 fn expect(pointer: &str, code: &str) -> Vec<(String, String)> {
@@ -168,7 +153,7 @@ async fn backup_reports_must_fit_their_jobs(pool: PgPool) {
     for ((what, res), ((_, _, _, expected), id)) in answers.iter().zip(cases.iter().zip(&jobs)) {
         if expected.is_empty() {
             assert_eq!(res.status, StatusCode::OK, "{what}: {}", res.body);
-            assert_eq!(job_status(&p.app, id).await.0, "completed", "{what}");
+            assert_eq!(job_outcome(&p.app, id).await.0, "completed", "{what}");
         } else {
             assert_eq!(
                 res.status,
@@ -179,13 +164,17 @@ async fn backup_reports_must_fit_their_jobs(pool: PgPool) {
             assert_eq!(res.code(), "validation_failed");
             assert_eq!(&res.violations(), expected, "{what}");
             assert_eq!(
-                job_status(&p.app, id).await,
+                job_outcome(&p.app, id).await,
                 ("failed".to_owned(), "JobResultInvalid".to_owned()),
                 "{what}"
             );
         }
     }
-    assert_eq!(points_recorded(&pool).await, 1, "only the fitting point");
+    assert_eq!(
+        sql::recovery_points_recorded(&pool).await,
+        1,
+        "only the fitting point"
+    );
 
     // A log job reports log points: a differential is refused.
     let log = backup_now(&p, "sales", json!({"type": "log"})).await;
@@ -204,7 +193,7 @@ async fn backup_reports_must_fit_their_jobs(pool: PgPool) {
             "point_type_mismatch"
         )
     );
-    assert_eq!(job_status(&p.app, &log).await.1, "JobResultInvalid");
+    assert_eq!(job_outcome(&p.app, &log).await.1, "JobResultInvalid");
     // Repeating a refused completion finds the job over.
     let again = complete(
         &p.app,
@@ -302,10 +291,7 @@ async fn restores_exclude_each_other_and_the_backups_of_their_database(pool: PgP
         vec![db("MSSQLSERVER", "sales"), db("MSSQLSERVER", "hr")],
     )
     .await;
-    sqlx::query("update protected_items set chain = jsonb_set(chain, '{needs}', '\"nothing\"')")
-        .execute(&pool)
-        .await
-        .unwrap();
+    sql::forge_fulls_taken(&pool).await;
     backup_now(&p, "sales", json!({"type": "full", "retention_days": 45})).await;
     let job = &claim(&p.app, &p.agent, 1).await[0];
     let res = complete(
@@ -316,14 +302,8 @@ async fn restores_exclude_each_other_and_the_backups_of_their_database(pool: PgP
     )
     .await;
     assert_eq!(res.status, StatusCode::OK, "{}", res.body);
-    let points = p
-        .app
-        .get(
-            &format!("{}/recovery-points", p.item_path("sales")),
-            &p.app.admin(),
-        )
-        .await;
-    let full = points.body["items"][0]["id"].as_str().unwrap().to_owned();
+    let points = p.points("sales").await;
+    let full = points["items"][0]["id"].as_str().unwrap().to_owned();
     let restore = |target: &str, overwrite: bool| {
         let body =
             json!({"recovery_point_id": full, "target_database": target, "overwrite": overwrite});
@@ -396,7 +376,7 @@ async fn restores_exclude_each_other_and_the_backups_of_their_database(pool: PgP
         expect("/result/restored_database", "restored_database_mismatch")
     );
     assert_eq!(
-        job_status(&p.app, &first_id).await,
+        job_outcome(&p.app, &first_id).await,
         ("failed".to_owned(), "JobResultInvalid".to_owned())
     );
     let next = claim(&p.app, &p.agent, 50).await;
@@ -570,7 +550,7 @@ async fn agent_supplied_fields_are_bounded_and_lists_omit_bodies(pool: PgPool) {
         .await;
     assert_eq!(res.violations(), expect("/warnings/1", "field_too_large"));
     assert_eq!(
-        job_status(&app, &log).await,
+        job_outcome(&app, &log).await,
         ("failed".to_owned(), "JobResultInvalid".to_owned())
     );
 
@@ -596,7 +576,7 @@ async fn agent_supplied_fields_are_bounded_and_lists_omit_bodies(pool: PgPool) {
         "{}",
         res.body
     );
-    assert_eq!(job_status(&app, &discovery).await.1, "JobResultInvalid");
+    assert_eq!(job_outcome(&app, &discovery).await.1, "JobResultInvalid");
     // A completed job keeps its result on GET, not in the list.
     let discovery = dispatch("discovery").await;
     let job = &claim(&app, &s.agent, 1).await[0];
@@ -667,24 +647,23 @@ async fn auto_protection_of_thousands_of_databases_in_one_discovery(pool: PgPool
     assert_eq!(rediscover.status, StatusCode::ACCEPTED);
     run_discovery(&app, &s.agent, &inventory(databases)).await;
 
-    let (jobs, items): (i64, i64) = sqlx::query_as(
-        "select count(*), sum(jsonb_array_length(items))::int8 from jobs
-         where kind = 'configure_protection' and status = 'queued'",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let configuring = jobs(&app, "kind=configure_protection&status=queued").await;
+    let items: usize = configuring
+        .iter()
+        .map(|j| j["items"].as_array().unwrap().len())
+        .sum();
     assert_eq!(
-        (jobs, items),
+        (configuring.len(), items),
         (60, 2_997),
         "db0000..db2995 and R&D, not Dup/dup, nor OLD's database"
     );
-    let protecting: Vec<String> = sqlx::query_scalar(
-        "select protected_name from protected_items where state = 'protecting' and protected_name not like 'db%'",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    let protecting: Vec<Value> = protected_items(&app, &s.vault, "")
+        .await
+        .into_iter()
+        .filter(|i| i["state"] == "protecting")
+        .map(|i| i["protected_name"].clone())
+        .filter(|name| !name.as_str().unwrap().starts_with("db"))
+        .collect();
     assert_eq!(protecting, ["R&D"]);
 }
 
@@ -720,13 +699,8 @@ async fn rpo_breaches_over_200_policies_in_one_scrape(pool: PgPool) {
     }
     while !run_configure(&app, &s.agent, false).await.is_empty() {}
     // Every third database has had nothing since protection began, three days ago.
-    sqlx::query(
-        "update protected_items set created_at = now() - interval '3 days'
-         where (substr(protected_name, 3)::int % 3) = 0",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    let idle: Vec<String> = names.iter().step_by(3).cloned().collect();
+    sql::forge_protection_began(&pool, &idle, Duration::days(3)).await;
     let report = app
         .get(&format!("/v1/vaults/{}/rpo", s.vault), &admin)
         .await;

@@ -2,7 +2,10 @@ use axum::http::{Method, StatusCode};
 use serde_json::json;
 use sqlx::PgPool;
 
-use crate::helpers::{TestApp, claim, discovery_result, dispatch, enroll, enroll_bound, facts};
+use crate::helpers::{
+    TestApp, claim, claims_waiting, discovery_result, dispatch, enroll, enroll_bound, facts,
+    listening, sql, wait_until,
+};
 
 #[sqlx::test(migrator = "backvault_store::MIGRATOR")]
 async fn enrollment_upserts_the_vm_and_revokes_older_tokens(pool: PgPool) {
@@ -193,11 +196,11 @@ async fn claim_heartbeat_complete_and_idempotent_repeat(pool: PgPool) {
         "sales"
     );
     assert_eq!(finished.body["attempt_history"][0]["outcome"], "completed");
-    let queue: i64 = sqlx::query_scalar("select count(*) from job_queue")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-    assert_eq!(queue, 0, "finished jobs leave the hot queue");
+    assert_eq!(
+        sql::queue_len(&app.pool).await,
+        0,
+        "finished jobs leave the hot queue"
+    );
 }
 
 #[sqlx::test(migrator = "backvault_store::MIGRATOR")]
@@ -266,16 +269,13 @@ async fn expired_leases_are_retried_then_fail(pool: PgPool) {
     let app = TestApp::new(pool.clone());
     let (vm, agent) = enroll(&app, "sqlvm-01").await;
     let job = dispatch(&app, &vm, "backup_log").await;
-    let expire =
-        "update job_queue set lease_expires_at = now() - interval '1 second' where running";
-    let due_now = "update job_queue set run_at = now() where not running";
     let mut leases = Vec::new();
     for attempt in 1..=3 {
         let claimed = claim(&app, &agent, 1).await;
         assert_eq!(claimed.len(), 1, "attempt {attempt}");
         assert_eq!(claimed[0]["attempt"], attempt);
         leases.push(claimed[0]["lease"].as_i64().unwrap());
-        sqlx::query(expire).execute(&pool).await.unwrap();
+        sql::forge_leases_expired(&pool).await;
         let rescued = app.service.rescue_expired_leases().await.unwrap();
         let queued = app.get(&format!("/v1/jobs/{job}"), &app.admin()).await;
         if attempt < 3 {
@@ -283,7 +283,7 @@ async fn expired_leases_are_retried_then_fail(pool: PgPool) {
             assert_eq!(queued.body["status"], "queued");
             assert_eq!(queued.body["error"]["code"], "JobLeaseExpired");
             assert!(queued.body["next_attempt_at"].is_string());
-            sqlx::query(due_now).execute(&pool).await.unwrap();
+            sql::forge_retries_due(&pool).await;
         } else {
             assert_eq!((rescued.retried, rescued.failed), (0, 1));
             assert_eq!(queued.body["status"], "failed");
@@ -335,10 +335,7 @@ async fn retryable_failures_back_off_and_grow(pool: PgPool) {
             claim(&app, &agent, 1).await.is_empty(),
             "not claimable while backing off"
         );
-        sqlx::query("update job_queue set run_at = now()")
-            .execute(&pool)
-            .await
-            .unwrap();
+        sql::forge_retries_due(&pool).await;
     }
     // 2 s then 4 s, each with jitter in [0.5, 1.5).
     assert!((1000..3100).contains(&delays[0]), "{delays:?}");
@@ -449,7 +446,9 @@ async fn long_poll_wakes_on_enqueue(pool: PgPool) {
             (started.elapsed(), res)
         })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The claim waits in its long-poll before the job is enqueued.
+    claims_waiting(&app, 1).await;
+    assert!(!waiting.is_finished(), "nothing to claim yet");
     let job = dispatch(&app, &vm, "discovery").await;
     let (elapsed, res) = waiting.await.unwrap();
     assert_eq!(res.body["jobs"][0]["job_id"], job.as_str());
@@ -525,7 +524,8 @@ async fn revocation_reaches_other_replicas(pool: PgPool) {
     let replica_a = TestApp::new(pool.clone());
     let replica_b = TestApp::new(pool);
     let (_, old_token) = enroll(&replica_a, "sqlvm-01").await;
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // B listens before the re-enrollment, so that it can only learn of it by notification.
+    listening(&replica_b).await;
     assert_eq!(
         replica_b
             .post("/v1/agent/heartbeat", &old_token, json!({}))
@@ -534,20 +534,17 @@ async fn revocation_reaches_other_replicas(pool: PgPool) {
         StatusCode::OK
     );
     enroll_bound(&replica_a, "sqlvm-01").await;
-    let mut status = StatusCode::OK;
-    for _ in 0..40 {
-        status = replica_b
-            .post("/v1/agent/heartbeat", &old_token, json!({}))
-            .await
-            .status;
-        if status == StatusCode::UNAUTHORIZED {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        status,
-        StatusCode::UNAUTHORIZED,
-        "within 2 s, well before the 5 s cache expiry"
-    );
+    let (replica_b, old_token) = (&replica_b, &old_token);
+    wait_until(
+        std::time::Duration::from_secs(2),
+        "replica B to refuse the replaced token (within 2 s, well before the 5 s cache expiry)",
+        || async move {
+            replica_b
+                .post("/v1/agent/heartbeat", old_token, json!({}))
+                .await
+                .status
+                == StatusCode::UNAUTHORIZED
+        },
+    )
+    .await;
 }

@@ -7,7 +7,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use crate::helpers::{Response, claim};
+use crate::helpers::{Response, chain_needs, claim, protected_items};
 use crate::protection::{db, db_id, inventory, protectable, run_discovery};
 use crate::recovery::{Protected, protect};
 
@@ -60,18 +60,6 @@ async fn backup(p: &Protected, point: Value) -> Response {
             json!({"lease": job["lease"], "result": {"kind": "backup", "recovery_points": [point]}}),
         )
         .await
-}
-
-async fn points(p: &Protected) -> Value {
-    let res = p
-        .app
-        .get(
-            &format!("{}/recovery-points", p.item_path("sales")),
-            &p.app.admin(),
-        )
-        .await;
-    assert_eq!(res.status, StatusCode::OK, "{}", res.body);
-    res.body
 }
 
 async fn plan(p: &Protected, at: DateTime<Utc>) -> Response {
@@ -143,7 +131,7 @@ async fn lsns_come_in_both_of_sql_servers_forms_and_in_order(pool: PgPool) {
     );
     let res = backup(&p, textual).await;
     assert_eq!(res.status, StatusCode::OK, "{}", res.body);
-    let listed = points(&p).await;
+    let listed = p.points("sales").await;
     assert_eq!(listed["items"][0]["first_lsn"], "42000000001600001");
     assert_eq!(listed["items"][0]["checkpoint_lsn"], "42000000002400001");
 
@@ -175,7 +163,7 @@ async fn a_busy_databases_differential_matches_its_fulls_checkpoint(pool: PgPool
                "checkpoint_lsn": "300", "recovery_model": "full"}),
     );
     assert_eq!(backup(&p, diff).await.status, StatusCode::OK);
-    let listed = points(&p).await;
+    let listed = p.points("sales").await;
     let diff = &listed["items"][1];
     assert_eq!(diff["chain_gap"], false, "{diff}");
     assert_eq!(diff["full_id"], listed["items"][0]["id"]);
@@ -213,7 +201,7 @@ async fn a_differential_of_another_tools_full_is_a_break_and_never_planned(pool:
         json!({"database_backup_lsn": "200", "differential_base_lsn": "200"}),
     );
     assert_eq!(backup(&p, diff).await.status, StatusCode::OK);
-    let listed = points(&p).await;
+    let listed = p.points("sales").await;
     let diff = &listed["items"][1];
     assert_eq!(diff["chain_break"], "differential_base_unknown");
     assert_eq!(diff["full_id"], Value::Null);
@@ -242,7 +230,7 @@ async fn data_backups_without_logs_are_instants_not_ranges(pool: PgPool) {
         assert_eq!(backup(&p, full).await.status, StatusCode::OK);
     }
     assert_eq!(
-        points(&p).await["restorable_ranges"],
+        p.points("sales").await["restorable_ranges"],
         json!([range(t(0), t(0)), range(t(60), t(60))])
     );
     assert_eq!(plan(&p, t(30)).await.code(), "point_not_covered");
@@ -270,7 +258,7 @@ async fn a_log_with_bulk_logged_changes_restores_to_its_end_only(pool: PgPool) {
         assert_eq!(backup(&p, log).await.status, StatusCode::OK);
     }
     assert_eq!(
-        points(&p).await["restorable_ranges"],
+        p.points("sales").await["restorable_ranges"],
         json!([range(t(0), t(15)), range(t(30), t(45))])
     );
     assert_eq!(
@@ -332,12 +320,11 @@ async fn a_switch_to_simple_and_back_needs_a_differential(pool: PgPool) {
         item.body["health"], "chain_broken",
         "SQL Server refuses log backups (Msg 4214) until a full or differential"
     );
-    let needs: (bool, bool) =
-        sqlx::query_as("select needs_full, needs_differential from protected_items")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(needs, (false, true), "the policy has differentials");
+    assert_eq!(
+        chain_needs(&p.app, &p.items["sales"]).await,
+        (false, true),
+        "the policy has differentials"
+    );
 }
 
 #[sqlx::test(migrator = "backvault_store::MIGRATOR")]
@@ -430,7 +417,7 @@ async fn a_restore_job_says_what_to_run_and_backs_up_the_tail_first(pool: PgPool
         )
         .await;
     assert_eq!(done.status, StatusCode::OK, "{}", done.body);
-    let listed = points(&p).await;
+    let listed = p.points("sales").await;
     let last = &listed["items"][2];
     assert_eq!(
         (&last["backup_type"], &last["chain_gap"]),
@@ -441,12 +428,9 @@ async fn a_restore_job_says_what_to_run_and_backs_up_the_tail_first(pool: PgPool
         json!([range(t(0), t(40))]),
         "the tail is restorable: no work since the last log backup is lost"
     );
-    let needs: bool = sqlx::query_scalar("select needs_full from protected_items")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let (needs_full, _) = chain_needs(&p.app, &p.items["sales"]).await;
     assert!(
-        needs,
+        needs_full,
         "the overwritten database is a new recovery fork: its next backup is a full"
     );
 }
@@ -465,7 +449,7 @@ async fn a_backup_set_reported_twice_is_recorded_once(pool: PgPool) {
     );
     assert_eq!(backup(&p, full.clone()).await.status, StatusCode::OK);
     assert_eq!(backup(&p, full).await.status, StatusCode::OK);
-    let listed = points(&p).await;
+    let listed = p.points("sales").await;
     assert_eq!(listed["items"].as_array().unwrap().len(), 1, "{listed}");
     assert_eq!(listed["items"][0]["backup_set_uuid"], set);
 }
@@ -517,11 +501,11 @@ async fn tempdb_is_never_protectable(pool: PgPool) {
         )
         .await;
     assert_eq!(intent.status, StatusCode::CREATED, "{}", intent.body);
-    let protected: Vec<String> =
-        sqlx::query_scalar("select protected_name from protected_items order by 1")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let protected: Vec<Value> = protected_items(&p.app, &p.vault, "")
+        .await
+        .iter()
+        .map(|i| i["protected_name"].clone())
+        .collect();
     assert_eq!(protected, ["sales"], "tempdb stays unprotected");
 }
 
@@ -537,12 +521,9 @@ async fn a_new_chain_needs_a_full_even_after_a_copy_only_one(pool: PgPool) {
         json!({"checkpoint_lsn": "105", "is_copy_only": true}),
     );
     assert_eq!(backup(&p, copy).await.status, StatusCode::OK);
-    let needs: bool = sqlx::query_scalar("select needs_full from protected_items")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let (needs_full, _) = chain_needs(&p.app, &p.items["sales"]).await;
     assert!(
-        needs,
+        needs_full,
         "a copy-only full is no differential base: the next backup is a full"
     );
 }

@@ -7,7 +7,7 @@ use axum::http::{Method, Request, StatusCode};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use crate::helpers::{TestApp, claim, enroll, facts};
+use crate::helpers::{TestApp, chain_needs, claim, enroll, facts, job_outcome, sql};
 use crate::protection::db;
 use crate::recovery::{Protected, protect, weekly_dst_policy};
 
@@ -25,14 +25,6 @@ fn backup_point(database: &str, backup_type: &str, first_lsn: &str) -> Value {
     json!({"instance": "MSSQLSERVER", "database": database, "backup_type": backup_type,
            "started_at": at, "backup_time": at, "first_lsn": first_lsn, "last_lsn": "9000",
            "database_backup_lsn": "0", "size_bytes": 100})
-}
-
-async fn job_error(app: &TestApp, job: &str) -> (String, String) {
-    let res = app.get(&format!("/v1/jobs/{job}"), &app.admin()).await;
-    (
-        res.body["status"].as_str().unwrap().to_owned(),
-        res.body["error"]["code"].as_str().unwrap_or("").to_owned(),
-    )
 }
 
 /// A retention past what time can hold used to panic the completion batcher, after which
@@ -78,11 +70,7 @@ async fn a_poisoned_completion_fails_alone_and_the_batcher_survives(pool: PgPool
         jobs.push(res.body["id"].as_str().unwrap().to_owned());
     }
     // db0's job as one enqueued before the bound existed.
-    sqlx::query("update jobs set payload = jsonb_set(payload, '{retention_days}', '4294967295') where id = $1::uuid")
-        .bind(&jobs[0])
-        .execute(&pool)
-        .await
-        .unwrap();
+    sql::forge_retention_days(&pool, &jobs[0], 4_294_967_295).await;
 
     let claimed = claim(&p.app, &p.agent, 50).await;
     assert_eq!(claimed.len(), names.len());
@@ -123,18 +111,14 @@ async fn a_poisoned_completion_fails_alone_and_the_batcher_survives(pool: PgPool
     }
     // The bad jobs end with a code instead of being retried forever.
     assert_eq!(
-        job_error(&p.app, &jobs[0]).await,
+        job_outcome(&p.app, &jobs[0]).await,
         ("failed".to_owned(), "JobResultNotRecorded".to_owned())
     );
     assert_eq!(
-        job_error(&p.app, &jobs[1]).await,
+        job_outcome(&p.app, &jobs[1]).await,
         ("failed".to_owned(), "JobResultInvalid".to_owned())
     );
-    let points: i64 = sqlx::query_scalar("select count(*) from recovery_points")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(points, names.len() as i64 - 2);
+    assert_eq!(p.point_count().await, names.len() - 2);
 
     // Still serving: readiness and a later completion.
     assert_eq!(
@@ -467,18 +451,9 @@ async fn restore_targets_are_safe_by_rule(pool: PgPool) {
         )
         .await;
     assert_eq!(res.status, StatusCode::OK, "{}", res.body);
-    sqlx::query("update protected_items set chain = jsonb_set(chain, '{needs}', '\"nothing\"')")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let points = p
-        .app
-        .get(
-            &format!("{}/recovery-points", p.item_path("sales")),
-            &p.app.admin(),
-        )
-        .await;
-    let point = points.body["items"][0]["id"].as_str().unwrap().to_owned();
+    sql::forge_fulls_taken(&pool).await;
+    let points = p.points("sales").await;
+    let point = points["items"][0]["id"].as_str().unwrap().to_owned();
     let restore = |body: Value| {
         let mut body = body;
         body["recovery_point_id"] = json!(point);
@@ -546,15 +521,14 @@ async fn restore_targets_are_safe_by_rule(pool: PgPool) {
         )
         .await;
     assert_eq!(res.status, StatusCode::OK, "{}", res.body);
-    let log_id: String =
-        sqlx::query_scalar("select id::text from recovery_points where backup_type = 'log'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    sqlx::query("update recovery_points set size_bytes = 9223372036854775807")
-        .execute(&pool)
-        .await
-        .unwrap();
+    let log_id = p.points("sales").await["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|point| point["backup_type"] == "log")
+        .unwrap()["id"]
+        .clone();
+    sql::forge_point_sizes(&pool, i64::MAX).await;
     let plan = p
         .app
         .post(
@@ -594,14 +568,13 @@ async fn restore_targets_are_safe_by_rule(pool: PgPool) {
             .await;
         assert_eq!(res.status, StatusCode::OK, "{}", res.body);
     }
-    let needs_full: Vec<(String, bool)> =
-        sqlx::query_as("select i.protected_name, i.needs_full from protected_items i order by 1")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let mut needs_full = Vec::new();
+    for name in ["hr", "sales"] {
+        needs_full.push((name, chain_needs(&p.app, &p.items[name]).await.0));
+    }
     assert_eq!(
         needs_full,
-        [("hr".to_owned(), true), ("sales".to_owned(), false)],
+        [("hr", true), ("sales", false)],
         "the overwritten database starts a new chain"
     );
 }

@@ -1,7 +1,7 @@
 use axum::http::{Method, StatusCode};
 use sqlx::PgPool;
 
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, sql};
 
 #[sqlx::test(migrator = "backvault_store::MIGRATOR")]
 async fn health_readiness_spec_and_docs_are_open(pool: PgPool) {
@@ -38,10 +38,7 @@ async fn health_readiness_spec_and_docs_are_open(pool: PgPool) {
 
 #[sqlx::test(migrator = "backvault_store::MIGRATOR")]
 async fn readiness_fails_when_migrations_are_missing(pool: PgPool) {
-    sqlx::query("delete from _sqlx_migrations")
-        .execute(&pool)
-        .await
-        .unwrap();
+    sql::forge_migrations_unapplied(&pool).await;
     let app = TestApp::new(pool.clone());
     let ready = app.call(Method::GET, "/readyz", None, None, &[]).await;
     assert_eq!(
@@ -49,10 +46,7 @@ async fn readiness_fails_when_migrations_are_missing(pool: PgPool) {
         (StatusCode::SERVICE_UNAVAILABLE, "migrations_pending")
     );
     // A database no migration ever touched.
-    sqlx::query("drop table _sqlx_migrations")
-        .execute(&pool)
-        .await
-        .unwrap();
+    sql::forge_migrations_never_run(&pool).await;
     let ready = app.call(Method::GET, "/readyz", None, None, &[]).await;
     assert_eq!(
         (ready.status, ready.code()),

@@ -1,3 +1,11 @@
+//! What the API tests share: the in-process app and its client, the setup every file
+//! needs, reads through the API named for what a test asks, waits on the events tests
+//! coordinate on, and (`sql`) the few states no API can produce or show.
+
+pub mod sql;
+
+use std::time::Duration;
+
 use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
@@ -7,6 +15,8 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tower::ServiceExt;
+
+pub use crate::common::wait_until;
 
 pub const SECRET: &[u8] = b"integration-test-secret-0123456789";
 
@@ -296,4 +306,164 @@ pub async fn claim(app: &TestApp, agent: &str, max_jobs: u32) -> Vec<Value> {
 pub fn discovery_result() -> Value {
     json!({"kind": "discovery", "inventory": {"instances": [{"name": "MSSQLSERVER", "version": "2019"}],
            "databases": [{"instance": "MSSQLSERVER", "name": "sales", "recovery_model": "full", "size_bytes": 1024}]}})
+}
+
+/// Every job `GET /v1/jobs?{filter}` lists, newest first, across its pages.
+pub async fn jobs(app: &TestApp, filter: &str) -> Vec<Value> {
+    let admin = app.admin();
+    let mut all = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let res = app
+            .get(&format!("/v1/jobs?{filter}&limit=200{cursor}"), &admin)
+            .await;
+        assert_eq!(res.status, StatusCode::OK, "{}", res.body);
+        all.extend(res.body["items"].as_array().unwrap().iter().cloned());
+        match res.body["next_cursor"].as_str() {
+            Some(next) => cursor = format!("&cursor={next}"),
+            None => return all,
+        }
+    }
+}
+
+/// A job's status and the code of its error (empty without one).
+pub async fn job_outcome(app: &TestApp, job: &str) -> (String, String) {
+    let res = app.get(&format!("/v1/jobs/{job}"), &app.admin()).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.body);
+    (
+        res.body["status"].as_str().unwrap().to_owned(),
+        res.body["error"]["code"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+/// The databases a job's items name, sorted.
+pub fn job_databases(job: &Value) -> Vec<String> {
+    let mut names: Vec<String> = job["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["database"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Every protected item of the vault `GET .../protected-items?{filter}` lists, across its
+/// pages.
+pub async fn protected_items(app: &TestApp, vault: &str, filter: &str) -> Vec<Value> {
+    let admin = app.admin();
+    let mut all = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let res = app
+            .get(
+                &format!("/v1/vaults/{vault}/protected-items?{filter}&limit=200{cursor}"),
+                &admin,
+            )
+            .await;
+        assert_eq!(res.status, StatusCode::OK, "{}", res.body);
+        all.extend(res.body["items"].as_array().unwrap().iter().cloned());
+        match res.body["next_cursor"].as_str() {
+            Some(next) => cursor = format!("&cursor={next}"),
+            None => return all,
+        }
+    }
+}
+
+/// The recovery points of the protected item at `item_path` (`/v1/vaults/{v}/protected-
+/// items/{i}`) and its restorable ranges, as the API lists them (oldest first).
+pub async fn recovery_points(app: &TestApp, item_path: &str) -> Value {
+    let res = app
+        .get(&format!("{item_path}/recovery-points"), &app.admin())
+        .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.body);
+    res.body
+}
+
+/// The vault's policy `name` as the API shows it (with its id and version).
+pub async fn policy(app: &TestApp, vault: &str, name: &str) -> Value {
+    let res = app
+        .get(&format!("/v1/vaults/{vault}/policies/{name}"), &app.admin())
+        .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.body);
+    res.body
+}
+
+/// Replaces the spec of the vault's policy `name` (unconditionally); it must succeed.
+pub async fn replace_policy(app: &TestApp, vault: &str, name: &str, spec: Value) {
+    let res = app
+        .call(
+            Method::PUT,
+            &format!("/v1/vaults/{vault}/policies/{name}"),
+            Some(&app.admin()),
+            Some(json!({"spec": spec})),
+            &[],
+        )
+        .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.body);
+}
+
+/// What the scheduler knows of a protected item's chain, which the API shows only as its
+/// health: whether its next backup must be a full, and whether a differential would heal
+/// it (`needs_full`, `needs_differential`).
+pub async fn chain_needs(app: &TestApp, item_id: &str) -> (bool, bool) {
+    let item = backvault_store::protection::item_get(&app.pool, item_id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("protected item {item_id}"));
+    (item.needs_full, item.needs_differential)
+}
+
+/// A gauge or counter of `/metrics` without labels.
+pub async fn metric(app: &TestApp, series: &str) -> Option<f64> {
+    let res = app.call(Method::GET, "/metrics", None, None, &[]).await;
+    assert_eq!(res.status, StatusCode::OK);
+    res.body
+        .as_str()
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .find_map(|v| v.trim().parse().ok())
+}
+
+/// How long a test waits for an event before it fails.
+const EVENT_WITHIN: Duration = Duration::from_secs(10);
+
+/// Waits until `vms` VMs have a claim waiting in a long-poll on this replica
+/// (`backvault_long_polls_waiting`).
+pub async fn claims_waiting(app: &TestApp, vms: u32) {
+    wait_until(
+        EVENT_WITHIN,
+        &format!("{vms} claims to wait in a long-poll"),
+        || async move { metric(app, "backvault_long_polls_waiting").await == Some(vms.into()) },
+    )
+    .await;
+}
+
+/// Waits until a request other than this helper waits in a long-poll for the job
+/// (`GET /v1/jobs/{id}?wait=`). The replica's notifier holds one registration per waiting
+/// request, and nothing else shows a waiting job long-poll (the gauge counts claims).
+pub async fn job_waited_on(app: &TestApp, job: &str) {
+    let id: uuid::Uuid = job.parse().unwrap();
+    let registration = app.service.notifier.job(id);
+    let registration = &registration;
+    wait_until(
+        EVENT_WITHIN,
+        &format!("a long-poll to wait for job {job}"),
+        // References: the registration map's, this helper's, and one per waiting request.
+        || async move { std::sync::Arc::strong_count(&registration.notify) > 2 },
+    )
+    .await;
+}
+
+/// Waits until the replica's notification listener listens (it has read the token deny
+/// list, which it does once `LISTEN` is in place), so that the replica learns of what
+/// other replicas do by notification from now on.
+pub async fn listening(app: &TestApp) {
+    wait_until(
+        EVENT_WITHIN,
+        "the replica's notification listener to listen",
+        || async move { app.service.notifier.revoked(uuid::Uuid::nil()).is_some() },
+    )
+    .await;
 }

@@ -8,7 +8,9 @@ use backvault_service::{AuthConfig, Role};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use crate::helpers::{SECRET, TestApp, enroll, enroll_bound, enrollment_token, facts};
+use crate::helpers::{
+    SECRET, TestApp, enroll, enroll_bound, enrollment_token, facts, listening, sql, wait_until,
+};
 
 /// The claims of a token, unverified.
 fn claims(token: &str) -> Value {
@@ -69,12 +71,7 @@ async fn a_single_use_token_enrolls_exactly_one_of_many_racing_vms(pool: PgPool)
     );
     let vms = app.get("/v1/vms", &app.admin()).await;
     assert_eq!(vms.body["items"].as_array().unwrap().len(), 1);
-    let uses: i32 = sqlx::query_scalar("select uses from enrollment_tokens where id = $1::uuid")
-        .bind(&id)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-    assert_eq!(uses, 1);
+    assert_eq!(sql::enrollment_token_uses(&app.pool, &id).await, 1);
     assert!(
         outstanding(&app).await.is_empty(),
         "a used token is not outstanding"
@@ -263,13 +260,11 @@ async fn a_leaked_enrollment_token_cannot_take_over_an_enrolled_vm(pool: PgPool)
         .post("/v1/agent/heartbeat", &real_agent, json!({}))
         .await;
     assert_eq!(hb.status, StatusCode::OK, "the real agent keeps its token");
-    let refused_uses: i32 =
-        sqlx::query_scalar("select uses from enrollment_tokens where id = $1::uuid")
-            .bind(&leaked_id)
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
-    assert_eq!(refused_uses, 0, "a refused enrollment uses nothing up");
+    assert_eq!(
+        sql::enrollment_token_uses(&app.pool, &leaked_id).await,
+        0,
+        "a refused enrollment uses nothing up"
+    );
 
     // A VM that inventory automation added, with no agent yet, is a first enrollment.
     let added = app
@@ -404,8 +399,8 @@ async fn revoked_tokens_answer_401_on_every_replica(pool: PgPool) {
     let reader = replica_a.token(Role::Reader, &["*"]);
     let bystander = replica_a.token(Role::Reader, &["*"]);
     let jti = claims(&reader)["jti"].as_str().unwrap().to_owned();
-    // Let B's listener load the list, so that B learns by notification.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // B's listener has loaded the list, so that B learns by notification.
+    listening(&replica_b).await;
     assert_eq!(
         replica_b.get("/v1/vaults", &reader).await.status,
         StatusCode::OK
@@ -435,19 +430,13 @@ async fn revoked_tokens_answer_401_on_every_replica(pool: PgPool) {
         (res.status, res.code()),
         (StatusCode::UNAUTHORIZED, "token_revoked")
     );
-    let mut status = StatusCode::OK;
-    for _ in 0..40 {
-        status = replica_b.get("/v1/vaults", &reader).await.status;
-        if status == StatusCode::UNAUTHORIZED {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        status,
-        StatusCode::UNAUTHORIZED,
-        "replica B learns within 2 s"
-    );
+    let (b, revoked) = (&replica_b, reader.as_str());
+    wait_until(
+        std::time::Duration::from_secs(2),
+        "replica B to refuse the revoked token (it learns within 2 s)",
+        || async move { b.get("/v1/vaults", revoked).await.status == StatusCode::UNAUTHORIZED },
+    )
+    .await;
     let replica_c = TestApp::new(pool);
     assert_eq!(
         replica_c.get("/v1/vaults", &reader).await.code(),
@@ -464,32 +453,12 @@ async fn revoked_tokens_answer_401_on_every_replica(pool: PgPool) {
 async fn pruning_forgets_expired_revocations_and_enrollment_tokens(pool: PgPool) {
     let app = TestApp::new(pool);
     enrollment_token(&app, json!({"subscription_id": "sub-1"})).await;
-    let gone = uuid::Uuid::now_v7();
-    sqlx::query(
-        "insert into enrollment_tokens (id, subscription_id, created_by, expires_at)
-         values ($1, 'sub-1', 'x', now() - interval '91 days')",
-    )
-    .bind(gone)
-    .execute(&app.pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "insert into revoked_tokens (jti, expires_at, revoked_by) values
-             ($1, now() - interval '1 second', 'x'), ($2, now() + interval '1 day', 'x')",
-    )
-    .bind(uuid::Uuid::now_v7())
-    .bind(uuid::Uuid::now_v7())
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    sql::forge_expired_enrollment_token(&app.pool, chrono::Duration::days(91)).await;
+    let now = chrono::Utc::now();
+    sql::forge_revocation(&app.pool, now - chrono::Duration::seconds(1)).await;
+    sql::forge_revocation(&app.pool, now + chrono::Duration::days(1)).await;
     assert_eq!(app.service.prune_history().await.unwrap(), 2);
-    let left: (i64, i64) = sqlx::query_as(
-        "select (select count(*) from enrollment_tokens), (select count(*) from revoked_tokens)",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
-    assert_eq!(left, (1, 1));
+    assert_eq!(sql::token_rows(&app.pool).await, (1, 1));
 }
 
 /// Key rotation: the new key signs, the previous one still verifies what it signed (agent

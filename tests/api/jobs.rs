@@ -3,7 +3,7 @@ use backvault_service::Role;
 use serde_json::json;
 use sqlx::PgPool;
 
-use crate::helpers::{TestApp, claim, dispatch, enroll};
+use crate::helpers::{TestApp, claim, dispatch, enroll, job_waited_on, sql};
 
 #[sqlx::test(migrator = "backvault_store::MIGRATOR")]
 async fn cancel_queued_and_running_jobs(pool: PgPool) {
@@ -173,7 +173,9 @@ async fn get_waits_for_a_change(pool: PgPool) {
             (started.elapsed(), res)
         })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The GET waits for the job, still queued, when the agent claims it.
+    job_waited_on(&app, &job).await;
+    assert!(!waiter.is_finished(), "the job has not changed yet");
     claim(&app, &agent, 1).await;
     let (elapsed, res) = waiter.await.unwrap();
     assert_eq!(res.body["status"], "in_progress");
@@ -231,14 +233,7 @@ async fn dispatch_checks_the_vm_and_item_limit(pool: PgPool) {
         ok.header("location"),
         format!("/v1/jobs/{}", ok.body["id"].as_str().unwrap())
     );
-    let too_many_in_db = sqlx::query(
-        "insert into jobs (id, vm_id, subscription_id, kind, status, priority, items, max_attempts)
-         values (gen_random_uuid(), $1::uuid, 'sub-1', 'backup_full', 'queued', 0,
-                 (select jsonb_agg(x) from generate_series(1, 51) x), 3)",
-    )
-    .bind(&vm)
-    .execute(&app.pool)
-    .await;
+    let too_many_in_db = sql::insert_job_of_51_items(&app.pool, &vm).await;
     assert!(
         too_many_in_db.is_err(),
         "the database refuses more than 50 items too"
@@ -277,11 +272,7 @@ async fn old_finished_jobs_are_pruned(pool: PgPool) {
         )
         .await;
     }
-    sqlx::query("update jobs set finished_at = now() - interval '91 days' where id = $1::uuid")
-        .bind(&old)
-        .execute(&pool)
-        .await
-        .unwrap();
+    sql::forge_finished_ago(&pool, &old, chrono::Duration::days(91)).await;
     let pruned = app.service.prune_history().await.unwrap();
     assert_eq!(pruned, 1);
     assert_eq!(

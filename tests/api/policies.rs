@@ -2,7 +2,7 @@ use axum::http::{Method, StatusCode};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use crate::helpers::{TestApp, weekly_spec};
+use crate::helpers::{TestApp, sql, weekly_spec};
 
 async fn vault_policies(app: &TestApp, name: &str) -> String {
     let vault = app.vault(name, "sub-1").await;
@@ -494,19 +494,11 @@ async fn idempotent_policy_create(pool: PgPool) {
 /// restrict`; a stand-in table proves a referenced policy answers 409, not 500.
 #[sqlx::test(migrator = "backvault_store::MIGRATOR")]
 async fn policy_in_use_cannot_be_deleted(pool: PgPool) {
-    sqlx::query("create table protection_probe (policy_id uuid not null references policies(id) on delete restrict)")
-        .execute(&pool)
-        .await
-        .unwrap();
     let app = TestApp::new(pool.clone());
     let admin = app.admin();
     let base = vault_policies(&app, "in-use").await;
     let policy = app.get(&format!("{base}/HourlyLogBackup"), &admin).await;
-    sqlx::query("insert into protection_probe values ($1::uuid)")
-        .bind(policy.body["id"].as_str().unwrap())
-        .execute(&pool)
-        .await
-        .unwrap();
+    sql::forge_restricting_reference(&pool, "policies", policy.body["id"].as_str().unwrap()).await;
     let res = app
         .call(
             Method::DELETE,

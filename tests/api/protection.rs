@@ -2,7 +2,7 @@ use axum::http::{Method, StatusCode};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use crate::helpers::{TestApp, claim, enroll, facts};
+use crate::helpers::{TestApp, claim, enroll, facts, jobs, sql};
 
 pub fn db(instance: &str, name: &str) -> Value {
     json!({"instance": instance, "name": name, "recovery_model": "full", "size_bytes": 1024})
@@ -397,13 +397,7 @@ async fn a_database_is_protected_in_one_vault_and_failures_leave_it_unprotected(
         )
         .await;
     assert_eq!(wrong_vault.violations()[0].1, "database_not_in_vault");
-    let dup = sqlx::query("insert into protected_items (id, vault_id, database_id, policy_id, state, protected_name)
-                           select gen_random_uuid(), $1::uuid, $2::uuid, (select id from policies where vault_id = $1::uuid limit 1), 'protected', 'x'
-                           from generate_series(1, 2)")
-        .bind(&other)
-        .bind(&sales)
-        .execute(&pool)
-        .await;
+    let dup = sql::insert_two_protections(&pool, &other, &sales).await;
     assert!(
         dup.is_err(),
         "the database refuses two protections of one database"
@@ -808,10 +802,7 @@ async fn periodic_discovery_runs_once_per_period_across_replicas(pool: PgPool) {
         )
         .await;
     }
-    sqlx::query("update vms set next_discovery_at = now() - interval '1 minute'")
-        .execute(&pool)
-        .await
-        .unwrap();
+    sql::forge_discovery_due(&pool).await;
     let replica_a = app.service.clone();
     let replica_b = TestApp::new(pool.clone()).service;
     let mut total = 0;
@@ -820,11 +811,11 @@ async fn periodic_discovery_runs_once_per_period_across_replicas(pool: PgPool) {
         total += a.unwrap() + b.unwrap();
     }
     assert_eq!(total, 30);
-    let scheduled: i64 =
-        sqlx::query_scalar("select count(*) from jobs where kind = 'discovery' and priority = 1")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let scheduled = jobs(&app, "kind=discovery")
+        .await
+        .into_iter()
+        .filter(|j| j["priority"] == "scheduled")
+        .count();
     assert_eq!(scheduled, 30);
 }
 

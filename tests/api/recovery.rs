@@ -11,7 +11,10 @@ use sqlx::PgPool;
 use backvault_domain::agent::protocol::ScheduledBackup;
 use backvault_domain::jobs::{MAX_ITEMS_PER_JOB, batch, batch_of};
 
-use crate::helpers::{Response, TestApp, claim};
+use crate::helpers::{
+    Response, TestApp, claim, job_databases, jobs, policy, recovery_points, replace_policy, sql,
+    wait_until,
+};
 use crate::protection::{db, db_id, inventory, protectable, registered, run_configure};
 
 fn utc(s: &str) -> DateTime<Utc> {
@@ -98,14 +101,6 @@ pub(crate) fn weekly_dst_policy() -> Value {
     })
 }
 
-/// As if every protected database had its full already: the scheduler's other types run.
-async fn with_fulls_taken(pool: &PgPool) {
-    sqlx::query("update protected_items set chain = jsonb_set(chain, '{needs}', '\"nothing\"')")
-        .execute(pool)
-        .await
-        .unwrap();
-}
-
 /// `sales` and `hr` on one VM under the weekly DST policy, their fulls taken.
 async fn sales_and_hr_with_fulls(pool: &PgPool) -> Protected {
     let p = protect(
@@ -114,7 +109,7 @@ async fn sales_and_hr_with_fulls(pool: &PgPool) -> Protected {
         vec![db("MSSQLSERVER", "sales"), db("MSSQLSERVER", "hr")],
     )
     .await;
-    with_fulls_taken(pool).await;
+    sql::forge_fulls_taken(pool).await;
     p
 }
 
@@ -147,6 +142,33 @@ impl Protected {
                 &[("if-match", etag.header("etag"))],
             )
             .await
+    }
+
+    /// The database's recovery points and restorable ranges, as the API lists them.
+    pub(crate) async fn points(&self, database: &str) -> Value {
+        recovery_points(&self.app, &self.item_path(database)).await
+    }
+
+    /// How many recovery points all the protected databases have.
+    pub(crate) async fn point_count(&self) -> usize {
+        let mut count = 0;
+        for database in self.items.keys() {
+            count += self.points(database).await["items"]
+                .as_array()
+                .unwrap()
+                .len();
+        }
+        count
+    }
+
+    /// The backup jobs, by kind, with their databases (sorted), oldest first.
+    async fn backup_jobs(&self) -> Vec<(String, Vec<String>)> {
+        let mut all = jobs(&self.app, "").await;
+        all.reverse();
+        all.iter()
+            .filter(|j| j["kind"].as_str().unwrap().starts_with("backup_"))
+            .map(|j| (j["kind"].as_str().unwrap().to_owned(), job_databases(j)))
+            .collect()
     }
 
     /// Stops protection, retaining the data.
@@ -280,11 +302,9 @@ async fn first_backup_is_a_full_and_simple_recovery_pauses_logs(pool: PgPool) {
         .unwrap();
     let first = run_backups(&p.app, &p.agent, &mut lsns, t0 + Duration::minutes(15)).await;
     assert_eq!(first, ["backup_full"]);
-    let job: Value = sqlx::query_scalar("select items from jobs where kind = 'backup_full'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(job.as_array().unwrap().len(), 2);
+    let fulls = jobs(&p.app, "kind=backup_full").await;
+    assert_eq!(fulls.len(), 1, "{fulls:?}");
+    assert_eq!(job_databases(&fulls[0]), ["sales", "staging"]);
     let sales = p
         .app
         .get(
@@ -343,17 +363,8 @@ async fn a_log_chain_gap_promotes_the_next_backup_to_a_full(pool: PgPool) {
         run_backups(&p.app, &p.agent, &mut lsns, t0 + Duration::minutes(30)).await,
         ["backup_log"]
     );
-    let points = p
-        .app
-        .get(
-            &format!(
-                "/v1/vaults/{}/protected-items/{}/recovery-points",
-                p.vault, p.items["sales"]
-            ),
-            &p.app.admin(),
-        )
-        .await;
-    assert_eq!(points.body["items"][1]["chain_gap"], true);
+    let points = p.points("sales").await;
+    assert_eq!(points["items"][1]["chain_gap"], true);
     let item = p
         .app
         .get(
@@ -384,7 +395,7 @@ async fn two_replicas_never_duplicate_a_job(pool: PgPool) {
         .map(|i| db("MSSQLSERVER", &format!("db{i}")))
         .collect();
     let p = protect(pool.clone(), weekly_dst_policy(), dbs).await;
-    with_fulls_taken(&pool).await;
+    sql::forge_fulls_taken(&pool).await;
     let other = TestApp::new(pool.clone()).service;
     let t0 = utc("2027-01-04T10:00:00Z");
     p.app.service.schedule_tick(t0).await.unwrap();
@@ -399,16 +410,14 @@ async fn two_replicas_never_duplicate_a_job(pool: PgPool) {
         );
         // The jobs leave the queue as if they had run, so coalescing cannot hide a
         // duplicate: every slot must be fired by exactly one replica.
-        sqlx::query("delete from job_queue")
-            .execute(&pool)
-            .await
-            .unwrap();
+        sql::drain_queue(&pool).await;
     }
-    let jobs: Vec<(String, Value)> =
-        sqlx::query_as("select kind, items from jobs where kind like 'backup_%'")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let jobs: Vec<(String, Value)> = jobs(&p.app, "")
+        .await
+        .into_iter()
+        .filter(|j| j["kind"].as_str().unwrap().starts_with("backup_"))
+        .map(|j| (j["kind"].as_str().unwrap().to_owned(), j["items"].clone()))
+        .collect();
     assert_eq!(jobs.len(), 2 * ticks as usize, "{jobs:?}");
     assert!(jobs.iter().all(|j| j.0 == "backup_log"));
     let expected_sizes: Vec<usize> = batch((0..60).collect::<Vec<_>>())
@@ -433,13 +442,7 @@ async fn two_replicas_never_duplicate_a_job(pool: PgPool) {
         per_item.values().all(|&n| n == ticks),
         "each database once per slot: {per_item:?}"
     );
-    let fired: i64 = sqlx::query_scalar(
-        "select count(*) from schedule_slots where kind = 'backup_log' and slot_at > '-infinity'",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!(fired, ticks);
+    assert_eq!(sql::slots_fired(&pool, "backup_log").await, ticks);
 }
 
 /// The slot's primary key is the last word: a replica that read the same due slot as
@@ -452,12 +455,11 @@ async fn a_slot_is_claimed_once_even_by_a_stale_reader(pool: PgPool) {
         vec![db("MSSQLSERVER", "sales")],
     )
     .await;
-    let (policy, version): (uuid::Uuid, i64) = sqlx::query_as(
-        "select id, version from policies where id = (select policy_id from protected_items)",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let gold = policy(&p.app, &p.vault, "Gold").await;
+    let (policy, version): (uuid::Uuid, i64) = (
+        gold["id"].as_str().unwrap().parse().unwrap(),
+        gold["version"].as_i64().unwrap(),
+    );
     let t0 = utc("2027-01-04T10:00:00Z");
     p.app.service.schedule_tick(t0).await.unwrap();
     let slot = t0 + Duration::minutes(15);
@@ -489,7 +491,13 @@ async fn a_slot_is_claimed_once_even_by_a_stale_reader(pool: PgPool) {
     .unwrap();
     assert_eq!(claimed, Some(slot));
     let second = tokio::spawn(claim(pool.clone()));
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let pool_ref = &pool;
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "the second insert to wait for the first's key",
+        || async move { sql::sessions_waiting_for_a_lock(pool_ref).await > 0 },
+    )
+    .await;
     assert!(!second.is_finished(), "the second insert waits on the key");
     first.commit().await.unwrap();
     assert_eq!(second.await.unwrap(), None);
@@ -513,14 +521,7 @@ async fn a_slot_is_claimed_once_even_by_a_stale_reader(pool: PgPool) {
 /// The database split into jobs in SQL is the domain's `batch`, for every size.
 #[sqlx::test(migrator = "backvault_store::MIGRATOR")]
 async fn the_sql_split_into_jobs_is_the_domains(pool: PgPool) {
-    let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
-        "select n, i, backvault_batch_of(i, n, $1)
-         from generate_series(1::int8, 400) n cross join lateral generate_series(0::int8, n - 1) i",
-    )
-    .bind(MAX_ITEMS_PER_JOB as i32)
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    let rows = sql::batch_of_in_sql(&pool, 400, MAX_ITEMS_PER_JOB as i32).await;
     assert_eq!(rows.len(), 400 * 401 / 2);
     for (n, i, job) in rows {
         assert_eq!(
@@ -548,14 +549,7 @@ async fn a_pending_scheduled_job_coalesces_the_next_slot(pool: PgPool) {
     );
     // The 10:15 job is left with sales only, still queued: hr's log is done. hr also gets
     // an on-demand log, which is not a scheduled one.
-    sqlx::query(
-        "update jobs set items = (select jsonb_agg(i) from jsonb_array_elements(items) i
-                                  where i ->> 'database' = 'sales')
-         where kind = 'backup_log'",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    sql::forge_jobs_left_with(&pool, "backup_log", "sales").await;
     let on_demand = p
         .app
         .post(
@@ -576,19 +570,17 @@ async fn a_pending_scheduled_job_coalesces_the_next_slot(pool: PgPool) {
             .unwrap(),
         1
     );
-    let latest: Value = sqlx::query_scalar(
-        "select items from jobs where priority = 1 and kind = 'backup_log' order by id desc limit 1",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    let names: Vec<&str> = latest
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["database"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["hr"], "sales is coalesced, hr is not");
+    let latest = jobs(&p.app, "kind=backup_log")
+        .await
+        .into_iter()
+        .filter(|j| j["priority"] == "scheduled")
+        .max_by_key(|j| j["id"].as_str().unwrap().to_owned())
+        .unwrap();
+    assert_eq!(
+        job_databases(&latest),
+        ["hr"],
+        "sales is coalesced, hr is not"
+    );
 }
 
 /// A policy change that moves no slot (retention only) keeps the due slot; one that moves
@@ -596,22 +588,7 @@ async fn a_pending_scheduled_job_coalesces_the_next_slot(pool: PgPool) {
 #[sqlx::test(migrator = "backvault_store::MIGRATOR")]
 async fn policy_changes_restart_only_the_schedules_they_move(pool: PgPool) {
     let p = sales_and_hr_with_fulls(&pool).await;
-    let replace = |spec: Value| {
-        let app = &p.app;
-        let path = format!("/v1/vaults/{}/policies/Gold", p.vault);
-        async move {
-            let res = app
-                .call(
-                    axum::http::Method::PUT,
-                    &path,
-                    Some(&app.admin()),
-                    Some(json!({"spec": spec})),
-                    &[],
-                )
-                .await;
-            assert_eq!(res.status, StatusCode::OK, "{}", res.body);
-        }
-    };
+    let replace = |spec: Value| replace_policy(&p.app, &p.vault, "Gold", spec);
     let t0 = utc("2027-01-04T10:05:00Z");
     p.app.service.schedule_tick(t0).await.unwrap();
     let mut spec = weekly_dst_policy();
@@ -623,10 +600,7 @@ async fn policy_changes_restart_only_the_schedules_they_move(pool: PgPool) {
         1,
         "the 10:15 log slot still fires"
     );
-    sqlx::query("delete from job_queue")
-        .execute(&pool)
-        .await
-        .unwrap();
+    sql::drain_queue(&pool).await;
     spec["log"]["frequency_minutes"] = json!(60);
     replace(spec).await;
     assert_eq!(
@@ -664,11 +638,11 @@ async fn a_database_moving_policies_mid_tick_gets_one_job_per_slot(pool: PgPool)
 
     // A tick is making Gold's 10:15 log jobs (sales) and has not committed yet.
     let slot = utc("2027-01-04T10:15:00Z");
-    let (gold, version): (uuid::Uuid, i64) =
-        sqlx::query_as("select id, version from policies where name = 'Gold'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let gold = policy(&p.app, &p.vault, "Gold").await;
+    let (gold, version): (uuid::Uuid, i64) = (
+        gold["id"].as_str().unwrap().parse().unwrap(),
+        gold["version"].as_i64().unwrap(),
+    );
     let mut tick = pool.begin().await.unwrap();
     let claimed = backvault_store::schedule::schedule_claim_slot(
         &mut tick,
@@ -687,7 +661,7 @@ async fn a_database_moving_policies_mid_tick_gets_one_job_per_slot(pool: PgPool)
         "backup_log",
         slot,
         slot,
-        backvault_service::recovery::slot_jobs(backvault_domain::jobs::JobKind::BackupLog, None),
+        backvault_service::scheduler::slot_jobs(backvault_domain::jobs::JobKind::BackupLog, None),
     )
     .await
     .unwrap();
@@ -701,7 +675,13 @@ async fn a_database_moving_policies_mid_tick_gets_one_job_per_slot(pool: PgPool)
             )
         },
         async {
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let pool = &pool;
+            wait_until(
+                std::time::Duration::from_secs(10),
+                "the move to wait for the tick's locks",
+                || async move { sql::sessions_waiting_for_a_lock(pool).await > 0 },
+            )
+            .await;
             committed.store(true, std::sync::atomic::Ordering::SeqCst);
             tick.commit().await.unwrap();
         }
@@ -710,13 +690,12 @@ async fn a_database_moving_policies_mid_tick_gets_one_job_per_slot(pool: PgPool)
 
     // Silver's 10:15 slot: hr only, sales's Gold job is still queued.
     p.app.service.schedule_tick(slot).await.unwrap();
-    let names: Vec<String> = sqlx::query_scalar(
-        "select i ->> 'database' from jobs j, jsonb_array_elements(j.items) i
-         where j.kind = 'backup_log' order by 1",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    let mut names: Vec<String> = jobs(&p.app, "kind=backup_log")
+        .await
+        .iter()
+        .flat_map(job_databases)
+        .collect();
+    names.sort();
     assert_eq!(
         names,
         ["hr", "sales"],
@@ -765,33 +744,15 @@ async fn no_differential_beside_a_full_and_nothing_but_fulls_for_master(pool: Pg
         vec![db("MSSQLSERVER", "sales"), db("MSSQLSERVER", "master")],
     )
     .await;
-    with_fulls_taken(&pool).await;
-    let kinds_since = |id: uuid::Uuid| {
-        let pool = pool.clone();
+    sql::forge_fulls_taken(&pool).await;
+    // The backup jobs after the first `skip`, by kind; they leave the queue as if run.
+    let kinds_since = |skip: usize| {
+        let (p, pool) = (&p, &pool);
         async move {
-            let rows: Vec<(String, Value)> = sqlx::query_as(
-                "select kind, items from jobs where kind like 'backup_%' and id > $1 order by kind",
-            )
-            .bind(id)
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-            sqlx::query("delete from job_queue")
-                .execute(&pool)
-                .await
-                .unwrap();
-            rows.into_iter()
-                .map(|(kind, items)| {
-                    let mut names: Vec<String> = items
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|i| i["database"].as_str().unwrap().to_owned())
-                        .collect();
-                    names.sort();
-                    (kind, names)
-                })
-                .collect::<Vec<_>>()
+            let mut rows = p.backup_jobs().await.split_off(skip);
+            rows.sort();
+            sql::drain_queue(pool).await;
+            rows
         }
     };
     // Friday 2027-01-08: the 22:00 (21:00Z) differential runs for sales, not master.
@@ -800,7 +761,7 @@ async fn no_differential_beside_a_full_and_nothing_but_fulls_for_master(pool: Pg
         .schedule_tick(utc("2027-01-08T20:50:00Z"))
         .await
         .unwrap();
-    let mark = uuid::Uuid::nil();
+    let mark = 0;
     p.app
         .service
         .schedule_tick(utc("2027-01-08T21:00:00Z"))
@@ -821,14 +782,8 @@ async fn no_differential_beside_a_full_and_nothing_but_fulls_for_master(pool: Pg
         .schedule_tick(utc("2027-01-09T20:00:00Z"))
         .await
         .unwrap();
-    sqlx::query("delete from job_queue")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let mark: uuid::Uuid = sqlx::query_scalar("select id from jobs order by id desc limit 1")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    sql::drain_queue(&pool).await;
+    let mark = p.backup_jobs().await.len();
     p.app
         .service
         .schedule_tick(utc("2027-01-10T02:00:00Z"))
@@ -866,21 +821,16 @@ async fn policy_changes_stops_and_resumes_take_effect_at_the_next_tick(pool: PgP
     assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
     // Each tick: what got a log job, the queue emptied as if the jobs had run.
     let tick = |at: DateTime<Utc>| {
-        let (app, pool) = (&p.app, pool.clone());
+        let (app, pool) = (&p.app, &pool);
         async move {
             app.service.schedule_tick(at).await.unwrap();
-            let mut names: Vec<String> = sqlx::query_scalar(
-                "select i ->> 'database' from job_queue q join jobs j on j.id = q.job_id,
-                        jsonb_array_elements(j.items) i",
-            )
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-            names.sort();
-            sqlx::query("delete from job_queue")
-                .execute(&pool)
+            let mut names: Vec<String> = jobs(app, "status=queued")
                 .await
-                .unwrap();
+                .iter()
+                .flat_map(job_databases)
+                .collect();
+            names.sort();
+            sql::drain_queue(pool).await;
             names
         }
     };
@@ -940,17 +890,8 @@ async fn the_recovery_chain_keeps_a_full_for_its_logs_and_restores_to_any_instan
         p.app.service.schedule_tick(at).await.unwrap();
         run_backups(&p.app, &p.agent, &mut lsns, at).await;
     }
-    let points = p
-        .app
-        .get(
-            &format!(
-                "/v1/vaults/{}/protected-items/{item}/recovery-points",
-                p.vault
-            ),
-            &p.app.admin(),
-        )
-        .await;
-    let items = points.body["items"].as_array().unwrap();
+    let points = p.points("sales").await;
+    let items = points["items"].as_array().unwrap();
     assert_eq!(items.len(), 1 + 6 * 24 + 23);
     let full = &items[0];
     assert_eq!(full["backup_type"], "full");
@@ -958,7 +899,7 @@ async fn the_recovery_chain_keeps_a_full_for_its_logs_and_restores_to_any_instan
     assert_eq!(full["chain_until"], "2025-12-22T23:00:00Z");
     assert_eq!(full["delete_after"], "2025-12-22T23:00:00Z");
     assert_eq!(
-        points.body["restorable_ranges"],
+        points["restorable_ranges"],
         json!([{"from": "2025-11-16T00:00:00Z", "to": "2025-11-22T23:00:00Z"}])
     );
 
@@ -1018,22 +959,25 @@ async fn the_recovery_chain_keeps_a_full_for_its_logs_and_restores_to_any_instan
     );
 
     // Everything is past its expiry now (2026): the sweep removes the logs and the full
-    // together, but never a full while one of its dependents lives.
-    sqlx::query("update recovery_points set expires_at = now() + interval '1 day' where backup_type = 'log' and backup_time = (select max(backup_time) from recovery_points)")
-        .execute(&pool)
-        .await
-        .unwrap();
-    sqlx::query("update recovery_points f set chain_until = null where backup_type = 'full'")
-        .execute(&pool)
-        .await
-        .unwrap();
+    // together, but never a full while one of its dependents lives. The last log lives
+    // a day longer, and the full's own record of its chain is gone.
+    let last_log = items.last().unwrap();
+    assert_eq!(last_log["backup_type"], "log");
+    sql::forge_expiry(
+        &pool,
+        last_log["id"].as_str().unwrap(),
+        Utc::now() + Duration::days(1),
+    )
+    .await;
+    sql::forge_no_chain_until(&pool, full["id"].as_str().unwrap()).await;
     let removed = p.app.service.sweep_recovery_points().await.unwrap();
     assert_eq!(removed, 6 * 24 + 22, "all logs but the live one");
-    let left: Vec<String> =
-        sqlx::query_scalar("select backup_type from recovery_points order by backup_time")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let left: Vec<Value> = p.points("sales").await["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|point| point["backup_type"].clone())
+        .collect();
     assert_eq!(left, ["full", "log"], "the full stays for its live log");
 }
 
@@ -1052,18 +996,8 @@ async fn policy_retention_changes_recompute_expiry_and_rpo_is_reported(pool: PgP
         .await
         .unwrap();
     run_backups(&p.app, &p.agent, &mut lsns, t0 + Duration::minutes(15)).await;
-    let item = &p.items["sales"];
-    let before = p
-        .app
-        .get(
-            &format!(
-                "/v1/vaults/{}/protected-items/{item}/recovery-points",
-                p.vault
-            ),
-            &p.app.admin(),
-        )
-        .await;
-    let full_expiry: DateTime<Utc> = before.body["items"][0]["expires_at"]
+    let before = p.points("sales").await;
+    let full_expiry: DateTime<Utc> = before["items"][0]["expires_at"]
         .as_str()
         .unwrap()
         .parse()
@@ -1071,28 +1005,9 @@ async fn policy_retention_changes_recompute_expiry_and_rpo_is_reported(pool: PgP
 
     let mut spec = base;
     spec["retention"]["weekly"]["weeks"] = json!(8);
-    let replaced = p
-        .app
-        .call(
-            axum::http::Method::PUT,
-            &format!("/v1/vaults/{}/policies/Gold", p.vault),
-            Some(&p.app.admin()),
-            Some(json!({"spec": spec})),
-            &[],
-        )
-        .await;
-    assert_eq!(replaced.status, StatusCode::OK);
-    let after = p
-        .app
-        .get(
-            &format!(
-                "/v1/vaults/{}/protected-items/{item}/recovery-points",
-                p.vault
-            ),
-            &p.app.admin(),
-        )
-        .await;
-    let new_expiry: DateTime<Utc> = after.body["items"][0]["expires_at"]
+    replace_policy(&p.app, &p.vault, "Gold", spec).await;
+    let after = p.points("sales").await;
+    let new_expiry: DateTime<Utc> = after["items"][0]["expires_at"]
         .as_str()
         .unwrap()
         .parse()
@@ -1168,7 +1083,7 @@ async fn missed_slots_after_downtime_make_one_job(pool: PgPool) {
         vec![db("MSSQLSERVER", "sales")],
     )
     .await;
-    with_fulls_taken(&pool).await;
+    sql::forge_fulls_taken(&pool).await;
     let t0 = utc("2027-01-04T10:00:00Z");
     p.app.service.schedule_tick(t0).await.unwrap();
     // Down from 10:00 to 13:00 UTC: twelve missed log slots, nothing else due.
@@ -1179,14 +1094,20 @@ async fn missed_slots_after_downtime_make_one_job(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(jobs, 1);
-    let jobs: Vec<(String, Value)> =
-        sqlx::query_as("select kind, payload from jobs where kind like 'backup_%'")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-    assert_eq!(jobs.len(), 1);
-    assert_eq!(jobs[0].0, "backup_log");
-    let payload: ScheduledBackup = serde_json::from_value(jobs[0].1.clone()).unwrap();
+    let backups = p.backup_jobs().await;
+    assert_eq!(
+        backups,
+        [("backup_log".to_owned(), vec!["sales".to_owned()])]
+    );
+    let job = crate::helpers::jobs(&p.app, "kind=backup_log").await[0].clone();
+    let job = p
+        .app
+        .get(
+            &format!("/v1/jobs/{}", job["id"].as_str().unwrap()),
+            &p.app.admin(),
+        )
+        .await;
+    let payload: ScheduledBackup = serde_json::from_value(job.body["payload"].clone()).unwrap();
     assert_eq!(
         payload,
         ScheduledBackup {
@@ -1237,11 +1158,11 @@ async fn sweeping_in_small_batches_keeps_chains_whole(pool: PgPool) {
         p.app.service.schedule_tick(at).await.unwrap();
         run_backups(&p.app, &p.agent, &mut lsns, at).await;
     }
-    let total: i64 = sqlx::query_scalar("select count(*) from recovery_points")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(total, 12, "a full and five logs for each database");
+    assert_eq!(
+        p.point_count().await,
+        12,
+        "a full and five logs for each database"
+    );
     let removed = p
         .app
         .service
@@ -1263,10 +1184,7 @@ async fn rehearsed_schedule_cursors_are_forgotten(pool: PgPool) {
     .await;
     let now = Utc::now();
     p.app.service.schedule_tick(now).await.unwrap();
-    let real: i64 = sqlx::query_scalar("select count(*) from schedule_slots")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let (real, _) = sql::schedule_cursors(&pool).await;
     assert!(real > 0);
     let rehearsed = now + Duration::days(3 * 365);
     p.app.service.schedule_tick(rehearsed).await.unwrap();
@@ -1275,14 +1193,7 @@ async fn rehearsed_schedule_cursors_are_forgotten(pool: PgPool) {
         .schedule_tick(rehearsed + Duration::hours(2))
         .await
         .unwrap();
-    let latest_next = || async {
-        sqlx::query_scalar::<_, DateTime<Utc>>(
-            "select max(next_at) from schedule_slots where next_at > '-infinity'",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap()
-    };
+    let latest_next = || async { sql::schedule_cursors(&pool).await.1.unwrap() };
     assert!(
         latest_next().await > rehearsed,
         "the rehearsal moved the cursors"
@@ -1294,10 +1205,7 @@ async fn rehearsed_schedule_cursors_are_forgotten(pool: PgPool) {
         latest_next().await <= now + Duration::days(8),
         "only real cursors remain"
     );
-    let left: i64 = sqlx::query_scalar("select count(*) from schedule_slots")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let (left, _) = sql::schedule_cursors(&pool).await;
     assert_eq!(left, real, "the real schedule is untouched");
     assert_eq!(p.app.service.forget_rehearsals().await.unwrap(), 0);
 }

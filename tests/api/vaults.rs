@@ -2,7 +2,7 @@ use axum::http::{Method, StatusCode};
 use serde_json::json;
 use sqlx::PgPool;
 
-use crate::helpers::{TestApp, vault_body};
+use crate::helpers::{TestApp, sql, vault_body};
 
 #[sqlx::test(migrator = "backvault_store::MIGRATOR")]
 async fn create_get_and_default_policy(pool: PgPool) {
@@ -281,6 +281,13 @@ async fn updates_honour_if_match(pool: PgPool) {
     );
 }
 
+/// How many vaults the admin sees (every subscription).
+async fn vault_count(app: &TestApp) -> usize {
+    let res = app.get("/v1/vaults?limit=200", &app.admin()).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.body);
+    res.body["items"].as_array().unwrap().len()
+}
+
 fn uuid_v4() -> String {
     "7c0cf7b5-30b8-4c69-9d1a-7c8f3b0c3f11".into()
 }
@@ -315,31 +322,19 @@ async fn delete_honours_if_match_and_removes_policies(pool: PgPool) {
         .await;
     assert_eq!(ok.status, StatusCode::NO_CONTENT);
     assert_eq!(app.get(&path, &admin).await.status, StatusCode::NOT_FOUND);
-    let policies: i64 = sqlx::query_scalar("select count(*) from policies")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(policies, 0);
+    assert_eq!(sql::policies_kept(&pool).await, 0);
 }
 
 /// Registered VMs and protected items (a later issue) reference vaults with `on delete
 /// restrict`; the delete must then answer 409, not 500. A stand-in table proves the mapping.
 #[sqlx::test(migrator = "backvault_store::MIGRATOR")]
 async fn delete_is_refused_while_something_references_the_vault(pool: PgPool) {
-    sqlx::query("create table registration_probe (vault_id uuid not null references vaults(id) on delete restrict)")
-        .execute(&pool)
-        .await
-        .unwrap();
     let app = TestApp::new(pool.clone());
     let id = app.vault("busy", "sub-1").await["id"]
         .as_str()
         .unwrap()
         .to_owned();
-    sqlx::query("insert into registration_probe values ($1::uuid)")
-        .bind(&id)
-        .execute(&pool)
-        .await
-        .unwrap();
+    sql::forge_restricting_reference(&pool, "vaults", &id).await;
     let res = app
         .call(
             Method::DELETE,
@@ -388,11 +383,7 @@ async fn idempotent_create_returns_the_first_response(pool: PgPool) {
     assert_eq!(first.status, StatusCode::CREATED);
     assert_eq!(second.status, StatusCode::CREATED);
     assert_eq!(first.body, second.body);
-    let count: i64 = sqlx::query_scalar("select count(*) from vaults")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(count, 1);
+    assert_eq!(vault_count(&app).await, 1);
 
     let different = app
         .call(
@@ -439,9 +430,5 @@ async fn concurrent_creates_with_one_key_make_one_vault(pool: PgPool) {
         ids.insert(res.body["id"].as_str().unwrap().to_owned());
     }
     assert_eq!(ids.len(), 1);
-    let count: i64 = sqlx::query_scalar("select count(*) from vaults")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(count, 1);
+    assert_eq!(vault_count(&app).await, 1);
 }

@@ -978,6 +978,49 @@ mod tests {
         assert_eq!(lsn_at_time(from, (Lsn(4_000), t(0)), t(0)), Lsn(1_000));
     }
 
+    /// The simulation models SQL Server on its own. Where it refuses a backup type in
+    /// every state of a database (master's differentials and logs, logs in the simple
+    /// recovery model), the domain's rule must refuse the same, or the scheduler and
+    /// on-demand checks would send jobs SQL Server fails; and where the rule allows a type,
+    /// the simulation must take it once a full exists.
+    #[test]
+    fn backup_type_refusals_agree_with_the_domain_rule() {
+        use backvault_domain::configure::backup_type_allowed;
+        let names = [
+            "master",
+            "MASTER",
+            "mAsTeR",
+            "master2",
+            "amaster",
+            "ma\u{17F}ter",
+            "sales",
+            "model",
+            "msdb",
+            "MASTER\u{130}",
+        ];
+        for name in names {
+            for model in RecoveryModel::ALL {
+                for kind in RecoveryPointType::ALL {
+                    let mut db = Database::new(Some(model));
+                    let mut clock = LsnClock::default();
+                    db.backup(name, Full, Activity::default(), taking(0), &mut clock)
+                        .expect("a full is always taken");
+                    let sim = db.check_backup(name, kind);
+                    let rule = backup_type_allowed(name, model, kind);
+                    match (&sim, rule) {
+                        (Ok(()), Ok(())) => {}
+                        (Err(refusal), Err(refused)) => {
+                            assert_eq!(refusal.code, refused.code(), "{name} {model:?} {kind:?}")
+                        }
+                        _ => panic!(
+                            "{name:?} in {model:?}, {kind:?}: simulation {sim:?}, rule {rule:?}"
+                        ),
+                    }
+                }
+            }
+        }
+    }
+
     fn taking(minute: i64) -> Taking {
         let at = DateTime::<Utc>::UNIX_EPOCH + chrono::Duration::minutes(minute);
         Taking {

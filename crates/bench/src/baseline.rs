@@ -10,8 +10,10 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-use crate::db::with_db;
-use crate::sys::{CpuSnapshot, CpuSplit};
+use backvault_bench::db::with_db;
+use backvault_bench::sys::{CpuSnapshot, CpuSplit};
+
+use crate::DB_PREFIX;
 
 #[derive(Debug, Clone, Copy, ValueEnum, Serialize, Deserialize)]
 pub enum CompleteMode {
@@ -81,6 +83,10 @@ impl BaselineResult {
     }
 }
 
+// The naive queue's table is the benchmark's own, not backvault's schema, so its statements
+// cannot be checked by the `sqlx::query!` macros (which check against backvault's
+// migrated schema): they stay runtime strings, all of them static.
+
 const SCHEMA: &str = "create table bench_jobs (
     id      bigserial primary key,
     vm      int not null,
@@ -112,7 +118,7 @@ fn first_number(s: &str) -> Option<f64> {
 
 pub async fn run(admin_url: &str, args: &BaselineArgs) -> anyhow::Result<BaselineResult> {
     let args = args.clone();
-    with_db(admin_url, "baseline", move |db| async move {
+    with_db(admin_url, DB_PREFIX, "baseline", move |db| async move {
         let result = async {
             let pool = db.pool(2).await?;
             sqlx::query(SCHEMA).execute(&pool).await?;
@@ -132,7 +138,7 @@ pub async fn run(admin_url: &str, args: &BaselineArgs) -> anyhow::Result<Baselin
                 .await?;
             sqlx::query("vacuum analyze bench_jobs").execute(&pool).await?;
 
-            crate::sys::wait_until_quiet().await;
+            backvault_bench::sys::wait_until_quiet().await;
             let script_path = std::env::temp_dir().join(format!("backvault-bench-{}.sql", std::process::id()));
             std::fs::write(&script_path, script(args.complete))?;
             let mut child = Command::new(&args.pgbench)
@@ -148,9 +154,9 @@ pub async fn run(admin_url: &str, args: &BaselineArgs) -> anyhow::Result<Baselin
             // CPU split over the middle of the run, while pgbench and its backends live.
             let cpu = if args.seconds >= 4 {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let before = CpuSnapshot::take(None);
+                let before = CpuSnapshot::take(DB_PREFIX, None);
                 tokio::time::sleep(Duration::from_secs(args.seconds - 2)).await;
-                Some(CpuSnapshot::take(None).since(&before))
+                Some(CpuSnapshot::take(DB_PREFIX, None).since(&before))
             } else {
                 None
             };
@@ -213,7 +219,7 @@ pub async fn run(admin_url: &str, args: &BaselineArgs) -> anyhow::Result<Baselin
 
 /// Where the last baseline is kept for `queue` and `http` run on their own.
 pub fn cache_path() -> PathBuf {
-    crate::workspace_root().join("target/backvault-bench/baseline.json")
+    backvault_bench::workspace_root().join("target/backvault-bench/baseline.json")
 }
 
 pub fn save(result: &BaselineResult) {

@@ -1,15 +1,16 @@
-//! A database of its own per benchmark, and the store-layer setup the benchmarks share:
-//! VMs and a backlog of jobs enqueued through `backvault_store::jobs::jobs_enqueue`.
+//! A database of its own per benchmark, on the Postgres server of the admin connection:
+//! created empty or as a copy of another, and dropped at the end.
+//!
+//! Each binary names its databases with a prefix of its own (`backvault_bench_`,
+//! `backvault_recbench_`); [`crate::sys::CpuSnapshot`] counts the Postgres backends of
+//! databases with that prefix as the benchmark's, and all others as someone else's.
 
-use std::time::{Duration, Instant};
+use std::str::FromStr;
+use std::time::Duration;
 
 use anyhow::Context;
-use backvault_store::jobs::{NewJob, jobs_enqueue};
-use std::str::FromStr;
-
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, PgConnection, PgPool};
-use uuid::Uuid;
+use sqlx::{Connection, PgConnection, PgExecutor, PgPool, Postgres, QueryBuilder};
 
 /// The default admin connection; the benchmarks' databases live on the same server.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -31,36 +32,84 @@ pub fn url_with_database(url: &str, name: &str) -> anyhow::Result<String> {
     })
 }
 
-/// A scratch database `backvault_bench_<name>`, created empty (an older one of the same
-/// name is dropped first) and dropped by [`BenchDb::drop_db`].
+/// `name` as a quoted SQL identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+// Database names are identifiers, which cannot be bind parameters: the statements that
+// name one are built with `QueryBuilder` around the quoted name instead of being static.
+
+async fn drop_database(admin: &mut PgConnection, name: &str) -> sqlx::Result<()> {
+    QueryBuilder::<Postgres>::new("drop database if exists ")
+        .push(quote_ident(name))
+        .push(" with (force)")
+        .build()
+        .execute(admin)
+        .await?;
+    Ok(())
+}
+
+/// An empty database, or a copy of `template` (which must have no connections).
+async fn create_database(
+    admin: &mut PgConnection,
+    name: &str,
+    template: Option<&str>,
+) -> sqlx::Result<()> {
+    let mut create = QueryBuilder::<Postgres>::new("create database ");
+    create.push(quote_ident(name));
+    if let Some(t) = template {
+        // FILE_COPY: a copy of a large fixture without writing it all to the WAL.
+        create
+            .push(" template ")
+            .push(quote_ident(t))
+            .push(" strategy file_copy");
+    }
+    create.build().execute(admin).await?;
+    Ok(())
+}
+
+/// A scratch database, created empty or as a copy of another (an older one of the same
+/// name is dropped first), and dropped by [`BenchDb::drop_db`].
 pub struct BenchDb {
     admin_url: String,
+    prefix: String,
+    /// `<prefix><name>`.
     pub name: String,
     pub url: String,
 }
 
 impl BenchDb {
-    pub async fn create(admin_url: &str, bench: &str) -> anyhow::Result<Self> {
-        let name = format!("backvault_bench_{bench}");
-        let url = url_with_database(admin_url, &name)?;
+    /// Database `<prefix><name>` on the server of `admin_url`: empty, or a copy of
+    /// `template` (a full name; the database must have no connections).
+    pub async fn create(
+        admin_url: &str,
+        prefix: &str,
+        name: &str,
+        template: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let name = &format!("{prefix}{name}");
+        let url = url_with_database(admin_url, name)?;
         let mut admin = PgConnection::connect(admin_url)
             .await
             .with_context(|| format!("cannot connect to Postgres at {admin_url}"))?;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "drop database if exists \"{name}\" with (force)"
-        )))
-        .execute(&mut admin)
-        .await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("create database \"{name}\"")))
-            .execute(&mut admin)
+        drop_database(&mut admin, name).await?;
+        create_database(&mut admin, name, template)
             .await
             .with_context(|| format!("creating database {name}"))?;
         admin.close().await?;
         Ok(Self {
             admin_url: admin_url.to_owned(),
-            name,
+            prefix: prefix.to_owned(),
+            name: name.to_owned(),
             url,
         })
+    }
+
+    /// A copy of this database (which must have no connections), named `name` with the
+    /// same prefix.
+    pub async fn copy(&self, name: &str) -> anyhow::Result<Self> {
+        Self::create(&self.admin_url, &self.prefix, name, Some(&self.name)).await
     }
 
     pub async fn pool(&self, max_connections: u32) -> anyhow::Result<PgPool> {
@@ -76,7 +125,7 @@ impl BenchDb {
         let options = PgConnectOptions::from_str(&self.url)?.options(settings.iter().copied());
         PgPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(30))
+            .acquire_timeout(Duration::from_secs(60))
             .connect_with(options)
             .await
             .with_context(|| format!("connecting to {}", self.name))
@@ -96,99 +145,70 @@ impl BenchDb {
         Ok(pool)
     }
 
-    pub async fn drop_db(self) -> anyhow::Result<()> {
-        let mut admin = PgConnection::connect(&self.admin_url).await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "drop database if exists \"{}\" with (force)",
-            self.name
-        )))
-        .execute(&mut admin)
-        .await
-        .with_context(|| format!("dropping database {}", self.name))?;
-        admin.close().await?;
-        Ok(())
+    /// Drops the database; a failure is only warned about.
+    pub async fn drop_db(self) {
+        let dropped = async {
+            let mut admin = PgConnection::connect(&self.admin_url).await?;
+            drop_database(&mut admin, &self.name).await?;
+            admin.close().await?;
+            Ok::<_, anyhow::Error>(())
+        };
+        if let Err(e) = dropped.await {
+            eprintln!("warning: could not drop database {}: {e:#}", self.name);
+        }
     }
 }
 
-/// Runs `body` on a fresh database and drops the database afterwards, whatever happened.
-pub async fn with_db<T, F, Fut>(admin_url: &str, bench: &str, body: F) -> anyhow::Result<T>
+/// Runs `body` on a fresh database `<prefix><name>` and drops the database afterwards,
+/// whatever happened.
+pub async fn with_db<T, F, Fut>(
+    admin_url: &str,
+    prefix: &str,
+    name: &str,
+    body: F,
+) -> anyhow::Result<T>
 where
     F: FnOnce(BenchDb) -> Fut,
     Fut: Future<Output = (BenchDb, anyhow::Result<T>)>,
 {
-    let db = BenchDb::create(admin_url, bench).await?;
+    let db = BenchDb::create(admin_url, prefix, name, None).await?;
     let (db, result) = body(db).await;
-    let name = db.name.clone();
-    if let Err(e) = db.drop_db().await {
-        eprintln!("warning: could not drop database {name}: {e:#}");
-    }
+    db.drop_db().await;
     result
 }
 
-/// Inserts `n` VMs of subscription `sub-1` directly (setup, not measured); returns their ids.
-pub async fn seed_vms(pool: &PgPool, n: usize) -> anyhow::Result<Vec<Uuid>> {
-    let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
-    let names: Vec<String> = (0..n).map(|i| format!("bench-vm-{i:05}")).collect();
-    sqlx::query(
-        "insert into vms (id, subscription_id, resource_group, name, region, deployment_model,
-                          agent_installed, agent_version, dotnet_version, sql_iaas_extension)
-         select id, 'sub-1', 'rg-bench', name, 'westeurope', 'resource_manager', true, '1.0.0', '4.8', true
-         from unnest($1::uuid[], $2::text[]) as v(id, name)",
-    )
-    .bind(&ids)
-    .bind(&names)
-    .execute(pool)
-    .await
-    .context("seeding VMs")?;
-    Ok(ids)
+/// Jobs in `job_queue`, waiting or running (from `queue_stats`, per kind).
+pub async fn jobs_queued(db: impl PgExecutor<'_>) -> sqlx::Result<i64> {
+    Ok(backvault_store::jobs::queue_stats(db)
+        .await?
+        .iter()
+        .map(|s| s.pending + s.running)
+        .sum())
 }
 
-/// One scheduled full backup of one database, as the scheduler would enqueue it.
-pub fn backup_job(vm_id: Uuid) -> NewJob {
-    NewJob {
-        id: Uuid::now_v7(),
-        vm_id,
-        subscription_id: "sub-1".to_owned(),
-        vault_id: None,
-        kind: "backup_full",
-        priority: 1,
-        items: serde_json::json!([{"instance": "MSSQLSERVER", "database": "sales"}]),
-        payload: serde_json::json!({}),
-        max_attempts: 3,
-        // A second in the past so that `run_at <= now()` holds on the first claim.
-        run_at: chrono::Utc::now() - chrono::Duration::seconds(1),
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Enqueues `jobs` jobs spread round-robin over `vms`, `batch` per transaction, through
-/// `jobs_enqueue`. Returns how many each VM got and how long it took.
-pub async fn enqueue_backlog(
-    pool: &PgPool,
-    vms: &[Uuid],
-    jobs: usize,
-    batch: usize,
-) -> anyhow::Result<(Vec<usize>, Duration)> {
-    let started = Instant::now();
-    let mut per_vm = vec![0usize; vms.len()];
-    let mut next = 0usize;
-    while next < jobs {
-        let end = (next + batch.max(1)).min(jobs);
-        let batch: Vec<NewJob> = (next..end)
-            .map(|i| {
-                per_vm[i % vms.len()] += 1;
-                backup_job(vms[i % vms.len()])
-            })
-            .collect();
-        let mut tx = pool.begin().await?;
-        jobs_enqueue(&mut tx, &batch).await?;
-        tx.commit().await?;
-        next = end;
+    #[test]
+    fn database_url_gets_the_bench_database() {
+        assert_eq!(
+            url_with_database("postgres://postgres@127.0.0.1:5432/postgres", "x").unwrap(),
+            "postgres://postgres@127.0.0.1:5432/x"
+        );
+        assert_eq!(
+            url_with_database("postgres://u:p@h/db?sslmode=disable", "x").unwrap(),
+            "postgres://u:p@h/x?sslmode=disable"
+        );
+        assert_eq!(
+            url_with_database("postgres://h:5432", "x").unwrap(),
+            "postgres://h:5432/x"
+        );
     }
-    let took = started.elapsed();
-    // Autovacuum would analyze the freshly loaded tables within a minute; do it now so
-    // the measurement does not depend on when it happens to run.
-    sqlx::query("analyze vms, jobs, job_queue, job_attempts")
-        .execute(pool)
-        .await?;
-    Ok((per_vm, took))
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_ident("backvault_bench_x"), "\"backvault_bench_x\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
 }

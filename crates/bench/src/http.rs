@@ -12,9 +12,13 @@ use backvault_domain::agent::JobResult;
 use backvault_domain::agent::protocol::{ClaimRequest, ClaimResponse, CompleteJob};
 use clap::Parser;
 
-use crate::db::{enqueue_backlog, with_db};
-use crate::server::{Agent, Server, enroll_agents, http_client, server_bin};
-use crate::sys::{CpuSnapshot, CpuSplit, status_bytes};
+use backvault_bench::db::{jobs_queued, quote_ident, with_db};
+use backvault_bench::server::{Agent, Launch, Server, enroll_agents, http_client, server_bin};
+use backvault_bench::sys::{CpuSnapshot, CpuSplit, status_bytes};
+use sqlx::{Postgres, QueryBuilder};
+
+use crate::DB_PREFIX;
+use crate::backlog::enqueue_backlog;
 
 #[derive(Debug, Clone, Parser)]
 pub struct HttpArgs {
@@ -227,16 +231,18 @@ async fn agent(ctx: Arc<Ctx>, agent: Agent, expected: u64) -> Instant {
 pub async fn run(admin_url: &str, args: &HttpArgs) -> anyhow::Result<HttpResult> {
     let args = args.clone();
     let bin = server_bin(args.server_bin.as_deref())?;
-    with_db(admin_url, "http", move |db| async move {
+    with_db(admin_url, DB_PREFIX, "http", move |db| async move {
         let result = async {
             if args.force_custom_plans {
                 let admin = db.pool(1).await?;
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "alter database \"{}\" set plan_cache_mode = force_custom_plan",
-                    db.name
-                )))
-                .execute(&admin)
-                .await?;
+                // Built, not static: the database's name is an identifier, which cannot be
+                // a bind parameter.
+                QueryBuilder::<Postgres>::new("alter database ")
+                    .push(quote_ident(&db.name))
+                    .push(" set plan_cache_mode = force_custom_plan")
+                    .build()
+                    .execute(&admin)
+                    .await?;
                 admin.close().await;
             }
             // The server applies its own (same) migrations on start; connecting after it
@@ -244,10 +250,13 @@ pub async fn run(admin_url: &str, args: &HttpArgs) -> anyhow::Result<HttpResult>
             let server = Server::start(
                 &bin,
                 &db.url,
-                &[
-                    "--max-running-backups-per-vm".into(),
-                    args.max_running_backups_per_vm.to_string(),
-                ],
+                &Launch {
+                    args: vec![
+                        "--max-running-backups-per-vm".into(),
+                        args.max_running_backups_per_vm.to_string(),
+                    ],
+                    ..Launch::default()
+                },
             )?;
             let pool = db.pool(2).await?;
             let client = http_client(4_000)?;
@@ -267,8 +276,8 @@ pub async fn run(admin_url: &str, args: &HttpArgs) -> anyhow::Result<HttpResult>
                 counters: Counters::default(),
                 deadline: Instant::now() + Duration::from_secs(args.timeout_seconds),
             });
-            crate::sys::wait_until_quiet().await;
-            let cpu_before = CpuSnapshot::take(Some(server.pid));
+            backvault_bench::sys::wait_until_quiet().await;
+            let cpu_before = CpuSnapshot::take(DB_PREFIX, Some(server.pid));
             let started = Instant::now();
             let mut set = tokio::task::JoinSet::new();
             for (a, expected) in agents.into_iter().zip(per_vm) {
@@ -278,16 +287,14 @@ pub async fn run(admin_url: &str, args: &HttpArgs) -> anyhow::Result<HttpResult>
             while let Some(r) = set.join_next().await {
                 finished = finished.max(r?);
             }
-            let cpu = CpuSnapshot::take(Some(server.pid)).since(&cpu_before);
+            let cpu = CpuSnapshot::take(DB_PREFIX, Some(server.pid)).since(&cpu_before);
             let seconds = finished.duration_since(started).as_secs_f64();
             let server_peak_rss = status_bytes(server.pid, "VmHWM");
             drop(server);
 
             let c = &ctx.counters;
             let completed = c.completed.load(Ordering::Relaxed);
-            let left: i64 = sqlx::query_scalar("select count(*) from job_queue")
-                .fetch_one(&pool)
-                .await?;
+            let left = jobs_queued(&pool).await?;
             pool.close().await;
             if completed != args.jobs as u64 || left != 0 {
                 bail!(

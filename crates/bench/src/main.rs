@@ -7,17 +7,16 @@
 //! cargo run --release -p backvault-bench -- all
 //! ```
 
+mod backlog;
 mod baseline;
-mod db;
 mod http;
 mod queue;
-mod server;
-mod sys;
 mod wakeup;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
+use backvault_bench::{db, server, sys, workspace_root};
 use clap::{Parser, Subcommand};
 
 use crate::baseline::{BaselineArgs, BaselineResult};
@@ -73,11 +72,9 @@ struct AllArgs {
     markdown_out: Option<PathBuf>,
 }
 
-/// The workspace this binary was built from (to find `target/release/backvault`).
-pub fn workspace_root() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    root.canonicalize().unwrap_or(root)
-}
+/// Every database of this binary's benchmarks starts with this: `backvault_bench_<name>`.
+/// The CPU of their backends counts as the benchmark's Postgres time.
+pub const DB_PREFIX: &str = "backvault_bench_";
 
 /// Runs a benchmark until a run is not disturbed by other processes (see
 /// [`sys::CpuSplit::contaminated`]), at most `attempts` times; returns the least disturbed.
@@ -145,20 +142,21 @@ async fn machine(admin_url: &str) -> Machine {
     use sqlx::Connection;
     let postgres = async {
         let mut c = sqlx::PgConnection::connect(admin_url).await.ok()?;
-        let v: String = sqlx::query_scalar("select version()")
+        let v = sqlx::query_scalar!(r#"select version() as "version!""#)
             .fetch_one(&mut c)
             .await
             .ok()?;
-        let settings: Vec<(String, String)> = sqlx::query_as(
-            "select name, setting || coalesce(unit, '') from pg_settings
-             where name in ('shared_buffers', 'max_connections', 'synchronous_commit', 'fsync')
-             order by name",
+        let settings = sqlx::query!(
+            r#"select name as "name!", setting || coalesce(unit, '') as "setting!" from pg_settings
+               where name in ('shared_buffers', 'max_connections', 'synchronous_commit', 'fsync')
+               order by name"#
         )
         .fetch_all(&mut c)
         .await
         .ok()?;
         let settings: Vec<String> = settings
             .into_iter()
+            .map(|r| (r.name, r.setting))
             .map(|(n, s)| {
                 // shared_buffers is reported in 8kB pages.
                 if n == "shared_buffers" {
@@ -468,22 +466,6 @@ async fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn database_url_gets_the_bench_database() {
-        assert_eq!(
-            db::url_with_database("postgres://postgres@127.0.0.1:5432/postgres", "x").unwrap(),
-            "postgres://postgres@127.0.0.1:5432/x"
-        );
-        assert_eq!(
-            db::url_with_database("postgres://u:p@h/db?sslmode=disable", "x").unwrap(),
-            "postgres://u:p@h/x?sslmode=disable"
-        );
-        assert_eq!(
-            db::url_with_database("postgres://h:5432", "x").unwrap(),
-            "postgres://h:5432/x"
-        );
-    }
 
     #[test]
     fn cli_parses() {

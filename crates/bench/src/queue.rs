@@ -14,8 +14,11 @@ use rand::seq::IndexedRandom;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::db::{enqueue_backlog, seed_vms, with_db};
-use crate::sys::{CpuSnapshot, CpuSplit};
+use backvault_bench::db::{jobs_queued, with_db};
+use backvault_bench::sys::{CpuSnapshot, CpuSplit};
+
+use crate::DB_PREFIX;
+use crate::backlog::{enqueue_backlog, seed_vms};
 
 #[derive(Debug, Clone, Parser)]
 pub struct QueueArgs {
@@ -295,7 +298,7 @@ async fn claim_and_complete(shared: &Shared, picked: &[usize]) -> anyhow::Result
 
 pub async fn run(admin_url: &str, args: &QueueArgs) -> anyhow::Result<QueueResult> {
     let args = args.clone();
-    with_db(admin_url, "queue", move |db| async move {
+    with_db(admin_url, DB_PREFIX, "queue", move |db| async move {
         let result = async {
             let settings: &[(&str, &str)] = if args.force_custom_plans {
                 &[("plan_cache_mode", "force_custom_plan")]
@@ -330,8 +333,8 @@ pub async fn run(admin_url: &str, args: &QueueArgs) -> anyhow::Result<QueueResul
             };
             drop(warm);
 
-            crate::sys::wait_until_quiet().await;
-            let cpu_before = CpuSnapshot::take(None);
+            backvault_bench::sys::wait_until_quiet().await;
+            let cpu_before = CpuSnapshot::take(DB_PREFIX, None);
             let started = Instant::now();
             let mut set = tokio::task::JoinSet::new();
             for _ in 0..args.workers {
@@ -341,15 +344,14 @@ pub async fn run(admin_url: &str, args: &QueueArgs) -> anyhow::Result<QueueResul
                 r??;
             }
             let seconds = started.elapsed().as_secs_f64();
-            let cpu = CpuSnapshot::take(None).since(&cpu_before);
+            let cpu = CpuSnapshot::take(DB_PREFIX, None).since(&cpu_before);
 
-            let left: i64 = sqlx::query_scalar("select count(*) from job_queue")
-                .fetch_one(&pool)
-                .await?;
-            let completed_in_history: i64 =
-                sqlx::query_scalar("select count(*) from jobs where status = 'completed'")
-                    .fetch_one(&pool)
-                    .await?;
+            let left = jobs_queued(&pool).await?;
+            let completed_in_history = sqlx::query_scalar!(
+                r#"select count(*) as "n!" from jobs where status = 'completed'"#
+            )
+            .fetch_one(&pool)
+            .await?;
             if left != 0 || completed_in_history != args.jobs as i64 {
                 bail!(
                     "after the drain: {left} jobs still queued, {completed_in_history} of {} completed",

@@ -1,11 +1,11 @@
-//! The real `backvault serve` binary, started on a free port, and agents enrolled on it
-//! over HTTP as real agents enroll.
+//! The real `backvault serve` binary, started on a free port (the one launcher of every
+//! benchmark), and agents enrolled on it over HTTP as real agents enroll.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use backvault_domain::agent::protocol::{EnrollRequest, EnrollResponse};
@@ -31,56 +31,125 @@ pub fn server_bin(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// How to start the server, beyond `serve --listen 127.0.0.1:0 --log-format json` on the
+/// benchmark's database.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// `--dev`: the server signs with a random key and prints an admin token, and takes
+    /// the clock from `POST /v1/scheduler/run`. Otherwise it signs with [`JWT_SECRET`]
+    /// and the admin token is minted here.
+    pub dev: bool,
+    /// More arguments of `serve`.
+    pub args: Vec<String>,
+    /// More environment variables.
+    pub env: Vec<(&'static str, String)>,
+}
+
+/// The real server, killed when dropped.
 pub struct Server {
     child: Child,
     pub base: String,
     pub pid: u32,
+    /// A token of the admin role for every subscription.
+    pub admin: String,
+}
+
+/// What the server's output tells while it starts.
+enum Started {
+    Listening(String),
+    AdminToken(String),
 }
 
 impl Server {
-    /// Starts `backvault serve` on `database_url` and waits for its "listening" log line.
-    pub fn start(bin: &Path, database_url: &str, extra_args: &[String]) -> anyhow::Result<Self> {
-        let mut child = Command::new(bin)
-            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-            .args(extra_args)
+    /// Starts `backvault serve` on `database_url` and waits for its "listening" log line
+    /// (and, with `--dev`, its admin token). The server applies backvault's migrations
+    /// itself.
+    pub fn start(bin: &Path, database_url: &str, launch: &Launch) -> anyhow::Result<Self> {
+        let mut command = Command::new(bin);
+        command.arg("serve");
+        if launch.dev {
+            command.arg("--dev");
+        }
+        command
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(&launch.args)
             .env("DATABASE_URL", database_url)
-            .env("BACKVAULT_JWT_SECRET", JWT_SECRET)
             .env_remove("BACKVAULT_DEV")
             .env_remove("BACKVAULT_LISTEN")
+            .env_remove("BACKVAULT_JWT_PREVIOUS_SECRETS")
             .env_remove("BACKVAULT_JWT_ISSUER")
-            .env_remove("BACKVAULT_JWT_AUDIENCE")
+            .env_remove("BACKVAULT_JWT_AUDIENCE");
+        if launch.dev {
+            // --dev refuses a configured key.
+            command.env_remove("BACKVAULT_JWT_SECRET");
+        } else {
+            command.env("BACKVAULT_JWT_SECRET", JWT_SECRET);
+        }
+        let mut child = command
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let pid = child.id();
         let stdout = child.stdout.take().context("server stdout")?;
+        let stderr = child.stderr.take().context("server stderr")?;
+        // From here on, dropping `server` kills the child.
+        let mut server = Self {
+            child,
+            base: String::new(),
+            pid,
+            admin: String::new(),
+        };
         let (tx, rx) = std::sync::mpsc::channel();
+        // Both pipes are read to their end so the server never blocks on a full one. The
+        // --dev admin token comes on stderr (kept out of the logs); the rest of stderr is
+        // passed on.
+        let token_tx = tx.clone();
         std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                match line.strip_prefix("export BACKVAULT_TOKEN=") {
+                    Some(token) => {
+                        let _ = token_tx.send(Started::AdminToken(token.trim().to_owned()));
+                    }
+                    None => eprintln!("{line}"),
+                }
+            }
+        });
+        std::thread::spawn(move || {
             let mut sent = false;
-            for line in lines.by_ref() {
+            for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 if !sent
                     && let Ok(log) = serde_json::from_str::<serde_json::Value>(&line)
                     && log["message"] == "listening"
                     && let Some(addr) = log["addr"].as_str()
                 {
-                    let _ = tx.send(addr.to_owned());
+                    let _ = tx.send(Started::Listening(addr.to_owned()));
                     sent = true;
                 }
             }
-            // Keep draining so the server never blocks on a full pipe.
         });
-        let mut server = Self {
-            child,
-            base: String::new(),
-            pid,
-        };
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => server.base = format!("http://{addr}"),
-            Err(_) => bail!("the server did not log \"listening\" within 60 s (exited or stuck)"),
+        let mut addr = None;
+        let mut admin = (!launch.dev).then(admin_token);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while addr.is_none() || admin.is_none() {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(Started::Listening(a)) => addr = Some(a),
+                Ok(Started::AdminToken(t)) => admin = admin.or(Some(t)),
+                Err(_) => bail!(
+                    "the server did not log \"listening\"{} within 60 s (exited or stuck)",
+                    if launch.dev {
+                        " and print its admin token"
+                    } else {
+                        ""
+                    }
+                ),
+            }
         }
+        server.base = format!("http://{}", addr.unwrap_or_default());
+        server.admin = admin.unwrap_or_default();
         Ok(server)
     }
 
@@ -96,7 +165,8 @@ impl Drop for Server {
     }
 }
 
-/// One HTTP client for every agent: a connection per concurrent request, kept.
+/// One HTTP client for every agent: a connection per concurrent request, at most
+/// `max_idle` of them kept.
 pub fn http_client(max_idle: usize) -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .pool_max_idle_per_host(max_idle)
@@ -106,14 +176,19 @@ pub fn http_client(max_idle: usize) -> anyhow::Result<reqwest::Client> {
         .build()?)
 }
 
-pub fn admin_token() -> String {
+/// Token signing and checking with [`JWT_SECRET`].
+pub fn auth() -> Auth {
     Auth::new(AuthConfig {
         secret: JWT_SECRET.as_bytes().to_vec(),
         previous_secrets: Vec::new(),
         issuer: None,
         audience: None,
     })
-    .mint(
+}
+
+/// An admin token for every subscription, signed with [`JWT_SECRET`].
+fn admin_token() -> String {
+    auth().mint(
         "backvault-bench",
         Role::Admin,
         vec!["*".into()],
@@ -141,7 +216,7 @@ pub async fn enroll_agents(
     for _ in 0..n.div_ceil(100) {
         let res = client
             .post(server.url("/v1/enrollment-tokens"))
-            .bearer_auth(admin_token())
+            .bearer_auth(&server.admin)
             .json(&serde_json::json!({"subscription_id": "sub-1", "ttl_seconds": 7200, "max_uses": 100}))
             .send()
             .await?;
@@ -206,28 +281,4 @@ pub async fn enroll_agents(
         agents[i] = Some(agent);
     }
     Ok(agents.into_iter().flatten().collect())
-}
-
-/// A gauge or counter from `/metrics` (summed over its label sets).
-pub async fn metric(
-    client: &reqwest::Client,
-    server: &Server,
-    name: &str,
-) -> anyhow::Result<Option<f64>> {
-    let text = client
-        .get(server.url("/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
-    let mut found = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let metric = line.split(['{', ' ']).next().unwrap_or("");
-        if (metric == name || metric.ends_with(&format!("_{name}")))
-            && let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok())
-        {
-            *found.get_or_insert(0.0) += v;
-        }
-    }
-    Ok(found)
 }

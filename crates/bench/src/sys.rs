@@ -1,5 +1,6 @@
 //! What `/proc` says: CPU time of Postgres, the server and the load generator over a
-//! measurement, and a process's peak resident memory.
+//! measurement, how busy the machine is, and a process's resident memory. The one CPU
+//! accounting of every benchmark binary.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -62,9 +63,9 @@ fn machine_fractions(a: Option<MachineTicks>, b: Option<MachineTicks>) -> (f64, 
     }
 }
 
-/// A Postgres backend (or autovacuum worker) serving a database that is not one of the
-/// benchmarks' (someone else's tests on the same server): its CPU is not ours.
-fn foreign_backend(pid: u32) -> bool {
+/// A Postgres backend (or autovacuum worker) serving a database whose name does not start
+/// with `ours` (someone else's tests on the same server): its CPU is not ours.
+fn foreign_backend(pid: u32, ours: &str) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
@@ -73,14 +74,18 @@ fn foreign_backend(pid: u32) -> bool {
     // "postgres: 15/main: autovacuum worker <database>", "postgres: 15/main: walwriter".
     let serves_a_database =
         title.contains('(') || title.contains("[local]") || title.contains("autovacuum worker");
-    serves_a_database && !title.contains("backvault_bench_")
+    serves_a_database && !title.contains(ours)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Who {
+    /// Postgres's background processes and the backends of the benchmark's databases.
     Postgres,
     Server,
+    /// This process and any `pgbench`.
     Client,
+    /// Every other process, someone else's Postgres backends included.
+    Other,
 }
 
 /// CPU ticks per process at one instant.
@@ -91,9 +96,10 @@ pub struct CpuSnapshot {
 }
 
 impl CpuSnapshot {
-    /// `server`: the backvault server's pid, if one runs. The client is this process plus
-    /// any `pgbench`.
-    pub fn take(server: Option<u32>) -> Self {
+    /// `ours`: the name prefix of the benchmark's databases (whose backends count as
+    /// Postgres's, see [`crate::db`]); `server`: the backvault server's pid, if one runs.
+    /// The client is this process plus any `pgbench`.
+    pub fn take(ours: &str, server: Option<u32>) -> Self {
         let me = std::process::id();
         let mut ticks = HashMap::new();
         if let Ok(dir) = std::fs::read_dir("/proc") {
@@ -112,10 +118,10 @@ impl CpuSnapshot {
                     Who::Server
                 } else if pid == me || comm == "pgbench" {
                     Who::Client
-                } else if comm == "postgres" && !foreign_backend(pid) {
+                } else if comm == "postgres" && !foreign_backend(pid, ours) {
                     Who::Postgres
                 } else {
-                    continue;
+                    Who::Other
                 };
                 ticks.insert(pid, (who, t));
             }
@@ -146,6 +152,7 @@ impl CpuSnapshot {
             server,
             client,
             other,
+            other_processes: cores(Who::Other),
             machine_busy,
             steal,
         }
@@ -158,8 +165,11 @@ pub struct CpuSplit {
     pub postgres: f64,
     pub server: f64,
     pub client: f64,
-    /// Everything else busy on the machine (other processes, kernel threads, interrupts).
+    /// Everything else busy on the machine (other processes, kernel threads, interrupts):
+    /// the machine's busy time less the three above.
     pub other: f64,
+    /// The CPU time of every other process (kernel threads and interrupts not included).
+    pub other_processes: f64,
     /// Fraction of all the machine's CPU time that was busy (any process).
     pub machine_busy: f64,
     /// Fraction the hypervisor gave to other guests.
@@ -200,6 +210,19 @@ impl CpuSplit {
     pub fn contaminated(&self) -> bool {
         self.other > 0.25 || self.steal > 0.05
     }
+
+    /// Cores busy (any process) or stolen by the hypervisor.
+    pub fn busy_cores(&self) -> f64 {
+        (self.machine_busy + self.steal) * nproc() as f64
+    }
+}
+
+/// The 1/5/15-minute load averages, as `/proc/loadavg` gives them.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "?".into())
 }
 
 /// `(busy threshold, longest wait)` of [`wait_until_quiet`].

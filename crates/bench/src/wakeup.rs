@@ -16,9 +16,12 @@ use rand::Rng;
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
-use crate::db::{backup_job, with_db};
-use crate::server::{Agent, Server, enroll_agents, http_client, metric, server_bin};
-use crate::sys::{CpuSnapshot, CpuSplit, status_bytes};
+use backvault_bench::db::with_db;
+use backvault_bench::server::{Agent, Launch, Server, enroll_agents, http_client, server_bin};
+use backvault_bench::sys::{CpuSnapshot, CpuSplit, status_bytes};
+
+use crate::DB_PREFIX;
+use crate::backlog::backup_job;
 
 #[derive(Debug, Clone, Parser)]
 pub struct WakeupArgs {
@@ -105,6 +108,30 @@ impl WakeupResult {
     }
 }
 
+/// A gauge or counter from `/metrics` (summed over its label sets).
+async fn metric(
+    client: &reqwest::Client,
+    server: &Server,
+    name: &str,
+) -> anyhow::Result<Option<f64>> {
+    let text = client
+        .get(server.url("/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let metric = line.split(['{', ' ']).next().unwrap_or("");
+        if (metric == name || metric.ends_with(&format!("_{name}")))
+            && let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok())
+        {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    Ok(found)
+}
+
 /// Nearest-rank percentile of sorted values.
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -175,10 +202,10 @@ async fn agent(ctx: Arc<Ctx>, agent: Agent) {
 pub async fn run(admin_url: &str, args: &WakeupArgs) -> anyhow::Result<WakeupResult> {
     let args = args.clone();
     let bin = server_bin(args.server_bin.as_deref())?;
-    with_db(admin_url, "wakeup", move |db| async move {
+    with_db(admin_url, DB_PREFIX, "wakeup", move |db| async move {
         let result = async {
             // The server applies backvault's migrations itself on start.
-            let server = Server::start(&bin, &db.url, &[])?;
+            let server = Server::start(&bin, &db.url, &Launch::default())?;
             let rss_started = status_bytes(server.pid, "VmRSS");
             let client = http_client(args.agents * 2)?;
             let agents =
@@ -186,7 +213,7 @@ pub async fn run(admin_url: &str, args: &WakeupArgs) -> anyhow::Result<WakeupRes
             let vms: Vec<Uuid> = agents.iter().map(|a| a.vm_id).collect();
             let rss_enrolled = status_bytes(server.pid, "VmRSS");
 
-            crate::sys::wait_until_quiet().await;
+            backvault_bench::sys::wait_until_quiet().await;
             let ctx = Arc::new(Ctx {
                 client: client.clone(),
                 claim_url: server.url("/v1/agent/claim"),
@@ -228,7 +255,7 @@ pub async fn run(admin_url: &str, args: &WakeupArgs) -> anyhow::Result<WakeupRes
                 .await
                 .context("enqueue connection")?;
             let mut committed: Vec<(Uuid, Instant)> = Vec::with_capacity(args.jobs);
-            let cpu_before = CpuSnapshot::take(Some(server.pid));
+            let cpu_before = CpuSnapshot::take(DB_PREFIX, Some(server.pid));
             let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
             let enqueue_started = Instant::now();
             for _ in 0..args.jobs {
@@ -248,7 +275,7 @@ pub async fn run(admin_url: &str, args: &WakeupArgs) -> anyhow::Result<WakeupRes
             {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            let cpu = CpuSnapshot::take(Some(server.pid)).since(&cpu_before);
+            let cpu = CpuSnapshot::take(DB_PREFIX, Some(server.pid)).since(&cpu_before);
             let peak_rss = status_bytes(server.pid, "VmHWM");
             let rss_end = status_bytes(server.pid, "VmRSS");
             set.abort_all();

@@ -19,6 +19,23 @@ pub enum DeploymentModel {
     Classic,
 }
 
+impl DeploymentModel {
+    pub const ALL: [DeploymentModel; 2] =
+        [DeploymentModel::ResourceManager, DeploymentModel::Classic];
+
+    /// As on the wire and in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeploymentModel::ResourceManager => "resource_manager",
+            DeploymentModel::Classic => "classic",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.as_str() == s)
+    }
+}
+
 /// What an agent knows about its VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -79,6 +96,27 @@ pub enum BackupPreference {
     Primary,
     Secondary,
     Any,
+}
+
+impl BackupPreference {
+    pub const ALL: [BackupPreference; 3] = [
+        BackupPreference::Primary,
+        BackupPreference::Secondary,
+        BackupPreference::Any,
+    ];
+
+    /// As on the wire and in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupPreference::Primary => "primary",
+            BackupPreference::Secondary => "secondary",
+            BackupPreference::Any => "any",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -503,6 +503,18 @@ pub enum ChainBreak {
 }
 
 impl ChainBreak {
+    pub const ALL: [ChainBreak; 4] = [
+        ChainBreak::LogChainBroken,
+        ChainBreak::DifferentialBaseUnknown,
+        ChainBreak::NoFullBackup,
+        ChainBreak::RecoveryForkChanged,
+    ];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|b| b.as_str() == s)
+    }
+
+    /// As on the wire and in the database.
     pub fn as_str(self) -> &'static str {
         match self {
             ChainBreak::LogChainBroken => "log_chain_broken",

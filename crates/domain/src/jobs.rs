@@ -21,6 +21,29 @@ pub enum AttemptOutcome {
     Cancelled,
 }
 
+impl AttemptOutcome {
+    pub const ALL: [AttemptOutcome; 4] = [
+        AttemptOutcome::Completed,
+        AttemptOutcome::Failed,
+        AttemptOutcome::LeaseExpired,
+        AttemptOutcome::Cancelled,
+    ];
+
+    /// As on the wire and in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Completed => "completed",
+            AttemptOutcome::Failed => "failed",
+            AttemptOutcome::LeaseExpired => "lease_expired",
+            AttemptOutcome::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+}
+
 /// What a backup job's agent is told beyond its databases. A scheduled job names its
 /// policy slot; an on-demand one its retention; a copy-only full says so.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -207,11 +230,18 @@ pub enum Priority {
 }
 
 impl Priority {
+    pub const ALL: [Priority; 2] = [Priority::OnDemand, Priority::Scheduled];
+
+    /// As in the database (`jobs.priority`, `job_queue.priority`).
     pub fn rank(self) -> i16 {
         match self {
             Priority::OnDemand => 0,
             Priority::Scheduled => 1,
         }
+    }
+
+    pub fn from_rank(rank: i16) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.rank() == rank)
     }
 }
 
@@ -248,6 +278,18 @@ pub fn retry_delay(attempt: i32, jitter: f64) -> Duration {
     Duration::from_secs_f64(base * jitter.clamp(0.5, 1.5))
 }
 
+/// At most [`MAX_ITEMS_PER_JOB`] databases a job: every job is checked against it when it
+/// is built (the `jobs_items_at_most_50` CHECK is its twin, tested to agree).
+pub fn check_item_count(item_count: usize) -> Option<Violation> {
+    (item_count > MAX_ITEMS_PER_JOB).then(|| {
+        Violation::new(
+            "/items",
+            "too_many_items",
+            format!("a job carries at most {MAX_ITEMS_PER_JOB} databases"),
+        )
+    })
+}
+
 /// Every reason `POST /v1/jobs` may not send this job. Only the kinds whose rules the
 /// generic dispatch can check go through it: discovery, and backups of the VM's own
 /// databases with no payload beyond `copy_only`. Configure protection and restores have
@@ -268,13 +310,7 @@ pub fn check_dispatch(kind: JobKind, item_count: usize, copy_only: Option<bool>)
         ),
         _ => {}
     }
-    if item_count > MAX_ITEMS_PER_JOB {
-        v.push(
-            "/items",
-            "too_many_items",
-            format!("a job carries at most {MAX_ITEMS_PER_JOB} databases"),
-        );
-    }
+    v.extend(check_item_count(item_count));
     if copy_only.is_some() && kind != JobKind::BackupFull {
         v.push(
             "/payload/copy_only",

@@ -8,6 +8,7 @@
 pub mod access;
 pub mod agent;
 pub mod chain;
+pub mod configure;
 pub mod instants;
 pub mod jobs;
 pub mod lsn;
@@ -18,6 +19,8 @@ pub mod protection;
 pub mod restore;
 pub mod retention;
 pub mod schedule;
+#[cfg(feature = "sqlx")]
+mod sql;
 pub mod text;
 pub mod tokens;
 pub mod violation;

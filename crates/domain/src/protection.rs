@@ -8,7 +8,8 @@ use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::agent::DeploymentModel;
+use crate::agent::{DeploymentModel, RecoveryModel, RecoveryPointType};
+use crate::configure::backup_type_allowed;
 use crate::violation::{Violation, Violations};
 
 /// Combined length of VM name and resource group that Azure Backup reserves room for.
@@ -183,6 +184,18 @@ impl ProtectionState {
             ProtectionState::StoppedRetainPerPolicy => "stopped_retain_per_policy",
         }
     }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    /// Protection was stopped (the item keeps its recovery points).
+    pub fn is_stopped(self) -> bool {
+        matches!(
+            self,
+            ProtectionState::StoppedRetain | ProtectionState::StoppedRetainPerPolicy
+        )
+    }
 }
 
 /// Why a database name cannot be protected.
@@ -301,6 +314,18 @@ pub enum OnDemandType {
     Log,
 }
 
+impl OnDemandType {
+    /// The recovery point such a backup makes.
+    pub fn point_type(self) -> RecoveryPointType {
+        match self {
+            OnDemandType::Full => RecoveryPointType::Full,
+            OnDemandType::CopyOnlyFull => RecoveryPointType::CopyOnlyFull,
+            OnDemandType::Differential => RecoveryPointType::Differential,
+            OnDemandType::Log => RecoveryPointType::Log,
+        }
+    }
+}
+
 pub const ON_DEMAND_FULL_MIN_RETENTION_DAYS: u32 = 45;
 /// 99 years.
 pub const ON_DEMAND_FULL_MAX_RETENTION_DAYS: u32 = 36_159;
@@ -314,7 +339,7 @@ pub const MAX_ON_DEMAND_FULLS_PER_DAY: i64 = 3;
 pub struct OnDemandTarget<'a> {
     pub database_name: &'a str,
     pub read_only: bool,
-    pub simple_recovery: bool,
+    pub recovery_model: RecoveryModel,
     pub on_demand_fulls_today: i64,
 }
 
@@ -377,20 +402,9 @@ pub fn check_on_demand(
             "read-only databases take only full and copy-only full backups",
         );
     }
-    if matches!(kind, OnDemandType::Differential | OnDemandType::Log)
-        && t.database_name.eq_ignore_ascii_case("master")
+    if let Err(refusal) = backup_type_allowed(t.database_name, t.recovery_model, kind.point_type())
     {
-        v.push(
-            "/type",
-            "UserErrorSQLPODoesNotSupportBackupType",
-            "master takes full backups only, whatever its recovery model",
-        );
-    } else if kind == OnDemandType::Log && t.simple_recovery {
-        v.push(
-            "/type",
-            "UserErrorSQLPODoesNotSupportBackupType",
-            "the database uses the simple recovery model, which has no log backups; switch it to full",
-        );
+        v.push("/type", refusal.code(), refusal.message());
     }
     v.into_vec()
 }
@@ -545,7 +559,7 @@ mod tests {
         OnDemandTarget {
             database_name: "sales",
             read_only: false,
-            simple_recovery: false,
+            recovery_model: RecoveryModel::Full,
             on_demand_fulls_today: 0,
         }
     }
@@ -643,7 +657,7 @@ mod tests {
         );
         assert_eq!(name_issue("TempDB"), Some(NameIssue::Tempdb));
         let simple = OnDemandTarget {
-            simple_recovery: true,
+            recovery_model: RecoveryModel::Simple,
             ..target()
         };
         assert_eq!(

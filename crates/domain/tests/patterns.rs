@@ -14,7 +14,7 @@ use proptest::prelude::*;
 use regex::Regex;
 
 fn pattern(p: &str) -> Regex {
-    Regex::new(p).unwrap()
+    Regex::new(p).expect("a pattern the regex crate reads")
 }
 
 /// Strings biased towards the edges of every pattern: ASCII, digits, hex, colons, slashes,

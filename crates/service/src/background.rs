@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use backvault_domain::jobs::retry_delay;
+use backvault_domain::jobs::{AttemptOutcome, JobStatus, retry_delay};
 use backvault_store::jobs::{self as store, AttemptEnd};
 use chrono::Utc;
 use tokio::sync::watch;
@@ -59,7 +59,7 @@ impl Service {
             let ends: Vec<_> = retry
                 .iter()
                 .map(|_| AttemptEnd {
-                    outcome: "lease_expired",
+                    outcome: AttemptOutcome::LeaseExpired,
                     code: "JobLeaseExpired",
                     message: "the agent stopped heartbeating before it finished; the job will be retried",
                 })
@@ -71,12 +71,12 @@ impl Service {
             let ends: Vec<_> = fail
                 .iter()
                 .map(|_| AttemptEnd {
-                    outcome: "lease_expired",
+                    outcome: AttemptOutcome::LeaseExpired,
                     code: ATTEMPTS_EXHAUSTED,
                     message: "the agent lost the job on every attempt (crashed or stopped heartbeating); check the agent on this VM and run the job again",
                 })
                 .collect();
-            store::queue_finish(&mut tx, &ids, "failed", &ends).await?;
+            store::queue_finish(&mut tx, &ids, JobStatus::Failed, &ends).await?;
             self.after_jobs_finished(&mut tx, &ids, false).await?;
         }
         tx.commit().await?;
@@ -164,7 +164,7 @@ impl Service {
         loop {
             tokio::select! {
                 _ = schedule.tick() => {
-                    self.guarded("scheduler", self.schedule_tick(Utc::now())).await;
+                    self.guarded("scheduler", self.schedule_tick(self.now())).await;
                 }
                 _ = sweep.tick() => {
                     if let Some(n @ 1..) = self.guarded("retention_sweep", self.sweep_recovery_points()).await {

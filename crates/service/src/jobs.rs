@@ -5,9 +5,8 @@ use std::time::{Duration, Instant};
 
 use backvault_domain::agent::{JobItem, JobProgress, JobResult};
 use backvault_domain::jobs::{
-    JobKind, JobPayload, JobStatus, MAX_ITEMS_PER_JOB, Priority, check_dispatch,
+    AttemptOutcome, JobKind, JobPayload, JobStatus, Priority, check_dispatch, check_item_count,
 };
-use backvault_domain::violation::Violations;
 use backvault_store::jobs::{self as store, CancelOutcome, JobFilter, JobRow, NewJob};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -35,8 +34,7 @@ pub struct JobAttempt {
     pub started_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,
     /// Absent while running.
-    #[schema(value_type = Option<backvault_domain::jobs::AttemptOutcome>)]
-    pub outcome: Option<String>,
+    pub outcome: Option<AttemptOutcome>,
     pub error: Option<JobError>,
 }
 
@@ -95,21 +93,14 @@ fn stored<T: serde::de::DeserializeOwned>(
 impl TryFrom<JobRow> for Job {
     type Error = Error;
     fn try_from(r: JobRow) -> Result<Self> {
-        let status = JobStatus::parse(&r.status)
-            .ok_or_else(|| Error::internal(format!("status {}", r.status)))?;
-        let kind =
-            JobKind::parse(&r.kind).ok_or_else(|| Error::internal(format!("kind {}", r.kind)))?;
+        let (kind, status) = (r.kind, r.status);
         Ok(Self {
             id: r.id,
             vm_id: r.vm_id,
             vault_id: r.vault_id,
             kind,
             status,
-            priority: if r.priority == Priority::OnDemand.rank() {
-                Priority::OnDemand
-            } else {
-                Priority::Scheduled
-            },
+            priority: r.priority,
             items: serde_json::from_value(r.items.0).map_err(Error::internal)?,
             payload: r
                 .payload
@@ -197,14 +188,8 @@ pub(crate) fn new_job(
     items: &[JobItem],
     payload: serde_json::Value,
 ) -> Result<NewJob> {
-    if items.len() > MAX_ITEMS_PER_JOB {
-        let mut v = Violations::default();
-        v.push(
-            "/items",
-            "too_many_items",
-            format!("a job carries at most {MAX_ITEMS_PER_JOB} databases"),
-        );
-        return Err(Error::validation(v.into_vec()));
+    if let Some(v) = check_item_count(items.len()) {
+        return Err(Error::validation(vec![v]));
     }
     Ok(NewJob {
         id: Uuid::now_v7(),
@@ -252,8 +237,8 @@ impl Service {
         let (request, limit) = page_request(cursor, limit)?;
         let filter = JobFilter {
             subscriptions: principal.subscriptions.as_deref(),
-            status: query.status.map(JobStatus::as_str),
-            kind: query.kind.map(JobKind::as_str),
+            status: query.status,
+            kind: query.kind,
             vm_id: query.vm_id,
             created_after: query.created_after,
             created_before: query.created_before,
@@ -284,7 +269,7 @@ impl Service {
         let mut current = first.clone();
         loop {
             let changed = current.status != first.status || current.updated_at != first.updated_at;
-            let finished = JobStatus::parse(&current.status).is_some_and(JobStatus::is_finished);
+            let finished = current.status.is_finished();
             let now = Instant::now();
             if changed || finished || now >= deadline {
                 break;

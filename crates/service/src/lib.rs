@@ -7,18 +7,30 @@
 
 pub mod agents;
 pub mod auth;
+pub mod auto_protection;
 pub mod background;
 mod batcher;
+mod claims;
+mod clock;
+mod completions;
 pub mod error;
 pub mod idempotency;
+pub mod inventory;
 pub mod jobs;
 pub mod keys;
 pub mod metrics;
 pub mod notifier;
+pub mod on_demand;
 pub mod pagination;
 pub mod policies;
+pub mod protectable_items;
 pub mod protection;
 pub mod recovery;
+pub mod registration;
+pub mod reports;
+pub mod restore;
+pub mod retention;
+pub mod scheduler;
 pub mod tokens;
 pub mod vaults;
 pub mod vms;
@@ -28,6 +40,7 @@ use std::time::Duration;
 
 pub use auth::{Auth, AuthConfig, Principal, Role};
 pub use batcher::panic_message;
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, ErrorKind, Result};
 
 use backvault_domain::jobs::{
@@ -85,8 +98,9 @@ pub struct Service {
     /// Flips when the server shuts down, so that long-polls answer at once.
     stopping: tokio::sync::watch::Sender<bool>,
     pub health: Arc<Health>,
+    clock: Arc<dyn Clock>,
     claimer:
-        batcher::Batcher<agents::ClaimRequest, Vec<backvault_domain::agent::protocol::ClaimedJob>>,
+        batcher::Batcher<claims::ClaimRequest, Vec<backvault_domain::agent::protocol::ClaimedJob>>,
     completer: batcher::Batcher<backvault_store::jobs::Completion, ()>,
 }
 
@@ -99,8 +113,9 @@ impl Service {
         tokio::spawn(notifier.clone().listen(pool.clone()));
         tokio::spawn(notifier.clone().refresh_revocations(pool.clone()));
         let metrics = Arc::new(metrics::Metrics::default());
-        let claimer = agents::claim_batcher(pool.clone(), config.clone(), metrics.clone());
-        let completer = agents::complete_batcher(pool.clone(), config.clone(), metrics.clone());
+        let claimer = claims::claim_batcher(pool.clone(), config.clone(), metrics.clone());
+        let completer =
+            completions::complete_batcher(pool.clone(), config.clone(), metrics.clone());
         Self {
             pool,
             auth: Arc::new(auth),
@@ -108,10 +123,22 @@ impl Service {
             notifier,
             metrics,
             health: Arc::default(),
+            clock: Arc::new(SystemClock),
             stopping: tokio::sync::watch::Sender::new(false),
             claimer,
             completer,
         }
+    }
+
+    /// The same service reading "now" from `clock` (tests; rehearsals on a `--dev` server).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Now, by the service's clock.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.clock.now()
     }
 
     /// Ends waiting long-polls (they answer with what they have) so that a graceful
@@ -174,12 +201,12 @@ impl Service {
         use backvault_domain::jobs::JobKind;
         use metrics::KindLabels;
         let stats = backvault_store::jobs::queue_stats(&self.pool).await?;
-        let now = chrono::Utc::now();
+        let now = self.now();
         for kind in JobKind::ALL {
             let labels = KindLabels {
                 kind: kind.as_str().to_owned(),
             };
-            let stat = stats.iter().find(|s| s.kind == kind.as_str());
+            let stat = stats.iter().find(|s| s.kind == kind);
             self.metrics
                 .queue_pending
                 .get_or_create(&labels)
@@ -201,7 +228,7 @@ impl Service {
             .set(self.notifier.waiting_vms() as i64);
         self.metrics
             .rpo_breaching_items
-            .set(self.rpo_breaching(chrono::Utc::now()).await?);
+            .set(self.rpo_breaching(self.now()).await?);
         Ok(())
     }
 }

@@ -175,7 +175,7 @@ impl Notifier {
         let map = revoked.get_or_insert_default();
         let now = Utc::now();
         map.retain(|_, until| *until > now);
-        map.extend(list);
+        map.extend(list.into_iter().map(|t| (t.jti, t.expires_at)));
         Ok(())
     }
 

@@ -201,13 +201,11 @@ impl Service {
         // Existing points follow the new retention; moved schedules start afresh.
         self.recompute_retention(&mut tx, current.id, &req.spec)
             .await?;
-        let moved: Vec<&str> = match (policy_of(Some(&row.spec)), policy_of(Some(&current.spec))) {
+        let moved: Vec<JobKind> = match (policy_of(Some(&row.spec)), policy_of(Some(&current.spec)))
+        {
             (Some(new), Some(old)) => new.rescheduled_since(&old),
             _ => JobKind::SCHEDULED.to_vec(),
-        }
-        .into_iter()
-        .map(JobKind::as_str)
-        .collect();
+        };
         backvault_store::schedule::schedule_reset(&mut *tx, current.id, &moved).await?;
         tx.commit().await?;
         row.try_into()

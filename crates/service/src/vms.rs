@@ -46,11 +46,7 @@ impl From<VmRow> for Vm {
             resource_group: r.resource_group,
             subscription_id: r.subscription_id,
             region: r.region,
-            deployment_model: if r.deployment_model == "classic" {
-                DeploymentModel::Classic
-            } else {
-                DeploymentModel::ResourceManager
-            },
+            deployment_model: r.deployment_model,
             agent_installed: r.agent_installed,
             agent_version: r.agent_version,
             dotnet_version: r.dotnet_version,
@@ -81,13 +77,6 @@ pub struct VmQuery {
     pub resource_group: Option<String>,
     pub region: Option<String>,
     pub registered: Option<bool>,
-}
-
-pub(crate) fn deployment_model_str(m: DeploymentModel) -> &'static str {
-    match m {
-        DeploymentModel::ResourceManager => "resource_manager",
-        DeploymentModel::Classic => "classic",
-    }
 }
 
 /// Checks the identity fields of reported facts and the size of the free-form ones;
@@ -132,7 +121,7 @@ pub(crate) fn facts_row(f: &VmFacts) -> VmFactsRow<'_> {
         resource_group: &f.resource_group,
         name: &f.name,
         region: &f.region,
-        deployment_model: deployment_model_str(f.deployment_model),
+        deployment_model: f.deployment_model,
         agent_version: &f.agent_version,
         dotnet_version: &f.dotnet_version,
         sql_iaas_extension: f.sql_iaas_extension,
@@ -231,9 +220,9 @@ impl Service {
             ));
         }
         let mut tx = self.pool.begin().await?;
-        let (row, created) = vms::vm_upsert(&mut tx, Uuid::now_v7(), &facts_row(&facts)).await?;
+        let upserted = vms::vm_upsert(&mut tx, Uuid::now_v7(), &facts_row(&facts)).await?;
         tx.commit().await?;
-        Ok((row.into(), created))
+        Ok((upserted.vm.into(), upserted.created))
     }
 
     /// Removes a VM, its jobs and (through its token generation) its agent's tokens.

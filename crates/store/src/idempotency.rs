@@ -1,6 +1,6 @@
 //! Stored first responses of creates, keyed by principal and `Idempotency-Key`.
 
-use sqlx::{PgConnection, PgExecutor, types::Json};
+use sqlx::{PgConnection, PgExecutor};
 
 pub enum Claim {
     /// This request owns the key; store its response before committing.
@@ -20,28 +20,28 @@ pub async fn idempotency_claim(
     key: &str,
     request_hash: &[u8],
 ) -> sqlx::Result<Claim> {
-    let inserted = sqlx::query(
+    let inserted = sqlx::query!(
         "insert into idempotency_keys (subject, key, request_hash) values ($1, $2, $3)
          on conflict (subject, key) do nothing",
+        subject,
+        key,
+        request_hash,
     )
-    .bind(subject)
-    .bind(key)
-    .bind(request_hash)
     .execute(&mut *conn)
     .await?;
     if inserted.rows_affected() == 1 {
         return Ok(Claim::Fresh);
     }
-    let (request_hash, response): (Vec<u8>, Option<Json<serde_json::Value>>) = sqlx::query_as(
+    let stored = sqlx::query!(
         "select request_hash, response from idempotency_keys where subject = $1 and key = $2",
+        subject,
+        key,
     )
-    .bind(subject)
-    .bind(key)
     .fetch_one(conn)
     .await?;
     Ok(Claim::Replay {
-        request_hash,
-        response: response.map(|r| r.0),
+        request_hash: stored.request_hash,
+        response: stored.response,
     })
 }
 
@@ -51,12 +51,14 @@ pub async fn idempotency_store(
     key: &str,
     response: &serde_json::Value,
 ) -> sqlx::Result<()> {
-    sqlx::query("update idempotency_keys set response = $3 where subject = $1 and key = $2")
-        .bind(subject)
-        .bind(key)
-        .bind(Json(response))
-        .execute(conn)
-        .await?;
+    sqlx::query!(
+        "update idempotency_keys set response = $3 where subject = $1 and key = $2",
+        subject,
+        key,
+        response,
+    )
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -64,9 +66,12 @@ pub async fn idempotency_prune(
     db: impl PgExecutor<'_>,
     older_than: chrono::Duration,
 ) -> sqlx::Result<u64> {
-    let done = sqlx::query("delete from idempotency_keys where created_at < now() - $1::interval")
-        .bind(older_than)
-        .execute(db)
-        .await?;
+    let done = sqlx::query!(
+        "delete from idempotency_keys where created_at < now() - $1::interval",
+        // sqlx maps `interval` to `PgInterval`; chrono's duration encodes as one too.
+        older_than as chrono::Duration,
+    )
+    .execute(db)
+    .await?;
     Ok(done.rows_affected())
 }

@@ -1,6 +1,7 @@
 //! What discovery found on registered VMs: SQL instances, availability groups and
 //! databases, plus registration of VMs with vaults.
 
+use backvault_domain::agent::{BackupPreference, DeploymentModel, RecoveryModel};
 use chrono::{DateTime, Utc};
 use sqlx::{FromRow, PgConnection, PgExecutor};
 use uuid::Uuid;
@@ -13,14 +14,14 @@ pub async fn vm_register(
     vault_id: Uuid,
     next_discovery_at: DateTime<Utc>,
 ) -> sqlx::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "update vms set vault_id = $2, registered_at = coalesce(registered_at, now()), next_discovery_at = $3,
                         updated_at = now()
          where id = $1",
+        vm_id,
+        vault_id,
+        next_discovery_at,
     )
-    .bind(vm_id)
-    .bind(vault_id)
-    .bind(next_discovery_at)
     .execute(conn)
     .await?;
     Ok(())
@@ -31,36 +32,39 @@ pub async fn vm_lock(
     conn: &mut PgConnection,
     vm_id: Uuid,
 ) -> sqlx::Result<Option<crate::vms::VmRow>> {
-    sqlx::query_as(
-        "select id, subscription_id, resource_group, name, region, deployment_model, agent_installed,
-                agent_version, dotnet_version, sql_iaas_extension, other_backup_product, last_seen_at,
-                token_generation, vault_id, version, created_at, updated_at
-         from vms where id = $1 for update",
+    sqlx::query_as!(
+        crate::vms::VmRow,
+        r#"select id, subscription_id, resource_group, name, region,
+                  deployment_model as "deployment_model: DeploymentModel", agent_installed, agent_version,
+                  dotnet_version, sql_iaas_extension, other_backup_product, last_seen_at, token_generation, vault_id,
+                  version, created_at, updated_at
+           from vms where id = $1 for update"#,
+        vm_id,
     )
-    .bind(vm_id)
     .fetch_optional(conn)
     .await
 }
 
 pub async fn vm_vault(db: impl PgExecutor<'_>, vm_id: Uuid) -> sqlx::Result<Option<Uuid>> {
-    sqlx::query_scalar::<_, Option<Uuid>>("select vault_id from vms where id = $1")
-        .bind(vm_id)
+    sqlx::query_scalar!("select vault_id from vms where id = $1", vm_id)
         .fetch_optional(db)
         .await
         .map(Option::flatten)
 }
 
 pub async fn vm_unregister(conn: &mut PgConnection, vm_id: Uuid) -> sqlx::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "delete from auto_protection_intents where instance_id in (select id from sql_instances where vm_id = $1)",
+        vm_id,
     )
-    .bind(vm_id)
     .execute(&mut *conn)
     .await?;
-    sqlx::query("update vms set vault_id = null, registered_at = null, next_discovery_at = null, updated_at = now() where id = $1")
-        .bind(vm_id)
-        .execute(conn)
-        .await?;
+    sqlx::query!(
+        "update vms set vault_id = null, registered_at = null, next_discovery_at = null, updated_at = now() where id = $1",
+        vm_id,
+    )
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -69,15 +73,25 @@ pub async fn vms_unregistered(
     db: impl PgExecutor<'_>,
     subscription_id: &str,
 ) -> sqlx::Result<Vec<crate::vms::VmRow>> {
-    sqlx::query_as(
-        "select id, subscription_id, resource_group, name, region, deployment_model, agent_installed,
-                agent_version, dotnet_version, sql_iaas_extension, other_backup_product, last_seen_at,
-                token_generation, vault_id, version, created_at, updated_at
-         from vms where subscription_id = $1 and vault_id is null order by lower(name), lower(resource_group)",
+    sqlx::query_as!(
+        crate::vms::VmRow,
+        r#"select id, subscription_id, resource_group, name, region,
+                  deployment_model as "deployment_model: DeploymentModel", agent_installed, agent_version,
+                  dotnet_version, sql_iaas_extension, other_backup_product, last_seen_at, token_generation, vault_id,
+                  version, created_at, updated_at
+           from vms where subscription_id = $1 and vault_id is null order by lower(name), lower(resource_group)"#,
+        subscription_id,
     )
-    .bind(subscription_id)
     .fetch_all(db)
     .await
+}
+
+/// A registered VM whose periodic discovery is due.
+#[derive(Debug, Clone, FromRow)]
+pub struct DiscoveryDue {
+    pub id: Uuid,
+    pub subscription_id: String,
+    pub vault_id: Uuid,
 }
 
 /// VMs whose periodic discovery is due, claimed for this replica: their next time moves
@@ -86,17 +100,19 @@ pub async fn vms_claim_discovery_due(
     conn: &mut PgConnection,
     period: chrono::Duration,
     limit: i64,
-) -> sqlx::Result<Vec<(Uuid, String, Uuid)>> {
-    sqlx::query_as(
-        "with due as (
-             select id from vms where vault_id is not null and next_discovery_at <= now()
-             order by next_discovery_at limit $2 for update skip locked
-         )
-         update vms set next_discovery_at = now() + $1::interval from due where vms.id = due.id
-         returning vms.id, vms.subscription_id, vms.vault_id",
+) -> sqlx::Result<Vec<DiscoveryDue>> {
+    sqlx::query_as!(
+        DiscoveryDue,
+        // `vault_id!`: the rows claimed are registered ones (`vault_id is not null`).
+        r#"with due as (
+               select id from vms where vault_id is not null and next_discovery_at <= now()
+               order by next_discovery_at limit $2 for update skip locked
+           )
+           update vms set next_discovery_at = now() + $1::interval from due where vms.id = due.id
+           returning vms.id, vms.subscription_id, vms.vault_id as "vault_id!""#,
+        period as chrono::Duration,
+        limit,
     )
-    .bind(period)
-    .bind(limit)
     .fetch_all(conn)
     .await
 }
@@ -120,64 +136,70 @@ pub async fn instances_replace(
     let ids: Vec<Uuid> = reported.iter().map(|_| Uuid::now_v7()).collect();
     let names: Vec<&str> = reported.iter().map(|r| r.0.as_str()).collect();
     let versions: Vec<&str> = reported.iter().map(|r| r.1.as_str()).collect();
-    sqlx::query(
+    sqlx::query!(
         "insert into sql_instances (id, vm_id, name, version)
          select * from unnest($1::uuid[], array_fill($2::uuid, array[cardinality($1::uuid[])]), $3::text[], $4::text[])
          on conflict (vm_id, lower(name)) do update
              set name = excluded.name, version = excluded.version, gone_at = null, updated_at = now()",
+        &ids,
+        vm_id,
+        // Borrowed strings for `text[]` (the macros expect `&[String]`).
+        &names as &[&str],
+        &versions as &[&str],
     )
-    .bind(&ids)
-    .bind(vm_id)
-    .bind(&names)
-    .bind(&versions)
     .execute(&mut *conn)
     .await?;
-    sqlx::query(
+    sqlx::query!(
         "update sql_instances set gone_at = coalesce(gone_at, now()), updated_at = now()
          where vm_id = $1 and not (lower(name) = any(select lower(n) from unnest($2::text[]) n))",
+        vm_id,
+        &names as &[&str],
     )
-    .bind(vm_id)
-    .bind(&names)
     .execute(&mut *conn)
     .await?;
-    sqlx::query_as(
+    sqlx::query_as!(
+        InstanceRow,
         "select id, vm_id, name, version, gone_at from sql_instances where vm_id = $1 order by gone_at nulls first, name",
+        vm_id,
     )
-    .bind(vm_id)
     .fetch_all(conn)
     .await
 }
 
 pub struct AgUpsert<'a> {
     pub name: &'a str,
-    pub backup_preference: &'a str,
+    pub backup_preference: BackupPreference,
     pub replicas: serde_json::Value,
 }
 
-/// Upserts the availability groups a discovery reported; returns name → id.
+/// Upserts the availability groups a discovery reported; returns each one's id, with
+/// its name as reported.
 pub async fn availability_groups_upsert(
     conn: &mut PgConnection,
     subscription_id: &str,
     groups: &[AgUpsert<'_>],
-) -> sqlx::Result<Vec<(String, Uuid)>> {
+) -> sqlx::Result<Vec<AvailabilityGroupName>> {
     let mut out = Vec::with_capacity(groups.len());
     for g in groups {
-        let id: Uuid = sqlx::query_scalar(
+        let id: Uuid = sqlx::query_scalar!(
             "insert into availability_groups (id, subscription_id, name, backup_preference, replicas)
              values ($1, $2, $3, $4, $5)
              on conflict (subscription_id, lower(name)) do update
                  set backup_preference = excluded.backup_preference, replicas = excluded.replicas, gone_at = null,
                      updated_at = now()
              returning id",
+            Uuid::now_v7(),
+            subscription_id,
+            g.name,
+            g.backup_preference as BackupPreference,
+            &g.replicas,
         )
-        .bind(Uuid::now_v7())
-        .bind(subscription_id)
-        .bind(g.name)
-        .bind(g.backup_preference)
-        .bind(sqlx::types::Json(&g.replicas))
         .fetch_one(&mut *conn)
         .await?;
-        out.push((g.name.to_lowercase(), id));
+        out.push(AvailabilityGroupName {
+            id,
+            name: g.name.to_owned(),
+        });
     }
     Ok(out)
 }
@@ -189,23 +211,28 @@ pub struct DatabaseRow {
     pub instance_id: Uuid,
     pub availability_group_id: Option<Uuid>,
     pub name: String,
-    pub recovery_model: String,
+    pub recovery_model: RecoveryModel,
     pub system: bool,
     pub read_only: bool,
     pub size_bytes: i64,
     pub gone_at: Option<DateTime<Utc>>,
 }
 
-const DB_COLUMNS: &str = "id, vm_id, instance_id, availability_group_id, name, recovery_model, system, read_only, size_bytes, gone_at";
+// Every statement that returns a `DatabaseRow` lists its columns as `id, vm_id, instance_id,
+// availability_group_id, name, recovery_model as "recovery_model: RecoveryModel", system,
+// read_only, size_bytes, gone_at` (so does `protection::unprotected_under`).
 
 pub async fn databases_of_vm(
     db: impl PgExecutor<'_>,
     vm_id: Uuid,
 ) -> sqlx::Result<Vec<DatabaseRow>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {DB_COLUMNS} from sql_databases where vm_id = $1 order by name"
-    )))
-    .bind(vm_id)
+    sqlx::query_as!(
+        DatabaseRow,
+        r#"select id, vm_id, instance_id, availability_group_id, name, recovery_model as "recovery_model: RecoveryModel",
+                  system, read_only, size_bytes, gone_at
+           from sql_databases where vm_id = $1 order by name"#,
+        vm_id,
+    )
     .fetch_all(db)
     .await
 }
@@ -214,10 +241,13 @@ pub async fn databases_get(
     db: impl PgExecutor<'_>,
     ids: &[Uuid],
 ) -> sqlx::Result<Vec<DatabaseRow>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {DB_COLUMNS} from sql_databases where id = any($1)"
-    )))
-    .bind(ids)
+    sqlx::query_as!(
+        DatabaseRow,
+        r#"select id, vm_id, instance_id, availability_group_id, name, recovery_model as "recovery_model: RecoveryModel",
+                  system, read_only, size_bytes, gone_at
+           from sql_databases where id = any($1)"#,
+        ids,
+    )
     .fetch_all(db)
     .await
 }
@@ -227,7 +257,7 @@ pub struct DatabaseWrite<'a> {
     pub instance_id: Uuid,
     pub availability_group_id: Option<Uuid>,
     pub name: &'a str,
-    pub recovery_model: &'a str,
+    pub recovery_model: RecoveryModel,
     pub system: bool,
     pub read_only: bool,
     pub size_bytes: i64,
@@ -240,7 +270,7 @@ pub async fn databases_write(
     rows: &[DatabaseWrite<'_>],
 ) -> sqlx::Result<()> {
     for r in rows {
-        sqlx::query(
+        sqlx::query!(
             "insert into sql_databases (id, vm_id, instance_id, availability_group_id, name, recovery_model, system,
                                         read_only, size_bytes)
              values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
@@ -248,16 +278,16 @@ pub async fn databases_write(
                  availability_group_id = excluded.availability_group_id, name = excluded.name,
                  recovery_model = excluded.recovery_model, system = excluded.system, read_only = excluded.read_only,
                  size_bytes = excluded.size_bytes, gone_at = null, updated_at = now()",
+            r.id,
+            vm_id,
+            r.instance_id,
+            r.availability_group_id,
+            r.name,
+            r.recovery_model as RecoveryModel,
+            r.system,
+            r.read_only,
+            r.size_bytes,
         )
-        .bind(r.id)
-        .bind(vm_id)
-        .bind(r.instance_id)
-        .bind(r.availability_group_id)
-        .bind(r.name)
-        .bind(r.recovery_model)
-        .bind(r.system)
-        .bind(r.read_only)
-        .bind(r.size_bytes)
         .execute(&mut *conn)
         .await?;
     }
@@ -271,20 +301,20 @@ pub async fn databases_retire(
     vm_id: Uuid,
     present: &[Uuid],
 ) -> sqlx::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "delete from sql_databases d where d.vm_id = $1 and not (d.id = any($2))
            and not exists (select 1 from protected_items p where p.database_id = d.id)",
+        vm_id,
+        present,
     )
-    .bind(vm_id)
-    .bind(present)
     .execute(&mut *conn)
     .await?;
-    sqlx::query(
+    sqlx::query!(
         "update sql_databases set gone_at = coalesce(gone_at, now()), updated_at = now()
          where vm_id = $1 and not (id = any($2))",
+        vm_id,
+        present,
     )
-    .bind(vm_id)
-    .bind(present)
     .execute(conn)
     .await?;
     Ok(())
@@ -295,33 +325,43 @@ pub async fn instance_names(
     db: impl PgExecutor<'_>,
     vm_id: Uuid,
 ) -> sqlx::Result<std::collections::HashMap<Uuid, String>> {
-    let rows: Vec<(Uuid, String)> =
-        sqlx::query_as("select id, name from sql_instances where vm_id = $1")
-            .bind(vm_id)
-            .fetch_all(db)
-            .await?;
-    Ok(rows.into_iter().collect())
+    let rows = sqlx::query!("select id, name from sql_instances where vm_id = $1", vm_id)
+        .fetch_all(db)
+        .await?;
+    Ok(rows.into_iter().map(|r| (r.id, r.name)).collect())
 }
 
-/// Present instances on the VMs registered with a vault, with their VM's name and
-/// resource group: `(instance id, name, version, vm id, vm name, resource group)`.
+/// A present instance on a VM registered with a vault, with its VM's name and resource
+/// group.
+#[derive(Debug, Clone, FromRow)]
+pub struct VaultInstance {
+    pub instance_id: Uuid,
+    pub instance_name: String,
+    pub version: String,
+    pub vm_id: Uuid,
+    pub vm_name: String,
+    pub resource_group: String,
+}
+
+/// Present instances on the VMs registered with a vault, by VM.
 pub async fn instances_of_vault(
     db: impl PgExecutor<'_>,
     vault_id: Uuid,
-) -> sqlx::Result<Vec<(Uuid, String, String, Uuid, String, String)>> {
-    sqlx::query_as(
-        "select i.id, i.name, i.version, v.id, v.name, v.resource_group
+) -> sqlx::Result<Vec<VaultInstance>> {
+    sqlx::query_as!(
+        VaultInstance,
+        "select i.id as instance_id, i.name as instance_name, i.version, v.id as vm_id, v.name as vm_name,
+                v.resource_group
          from sql_instances i join vms v on v.id = i.vm_id
          where v.vault_id = $1 and i.gone_at is null order by lower(v.name), v.resource_group, i.name",
+        vault_id,
     )
-    .bind(vault_id)
     .fetch_all(db)
     .await
 }
 
 pub async fn availability_group_name(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<String> {
-    sqlx::query_scalar("select name from availability_groups where id = $1")
-        .bind(id)
+    sqlx::query_scalar!("select name from availability_groups where id = $1", id)
         .fetch_one(db)
         .await
 }
@@ -334,15 +374,69 @@ pub async fn target_in_vault(
     availability_group_id: Option<Uuid>,
     vault_id: Uuid,
 ) -> sqlx::Result<bool> {
-    sqlx::query_scalar(
-        "select exists (select 1 from sql_instances i join vms v on v.id = i.vm_id
-                        where i.id = $1 and v.vault_id = $3 and i.gone_at is null)
-             or exists (select 1 from sql_databases d join vms v on v.id = d.vm_id
-                        where d.availability_group_id = $2 and v.vault_id = $3)",
+    sqlx::query_scalar!(
+        r#"select (exists (select 1 from sql_instances i join vms v on v.id = i.vm_id
+                           where i.id = $1 and v.vault_id = $3 and i.gone_at is null)
+                or exists (select 1 from sql_databases d join vms v on v.id = d.vm_id
+                           where d.availability_group_id = $2 and v.vault_id = $3)) as "in_vault!""#,
+        instance_id,
+        availability_group_id,
+        vault_id,
     )
-    .bind(instance_id)
-    .bind(availability_group_id)
-    .bind(vault_id)
     .fetch_one(db)
+    .await
+}
+
+/// Every database (present or gone) of the given VMs, ordered as `databases_of_vm`.
+pub async fn databases_of_vms(
+    db: impl PgExecutor<'_>,
+    vm_ids: &[Uuid],
+) -> sqlx::Result<Vec<DatabaseRow>> {
+    sqlx::query_as!(
+        DatabaseRow,
+        r#"select id, vm_id, instance_id, availability_group_id, name, recovery_model as "recovery_model: RecoveryModel",
+                  system, read_only, size_bytes, gone_at
+           from sql_databases where vm_id = any($1) order by vm_id, name"#,
+        vm_ids,
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// A VM and the vault it is registered with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmVault {
+    pub vm_id: Uuid,
+    pub vault_id: Option<Uuid>,
+}
+
+/// The vault of each of the given VMs that exists.
+pub async fn vm_vaults(db: impl PgExecutor<'_>, vm_ids: &[Uuid]) -> sqlx::Result<Vec<VmVault>> {
+    sqlx::query_as!(
+        VmVault,
+        "select id as vm_id, vault_id from vms where id = any($1)",
+        vm_ids,
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// An availability group's id and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AvailabilityGroupName {
+    pub id: Uuid,
+    pub name: String,
+}
+
+pub async fn availability_group_names(
+    db: impl PgExecutor<'_>,
+    ids: &[Uuid],
+) -> sqlx::Result<Vec<AvailabilityGroupName>> {
+    sqlx::query_as!(
+        AvailabilityGroupName,
+        "select id, name from availability_groups where id = any($1)",
+        ids,
+    )
+    .fetch_all(db)
     .await
 }

@@ -2,6 +2,7 @@
 //! pending and running jobs, the rows agents claim. Every state change of a job updates
 //! both in one statement or transaction.
 
+use backvault_domain::jobs::{AttemptOutcome, JobKind, JobStatus, Priority};
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use sqlx::{FromRow, PgConnection, PgExecutor};
@@ -31,9 +32,7 @@ pub fn notify_payload(prefix: char, ids: impl IntoIterator<Item = Uuid>) -> Stri
 
 /// One NOTIFY for a whole batch; delivered when the caller's transaction commits.
 pub async fn notify(db: impl PgExecutor<'_>, payload: &str) -> sqlx::Result<()> {
-    sqlx::query("select pg_notify($1, $2)")
-        .bind(NOTIFY_CHANNEL)
-        .bind(payload)
+    sqlx::query!("select pg_notify($1, $2)", NOTIFY_CHANNEL, payload)
         .execute(db)
         .await?;
     Ok(())
@@ -50,14 +49,14 @@ pub async fn restore_of_target(
     instance: &str,
     database: &str,
 ) -> sqlx::Result<Option<Uuid>> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "select job_id from job_queue
          where vm_id = $1 and kind = 'restore' and lower(target_instance) = lower($2)
            and lower(target_database) = lower($3)",
+        vm_id,
+        instance,
+        database,
     )
-    .bind(vm_id)
-    .bind(instance)
-    .bind(database)
     .fetch_optional(db)
     .await
 }
@@ -93,7 +92,9 @@ pub async fn jobs_enqueue(conn: &mut PgConnection, jobs: &[NewJob]) -> sqlx::Res
     let payloads: Vec<Json<&serde_json::Value>> = jobs.iter().map(|j| Json(&j.payload)).collect();
     let attempts: Vec<i32> = jobs.iter().map(|j| j.max_attempts).collect();
     let run_at: Vec<DateTime<Utc>> = jobs.iter().map(|j| j.run_at).collect();
-    sqlx::query(
+    // Arrays of borrowed strings, of JSON and with null elements are given their Rust type
+    // (`as`): the macros' expected types are `&[T]` of owned, non-null elements.
+    sqlx::query!(
         "with input as (
              select * from unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::text[], $6::int2[],
                                   $7::jsonb[], $8::jsonb[], $9::int[], $10::timestamptz[])
@@ -107,17 +108,17 @@ pub async fn jobs_enqueue(conn: &mut PgConnection, jobs: &[NewJob]) -> sqlx::Res
                 case when kind = 'restore' then coalesce(payload->>'target_instance', items->0->>'instance') end,
                 case when kind = 'restore' then coalesce(payload->>'target_database', items->0->>'database') end
          from input",
+        &ids,
+        &vms,
+        &subs as &[&str],
+        &vaults as &[Option<Uuid>],
+        &kinds as &[&str],
+        &priorities,
+        &items as &[Json<&serde_json::Value>],
+        &payloads as &[Json<&serde_json::Value>],
+        &attempts,
+        &run_at,
     )
-    .bind(&ids)
-    .bind(&vms)
-    .bind(&subs)
-    .bind(&vaults)
-    .bind(&kinds)
-    .bind(&priorities)
-    .bind(&items)
-    .bind(&payloads)
-    .bind(&attempts)
-    .bind(&run_at)
     .execute(&mut *conn)
     .await?;
     let mut unique_vms = vms;
@@ -130,7 +131,7 @@ pub async fn jobs_enqueue(conn: &mut PgConnection, jobs: &[NewJob]) -> sqlx::Res
 pub struct ClaimedRow {
     pub job_id: Uuid,
     pub vm_id: Uuid,
-    pub kind: String,
+    pub kind: JobKind,
     pub lease: i64,
     pub lease_expires_at: DateTime<Utc>,
     pub attempt: i32,
@@ -158,20 +159,24 @@ pub async fn queue_claim(
     wants: &[i32],
     limits: ClaimLimits,
 ) -> sqlx::Result<Vec<ClaimedRow>> {
-    sqlx::query(
+    sqlx::query!(
         "select count(pg_advisory_xact_lock(k))
          from (select distinct hashtextextended(v::text, 1) as k from unnest($1::uuid[]) v order by k) locks",
+        vm_ids,
     )
-    .bind(vm_ids)
-    .execute(&mut *conn)
+    // One row, the count; `fetch_one` because a query with columns has no `execute`.
+    .fetch_one(&mut *conn)
     .await?;
-    let claimed: Vec<ClaimedRow> = sqlx::query_as(
-        "with req as (
+    let claimed: Vec<ClaimedRow> = sqlx::query_as!(
+        ClaimedRow,
+        // The columns come through data-modifying CTEs, whose nullability Postgres does not
+        // report: they are the queue's and the history's `not null` columns (`!`).
+        r#"with req as (
              select * from unnest($1::uuid[], $2::int[]) as r(vm_id, want)
          ), room as (
              select r.vm_id, r.want,
-                    greatest($3 - count(q.job_id) filter (where q.kind <> 'restore'), 0) as backups,
-                    greatest($4 - count(q.job_id) filter (where q.kind = 'restore'), 0) as restores
+                    greatest($3::int4 - count(q.job_id) filter (where q.kind <> 'restore'), 0) as backups,
+                    greatest($4::int4 - count(q.job_id) filter (where q.kind = 'restore'), 0) as restores
              from req r left join job_queue q on q.vm_id = r.vm_id and q.running
              group by r.vm_id, r.want
          ), candidates as materialized (
@@ -226,14 +231,16 @@ pub async fn queue_claim(
              insert into job_attempts (job_id, attempt, lease, started_at)
              select job_id, attempt, lease, now() from claimed
          )
-         select c.job_id, c.vm_id, c.kind, c.lease, c.lease_expires_at, c.attempt, h.items, h.payload
-         from claimed c join history h on h.id = c.job_id",
+         select c.job_id as "job_id!", c.vm_id as "vm_id!", c.kind as "kind!: JobKind", c.lease as "lease!",
+                c.lease_expires_at as "lease_expires_at!", c.attempt as "attempt!",
+                h.items as "items!: Json<serde_json::Value>", h.payload as "payload!: Json<serde_json::Value>"
+         from claimed c join history h on h.id = c.job_id"#,
+        vm_ids,
+        wants,
+        limits.max_running_backups,
+        limits.max_running_restores,
+        limits.lease as chrono::Duration,
     )
-    .bind(vm_ids)
-    .bind(wants)
-    .bind(limits.max_running_backups)
-    .bind(limits.max_running_restores)
-    .bind(limits.lease)
     .fetch_all(&mut *conn)
     .await?;
     if !claimed.is_empty() {
@@ -246,28 +253,52 @@ pub async fn queue_claim(
     Ok(claimed)
 }
 
-/// Extends the leases the agent of `vm_id` still holds; returns `(job_id, cancel_requested)`
-/// for each extended lease.
+/// A lease extended.
+#[derive(Debug, Clone, FromRow)]
+pub struct ExtendedLease {
+    pub job_id: Uuid,
+    /// A user asked for the job to be cancelled.
+    pub cancel_requested: bool,
+    pub lease_expires_at: DateTime<Utc>,
+}
+
+/// A lease an agent holds: its job and fencing token.
+#[derive(Debug, Clone, Copy)]
+pub struct HeldToken {
+    pub job_id: Uuid,
+    pub lease: i64,
+}
+
+/// Extends the leases the agent of `vm_id` still holds; returns each lease extended.
 pub async fn queue_extend_leases(
     db: impl PgExecutor<'_>,
     vm_id: Uuid,
-    leases: &[(Uuid, i64)],
+    leases: &[HeldToken],
     duration: chrono::Duration,
-) -> sqlx::Result<Vec<(Uuid, bool, DateTime<Utc>)>> {
-    let ids: Vec<Uuid> = leases.iter().map(|l| l.0).collect();
-    let tokens: Vec<i64> = leases.iter().map(|l| l.1).collect();
-    sqlx::query_as(
-        "update job_queue q set lease_expires_at = now() + $4::interval
-         from unnest($2::uuid[], $3::bigint[]) as l(job_id, lease)
-         where q.job_id = l.job_id and q.lease = l.lease and q.vm_id = $1 and q.running
-         returning q.job_id, q.cancel_requested, q.lease_expires_at",
+) -> sqlx::Result<Vec<ExtendedLease>> {
+    let ids: Vec<Uuid> = leases.iter().map(|l| l.job_id).collect();
+    let tokens: Vec<i64> = leases.iter().map(|l| l.lease).collect();
+    sqlx::query_as!(
+        ExtendedLease,
+        // `lease_expires_at!`: it was just set.
+        r#"update job_queue q set lease_expires_at = now() + $4::interval
+           from unnest($2::uuid[], $3::bigint[]) as l(job_id, lease)
+           where q.job_id = l.job_id and q.lease = l.lease and q.vm_id = $1 and q.running
+           returning q.job_id, q.cancel_requested, q.lease_expires_at as "lease_expires_at!""#,
+        vm_id,
+        &ids,
+        &tokens,
+        duration as chrono::Duration,
     )
-    .bind(vm_id)
-    .bind(&ids)
-    .bind(&tokens)
-    .bind(duration)
     .fetch_all(db)
     .await
+}
+
+/// One lease extended by a job heartbeat.
+#[derive(Debug, Clone, FromRow)]
+pub struct JobLeaseExtended {
+    pub lease_expires_at: DateTime<Utc>,
+    pub cancel_requested: bool,
 }
 
 /// Extends one lease and records progress. `None` when the lease is not held.
@@ -278,17 +309,19 @@ pub async fn queue_job_heartbeat(
     lease: i64,
     progress: Option<&serde_json::Value>,
     duration: chrono::Duration,
-) -> sqlx::Result<Option<(DateTime<Utc>, bool)>> {
-    sqlx::query_as(
-        "update job_queue set lease_expires_at = now() + $5::interval, progress = coalesce($4, progress)
-         where job_id = $2 and vm_id = $1 and lease = $3 and running
-         returning lease_expires_at, cancel_requested",
+) -> sqlx::Result<Option<JobLeaseExtended>> {
+    sqlx::query_as!(
+        JobLeaseExtended,
+        // `lease_expires_at!`: it was just set.
+        r#"update job_queue set lease_expires_at = now() + $5::interval, progress = coalesce($4, progress)
+           where job_id = $2 and vm_id = $1 and lease = $3 and running
+           returning lease_expires_at as "lease_expires_at!", cancel_requested"#,
+        vm_id,
+        job_id,
+        lease,
+        progress,
+        duration as chrono::Duration,
     )
-    .bind(vm_id)
-    .bind(job_id)
-    .bind(lease)
-    .bind(progress.map(Json))
-    .bind(duration)
     .fetch_optional(db)
     .await
 }
@@ -309,7 +342,7 @@ pub struct Completion {
 #[derive(Debug, Clone, FromRow)]
 pub struct CompletingJob {
     pub job_id: Uuid,
-    pub kind: String,
+    pub kind: JobKind,
     pub items: Json<serde_json::Value>,
     pub payload: Json<serde_json::Value>,
     /// When an agent first claimed it.
@@ -329,21 +362,23 @@ pub async fn queue_lock_completing(
     let ids: Vec<Uuid> = completions.iter().map(|c| c.job_id).collect();
     let vms: Vec<Uuid> = completions.iter().map(|c| c.vm_id).collect();
     let leases: Vec<i64> = completions.iter().map(|c| c.lease).collect();
-    sqlx::query_as(
+    sqlx::query_as!(
+        CompletingJob,
         // Driven from the batch by primary key: a row-value `in (select ... unnest)` was
         // planned as a scan of the whole queue per batch (a third of the agent
         // protocol's throughput in the `http` benchmark).
-        "select q.job_id, j.kind, j.items, j.payload, j.started_at, now() as now
-         from unnest($1::uuid[], $2::uuid[], $3::bigint[]) as i(job_id, vm_id, lease)
-         join job_queue q on q.job_id = i.job_id and q.vm_id = i.vm_id and q.lease = i.lease
-         join jobs j on j.id = q.job_id
-         where q.running
-         order by q.job_id
-         for no key update of q",
+        r#"select q.job_id, j.kind as "kind: JobKind", j.items as "items: Json<serde_json::Value>",
+                  j.payload as "payload: Json<serde_json::Value>", j.started_at, now() as "now!"
+           from unnest($1::uuid[], $2::uuid[], $3::bigint[]) as i(job_id, vm_id, lease)
+           join job_queue q on q.job_id = i.job_id and q.vm_id = i.vm_id and q.lease = i.lease
+           join jobs j on j.id = q.job_id
+           where q.running
+           order by q.job_id
+           for no key update of q"#,
+        &ids,
+        &vms,
+        &leases,
     )
-    .bind(&ids)
-    .bind(&vms)
-    .bind(&leases)
     .fetch_all(conn)
     .await
 }
@@ -367,8 +402,10 @@ pub async fn queue_complete<C: std::borrow::Borrow<Completion>>(
         completions.iter().map(|c| Json(&c.result)).collect();
     let warnings: Vec<Json<&serde_json::Value>> =
         completions.iter().map(|c| Json(&c.warnings)).collect();
-    let done: Vec<Uuid> = sqlx::query_scalar(
-        "with input as (
+    // Arrays of borrowed strings and of JSON are given their Rust type (`as`).
+    let done: Vec<Uuid> = sqlx::query_scalar!(
+        // `job_id!`: from the queue's primary key, through a data-modifying CTE.
+        r#"with input as (
              select * from unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::jsonb[], $6::jsonb[],
                                   $7::text[])
                  as i(job_id, vm_id, lease, status, result, warnings, kind_like)
@@ -388,15 +425,15 @@ pub async fn queue_complete<C: std::borrow::Borrow<Completion>>(
              update job_attempts a set ended_at = now(), outcome = 'completed'
              from done d where a.job_id = d.job_id and a.attempt = d.attempt
          )
-         select job_id from done",
+         select job_id as "job_id!" from done"#,
+        &ids,
+        &vms,
+        &leases,
+        &statuses as &[&str],
+        &results as &[Json<&serde_json::Value>],
+        &warnings as &[Json<&serde_json::Value>],
+        &kinds as &[&str],
     )
-    .bind(&ids)
-    .bind(&vms)
-    .bind(&leases)
-    .bind(&statuses)
-    .bind(&results)
-    .bind(&warnings)
-    .bind(&kinds)
     .fetch_all(&mut *conn)
     .await?;
     if !done.is_empty() {
@@ -419,20 +456,21 @@ pub async fn queue_lock_held(
     job_id: Uuid,
     lease: i64,
 ) -> sqlx::Result<Option<HeldLease>> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        HeldLease,
         "select attempt, max_attempts, cancel_requested from job_queue
          where job_id = $1 and vm_id = $2 and lease = $3 and running for update",
+        job_id,
+        vm_id,
+        lease,
     )
-    .bind(job_id)
-    .bind(vm_id)
-    .bind(lease)
     .fetch_optional(conn)
     .await
 }
 
 /// What ends an attempt without completing the job.
 pub struct AttemptEnd<'a> {
-    pub outcome: &'static str,
+    pub outcome: AttemptOutcome,
     pub code: &'a str,
     pub message: &'a str,
 }
@@ -444,10 +482,10 @@ pub async fn queue_retry(
     run_at: &[DateTime<Utc>],
     end: &[AttemptEnd<'_>],
 ) -> sqlx::Result<()> {
-    let outcomes: Vec<&str> = end.iter().map(|e| e.outcome).collect();
+    let outcomes: Vec<AttemptOutcome> = end.iter().map(|e| e.outcome).collect();
     let codes: Vec<&str> = end.iter().map(|e| e.code).collect();
     let messages: Vec<&str> = end.iter().map(|e| e.message).collect();
-    sqlx::query(
+    sqlx::query!(
         "with input as (
              select * from unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[])
                  as i(job_id, run_at, outcome, code, message)
@@ -462,12 +500,13 @@ pub async fn queue_retry(
          update job_attempts a set ended_at = now(), outcome = r.outcome, error_code = r.code, error_message = r.message
          from requeued r
          where a.job_id = r.job_id and a.attempt = r.attempt",
+        job_ids,
+        run_at,
+        // Domain types and borrowed strings for `text[]` (the macros expect `&[String]`).
+        &outcomes as &[AttemptOutcome],
+        &codes as &[&str],
+        &messages as &[&str],
     )
-    .bind(job_ids)
-    .bind(run_at)
-    .bind(&outcomes)
-    .bind(&codes)
-    .bind(&messages)
     .execute(&mut *conn)
     .await?;
     notify(&mut *conn, &notify_payload('j', job_ids.iter().copied())).await
@@ -478,13 +517,13 @@ pub async fn queue_retry(
 pub async fn queue_finish(
     conn: &mut PgConnection,
     job_ids: &[Uuid],
-    status: &str,
+    status: JobStatus,
     end: &[AttemptEnd<'_>],
 ) -> sqlx::Result<()> {
-    let outcomes: Vec<&str> = end.iter().map(|e| e.outcome).collect();
+    let outcomes: Vec<AttemptOutcome> = end.iter().map(|e| e.outcome).collect();
     let codes: Vec<&str> = end.iter().map(|e| e.code).collect();
     let messages: Vec<&str> = end.iter().map(|e| e.message).collect();
-    sqlx::query(
+    sqlx::query!(
         "with input as (
              select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) as i(job_id, outcome, code, message)
          ), done as (
@@ -498,12 +537,13 @@ pub async fn queue_finish(
          update job_attempts a set ended_at = now(), outcome = d.outcome, error_code = d.code, error_message = d.message
          from done d
          where a.job_id = d.job_id and a.attempt = d.attempt and d.running",
+        job_ids,
+        // Domain types and borrowed strings for `text[]` (the macros expect `&[String]`).
+        &outcomes as &[AttemptOutcome],
+        &codes as &[&str],
+        &messages as &[&str],
+        status as JobStatus,
     )
-    .bind(job_ids)
-    .bind(&outcomes)
-    .bind(&codes)
-    .bind(&messages)
-    .bind(status)
     .execute(&mut *conn)
     .await?;
     notify(&mut *conn, &notify_payload('j', job_ids.iter().copied())).await
@@ -521,12 +561,13 @@ pub async fn queue_lock_expired(
     conn: &mut PgConnection,
     limit: i64,
 ) -> sqlx::Result<Vec<ExpiredLease>> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        ExpiredLease,
         "select job_id, attempt, max_attempts from job_queue
          where running and lease_expires_at < now()
          order by lease_expires_at limit $1 for update skip locked",
+        limit,
     )
-    .bind(limit)
     .fetch_all(conn)
     .await
 }
@@ -541,26 +582,26 @@ pub enum CancelOutcome {
 }
 
 pub async fn queue_cancel(conn: &mut PgConnection, job_id: Uuid) -> sqlx::Result<CancelOutcome> {
-    let waiting = sqlx::query_scalar::<_, Uuid>(
+    let waiting = sqlx::query_scalar!(
         "select job_id from job_queue where job_id = $1 and not running for no key update",
+        job_id,
     )
-    .bind(job_id)
     .fetch_optional(&mut *conn)
     .await?;
     if waiting.is_some() {
         let end = AttemptEnd {
-            outcome: "cancelled",
+            outcome: AttemptOutcome::Cancelled,
             code: "JobCancelled",
             message: "cancelled by a user before it started",
         };
-        queue_finish(conn, &[job_id], "cancelled", &[end]).await?;
+        queue_finish(conn, &[job_id], JobStatus::Cancelled, &[end]).await?;
         return Ok(CancelOutcome::Cancelled);
     }
-    let running = sqlx::query(
+    let running = sqlx::query!(
         "with q as (update job_queue set cancel_requested = true where job_id = $1 and running returning job_id)
          update jobs set cancel_requested = true, updated_at = now() from q where jobs.id = q.job_id",
+        job_id,
     )
-    .bind(job_id)
     .execute(&mut *conn)
     .await?;
     if running.rows_affected() == 1 {
@@ -577,9 +618,9 @@ pub struct JobRow {
     pub vm_id: Uuid,
     pub subscription_id: String,
     pub vault_id: Option<Uuid>,
-    pub kind: String,
-    pub status: String,
-    pub priority: i16,
+    pub kind: JobKind,
+    pub status: JobStatus,
+    pub priority: Priority,
     pub items: Json<serde_json::Value>,
     /// `None` in lists ([`job_list`] does not read the bodies).
     pub payload: Option<Json<serde_json::Value>>,
@@ -598,22 +639,24 @@ pub struct JobRow {
     pub updated_at: DateTime<Utc>,
 }
 
-const JOB_COLUMNS: &str = "j.id, j.vm_id, j.subscription_id, j.vault_id, j.kind, j.status, j.priority, j.items, \
-    j.payload, j.result, j.warnings, j.error_code, j.error_message, j.attempts, j.max_attempts, j.cancel_requested, \
-    q.progress, q.run_at, j.created_at, j.started_at, j.finished_at, j.updated_at";
-
-/// A list's columns: the agent-supplied bodies (`payload`, `result`, `progress`) stay in
-/// the table, so a page costs the same whatever agents reported.
-const JOB_LIST_COLUMNS: &str = "j.id, j.vm_id, j.subscription_id, j.vault_id, j.kind, j.status, j.priority, \
-    j.items, null::jsonb as payload, null::jsonb as result, j.warnings, j.error_code, j.error_message, j.attempts, \
-    j.max_attempts, j.cancel_requested, null::jsonb as progress, q.run_at, j.created_at, j.started_at, j.finished_at, \
-    j.updated_at";
+// `job_get` reads a job with its queue row (left joined: `progress` and `run_at` are `?`).
+// `job_list` reads the same columns except the agent-supplied bodies (`payload`, `result`,
+// `progress` are `null::jsonb`), so a page costs the same whatever agents reported. Keep
+// the two column lists alike.
 
 pub async fn job_get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<JobRow>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {JOB_COLUMNS} from jobs j left join job_queue q on q.job_id = j.id where j.id = $1"
-    )))
-    .bind(id)
+    sqlx::query_as!(
+        JobRow,
+        r#"select j.id, j.vm_id, j.subscription_id, j.vault_id, j.kind as "kind: JobKind",
+                  j.status as "status: JobStatus", j.priority as "priority: Priority",
+                  j.items as "items: Json<serde_json::Value>", j.payload as "payload?: Json<serde_json::Value>",
+                  j.result as "result?: Json<serde_json::Value>", j.warnings as "warnings: Json<serde_json::Value>",
+                  j.error_code, j.error_message, j.attempts, j.max_attempts, j.cancel_requested,
+                  q.progress as "progress?: Json<serde_json::Value>", q.run_at as "run_at?", j.created_at,
+                  j.started_at, j.finished_at, j.updated_at
+           from jobs j left join job_queue q on q.job_id = j.id where j.id = $1"#,
+        id,
+    )
     .fetch_optional(db)
     .await
 }
@@ -622,8 +665,8 @@ pub async fn job_get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<J
 #[derive(Debug, Clone, FromRow)]
 pub struct JobOwnership {
     pub vm_id: Uuid,
-    pub kind: String,
-    pub status: String,
+    pub kind: JobKind,
+    pub status: JobStatus,
     pub result: Option<Json<serde_json::Value>>,
     pub lease: Option<i64>,
     pub running: Option<bool>,
@@ -633,11 +676,14 @@ pub async fn job_ownership(
     db: impl PgExecutor<'_>,
     id: Uuid,
 ) -> sqlx::Result<Option<JobOwnership>> {
-    sqlx::query_as(
-        "select j.vm_id, j.kind, j.status, j.result, q.lease, q.running
-         from jobs j left join job_queue q on q.job_id = j.id where j.id = $1",
+    sqlx::query_as!(
+        JobOwnership,
+        r#"select j.vm_id, j.kind as "kind: JobKind", j.status as "status: JobStatus",
+                  j.result as "result?: Json<serde_json::Value>", q.lease as "lease?",
+                  q.running as "running?"
+           from jobs j left join job_queue q on q.job_id = j.id where j.id = $1"#,
+        id,
     )
-    .bind(id)
     .fetch_optional(db)
     .await
 }
@@ -645,8 +691,8 @@ pub async fn job_ownership(
 #[derive(Debug, Default)]
 pub struct JobFilter<'a> {
     pub subscriptions: Option<&'a [String]>,
-    pub status: Option<&'a str>,
-    pub kind: Option<&'a str>,
+    pub status: Option<JobStatus>,
+    pub kind: Option<JobKind>,
     pub vm_id: Option<Uuid>,
     pub created_after: Option<DateTime<Utc>>,
     pub created_before: Option<DateTime<Utc>>,
@@ -659,25 +705,33 @@ pub async fn job_list(
     f: &JobFilter<'_>,
     page: Page,
 ) -> sqlx::Result<Vec<JobRow>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {JOB_LIST_COLUMNS} from jobs j left join job_queue q on q.job_id = j.id
-         where ($1::text[] is null or j.subscription_id = any($1))
-           and ($2::text is null or j.status = $2)
-           and ($3::text is null or j.kind = $3)
-           and ($4::uuid is null or j.vm_id = $4)
-           and ($5::timestamptz is null or j.created_at >= $5)
-           and ($6::timestamptz is null or j.created_at < $6)
-           and ($7::uuid is null or j.id < $7)
-         order by j.id desc limit $8"
-    )))
-    .bind(f.subscriptions)
-    .bind(f.status)
-    .bind(f.kind)
-    .bind(f.vm_id)
-    .bind(f.created_after)
-    .bind(f.created_before)
-    .bind(page.after)
-    .bind(page.limit)
+    sqlx::query_as!(
+        JobRow,
+        r#"select j.id, j.vm_id, j.subscription_id, j.vault_id, j.kind as "kind: JobKind",
+                  j.status as "status: JobStatus", j.priority as "priority: Priority",
+                  j.items as "items: Json<serde_json::Value>", null::jsonb as "payload?: Json<serde_json::Value>",
+                  null::jsonb as "result?: Json<serde_json::Value>", j.warnings as "warnings: Json<serde_json::Value>",
+                  j.error_code, j.error_message, j.attempts, j.max_attempts, j.cancel_requested,
+                  null::jsonb as "progress?: Json<serde_json::Value>", q.run_at as "run_at?", j.created_at,
+                  j.started_at, j.finished_at, j.updated_at
+           from jobs j left join job_queue q on q.job_id = j.id
+           where ($1::text[] is null or j.subscription_id = any($1))
+             and ($2::text is null or j.status = $2)
+             and ($3::text is null or j.kind = $3)
+             and ($4::uuid is null or j.vm_id = $4)
+             and ($5::timestamptz is null or j.created_at >= $5)
+             and ($6::timestamptz is null or j.created_at < $6)
+             and ($7::uuid is null or j.id < $7)
+           order by j.id desc limit $8"#,
+        f.subscriptions,
+        f.status as Option<JobStatus>,
+        f.kind as Option<JobKind>,
+        f.vm_id,
+        f.created_after,
+        f.created_before,
+        page.after,
+        page.limit,
+    )
     .fetch_all(db)
     .await
 }
@@ -688,17 +742,19 @@ pub struct AttemptRow {
     pub lease: i64,
     pub started_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,
-    pub outcome: Option<String>,
+    pub outcome: Option<AttemptOutcome>,
     pub error_code: Option<String>,
     pub error_message: Option<String>,
 }
 
 pub async fn job_attempts(db: impl PgExecutor<'_>, job_id: Uuid) -> sqlx::Result<Vec<AttemptRow>> {
-    sqlx::query_as(
-        "select attempt, lease, started_at, ended_at, outcome, error_code, error_message
-         from job_attempts where job_id = $1 order by attempt",
+    sqlx::query_as!(
+        AttemptRow,
+        r#"select attempt, lease, started_at, ended_at, outcome as "outcome: AttemptOutcome", error_code,
+                  error_message
+           from job_attempts where job_id = $1 order by attempt"#,
+        job_id,
     )
-    .bind(job_id)
     .fetch_all(db)
     .await
 }
@@ -709,12 +765,13 @@ pub async fn jobs_prune(
     age: chrono::Duration,
     batch: i64,
 ) -> sqlx::Result<u64> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         "delete from jobs where id in (
              select id from jobs where finished_at < now() - $1::interval order by finished_at limit $2)",
+        // sqlx maps `interval` to `PgInterval`; chrono's duration encodes as one too.
+        age as chrono::Duration,
+        batch,
     )
-    .bind(age)
-    .bind(batch)
     .execute(db)
     .await?;
     Ok(done.rows_affected())
@@ -722,33 +779,41 @@ pub async fn jobs_prune(
 
 #[derive(Debug, Clone, FromRow)]
 pub struct QueueStat {
-    pub kind: String,
+    pub kind: JobKind,
     pub pending: i64,
     pub running: i64,
     pub oldest_pending: Option<DateTime<Utc>>,
 }
 
 pub async fn queue_stats(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<QueueStat>> {
-    sqlx::query_as(
-        "select kind, count(*) filter (where not running) as pending, count(*) filter (where running) as running,
-                min(run_at) filter (where not running) as oldest_pending
-         from job_queue group by kind",
+    sqlx::query_as!(
+        QueueStat,
+        r#"select kind as "kind: JobKind", count(*) filter (where not running) as "pending!",
+                  count(*) filter (where running) as "running!",
+                  min(run_at) filter (where not running) as oldest_pending
+           from job_queue group by kind"#,
     )
     .fetch_all(db)
     .await
 }
 
-/// `(id, kind, items, payload)` of jobs, for the effects of their outcome.
-pub type JobContent = (
-    Uuid,
-    String,
-    Json<serde_json::Value>,
-    Json<serde_json::Value>,
-);
+/// What a job was asked to do, for the effects of its outcome.
+#[derive(Debug, Clone, FromRow)]
+pub struct JobContent {
+    pub id: Uuid,
+    pub kind: JobKind,
+    pub items: Json<serde_json::Value>,
+    pub payload: Json<serde_json::Value>,
+}
 
 pub async fn jobs_content(db: impl PgExecutor<'_>, ids: &[Uuid]) -> sqlx::Result<Vec<JobContent>> {
-    sqlx::query_as("select id, kind, items, payload from jobs where id = any($1)")
-        .bind(ids)
-        .fetch_all(db)
-        .await
+    sqlx::query_as!(
+        JobContent,
+        r#"select id, kind as "kind: JobKind", items as "items: Json<serde_json::Value>",
+                  payload as "payload: Json<serde_json::Value>"
+           from jobs where id = any($1)"#,
+        ids,
+    )
+    .fetch_all(db)
+    .await
 }

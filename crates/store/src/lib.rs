@@ -27,13 +27,16 @@ pub struct Page {
 /// Takes a transaction-scoped advisory lock if free: true when this session leads the work
 /// the key stands for until its transaction ends.
 pub async fn try_lead(conn: &mut sqlx::PgConnection, key: i64) -> sqlx::Result<bool> {
-    sqlx::query_scalar("select pg_try_advisory_xact_lock($1)")
-        .bind(key)
+    sqlx::query_scalar!(r#"select pg_try_advisory_xact_lock($1) as "locked!""#, key)
         .fetch_one(conn)
         .await
 }
 
 /// Migrations recorded as applied; `None` when no migration ever ran on the database.
+///
+/// The one statement not checked at compile time: `_sqlx_migrations` is sqlx's own
+/// bookkeeping, not part of `migrations/`, and its absence is an answer here (42P01),
+/// so the query must compile whether or not the table exists.
 pub async fn migrations_applied(db: impl sqlx::PgExecutor<'_>) -> sqlx::Result<Option<i64>> {
     match sqlx::query_scalar("select count(*) from _sqlx_migrations where success")
         .fetch_one(db)

@@ -17,7 +17,8 @@ pub struct PolicyRow {
     pub updated_at: DateTime<Utc>,
 }
 
-const COLUMNS: &str = "id, vault_id, name, spec, version, created_at, updated_at";
+// Every statement below that returns a `PolicyRow` lists its columns as
+// `id, vault_id, name, spec as "spec: Json<serde_json::Value>", version, created_at, updated_at`.
 
 pub async fn policy_insert(
     conn: &mut PgConnection,
@@ -26,13 +27,15 @@ pub async fn policy_insert(
     name: &str,
     spec: &serde_json::Value,
 ) -> sqlx::Result<PolicyRow> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "insert into policies (id, vault_id, name, spec) values ($1, $2, $3, $4) returning {COLUMNS}"
-    )))
-    .bind(id)
-    .bind(vault_id)
-    .bind(name)
-    .bind(Json(spec))
+    sqlx::query_as!(
+        PolicyRow,
+        r#"insert into policies (id, vault_id, name, spec) values ($1, $2, $3, $4)
+           returning id, vault_id, name, spec as "spec: Json<serde_json::Value>", version, created_at, updated_at"#,
+        id,
+        vault_id,
+        name,
+        spec,
+    )
     .fetch_one(conn)
     .await
 }
@@ -43,11 +46,13 @@ pub async fn policy_get(
     vault_id: Uuid,
     name: &str,
 ) -> sqlx::Result<Option<PolicyRow>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {COLUMNS} from policies where vault_id = $1 and lower(name) = lower($2)"
-    )))
-    .bind(vault_id)
-    .bind(name)
+    sqlx::query_as!(
+        PolicyRow,
+        r#"select id, vault_id, name, spec as "spec: Json<serde_json::Value>", version, created_at, updated_at
+           from policies where vault_id = $1 and lower(name) = lower($2)"#,
+        vault_id,
+        name,
+    )
     .fetch_optional(db)
     .await
 }
@@ -57,13 +62,15 @@ pub async fn policy_list(
     vault_id: Uuid,
     page: Page,
 ) -> sqlx::Result<Vec<PolicyRow>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {COLUMNS} from policies where vault_id = $1 and ($2::uuid is null or id > $2)
-         order by id limit $3"
-    )))
-    .bind(vault_id)
-    .bind(page.after)
-    .bind(page.limit)
+    sqlx::query_as!(
+        PolicyRow,
+        r#"select id, vault_id, name, spec as "spec: Json<serde_json::Value>", version, created_at, updated_at
+           from policies where vault_id = $1 and ($2::uuid is null or id > $2)
+           order by id limit $3"#,
+        vault_id,
+        page.after,
+        page.limit,
+    )
     .fetch_all(db)
     .await
 }
@@ -74,14 +81,15 @@ pub async fn policy_replace(
     expected_version: Option<i64>,
     spec: &serde_json::Value,
 ) -> sqlx::Result<Option<PolicyRow>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "update policies set spec = $3, version = version + 1, updated_at = now()
-         where id = $1 and ($2::bigint is null or version = $2)
-         returning {COLUMNS}"
-    )))
-    .bind(id)
-    .bind(expected_version)
-    .bind(Json(spec))
+    sqlx::query_as!(
+        PolicyRow,
+        r#"update policies set spec = $3, version = version + 1, updated_at = now()
+           where id = $1 and ($2::bigint is null or version = $2)
+           returning id, vault_id, name, spec as "spec: Json<serde_json::Value>", version, created_at, updated_at"#,
+        id,
+        expected_version,
+        spec,
+    )
     .fetch_optional(conn)
     .await
 }
@@ -93,11 +101,12 @@ pub async fn policy_delete(
     id: Uuid,
     expected_version: Option<i64>,
 ) -> sqlx::Result<bool> {
-    let done =
-        sqlx::query("delete from policies where id = $1 and ($2::bigint is null or version = $2)")
-            .bind(id)
-            .bind(expected_version)
-            .execute(conn)
-            .await?;
+    let done = sqlx::query!(
+        "delete from policies where id = $1 and ($2::bigint is null or version = $2)",
+        id,
+        expected_version,
+    )
+    .execute(conn)
+    .await?;
     Ok(done.rows_affected() == 1)
 }

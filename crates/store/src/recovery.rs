@@ -5,14 +5,16 @@ use sqlx::types::Json;
 use sqlx::{FromRow, PgConnection, PgExecutor};
 use uuid::Uuid;
 
-use backvault_domain::chain::ChainState;
+use backvault_domain::agent::{RecoveryModel, RecoveryPointType};
+use backvault_domain::chain::{self, ChainBreak, ChainState};
 use backvault_domain::lsn::Lsn;
+use backvault_domain::protection::ProtectionState;
 
 /// The chain state of a protected item, locked while points are recorded.
 #[derive(Debug, Clone, FromRow)]
 pub struct ChainRow {
     pub id: Uuid,
-    pub state: String,
+    pub state: ProtectionState,
     pub spec: Option<Json<serde_json::Value>>,
     pub chain: Json<ChainState>,
     pub last_full_at: Option<DateTime<Utc>>,
@@ -20,14 +22,24 @@ pub struct ChainRow {
 }
 
 pub async fn chain_lock(conn: &mut PgConnection, item_ids: &[Uuid]) -> sqlx::Result<Vec<ChainRow>> {
-    sqlx::query_as(
-        "select p.id, p.state, pol.spec, p.chain, p.last_full_at, p.last_log_at
-         from protected_items p left join policies pol on pol.id = p.policy_id
-         where p.id = any($1) order by p.id for update of p",
+    sqlx::query_as!(
+        ChainRow,
+        r#"select p.id, p.state as "state: ProtectionState", pol.spec as "spec?: Json<serde_json::Value>",
+                  p.chain as "chain: Json<ChainState>",
+                  p.last_full_at, p.last_log_at
+           from protected_items p left join policies pol on pol.id = p.policy_id
+           where p.id = any($1) order by p.id for update of p"#,
+        item_ids,
     )
-    .bind(item_ids)
     .fetch_all(conn)
     .await
+}
+
+/// A backup set recorded for a protected item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, FromRow)]
+pub struct RecordedSet {
+    pub protected_item_id: Uuid,
+    pub backup_set_uuid: Uuid,
 }
 
 /// The backup sets of `item_ids` already recorded, among `backup_sets`.
@@ -35,43 +47,37 @@ pub async fn points_recorded(
     db: impl PgExecutor<'_>,
     item_ids: &[Uuid],
     backup_sets: &[Uuid],
-) -> sqlx::Result<Vec<(Uuid, Uuid)>> {
-    sqlx::query_as(
-        "select protected_item_id, backup_set_uuid from recovery_points
-         where protected_item_id = any($1) and backup_set_uuid = any($2)",
+) -> sqlx::Result<Vec<RecordedSet>> {
+    sqlx::query_as!(
+        RecordedSet,
+        // `backup_set_uuid!`: the filter only matches rows that have one.
+        r#"select protected_item_id, backup_set_uuid as "backup_set_uuid!" from recovery_points
+           where protected_item_id = any($1) and backup_set_uuid = any($2)"#,
+        item_ids,
+        backup_sets,
     )
-    .bind(item_ids)
-    .bind(backup_sets)
     .fetch_all(db)
     .await
 }
 
+/// A recovery point to record: the chain's view of the backup (`point`, with its id,
+/// type, time and LSNs) and what the catalogue keeps beside it.
 pub struct NewPoint {
-    pub id: Uuid,
+    pub point: chain::Point,
     pub protected_item_id: Uuid,
     pub job_id: Uuid,
-    pub backup_type: &'static str,
     pub started_at: DateTime<Utc>,
-    pub backup_time: DateTime<Utc>,
     pub log_from: Option<DateTime<Utc>>,
-    pub first_lsn: Lsn,
-    pub last_lsn: Lsn,
     pub database_backup_lsn: Lsn,
-    pub checkpoint_lsn: Option<Lsn>,
-    pub differential_base_lsn: Option<Lsn>,
-    pub differential_base_guid: Option<Uuid>,
     pub backup_set_uuid: Option<Uuid>,
     pub begins_log_chain: Option<bool>,
-    pub has_bulk_logged_data: bool,
-    pub recovery_model: Option<&'static str>,
-    pub recovery_fork_guid: Option<Uuid>,
     pub fork_point_lsn: Option<Lsn>,
     pub database_guid: Option<Uuid>,
     pub size_bytes: i64,
     pub full_id: Option<Uuid>,
     pub expires_at: Option<DateTime<Utc>>,
     pub fixed_retention: bool,
-    pub chain_break: Option<&'static str>,
+    pub chain_break: Option<ChainBreak>,
     pub unverified: Vec<&'static str>,
 }
 
@@ -79,58 +85,74 @@ pub async fn points_insert(conn: &mut PgConnection, points: &[NewPoint]) -> sqlx
     if points.is_empty() {
         return Ok(());
     }
-    let lsn = |f: fn(&NewPoint) -> Option<Lsn>| {
-        points
-            .iter()
-            .map(|p| f(p).map(|l| l.to_string()))
-            .collect::<Vec<Option<String>>>()
-    };
+    let lsn = |f: fn(&NewPoint) -> Option<Lsn>| points.iter().map(f).collect::<Vec<_>>();
     let uuid = |f: fn(&NewPoint) -> Option<Uuid>| points.iter().map(f).collect::<Vec<_>>();
-    sqlx::query(
+    let ids: Vec<Uuid> = points.iter().map(|p| p.point.id).collect();
+    let item_ids: Vec<Uuid> = points.iter().map(|p| p.protected_item_id).collect();
+    let job_ids: Vec<Uuid> = points.iter().map(|p| p.job_id).collect();
+    let kinds: Vec<RecoveryPointType> = points.iter().map(|p| p.point.backup_type).collect();
+    let started: Vec<DateTime<Utc>> = points.iter().map(|p| p.started_at).collect();
+    let at: Vec<DateTime<Utc>> = points.iter().map(|p| p.point.backup_time).collect();
+    let log_from: Vec<Option<DateTime<Utc>>> = points.iter().map(|p| p.log_from).collect();
+    let begins: Vec<Option<bool>> = points.iter().map(|p| p.begins_log_chain).collect();
+    let bulk: Vec<bool> = points
+        .iter()
+        .map(|p| p.point.has_bulk_logged_data)
+        .collect();
+    let models: Vec<Option<RecoveryModel>> =
+        points.iter().map(|p| p.point.recovery_model).collect();
+    let sizes: Vec<i64> = points.iter().map(|p| p.size_bytes).collect();
+    let expires: Vec<Option<DateTime<Utc>>> = points.iter().map(|p| p.expires_at).collect();
+    let fixed: Vec<bool> = points.iter().map(|p| p.fixed_retention).collect();
+    let breaks: Vec<Option<ChainBreak>> = points.iter().map(|p| p.chain_break).collect();
+    let unverified: Vec<String> = points.iter().map(|p| p.unverified.join(",")).collect();
+    // Arrays of domain types and with null elements are given their Rust type (`as`): the
+    // macros' expected types are `&[T]` of owned, non-null `String`s and such.
+    sqlx::query!(
         "insert into recovery_points (id, protected_item_id, job_id, backup_type, started_at, backup_time, log_from,
                                       first_lsn, last_lsn, database_backup_lsn, checkpoint_lsn, differential_base_lsn,
                                       differential_base_guid, backup_set_uuid, begins_log_chain, has_bulk_logged_data,
                                       recovery_model, recovery_fork_guid, fork_point_lsn, database_guid, size_bytes,
                                       full_id, expires_at, fixed_retention, chain_break, unverified)
-         select id, item, job, kind, started, at, log_from, first::numeric, last::numeric, base::numeric,
-                checkpoint::numeric, diff_base::numeric, diff_guid, backup_set, begins, bulk, model, fork,
-                fork_point::numeric, db_guid, size, full_id, expires, fixed, chain_break,
-                string_to_array(unverified, ',')
+         select id, item, job, kind, started, at, log_from, first, last, base, checkpoint, diff_base, diff_guid,
+                backup_set, begins, bulk, model, fork, fork_point, db_guid, size, full_id, expires, fixed,
+                chain_break, string_to_array(unverified, ',')
          from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::timestamptz[], $6::timestamptz[],
-                     $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::uuid[],
-                     $14::uuid[], $15::bool[], $16::bool[], $17::text[], $18::uuid[], $19::text[], $20::uuid[],
-                     $21::int8[], $22::uuid[], $23::timestamptz[], $24::bool[], $25::text[], $26::text[])
+                     $7::timestamptz[], $8::numeric[], $9::numeric[], $10::numeric[], $11::numeric[],
+                     $12::numeric[], $13::uuid[], $14::uuid[], $15::bool[], $16::bool[], $17::text[], $18::uuid[],
+                     $19::numeric[], $20::uuid[], $21::int8[], $22::uuid[], $23::timestamptz[], $24::bool[],
+                     $25::text[], $26::text[])
               as p(id, item, job, kind, started, at, log_from, first, last, base, checkpoint, diff_base, diff_guid,
                    backup_set, begins, bulk, model, fork, fork_point, db_guid, size, full_id, expires, fixed,
                    chain_break, unverified)
          on conflict (protected_item_id, backup_set_uuid) where backup_set_uuid is not null do nothing",
+        &ids,
+        &item_ids,
+        &job_ids,
+        &kinds as &[RecoveryPointType],
+        &started,
+        &at,
+        &log_from as &[Option<DateTime<Utc>>],
+        &lsn(|p| Some(p.point.first_lsn)) as &[Option<Lsn>],
+        &lsn(|p| Some(p.point.last_lsn)) as &[Option<Lsn>],
+        &lsn(|p| Some(p.database_backup_lsn)) as &[Option<Lsn>],
+        &lsn(|p| p.point.checkpoint_lsn) as &[Option<Lsn>],
+        &lsn(|p| p.point.differential_base_lsn) as &[Option<Lsn>],
+        &uuid(|p| p.point.differential_base_guid) as &[Option<Uuid>],
+        &uuid(|p| p.backup_set_uuid) as &[Option<Uuid>],
+        &begins as &[Option<bool>],
+        &bulk,
+        &models as &[Option<RecoveryModel>],
+        &uuid(|p| p.point.recovery_fork_guid) as &[Option<Uuid>],
+        &lsn(|p| p.fork_point_lsn) as &[Option<Lsn>],
+        &uuid(|p| p.database_guid) as &[Option<Uuid>],
+        &sizes,
+        &uuid(|p| p.full_id) as &[Option<Uuid>],
+        &expires as &[Option<DateTime<Utc>>],
+        &fixed,
+        &breaks as &[Option<ChainBreak>],
+        &unverified,
     )
-    .bind(points.iter().map(|p| p.id).collect::<Vec<_>>())
-    .bind(points.iter().map(|p| p.protected_item_id).collect::<Vec<_>>())
-    .bind(points.iter().map(|p| p.job_id).collect::<Vec<_>>())
-    .bind(points.iter().map(|p| p.backup_type).collect::<Vec<_>>())
-    .bind(points.iter().map(|p| p.started_at).collect::<Vec<_>>())
-    .bind(points.iter().map(|p| p.backup_time).collect::<Vec<_>>())
-    .bind(points.iter().map(|p| p.log_from).collect::<Vec<_>>())
-    .bind(lsn(|p| Some(p.first_lsn)))
-    .bind(lsn(|p| Some(p.last_lsn)))
-    .bind(lsn(|p| Some(p.database_backup_lsn)))
-    .bind(lsn(|p| p.checkpoint_lsn))
-    .bind(lsn(|p| p.differential_base_lsn))
-    .bind(uuid(|p| p.differential_base_guid))
-    .bind(uuid(|p| p.backup_set_uuid))
-    .bind(points.iter().map(|p| p.begins_log_chain).collect::<Vec<_>>())
-    .bind(points.iter().map(|p| p.has_bulk_logged_data).collect::<Vec<_>>())
-    .bind(points.iter().map(|p| p.recovery_model).collect::<Vec<_>>())
-    .bind(uuid(|p| p.recovery_fork_guid))
-    .bind(lsn(|p| p.fork_point_lsn))
-    .bind(uuid(|p| p.database_guid))
-    .bind(points.iter().map(|p| p.size_bytes).collect::<Vec<_>>())
-    .bind(uuid(|p| p.full_id))
-    .bind(points.iter().map(|p| p.expires_at).collect::<Vec<_>>())
-    .bind(points.iter().map(|p| p.fixed_retention).collect::<Vec<_>>())
-    .bind(points.iter().map(|p| p.chain_break).collect::<Vec<_>>())
-    .bind(points.iter().map(|p| p.unverified.join(",")).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())
@@ -150,7 +172,15 @@ pub async fn chain_update(conn: &mut PgConnection, updates: &[ChainUpdate]) -> s
     if updates.is_empty() {
         return Ok(());
     }
-    sqlx::query(
+    let ids: Vec<Uuid> = updates.iter().map(|u| u.id).collect();
+    let chains: Vec<Json<ChainState>> = updates.iter().map(|u| Json(u.chain)).collect();
+    let full_ids: Vec<Option<Uuid>> = updates.iter().map(|u| u.last_full_id).collect();
+    let full_at: Vec<Option<DateTime<Utc>>> = updates.iter().map(|u| u.last_full_at).collect();
+    let diff_at: Vec<Option<DateTime<Utc>>> =
+        updates.iter().map(|u| u.last_differential_at).collect();
+    let log_at: Vec<Option<DateTime<Utc>>> = updates.iter().map(|u| u.last_log_at).collect();
+    // Arrays of JSON and with null elements are given their Rust type (`as`).
+    sqlx::query!(
         "update protected_items p set
              chain = u.chain,
              last_full_id = coalesce(u.full_id, p.last_full_id),
@@ -161,16 +191,24 @@ pub async fn chain_update(conn: &mut PgConnection, updates: &[ChainUpdate]) -> s
          from unnest($1::uuid[], $2::jsonb[], $3::uuid[], $4::timestamptz[], $5::timestamptz[], $6::timestamptz[])
               as u(id, chain, full_id, full_at, diff_at, log_at)
          where p.id = u.id",
+        &ids,
+        &chains as &[Json<ChainState>],
+        &full_ids as &[Option<Uuid>],
+        &full_at as &[Option<DateTime<Utc>>],
+        &diff_at as &[Option<DateTime<Utc>>],
+        &log_at as &[Option<DateTime<Utc>>],
     )
-    .bind(updates.iter().map(|u| u.id).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| Json(u.chain)).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.last_full_id).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.last_full_at).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.last_differential_at).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.last_log_at).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// A protected item's chain state with its policy's spec.
+#[derive(Debug, Clone, FromRow)]
+pub struct ItemChain {
+    pub id: Uuid,
+    pub chain: Json<ChainState>,
+    pub spec: Option<Json<serde_json::Value>>,
 }
 
 /// The chain states of `item_ids`, locked, with their policies' specs, for a change that
@@ -178,13 +216,14 @@ pub async fn chain_update(conn: &mut PgConnection, updates: &[ChainUpdate]) -> s
 pub async fn chains_of_items(
     conn: &mut PgConnection,
     item_ids: &[Uuid],
-) -> sqlx::Result<Vec<(Uuid, Json<ChainState>, Option<Json<serde_json::Value>>)>> {
-    sqlx::query_as(
-        "select p.id, p.chain, pol.spec
-         from protected_items p left join policies pol on pol.id = p.policy_id
-         where p.id = any($1) order by p.id for update of p",
+) -> sqlx::Result<Vec<ItemChain>> {
+    sqlx::query_as!(
+        ItemChain,
+        r#"select p.id, p.chain as "chain: Json<ChainState>", pol.spec as "spec?: Json<serde_json::Value>"
+           from protected_items p left join policies pol on pol.id = p.policy_id
+           where p.id = any($1) order by p.id for update of p"#,
+        item_ids,
     )
-    .bind(item_ids)
     .fetch_all(conn)
     .await
 }
@@ -194,12 +233,13 @@ pub async fn chains_set(
     item_ids: &[Uuid],
     chains: &[ChainState],
 ) -> sqlx::Result<()> {
-    sqlx::query(
+    let chains: Vec<Json<ChainState>> = chains.iter().map(|c| Json(*c)).collect();
+    sqlx::query!(
         "update protected_items p set chain = u.chain, updated_at = now()
          from unnest($1::uuid[], $2::jsonb[]) as u(id, chain) where p.id = u.id",
+        item_ids,
+        &chains as &[Json<ChainState>],
     )
-    .bind(item_ids)
-    .bind(chains.iter().map(|c| Json(*c)).collect::<Vec<_>>())
     .execute(db)
     .await?;
     Ok(())
@@ -213,14 +253,14 @@ pub async fn fulls_extend_chain(
     full_ids: &[Uuid],
     expires: &[DateTime<Utc>],
 ) -> sqlx::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "update recovery_points f set chain_until = greatest(f.chain_until, d.until)
          from (select full_id, max(expires) as until from unnest($1::uuid[], $2::timestamptz[]) as n(full_id, expires)
                group by full_id) d
          where f.id = d.full_id and (f.chain_until is null or f.chain_until < d.until)",
+        full_ids,
+        expires,
     )
-    .bind(full_ids)
-    .bind(expires)
     .execute(db)
     .await?;
     Ok(())
@@ -228,10 +268,10 @@ pub async fn fulls_extend_chain(
 
 /// The next backup of these items must be a full (an agent found their chain broken).
 pub async fn needs_full_set(db: impl PgExecutor<'_>, item_ids: &[Uuid]) -> sqlx::Result<()> {
-    sqlx::query(
-        "update protected_items set chain = jsonb_set(chain, '{needs}', '\"full\"') where id = any($1)",
+    sqlx::query!(
+        r#"update protected_items set chain = jsonb_set(chain, '{needs}', '"full"') where id = any($1)"#,
+        item_ids,
     )
-    .bind(item_ids)
     .execute(db)
     .await?;
     Ok(())
@@ -242,24 +282,24 @@ pub struct PointRow {
     pub id: Uuid,
     pub protected_item_id: Uuid,
     pub job_id: Option<Uuid>,
-    pub backup_type: String,
+    pub backup_type: RecoveryPointType,
     pub started_at: DateTime<Utc>,
     pub backup_time: DateTime<Utc>,
     pub log_from: Option<DateTime<Utc>>,
-    pub first_lsn: String,
-    pub last_lsn: String,
-    pub database_backup_lsn: String,
-    pub checkpoint_lsn: Option<String>,
-    pub differential_base_lsn: Option<String>,
+    pub first_lsn: Lsn,
+    pub last_lsn: Lsn,
+    pub database_backup_lsn: Lsn,
+    pub checkpoint_lsn: Option<Lsn>,
+    pub differential_base_lsn: Option<Lsn>,
     pub differential_base_guid: Option<Uuid>,
     pub backup_set_uuid: Option<Uuid>,
     pub begins_log_chain: Option<bool>,
     pub has_bulk_logged_data: bool,
-    pub recovery_model: Option<String>,
+    pub recovery_model: Option<RecoveryModel>,
     pub recovery_fork_guid: Option<Uuid>,
-    pub fork_point_lsn: Option<String>,
+    pub fork_point_lsn: Option<Lsn>,
     pub database_guid: Option<Uuid>,
-    pub chain_break: Option<String>,
+    pub chain_break: Option<ChainBreak>,
     pub unverified: Vec<String>,
     pub size_bytes: i64,
     pub full_id: Option<Uuid>,
@@ -271,30 +311,44 @@ pub struct PointRow {
 }
 
 pub async fn points_of_item(db: impl PgExecutor<'_>, item_id: Uuid) -> sqlx::Result<Vec<PointRow>> {
-    sqlx::query_as(
-        "select id, protected_item_id, job_id, backup_type, started_at, backup_time, log_from, first_lsn::text,
-                last_lsn::text, database_backup_lsn::text, checkpoint_lsn::text, differential_base_lsn::text,
-                differential_base_guid, backup_set_uuid, begins_log_chain, has_bulk_logged_data, recovery_model,
-                recovery_fork_guid, fork_point_lsn::text, database_guid, chain_break, unverified, size_bytes,
-                full_id, expires_at, chain_until, delete_after, fixed_retention, chain_gap
-         from recovery_points where protected_item_id = $1 order by backup_time, id",
+    sqlx::query_as!(
+        PointRow,
+        // The generated `chain_gap` (`chain_break is not null`) is never null (`!`).
+        r#"select id, protected_item_id, job_id, backup_type as "backup_type: RecoveryPointType", started_at,
+                  backup_time, log_from, first_lsn as "first_lsn: Lsn", last_lsn as "last_lsn: Lsn",
+                  database_backup_lsn as "database_backup_lsn: Lsn", checkpoint_lsn as "checkpoint_lsn: Lsn",
+                  differential_base_lsn as "differential_base_lsn: Lsn", differential_base_guid, backup_set_uuid,
+                  begins_log_chain, has_bulk_logged_data, recovery_model as "recovery_model: RecoveryModel",
+                  recovery_fork_guid, fork_point_lsn as "fork_point_lsn: Lsn", database_guid,
+                  chain_break as "chain_break: ChainBreak", unverified, size_bytes, full_id, expires_at, chain_until,
+                  delete_after, fixed_retention, chain_gap as "chain_gap!"
+           from recovery_points where protected_item_id = $1 order by backup_time, id"#,
+        item_id,
     )
-    .bind(item_id)
     .fetch_all(db)
     .await
+}
+
+/// A point whose expiry follows its policy.
+#[derive(Debug, Clone, FromRow)]
+pub struct PolicyPoint {
+    pub id: Uuid,
+    pub backup_type: RecoveryPointType,
+    pub backup_time: DateTime<Utc>,
 }
 
 /// Points of items under a policy whose expiry follows it (for a retention change).
 pub async fn points_following_policy(
     db: impl PgExecutor<'_>,
     policy_id: Uuid,
-) -> sqlx::Result<Vec<(Uuid, String, DateTime<Utc>)>> {
-    sqlx::query_as(
-        "select r.id, r.backup_type, r.backup_time from recovery_points r
-         join protected_items p on p.id = r.protected_item_id
-         where p.policy_id = $1 and not r.fixed_retention and r.expires_at is not null",
+) -> sqlx::Result<Vec<PolicyPoint>> {
+    sqlx::query_as!(
+        PolicyPoint,
+        r#"select r.id, r.backup_type as "backup_type: RecoveryPointType", r.backup_time from recovery_points r
+           join protected_items p on p.id = r.protected_item_id
+           where p.policy_id = $1 and not r.fixed_retention and r.expires_at is not null"#,
+        policy_id,
     )
-    .bind(policy_id)
     .fetch_all(db)
     .await
 }
@@ -304,20 +358,20 @@ pub async fn points_set_expiry(
     ids: &[Uuid],
     expires: &[DateTime<Utc>],
 ) -> sqlx::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "update recovery_points r set expires_at = u.expires
          from unnest($1::uuid[], $2::timestamptz[]) as u(id, expires) where r.id = u.id",
+        ids,
+        expires,
     )
-    .bind(ids)
-    .bind(expires)
     .execute(&mut *conn)
     .await?;
-    sqlx::query(
+    sqlx::query!(
         "update recovery_points f set chain_until = (select max(d.expires_at) from recovery_points d where d.full_id = f.id)
          where f.id in (select distinct full_id from recovery_points where id = any($1) and full_id is not null)
             or (f.id = any($1) and f.backup_type = 'full')",
+        ids,
     )
-    .bind(ids)
     .execute(conn)
     .await?;
     Ok(())
@@ -325,9 +379,11 @@ pub async fn points_set_expiry(
 
 /// Retain the data of a stopped item: its points no longer expire.
 pub async fn points_retain_forever(db: impl PgExecutor<'_>, item_id: Uuid) -> sqlx::Result<()> {
-    sqlx::query("update recovery_points set expires_at = null, chain_until = null where protected_item_id = $1")
-        .bind(item_id)
-        .execute(db)
+    sqlx::query!(
+        "update recovery_points set expires_at = null, chain_until = null where protected_item_id = $1",
+        item_id,
+    )
+    .execute(db)
         .await?;
     Ok(())
 }
@@ -337,14 +393,14 @@ pub async fn points_retain_forever(db: impl PgExecutor<'_>, item_id: Uuid) -> sq
 /// full from its chain. One statement, so the `delete_after` index serves every kind;
 /// the ids go in as an array (`id in (subquery)` makes a hash join over the whole table).
 pub async fn points_sweep(conn: &mut PgConnection, limit: i64) -> sqlx::Result<u64> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         "delete from recovery_points where id = any(array(
              select r.id from recovery_points r
              where r.delete_after < now()
                and not exists (select 1 from recovery_points d where d.full_id = r.id)
              order by r.delete_after limit $1))",
+        limit,
     )
-    .bind(limit)
     .execute(conn)
     .await?;
     Ok(done.rows_affected())
@@ -366,14 +422,15 @@ pub async fn rpo_rows(
     db: impl PgExecutor<'_>,
     vault_id: Option<Uuid>,
 ) -> sqlx::Result<Vec<RpoRow>> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        RpoRow,
         "select p.id, p.policy_id, d.name as database, v.name as vm_name, p.created_at, p.last_full_at,
                 p.last_differential_at, p.last_log_at
          from protected_items p join sql_databases d on d.id = p.database_id join vms v on v.id = d.vm_id
          where p.state = 'protected' and ($1::uuid is null or p.vault_id = $1)
          order by p.id",
+        vault_id,
     )
-    .bind(vault_id)
     .fetch_all(db)
     .await
 }
@@ -386,14 +443,14 @@ pub async fn items_stale(
     policies: &[Uuid],
     before: &[DateTime<Utc>],
 ) -> sqlx::Result<i64> {
-    sqlx::query_scalar(
-        "select count(*) from protected_items p
-           join unnest($1::uuid[], $2::timestamptz[]) as s(policy_id, before) on s.policy_id = p.policy_id
-         where p.state = 'protected'
-           and coalesce(greatest(p.last_full_at, p.last_differential_at, p.last_log_at), p.created_at) < s.before",
+    sqlx::query_scalar!(
+        r#"select count(*) as "count!" from protected_items p
+             join unnest($1::uuid[], $2::timestamptz[]) as s(policy_id, before) on s.policy_id = p.policy_id
+           where p.state = 'protected'
+             and coalesce(greatest(p.last_full_at, p.last_differential_at, p.last_log_at), p.created_at) < s.before"#,
+        policies,
+        before,
     )
-    .bind(policies)
-    .bind(before)
     .fetch_one(db)
     .await
 }

@@ -1,6 +1,7 @@
 //! The scheduler's statements: slots claimed per policy and backup type, and the set-based
 //! statement that turns a fired slot into the policy's backup jobs.
 
+use backvault_domain::jobs::JobKind;
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use sqlx::{FromRow, PgConnection, PgExecutor};
@@ -20,11 +21,13 @@ pub struct PolicySchedule {
 }
 
 impl PolicySchedule {
+    /// The next slot of a scheduled kind (`JobKind::as_str`); `None` for any other.
     pub fn next_at(&self, kind: &str) -> Option<DateTime<Utc>> {
-        match kind {
-            "backup_full" => self.next_full_at,
-            "backup_differential" => self.next_differential_at,
-            _ => self.next_log_at,
+        match JobKind::parse(kind)? {
+            JobKind::BackupFull => self.next_full_at,
+            JobKind::BackupDifferential => self.next_differential_at,
+            JobKind::BackupLog => self.next_log_at,
+            JobKind::Discovery | JobKind::ConfigureProtection | JobKind::Restore => None,
         }
     }
 }
@@ -32,8 +35,9 @@ impl PolicySchedule {
 /// The policies that protect something and their next slots, in one statement: a tick
 /// with nothing due costs this read and no write.
 pub async fn schedules_in_use(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<PolicySchedule>> {
-    sqlx::query_as(
-        "select pol.id, pol.spec, pol.version,
+    sqlx::query_as!(
+        PolicySchedule,
+        r#"select pol.id, pol.spec as "spec: Json<serde_json::Value>", pol.version,
                 (select next_at from schedule_slots s where s.policy_id = pol.id and s.kind = 'backup_full'
                  order by slot_at desc limit 1) as next_full_at,
                 (select next_at from schedule_slots s where s.policy_id = pol.id and s.kind = 'backup_differential'
@@ -41,7 +45,7 @@ pub async fn schedules_in_use(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<Polic
                 (select next_at from schedule_slots s where s.policy_id = pol.id and s.kind = 'backup_log'
                  order by slot_at desc limit 1) as next_log_at
          from policies pol
-         where exists (select 1 from protected_items p where p.policy_id = pol.id and p.state = 'protected')",
+         where exists (select 1 from protected_items p where p.policy_id = pol.id and p.state = 'protected')"#,
     )
     .fetch_all(db)
     .await
@@ -64,15 +68,16 @@ pub async fn schedule_claim_slot(
     now: DateTime<Utc>,
     next: DateTime<Utc>,
 ) -> sqlx::Result<Option<DateTime<Utc>>> {
-    let current: Option<i64> =
-        sqlx::query_scalar("select version from policies where id = $1 for share")
-            .bind(policy_id)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let current: Option<i64> = sqlx::query_scalar!(
+        "select version from policies where id = $1 for share",
+        policy_id
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
     if current != Some(version) {
         return Ok(None);
     }
-    let claimed: Option<Option<DateTime<Utc>>> = sqlx::query_scalar(
+    let claimed: Option<Option<DateTime<Utc>>> = sqlx::query_scalar!(
         "with latest as (
              select next_at from schedule_slots where policy_id = $1 and kind = $2
              order by slot_at desc limit 1
@@ -82,11 +87,11 @@ pub async fn schedule_claim_slot(
          where coalesce((select next_at from latest) <= $3, true)
          on conflict do nothing
          returning nullif(slot_at, '-infinity')",
+        policy_id,
+        kind,
+        now,
+        next,
     )
-    .bind(policy_id)
-    .bind(kind)
-    .bind(now)
-    .bind(next)
     .fetch_optional(conn)
     .await?;
     Ok(claimed.flatten())
@@ -98,7 +103,7 @@ pub async fn schedule_claim_slot(
 /// beyond that was rehearsed; left in place it would hold real ticks back until the
 /// rehearsed instant. Returns how many were removed.
 pub async fn schedule_forget_rehearsals(db: impl PgExecutor<'_>) -> sqlx::Result<u64> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         "delete from schedule_slots
          where slot_at > fired_at + interval '5 minutes'
             or next_at > fired_at + interval '8 days'",
@@ -115,10 +120,14 @@ pub async fn policies_lock_members(
     conn: &mut PgConnection,
     policy_ids: &[Uuid],
 ) -> sqlx::Result<()> {
-    sqlx::query("select 1 from policies where id = any($1) order by id for no key update")
-        .bind(policy_ids)
-        .execute(conn)
-        .await?;
+    sqlx::query!(
+        // Named: the macros make a field of every column.
+        "select 1 as locked from policies where id = any($1) order by id for no key update",
+        policy_ids,
+    )
+    // The rows are not read; a query with columns has no `execute`.
+    .fetch_all(conn)
+    .await?;
     Ok(())
 }
 
@@ -129,13 +138,13 @@ pub async fn schedule_restart_idle(
     conn: &mut PgConnection,
     policy_ids: &[Uuid],
 ) -> sqlx::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "delete from schedule_slots s
          where s.policy_id = any($1)
            and not exists (select 1 from protected_items p
                            where p.policy_id = s.policy_id and p.state = 'protected')",
+        policy_ids,
     )
-    .bind(policy_ids)
     .execute(conn)
     .await?;
     Ok(())
@@ -164,9 +173,10 @@ pub struct Enqueued {
 /// and the scheduler's `now` in their payload (`ScheduledBackup`): the policy's
 /// protected databases, per VM in jobs of at most `max_items_per_job` split as the domain's
 /// `batch` does. Skipped: databases whose scheduled job of that type is still queued or
-/// running (coalesced), logs of databases in the simple recovery model and of `master`,
-/// differentials of `master`, differentials of databases with a full queued, running or
-/// taken since the slot; a database with no usable full in its chain gets a full instead,
+/// running (coalesced), backup types the database does not take at all
+/// (`backvault_backup_type_allowed`, the twin of `domain::configure::backup_type_allowed`:
+/// no log in the simple recovery model, fulls only for `master`), differentials of
+/// databases with a full queued, running or taken since the slot; a database with no usable full in its chain gets a full instead,
 /// one whose log chain broke a differential instead of a log (where the policy has them).
 pub async fn schedule_enqueue(
     conn: &mut PgConnection,
@@ -176,8 +186,9 @@ pub async fn schedule_enqueue(
     now: DateTime<Utc>,
     jobs: SlotJobs,
 ) -> sqlx::Result<Enqueued> {
-    sqlx::query_as(
-        "with active as materialized (
+    sqlx::query_as!(
+        Enqueued,
+        r#"with active as materialized (
              select (e.item ->> 'protected_item_id')::uuid as item_id, q.kind
              from job_queue q
              join jobs j on j.id = q.job_id
@@ -195,9 +206,8 @@ pub async fn schedule_enqueue(
              join vms v on v.id = d.vm_id
              where p.policy_id = $1 and p.state = 'protected' and d.gone_at is null
                and (p.needs_full
-                    or ($2 <> 'backup_log' or d.recovery_model <> 'simple' and lower(d.name) <> 'master')
-                       and ($2 <> 'backup_differential'
-                            or lower(d.name) <> 'master' and (p.last_full_at is null or p.last_full_at < $3)))
+                    or backvault_backup_type_allowed(d.name, d.recovery_model, $2)
+                       and ($2 <> 'backup_differential' or p.last_full_at is null or p.last_full_at < $3))
          ), runs as materialized (
              select due.*, row_number() over per_vm - 1 as position, count(*) over per_vm as of
              from due
@@ -229,18 +239,18 @@ pub async fn schedule_enqueue(
              set jobs = (select count(*) from grouped), items = (select coalesce(sum(size), 0) from grouped)
              where policy_id = $1 and kind = $2 and slot_at = $3
          )
-         select count(*) as jobs, coalesce(sum(size), 0)::int8 as items,
-                coalesce(array_agg(distinct vm_id), '{}') as vm_ids
-         from grouped",
+         select count(*) as "jobs!", coalesce(sum(size), 0)::int8 as "items!",
+                coalesce(array_agg(distinct vm_id), '{}') as "vm_ids!"
+         from grouped"#,
+        policy_id,
+        kind,
+        slot,
+        jobs.priority,
+        jobs.max_attempts,
+        jobs.max_items_per_job,
+        now,
+        jobs.heal_with_differential,
     )
-    .bind(policy_id)
-    .bind(kind)
-    .bind(slot)
-    .bind(jobs.priority)
-    .bind(jobs.max_attempts)
-    .bind(jobs.max_items_per_job)
-    .bind(now)
-    .bind(jobs.heal_with_differential)
     .fetch_one(conn)
     .await
 }
@@ -250,26 +260,30 @@ pub async fn schedule_enqueue(
 pub async fn schedule_reset(
     db: impl PgExecutor<'_>,
     policy_id: Uuid,
-    kinds: &[&str],
+    kinds: &[JobKind],
 ) -> sqlx::Result<()> {
-    sqlx::query("delete from schedule_slots where policy_id = $1 and kind = any($2)")
-        .bind(policy_id)
-        .bind(kinds)
-        .execute(db)
-        .await?;
+    sqlx::query!(
+        "delete from schedule_slots where policy_id = $1 and kind = any($2)",
+        policy_id,
+        // A domain type for `text[]` (the macros expect `&[String]`).
+        kinds as &[JobKind],
+    )
+    .execute(db)
+    .await?;
     Ok(())
 }
 
 /// Removes fired slots older than `age`, keeping the newest of each policy and type (it
 /// holds the next slot).
 pub async fn schedule_prune(db: impl PgExecutor<'_>, age: chrono::Duration) -> sqlx::Result<u64> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         "delete from schedule_slots s
          where s.fired_at < now() - $1::interval
            and exists (select 1 from schedule_slots n
                        where n.policy_id = s.policy_id and n.kind = s.kind and n.slot_at > s.slot_at)",
+        // sqlx maps `interval` to `PgInterval`; chrono's duration encodes as one too.
+        age as chrono::Duration,
     )
-    .bind(age)
     .execute(db)
     .await?;
     Ok(done.rows_affected())

@@ -28,28 +28,33 @@ pub struct NewVault<'a> {
     pub description: &'a str,
 }
 
-const COLUMNS: &str = "id, subscription_id, resource_group, name, region, description, version, created_at, updated_at";
+// Every statement below that returns a `VaultRow` lists its columns as
+// `id, subscription_id, resource_group, name, region, description, version, created_at, updated_at`.
 
 pub async fn vault_insert(conn: &mut PgConnection, v: NewVault<'_>) -> sqlx::Result<VaultRow> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    sqlx::query_as!(
+        VaultRow,
         "insert into vaults (id, subscription_id, resource_group, name, region, description)
-         values ($1, $2, $3, $4, $5, $6) returning {COLUMNS}"
-    )))
-    .bind(v.id)
-    .bind(v.subscription_id)
-    .bind(v.resource_group)
-    .bind(v.name)
-    .bind(v.region)
-    .bind(v.description)
+         values ($1, $2, $3, $4, $5, $6)
+         returning id, subscription_id, resource_group, name, region, description, version, created_at, updated_at",
+        v.id,
+        v.subscription_id,
+        v.resource_group,
+        v.name,
+        v.region,
+        v.description,
+    )
     .fetch_one(conn)
     .await
 }
 
 pub async fn vault_get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<VaultRow>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {COLUMNS} from vaults where id = $1"
-    )))
-    .bind(id)
+    sqlx::query_as!(
+        VaultRow,
+        "select id, subscription_id, resource_group, name, region, description, version, created_at, updated_at
+         from vaults where id = $1",
+        id,
+    )
     .fetch_optional(db)
     .await
 }
@@ -60,15 +65,17 @@ pub async fn vault_list(
     subscriptions: Option<&[String]>,
     page: Page,
 ) -> sqlx::Result<Vec<VaultRow>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {COLUMNS} from vaults
+    sqlx::query_as!(
+        VaultRow,
+        "select id, subscription_id, resource_group, name, region, description, version, created_at, updated_at
+         from vaults
          where ($1::text[] is null or subscription_id = any($1))
            and ($2::uuid is null or id > $2)
-         order by id limit $3"
-    )))
-    .bind(subscriptions)
-    .bind(page.after)
-    .bind(page.limit)
+         order by id limit $3",
+        subscriptions,
+        page.after,
+        page.limit,
+    )
     .fetch_all(db)
     .await
 }
@@ -81,14 +88,15 @@ pub async fn vault_update(
     expected_version: Option<i64>,
     description: &str,
 ) -> sqlx::Result<Option<VaultRow>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    sqlx::query_as!(
+        VaultRow,
         "update vaults set description = $3, version = version + 1, updated_at = now()
          where id = $1 and ($2::bigint is null or version = $2)
-         returning {COLUMNS}"
-    )))
-    .bind(id)
-    .bind(expected_version)
-    .bind(description)
+         returning id, subscription_id, resource_group, name, region, description, version, created_at, updated_at",
+        id,
+        expected_version,
+        description,
+    )
     .fetch_optional(conn)
     .await
 }
@@ -100,11 +108,12 @@ pub async fn vault_delete(
     id: Uuid,
     expected_version: Option<i64>,
 ) -> sqlx::Result<bool> {
-    let done =
-        sqlx::query("delete from vaults where id = $1 and ($2::bigint is null or version = $2)")
-            .bind(id)
-            .bind(expected_version)
-            .execute(conn)
-            .await?;
+    let done = sqlx::query!(
+        "delete from vaults where id = $1 and ($2::bigint is null or version = $2)",
+        id,
+        expected_version,
+    )
+    .execute(conn)
+    .await?;
     Ok(done.rows_affected() == 1)
 }

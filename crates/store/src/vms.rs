@@ -1,5 +1,6 @@
 //! The `vms` table: the inventory of VMs that agents enrolled or automation upserted.
 
+use backvault_domain::agent::DeploymentModel;
 use chrono::{DateTime, Utc};
 use sqlx::{FromRow, PgConnection, PgExecutor};
 use uuid::Uuid;
@@ -13,7 +14,7 @@ pub struct VmRow {
     pub resource_group: String,
     pub name: String,
     pub region: String,
-    pub deployment_model: String,
+    pub deployment_model: DeploymentModel,
     pub agent_installed: bool,
     pub agent_version: Option<String>,
     pub dotnet_version: Option<String>,
@@ -34,16 +35,18 @@ pub struct VmFactsRow<'a> {
     pub resource_group: &'a str,
     pub name: &'a str,
     pub region: &'a str,
-    pub deployment_model: &'a str,
+    pub deployment_model: DeploymentModel,
     pub agent_version: &'a str,
     pub dotnet_version: &'a str,
     pub sql_iaas_extension: bool,
     pub other_backup_product: bool,
 }
 
-const COLUMNS: &str = "id, subscription_id, resource_group, name, region, deployment_model, agent_installed, \
-    agent_version, dotnet_version, sql_iaas_extension, other_backup_product, last_seen_at, token_generation, \
-    vault_id, version, created_at, updated_at";
+// Every statement below that returns a `VmRow` lists its columns as
+// `id, subscription_id, resource_group, name, region, deployment_model as "deployment_model: DeploymentModel",
+// agent_installed, agent_version, dotnet_version, sql_iaas_extension, other_backup_product, last_seen_at,
+// token_generation, vault_id, version, created_at, updated_at` (so do `inventory::vm_lock` and
+// `inventory::vms_unregistered`).
 
 /// Inserts or updates the VM an agent enrolls for, marks it heard from, and bumps its
 /// token generation so that tokens issued before this enrollment stop working. A VM that
@@ -56,8 +59,9 @@ pub async fn vm_enroll(
     f: &VmFactsRow<'_>,
     replace_agent: bool,
 ) -> sqlx::Result<Option<VmRow>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "insert into vms (id, subscription_id, resource_group, name, region, deployment_model, agent_installed,
+    sqlx::query_as!(
+        VmRow,
+        r#"insert into vms (id, subscription_id, resource_group, name, region, deployment_model, agent_installed,
                           agent_version, dotnet_version, sql_iaas_extension, other_backup_product, last_seen_at,
                           token_generation)
          values ($1, $2, $3, $4, $5, $6, true, $7, $8, $9, $10, now(), 1)
@@ -68,19 +72,22 @@ pub async fn vm_enroll(
              other_backup_product = excluded.other_backup_product, last_seen_at = now(),
              token_generation = vms.token_generation + 1, version = vms.version + 1, updated_at = now()
          where vms.token_generation = 0 or $11
-         returning {COLUMNS}"
-    )))
-    .bind(new_id)
-    .bind(f.subscription_id)
-    .bind(f.resource_group)
-    .bind(f.name)
-    .bind(f.region)
-    .bind(f.deployment_model)
-    .bind(f.agent_version)
-    .bind(f.dotnet_version)
-    .bind(f.sql_iaas_extension)
-    .bind(f.other_backup_product)
-    .bind(replace_agent)
+         returning id, subscription_id, resource_group, name, region,
+                   deployment_model as "deployment_model: DeploymentModel", agent_installed, agent_version,
+                   dotnet_version, sql_iaas_extension, other_backup_product, last_seen_at, token_generation, vault_id,
+                   version, created_at, updated_at"#,
+        new_id,
+        f.subscription_id,
+        f.resource_group,
+        f.name,
+        f.region,
+        f.deployment_model as DeploymentModel,
+        f.agent_version,
+        f.dotnet_version,
+        f.sql_iaas_extension,
+        f.other_backup_product,
+        replace_agent,
+    )
     .fetch_optional(conn)
     .await
 }
@@ -94,39 +101,47 @@ pub async fn vm_refresh(
     generation: i64,
     f: &VmFactsRow<'_>,
 ) -> sqlx::Result<Option<VmRow>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "update vms set
+    sqlx::query_as!(
+        VmRow,
+        r#"update vms set
              region = $3, deployment_model = $4, agent_installed = true, agent_version = $5,
              dotnet_version = $6, sql_iaas_extension = $7, other_backup_product = $8,
              last_seen_at = now(), version = version + 1, updated_at = now()
          where id = $1 and token_generation = $2
-         returning {COLUMNS}"
-    )))
-    .bind(id)
-    .bind(generation)
-    .bind(f.region)
-    .bind(f.deployment_model)
-    .bind(f.agent_version)
-    .bind(f.dotnet_version)
-    .bind(f.sql_iaas_extension)
-    .bind(f.other_backup_product)
+         returning id, subscription_id, resource_group, name, region,
+                   deployment_model as "deployment_model: DeploymentModel", agent_installed, agent_version,
+                   dotnet_version, sql_iaas_extension, other_backup_product, last_seen_at, token_generation, vault_id,
+                   version, created_at, updated_at"#,
+        id,
+        generation,
+        f.region,
+        f.deployment_model as DeploymentModel,
+        f.agent_version,
+        f.dotnet_version,
+        f.sql_iaas_extension,
+        f.other_backup_product,
+    )
     .fetch_optional(conn)
     .await
 }
 
 pub async fn vm_get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<VmRow>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {COLUMNS} from vms where id = $1"
-    )))
-    .bind(id)
+    sqlx::query_as!(
+        VmRow,
+        r#"select id, subscription_id, resource_group, name, region,
+                  deployment_model as "deployment_model: DeploymentModel", agent_installed, agent_version,
+                  dotnet_version, sql_iaas_extension, other_backup_product, last_seen_at, token_generation, vault_id,
+                  version, created_at, updated_at
+         from vms where id = $1"#,
+        id,
+    )
     .fetch_optional(db)
     .await
 }
 
 /// The current token generation, or `None` when the VM was removed.
 pub async fn vm_token_generation(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<i64>> {
-    sqlx::query_scalar("select token_generation from vms where id = $1")
-        .bind(id)
+    sqlx::query_scalar!("select token_generation from vms where id = $1", id)
         .fetch_optional(db)
         .await
 }
@@ -145,25 +160,37 @@ pub async fn vm_list(
     f: &VmFilter<'_>,
     page: Page,
 ) -> sqlx::Result<Vec<VmRow>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {COLUMNS} from vms
+    sqlx::query_as!(
+        VmRow,
+        r#"select id, subscription_id, resource_group, name, region,
+                  deployment_model as "deployment_model: DeploymentModel", agent_installed, agent_version,
+                  dotnet_version, sql_iaas_extension, other_backup_product, last_seen_at, token_generation, vault_id,
+                  version, created_at, updated_at
+         from vms
          where ($1::text[] is null or subscription_id = any($1))
            and ($2::text is null or subscription_id = $2)
            and ($3::text is null or lower(resource_group) = lower($3))
            and ($4::text is null or lower(region) = lower($4))
            and ($5::bool is null or (vault_id is not null) = $5)
            and ($6::uuid is null or id > $6)
-         order by id limit $7"
-    )))
-    .bind(f.subscriptions)
-    .bind(f.subscription_id)
-    .bind(f.resource_group)
-    .bind(f.region)
-    .bind(f.registered)
-    .bind(page.after)
-    .bind(page.limit)
+         order by id limit $7"#,
+        f.subscriptions,
+        f.subscription_id,
+        f.resource_group,
+        f.region,
+        f.registered,
+        page.after,
+        page.limit,
+    )
     .fetch_all(db)
     .await
+}
+
+/// A VM upserted, and whether the upsert created it.
+#[derive(Debug, Clone)]
+pub struct VmUpserted {
+    pub vm: VmRow,
+    pub created: bool,
 }
 
 /// Inserts or updates a VM from inventory automation. Only placement facts change; what
@@ -172,25 +199,31 @@ pub async fn vm_upsert(
     conn: &mut PgConnection,
     new_id: Uuid,
     f: &VmFactsRow<'_>,
-) -> sqlx::Result<(VmRow, bool)> {
-    let row: VmRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "insert into vms (id, subscription_id, resource_group, name, region, deployment_model)
+) -> sqlx::Result<VmUpserted> {
+    let row: VmRow = sqlx::query_as!(
+        VmRow,
+        r#"insert into vms (id, subscription_id, resource_group, name, region, deployment_model)
          values ($1, $2, $3, $4, $5, $6)
          on conflict (subscription_id, lower(resource_group), lower(name)) do update set
              region = excluded.region, deployment_model = excluded.deployment_model,
              version = vms.version + 1, updated_at = now()
-         returning {COLUMNS}"
-    )))
-    .bind(new_id)
-    .bind(f.subscription_id)
-    .bind(f.resource_group)
-    .bind(f.name)
-    .bind(f.region)
-    .bind(f.deployment_model)
+         returning id, subscription_id, resource_group, name, region,
+                   deployment_model as "deployment_model: DeploymentModel", agent_installed, agent_version,
+                   dotnet_version, sql_iaas_extension, other_backup_product, last_seen_at, token_generation, vault_id,
+                   version, created_at, updated_at"#,
+        new_id,
+        f.subscription_id,
+        f.resource_group,
+        f.name,
+        f.region,
+        f.deployment_model as DeploymentModel,
+    )
     .fetch_one(conn)
     .await?;
-    let created = row.id == new_id;
-    Ok((row, created))
+    Ok(VmUpserted {
+        created: row.id == new_id,
+        vm: row,
+    })
 }
 
 /// Records that the agent was heard from, with new facts when it sent them. Only the
@@ -201,26 +234,25 @@ pub async fn vm_heartbeat(
     id: Uuid,
     facts: Option<&VmFactsRow<'_>>,
 ) -> sqlx::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "update vms set last_seen_at = now(),
              agent_version = coalesce($2, agent_version), dotnet_version = coalesce($3, dotnet_version),
              sql_iaas_extension = coalesce($4, sql_iaas_extension),
              other_backup_product = coalesce($5, other_backup_product)
          where id = $1",
+        id,
+        facts.map(|f| f.agent_version),
+        facts.map(|f| f.dotnet_version),
+        facts.map(|f| f.sql_iaas_extension),
+        facts.map(|f| f.other_backup_product),
     )
-    .bind(id)
-    .bind(facts.map(|f| f.agent_version))
-    .bind(facts.map(|f| f.dotnet_version))
-    .bind(facts.map(|f| f.sql_iaas_extension))
-    .bind(facts.map(|f| f.other_backup_product))
     .execute(db)
     .await?;
     Ok(())
 }
 
 pub async fn vm_delete(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<bool> {
-    let done = sqlx::query("delete from vms where id = $1")
-        .bind(id)
+    let done = sqlx::query!("delete from vms where id = $1", id)
         .execute(conn)
         .await?;
     Ok(done.rows_affected() == 1)

@@ -5,16 +5,19 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use backvault_domain::protection::ProtectionState;
+use backvault_service::auto_protection::{AutoProtection, CreateAutoProtection};
 use backvault_service::jobs::Job;
+use backvault_service::on_demand::OnDemandBackup;
+use backvault_service::protectable_items::ProtectableContainer;
 use backvault_service::protection::{
-    AutoProtection, ChangePolicy, ConfigureProtection, ConfigureProtectionResult,
-    CreateAutoProtection, DiscoveryCandidate, ItemQuery, OnDemandBackup, ProtectableContainer,
-    ProtectedItem, StopProtection,
+    ChangePolicy, ConfigureProtection, ConfigureProtectionResult, ItemQuery, ProtectedItem,
+    StopProtection,
 };
-use backvault_service::recovery::{
-    RecoveryPoints, RestorePlan, RestoreRequest, RestoreTarget, RpoReport, RunScheduler,
-    SchedulerRun,
-};
+use backvault_service::recovery::RecoveryPoints;
+use backvault_service::registration::DiscoveryCandidate;
+use backvault_service::reports::RpoReport;
+use backvault_service::restore::{RestorePlan, RestoreRequest, RestoreTarget};
+use backvault_service::scheduler::{RunScheduler, SchedulerRun};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -288,7 +291,7 @@ async fn list_protected_items(
     Query(p): Query<ItemParams>,
 ) -> ApiResult<axum::Json<ProtectedItemList>> {
     let query = ItemQuery {
-        state: p.state.map(|s| s.as_str().to_owned()),
+        state: p.state,
         policy: p.policy,
         vm_id: p.vm_id,
         auto_protected: p.auto_protected,

@@ -1,0 +1,193 @@
+//! Claims and job heartbeats: an agent's long-poll for its VM's due jobs, coalesced with
+//! other agents' claims into one `FOR UPDATE SKIP LOCKED` statement by a batcher, and the
+//! heartbeats that keep a job's lease.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backvault_domain::agent::protocol::{ClaimedJob, JobHeartbeat, JobHeartbeatResponse};
+use backvault_domain::agent::{JobItem, check_progress};
+use backvault_domain::jobs::{JobKind, JobPayload};
+use backvault_store::PgPool;
+use backvault_store::jobs::{self as store, ClaimLimits};
+use uuid::Uuid;
+
+use crate::agents::{
+    MAX_CLAIM_JOBS, MAX_CLAIM_WAIT_SECONDS, deadline_after, job_not_found, lease_lost,
+};
+use crate::batcher::{Batcher, BatcherSpec};
+use crate::error::{Error, ErrorKind, Result};
+use crate::metrics::Metrics;
+use crate::{Config, Principal, Service};
+
+pub(crate) struct ClaimRequest {
+    vm_id: Uuid,
+    want: u32,
+}
+
+/// A stored payload as agents get it: tagged with the job's kind. One the current types do
+/// not read (queued by an older server) goes as stored, with its kind.
+fn tagged_payload(kind: JobKind, stored: serde_json::Value) -> serde_json::Value {
+    match JobPayload::from_stored(kind, &stored).map(serde_json::to_value) {
+        Ok(Ok(tagged)) => tagged,
+        _ => {
+            let mut fields = match stored {
+                serde_json::Value::Object(fields) => fields,
+                _ => serde_json::Map::new(),
+            };
+            fields.insert("kind".into(), kind.as_str().into());
+            serde_json::Value::Object(fields)
+        }
+    }
+}
+
+pub(crate) fn claimed_job(row: store::ClaimedRow) -> Result<ClaimedJob> {
+    Ok(ClaimedJob {
+        job_id: row.job_id,
+        kind: row.kind,
+        lease: row.lease,
+        lease_expires_at: row.lease_expires_at,
+        attempt: row.attempt,
+        items: serde_json::from_value::<Vec<JobItem>>(row.items.0).map_err(Error::internal)?,
+        payload: tagged_payload(row.kind, row.payload.0),
+    })
+}
+
+/// Claims for many VMs in one statement; each requester gets its own VM's jobs.
+pub(crate) fn claim_batcher(
+    pool: PgPool,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+) -> Batcher<ClaimRequest, Vec<ClaimedJob>> {
+    let spec = BatcherSpec {
+        name: "claims",
+        workers: 4,
+        max_batch: 256,
+        describe: |r: &ClaimRequest| format!("claim of VM {}", r.vm_id),
+    };
+    Batcher::spawn(spec, metrics, move |requests: &[ClaimRequest]| {
+        let pool = pool.clone();
+        let config = config.clone();
+        Box::pin(async move {
+            let mut wants: HashMap<Uuid, i32> = HashMap::new();
+            for r in requests {
+                let want = wants.entry(r.vm_id).or_default();
+                *want = want.saturating_add(i32::try_from(r.want).unwrap_or(i32::MAX));
+            }
+            let (vm_ids, counts): (Vec<Uuid>, Vec<i32>) = wants.into_iter().unzip();
+            let limits = ClaimLimits {
+                max_running_backups: config.max_running_backups_per_vm as i32,
+                max_running_restores: config.max_running_restores_per_vm as i32,
+                lease: config.lease,
+            };
+            let mut tx = pool.begin().await?;
+            let rows = store::queue_claim(&mut tx, &vm_ids, &counts, limits).await?;
+            tx.commit().await?;
+            let mut by_vm: HashMap<Uuid, Vec<store::ClaimedRow>> = HashMap::new();
+            for row in rows {
+                by_vm.entry(row.vm_id).or_default().push(row);
+            }
+            Ok(requests
+                .iter()
+                .map(|r| {
+                    let mine = by_vm.entry(r.vm_id).or_default();
+                    let take = mine.len().min(r.want as usize);
+                    mine.drain(..take).map(claimed_job).collect()
+                })
+                .collect())
+        })
+    })
+}
+
+impl Service {
+    /// Claims up to `max_jobs` of this VM's due jobs, waiting up to `wait_seconds` for one
+    /// to arrive. Wakes on the enqueue's notification, with a slow re-check as a fallback.
+    pub async fn agent_claim(
+        &self,
+        principal: &Principal,
+        max_jobs: u32,
+        wait_seconds: u32,
+    ) -> Result<Vec<ClaimedJob>> {
+        let vm = self.agent_vm(principal).await?;
+        if !(1..=MAX_CLAIM_JOBS).contains(&max_jobs) || wait_seconds > MAX_CLAIM_WAIT_SECONDS {
+            return Err(Error::new(
+                ErrorKind::BadRequest,
+                "invalid_claim",
+                format!(
+                    "max_jobs is 1 to {MAX_CLAIM_JOBS} and wait_seconds 0 to {MAX_CLAIM_WAIT_SECONDS}"
+                ),
+            ));
+        }
+        let deadline = deadline_after(Duration::from_secs(wait_seconds.into()));
+        let subscription = self.notifier.vm(vm);
+        loop {
+            let notified = subscription.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the claim, so an enqueue that commits in between still wakes us.
+            notified.as_mut().enable();
+            let jobs = self
+                .claimer
+                .call(ClaimRequest {
+                    vm_id: vm,
+                    want: max_jobs,
+                })
+                .await?;
+            let now = Instant::now();
+            if !jobs.is_empty() || now >= deadline {
+                self.metrics.jobs_claimed.inc_by(jobs.len() as u64);
+                return Ok(jobs);
+            }
+            let recheck = self
+                .config
+                .long_poll_recheck
+                .min(deadline.saturating_duration_since(now));
+            if self.wait_for_change(recheck, notified).await {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    pub async fn agent_job_heartbeat(
+        &self,
+        principal: &Principal,
+        job_id: Uuid,
+        hb: JobHeartbeat,
+    ) -> Result<JobHeartbeatResponse> {
+        let vm = self.agent_vm(principal).await?;
+        let violations = check_progress(hb.progress.as_ref(), "/progress");
+        if !violations.is_empty() {
+            return Err(Error::validation(violations));
+        }
+        match store::queue_job_heartbeat(
+            &self.pool,
+            vm,
+            job_id,
+            hb.lease,
+            hb.progress
+                .as_ref()
+                .map(serde_json::to_value)
+                .transpose()
+                .map_err(Error::internal)?
+                .as_ref(),
+            self.config.lease,
+        )
+        .await?
+        {
+            Some(extended) => Ok(JobHeartbeatResponse {
+                lease_expires_at: extended.lease_expires_at,
+                cancel_requested: extended.cancel_requested,
+            }),
+            None => Err(self.lease_check_failed(vm, job_id).await),
+        }
+    }
+
+    /// 404 for a job that is not this VM's (or does not exist), else 409.
+    pub(crate) async fn lease_check_failed(&self, vm: Uuid, job_id: Uuid) -> Error {
+        match store::job_ownership(&self.pool, job_id).await {
+            Ok(Some(job)) if job.vm_id == vm => lease_lost(),
+            Ok(_) => job_not_found(job_id),
+            Err(e) => e.into(),
+        }
+    }
+}

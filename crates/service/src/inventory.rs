@@ -1,0 +1,173 @@
+//! Applying a discovery job's report: the VM's instances, availability groups and
+//! databases are replaced by what the agent found, recovery-model switches reach the
+//! chains of protected items, recased names are flagged, and auto-protection intents
+//! protect new databases, all in the completion's transaction.
+
+use std::collections::HashMap;
+
+use backvault_domain::agent::SqlInventory;
+use backvault_store::inventory::{self, AgUpsert, DatabaseRow, DatabaseWrite};
+use backvault_store::protection::{self as store};
+use backvault_store::vms;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use backvault_domain::agent::RecoveryModel;
+
+use crate::Service;
+use crate::error::Result;
+
+impl Service {
+    /// Replaces the VM's SQL inventory with what its discovery job reported, and
+    /// auto-protects new databases under an intent, in the completion's transaction.
+    pub(crate) async fn apply_discovery(
+        &self,
+        tx: &mut PgConnection,
+        vm_id: Uuid,
+        reported: &SqlInventory,
+    ) -> Result<()> {
+        let Some(vm) = vms::vm_get(&mut *tx, vm_id).await? else {
+            return Ok(());
+        };
+        let instance_rows = inventory::instances_replace(
+            tx,
+            vm_id,
+            &reported
+                .instances
+                .iter()
+                .map(|i| (i.name.clone(), i.version.clone()))
+                .collect::<Vec<_>>(),
+        )
+        .await?;
+        let instance_id: HashMap<String, Uuid> = instance_rows
+            .iter()
+            .filter(|i| i.gone_at.is_none())
+            .map(|i| (i.name.to_lowercase(), i.id))
+            .collect();
+        let groups: Vec<AgUpsert<'_>> = reported
+            .availability_groups
+            .iter()
+            .map(|g| AgUpsert {
+                name: &g.name,
+                backup_preference: g.backup_preference,
+                replicas: serde_json::to_value(&g.replicas).unwrap_or_default(),
+            })
+            .collect();
+        let group_id: HashMap<String, Uuid> =
+            inventory::availability_groups_upsert(tx, &vm.subscription_id, &groups)
+                .await?
+                .into_iter()
+                .map(|g| (g.name.to_lowercase(), g.id))
+                .collect();
+
+        let existing = inventory::databases_of_vm(&mut *tx, vm_id).await?;
+        // Lookups by name, built once: a discovery of thousands of databases stays linear.
+        let mut by_name: HashMap<(Uuid, &str), &DatabaseRow> = HashMap::new();
+        let mut by_folded_name: HashMap<(Uuid, String), Vec<&DatabaseRow>> = HashMap::new();
+        for e in &existing {
+            by_name.entry((e.instance_id, e.name.as_str())).or_insert(e);
+            by_folded_name
+                .entry((e.instance_id, e.name.to_ascii_lowercase()))
+                .or_default()
+                .push(e);
+        }
+        let reported_names: std::collections::HashSet<(String, &str)> = reported
+            .databases
+            .iter()
+            .map(|r| (r.instance.to_ascii_lowercase(), r.name.as_str()))
+            .collect();
+        let mut writes = Vec::new();
+        let mut present = Vec::new();
+        let mut recased = Vec::new();
+        let mut switched = HashMap::new();
+        for db in &reported.databases {
+            let Some(&instance) = instance_id.get(&db.instance.to_lowercase()) else {
+                continue;
+            };
+            let exact = by_name.get(&(instance, db.name.as_str())).copied();
+            // The same database under another casing: keep its row (and history), flag it.
+            let recase = exact.is_none().then(|| {
+                let reported_instance = db.instance.to_ascii_lowercase();
+                by_folded_name
+                    .get(&(instance, db.name.to_ascii_lowercase()))
+                    .into_iter()
+                    .flatten()
+                    .find(|e| {
+                        !reported_names.contains(&(reported_instance.clone(), e.name.as_str()))
+                    })
+                    .copied()
+            });
+            let recase = recase.flatten();
+            if let Some(e) = recase {
+                recased.push(e.id);
+            }
+            let before = exact.or(recase);
+            let id = before.map_or_else(Uuid::now_v7, |e| e.id);
+            present.push(id);
+            if let Some(before) = before
+                && before.recovery_model != db.recovery_model
+            {
+                switched.insert(id, (before.recovery_model, db.recovery_model));
+            }
+            writes.push(DatabaseWrite {
+                id,
+                instance_id: instance,
+                availability_group_id: db
+                    .availability_group
+                    .as_ref()
+                    .and_then(|g| group_id.get(&g.to_lowercase()).copied()),
+                name: &db.name,
+                recovery_model: db.recovery_model,
+                system: db.system,
+                read_only: db.read_only,
+                size_bytes: db.size_bytes,
+            });
+        }
+        inventory::databases_retire(tx, vm_id, &present).await?;
+        inventory::databases_write(tx, vm_id, &writes).await?;
+        if !switched.is_empty() {
+            self.recovery_models_switched(tx, &switched).await?;
+        }
+        if !recased.is_empty() {
+            store::items_flag_casing(&mut *tx, &recased).await?;
+        }
+        for intent in store::intents_for_vm(&mut *tx, vm_id).await? {
+            self.auto_protect(tx, &intent).await?;
+        }
+        Ok(())
+    }
+
+    /// Databases whose recovery model changed since the last discovery: their items'
+    /// chains follow (`domain::chain::model_changed`).
+    async fn recovery_models_switched(
+        &self,
+        tx: &mut PgConnection,
+        switched: &HashMap<Uuid, (RecoveryModel, RecoveryModel)>,
+    ) -> Result<()> {
+        let databases: Vec<Uuid> = switched.keys().copied().collect();
+        let items: HashMap<Uuid, Uuid> = store::items_for_databases(&mut *tx, &databases)
+            .await?
+            .into_iter()
+            .map(|p| (p.item_id, p.database_id))
+            .collect();
+        let ids: Vec<Uuid> = items.keys().copied().collect();
+        let mut changed_ids = Vec::new();
+        let mut chains = Vec::new();
+        for item in backvault_store::recovery::chains_of_items(&mut *tx, &ids).await? {
+            let Some((from, to)) = items.get(&item.id).and_then(|d| switched.get(d)) else {
+                continue;
+            };
+            let has_differential = crate::recovery::policy_of(item.spec.as_ref())
+                .is_some_and(|p| p.differential.is_some());
+            changed_ids.push(item.id);
+            chains.push(backvault_domain::chain::model_changed(
+                item.chain.0,
+                *from,
+                *to,
+                has_differential,
+            ));
+        }
+        backvault_store::recovery::chains_set(&mut *tx, &changed_ids, &chains).await?;
+        Ok(())
+    }
+}

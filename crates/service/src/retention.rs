@@ -1,0 +1,54 @@
+//! Retention: the sweep that removes expired recovery points (never a full a live point
+//! still needs), and re-computing expiries after a policy's retention changes.
+
+use backvault_domain::policy::PolicySpec;
+use backvault_store::recovery::{self as store};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::Service;
+use crate::error::Result;
+
+impl Service {
+    /// Removes expired recovery points, never a full a live point still needs.
+    pub async fn sweep_recovery_points(&self) -> Result<u64> {
+        self.sweep_recovery_points_in_batches(10_000).await
+    }
+
+    pub async fn sweep_recovery_points_in_batches(&self, batch: i64) -> Result<u64> {
+        let mut total: u64 = 0;
+        loop {
+            let mut conn = self.pool.acquire().await?;
+            let n = store::points_sweep(&mut conn, batch).await?;
+            total = total.saturating_add(n);
+            if n == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Re-computes the expiry of the points that follow a policy, after its retention changed.
+    pub(crate) async fn recompute_retention(
+        &self,
+        tx: &mut PgConnection,
+        policy_id: Uuid,
+        spec: &PolicySpec,
+    ) -> Result<()> {
+        let Ok(policy) = spec.validate("") else {
+            return Ok(());
+        };
+        let points = store::points_following_policy(&mut *tx, policy_id).await?;
+        let mut ids = Vec::new();
+        let mut expiries = Vec::new();
+        for p in points {
+            if let Some(e) = policy.expiry(p.backup_type.retention_type(), p.backup_time) {
+                ids.push(p.id);
+                expiries.push(e.expires_at);
+            }
+        }
+        if !ids.is_empty() {
+            store::points_set_expiry(tx, &ids, &expiries).await?;
+        }
+        Ok(())
+    }
+}

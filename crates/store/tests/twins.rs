@@ -1,0 +1,101 @@
+//! SQL that repeats a domain rule for set-based speed, checked against the rule over
+//! generated inputs: a change to one without the other fails here.
+
+use backvault_domain::agent::{RecoveryModel, RecoveryPointType};
+use backvault_domain::configure::backup_type_allowed;
+use backvault_domain::jobs::{JobKind, MAX_ITEMS_PER_JOB};
+use proptest::strategy::{Strategy, ValueTree};
+use proptest::test_runner::TestRunner;
+use sqlx::PgPool;
+
+/// The backup job kinds the scheduler makes, with the recovery point each one takes.
+const SCHEDULED: [(JobKind, RecoveryPointType); 3] = [
+    (JobKind::BackupFull, RecoveryPointType::Full),
+    (JobKind::BackupDifferential, RecoveryPointType::Differential),
+    (JobKind::BackupLog, RecoveryPointType::Log),
+];
+
+/// Names around `master`: its casings, near misses, and characters whose case mapping
+/// leaves ASCII (the long s, the Kelvin sign, the dotted and dotless i), where a
+/// Unicode-aware `lower()` and an ASCII comparison could part ways.
+fn names() -> Vec<String> {
+    let mut names: Vec<String> = [
+        "master",
+        "MASTER",
+        "Master",
+        "mAsTeR",
+        "master ",
+        " master",
+        "master2",
+        "amaster",
+        "ma\u{17F}ter",
+        "MA\u{17F}TER",
+        "mast\u{130}r",
+        "\u{212A}master",
+        "sales",
+        "tempdb",
+        "",
+        "m",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut runner = TestRunner::deterministic();
+    let strategy = "[mMaAsStTeErR\u{17F}\u{212A}\u{130}\u{131}x ]{0,8}";
+    for _ in 0..400 {
+        let tree = strategy.new_tree(&mut runner).expect("a name");
+        names.push(tree.current());
+    }
+    names
+}
+
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn the_scheduler_skips_exactly_the_backup_types_the_domain_refuses(pool: PgPool) {
+    let mut database = Vec::new();
+    let mut model = Vec::new();
+    let mut kind = Vec::new();
+    let mut expected = Vec::new();
+    for name in names() {
+        for m in RecoveryModel::ALL {
+            for (job, point) in SCHEDULED {
+                database.push(name.clone());
+                model.push(m.as_str());
+                kind.push(job.as_str());
+                expected.push(backup_type_allowed(&name, m, point).is_ok());
+            }
+        }
+    }
+    let allowed: Vec<bool> = sqlx::query_scalar(
+        "select backvault_backup_type_allowed(d, m, k)
+         from unnest($1::text[], $2::text[], $3::text[]) with ordinality as t (d, m, k, n)
+         order by n",
+    )
+    .bind(&database)
+    .bind(&model)
+    .bind(&kind)
+    .fetch_all(&pool)
+    .await
+    .expect("the twin answers");
+    assert_eq!(allowed.len(), expected.len());
+    for (i, (sql, rule)) in allowed.iter().zip(&expected).enumerate() {
+        assert_eq!(
+            sql, rule,
+            "{:?} in {} for {}: SQL {sql}, domain {rule}",
+            database[i], model[i], kind[i]
+        );
+    }
+    assert!(expected.iter().any(|a| !a) && expected.iter().any(|a| *a));
+}
+
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn the_jobs_table_holds_the_domains_item_limit(pool: PgPool) {
+    let definition: String = sqlx::query_scalar(
+        "select pg_get_constraintdef(oid) from pg_constraint where conname = 'jobs_items_at_most_50'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("the constraint exists");
+    assert_eq!(
+        definition,
+        format!("CHECK ((jsonb_array_length(items) <= {MAX_ITEMS_PER_JOB}))")
+    );
+}

@@ -1,0 +1,363 @@
+//! State the API cannot produce or show, in SQL: one helper per thing a test means, each
+//! saying why no API call or `backvault_store` function does it. Everything else a test
+//! sets up or reads goes through the API.
+
+use chrono::{DateTime, Duration, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+// ----------------------------------------------------------------------------------------
+// Chains and recovery points
+// ----------------------------------------------------------------------------------------
+
+/// As if every protected database had its full already: the scheduler runs the other
+/// types. Forged because a full taken through an agent would record a job and a point,
+/// which the scheduler tests count.
+pub async fn forge_fulls_taken(pool: &PgPool) {
+    sqlx::query("update protected_items set chain = jsonb_set(chain, '{needs}', '\"nothing\"')")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// The point expires at `at`. Forged: expiry follows retention from the backup time, and
+/// a test of the sweep needs points that expired at chosen instants relative to now.
+pub async fn forge_expiry(pool: &PgPool, point: &str, at: DateTime<Utc>) {
+    let updated = sqlx::query("update recovery_points set expires_at = $2 where id = $1::uuid")
+        .bind(point)
+        .bind(at)
+        .execute(pool)
+        .await
+        .unwrap();
+    assert_eq!(updated.rows_affected(), 1, "recovery point {point}");
+}
+
+/// The full no longer records how long its chain needs it (`chain_until`), so only its
+/// dependents can keep it: forged to show the sweep looks at them, not at that field.
+pub async fn forge_no_chain_until(pool: &PgPool, full: &str) {
+    let updated = sqlx::query(
+        "update recovery_points set chain_until = null where id = $1::uuid and backup_type = 'full'",
+    )
+    .bind(full)
+    .execute(pool)
+    .await
+    .unwrap();
+    assert_eq!(updated.rows_affected(), 1, "full {full}");
+}
+
+/// Every recorded point claims `bytes`. Forged: the API bounds what an agent reports per
+/// point, and a test of overflow needs sizes past those bounds.
+pub async fn forge_point_sizes(pool: &PgPool, bytes: i64) {
+    sqlx::query("update recovery_points set size_bytes = $1")
+        .bind(bytes)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// How many recovery points are recorded, for every item at once (to show that nothing
+/// was recorded anywhere, which listing one item's points cannot).
+pub async fn recovery_points_recorded(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("select count(*) from recovery_points")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// The protected items' protection began `ago`, for those of `names`. Forged: protection
+/// begins when it is configured, and an RPO test needs items unprotected for days.
+pub async fn forge_protection_began(pool: &PgPool, names: &[String], ago: Duration) {
+    let updated = sqlx::query(
+        "update protected_items set created_at = now() - $2::interval where protected_name = any($1)",
+    )
+    .bind(names)
+    .bind(ago)
+    .execute(pool)
+    .await
+    .unwrap();
+    assert_eq!(updated.rows_affected(), names.len() as u64, "{names:?}");
+}
+
+/// Tries to protect `database` twice more in `vault` behind the API's back, to show the
+/// database itself refuses two protections of one database.
+pub async fn insert_two_protections(
+    pool: &PgPool,
+    vault: &str,
+    database: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "insert into protected_items (id, vault_id, database_id, policy_id, state, protected_name)
+         select gen_random_uuid(), $1::uuid, $2::uuid,
+                (select id from policies where vault_id = $1::uuid limit 1), 'protected', 'x'
+         from generate_series(1, 2)",
+    )
+    .bind(vault)
+    .bind(database)
+    .execute(pool)
+    .await
+    .map(drop)
+}
+
+// ----------------------------------------------------------------------------------------
+// Jobs and the queue
+// ----------------------------------------------------------------------------------------
+
+/// The queued jobs leave the queue completed, as if they had run, recording nothing.
+/// Forged: running them through an agent would record points and move the chains the
+/// scheduler decides by.
+pub async fn drain_queue(pool: &PgPool) {
+    sqlx::query(
+        "with drained as (delete from job_queue returning job_id)
+         update jobs set status = 'completed', finished_at = now(), updated_at = now()
+         where id in (select job_id from drained)",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// How many jobs the hot queue holds (finished jobs must leave it; the API shows a job's
+/// status, not whether its row left the queue).
+pub async fn queue_len(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("select count(*) from job_queue")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// The `kind` jobs keep only `database`'s item, as if the others' part were done. Forged:
+/// an agent completes a job whole.
+pub async fn forge_jobs_left_with(pool: &PgPool, kind: &str, database: &str) {
+    sqlx::query(
+        "update jobs set items = (select jsonb_agg(i) from jsonb_array_elements(items) i
+                                  where i ->> 'database' = $2)
+         where kind = $1",
+    )
+    .bind(kind)
+    .bind(database)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// The running jobs' leases ran out a second ago. Forged: waiting out a real lease takes a
+/// minute.
+pub async fn forge_leases_expired(pool: &PgPool) {
+    sqlx::query(
+        "update job_queue set lease_expires_at = now() - interval '1 second' where running",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// The queued jobs backing off may run now. Forged: waiting out the backoff takes seconds.
+pub async fn forge_retries_due(pool: &PgPool) {
+    sqlx::query("update job_queue set run_at = now() where not running")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// The job's payload says `retention_days`, as a job enqueued before the bound on it
+/// existed. Forged: the API refuses such a retention today.
+pub async fn forge_retention_days(pool: &PgPool, job: &str, days: i64) {
+    let updated = sqlx::query(
+        "update jobs set payload = jsonb_set(payload, '{retention_days}', to_jsonb($2::int8))
+         where id = $1::uuid",
+    )
+    .bind(job)
+    .bind(days)
+    .execute(pool)
+    .await
+    .unwrap();
+    assert_eq!(updated.rows_affected(), 1, "job {job}");
+}
+
+/// The finished job finished `ago`. Forged: pruning keeps months of history.
+pub async fn forge_finished_ago(pool: &PgPool, job: &str, ago: Duration) {
+    let updated = sqlx::query(
+        "update jobs set finished_at = now() - $2::interval where id = $1::uuid and finished_at is not null",
+    )
+    .bind(job)
+    .bind(ago)
+    .execute(pool)
+    .await
+    .unwrap();
+    assert_eq!(updated.rows_affected(), 1, "finished job {job}");
+}
+
+/// Tries to enqueue a job of 51 items on `vm` behind the API's back, to show the database
+/// itself refuses more than 50.
+pub async fn insert_job_of_51_items(pool: &PgPool, vm: &str) -> sqlx::Result<()> {
+    sqlx::query(
+        "insert into jobs (id, vm_id, subscription_id, kind, status, priority, items, max_attempts)
+         values (gen_random_uuid(), $1::uuid, 'sub-1', 'backup_full', 'queued', 0,
+                 (select jsonb_agg(x) from generate_series(1, 51) x), 3)",
+    )
+    .bind(vm)
+    .execute(pool)
+    .await
+    .map(drop)
+}
+
+// ----------------------------------------------------------------------------------------
+// Schedules and discovery
+// ----------------------------------------------------------------------------------------
+
+/// How many `kind` slots the scheduler has fired (the slots' cursors are not in the API).
+pub async fn slots_fired(pool: &PgPool, kind: &str) -> i64 {
+    sqlx::query_scalar(
+        "select count(*) from schedule_slots where kind = $1 and slot_at > '-infinity'",
+    )
+    .bind(kind)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// The scheduler's cursors (not in the API): how many there are, and the latest next
+/// slot among those that have one.
+pub async fn schedule_cursors(pool: &PgPool) -> (i64, Option<DateTime<Utc>>) {
+    sqlx::query_as(
+        "select count(*), max(next_at) filter (where next_at > '-infinity') from schedule_slots",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// `backvault_batch_of(i, n, max)` for every item `i` of every size `n` up to `sizes`:
+/// the SQL twin of the domain's split into jobs, which a test compares with it.
+pub async fn batch_of_in_sql(pool: &PgPool, sizes: i64, max: i32) -> Vec<(i64, i64, i64)> {
+    sqlx::query_as(
+        "select n, i, backvault_batch_of(i, n, $2)
+         from generate_series(1::int8, $1) n cross join lateral generate_series(0::int8, n - 1) i",
+    )
+    .bind(sizes)
+    .bind(max)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Every registered VM's periodic discovery is due. Forged: the period is hours.
+pub async fn forge_discovery_due(pool: &PgPool) {
+    sqlx::query("update vms set next_discovery_at = now() - interval '1 minute'")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+// ----------------------------------------------------------------------------------------
+// Tokens
+// ----------------------------------------------------------------------------------------
+
+/// How many uses the enrollment token has had (the API lists outstanding tokens only).
+pub async fn enrollment_token_uses(pool: &PgPool, id: &str) -> i32 {
+    backvault_store::tokens::enrollment_token_get(pool, id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("enrollment token {id}"))
+        .uses
+}
+
+/// An enrollment token that expired `ago`. Forged: the API mints tokens valid from now.
+pub async fn forge_expired_enrollment_token(pool: &PgPool, ago: Duration) {
+    backvault_store::tokens::enrollment_token_insert(
+        pool,
+        &backvault_store::tokens::NewEnrollmentToken {
+            id: Uuid::now_v7(),
+            subscription_id: "sub-1",
+            bound_to: None,
+            created_by: "x",
+            expires_at: Utc::now() - ago,
+            max_uses: 1,
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// A revoked token that expires at `expires_at` (in the past: its entry is of no use any
+/// more). Forged: the API revokes tokens that are still valid.
+pub async fn forge_revocation(pool: &PgPool, expires_at: DateTime<Utc>) {
+    backvault_store::tokens::token_revoke(pool, Uuid::now_v7(), expires_at, "x")
+        .await
+        .unwrap();
+}
+
+/// How many enrollment tokens and revocations are kept, used, expired or not (the API
+/// lists neither whole).
+pub async fn token_rows(pool: &PgPool) -> (i64, i64) {
+    sqlx::query_as(
+        "select (select count(*) from enrollment_tokens), (select count(*) from revoked_tokens)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+// ----------------------------------------------------------------------------------------
+// The schema
+// ----------------------------------------------------------------------------------------
+
+/// A table of a later feature whose rows reference `table`'s row `id` with `on delete
+/// restrict`, and such a row: deleting the referenced row must then be refused with a
+/// problem, not fail.
+pub async fn forge_restricting_reference(pool: &PgPool, table: &str, id: &str) {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "create table if not exists {table}_probe (referrer uuid not null references {table}(id) on delete restrict)"
+    )))
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "insert into {table}_probe values ($1::uuid)"
+    )))
+    .bind(id)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// How many policies exist in all vaults (a deleted vault's are not in the API at all).
+pub async fn policies_kept(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("select count(*) from policies")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// The migrations recorded as applied are forgotten, as on a database a deployment never
+/// migrated (their table stays).
+pub async fn forge_migrations_unapplied(pool: &PgPool) {
+    sqlx::query("delete from _sqlx_migrations")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// The migrations' own table is gone, as on a database no migration ever touched.
+pub async fn forge_migrations_never_run(pool: &PgPool) {
+    sqlx::query("drop table _sqlx_migrations")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+// ----------------------------------------------------------------------------------------
+// Postgres itself
+// ----------------------------------------------------------------------------------------
+
+/// How many sessions of this test's database wait for a lock another holds: the event a
+/// test of lock-based ordering waits for.
+pub async fn sessions_waiting_for_a_lock(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "select count(*) from pg_stat_activity
+         where datname = current_database() and wait_event_type = 'Lock'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}

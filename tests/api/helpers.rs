@@ -111,6 +111,16 @@ impl TestApp {
         app
     }
 
+    /// The app whose use cases read "now" from `clock` (the database keeps its own).
+    pub fn with_clock(pool: PgPool, clock: std::sync::Arc<dyn backvault_service::Clock>) -> Self {
+        let mut app = Self::new(pool);
+        app.service = app.service.clone().with_clock(clock);
+        app.router = backvault_api::router(AppState {
+            service: app.service.clone(),
+        });
+        app
+    }
+
     pub fn with_auth(pool: PgPool, config: AuthConfig) -> Self {
         Self::with_auth_and_config(pool, config, backvault_service::Config::default())
     }

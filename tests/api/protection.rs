@@ -912,3 +912,47 @@ async fn a_gone_database_is_no_sibling(pool: PgPool) {
         .await;
     assert_eq!(protected.body["items"][0]["database"], "sales");
 }
+
+/// The limit of three on-demand fulls counts the UTC day of the service's clock: pinned
+/// just before midnight the fourth is refused, a minute after midnight it runs.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn the_on_demand_full_limit_resets_at_midnight_utc(pool: PgPool) {
+    let now = chrono::Utc::now();
+    let today = now.date_naive();
+    let at = |day: chrono::NaiveDate, h, m| day.and_hms_opt(h, m, 0).unwrap().and_utc();
+    // Registration judges the agent's last heartbeat (the database's time) by this clock.
+    let clock = backvault_service::ManualClock::at(now);
+    let app = TestApp::with_clock(pool, clock.clone());
+    let s = registered(
+        &app,
+        "vault-a",
+        "sqlvm-01",
+        &inventory(vec![db("MSSQLSERVER", "sales")]),
+    )
+    .await;
+    let containers = protectable(&app, &s.vault).await;
+    let base = format!("/v1/vaults/{}/protected-items", s.vault);
+    let admin = app.admin();
+    let res = app
+        .post(
+            &base,
+            &admin,
+            json!({"policy": "HourlyLogBackup", "databases": [db_id(&containers, "sales")]}),
+        )
+        .await;
+    run_configure(&app, &s.agent, false).await;
+    let sales = res.body["items"][0]["id"].as_str().unwrap().to_owned();
+    let full = json!({"type": "full", "retention_days": 45});
+    let backup_path = format!("{base}/{sales}/backup");
+    clock.set(at(today, 23, 59));
+    for _ in 0..3 {
+        let ok = app.post(&backup_path, &admin, full.clone()).await;
+        assert_eq!(ok.status, StatusCode::ACCEPTED, "{}", ok.body);
+    }
+    let fourth = app.post(&backup_path, &admin, full.clone()).await;
+    assert_eq!(fourth.violations()[0].1, "on_demand_full_limit");
+
+    clock.set(at(today.succ_opt().unwrap(), 0, 1));
+    let next_day = app.post(&backup_path, &admin, full).await;
+    assert_eq!(next_day.status, StatusCode::ACCEPTED, "{}", next_day.body);
+}

@@ -389,7 +389,7 @@ impl Service {
         let message = req.message.chars().take(4000).collect::<String>();
         if LOG_CHAIN_BROKEN.contains(&req.code.as_str()) {
             for job in store::jobs_content(&mut *tx, &[job_id]).await? {
-                let ids = crate::jobs::protected_items_of(&job.items.0);
+                let ids = crate::jobs::protected_items_of(&job.items.0)?;
                 backvault_store::recovery::needs_full_set(&mut *tx, &ids).await?;
             }
         }

@@ -108,7 +108,7 @@ impl TryFrom<JobRow> for Job {
             result: r
                 .result
                 .and_then(|v| stored(r.id, "result", || serde_json::from_value(v.0))),
-            warnings: serde_json::from_value(r.warnings.0).unwrap_or_default(),
+            warnings: serde_json::from_value(r.warnings.0).map_err(Error::internal)?,
             error: r.error_code.map(|code| JobError {
                 code,
                 message: r.error_message.unwrap_or_default(),
@@ -165,13 +165,14 @@ pub struct DispatchPayload {
     pub copy_only: Option<bool>,
 }
 
-/// The protected items a job works on.
-pub(crate) fn protected_items_of(items: &serde_json::Value) -> Vec<Uuid> {
-    serde_json::from_value::<Vec<JobItem>>(items.clone())
-        .unwrap_or_default()
+/// The protected items a job works on. The server wrote the items; ones it cannot read
+/// back are a data error, not an empty job.
+pub(crate) fn protected_items_of(items: &serde_json::Value) -> Result<Vec<Uuid>> {
+    Ok(Vec::<JobItem>::deserialize(items)
+        .map_err(Error::internal)?
         .into_iter()
         .filter_map(|i| i.protected_item_id)
-        .collect()
+        .collect())
 }
 
 fn job_not_found(id: Uuid) -> Error {

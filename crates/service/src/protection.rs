@@ -567,7 +567,7 @@ pub(crate) async fn jobs_finished(
     succeeded: bool,
 ) -> Result<()> {
     for job in queue::jobs_content(&mut *tx, job_ids).await? {
-        let items = crate::jobs::protected_items_of(&job.items.0);
+        let items = crate::jobs::protected_items_of(&job.items.0)?;
         if job.kind != JobKind::ConfigureProtection || items.is_empty() {
             continue;
         }

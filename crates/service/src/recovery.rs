@@ -90,15 +90,17 @@ pub(crate) async fn record_points(tx: &mut PgConnection, reports: &[BackupReport
     let jobs: Vec<ReportedBackup> = queue::jobs_content(&mut *tx, &job_ids)
         .await?
         .into_iter()
-        .map(|job| ReportedBackup {
-            id: job.id,
-            items: serde_json::from_value(job.items.0).unwrap_or_default(),
-            retention_days: job
-                .payload
-                .get("retention_days")
-                .and_then(serde_json::Value::as_u64),
+        .map(|job| {
+            Ok(ReportedBackup {
+                id: job.id,
+                items: serde_json::from_value(job.items.0).map_err(Error::internal)?,
+                retention_days: job
+                    .payload
+                    .get("retention_days")
+                    .and_then(serde_json::Value::as_u64),
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let mut item_ids: Vec<Uuid> = jobs
         .iter()
         .flat_map(|j| j.items.iter().filter_map(|i| i.protected_item_id))

@@ -333,7 +333,7 @@ async fn restores_exclude_each_other_and_the_backups_of_their_database(pool: PgP
             vm_id: first.body["vm_id"].as_str().unwrap().parse().unwrap(),
             subscription_id: "sub-1".into(),
             vault_id: None,
-            kind: "restore",
+            kind: backvault_domain::jobs::JobKind::Restore,
             priority: 1,
             items: json!([{"instance": "MSSQLSERVER", "database": "Sales"}]),
             payload: json!({"target_instance": "mssqlserver", "target_database": "sales", "overwrite": true}),

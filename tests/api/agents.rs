@@ -393,7 +393,7 @@ async fn per_vm_caps_bound_running_jobs(pool: PgPool) {
             vm_id: vm.parse().unwrap(),
             subscription_id: "sub-1".into(),
             vault_id: None,
-            kind: "restore",
+            kind: backvault_domain::jobs::JobKind::Restore,
             priority: 1,
             items: json!([{"instance": "MSSQLSERVER", "database": format!("sales_copy_{i}")}]),
             payload: json!({"target_database": format!("sales_copy_{i}")}),

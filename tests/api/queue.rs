@@ -16,7 +16,7 @@ fn job(vm: Uuid) -> NewJob {
         vm_id: vm,
         subscription_id: "sub-1".into(),
         vault_id: None,
-        kind: "backup_log",
+        kind: backvault_domain::jobs::JobKind::BackupLog,
         priority: 1,
         items: json!([]),
         payload: json!({}),
@@ -79,7 +79,7 @@ async fn sixteen_claimers_claim_each_job_exactly_once(pool: PgPool) {
                             vm_id: r.vm_id,
                             lease: r.lease,
                             kind_like: "backup_%",
-                            status: "completed",
+                            status: backvault_domain::jobs::JobStatus::Completed,
                             result: json!({"kind": "backup", "recovery_points": []}),
                             warnings: json!([]),
                         })

@@ -470,7 +470,7 @@ async fn a_slot_is_claimed_once_even_by_a_stale_reader(pool: PgPool) {
             &mut conn,
             policy,
             version,
-            "backup_log",
+            backvault_domain::jobs::JobKind::BackupLog,
             slot,
             next,
         )
@@ -483,7 +483,7 @@ async fn a_slot_is_claimed_once_even_by_a_stale_reader(pool: PgPool) {
         &mut first,
         policy,
         version,
-        "backup_log",
+        backvault_domain::jobs::JobKind::BackupLog,
         slot,
         next,
     )
@@ -506,7 +506,7 @@ async fn a_slot_is_claimed_once_even_by_a_stale_reader(pool: PgPool) {
         &mut pool.acquire().await.unwrap(),
         policy,
         version - 1,
-        "backup_log",
+        backvault_domain::jobs::JobKind::BackupLog,
         next,
         next + Duration::minutes(15),
     )
@@ -648,7 +648,7 @@ async fn a_database_moving_policies_mid_tick_gets_one_job_per_slot(pool: PgPool)
         &mut tick,
         gold,
         version,
-        "backup_log",
+        backvault_domain::jobs::JobKind::BackupLog,
         slot,
         slot + Duration::minutes(15),
     )
@@ -658,7 +658,7 @@ async fn a_database_moving_policies_mid_tick_gets_one_job_per_slot(pool: PgPool)
     backvault_store::schedule::schedule_enqueue(
         &mut tick,
         gold,
-        "backup_log",
+        backvault_domain::jobs::JobKind::BackupLog,
         slot,
         slot,
         backvault_service::scheduler::slot_jobs(backvault_domain::jobs::JobKind::BackupLog, None),

@@ -34,7 +34,7 @@ pub fn backup_job(vm_id: Uuid) -> NewJob {
         vm_id,
         subscription_id: "sub-1".to_owned(),
         vault_id: None,
-        kind: "backup_full",
+        kind: backvault_domain::jobs::JobKind::BackupFull,
         priority: 1,
         items: serde_json::json!([{"instance": "MSSQLSERVER", "database": "sales"}]),
         payload: serde_json::json!({}),

@@ -268,7 +268,7 @@ async fn claim_and_complete(shared: &Shared, picked: &[usize]) -> anyhow::Result
                 vm_id: row.vm_id,
                 lease: row.lease,
                 kind_like: "backup_%",
-                status: "completed",
+                status: backvault_domain::jobs::JobStatus::Completed,
                 result: result.clone(),
                 warnings: serde_json::json!([]),
             })

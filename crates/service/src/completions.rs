@@ -229,7 +229,7 @@ impl Service {
             vm_id: vm,
             lease: req.lease,
             kind_like: result_kind_like(&req.result),
-            status: status.as_str(),
+            status,
             result: result.clone(),
             warnings: serde_json::to_value(&req.warnings).map_err(Error::internal)?,
         };

@@ -197,7 +197,7 @@ pub(crate) fn new_job(
         vm_id,
         subscription_id: subscription_id.to_owned(),
         vault_id,
-        kind: kind.as_str(),
+        kind,
         priority: priority.rank(),
         items: serde_json::to_value(items).map_err(Error::internal)?,
         payload,

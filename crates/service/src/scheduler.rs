@@ -103,7 +103,7 @@ impl Service {
             let Some(policy) = policy_of(Some(&schedules.spec)) else {
                 continue;
             };
-            let next_at = |kind: JobKind| schedules.next_at(kind.as_str());
+            let next_at = |kind: JobKind| schedules.next_at(kind);
             for (kind, next) in policy.slots_to_claim(now, next_at) {
                 // One policy failing (a statement timeout, say) must not hold back the rest.
                 match self.fire_slot(&schedules, kind, now, next).await {
@@ -134,7 +134,7 @@ impl Service {
             &mut tx,
             schedules.id,
             schedules.version,
-            kind.as_str(),
+            kind,
             now,
             next,
         )
@@ -147,7 +147,7 @@ impl Service {
         let done = schedule::schedule_enqueue(
             &mut tx,
             schedules.id,
-            kind.as_str(),
+            kind,
             slot,
             now,
             slot_jobs(kind, policy_of(Some(&schedules.spec)).as_ref()),

@@ -66,7 +66,7 @@ pub struct NewJob {
     pub vm_id: Uuid,
     pub subscription_id: String,
     pub vault_id: Option<Uuid>,
-    pub kind: &'static str,
+    pub kind: JobKind,
     pub priority: i16,
     pub items: serde_json::Value,
     pub payload: serde_json::Value,
@@ -86,7 +86,7 @@ pub async fn jobs_enqueue(conn: &mut PgConnection, jobs: &[NewJob]) -> sqlx::Res
     let vms: Vec<Uuid> = jobs.iter().map(|j| j.vm_id).collect();
     let subs: Vec<&str> = jobs.iter().map(|j| j.subscription_id.as_str()).collect();
     let vaults: Vec<Option<Uuid>> = jobs.iter().map(|j| j.vault_id).collect();
-    let kinds: Vec<&str> = jobs.iter().map(|j| j.kind).collect();
+    let kinds: Vec<JobKind> = jobs.iter().map(|j| j.kind).collect();
     let priorities: Vec<i16> = jobs.iter().map(|j| j.priority).collect();
     let items: Vec<Json<&serde_json::Value>> = jobs.iter().map(|j| Json(&j.items)).collect();
     let payloads: Vec<Json<&serde_json::Value>> = jobs.iter().map(|j| Json(&j.payload)).collect();
@@ -112,7 +112,7 @@ pub async fn jobs_enqueue(conn: &mut PgConnection, jobs: &[NewJob]) -> sqlx::Res
         &vms,
         &subs as &[&str],
         &vaults as &[Option<Uuid>],
-        &kinds as &[&str],
+        &kinds as &[JobKind],
         &priorities,
         &items as &[Json<&serde_json::Value>],
         &payloads as &[Json<&serde_json::Value>],
@@ -333,7 +333,7 @@ pub struct Completion {
     pub lease: i64,
     /// `LIKE` pattern the job's kind must match for this result (`backup_%` for backups).
     pub kind_like: &'static str,
-    pub status: &'static str,
+    pub status: JobStatus,
     pub result: serde_json::Value,
     pub warnings: serde_json::Value,
 }
@@ -397,7 +397,7 @@ pub async fn queue_complete<C: std::borrow::Borrow<Completion>>(
     let vms: Vec<Uuid> = completions.iter().map(|c| c.vm_id).collect();
     let leases: Vec<i64> = completions.iter().map(|c| c.lease).collect();
     let kinds: Vec<&str> = completions.iter().map(|c| c.kind_like).collect();
-    let statuses: Vec<&str> = completions.iter().map(|c| c.status).collect();
+    let statuses: Vec<JobStatus> = completions.iter().map(|c| c.status).collect();
     let results: Vec<Json<&serde_json::Value>> =
         completions.iter().map(|c| Json(&c.result)).collect();
     let warnings: Vec<Json<&serde_json::Value>> =
@@ -429,7 +429,7 @@ pub async fn queue_complete<C: std::borrow::Borrow<Completion>>(
         &ids,
         &vms,
         &leases,
-        &statuses as &[&str],
+        &statuses as &[JobStatus],
         &results as &[Json<&serde_json::Value>],
         &warnings as &[Json<&serde_json::Value>],
         &kinds as &[&str],

@@ -22,8 +22,8 @@ pub struct PolicySchedule {
 
 impl PolicySchedule {
     /// The next slot of a scheduled kind (`JobKind::as_str`); `None` for any other.
-    pub fn next_at(&self, kind: &str) -> Option<DateTime<Utc>> {
-        match JobKind::parse(kind)? {
+    pub fn next_at(&self, kind: JobKind) -> Option<DateTime<Utc>> {
+        match kind {
             JobKind::BackupFull => self.next_full_at,
             JobKind::BackupDifferential => self.next_differential_at,
             JobKind::BackupLog => self.next_log_at,
@@ -64,7 +64,7 @@ pub async fn schedule_claim_slot(
     conn: &mut PgConnection,
     policy_id: Uuid,
     version: i64,
-    kind: &str,
+    kind: JobKind,
     now: DateTime<Utc>,
     next: DateTime<Utc>,
 ) -> sqlx::Result<Option<DateTime<Utc>>> {
@@ -88,7 +88,7 @@ pub async fn schedule_claim_slot(
          on conflict do nothing
          returning nullif(slot_at, '-infinity')",
         policy_id,
-        kind,
+        kind as JobKind,
         now,
         next,
     )
@@ -181,7 +181,7 @@ pub struct Enqueued {
 pub async fn schedule_enqueue(
     conn: &mut PgConnection,
     policy_id: Uuid,
-    kind: &str,
+    kind: JobKind,
     slot: DateTime<Utc>,
     now: DateTime<Utc>,
     jobs: SlotJobs,
@@ -243,7 +243,7 @@ pub async fn schedule_enqueue(
                 coalesce(array_agg(distinct vm_id), '{}') as "vm_ids!"
          from grouped"#,
         policy_id,
-        kind,
+        kind as JobKind,
         slot,
         jobs.priority,
         jobs.max_attempts,

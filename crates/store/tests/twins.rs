@@ -3,7 +3,7 @@
 
 use backvault_domain::agent::{RecoveryModel, RecoveryPointType};
 use backvault_domain::configure::backup_type_allowed;
-use backvault_domain::jobs::{JobKind, MAX_ITEMS_PER_JOB};
+use backvault_domain::jobs::{JobKind, MAX_ITEMS_PER_JOB, Priority};
 use proptest::strategy::{Strategy, ValueTree};
 use proptest::test_runner::TestRunner;
 use sqlx::PgPool;
@@ -98,4 +98,20 @@ async fn the_jobs_table_holds_the_domains_item_limit(pool: PgPool) {
         definition,
         format!("CHECK ((jsonb_array_length(items) <= {MAX_ITEMS_PER_JOB}))")
     );
+}
+
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn the_job_tables_hold_exactly_the_domains_priorities(pool: PgPool) {
+    let ranks: Vec<String> = Priority::ALL.iter().map(|p| p.rank().to_string()).collect();
+    let expected = format!("CHECK ((priority = ANY (ARRAY[{}])))", ranks.join(", "));
+    for constraint in ["jobs_priority_known", "job_queue_priority_known"] {
+        let definition: String = sqlx::query_scalar(
+            "select pg_get_constraintdef(oid) from pg_constraint where conname = $1",
+        )
+        .bind(constraint)
+        .fetch_one(&pool)
+        .await
+        .expect("the constraint exists");
+        assert_eq!(definition, expected, "{constraint}");
+    }
 }

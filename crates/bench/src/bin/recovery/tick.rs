@@ -193,7 +193,7 @@ async fn tick_steps(pool: &PgPool, now: DateTime<Utc>) -> anyhow::Result<Vec<(St
         let policy = spec
             .validate("")
             .map_err(|v| anyhow::anyhow!("invalid policy: {v:?}"))?;
-        let next_at = |kind: JobKind| schedules.next_at(kind.as_str());
+        let next_at = |kind: JobKind| schedules.next_at(kind);
         for (kind, next) in policy.slots_to_claim(now, next_at) {
             let short = kind.as_str().trim_start_matches("backup_");
             let mut tx = pool.begin().await?;
@@ -202,7 +202,7 @@ async fn tick_steps(pool: &PgPool, now: DateTime<Utc>) -> anyhow::Result<Vec<(St
                 &mut tx,
                 policy_id,
                 schedules.version,
-                kind.as_str(),
+                kind,
                 now,
                 next,
             )
@@ -212,8 +212,7 @@ async fn tick_steps(pool: &PgPool, now: DateTime<Utc>) -> anyhow::Result<Vec<(St
                 let t = Instant::now();
                 let jobs = slot_jobs(kind, None);
                 let done =
-                    schedule::schedule_enqueue(&mut tx, policy_id, kind.as_str(), slot, now, jobs)
-                        .await?;
+                    schedule::schedule_enqueue(&mut tx, policy_id, kind, slot, now, jobs).await?;
                 steps.push((
                     format!(
                         "{short}: schedule_enqueue ({} jobs, {} items)",

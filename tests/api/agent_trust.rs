@@ -10,7 +10,9 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 
 use crate::helpers::{Response, TestApp, claim, job_outcome, jobs, protected_items, sql};
-use crate::protection::{db, inventory, protectable, registered, run_configure, run_discovery};
+use crate::protection::{
+    auto_protect_instance, db, inventory, protectable, registered, run_configure, run_discovery,
+};
 use crate::recovery::{Protected, protect, weekly_dst_policy};
 
 fn point(database: &str, backup_type: &str, at: DateTime<Utc>, first_lsn: u64) -> Value {
@@ -614,13 +616,7 @@ async fn auto_protection_of_thousands_of_databases_in_one_discovery(pool: PgPool
         .as_str()
         .unwrap()
         .to_owned();
-    let intent = app
-        .post(
-            &format!("/v1/vaults/{}/auto-protection", s.vault),
-            &admin,
-            json!({"instance_id": instance, "policy": "HourlyLogBackup"}),
-        )
-        .await;
+    let intent = auto_protect_instance(&app, &admin, &s.vault, &instance).await;
     assert_eq!(intent.status, StatusCode::CREATED, "{}", intent.body);
     assert_eq!(run_configure(&app, &s.agent, false).await, [1]);
 

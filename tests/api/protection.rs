@@ -2,7 +2,7 @@ use axum::http::{Method, StatusCode};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use crate::helpers::{TestApp, claim, enroll, facts, jobs, sql};
+use crate::helpers::{Response, TestApp, claim, enroll, facts, jobs, sql};
 
 pub fn db(instance: &str, name: &str) -> Value {
     json!({"instance": instance, "name": name, "recovery_model": "full", "size_bytes": 1024})
@@ -93,6 +93,21 @@ pub async fn protectable(app: &TestApp, vault: &str) -> Value {
         .await;
     assert_eq!(res.status, StatusCode::OK, "{}", res.body);
     res.body
+}
+
+/// Turns auto-protection on for an instance with the vault's default policy.
+pub async fn auto_protect_instance(
+    app: &TestApp,
+    admin: &str,
+    vault: &str,
+    instance: &str,
+) -> Response {
+    app.post(
+        &format!("/v1/vaults/{vault}/auto-protection"),
+        admin,
+        json!({"instance_id": instance, "policy": "HourlyLogBackup"}),
+    )
+    .await
 }
 
 pub fn db_id(containers: &Value, name: &str) -> String {
@@ -620,22 +635,10 @@ async fn auto_protection_protects_existing_and_newly_discovered_databases(pool: 
         .as_str()
         .unwrap()
         .to_owned();
-    let intent = app
-        .post(
-            &format!("/v1/vaults/{}/auto-protection", s.vault),
-            &admin,
-            json!({"instance_id": instance, "policy": "HourlyLogBackup"}),
-        )
-        .await;
+    let intent = auto_protect_instance(&app, &admin, &s.vault, &instance).await;
     assert_eq!(intent.status, StatusCode::CREATED, "{}", intent.body);
     assert_eq!(intent.body["jobs"].as_array().unwrap().len(), 1);
-    let dup = app
-        .post(
-            &format!("/v1/vaults/{}/auto-protection", s.vault),
-            &admin,
-            json!({"instance_id": instance, "policy": "HourlyLogBackup"}),
-        )
-        .await;
+    let dup = auto_protect_instance(&app, &admin, &s.vault, &instance).await;
     assert_eq!(
         (dup.status, dup.code()),
         (StatusCode::CONFLICT, "auto_protection_exists")
@@ -898,13 +901,7 @@ async fn a_gone_database_is_no_sibling(pool: PgPool) {
 
     // Auto-protection judges it the same way: it protects `sales`.
     let instance = after[0]["id"].as_str().unwrap();
-    let intent = app
-        .post(
-            &format!("/v1/vaults/{}/auto-protection", s.vault),
-            &admin,
-            json!({"instance_id": instance, "policy": "HourlyLogBackup"}),
-        )
-        .await;
+    let intent = auto_protect_instance(&app, &admin, &s.vault, instance).await;
     assert_eq!(intent.status, StatusCode::CREATED, "{}", intent.body);
     assert_eq!(run_configure(&app, &s.agent, false).await, [1]);
     let protected = app

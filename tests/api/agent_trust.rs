@@ -341,6 +341,7 @@ async fn restores_exclude_each_other_and_the_backups_of_their_database(pool: PgP
             payload: json!({"target_instance": "mssqlserver", "target_database": "sales", "overwrite": true}),
             max_attempts: 3,
             run_at: Utc::now(),
+            availability_group_id: None,
         }],
     )
     .await;

@@ -399,6 +399,7 @@ async fn per_vm_caps_bound_running_jobs(pool: PgPool) {
             payload: json!({"target_database": format!("sales_copy_{i}")}),
             max_attempts: 3,
             run_at: chrono::Utc::now(),
+            availability_group_id: None,
         })
         .collect();
     let mut conn = app.pool.acquire().await.unwrap();

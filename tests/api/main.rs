@@ -10,6 +10,7 @@ mod common;
 mod agent_trust;
 mod agents;
 mod auth;
+mod availability;
 mod chain;
 mod contract;
 mod hardening;

@@ -22,6 +22,7 @@ fn job(vm: Uuid) -> NewJob {
         payload: json!({}),
         max_attempts: 3,
         run_at: chrono::Utc::now(),
+        availability_group_id: None,
     }
 }
 

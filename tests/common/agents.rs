@@ -45,6 +45,20 @@ impl Inventories {
         std::fs::write(&path, toml).unwrap();
         path
     }
+
+    /// Where the agents of availability group `ag`'s replicas share its databases' state.
+    pub fn shared_state(&self, ag: &str) -> PathBuf {
+        self.dir.join(format!("{ag}.shared.json"))
+    }
+
+    /// Rewrites the inventory of `vm` while its agent runs: a new file renamed over the
+    /// old, so that the agent reads one or the other whole, never half of the new one.
+    pub fn replace(&self, vm: &str, toml: &str) {
+        let path = self.path(vm);
+        let tmp = path.with_extension("toml.tmp");
+        std::fs::write(&tmp, toml).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
 }
 
 impl Drop for Inventories {
@@ -140,4 +154,124 @@ pub fn inventory_toml(
         ));
     }
     s
+}
+
+/// An availability group whose replicas are reference agents, one VM per replica, each on
+/// instance `MSSQLSERVER`:
+///
+/// ```ignore
+/// let ag = AgSpec { name: "ag1", group_id: Uuid::new_v4(), backup_preference: "primary",
+///     resource_group: "rg-sql", replicas: &["sqlvm-a", "sqlvm-b"], databases: &["orders"] };
+/// let shared = inventories.shared_state(ag.name);
+/// for (vm, role) in [("sqlvm-a", "primary"), ("sqlvm-b", "secondary")] {
+///     let toml = ag_replica_inventory_toml(vm, &ag, role, 50, &shared, 0);
+///     AgentProcess::start(&server.url, &token, &inventories.write(vm, &toml));
+/// }
+/// // ... then, while the agents run (discover again for the server to see it):
+/// fail_over(&inventories, &ag, "sqlvm-b");
+/// ```
+pub struct AgSpec<'a> {
+    pub name: &'a str,
+    /// `sys.availability_groups.group_id`: the same in every replica's file.
+    pub group_id: uuid::Uuid,
+    /// `primary`, `secondary_only`, `prefer_secondary` or `any_replica`.
+    pub backup_preference: &'a str,
+    /// The resource group of every replica's VM.
+    pub resource_group: &'a str,
+    /// The VMs hosting a replica.
+    pub replicas: &'a [&'a str],
+    /// The group's databases, 1 MiB each. No recovery model to choose: SQL Server lets
+    /// only databases in the full model into a group (and the agent refuses others).
+    pub databases: &'a [&'a str],
+}
+
+/// The inventory of `vm`, hosting `ag`'s replica in `role` (`primary`, `secondary` or
+/// `resolving`), healthy, with `priority` (0 to 100; 0: never chosen for backups), and the
+/// group's databases, their state kept in `shared_state` with the other replicas' agents
+/// (one file per group, the same for every replica: [`Inventories::shared_state`]).
+pub fn ag_replica_inventory_toml(
+    vm: &str,
+    ag: &AgSpec<'_>,
+    role: &str,
+    priority: u8,
+    shared_state: &Path,
+    backup_millis: u64,
+) -> String {
+    assert!(
+        ag.replicas.contains(&vm),
+        "{vm} hosts no replica of {}",
+        ag.name
+    );
+    let rg = ag.resource_group;
+    let mut s = format!(
+        "sysadmin = true\n\n[vm]\nname = \"{vm}\"\nresource_group = \"{rg}\"\nsubscription_id = \"sub-1\"\n\
+         region = \"westeurope\"\ndeployment_model = \"resource_manager\"\nagent_version = \"1.0.0\"\n\
+         dotnet_version = \"4.8\"\nsql_iaas_extension = true\nother_backup_product = false\n\n\
+         [[instances]]\nname = \"MSSQLSERVER\"\nversion = \"2019\"\n\n[faults]\nbackup_millis = {backup_millis}\n\n\
+         [[availability_groups]]\nname = \"{}\"\ngroup_id = \"{}\"\nbackup_preference = \"{}\"\nreplicas = [\n",
+        ag.name, ag.group_id, ag.backup_preference
+    );
+    for replica in ag.replicas {
+        s.push_str(&format!(
+            "  {{ vm_name = \"{replica}\", resource_group = \"{rg}\", instance = \"MSSQLSERVER\" }},\n"
+        ));
+    }
+    // Escaped as a TOML basic string: a Windows path has backslashes.
+    let shared = shared_state
+        .display()
+        .to_string()
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"");
+    s.push_str(&format!(
+        "]\nlocal = {{ instance = \"MSSQLSERVER\", role = \"{role}\", synchronization_health = \"healthy\", \
+         backup_priority = {priority} }}\nshared_state = \"{shared}\"\n"
+    ));
+    for db in ag.databases {
+        s.push_str(&format!(
+            "\n[[databases]]\ninstance = \"MSSQLSERVER\"\nname = \"{db}\"\nrecovery_model = \"full\"\n\
+             size_bytes = 1048576\navailability_group = \"{}\"\n",
+            ag.name
+        ));
+    }
+    s
+}
+
+/// Sets `key` of the local replica in the inventory of `vm`, written by
+/// [`ag_replica_inventory_toml`], while its agent runs.
+fn set_local(inventories: &Inventories, vm: &str, key: &str, value: &str) {
+    let text = std::fs::read_to_string(inventories.path(vm)).unwrap();
+    let from = format!("{key} = \"");
+    let start = text
+        .find(&from)
+        .unwrap_or_else(|| panic!("{vm} has no {key}"))
+        + from.len();
+    let end = start + text[start..].find('"').unwrap();
+    inventories.replace(vm, &format!("{}{value}{}", &text[..start], &text[end..]));
+}
+
+/// Makes `vm`'s replica `primary`, `secondary` or `resolving`. The agent acts on it at its
+/// next backup; the server learns it at the VM's next discovery.
+pub fn set_role(inventories: &Inventories, vm: &str, role: &str) {
+    set_local(inventories, vm, "role", role);
+}
+
+/// Makes `vm`'s replica `healthy`, `partially_healthy` or `not_healthy` (a secondary
+/// that is not healthy backs up no log).
+pub fn set_synchronization_health(inventories: &Inventories, vm: &str, health: &str) {
+    set_local(inventories, vm, "synchronization_health", health);
+}
+
+/// A failover of `ag` to `new_primary`: every other replica becomes secondary. The
+/// replicas that were primary are demoted before the new one is promoted, so that no
+/// agent ever sees two primaries (in between, a full backup fails retryably everywhere).
+pub fn fail_over(inventories: &Inventories, ag: &AgSpec<'_>, new_primary: &str) {
+    assert!(
+        ag.replicas.contains(&new_primary),
+        "{new_primary} hosts no replica of {}",
+        ag.name
+    );
+    for vm in ag.replicas.iter().filter(|vm| **vm != new_primary) {
+        set_role(inventories, vm, "secondary");
+    }
+    set_role(inventories, new_primary, "primary");
 }

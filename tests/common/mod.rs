@@ -13,7 +13,10 @@ mod server;
 mod setup;
 mod wait;
 
-pub use agents::{AgentProcess, Inventories, agent_bin, inventory_toml};
+pub use agents::{
+    AgSpec, AgentProcess, Inventories, ag_replica_inventory_toml, agent_bin, fail_over,
+    inventory_toml, set_role, set_synchronization_health,
+};
 pub use client::{Api, vm_facts};
 pub use server::{
     BIN, Server, ServerLog, TestDb, free_local_addr, migrate, mint_token, serve_refused,

@@ -1,22 +1,22 @@
 //! The inventory file: the VM, SQL Server and faults this agent pretends to have.
 //!
 //! TOML, or JSON when the file name ends in `.json`. It is re-read before every job, so a
-//! test can add a database or turn on a fault while the agent runs.
+//! test can add a database, turn on a fault or fail an availability group over while the
+//! agent runs.
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail, ensure};
-#[cfg(test)]
-use backvault_domain::agent::RecoveryModel;
 use backvault_domain::agent::{
-    AvailabilityGroup, RecoveryPointType, SqlDatabase, SqlInstance, SqlInventory, VmFacts,
+    AvailabilityGroup, LocalReplica, MAX_BACKUP_PRIORITY, RecoveryModel, RecoveryPointType,
+    SqlDatabase, SqlInstance, SqlInventory, VmFacts,
 };
 use serde::Deserialize;
 
 use crate::sim::Activity;
-use crate::store::DbKey;
+use crate::store::{DbKey, SharedDb};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,7 +29,7 @@ pub struct InventoryFile {
     #[serde(default)]
     pub instances: Vec<Instance>,
     #[serde(default)]
-    pub availability_groups: Vec<AvailabilityGroup>,
+    pub availability_groups: Vec<AgEntry>,
     #[serde(default)]
     pub databases: Vec<DatabaseEntry>,
     #[serde(default)]
@@ -111,6 +111,69 @@ impl DatabaseEntry {
             busy: self.sim.busy,
             bulk_operations: self.sim.bulk_operations,
         }
+    }
+}
+
+/// `[[availability_groups]]`: a group this VM hosts a replica of, as SQL Server shows it
+/// here (every replica, and this VM's own replica's role and health), and where the
+/// agents of its replicas keep its databases.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "serde_json::Map<String, serde_json::Value>")]
+pub struct AgEntry {
+    pub group: AvailabilityGroup,
+    /// The state file the agents of every replica share for the group's databases (their
+    /// LSNs and backup history): an availability database has one log, so its LSNs and
+    /// its backups are the group's, not a replica's. Relative to the inventory file's
+    /// directory. Without it, each agent keeps its own, as for any other database.
+    pub shared_state: Option<PathBuf>,
+}
+
+impl TryFrom<serde_json::Map<String, serde_json::Value>> for AgEntry {
+    type Error = serde_json::Error;
+
+    fn try_from(mut map: serde_json::Map<String, serde_json::Value>) -> Result<Self, Self::Error> {
+        use serde::de::Error;
+        let shared_state = map
+            .remove("shared_state")
+            .map(serde_json::from_value)
+            .transpose()?;
+        let given = serde_json::Value::Object(map);
+        let group: AvailabilityGroup = serde_json::from_value(given.clone())?;
+        if let Some(unknown) = unknown_field(&given, &serde_json::to_value(&group)?) {
+            return Err(Error::custom(format!(
+                "unknown field `{unknown}` of availability group {}",
+                group.name
+            )));
+        }
+        Ok(Self {
+            group,
+            shared_state,
+        })
+    }
+}
+
+/// The first field `given` has and `parsed` (what it parsed to, serialized again) lacks:
+/// a misspelling the domain's types, which let newer agents add fields, do not refuse. A
+/// field at the default that serialization leaves out (`false`, null) is not one.
+fn unknown_field(given: &serde_json::Value, parsed: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    match (given, parsed) {
+        (Value::Object(given), Value::Object(parsed)) => {
+            given.iter().find_map(|(key, value)| match parsed.get(key) {
+                Some(parsed) => unknown_field(value, parsed).map(|inner| {
+                    let dot = if inner.starts_with('[') { "" } else { "." };
+                    format!("{key}{dot}{inner}")
+                }),
+                None if matches!(value, Value::Null | Value::Bool(false)) => None,
+                None => Some(key.clone()),
+            })
+        }
+        (Value::Array(given), Value::Array(parsed)) => given
+            .iter()
+            .zip(parsed)
+            .enumerate()
+            .find_map(|(i, (g, p))| unknown_field(g, p).map(|inner| format!("[{i}].{inner}"))),
+        _ => None,
     }
 }
 
@@ -201,7 +264,18 @@ impl InventoryFile {
         } else {
             Self::from_toml(&text)
         };
-        file.with_context(|| format!("inventory {}", path.display()))
+        let mut file = file.with_context(|| format!("inventory {}", path.display()))?;
+        // The agents of a group's replicas run from different directories, or with
+        // different working directories: what the file means is where it lies.
+        let dir = path.parent().unwrap_or(Path::new(""));
+        for ag in &mut file.availability_groups {
+            if let Some(shared) = &mut ag.shared_state
+                && shared.is_relative()
+            {
+                *shared = dir.join(&*shared);
+            }
+        }
+        Ok(file)
     }
 
     pub fn from_toml(text: &str) -> anyhow::Result<Self> {
@@ -234,7 +308,11 @@ impl InventoryFile {
                     version: i.version.clone(),
                 })
                 .collect(),
-            availability_groups: self.availability_groups.clone(),
+            availability_groups: self
+                .availability_groups
+                .iter()
+                .map(|ag| ag.group.clone())
+                .collect(),
             databases: self.databases.iter().map(|d| d.sql.clone()).collect(),
         }
     }
@@ -264,6 +342,37 @@ impl InventoryFile {
         DbKey::new(instance, &fold(name, case_sensitive))
     }
 
+    /// The availability group a database is in, by the name its entry gives.
+    pub fn group_of(&self, db: &SqlDatabase) -> Option<&AgEntry> {
+        let name = db.availability_group.as_deref()?;
+        self.availability_groups
+            .iter()
+            .find(|ag| ag.group.name.eq_ignore_ascii_case(name))
+    }
+
+    /// This VM's replica of `ag`: the `local` it is given, or else (as an agent that
+    /// predates `local` reports it) its entry in `replicas`. Every group of a loaded file
+    /// has one.
+    pub fn local_replica(&self, ag: &AgEntry) -> Option<LocalReplica> {
+        let vm = self.facts();
+        ag.group.local_replica(&vm.name, &vm.resource_group)
+    }
+
+    /// Every database of the file whose group keeps its state in a shared file, and that
+    /// file.
+    pub fn shared_databases(&self) -> Vec<SharedDb> {
+        self.databases
+            .iter()
+            .filter_map(|entry| {
+                let file = self.group_of(&entry.sql)?.shared_state.clone()?;
+                Some(SharedDb {
+                    key: self.db_key(&entry.sql.instance, &entry.sql.name),
+                    file,
+                })
+            })
+            .collect()
+    }
+
     /// Catches mistakes in hand-written files here rather than as odd server behaviour.
     fn validated(self) -> anyhow::Result<Self> {
         if let (Some(top), Some(in_vm)) = (self.sysadmin, self.vm.sysadmin) {
@@ -281,6 +390,53 @@ impl InventoryFile {
                 bail!("instance {} is listed twice", instance.name);
             }
         }
+        for (i, ag) in self.availability_groups.iter().enumerate() {
+            let name = &ag.group.name;
+            ensure!(
+                self.availability_groups[..i]
+                    .iter()
+                    .all(|other| !other.group.name.eq_ignore_ascii_case(name)),
+                "availability group {name} is listed twice"
+            );
+            if let Some(shared) = &ag.shared_state {
+                ensure!(
+                    self.availability_groups[..i]
+                        .iter()
+                        .all(|other| other.shared_state.as_ref() != Some(shared)),
+                    "availability groups share shared_state {}: each group needs a file of its own",
+                    shared.display()
+                );
+            }
+            let Some(local) = self.local_replica(ag) else {
+                bail!(
+                    "availability group {name} has no `local` replica (and none of its \
+                     `replicas` is this VM with a `primary` flag)"
+                );
+            };
+            ensure!(
+                self.instance(&local.instance).is_some(),
+                "availability group {name} has its local replica on instance {}, which is not \
+                 in `instances`",
+                local.instance
+            );
+            ensure!(
+                local.backup_priority <= MAX_BACKUP_PRIORITY,
+                "availability group {name}: backup_priority is 0 to {MAX_BACKUP_PRIORITY}"
+            );
+            let vm = self.facts();
+            ensure!(
+                ag.group.replicas.iter().any(|r| {
+                    r.vm_name.eq_ignore_ascii_case(&vm.name)
+                        && r.resource_group.eq_ignore_ascii_case(&vm.resource_group)
+                        && r.instance.eq_ignore_ascii_case(&local.instance)
+                }),
+                "availability group {name}: `replicas` lists every replica, this VM's ({}/{}, \
+                 instance {}) too",
+                vm.resource_group,
+                vm.name,
+                local.instance
+            );
+        }
         for (i, entry) in self.databases.iter().enumerate() {
             let db = &entry.sql;
             let Some(instance) = self.instance(&db.instance) else {
@@ -295,12 +451,27 @@ impl InventoryFile {
                 "database {} has a negative size",
                 db.name
             );
-            if let Some(ag) = &db.availability_group {
+            if let Some(name) = &db.availability_group {
+                let Some(ag) = self.group_of(db) else {
+                    bail!(
+                        "database {} is in availability group {name}, which is not in `availability_groups`",
+                        db.name
+                    );
+                };
+                let local = self.local_replica(ag).map(|l| l.instance);
                 ensure!(
-                    self.availability_groups
-                        .iter()
-                        .any(|g| g.name.eq_ignore_ascii_case(ag)),
-                    "database {} is in availability group {ag}, which is not in `availability_groups`",
+                    local.is_some_and(|l| l.eq_ignore_ascii_case(&db.instance)),
+                    "database {} is in availability group {name}, whose replica on this VM is \
+                     not on instance {}",
+                    db.name,
+                    db.instance
+                );
+                // SQL Server adds only user databases in the full recovery model to a group,
+                // and refuses to change the model of one in it (Msg 1468).
+                ensure!(
+                    !db.system && db.recovery_model == RecoveryModel::Full,
+                    "database {} is in availability group {name}: an availability database \
+                     is a user database in the full recovery model",
                     db.name
                 );
             }
@@ -377,7 +548,9 @@ impl InventorySource {
 
 #[cfg(test)]
 mod tests {
-    use backvault_domain::agent::{BackupPreference, DeploymentModel};
+    use backvault_domain::agent::{
+        BackupPreference, DeploymentModel, ReplicaRole, SynchronizationHealth,
+    };
 
     use super::*;
 
@@ -436,8 +609,9 @@ crash_after_claim = true
         assert!(!file.sysadmin());
         assert_eq!(file.instances.len(), 1);
         assert_eq!(
-            file.availability_groups[0].backup_preference,
-            BackupPreference::Secondary
+            file.availability_groups[0].group.backup_preference,
+            BackupPreference::PreferSecondary,
+            "as agents before availability groups became items wrote it"
         );
         assert_eq!(file.databases.len(), 2);
         assert_eq!(
@@ -589,6 +763,192 @@ crash_after_claim = true
         assert!(file.databases.iter().any(|d| d.sim.busy));
         assert!(file.databases.iter().any(|d| d.sim.bulk_operations
             && d.sql.recovery_model == RecoveryModel::BulkLogged));
+    }
+
+    /// The sample with its commented-out availability group in it.
+    fn sample_with_its_group() -> String {
+        let sample = include_str!("../sample-inventory.toml");
+        let block: String = sample
+            .lines()
+            .skip_while(|line| *line != "# [[availability_groups]]")
+            .take_while(|line| line.starts_with('#'))
+            .map(|line| {
+                line.strip_prefix("# ")
+                    .unwrap_or(line.trim_start_matches('#'))
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        assert!(block.contains("availability_group = "), "{block:?}");
+        format!("{sample}\n{block}")
+    }
+
+    #[test]
+    fn the_sample_availability_group_parses_and_is_reported_as_written() {
+        let dir = std::env::temp_dir().join(format!("backvault-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("sqlvm-01.toml");
+        std::fs::write(&path, sample_with_its_group()).unwrap();
+        let file = InventoryFile::load(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let ag = &file.availability_groups[0];
+        assert_eq!(
+            ag.shared_state,
+            Some(dir.join("ag-orders.state.json")),
+            "beside the inventory"
+        );
+        let reported = &file.sql_inventory().availability_groups[0];
+        assert_eq!(reported, &ag.group);
+        assert_eq!(
+            reported.group_id,
+            Some("2f4e8a3c-55c1-4c6e-9a57-0d3b7e1f9a64".parse().unwrap())
+        );
+        assert_eq!(
+            reported.backup_preference,
+            BackupPreference::PreferSecondary
+        );
+        assert_eq!(reported.replicas.len(), 2);
+        assert!(reported.replicas.iter().all(|r| !r.primary));
+        assert_eq!(
+            reported.local,
+            Some(LocalReplica {
+                instance: "MSSQLSERVER".into(),
+                role: ReplicaRole::Primary,
+                synchronization_health: SynchronizationHealth::Healthy,
+                backup_priority: 50,
+            })
+        );
+        let orders = file.database("MSSQLSERVER", "ORDERS").unwrap();
+        assert_eq!(
+            file.group_of(&orders.sql).map(|g| &g.group.name),
+            Some(&ag.group.name)
+        );
+        assert_eq!(
+            file.shared_databases(),
+            [SharedDb {
+                key: file.db_key("MSSQLSERVER", "orders"),
+                file: dir.join("ag-orders.state.json"),
+            }],
+            "only the group's databases"
+        );
+    }
+
+    #[test]
+    fn an_agent_that_predates_local_replicas_reads_its_role_from_the_primary_flag() {
+        let file = InventoryFile::from_toml(TOML).unwrap();
+        let ag = &file.availability_groups[0];
+        assert_eq!(ag.group.local, None, "reported as written");
+        let local = file.local_replica(ag).unwrap();
+        assert_eq!(
+            (local.instance.as_str(), local.role),
+            ("MSSQLSERVER", ReplicaRole::Primary)
+        );
+        assert_eq!(ag.shared_state, None);
+        assert_eq!(file.shared_databases(), []);
+    }
+
+    #[test]
+    fn availability_groups_are_checked() {
+        let with_local = sample_with_its_group();
+        InventoryFile::from_toml(&with_local).unwrap();
+        let cases = [
+            (
+                with_local.replace(
+                    "local = { instance = \"MSSQLSERVER\"",
+                    "local = { instance = \"SQL2019\"",
+                ),
+                "instance SQL2019, which is not in `instances`",
+            ),
+            (
+                with_local.replace(
+                    "local = { instance = \"MSSQLSERVER\"",
+                    "local = { instance = \"SQL2012\"",
+                ),
+                "this VM's (rg-sql/sqlvm-01, instance SQL2012) too",
+            ),
+            (
+                with_local.replace(
+                    "instance = \"MSSQLSERVER\"\nname = \"orders\"",
+                    "instance = \"SQL2012\"\nname = \"orders\"",
+                ),
+                "whose replica on this VM is not on instance SQL2012",
+            ),
+            (
+                with_local.replace(
+                    "name = \"orders\"\nrecovery_model = \"full\"",
+                    "name = \"orders\"\nrecovery_model = \"simple\"",
+                ),
+                "full recovery model",
+            ),
+            (
+                with_local.replace("backup_priority = 50", "backup_priority = 101"),
+                "backup_priority is 0 to 100",
+            ),
+            (
+                with_local.replace("role = \"primary\"", "role = \"passive\""),
+                "passive",
+            ),
+            (
+                with_local.replace("role = \"primary\"", "role = \"primary\", rolle = \"x\""),
+                "unknown field `local.rolle` of availability group ag-orders",
+            ),
+            (
+                with_local.replace("shared_state", "shared_sate"),
+                "unknown field `shared_sate`",
+            ),
+            (
+                with_local.replace(
+                    "{ vm_name = \"sqlvm-02\"",
+                    "{ vm_nmae = \"x\", vm_name = \"sqlvm-02\"",
+                ),
+                "unknown field `replicas[1].vm_nmae`",
+            ),
+            (
+                with_local.replace(
+                    "availability_group = \"ag-orders\"",
+                    "availability_group = \"ag2\"",
+                ),
+                "ag2, which is not in `availability_groups`",
+            ),
+            // Without `local`, and no replica of this VM says it is primary or not.
+            (
+                with_local
+                    .replace(
+                        "local = { instance = \"MSSQLSERVER\", role = \"primary\", \
+                     synchronization_health = \"healthy\", backup_priority = 50 }\n",
+                        "",
+                    )
+                    .replace("sqlvm-01\", resource_group", "sqlvm-03\", resource_group"),
+                "has no `local` replica",
+            ),
+        ];
+        for (text, expected) in cases {
+            assert_ne!(text, with_local, "{expected}: the case changes the file");
+            let err = format!("{:#}", InventoryFile::from_toml(&text).unwrap_err());
+            assert!(err.contains(expected), "{err:?} should mention {expected}");
+        }
+
+        let twice = format!(
+            "{with_local}\n[[availability_groups]]\nname = \"AG-ORDERS\"\n\
+             backup_preference = \"primary\"\nreplicas = []\n"
+        );
+        let err = format!("{:#}", InventoryFile::from_toml(&twice).unwrap_err());
+        assert!(err.contains("listed twice"), "{err}");
+        let second = |shared: &str| {
+            format!(
+                "{with_local}\n[[availability_groups]]\nname = \"ag2\"\nbackup_preference = \"primary\"\n\
+                 replicas = [{{ vm_name = \"sqlvm-01\", resource_group = \"rg-sql\", instance = \"SQL2012\" }}]\n\
+                 local = {{ instance = \"SQL2012\", role = \"secondary\", \
+                 synchronization_health = \"healthy\", backup_priority = 0 }}\nshared_state = \"{shared}\"\n"
+            )
+        };
+        let err = format!(
+            "{:#}",
+            InventoryFile::from_toml(&second("ag-orders.state.json")).unwrap_err()
+        );
+        assert!(err.contains("a file of its own"), "{err}");
+        let file = InventoryFile::from_toml(&second("ag2.state.json")).unwrap();
+        assert_eq!(file.availability_groups.len(), 2);
     }
 
     #[test]

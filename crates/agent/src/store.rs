@@ -3,9 +3,16 @@
 //! A change is made the moment SQL Server would make it, and saved at once: a backup
 //! taken stays taken whether or not the server ever hears of it, as in `msdb`. Jobs on one
 //! database take turns; jobs on different databases run side by side.
+//!
+//! The databases of an availability group with a `shared_state` file live in that file
+//! instead, which the agents of all its replicas (separate processes) read and write: an
+//! availability database has one log, so its LSNs, its differential base and its backups
+//! are the same whichever replica looks. A job holds an exclusive lock on the file
+//! (`<file>.lock`, since the file itself is replaced by a rename) from before it reads the
+//! file until what it did is written back.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -19,6 +26,15 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::sim::{BackupSet, Database, LsnClock, lsn_text};
+
+/// A database whose state lives in an availability group's shared file, under the name
+/// the key gives it (replicas may name their instances differently; the database's name
+/// is the same on every replica).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SharedDb {
+    pub key: DbKey,
+    pub file: PathBuf,
+}
 
 /// A database, as SQL Server tells them apart: instance names ignore case; database names
 /// follow the instance's collation, so the caller folds them
@@ -79,6 +95,22 @@ struct StateFile {
 pub struct Locked<'a> {
     store: &'a Store,
     _guards: Vec<OwnedMutexGuard<()>>,
+    shared: Vec<HeldFile>,
+}
+
+/// A shared state file, locked against every other job (of this agent or another) until
+/// what this job did is written back to it.
+struct HeldFile {
+    path: PathBuf,
+    /// Holds the lock; closing it releases it.
+    _lock: File,
+    /// The last LSN any replica handed out: new ones come after it.
+    clock: Lsn,
+    /// What the file holds, by database name; while a job runs, this VM's databases are
+    /// in the store's state instead.
+    databases: BTreeMap<String, Database>,
+    /// This VM's databases among them: their names in the file and here.
+    mine: Vec<(String, DbKey)>,
 }
 
 /// A save under way. It runs to its end even if nobody waits for it.
@@ -123,8 +155,14 @@ impl Store {
         }
     }
 
-    /// Waits until no other job works on these databases, then holds them.
-    pub async fn lock(&self, keys: impl IntoIterator<Item = DbKey>) -> Locked<'_> {
+    /// Waits until no other job works on these databases, then holds them. `shared` names
+    /// the databases, among these and any others a job reads, that live in shared files:
+    /// those files are locked and read too.
+    pub async fn lock(
+        &self,
+        keys: impl IntoIterator<Item = DbKey>,
+        shared: Vec<SharedDb>,
+    ) -> anyhow::Result<Locked<'_>> {
         let mut keys: Vec<DbKey> = keys.into_iter().collect();
         // One order for everyone, so two jobs never wait on each other's databases.
         keys.sort();
@@ -139,10 +177,28 @@ impl Store {
         for mutex in mutexes {
             guards.push(mutex.lock_owned().await);
         }
-        Locked {
+        // After the databases' own locks, so that a job holding a file never waits for
+        // another job of this agent. Blocking: the lock may take as long as another
+        // agent's job.
+        let shared = if shared.is_empty() {
+            Vec::new()
+        } else {
+            tokio::task::spawn_blocking(move || hold(shared))
+                .await
+                .context("locking the shared state panicked")??
+        };
+        Ok(Locked {
             store: self,
             _guards: guards,
-        }
+            shared,
+        })
+    }
+
+    /// A database as the shared file `path` holds it, under its name there.
+    #[cfg(test)]
+    pub fn shared_database(path: &Path, name: &str) -> Option<Database> {
+        let file: SharedFile = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+        file.databases.get(name).cloned()
     }
 
     #[cfg(test)]
@@ -157,26 +213,138 @@ impl Store {
 }
 
 impl Locked<'_> {
-    /// Runs `f` on the simulated state and starts saving what it left. Call it only for
-    /// the databases this lock holds.
-    pub fn apply<R>(&self, f: impl FnOnce(&mut SimState) -> R) -> (R, Saving) {
+    /// Runs `f` on the simulated state, with the shared databases as their files hold
+    /// them, and starts saving what it left. Call it only for the databases this lock
+    /// holds; it releases them.
+    pub fn apply<R>(self, f: impl FnOnce(&mut SimState) -> R) -> (R, Saving) {
+        let Locked {
+            store, mut shared, ..
+        } = self;
         let (result, snapshot) = {
-            let mut state = self.store.state.lock().expect("simulation state");
+            let mut state = store.state.lock().expect("simulation state");
+            for file in &mut shared {
+                file.lend(&mut state);
+            }
             let result = f(&mut state);
+            for file in &mut shared {
+                file.take_back(&mut state);
+            }
             state.version += 1;
-            let snapshot = self
-                .store
+            let snapshot = store
                 .file
                 .as_ref()
                 .map(|file| (Arc::clone(file), state.version, to_bytes(&state)));
             (result, snapshot)
         };
-        let saving = snapshot.map(|(file, version, bytes)| {
-            // Spawned rather than awaited here: a job dropped now (its lease lost) must
-            // not take the record of what it did with it.
-            tokio::task::spawn_blocking(move || file.save(version, bytes?))
+        if snapshot.is_none() && shared.is_empty() {
+            return (result, Saving(None));
+        }
+        // Spawned rather than awaited here: a job dropped now (its lease lost) must not
+        // take the record of what it did with it.
+        let saving = tokio::task::spawn_blocking(move || {
+            let mut outcome = Ok(());
+            // Every file is written, and its lock released, whatever another's fate.
+            for file in shared {
+                outcome = outcome.and(file.save());
+            }
+            if let Some((file, version, bytes)) = snapshot {
+                outcome = outcome.and(bytes.and_then(|bytes| file.save(version, bytes)));
+            }
+            outcome
         });
-        (result, Saving(saving))
+        (result, Saving(Some(saving)))
+    }
+}
+
+/// Locks the files `shared` names, one after another in one order for every agent (so
+/// that two jobs never hold one each while waiting for the other's), and reads them.
+fn hold(shared: Vec<SharedDb>) -> anyhow::Result<Vec<HeldFile>> {
+    let mut by_file: BTreeMap<PathBuf, Vec<(String, DbKey)>> = BTreeMap::new();
+    for db in shared {
+        by_file
+            .entry(db.file)
+            .or_default()
+            .push((db.key.database.clone(), db.key));
+    }
+    by_file
+        .into_iter()
+        .map(|(path, mine)| {
+            HeldFile::open(&path, mine)
+                .with_context(|| format!("shared simulation state {}", path.display()))
+        })
+        .collect()
+}
+
+/// The shared state file: JSON, LSNs as decimal strings like on the wire.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SharedFile {
+    #[serde(with = "lsn_text")]
+    clock: Lsn,
+    databases: BTreeMap<String, Database>,
+}
+
+impl HeldFile {
+    fn open(path: &Path, mine: Vec<(String, DbKey)>) -> anyhow::Result<Self> {
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", Path::new(&lock_path).display()))?;
+        lock.lock().context("locking")?;
+        let file: SharedFile = match std::fs::read_to_string(path) {
+            Ok(text) => serde_json::from_str(&text).context("reading")?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => SharedFile::default(),
+            Err(e) => return Err(anyhow::Error::new(e).context("reading")),
+        };
+        let mut clock = LsnClock::default();
+        clock.observe(file.clock);
+        for db in file.databases.values() {
+            observe_database(&mut clock, db);
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            _lock: lock,
+            clock: clock.last(),
+            databases: file.databases,
+            mine,
+        })
+    }
+
+    /// Puts this VM's databases into `state` as the file holds them. One the file lacks
+    /// keeps the state this VM has (it was kept here before the group shared a file), and
+    /// moves to the file with the job.
+    fn lend(&mut self, state: &mut SimState) {
+        state.clock.observe(self.clock);
+        for (name, key) in &self.mine {
+            if let Some(db) = self.databases.remove(name) {
+                state.databases.insert(key.clone(), db);
+            }
+        }
+    }
+
+    /// Takes this VM's databases back from `state`, as the job left them (they are kept in
+    /// the file only), and the clock that observed the file's.
+    fn take_back(&mut self, state: &mut SimState) {
+        for (name, key) in &self.mine {
+            if let Some(db) = state.databases.remove(key) {
+                self.databases.insert(name.clone(), db);
+            }
+        }
+        self.clock = state.clock.last();
+    }
+
+    /// Writes the file, then releases the lock (by dropping it).
+    fn save(self) -> anyhow::Result<()> {
+        let file = SharedFile {
+            clock: self.clock,
+            databases: self.databases,
+        };
+        let bytes = serde_json::to_vec(&file)?;
+        replace_file(&self.path, &bytes)
+            .with_context(|| format!("saving the shared simulation state {}", self.path.display()))
     }
 }
 
@@ -255,19 +423,23 @@ fn load(path: &Path) -> anyhow::Result<SimState> {
         let db = entry.simulated.unwrap_or_else(|| {
             Database::from_first_version(entry.last_full_first_lsn, entry.last_lsn)
         });
-        // New LSNs must come after every one already handed out, whatever the clock says.
-        state.clock.observe(db.position);
-        for set in &db.history {
-            state.clock.observe(set.last_lsn);
-        }
-        if let Some(next) = db.log_chain.next_first_lsn {
-            state.clock.observe(next);
-        }
+        observe_database(&mut state.clock, &db);
         state
             .databases
             .insert(DbKey::new(&entry.instance, &entry.database), db);
     }
     Ok(state)
+}
+
+/// New LSNs must come after every one already handed out, whatever the clock says.
+fn observe_database(clock: &mut LsnClock, db: &Database) {
+    clock.observe(db.position);
+    for set in &db.history {
+        clock.observe(set.last_lsn);
+    }
+    if let Some(next) = db.log_chain.next_first_lsn {
+        clock.observe(next);
+    }
 }
 
 /// Replaces `path` with `bytes` so that readers, and a crash at any instant, find either
@@ -327,7 +499,7 @@ mod tests {
     /// Takes one backup of `db` and waits for its save.
     async fn backup(store: &Store, db: &str, kind: RecoveryPointType) -> BackupSet {
         let key = DbKey::new("MSSQLSERVER", db);
-        let locked = store.lock([key.clone()]).await;
+        let locked = store.lock([key.clone()], Vec::new()).await.unwrap();
         let (set, saving) = locked.apply(|sim| {
             let taking = Taking {
                 started_at: Utc::now(),
@@ -505,12 +677,15 @@ mod tests {
     async fn jobs_on_one_database_take_turns() {
         let store = Arc::new(Store::in_memory());
         let key = DbKey::new("MSSQLSERVER", "sales");
-        let first = store.lock([key.clone()]).await;
+        let first = store.lock([key.clone()], Vec::new()).await.unwrap();
         let waiting = {
             let store = Arc::clone(&store);
             let key = key.clone();
             tokio::spawn(async move {
-                let _locked = store.lock([DbKey::new("x", "other"), key]).await;
+                let _locked = store
+                    .lock([DbKey::new("x", "other"), key], Vec::new())
+                    .await
+                    .unwrap();
             })
         };
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

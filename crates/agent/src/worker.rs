@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use backvault_domain::agent::protocol::{ClaimedJob, ScheduledBackup};
 use backvault_domain::agent::{
-    JobResult, RecoveryModel, RecoveryPointReport, RecoveryPointType, SqlDatabase,
+    JobResult, RecoveryModel, RecoveryPointReport, RecoveryPointType, ReplicaRole, SqlDatabase,
+    SynchronizationHealth,
 };
 use backvault_domain::jobs::JobKind;
 use backvault_domain::lsn::Lsn;
@@ -16,7 +17,7 @@ use serde::Deserialize;
 
 use crate::config::{DatabaseEntry, InventoryFile, InventorySource};
 use crate::sim::{self, BackupSet, Database, Refusal, RestoreRecord, Taking, codes};
-use crate::store::{DbKey, Saving, SimState, Store};
+use crate::store::{DbKey, Saving, SharedDb, SimState, Store};
 
 #[derive(Debug)]
 #[allow(
@@ -49,6 +50,23 @@ fn fail(code: &'static str, message: impl Into<String>, retryable: bool) -> Outc
 /// SQL Server refuses the same statement again on a retry: not worth retrying.
 fn refused(refusal: Refusal) -> Outcome {
     fail(refusal.code, refusal.message, false)
+}
+
+/// The agent cannot tell what SQL Server would do now; it may later.
+fn state_unreadable(e: &anyhow::Error) -> Outcome {
+    fail(
+        "AgentStateUnreadable",
+        format!("The agent cannot read the state of its simulated databases: {e:#}"),
+        true,
+    )
+}
+
+fn inventory_unreadable(e: &anyhow::Error) -> Outcome {
+    fail(
+        "AgentInventoryUnreadable",
+        format!("The agent cannot read its inventory file: {e:#}"),
+        true,
+    )
 }
 
 fn complete(result: JobResult) -> Outcome {
@@ -90,13 +108,7 @@ pub async fn execute(
         // Discovery must report what the file says now, never an older version.
         match inventory.reload() {
             Ok(file) => file,
-            Err(e) => {
-                return fail(
-                    "AgentInventoryUnreadable",
-                    format!("The agent cannot read its inventory file: {e:#}"),
-                    true,
-                );
-            }
+            Err(e) => return inventory_unreadable(&e),
         }
     } else {
         // Re-read too: a recovery model switched or another tool's backup added since the
@@ -116,12 +128,14 @@ pub async fn execute(
 
     match job.kind {
         JobKind::Discovery => {
-            observe(&file, store, started_at).await;
+            if let Err(e) = observe(&file, store, started_at).await {
+                return state_unreadable(&e);
+            }
             discover(&file)
         }
         JobKind::ConfigureProtection => complete(JobResult::ConfigureProtection {}),
         JobKind::BackupFull | JobKind::BackupDifferential | JobKind::BackupLog => {
-            backup(job, &file, store, started_at, clock).await
+            backup(job, inventory, store, started_at, clock).await
         }
         JobKind::Restore => restore(job, &file, store, started_at, clock).await,
     }
@@ -257,19 +271,25 @@ fn prepare(sim: &mut SimState, key: &DbKey, entry: &DatabaseEntry, at: DateTime<
 /// recovery model switch, another tool's backup) has happened by now, whether or not a
 /// job touched the database since. A switch to simple and back between two backups still
 /// breaks the log chain.
-async fn observe(file: &InventoryFile, store: &Store, at: DateTime<Utc>) {
+async fn observe(file: &InventoryFile, store: &Store, at: DateTime<Utc>) -> anyhow::Result<()> {
     let entries: Vec<(DbKey, &DatabaseEntry)> = file
         .databases
         .iter()
         .map(|e| (file.db_key(&e.sql.instance, &e.sql.name), e))
         .collect();
-    let locked = store.lock(entries.iter().map(|(key, _)| key.clone())).await;
+    let locked = store
+        .lock(
+            entries.iter().map(|(key, _)| key.clone()),
+            file.shared_databases(),
+        )
+        .await?;
     let ((), saving) = locked.apply(|sim| {
         for (key, entry) in &entries {
             prepare(sim, key, entry, at);
         }
     });
     saved(saving).await;
+    Ok(())
 }
 
 /// Waits for the state file to hold what a job did. A failed save is logged, not failed:
@@ -282,23 +302,102 @@ async fn saved(saving: Saving) {
 
 async fn backup(
     job: &ClaimedJob,
-    file: &InventoryFile,
+    inventory: &InventorySource,
     store: &Store,
     started_at: DateTime<Utc>,
     clock: BackupClock,
 ) -> Outcome {
+    // Read again now that the job's work is done: a failover since it started decides
+    // what this VM's replica may back up.
+    let file = match inventory.reload() {
+        Ok(file) => file,
+        Err(e) => {
+            let last = inventory.last_good();
+            let in_group = job.items.iter().any(|item| {
+                last.database(&item.instance, &item.database)
+                    .is_some_and(|d| d.sql.availability_group.is_some())
+            });
+            // An old role is a wrong answer; another attempt may read the file whole.
+            if in_group {
+                return inventory_unreadable(&e);
+            }
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "inventory unreadable, using the last good one"
+            );
+            last
+        }
+    };
     let kind = backup_type(job);
     let keys: Vec<DbKey> = job
         .items
         .iter()
         .map(|item| file.db_key(&item.instance, &item.database))
         .collect();
-    let locked = store.lock(keys.iter().cloned()).await;
+    let shared: Vec<SharedDb> = file
+        .shared_databases()
+        .into_iter()
+        .filter(|db| keys.contains(&db.key))
+        .collect();
+    let locked = match store.lock(keys.iter().cloned(), shared).await {
+        Ok(locked) => locked,
+        Err(e) => return state_unreadable(&e),
+    };
     let backup_time = clock.now(job);
     let (outcome, saving) =
-        locked.apply(|sim| back_up_now(sim, job, file, &keys, kind, (started_at, backup_time)));
+        locked.apply(|sim| back_up_now(sim, job, &file, &keys, kind, (started_at, backup_time)));
     saved(saving).await;
     outcome
+}
+
+/// Why SQL Server would refuse, on this VM's replica of the database's availability
+/// group, a backup of `kind` now. Retryable: after a failover the server sends the job to
+/// the replica that can take it, or this one can again.
+fn replica_refusal(
+    file: &InventoryFile,
+    entry: &DatabaseEntry,
+    kind: RecoveryPointType,
+) -> Option<Refusal> {
+    let ag = file.group_of(&entry.sql)?;
+    let local = file
+        .local_replica(ag)
+        .expect("validated: every group has this VM's replica");
+    let (name, group) = (&entry.sql.name, &ag.group.name);
+    let message = match (local.role, kind) {
+        (ReplicaRole::Primary, _) => return None,
+        (ReplicaRole::Resolving, _) => format!(
+            "Database {name} cannot be backed up: this VM's replica of availability group \
+             {group} is resolving (a failover is under way, or it lost its quorum), and a \
+             resolving replica takes no backup. It can once it is primary or secondary again."
+        ),
+        (ReplicaRole::Secondary, RecoveryPointType::Full | RecoveryPointType::Differential) => {
+            format!(
+                "This BACKUP or RESTORE command is not supported on a database mirror or \
+                 secondary replica (SQL Server Msg 3059): database {name} is a secondary \
+                 database of availability group {group} here, where only copy-only full and \
+                 log backups run. A {} backup runs on the primary replica.",
+                match kind {
+                    RecoveryPointType::Differential => "differential",
+                    _ => "full",
+                }
+            )
+        }
+        (ReplicaRole::Secondary, RecoveryPointType::Log)
+            if local.synchronization_health == SynchronizationHealth::NotHealthy =>
+        {
+            format!(
+                "BACKUP LOG of database {name} cannot run here: this VM's replica of \
+                 availability group {group} is not healthy, and a secondary database that is \
+                 NOT SYNCHRONIZING cannot back up its log. It can once the replica \
+                 synchronizes, and the primary or a healthy secondary can now."
+            )
+        }
+        (ReplicaRole::Secondary, _) => return None,
+    };
+    Some(Refusal {
+        code: codes::NOT_SUPPORTED,
+        message,
+    })
 }
 
 fn back_up_now(
@@ -352,6 +451,9 @@ fn back_up_now(
                 false,
             );
         };
+        if let Some(refusal) = replica_refusal(file, entry, kind) {
+            return fail(refusal.code, refusal.message, true);
+        }
         let db = sim.database(key, entry.sql.recovery_model);
         if let Err(refusal) = db.check_backup(&entry.sql.name, kind) {
             return refused(refusal);
@@ -549,7 +651,11 @@ async fn restore(
         .iter()
         .map(|(key, _)| key.clone())
         .chain([target.key.clone()]);
-    let locked = store.lock(keys).await;
+    // Every shared file: a restore may read the backup sets another replica took.
+    let locked = match store.lock(keys, file.shared_databases()).await {
+        Ok(locked) => locked,
+        Err(e) => return state_unreadable(&e),
+    };
     let backup_time = clock.now(job);
     let (outcome, saving) = locked.apply(|sim| {
         if let Some((key, Some(entry))) = &source {
@@ -764,7 +870,7 @@ fn invalid_name(name: &str) -> Option<&'static str> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
 
     use backvault_domain::agent::JobItem;
     use backvault_domain::restore::{Recovery, RestoreStatement};
@@ -2243,5 +2349,347 @@ mod tests {
                 "sysname holds 128"
             );
         }
+    }
+
+    /// The sample VM renamed `vm`, hosting a replica (MSSQLSERVER, in `role`) of
+    /// `ag-orders`, which holds database `orders` and has replicas on `sqlvm-a` and
+    /// `sqlvm-b`; its state shared in `shared`, if given.
+    fn ag_replica(vm: &str, role: &str, shared: Option<&Path>) -> impl FnOnce(String) -> String {
+        let shared = shared.map_or(String::new(), |path| {
+            format!("shared_state = '{}'\n", path.display())
+        });
+        let (vm, role) = (vm.to_owned(), role.to_owned());
+        move |sample| {
+            sample.replace("name = \"sqlvm-01\"", &format!("name = \"{vm}\""))
+                + &format!(
+                    "\n[[availability_groups]]\nname = \"ag-orders\"\n\
+                     group_id = \"2f4e8a3c-55c1-4c6e-9a57-0d3b7e1f9a64\"\n\
+                     backup_preference = \"prefer_secondary\"\nreplicas = [\n\
+                     {{ vm_name = \"sqlvm-a\", resource_group = \"rg-sql\", instance = \"MSSQLSERVER\" }},\n\
+                     {{ vm_name = \"sqlvm-b\", resource_group = \"rg-sql\", instance = \"MSSQLSERVER\" }},\n]\n\
+                     local = {{ instance = \"MSSQLSERVER\", role = \"{role}\", \
+                     synchronization_health = \"healthy\", backup_priority = 50 }}\n{shared}\
+                     \n[[databases]]\ninstance = \"MSSQLSERVER\"\nname = \"orders\"\n\
+                     recovery_model = \"full\"\nsize_bytes = 1048576\navailability_group = \"ag-orders\"\n"
+                )
+        }
+    }
+
+    /// A failover, or a replica losing its partners, as the file shows it.
+    fn set_replica(from: &str, to: &str) -> impl FnOnce(String) -> String {
+        let (from, to) = (from.to_owned(), to.to_owned());
+        move |s| s.replace(&from, &to)
+    }
+
+    /// The failure of a backup of `orders`: retryable, with SQL Server's code.
+    async fn refused_on_replica(
+        kind: JobKind,
+        payload: serde_json::Value,
+        inventory: &InventorySource,
+        store: &Store,
+    ) -> String {
+        let f = failure_in(
+            &job(kind, &[("MSSQLSERVER", "orders")], payload),
+            inventory,
+            store,
+        )
+        .await;
+        assert_eq!(
+            (f.code, f.retryable),
+            (codes::NOT_SUPPORTED, true),
+            "{kind:?}: {f:?}"
+        );
+        f.message
+    }
+
+    fn copy_only() -> serde_json::Value {
+        json!({"copy_only": true})
+    }
+
+    #[tokio::test]
+    async fn a_secondary_replica_takes_only_copy_only_fulls_and_logs() {
+        let temp = TempInventory::new(ag_replica("sqlvm-a", "primary", None));
+        let (inventory, store) = (temp.source(), Store::in_memory());
+        let full = one(JobKind::BackupFull, "orders", &inventory, &store).await;
+
+        temp.edit(set_replica("role = \"primary\"", "role = \"secondary\""));
+        for kind in [JobKind::BackupFull, JobKind::BackupDifferential] {
+            let message = refused_on_replica(kind, json!({}), &inventory, &store).await;
+            assert!(
+                message.contains("Msg 3059") && message.contains("secondary replica"),
+                "{message}"
+            );
+        }
+        let copy = backed_up(
+            &job(
+                JobKind::BackupFull,
+                &[("MSSQLSERVER", "orders")],
+                copy_only(),
+            ),
+            &inventory,
+            &store,
+        )
+        .await;
+        assert_eq!(copy[0].backup_type, RecoveryPointType::CopyOnlyFull);
+        let log = one(JobKind::BackupLog, "orders", &inventory, &store).await;
+        assert_eq!(log.first_lsn, full.first_lsn, "the chain the primary began");
+        let history = |store: &Store| store.database(&key("orders")).unwrap().history.len();
+        assert_eq!(history(&store), 3, "the refused backups took nothing");
+
+        // The VM's other databases are in no group: a full is a full.
+        one(JobKind::BackupFull, "hr", &inventory, &store).await;
+
+        temp.edit(set_replica(
+            "synchronization_health = \"healthy\"",
+            "synchronization_health = \"not_healthy\"",
+        ));
+        let message = refused_on_replica(JobKind::BackupLog, json!({}), &inventory, &store).await;
+        assert!(message.contains("NOT SYNCHRONIZING"), "{message}");
+        backed_up(
+            &job(
+                JobKind::BackupFull,
+                &[("MSSQLSERVER", "orders")],
+                copy_only(),
+            ),
+            &inventory,
+            &store,
+        )
+        .await;
+
+        temp.edit(set_replica("role = \"secondary\"", "role = \"resolving\""));
+        for (kind, payload) in [
+            (JobKind::BackupFull, json!({})),
+            (JobKind::BackupFull, copy_only()),
+            (JobKind::BackupDifferential, json!({})),
+            (JobKind::BackupLog, json!({})),
+        ] {
+            let message = refused_on_replica(kind, payload, &inventory, &store).await;
+            assert!(
+                message.contains("resolving") && !message.contains("3059"),
+                "{message}"
+            );
+        }
+        assert_eq!(history(&store), 4);
+
+        // A job for two databases fails whole: the standalone one is not backed up either.
+        let both = job(
+            JobKind::BackupLog,
+            &[("MSSQLSERVER", "hr"), ("MSSQLSERVER", "orders")],
+            json!({}),
+        );
+        let hr_before = store.database(&key("hr")).unwrap().history.len();
+        assert!(failure_in(&both, &inventory, &store).await.retryable);
+        assert_eq!(store.database(&key("hr")).unwrap().history.len(), hr_before);
+
+        temp.edit(set_replica("role = \"resolving\"", "role = \"primary\""));
+        let diff = one(JobKind::BackupDifferential, "orders", &inventory, &store).await;
+        assert_eq!(diff.differential_base_lsn, full.checkpoint_lsn);
+        one(JobKind::BackupFull, "orders", &inventory, &store).await;
+        one(JobKind::BackupLog, "orders", &inventory, &store).await;
+    }
+
+    /// Two agents (two inventories, two stores) playing the two replicas of `ag-orders`,
+    /// sharing its state in a file.
+    struct TwoReplicas {
+        a: TempInventory,
+        b: TempInventory,
+        shared: PathBuf,
+    }
+
+    impl TwoReplicas {
+        fn new() -> Self {
+            let shared = std::env::temp_dir().join(format!("backvault-ag-{}.json", Uuid::new_v4()));
+            Self {
+                a: TempInventory::new(ag_replica("sqlvm-a", "primary", Some(&shared))),
+                b: TempInventory::new(ag_replica("sqlvm-b", "secondary", Some(&shared))),
+                shared,
+            }
+        }
+
+        /// `orders` as the shared file holds it.
+        fn orders(&self) -> Database {
+            Store::shared_database(&self.shared, "orders").unwrap()
+        }
+    }
+
+    impl Drop for TwoReplicas {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.shared);
+            let mut lock = self.shared.as_os_str().to_owned();
+            lock.push(".lock");
+            let _ = std::fs::remove_file(lock);
+        }
+    }
+
+    /// An availability database has one log: its chain and differential base continue
+    /// from replica to replica, across a failover.
+    #[tokio::test]
+    async fn replicas_sharing_a_state_file_continue_one_log_chain() {
+        let ag = TwoReplicas::new();
+        let (a, store_a) = (ag.a.source(), Store::in_memory());
+        let (b, store_b) = (ag.b.source(), Store::in_memory());
+
+        let full = one(JobKind::BackupFull, "orders", &a, &store_a).await;
+        let log1 = one(JobKind::BackupLog, "orders", &b, &store_b).await;
+        assert_eq!(log1.first_lsn, full.first_lsn, "the chain the full began");
+        assert_eq!(log1.begins_log_chain, Some(true));
+        assert_eq!(log1.database_guid, full.database_guid, "one database");
+        let log2 = one(JobKind::BackupLog, "orders", &a, &store_a).await;
+        assert_eq!(log2.first_lsn, log1.last_lsn);
+        assert_eq!(log2.begins_log_chain, Some(false));
+        let log3 = one(JobKind::BackupLog, "orders", &b, &store_b).await;
+        assert_eq!(log3.first_lsn, log2.last_lsn);
+        assert!(
+            store_a.database(&key("orders")).is_none(),
+            "kept in the file only"
+        );
+        assert_eq!(ag.orders().history.len(), 4);
+
+        // A failover: b is primary now, a secondary.
+        ag.a.edit(set_replica("role = \"primary\"", "role = \"secondary\""));
+        ag.b.edit(set_replica("role = \"secondary\"", "role = \"primary\""));
+        refused_on_replica(JobKind::BackupDifferential, json!({}), &a, &store_a).await;
+        let diff = one(JobKind::BackupDifferential, "orders", &b, &store_b).await;
+        assert_eq!(diff.differential_base_lsn, full.checkpoint_lsn, "a's full");
+        assert_eq!(diff.differential_base_guid, full.differential_base_guid);
+        assert_eq!(
+            diff.database_backup_lsn,
+            full.checkpoint_lsn.clone().unwrap()
+        );
+        assert!(
+            lsn(&diff.first_lsn) > lsn(&log3.last_lsn),
+            "LSNs go on growing"
+        );
+        let log4 = one(JobKind::BackupLog, "orders", &a, &store_a).await;
+        assert_eq!(
+            log4.first_lsn, log3.last_lsn,
+            "a full or differential breaks no chain"
+        );
+        let full2 = one(JobKind::BackupFull, "orders", &b, &store_b).await;
+        assert_eq!(
+            full2.database_backup_lsn,
+            full.checkpoint_lsn.clone().unwrap()
+        );
+
+        // b restores what a took, by backup set.
+        let restored = restored_orders(&plan(&[&full, &log1, &log2]), &b, &store_b).await;
+        assert_eq!(restored, "orders_copy");
+        let copy = store_b.database(&key("orders_copy")).unwrap();
+        assert_eq!(copy.fork.point_lsn, Some(lsn(&log2.last_lsn)));
+
+        // What an unreadable file hides is not guessed at.
+        std::fs::write(&ag.shared, "{").unwrap();
+        let f = failure_in(
+            &job(JobKind::BackupLog, &[("MSSQLSERVER", "orders")], json!({})),
+            &a,
+            &store_a,
+        )
+        .await;
+        assert_eq!(
+            (f.code, f.retryable),
+            ("AgentStateUnreadable", true),
+            "{f:?}"
+        );
+    }
+
+    /// Restores `orders` as `orders_copy` by `steps`, replayed against the history.
+    async fn restored_orders(
+        steps: &[RestoreStep],
+        inventory: &InventorySource,
+        store: &Store,
+    ) -> String {
+        let payload = json!({"target_database": "orders_copy", "target_instance": "MSSQLSERVER",
+            "overwrite": false, "steps": steps});
+        let restore = job(JobKind::Restore, &[("MSSQLSERVER", "orders")], payload);
+        match run(&restore, inventory, store).await {
+            Outcome::Complete {
+                result:
+                    JobResult::Restore {
+                        restored_database, ..
+                    },
+                warnings,
+            } => {
+                assert_eq!(
+                    warnings,
+                    Vec::<String>::new(),
+                    "replayed against the history"
+                );
+                restored_database
+            }
+            other => panic!("expected a restore, got {other:?}"),
+        }
+    }
+
+    /// A database backed up before its group shared a file keeps its chain there.
+    #[tokio::test]
+    async fn a_database_moves_into_its_groups_shared_file() {
+        let shared = std::env::temp_dir().join(format!("backvault-ag-{}.json", Uuid::new_v4()));
+        let temp = TempInventory::new(ag_replica("sqlvm-a", "primary", None));
+        let (inventory, store) = (temp.source(), Store::in_memory());
+        one(JobKind::BackupFull, "orders", &inventory, &store).await;
+        let log = one(JobKind::BackupLog, "orders", &inventory, &store).await;
+
+        let line = format!("shared_state = '{}'\n", shared.display());
+        temp.edit(|s| s.replace("\nlocal = {", &format!("\n{line}local = {{")));
+        let next = one(JobKind::BackupLog, "orders", &inventory, &store).await;
+        assert_eq!(next.first_lsn, log.last_lsn);
+        assert!(store.database(&key("orders")).is_none());
+        assert_eq!(
+            Store::shared_database(&shared, "orders")
+                .unwrap()
+                .history
+                .len(),
+            3
+        );
+        std::fs::remove_file(&shared).unwrap();
+        let mut lock = shared.into_os_string();
+        lock.push(".lock");
+        std::fs::remove_file(lock).unwrap();
+    }
+
+    /// Two agents backing up one availability database's log at once: each job reads the
+    /// file after the other's write, so no backup is lost and none starts where another
+    /// did.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_log_backups_on_two_replicas_keep_one_chain() {
+        const PER_REPLICA: usize = 10;
+        let ag = TwoReplicas::new();
+        let a = std::sync::Arc::new((ag.a.source(), Store::in_memory()));
+        let b = std::sync::Arc::new((ag.b.source(), Store::in_memory()));
+        let full = one(JobKind::BackupFull, "orders", &a.0, &a.1).await;
+
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+        let tasks: Vec<_> = [a, b]
+            .into_iter()
+            .map(|replica| {
+                let start = std::sync::Arc::clone(&start);
+                tokio::spawn(async move {
+                    start.wait().await;
+                    let mut points = Vec::new();
+                    for _ in 0..PER_REPLICA {
+                        points
+                            .push(one(JobKind::BackupLog, "orders", &replica.0, &replica.1).await);
+                    }
+                    points
+                })
+            })
+            .collect();
+        let mut logs = Vec::new();
+        for task in tasks {
+            logs.extend(task.await.unwrap());
+        }
+
+        logs.sort_by_key(|p| lsn(&p.first_lsn));
+        assert_eq!(logs.len(), 2 * PER_REPLICA);
+        assert_eq!(logs[0].first_lsn, full.first_lsn);
+        for pair in logs.windows(2) {
+            assert_eq!(pair[1].first_lsn, pair[0].last_lsn, "{pair:?}");
+        }
+        let history = ag.orders().history;
+        assert_eq!(history.len(), 1 + 2 * PER_REPLICA, "none lost");
+        assert_eq!(
+            history.last().map(|s| s.last_lsn.to_string()),
+            logs.last().map(|p| p.last_lsn.clone())
+        );
     }
 }

@@ -41,6 +41,7 @@ pub fn backup_job(vm_id: Uuid) -> NewJob {
         max_attempts: 3,
         // A second in the past so that `run_at <= now()` holds on the first claim.
         run_at: chrono::Utc::now() - chrono::Duration::seconds(1),
+        availability_group_id: None,
     }
 }
 

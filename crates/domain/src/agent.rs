@@ -90,27 +90,39 @@ pub struct SqlInstance {
     pub version: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// Where an availability group wants its backups taken (SQL Server's
+/// `automated_backup_preference`). Full and differential backups ignore it: SQL Server
+/// takes them on the primary only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BackupPreference {
     Primary,
-    Secondary,
-    Any,
+    /// SQL Server's `SECONDARY_ONLY`.
+    SecondaryOnly,
+    /// SQL Server's `SECONDARY` (agents built before availability groups became items
+    /// send `secondary`).
+    #[serde(alias = "secondary")]
+    PreferSecondary,
+    /// SQL Server's `NONE` (older agents send `any`).
+    #[serde(alias = "any")]
+    AnyReplica,
 }
 
 impl BackupPreference {
-    pub const ALL: [BackupPreference; 3] = [
+    pub const ALL: [BackupPreference; 4] = [
         BackupPreference::Primary,
-        BackupPreference::Secondary,
-        BackupPreference::Any,
+        BackupPreference::SecondaryOnly,
+        BackupPreference::PreferSecondary,
+        BackupPreference::AnyReplica,
     ];
 
     /// As on the wire and in the database.
     pub fn as_str(self) -> &'static str {
         match self {
             BackupPreference::Primary => "primary",
-            BackupPreference::Secondary => "secondary",
-            BackupPreference::Any => "any",
+            BackupPreference::SecondaryOnly => "secondary_only",
+            BackupPreference::PreferSecondary => "prefer_secondary",
+            BackupPreference::AnyReplica => "any_replica",
         }
     }
 
@@ -119,19 +131,139 @@ impl BackupPreference {
     }
 }
 
+/// A replica's role (`sys.dm_hadr_availability_replica_states.role_desc`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaRole {
+    Primary,
+    Secondary,
+    /// Between roles (during a failover) or not connected: backs up nothing.
+    Resolving,
+}
+
+impl ReplicaRole {
+    pub const ALL: [ReplicaRole; 3] = [
+        ReplicaRole::Primary,
+        ReplicaRole::Secondary,
+        ReplicaRole::Resolving,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaRole::Primary => "primary",
+            ReplicaRole::Secondary => "secondary",
+            ReplicaRole::Resolving => "resolving",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// A replica's synchronization health
+/// (`sys.dm_hadr_availability_replica_states.synchronization_health_desc`), healthiest
+/// last so that the order compares health.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum SynchronizationHealth {
+    NotHealthy,
+    PartiallyHealthy,
+    Healthy,
+}
+
+impl SynchronizationHealth {
+    pub const ALL: [SynchronizationHealth; 3] = [
+        SynchronizationHealth::NotHealthy,
+        SynchronizationHealth::PartiallyHealthy,
+        SynchronizationHealth::Healthy,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SynchronizationHealth::NotHealthy => "not_healthy",
+            SynchronizationHealth::PartiallyHealthy => "partially_healthy",
+            SynchronizationHealth::Healthy => "healthy",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|h| h.as_str() == s)
+    }
+}
+
+/// SQL Server's default `backup_priority`.
+pub const DEFAULT_BACKUP_PRIORITY: u8 = 50;
+/// `backup_priority` ranges over 0 (never chosen for backups) to 100.
+pub const MAX_BACKUP_PRIORITY: u8 = 100;
+
+/// A replica of the group, as `sys.availability_replicas` lists it on every replica: the
+/// VM that hosts it lets the server check that every replica is registered with the
+/// same vault.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct AgReplica {
     pub vm_name: String,
     pub resource_group: String,
     pub instance: String,
+    /// Only from agents that predate [`LocalReplica`]: whether this replica was primary.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub primary: bool,
+}
+
+/// The reporting VM's own replica of the group: SQL Server shows a secondary only its
+/// own state, so each agent reports its own role, and the server joins the reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LocalReplica {
+    pub instance: String,
+    pub role: ReplicaRole,
+    pub synchronization_health: SynchronizationHealth,
+    /// 0 (never chosen for backups) to 100.
+    #[schema(maximum = 100)]
+    pub backup_priority: u8,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct AvailabilityGroup {
     pub name: String,
+    /// `sys.availability_groups.group_id`: the same on every replica, and what tells two
+    /// groups of one name apart. Agents that predate it leave it out; the server then
+    /// knows the group by its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<Uuid>,
     pub backup_preference: BackupPreference,
     pub replicas: Vec<AgReplica>,
+    /// This VM's replica. Agents that predate it leave it out; the server then reads the
+    /// role from the `primary` flag of this VM's entry in `replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalReplica>,
+}
+
+impl AvailabilityGroup {
+    /// This VM's replica: the one it reported, or, from an agent that predates that, its
+    /// entry in `replicas` (healthy, default priority). None when neither names it.
+    pub fn local_replica(&self, vm_name: &str, resource_group: &str) -> Option<LocalReplica> {
+        if let Some(local) = &self.local {
+            return Some(local.clone());
+        }
+        self.replicas
+            .iter()
+            .find(|r| {
+                r.vm_name.eq_ignore_ascii_case(vm_name)
+                    && r.resource_group.eq_ignore_ascii_case(resource_group)
+            })
+            .map(|r| LocalReplica {
+                instance: r.instance.clone(),
+                role: if r.primary {
+                    ReplicaRole::Primary
+                } else {
+                    ReplicaRole::Secondary
+                },
+                synchronization_health: SynchronizationHealth::Healthy,
+                backup_priority: DEFAULT_BACKUP_PRIORITY,
+            })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -167,7 +299,9 @@ pub struct JobItem {
     pub protected_item_id: Option<Uuid>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum RecoveryPointType {
     Full,
@@ -274,6 +408,8 @@ pub const MAX_INSTANCES_PER_VM: usize = 50;
 pub const MAX_DATABASES_PER_INSTANCE: usize = 32_767;
 /// Availability groups one VM may report.
 pub const MAX_AVAILABILITY_GROUPS: usize = 1_000;
+/// SQL Server's maximum: one primary and eight secondaries.
+pub const MAX_AG_REPLICAS: usize = 9;
 /// A version string such as `2019` or `2008 R2`.
 pub const MAX_VERSION_CHARS: usize = 64;
 
@@ -342,7 +478,14 @@ impl SqlInventory {
                 format!("{pointer}/availability_groups/{i}/name"),
                 &mut v,
             );
-            for (j, replica) in group.replicas.iter().enumerate() {
+            if group.replicas.len() > MAX_AG_REPLICAS {
+                v.push(
+                    format!("{pointer}/availability_groups/{i}/replicas"),
+                    "inventory_too_large",
+                    format!("an availability group has at most {MAX_AG_REPLICAS} replicas"),
+                );
+            }
+            for (j, replica) in group.replicas.iter().enumerate().take(MAX_AG_REPLICAS) {
                 let at = format!("{pointer}/availability_groups/{i}/replicas/{j}");
                 check_sql_name(&replica.instance, format!("{at}/instance"), &mut v);
                 check_sql_name(&replica.vm_name, format!("{at}/vm_name"), &mut v);
@@ -351,6 +494,17 @@ impl SqlInventory {
                     format!("{at}/resource_group"),
                     &mut v,
                 );
+            }
+            if let Some(local) = &group.local {
+                let at = format!("{pointer}/availability_groups/{i}/local");
+                check_sql_name(&local.instance, format!("{at}/instance"), &mut v);
+                if local.backup_priority > MAX_BACKUP_PRIORITY {
+                    v.push(
+                        format!("{at}/backup_priority"),
+                        "backup_priority_range",
+                        format!("backup_priority is 0 to {MAX_BACKUP_PRIORITY}"),
+                    );
+                }
             }
         }
         for (i, db) in self.databases.iter().enumerate() {

@@ -8,6 +8,7 @@ use std::hash::Hash;
 use uuid::Uuid;
 
 use crate::agent::{RecoveryModel, RecoveryPointType};
+use crate::availability::GroupIssue;
 use crate::protection::{NameIssue, name_issue, name_issues};
 use crate::violation::{Violation, Violations};
 
@@ -51,6 +52,12 @@ pub struct DatabaseFacts {
     pub protected_in: Option<Uuid>,
     /// From `sibling_name_issues` over its VM's databases.
     pub name_issue: Option<NameIssue>,
+    /// For a database of an availability group (the group database, or a replica's copy
+    /// of it): the group database, which is what gets protected, once. None for a
+    /// standalone database.
+    pub group_database: Option<Uuid>,
+    /// For a database of an availability group: why the vault cannot protect the group.
+    pub group_issue: Option<GroupIssue>,
 }
 
 /// Everything Configure Protection decides on, loaded before the check.
@@ -80,8 +87,10 @@ pub struct ConfigurePlan {
 
 /// Every reason the request cannot be carried out, each at its JSON pointer, or the plan.
 /// A database is judged by the first rule it fails, in the order a backup administrator
-/// fixes them: it exists, is listed once, sits on a VM of this vault, is still there, is
-/// not protected yet, and has a name Configure Protection accepts.
+/// fixes them: it exists, is listed once (a group database counts once, whichever of its
+/// ids is given), sits on a VM of this vault, belongs to no group a replica of which is
+/// outside the vault, is still there, is not protected yet, and has a name Configure
+/// Protection accepts.
 pub fn check_configure(
     request: ConfigureRequest<'_>,
     facts: &ConfigureFacts,
@@ -113,20 +122,25 @@ pub fn check_configure(
             );
             continue;
         };
-        if !seen.insert(*id) {
+        if !seen.insert(d.group_database.unwrap_or(*id)) {
             v.push(
                 pointer,
                 "database_duplicate",
-                "the database is listed twice",
+                "the database is listed twice (for a database of an availability group: itself or a replica's copy of it)",
             );
             continue;
         }
-        if d.vm_vault != Some(request.vault_id) {
+        // A group database's vault rule is the group's: every replica's VM in the vault.
+        if d.group_database.is_none() && d.vm_vault != Some(request.vault_id) {
             v.push(
                 pointer,
                 "database_not_in_vault",
                 "the database's VM is not registered with this vault",
             );
+            continue;
+        }
+        if let Some(issue) = d.group_issue {
+            v.push(pointer, issue.code(), issue.message());
             continue;
         }
         if d.gone {
@@ -224,6 +238,8 @@ mod tests {
             gone: false,
             protected_in: None,
             name_issue: None,
+            group_database: None,
+            group_issue: None,
         }
     }
 
@@ -266,6 +282,54 @@ mod tests {
                 databases: vec![id(2), id(1)],
             })
         );
+    }
+
+    #[test]
+    fn a_group_database_is_planned_once_whichever_of_its_ids_is_given() {
+        let group_db = id(50);
+        let f = facts(&[
+            (
+                50,
+                DatabaseFacts {
+                    group_database: Some(group_db),
+                    ..eligible()
+                },
+            ),
+            (
+                51,
+                DatabaseFacts {
+                    group_database: Some(group_db),
+                    ..eligible()
+                },
+            ),
+            (1, eligible()),
+        ]);
+        assert_eq!(
+            codes(check(&[id(50), id(1), id(51)], &f)),
+            [("/databases/2".to_owned(), "database_duplicate".to_owned())]
+        );
+        assert!(check(&[id(51), id(1)], &f).is_ok());
+    }
+
+    #[test]
+    fn a_group_with_a_replica_outside_the_vault_is_refused_with_the_reason() {
+        for issue in [
+            GroupIssue::ReplicaInOtherVault,
+            GroupIssue::ReplicaNotRegistered,
+        ] {
+            let f = facts(&[(
+                1,
+                DatabaseFacts {
+                    group_database: Some(id(1)),
+                    group_issue: Some(issue),
+                    ..eligible()
+                },
+            )]);
+            assert_eq!(
+                codes(check(&[id(1)], &f)),
+                [("/databases/0".to_owned(), issue.code().to_owned())]
+            );
+        }
     }
 
     #[test]
@@ -367,6 +431,8 @@ mod tests {
                 gone: true,
                 protected_in: Some(OTHER_VAULT),
                 name_issue: Some(NameIssue::Tempdb),
+                group_database: None,
+                group_issue: Some(GroupIssue::ReplicaInOtherVault),
             },
         )]);
         assert_eq!(
@@ -467,6 +533,8 @@ mod tests {
                         gone: *gone,
                         protected_in: [None, Some(VAULT), Some(OTHER_VAULT)][usize::from(*protected)],
                         name_issue: [None, Some(NameIssue::CaseCollision), Some(NameIssue::NeedsAutoProtection)][usize::from(*issue)],
+                        group_database: None,
+                        group_issue: None,
                     })
                 })
                 .collect();

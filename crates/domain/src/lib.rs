@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod agent;
+pub mod availability;
 pub mod chain;
 pub mod configure;
 pub mod instants;

@@ -18,7 +18,10 @@ use sqlx::postgres::types::Oid;
 use sqlx::postgres::{PgArgumentBuffer, PgHasArrayType, PgTypeInfo, PgValueRef, Postgres};
 use sqlx::{Decode, Encode, Type, ValueRef};
 
-use crate::agent::{BackupPreference, DeploymentModel, RecoveryModel, RecoveryPointType};
+use crate::agent::{
+    BackupPreference, DeploymentModel, RecoveryModel, RecoveryPointType, ReplicaRole,
+    SynchronizationHealth,
+};
 use crate::chain::ChainBreak;
 use crate::jobs::{AttemptOutcome, JobKind, JobStatus, Priority};
 use crate::lsn::{Lsn, MAX_LSN_DIGITS};
@@ -76,6 +79,8 @@ stored_as_text!(
     ProtectionState,
     RecoveryModel,
     RecoveryPointType,
+    ReplicaRole,
+    SynchronizationHealth,
 );
 
 fn unknown(ty: &str, raw: &str) -> BoxDynError {
@@ -262,5 +267,7 @@ mod tests {
         same(&ProtectionState::ALL, ProtectionState::as_str);
         same(&RecoveryModel::ALL, RecoveryModel::as_str);
         same(&RecoveryPointType::ALL, RecoveryPointType::as_str);
+        same(&ReplicaRole::ALL, ReplicaRole::as_str);
+        same(&SynchronizationHealth::ALL, SynchronizationHealth::as_str);
     }
 }

@@ -69,6 +69,14 @@ impl Service {
         tx: &mut PgConnection,
         intent: &IntentRow,
     ) -> Result<Vec<Uuid>> {
+        if let Some(group) = intent.availability_group_id {
+            let issues =
+                crate::availability::group_issues(&mut *tx, intent.vault_id, &[group]).await?;
+            if let Some(issue) = issues.get(&group).copied().flatten() {
+                tracing::warn!(intent = %intent.id, group = %group, code = issue.code(), "auto-protection skips a group the vault cannot protect");
+                return Ok(Vec::new());
+            }
+        }
         let candidates =
             store::unprotected_under(&mut *tx, intent.instance_id, intent.availability_group_id)
                 .await?;
@@ -144,6 +152,16 @@ impl Service {
                 "auto_protection_target_not_found",
                 "the instance or availability group on a VM of this vault",
             ));
+        }
+        if let Some(group) = req.availability_group_id {
+            let issues = crate::availability::group_issues(&mut tx, vault_id, &[group]).await?;
+            if let Some(issue) = issues.get(&group).copied().flatten() {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    issue.code(),
+                    issue.message(),
+                ));
+            }
         }
         let id = Uuid::now_v7();
         store::intent_insert(

@@ -3,10 +3,11 @@
 //! chains of protected items, recased names are flagged, and auto-protection intents
 //! protect new databases, all in the completion's transaction.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use backvault_domain::agent::SqlInventory;
-use backvault_store::inventory::{self, AgUpsert, DatabaseRow, DatabaseWrite};
+use backvault_store::availability;
+use backvault_store::inventory::{self, DatabaseRow, DatabaseWrite};
 use backvault_store::protection::{self as store};
 use backvault_store::vms;
 use sqlx::PgConnection;
@@ -44,23 +45,47 @@ impl Service {
             .filter(|i| i.gone_at.is_none())
             .map(|i| (i.name.to_lowercase(), i.id))
             .collect();
-        let groups: Vec<AgUpsert<'_>> = reported
-            .availability_groups
+        let groups = self
+            .apply_group_reports(tx, &vm, reported, &instance_id)
+            .await?;
+        let (group_of_db, db_names): (Vec<Uuid>, Vec<&str>) = reported
+            .databases
             .iter()
-            .map(|g| AgUpsert {
-                name: &g.name,
-                backup_preference: g.backup_preference,
-                replicas: serde_json::to_value(&g.replicas).unwrap_or_default(),
+            .filter_map(|db| {
+                let group = db.availability_group.as_ref()?;
+                let id = groups.by_name.get(&group.to_lowercase())?;
+                Some((*id, db.name.as_str()))
             })
-            .collect();
-        let group_id: HashMap<String, Uuid> =
-            inventory::availability_groups_upsert(tx, &vm.subscription_id, &groups)
+            .unzip();
+        let group_database: HashMap<(Uuid, String), Uuid> =
+            availability::group_databases_upsert(tx, &group_of_db, &db_names)
                 .await?
                 .into_iter()
-                .map(|g| (g.name.to_lowercase(), g.id))
+                .map(|g| ((g.availability_group_id, g.name), g.id))
                 .collect();
-
         let existing = inventory::databases_of_vm(&mut *tx, vm_id).await?;
+        let protected_rows: HashSet<Uuid> = store::items_for_databases(
+            &mut *tx,
+            &existing.iter().map(|e| e.id).collect::<Vec<_>>(),
+        )
+        .await?
+        .into_iter()
+        .map(|p| p.database_id)
+        .collect();
+        let protected_groups: HashSet<Uuid> = availability::group_databases_protected(
+            &mut *tx,
+            &group_database.values().copied().collect::<Vec<_>>(),
+        )
+        .await?
+        .into_iter()
+        .collect();
+        let mut touched_groups: Vec<Uuid> = existing
+            .iter()
+            .filter_map(|e| e.availability_group_id)
+            .chain(groups.ids.iter().copied())
+            .collect();
+        touched_groups.sort_unstable();
+        touched_groups.dedup();
         // Lookups by name, built once: a discovery of thousands of databases stays linear.
         let mut by_name: HashMap<(Uuid, &str), &DatabaseRow> = HashMap::new();
         let mut by_folded_name: HashMap<(Uuid, String), Vec<&DatabaseRow>> = HashMap::new();
@@ -109,13 +134,28 @@ impl Service {
             {
                 switched.insert(id, (before.recovery_model, db.recovery_model));
             }
+            let availability_group_id = db
+                .availability_group
+                .as_ref()
+                .and_then(|g| groups.by_name.get(&g.to_lowercase()).copied());
+            let mut ag_database_id = availability_group_id
+                .and_then(|g| group_database.get(&(g, db.name.clone())).copied());
+            // A protected standalone database that joins a group whose database another
+            // item already protects keeps its own item (and stays standalone here): two
+            // items would protect one database.
+            if let (Some(joined), Some(before)) = (ag_database_id, before)
+                && before.ag_database_id != Some(joined)
+                && protected_rows.contains(&before.id)
+                && protected_groups.contains(&joined)
+            {
+                tracing::warn!(database = %before.id, group_database = %joined, "a protected database joined a group whose database is protected already; it keeps its own item");
+                ag_database_id = None;
+            }
             writes.push(DatabaseWrite {
                 id,
                 instance_id: instance,
-                availability_group_id: db
-                    .availability_group
-                    .as_ref()
-                    .and_then(|g| group_id.get(&g.to_lowercase()).copied()),
+                availability_group_id,
+                ag_database_id,
                 name: &db.name,
                 recovery_model: db.recovery_model,
                 system: db.system,
@@ -131,6 +171,7 @@ impl Service {
         if !recased.is_empty() {
             store::items_flag_casing(&mut *tx, &recased).await?;
         }
+        self.groups_changed(tx, &touched_groups).await?;
         for intent in store::intents_for_vm(&mut *tx, vm_id).await? {
             self.auto_protect(tx, &intent).await?;
         }

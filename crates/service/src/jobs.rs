@@ -203,6 +203,7 @@ pub(crate) fn new_job(
         payload,
         max_attempts: kind.max_attempts(),
         run_at: Utc::now(),
+        availability_group_id: None,
     })
 }
 

@@ -8,6 +8,7 @@
 pub mod agents;
 pub mod auth;
 pub mod auto_protection;
+pub mod availability;
 pub mod background;
 mod batcher;
 mod claims;

@@ -1,6 +1,7 @@
 //! On-demand backups ("Backup now") of a protected item.
 
 use backvault_domain::agent::JobItem;
+use backvault_domain::availability::{Placement, placement};
 use backvault_domain::jobs::{BackupPayload, JobKind, Priority};
 use backvault_domain::protection::{
     OnDemandTarget, OnDemandType, ProtectionState, check_on_demand,
@@ -74,8 +75,35 @@ impl Service {
             OnDemandType::Differential => (JobKind::BackupDifferential, false),
             OnDemandType::Log => (JobKind::BackupLog, false),
         };
+        // A group database's backup runs where its group's route says now.
+        let (vm_id, instance) = match item.availability_group_id {
+            None => (item.vm_id, item.instance_name.clone()),
+            Some(group) => {
+                self.refresh_routes(&mut tx, Some(&[group])).await?;
+                let placement = placement(req.backup_type.point_type());
+                let to = backvault_store::availability::route_of(
+                    &mut *tx,
+                    group,
+                    placement == Placement::PrimaryOnly,
+                )
+                .await?;
+                match (to.vm_id, to.instance) {
+                    (Some(vm), Some(instance)) => (vm, instance),
+                    _ => {
+                        return Err(Error::new(
+                            ErrorKind::Conflict,
+                            "availability_group_no_replica",
+                            to.unroutable.unwrap_or_else(|| {
+                                "no replica of the availability group can take this backup now"
+                                    .to_owned()
+                            }),
+                        ));
+                    }
+                }
+            }
+        };
         let items = [JobItem {
-            instance: item.instance_name.clone(),
+            instance,
             database: item.database_name.clone(),
             protected_item_id: Some(id),
         }];
@@ -86,8 +114,8 @@ impl Service {
             ..BackupPayload::default()
         })
         .map_err(Error::internal)?;
-        let job = new_job(
-            item.vm_id,
+        let mut job = new_job(
+            vm_id,
             &item.subscription_id,
             Some(vault_id),
             kind,
@@ -95,6 +123,7 @@ impl Service {
             &items,
             payload,
         )?;
+        job.availability_group_id = item.availability_group_id;
         self.commit_with_job(principal, tx, job).await
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use backvault_domain::agent::{JobItem, RecoveryModel};
+use backvault_domain::agent::{JobItem, RecoveryModel, RecoveryPointType};
 use backvault_domain::configure::{
     ConfigureFacts, ConfigureRequest, DatabaseFacts, check_configure,
 };
@@ -64,7 +64,15 @@ pub struct ProtectedItem {
     pub vm_id: Uuid,
     pub vm_name: String,
     pub instance: String,
+    /// The availability group's name, for a database of one.
     pub availability_group: Option<String>,
+    /// The availability group, for a database of one: the item is the group database,
+    /// backed up on whichever replica its group's routes name.
+    pub availability_group_id: Option<Uuid>,
+    /// For a database of an availability group: its replicas and where backups go now.
+    pub availability_group_detail: Option<crate::availability::AvailabilityGroupView>,
+    /// The VM each backup type last ran on (for a group database: which replica).
+    pub last_backup_vm_ids: BTreeMap<RecoveryPointType, Uuid>,
     pub database: String,
     /// The name when protection began; differs in case when `casing_changed`.
     pub protected_name: String,
@@ -112,6 +120,9 @@ impl From<ProtectedItemRow> for ProtectedItem {
             vm_name: r.vm_name,
             instance: r.instance_name,
             availability_group: r.availability_group,
+            availability_group_id: r.availability_group_id,
+            availability_group_detail: None,
+            last_backup_vm_ids: r.last_backup_vms.0,
             database: r.database_name,
             protected_name: r.protected_name,
             casing_changed: r.casing_changed,
@@ -144,6 +155,7 @@ pub struct ItemQuery {
     pub policy: Option<String>,
     pub vm_id: Option<Uuid>,
     pub auto_protected: Option<bool>,
+    pub availability_group_id: Option<Uuid>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -229,7 +241,7 @@ impl Service {
             .collect();
         store::items_insert(tx, vault_id, policy_id, intent, &items)
             .await
-            .on_constraint("protected_items_database_key", || {
+            .on_constraint(store::ONE_ITEM_PER_DATABASE, || {
                 Error::new(
                     ErrorKind::Conflict,
                     "database_already_protected",
@@ -238,7 +250,7 @@ impl Service {
             })?;
         let item_of: HashMap<Uuid, Uuid> = items.iter().map(|i| (i.database_id, i.id)).collect();
         let mut jobs = Vec::new();
-        for (vm_id, dbs) in group_by_vm(databases) {
+        for ((vm_id, group), dbs) in group_by_vm_and_group(databases) {
             let vm = vms::vm_get(&mut *tx, vm_id)
                 .await?
                 .ok_or_else(|| vm_not_found(vm_id))?;
@@ -264,6 +276,7 @@ impl Service {
                     serde_json::json!({}),
                 )?;
                 job.max_attempts = max_attempts;
+                job.availability_group_id = group;
                 jobs.push(job);
             }
         }
@@ -306,7 +319,7 @@ impl Service {
         let accepted: Vec<DatabaseRow> = plan
             .databases
             .iter()
-            .filter_map(|id| found.iter().find(|d| d.id == *id).cloned())
+            .filter_map(|id| found.get(id).cloned())
             .collect();
         let ids: Vec<Uuid> = accepted.iter().map(|d| d.id).collect();
         let jobs = self
@@ -374,9 +387,33 @@ impl Service {
             policy_id,
             vm_id: query.vm_id,
             auto_protected: query.auto_protected,
+            availability_group_id: query.availability_group_id,
         };
         let rows = store::items_list(&mut *conn, vault_id, &filter, request).await?;
-        Ok(page(rows, limit, |r| r.id, ProtectedItem::from))
+        let mut listed = page(rows, limit, |r| r.id, ProtectedItem::from);
+        listed.items = self.with_group_details(&mut conn, listed.items).await?;
+        Ok(listed)
+    }
+
+    /// Items of group databases get their group's replicas and routes, loaded once per page.
+    pub(crate) async fn with_group_details(
+        &self,
+        conn: &mut PgConnection,
+        mut items: Vec<ProtectedItem>,
+    ) -> Result<Vec<ProtectedItem>> {
+        let mut groups: Vec<Uuid> = items
+            .iter()
+            .filter_map(|i| i.availability_group_id)
+            .collect();
+        groups.sort_unstable();
+        groups.dedup();
+        let views = self.group_views(conn, &groups).await?;
+        for item in &mut items {
+            item.availability_group_detail = item
+                .availability_group_id
+                .and_then(|g| views.get(&g).cloned());
+        }
+        Ok(items)
     }
 
     pub async fn protected_item_get(
@@ -387,10 +424,13 @@ impl Service {
     ) -> Result<ProtectedItem> {
         principal.require(Operation::Read)?;
         let mut conn = self.pool.acquire().await?;
-        Ok(self
+        let item = self
             .visible_item(&mut conn, principal, vault_id, id)
-            .await?
-            .into())
+            .await?;
+        let mut items = self
+            .with_group_details(&mut conn, vec![item.into()])
+            .await?;
+        items.pop().ok_or_else(|| item_not_found(id))
     }
 
     pub async fn protected_item_change_policy(
@@ -507,17 +547,23 @@ async fn configure_facts(
     tx: &mut PgConnection,
     vault_id: Uuid,
     req: &ConfigureProtection,
-) -> Result<(ConfigureFacts, Vec<DatabaseRow>)> {
+) -> Result<(ConfigureFacts, HashMap<Uuid, DatabaseRow>)> {
     let policy_id = policies::policy_get(&mut *tx, vault_id, &req.policy)
         .await?
         .map(|p| p.id);
-    let found = inventory::databases_get(&mut *tx, &req.databases).await?;
-    let protected_in: HashMap<Uuid, Uuid> = store::items_for_databases(&mut *tx, &req.databases)
+    let found: HashMap<Uuid, DatabaseRow> =
+        backvault_store::availability::databases_resolve(&mut *tx, &req.databases)
+            .await?
+            .into_iter()
+            .map(|r| (r.requested, r.database))
+            .collect();
+    let keys: Vec<Uuid> = found.values().map(|d| d.item_key).collect();
+    let protected_in: HashMap<Uuid, Uuid> = store::items_for_keys(&mut *tx, &keys)
         .await?
         .into_iter()
-        .map(|p| (p.database_id, p.vault_id))
+        .map(|p| (p.item_key, p.vault_id))
         .collect();
-    let mut vm_ids: Vec<Uuid> = found.iter().map(|d| d.vm_id).collect();
+    let mut vm_ids: Vec<Uuid> = found.values().map(|d| d.vm_id).collect();
     vm_ids.sort_unstable();
     vm_ids.dedup();
     let vm_vaults: HashMap<Uuid, Option<Uuid>> = inventory::vm_vaults(&mut *tx, &vm_ids)
@@ -525,18 +571,31 @@ async fn configure_facts(
         .into_iter()
         .map(|v| (v.vm_id, v.vault_id))
         .collect();
+    let mut groups: Vec<Uuid> = found
+        .values()
+        .filter(|d| d.ag_database_id.is_some())
+        .filter_map(|d| d.availability_group_id)
+        .collect();
+    groups.sort_unstable();
+    groups.dedup();
+    let group_issues = crate::availability::group_issues(&mut *tx, vault_id, &groups).await?;
     let siblings = inventory::databases_of_vms(&mut *tx, &vm_ids).await?;
     let issues = vm_name_issues(&siblings);
     let databases = found
         .iter()
-        .map(|d| {
+        .map(|(requested, d)| {
             let facts = DatabaseFacts {
                 vm_vault: vm_vaults.get(&d.vm_id).copied().flatten(),
                 gone: d.gone_at.is_some(),
-                protected_in: protected_in.get(&d.id).copied(),
+                protected_in: protected_in.get(&d.item_key).copied(),
                 name_issue: issues.get(&d.id).copied().flatten(),
+                group_database: d.ag_database_id,
+                group_issue: d
+                    .ag_database_id
+                    .and(d.availability_group_id)
+                    .and_then(|g| group_issues.get(&g).copied().flatten()),
             };
-            (d.id, facts)
+            (*requested, facts)
         })
         .collect();
     Ok((
@@ -588,10 +647,15 @@ pub(crate) async fn jobs_finished(
     Ok(())
 }
 
-pub(crate) fn group_by_vm(dbs: Vec<DatabaseRow>) -> BTreeMap<Uuid, Vec<DatabaseRow>> {
-    let mut out: BTreeMap<Uuid, Vec<DatabaseRow>> = BTreeMap::new();
+/// Databases by VM and, for copies of group databases, by group: a group's jobs are its
+/// own, so that a failover moves them whole.
+fn group_by_vm_and_group(
+    dbs: Vec<DatabaseRow>,
+) -> BTreeMap<(Uuid, Option<Uuid>), Vec<DatabaseRow>> {
+    let mut out: BTreeMap<(Uuid, Option<Uuid>), Vec<DatabaseRow>> = BTreeMap::new();
     for d in dbs {
-        out.entry(d.vm_id).or_default().push(d);
+        let group = d.ag_database_id.and(d.availability_group_id);
+        out.entry((d.vm_id, group)).or_default().push(d);
     }
     out
 }

@@ -293,6 +293,9 @@ pub struct RecoveryPoint {
     /// When the retention sweep may remove it.
     pub delete_after: Option<DateTime<Utc>>,
     /// The point does not continue the chain; `chain_break` says why.
+    /// The VM whose agent took the backup (for a group database: which replica); none
+    /// for points recorded before backvault kept it.
+    pub vm_id: Option<Uuid>,
     pub chain_gap: bool,
     pub chain_break: Option<ChainBreak>,
     /// Checks the server could not make because the agent did not report the facts
@@ -333,6 +336,7 @@ impl From<PointRow> for RecoveryPoint {
             chain_break: r.chain_break,
             unverified: r.unverified,
             job_id: r.job_id,
+            vm_id: r.vm_id,
         }
     }
 }

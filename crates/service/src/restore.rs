@@ -83,7 +83,8 @@ pub struct RestoreRequest {
     /// databases are never targets.
     #[serde(default)]
     pub target_database: Option<String>,
-    /// The SQL Server instance on the target VM; the item's instance when absent.
+    /// The SQL Server instance on the target VM; when absent, the item's instance, or on
+    /// another replica of the item's availability group, the group's instance there.
     #[serde(default)]
     pub target_instance: Option<String>,
     #[serde(default)]
@@ -142,9 +143,17 @@ impl Service {
             .target_database
             .clone()
             .unwrap_or_else(|| item.database_name.clone());
+        // On another replica of the item's availability group, the group's instance there.
+        let replica_instance = match (req.target_instance.is_none(), item.availability_group_id) {
+            (true, Some(group)) if target_vm != item.vm_id => {
+                backvault_store::availability::replica_instance(&mut *tx, group, target_vm).await?
+            }
+            _ => None,
+        };
         let instance = req
             .target_instance
             .clone()
+            .or(replica_instance)
             .unwrap_or_else(|| item.instance_name.clone());
         let instances = backvault_store::inventory::instance_names(&mut *tx, target_vm).await?;
         let instance_id = instances

@@ -88,6 +88,11 @@ impl Service {
     /// at once: a slot is claimed by one of them.
     pub async fn schedule_tick(&self, now: DateTime<Utc>) -> Result<usize> {
         let started = std::time::Instant::now();
+        // Routes first, so that this tick's jobs go where the replicas stand now. A
+        // failure here leaves the last routes in place; scheduling goes on.
+        if let Err(e) = self.reroute_groups().await {
+            tracing::warn!(error = %e, "refreshing availability-group routes failed");
+        }
         let enqueued = self.schedule_due_slots(now).await?;
         self.metrics
             .scheduler_tick_seconds

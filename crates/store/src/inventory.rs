@@ -1,7 +1,7 @@
 //! What discovery found on registered VMs: SQL instances, availability groups and
 //! databases, plus registration of VMs with vaults.
 
-use backvault_domain::agent::{BackupPreference, DeploymentModel, RecoveryModel};
+use backvault_domain::agent::{DeploymentModel, RecoveryModel};
 use chrono::{DateTime, Utc};
 use sqlx::{FromRow, PgConnection, PgExecutor};
 use uuid::Uuid;
@@ -166,50 +166,17 @@ pub async fn instances_replace(
     .await
 }
 
-pub struct AgUpsert<'a> {
-    pub name: &'a str,
-    pub backup_preference: BackupPreference,
-    pub replicas: serde_json::Value,
-}
-
-/// Upserts the availability groups a discovery reported; returns each one's id, with
-/// its name as reported.
-pub async fn availability_groups_upsert(
-    conn: &mut PgConnection,
-    subscription_id: &str,
-    groups: &[AgUpsert<'_>],
-) -> sqlx::Result<Vec<AvailabilityGroupName>> {
-    let mut out = Vec::with_capacity(groups.len());
-    for g in groups {
-        let id: Uuid = sqlx::query_scalar!(
-            "insert into availability_groups (id, subscription_id, name, backup_preference, replicas)
-             values ($1, $2, $3, $4, $5)
-             on conflict (subscription_id, lower(name)) do update
-                 set backup_preference = excluded.backup_preference, replicas = excluded.replicas, gone_at = null,
-                     updated_at = now()
-             returning id",
-            Uuid::now_v7(),
-            subscription_id,
-            g.name,
-            g.backup_preference as BackupPreference,
-            &g.replicas,
-        )
-        .fetch_one(&mut *conn)
-        .await?;
-        out.push(AvailabilityGroupName {
-            id,
-            name: g.name.to_owned(),
-        });
-    }
-    Ok(out)
-}
-
 #[derive(Debug, Clone, FromRow)]
 pub struct DatabaseRow {
     pub id: Uuid,
     pub vm_id: Uuid,
     pub instance_id: Uuid,
     pub availability_group_id: Option<Uuid>,
+    /// The group database this copy is of, when in an availability group.
+    pub ag_database_id: Option<Uuid>,
+    /// What a protected item of this database protects: the group database for a copy in
+    /// a group, else this database.
+    pub item_key: Uuid,
     pub name: String,
     pub recovery_model: RecoveryModel,
     pub system: bool,
@@ -219,8 +186,9 @@ pub struct DatabaseRow {
 }
 
 // Every statement that returns a `DatabaseRow` lists its columns as `id, vm_id, instance_id,
-// availability_group_id, name, recovery_model as "recovery_model: RecoveryModel", system,
-// read_only, size_bytes, gone_at` (so does `protection::unprotected_under`).
+// availability_group_id, ag_database_id, item_key as "item_key!", name, recovery_model as
+// "recovery_model: RecoveryModel", system, read_only, size_bytes, gone_at` (so does
+// `protection::unprotected_under`).
 
 pub async fn databases_of_vm(
     db: impl PgExecutor<'_>,
@@ -228,7 +196,8 @@ pub async fn databases_of_vm(
 ) -> sqlx::Result<Vec<DatabaseRow>> {
     sqlx::query_as!(
         DatabaseRow,
-        r#"select id, vm_id, instance_id, availability_group_id, name, recovery_model as "recovery_model: RecoveryModel",
+        r#"select id, vm_id, instance_id, availability_group_id, ag_database_id, item_key as "item_key!", name,
+                  recovery_model as "recovery_model: RecoveryModel",
                   system, read_only, size_bytes, gone_at
            from sql_databases where vm_id = $1 order by name"#,
         vm_id,
@@ -243,7 +212,8 @@ pub async fn databases_get(
 ) -> sqlx::Result<Vec<DatabaseRow>> {
     sqlx::query_as!(
         DatabaseRow,
-        r#"select id, vm_id, instance_id, availability_group_id, name, recovery_model as "recovery_model: RecoveryModel",
+        r#"select id, vm_id, instance_id, availability_group_id, ag_database_id, item_key as "item_key!", name,
+                  recovery_model as "recovery_model: RecoveryModel",
                   system, read_only, size_bytes, gone_at
            from sql_databases where id = any($1)"#,
         ids,
@@ -256,6 +226,7 @@ pub struct DatabaseWrite<'a> {
     pub id: Uuid,
     pub instance_id: Uuid,
     pub availability_group_id: Option<Uuid>,
+    pub ag_database_id: Option<Uuid>,
     pub name: &'a str,
     pub recovery_model: RecoveryModel,
     pub system: bool,
@@ -272,10 +243,11 @@ pub async fn databases_write(
     for r in rows {
         sqlx::query!(
             "insert into sql_databases (id, vm_id, instance_id, availability_group_id, name, recovery_model, system,
-                                        read_only, size_bytes)
-             values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                                        read_only, size_bytes, ag_database_id)
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
              on conflict (id) do update set instance_id = excluded.instance_id,
-                 availability_group_id = excluded.availability_group_id, name = excluded.name,
+                 availability_group_id = excluded.availability_group_id, ag_database_id = excluded.ag_database_id,
+                 name = excluded.name,
                  recovery_model = excluded.recovery_model, system = excluded.system, read_only = excluded.read_only,
                  size_bytes = excluded.size_bytes, gone_at = null, updated_at = now()",
             r.id,
@@ -287,6 +259,7 @@ pub async fn databases_write(
             r.system,
             r.read_only,
             r.size_bytes,
+            r.ag_database_id,
         )
         .execute(&mut *conn)
         .await?;
@@ -360,12 +333,6 @@ pub async fn instances_of_vault(
     .await
 }
 
-pub async fn availability_group_name(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<String> {
-    sqlx::query_scalar!("select name from availability_groups where id = $1", id)
-        .fetch_one(db)
-        .await
-}
-
 /// Whether an instance (present) or an availability group (with a database) lives on a
 /// VM registered with the vault.
 pub async fn target_in_vault(
@@ -394,7 +361,8 @@ pub async fn databases_of_vms(
 ) -> sqlx::Result<Vec<DatabaseRow>> {
     sqlx::query_as!(
         DatabaseRow,
-        r#"select id, vm_id, instance_id, availability_group_id, name, recovery_model as "recovery_model: RecoveryModel",
+        r#"select id, vm_id, instance_id, availability_group_id, ag_database_id, item_key as "item_key!", name,
+                  recovery_model as "recovery_model: RecoveryModel",
                   system, read_only, size_bytes, gone_at
            from sql_databases where vm_id = any($1) order by vm_id, name"#,
         vm_ids,
@@ -416,26 +384,6 @@ pub async fn vm_vaults(db: impl PgExecutor<'_>, vm_ids: &[Uuid]) -> sqlx::Result
         VmVault,
         "select id as vm_id, vault_id from vms where id = any($1)",
         vm_ids,
-    )
-    .fetch_all(db)
-    .await
-}
-
-/// An availability group's id and name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AvailabilityGroupName {
-    pub id: Uuid,
-    pub name: String,
-}
-
-pub async fn availability_group_names(
-    db: impl PgExecutor<'_>,
-    ids: &[Uuid],
-) -> sqlx::Result<Vec<AvailabilityGroupName>> {
-    sqlx::query_as!(
-        AvailabilityGroupName,
-        "select id, name from availability_groups where id = any($1)",
-        ids,
     )
     .fetch_all(db)
     .await

@@ -72,6 +72,8 @@ pub struct NewJob {
     pub payload: serde_json::Value,
     pub max_attempts: i32,
     pub run_at: DateTime<Utc>,
+    /// Set for a job on databases of an availability group: a failover re-routes it.
+    pub availability_group_id: Option<Uuid>,
 }
 
 /// Inserts jobs into the history and the queue, and notifies the VMs' agents, all in the
@@ -92,16 +94,21 @@ pub async fn jobs_enqueue(conn: &mut PgConnection, jobs: &[NewJob]) -> sqlx::Res
     let payloads: Vec<Json<&serde_json::Value>> = jobs.iter().map(|j| Json(&j.payload)).collect();
     let attempts: Vec<i32> = jobs.iter().map(|j| j.max_attempts).collect();
     let run_at: Vec<DateTime<Utc>> = jobs.iter().map(|j| j.run_at).collect();
+    let groups: Vec<Option<Uuid>> = jobs.iter().map(|j| j.availability_group_id).collect();
     // Arrays of borrowed strings, of JSON and with null elements are given their Rust type
     // (`as`): the macros' expected types are `&[T]` of owned, non-null elements.
     sqlx::query!(
         "with input as (
              select * from unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::text[], $6::int2[],
-                                  $7::jsonb[], $8::jsonb[], $9::int[], $10::timestamptz[])
-                 as i(id, vm_id, subscription_id, vault_id, kind, priority, items, payload, max_attempts, run_at)
+                                  $7::jsonb[], $8::jsonb[], $9::int[], $10::timestamptz[], $11::uuid[])
+                 as i(id, vm_id, subscription_id, vault_id, kind, priority, items, payload, max_attempts, run_at,
+                      availability_group_id)
          ), history as (
-             insert into jobs (id, vm_id, subscription_id, vault_id, kind, status, priority, items, payload, max_attempts)
-             select id, vm_id, subscription_id, vault_id, kind, 'queued', priority, items, payload, max_attempts from input
+             insert into jobs (id, vm_id, subscription_id, vault_id, kind, status, priority, items, payload, max_attempts,
+                               availability_group_id)
+             select id, vm_id, subscription_id, vault_id, kind, 'queued', priority, items, payload, max_attempts,
+                    availability_group_id
+             from input
          )
          insert into job_queue (job_id, vm_id, kind, priority, run_at, max_attempts, target_instance, target_database)
          select id, vm_id, kind, priority, run_at, max_attempts,
@@ -118,6 +125,7 @@ pub async fn jobs_enqueue(conn: &mut PgConnection, jobs: &[NewJob]) -> sqlx::Res
         &payloads as &[Json<&serde_json::Value>],
         &attempts,
         &run_at,
+        &groups as &[Option<Uuid>],
     )
     .execute(&mut *conn)
     .await?;

@@ -1,12 +1,16 @@
 //! Protected items (a database under a policy in a vault) and auto-protection intents.
 
-use backvault_domain::agent::RecoveryModel;
+use backvault_domain::agent::{RecoveryModel, RecoveryPointType};
 use backvault_domain::protection::ProtectionState;
 use chrono::{DateTime, Utc};
+use sqlx::types::Json;
 use sqlx::{FromRow, PgConnection, PgExecutor};
 use uuid::Uuid;
 
 use crate::Page;
+
+/// The VM each backup type last ran on.
+pub type BackupVms = std::collections::BTreeMap<RecoveryPointType, Uuid>;
 
 /// A protected item with the identity of its database, so that two VMs of the same name
 /// in different resource groups never look alike.
@@ -31,6 +35,10 @@ pub struct ProtectedItemRow {
     pub subscription_id: String,
     pub instance_name: String,
     pub availability_group: Option<String>,
+    /// Set when the item protects a database of an availability group.
+    pub availability_group_id: Option<Uuid>,
+    /// The VM each backup type last ran on.
+    pub last_backup_vms: Json<BackupVms>,
     pub database_name: String,
     pub recovery_model: RecoveryModel,
     pub system: bool,
@@ -54,8 +62,13 @@ pub struct NewItem {
     pub protected_name: String,
 }
 
-/// Inserts items in state `protecting`. A database protected meanwhile (by another
-/// request or vault) fails on `protected_items_database_key`.
+/// The constraint that makes a database protected at most once: a group database counts
+/// once, whichever replica's copy an item names.
+pub const ONE_ITEM_PER_DATABASE: &str = "protected_items_item_key";
+
+/// Inserts items in state `protecting`, each with its database's item key. A database
+/// protected meanwhile (by another request or vault, or through another replica's copy)
+/// fails on [`ONE_ITEM_PER_DATABASE`].
 pub async fn items_insert(
     conn: &mut PgConnection,
     vault_id: Uuid,
@@ -67,10 +80,11 @@ pub async fn items_insert(
     let dbs: Vec<Uuid> = items.iter().map(|i| i.database_id).collect();
     let names: Vec<&str> = items.iter().map(|i| i.protected_name.as_str()).collect();
     sqlx::query!(
-        "insert into protected_items (id, vault_id, database_id, policy_id, state, auto_protection_id, auto_protected,
-                                      protected_name)
-         select id, $4, database_id, $5, 'protecting', $6::uuid, $6::uuid is not null, name
-         from unnest($1::uuid[], $2::uuid[], $3::text[]) as i(id, database_id, name)",
+        "insert into protected_items (id, vault_id, database_id, item_key, policy_id, state, auto_protection_id,
+                                      auto_protected, protected_name)
+         select i.id, $4, i.database_id, d.item_key, $5, 'protecting', $6::uuid, $6::uuid is not null, i.name
+         from unnest($1::uuid[], $2::uuid[], $3::text[]) as i(id, database_id, name)
+         join sql_databases d on d.id = i.database_id",
         // `$6::uuid`: the type it is bound with; `is not null` alone leaves it undetermined.
         &ids,
         &dbs,
@@ -92,7 +106,10 @@ pub async fn item_get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<
                   p.state as "state: ProtectionState",
                   p.auto_protection_id, p.auto_protected, p.protected_name, p.casing_changed, p.version, p.created_at,
                   p.updated_at, d.vm_id, v.name as vm_name, v.resource_group, v.subscription_id,
-                  i.name as instance_name, ag.name as "availability_group?", d.name as database_name,
+                  i.name as instance_name, ag.name as "availability_group?",
+                  case when d.ag_database_id is not null then d.availability_group_id end as availability_group_id,
+                  p.last_backup_vms as "last_backup_vms: Json<BackupVms>",
+                  d.name as database_name,
                   d.recovery_model as "recovery_model: RecoveryModel", d.system, d.read_only,
                   d.gone_at is not null as "database_gone!", p.last_full_at,
                   p.last_differential_at, p.last_log_at, p.needs_full as "needs_full!",
@@ -116,6 +133,7 @@ pub struct ItemFilter {
     pub policy_id: Option<Uuid>,
     pub vm_id: Option<Uuid>,
     pub auto_protected: Option<bool>,
+    pub availability_group_id: Option<Uuid>,
 }
 
 pub async fn items_list(
@@ -130,7 +148,10 @@ pub async fn items_list(
                   p.state as "state: ProtectionState",
                   p.auto_protection_id, p.auto_protected, p.protected_name, p.casing_changed, p.version, p.created_at,
                   p.updated_at, d.vm_id, v.name as vm_name, v.resource_group, v.subscription_id,
-                  i.name as instance_name, ag.name as "availability_group?", d.name as database_name,
+                  i.name as instance_name, ag.name as "availability_group?",
+                  case when d.ag_database_id is not null then d.availability_group_id end as availability_group_id,
+                  p.last_backup_vms as "last_backup_vms: Json<BackupVms>",
+                  d.name as database_name,
                   d.recovery_model as "recovery_model: RecoveryModel", d.system, d.read_only,
                   d.gone_at is not null as "database_gone!", p.last_full_at,
                   p.last_differential_at, p.last_log_at, p.needs_full as "needs_full!",
@@ -145,6 +166,7 @@ pub async fn items_list(
              and ($4::uuid is null or d.vm_id = $4)
              and ($5::bool is null or p.auto_protected = $5)
              and ($6::uuid is null or p.id > $6)
+             and ($8::uuid is null or d.ag_database_id is not null and d.availability_group_id = $8)
            order by p.id limit $7"#,
         vault_id,
         f.state as Option<ProtectionState>,
@@ -153,19 +175,21 @@ pub async fn items_list(
         f.auto_protected,
         page.after,
         page.limit,
+        f.availability_group_id,
     )
     .fetch_all(db)
     .await
 }
 
-/// Of `ids`, the protected items whose database is on `vm_id`.
+/// Of `ids`, the protected items whose database has a copy on `vm_id` (for a group
+/// database: any replica's).
 pub async fn items_of_vm(
     db: impl PgExecutor<'_>,
     vm_id: Uuid,
     ids: &[Uuid],
 ) -> sqlx::Result<Vec<Uuid>> {
     sqlx::query_scalar!(
-        "select p.id from protected_items p join sql_databases d on d.id = p.database_id \
+        "select distinct p.id from protected_items p join sql_databases d on d.item_key = p.item_key \
          where d.vm_id = $1 and p.id = any($2)",
         vm_id,
         ids,
@@ -193,6 +217,31 @@ pub async fn items_for_databases(
         r#"select database_id, id as item_id, vault_id, state as "state: ProtectionState"
            from protected_items where database_id = any($1)"#,
         database_ids,
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// A protected item by what it protects (`sql_databases.item_key`).
+#[derive(Debug, Clone)]
+pub struct KeyProtection {
+    pub item_key: Uuid,
+    pub item_id: Uuid,
+    pub vault_id: Uuid,
+    pub state: ProtectionState,
+}
+
+/// The items protecting these item keys (a standalone database's id or a group
+/// database's id).
+pub async fn items_for_keys(
+    db: impl PgExecutor<'_>,
+    keys: &[Uuid],
+) -> sqlx::Result<Vec<KeyProtection>> {
+    sqlx::query_as!(
+        KeyProtection,
+        r#"select item_key, id as item_id, vault_id, state as "state: ProtectionState"
+           from protected_items where item_key = any($1)"#,
+        keys,
     )
     .fetch_all(db)
     .await
@@ -254,9 +303,11 @@ pub async fn item_delete(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<()> 
     Ok(())
 }
 
+/// Protected items with a copy of their database on the VM (a group database counts on
+/// every replica).
 pub async fn items_on_vm(db: impl PgExecutor<'_>, vm_id: Uuid) -> sqlx::Result<i64> {
     sqlx::query_scalar!(
-        r#"select count(*) as "count!" from protected_items p join sql_databases d on d.id = p.database_id
+        r#"select count(distinct p.id) as "count!" from protected_items p join sql_databases d on d.item_key = p.item_key
            where d.vm_id = $1"#,
         vm_id,
     )
@@ -392,7 +443,9 @@ pub async fn intents_for_vm(db: impl PgExecutor<'_>, vm_id: Uuid) -> sqlx::Resul
     .await
 }
 
-/// Present, unprotected databases under an intent's target.
+/// Present, unprotected databases under an intent's target: an instance's standalone
+/// databases, or a group's databases, one copy each (the primary's where it reports one).
+/// Ordered by item key; the caller orders them as it needs.
 pub async fn unprotected_under(
     db: impl PgExecutor<'_>,
     instance_id: Option<Uuid>,
@@ -400,13 +453,16 @@ pub async fn unprotected_under(
 ) -> sqlx::Result<Vec<crate::inventory::DatabaseRow>> {
     sqlx::query_as!(
         crate::inventory::DatabaseRow,
-        r#"select d.id, d.vm_id, d.instance_id, d.availability_group_id, d.name,
-                  d.recovery_model as "recovery_model: RecoveryModel", d.system, d.read_only, d.size_bytes, d.gone_at
-           from sql_databases d
-           where d.gone_at is null
-             and (d.instance_id = $1 or d.availability_group_id = $2)
-             and not exists (select 1 from protected_items p where p.database_id = d.id)
-           order by d.vm_id, d.name"#,
+        r#"select distinct on (d.item_key)
+                      d.id, d.vm_id, d.instance_id, d.availability_group_id, d.ag_database_id,
+                      d.item_key as "item_key!", d.name, d.recovery_model as "recovery_model: RecoveryModel",
+                      d.system, d.read_only, d.size_bytes, d.gone_at
+               from sql_databases d
+               left join ag_replicas r on r.availability_group_id = d.availability_group_id and r.vm_id = d.vm_id
+               where d.gone_at is null
+                 and (d.instance_id = $1 and d.ag_database_id is null or d.availability_group_id = $2)
+                 and not exists (select 1 from protected_items p where p.item_key = d.item_key)
+               order by d.item_key, r.role = 'primary' desc nulls last, d.vm_id"#,
         instance_id,
         availability_group_id,
     )

@@ -109,14 +109,15 @@ pub async fn points_insert(conn: &mut PgConnection, points: &[NewPoint]) -> sqlx
     // Arrays of domain types and with null elements are given their Rust type (`as`): the
     // macros' expected types are `&[T]` of owned, non-null `String`s and such.
     sqlx::query!(
-        "insert into recovery_points (id, protected_item_id, job_id, backup_type, started_at, backup_time, log_from,
+        "with inserted as (
+         insert into recovery_points (id, protected_item_id, job_id, backup_type, started_at, backup_time, log_from,
                                       first_lsn, last_lsn, database_backup_lsn, checkpoint_lsn, differential_base_lsn,
                                       differential_base_guid, backup_set_uuid, begins_log_chain, has_bulk_logged_data,
                                       recovery_model, recovery_fork_guid, fork_point_lsn, database_guid, size_bytes,
-                                      full_id, expires_at, fixed_retention, chain_break, unverified)
+                                      full_id, expires_at, fixed_retention, chain_break, unverified, vm_id)
          select id, item, job, kind, started, at, log_from, first, last, base, checkpoint, diff_base, diff_guid,
                 backup_set, begins, bulk, model, fork, fork_point, db_guid, size, full_id, expires, fixed,
-                chain_break, string_to_array(unverified, ',')
+                chain_break, string_to_array(unverified, ','), (select j.vm_id from jobs j where j.id = job)
          from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::timestamptz[], $6::timestamptz[],
                      $7::timestamptz[], $8::numeric[], $9::numeric[], $10::numeric[], $11::numeric[],
                      $12::numeric[], $13::uuid[], $14::uuid[], $15::bool[], $16::bool[], $17::text[], $18::uuid[],
@@ -125,7 +126,18 @@ pub async fn points_insert(conn: &mut PgConnection, points: &[NewPoint]) -> sqlx
               as p(id, item, job, kind, started, at, log_from, first, last, base, checkpoint, diff_base, diff_guid,
                    backup_set, begins, bulk, model, fork, fork_point, db_guid, size, full_id, expires, fixed,
                    chain_break, unverified)
-         on conflict (protected_item_id, backup_set_uuid) where backup_set_uuid is not null do nothing",
+         on conflict (protected_item_id, backup_set_uuid) where backup_set_uuid is not null do nothing
+         returning protected_item_id, backup_type, backup_time, vm_id
+         ), latest as (
+             select distinct on (protected_item_id, backup_type) protected_item_id, backup_type, vm_id
+             from inserted where vm_id is not null
+             order by protected_item_id, backup_type, backup_time desc
+         )
+         -- Where each type last ran: for a group database, which replica took it.
+         update protected_items p set last_backup_vms = p.last_backup_vms || l.vms
+         from (select protected_item_id, jsonb_object_agg(backup_type, vm_id) as vms
+               from latest group by protected_item_id) l
+         where p.id = l.protected_item_id",
         &ids,
         &item_ids,
         &job_ids,
@@ -308,6 +320,7 @@ pub struct PointRow {
     pub delete_after: Option<DateTime<Utc>>,
     pub fixed_retention: bool,
     pub chain_gap: bool,
+    pub vm_id: Option<Uuid>,
 }
 
 pub async fn points_of_item(db: impl PgExecutor<'_>, item_id: Uuid) -> sqlx::Result<Vec<PointRow>> {
@@ -321,7 +334,7 @@ pub async fn points_of_item(db: impl PgExecutor<'_>, item_id: Uuid) -> sqlx::Res
                   begins_log_chain, has_bulk_logged_data, recovery_model as "recovery_model: RecoveryModel",
                   recovery_fork_guid, fork_point_lsn as "fork_point_lsn: Lsn", database_guid,
                   chain_break as "chain_break: ChainBreak", unverified, size_bytes, full_id, expires_at, chain_until,
-                  delete_after, fixed_retention, chain_gap as "chain_gap!"
+                  delete_after, fixed_retention, chain_gap as "chain_gap!", vm_id
            from recovery_points where protected_item_id = $1 order by backup_time, id"#,
         item_id,
     )

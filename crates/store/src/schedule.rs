@@ -178,6 +178,10 @@ pub struct Enqueued {
 /// no log in the simple recovery model, fulls only for `master`), differentials of
 /// databases with a full queued, running or taken since the slot; a database with no usable full in its chain gets a full instead,
 /// one whose log chain broke a differential instead of a log (where the policy has them).
+/// A group database's backup goes to the VM its group's route names, in jobs of its group
+/// alone; where the route has none, the job is recorded failed with
+/// `domain::availability::NO_REPLICA_CODE` and the route's reason, and the next slot tries
+/// again.
 pub async fn schedule_enqueue(
     conn: &mut PgConnection,
     policy_id: Uuid,
@@ -197,6 +201,7 @@ pub async fn schedule_enqueue(
                and j.vault_id = (select vault_id from policies where id = $1)
          ), due as (
              select p.id, p.vault_id, d.vm_id, v.subscription_id, i.name as instance, d.name as database,
+                    case when d.ag_database_id is not null then d.availability_group_id end as ag_id,
                     case when p.needs_full then 'backup_full'
                          when p.needs_differential and $2 = 'backup_log' and $8 then 'backup_differential'
                          else $2 end as kind
@@ -208,39 +213,68 @@ pub async fn schedule_enqueue(
                and (p.needs_full
                     or backvault_backup_type_allowed(d.name, d.recovery_model, $2)
                        and ($2 <> 'backup_differential' or p.last_full_at is null or p.last_full_at < $3))
-         ), runs as materialized (
-             select due.*, row_number() over per_vm - 1 as position, count(*) over per_vm as of
+         ), routed as (
+             -- A group database's backup runs where its group's route says
+             -- (`domain::availability::route`, kept on the group), under that replica's
+             -- instance name; with no route, it becomes a failed job saying why.
+             select due.id, due.vault_id, due.subscription_id, due.database, due.ag_id, due.kind,
+                    coalesce(case when due.ag_id is null then due.vm_id
+                                  when backvault_backup_placement(due.kind, false) = 'primary_only'
+                                  then ag.primary_vm_id else ag.preferred_vm_id end,
+                             due.vm_id) as vm_id,
+                    coalesce(ri.name, due.instance) as instance,
+                    case when due.ag_id is null then null
+                         when backvault_backup_placement(due.kind, false) = 'primary_only'
+                         then case when ag.primary_vm_id is null
+                                   then coalesce(ag.primary_unroutable, 'no route was computed yet') end
+                         else case when ag.preferred_vm_id is null
+                                   then coalesce(ag.preferred_unroutable, 'no route was computed yet') end
+                    end as unroutable
              from due
+             left join availability_groups ag on ag.id = due.ag_id
+             left join ag_replicas rr
+               on rr.availability_group_id = due.ag_id
+              and rr.vm_id = case when backvault_backup_placement(due.kind, false) = 'primary_only'
+                                  then ag.primary_vm_id else ag.preferred_vm_id end
+             left join sql_instances ri on ri.id = rr.instance_id
+         ), runs as materialized (
+             select routed.*, row_number() over per_job - 1 as position, count(*) over per_job as of
+             from routed
              -- Coalesced: the same type still queued or running; a differential also
              -- yields to a full (never both on one day, even when catching up).
              where not exists (select 1 from active a
-                               where a.item_id = due.id
-                                 and (a.kind = due.kind
-                                      or due.kind = 'backup_differential' and a.kind = 'backup_full'))
-             window per_vm as (partition by vm_id, kind order by id
-                               rows between unbounded preceding and unbounded following)
+                               where a.item_id = routed.id
+                                 and (a.kind = routed.kind
+                                      or routed.kind = 'backup_differential' and a.kind = 'backup_full'))
+             window per_job as (partition by vm_id, kind, ag_id, unroutable order by id
+                                rows between unbounded preceding and unbounded following)
          ), grouped as materialized (
-             select backvault_uuid_v7() as id, vm_id, kind, subscription_id, vault_id, count(*) as size,
+             select backvault_uuid_v7() as id, vm_id, kind, subscription_id, vault_id, ag_id, unroutable,
+                    count(*) as size,
                     jsonb_agg(jsonb_build_object('instance', instance, 'database', database, 'protected_item_id', id)
                               order by position) as items
              from runs
-             group by vm_id, kind, subscription_id, vault_id, backvault_batch_of(position, of, $6)
+             group by vm_id, kind, subscription_id, vault_id, ag_id, unroutable, backvault_batch_of(position, of, $6)
          ), history as (
              insert into jobs (id, vm_id, subscription_id, vault_id, kind, status, priority, items, payload,
-                               max_attempts)
-             select id, vm_id, subscription_id, vault_id, kind, 'queued', $4, items,
-                    jsonb_build_object('slot_at', $3::timestamptz, 'scheduled_at', $7::timestamptz), $5
+                               max_attempts, availability_group_id, error_code, error_message, finished_at)
+             select id, vm_id, subscription_id, vault_id, kind,
+                    case when unroutable is null then 'queued' else 'failed' end, $4, items,
+                    jsonb_build_object('slot_at', $3::timestamptz, 'scheduled_at', $7::timestamptz), $5, ag_id,
+                    case when unroutable is not null then $9 end, unroutable,
+                    case when unroutable is not null then now() end
              from grouped
          ), queued as (
              insert into job_queue (job_id, vm_id, kind, priority, run_at, max_attempts)
-             select id, vm_id, kind, $4, now(), $5 from grouped
+             select id, vm_id, kind, $4, now(), $5 from grouped where unroutable is null
          ), counted as (
              update schedule_slots
              set jobs = (select count(*) from grouped), items = (select coalesce(sum(size), 0) from grouped)
              where policy_id = $1 and kind = $2 and slot_at = $3
          )
-         select count(*) as "jobs!", coalesce(sum(size), 0)::int8 as "items!",
-                coalesce(array_agg(distinct vm_id), '{}') as "vm_ids!"
+         select count(*) filter (where unroutable is null) as "jobs!",
+                coalesce(sum(size) filter (where unroutable is null), 0)::int8 as "items!",
+                coalesce(array_agg(distinct vm_id) filter (where unroutable is null), '{}') as "vm_ids!"
          from grouped"#,
         policy_id,
         kind as JobKind,
@@ -250,6 +284,7 @@ pub async fn schedule_enqueue(
         jobs.max_items_per_job,
         now,
         jobs.heal_with_differential,
+        backvault_domain::availability::NO_REPLICA_CODE,
     )
     .fetch_one(conn)
     .await

@@ -3,7 +3,8 @@
 //! outside the type is an error, never a default.
 
 use backvault_domain::agent::{
-    BackupPreference, DeploymentModel, RecoveryModel, RecoveryPointType,
+    BackupPreference, DeploymentModel, RecoveryModel, RecoveryPointType, ReplicaRole,
+    SynchronizationHealth,
 };
 use backvault_domain::chain::ChainBreak;
 use backvault_domain::jobs::{AttemptOutcome, JobKind, JobStatus, Priority};
@@ -58,6 +59,8 @@ where
 async fn enums_are_their_wire_names(pool: PgPool) {
     text_round_trip(&pool, &AttemptOutcome::ALL).await;
     text_round_trip(&pool, &BackupPreference::ALL).await;
+    text_round_trip(&pool, &ReplicaRole::ALL).await;
+    text_round_trip(&pool, &SynchronizationHealth::ALL).await;
     text_round_trip(&pool, &ChainBreak::ALL).await;
     text_round_trip(&pool, &DeploymentModel::ALL).await;
     text_round_trip(&pool, &JobKind::ALL).await;

@@ -115,3 +115,35 @@ async fn the_job_tables_hold_exactly_the_domains_priorities(pool: PgPool) {
         assert_eq!(definition, expected, "{constraint}");
     }
 }
+
+/// `backvault_backup_placement` (the scheduler's and re-routing's choice between a group's
+/// primary and its preferred replica) against `domain::availability::placement`, for every
+/// job kind with and without copy-only.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn sql_places_group_backups_as_the_domain_does(pool: PgPool) {
+    use backvault_domain::availability::{Placement, placement};
+    for kind in JobKind::ALL {
+        for copy_only in [false, true] {
+            let sql: String = sqlx::query_scalar("select backvault_backup_placement($1, $2)")
+                .bind(kind.as_str())
+                .bind(copy_only)
+                .fetch_one(&pool)
+                .await
+                .expect("the SQL twin answers");
+            let point = match kind {
+                JobKind::BackupFull if copy_only => Some(RecoveryPointType::CopyOnlyFull),
+                JobKind::BackupFull => Some(RecoveryPointType::Full),
+                JobKind::BackupDifferential => Some(RecoveryPointType::Differential),
+                JobKind::BackupLog => Some(RecoveryPointType::Log),
+                // Not backups. Of these only configure protection carries its group (and
+                // goes to the primary's copy); restores and discoveries stay on their VM.
+                _ => None,
+            };
+            let expected = match point.map(placement) {
+                Some(Placement::Preferred) => "preferred",
+                Some(Placement::PrimaryOnly) | None => "primary_only",
+            };
+            assert_eq!(sql, expected, "{kind:?} copy_only={copy_only}");
+        }
+    }
+}

@@ -275,6 +275,8 @@ pub struct ItemParams {
     pub policy: Option<String>,
     pub vm_id: Option<Uuid>,
     pub auto_protected: Option<bool>,
+    /// Items of this availability group's databases (its id from protectable items).
+    pub availability_group_id: Option<Uuid>,
     pub cursor: Option<String>,
     pub limit: Option<i64>,
 }
@@ -295,6 +297,7 @@ async fn list_protected_items(
         policy: p.policy,
         vm_id: p.vm_id,
         auto_protected: p.auto_protected,
+        availability_group_id: p.availability_group_id,
     };
     let page = state
         .service
@@ -393,7 +396,7 @@ async fn resume_protection(
 #[utoipa::path(post, path = "/v1/vaults/{vault_id}/protected-items/{item_id}/backup", tag = "protection",
     params(("vault_id" = Uuid, Path), ("item_id" = Uuid, Path)), request_body = OnDemandBackup,
     responses((status = 202, body = Job, headers(("Location" = String))),
-              (status = 409, body = Problem, content_type = "application/problem+json")))]
+              (status = 409, body = Problem, content_type = "application/problem+json", description = "`item_not_protected`; `availability_group_no_replica`: no replica of the item's availability group can take this backup type now (the message says why)")))]
 async fn backup_now(
     State(state): State<AppState>,
     Caller(principal): Caller,
@@ -411,7 +414,7 @@ async fn backup_now(
 /// Enable auto-protection on an instance or availability group.
 #[utoipa::path(post, path = "/v1/vaults/{vault_id}/auto-protection", tag = "protection",
     params(("vault_id" = Uuid, Path)), request_body = CreateAutoProtection,
-    responses((status = 201, body = AutoProtection, headers(("Location" = String))), (status = 409, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 201, body = AutoProtection, headers(("Location" = String))), (status = 409, body = Problem, content_type = "application/problem+json", description = "`auto_protection_exists`; `availability_group_replica_in_other_vault` or `availability_group_replica_not_registered`: a replica's VM of the group is not registered with this vault")))]
 async fn enable_auto_protection(
     State(state): State<AppState>,
     Caller(principal): Caller,

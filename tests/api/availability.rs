@@ -316,6 +316,11 @@ async fn auto_protection_on_a_group_protects_each_database_once(pool: PgPool) {
         d["instance"] = json!("SQL_sqlvm_b");
     }
     rediscover(&app, &group, 1, &inv_b).await;
+    assert!(
+        claim(&app, &group.vms[2].1, 10).await.is_empty(),
+        "the new database's configure job goes to the primary, not the replica that found it"
+    );
+    assert_eq!(run_configure(&app, &group.vms[0].1, false).await, [1]);
     let items = protected_items(&app, &group.vault, "").await;
     let mut names: Vec<&str> = items
         .iter()
@@ -594,4 +599,51 @@ async fn agents_that_predate_group_ids_still_report_their_groups(pool: PgPool) {
         .map(|r| r["role"].as_str().unwrap())
         .collect();
     assert_eq!(roles, ["primary", "secondary"]);
+}
+
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn a_full_running_on_a_replica_that_stopped_being_primary_runs_again_on_the_new_one(
+    pool: PgPool,
+) {
+    let app = TestApp::new(pool);
+    let group = three_replicas(&app, "primary").await;
+    let item = protect_orders(&app, &group).await;
+    let item = item["id"].as_str().unwrap().to_owned();
+    let (a, b) = (&group.vms[0].1, &group.vms[1].1);
+    let (status, full) = backup_now(&app, &group, &item, "full").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{full}");
+    let running = claimed(&app, a).await;
+    assert_eq!(running.len(), 1);
+    // The failover while a runs the full: a running job stays where it runs.
+    rediscover(
+        &app,
+        &group,
+        1,
+        &replica_inventory("sqlvm-b", "primary", 60, "primary"),
+    )
+    .await;
+    assert!(
+        claimed(&app, b).await.is_empty(),
+        "the running job is not taken away"
+    );
+    // a is a secondary now: SQL Server refuses the full there (Msg 3059), retryably.
+    let res = app
+        .post(
+            &format!("/v1/agent/jobs/{}/fail", full["id"].as_str().unwrap()),
+            a,
+            json!({"lease": running[0]["lease"], "code": "UserErrorSQLPODoesNotSupportBackupType",
+                   "message": "Msg 3059: not supported on a secondary replica", "retryable": true}),
+        )
+        .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.body);
+    assert_eq!(res.body["status"], "queued");
+    let again = claimed(&app, b).await;
+    assert_eq!(
+        again.len(),
+        1,
+        "at once on the new primary, not after the backoff"
+    );
+    assert_eq!(again[0]["job_id"], full["id"]);
+    assert_eq!(again[0]["attempt"], 2);
+    assert_eq!(again[0]["items"][0]["instance"], "SQL_sqlvm_b");
 }

@@ -220,7 +220,6 @@ pub struct LocalReplica {
     pub role: ReplicaRole,
     pub synchronization_health: SynchronizationHealth,
     /// 0 (never chosen for backups) to 100.
-    #[schema(maximum = 100)]
     pub backup_priority: u8,
 }
 

@@ -418,6 +418,13 @@ impl Service {
                 message: &message,
             };
             store::queue_retry(&mut tx, &[job_id], &[retry_at], &[end]).await?;
+            // A replica that stopped being primary refuses a full there: the retry goes
+            // where the group's route points now (at once, if that moved it).
+            if let Some(group) =
+                backvault_store::availability::group_of_job(&mut *tx, job_id).await?
+            {
+                backvault_store::availability::queue_reroute(&mut tx, Some(&[group])).await?;
+            }
             JobOutcome {
                 job_id,
                 status: JobStatus::Queued,

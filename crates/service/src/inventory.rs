@@ -171,10 +171,12 @@ impl Service {
         if !recased.is_empty() {
             store::items_flag_casing(&mut *tx, &recased).await?;
         }
-        self.groups_changed(tx, &touched_groups).await?;
         for intent in store::intents_for_vm(&mut *tx, vm_id).await? {
             self.auto_protect(tx, &intent).await?;
         }
+        // After auto-protection, so that items it made on a secondary's copy (the first
+        // to report a new group database) and their jobs move to the primary too.
+        self.groups_changed(tx, &touched_groups).await?;
         Ok(())
     }
 

@@ -482,3 +482,14 @@ pub async fn replica_instance(
     .fetch_optional(db)
     .await
 }
+
+/// The availability group a job's databases belong to, if any.
+pub async fn group_of_job(db: impl PgExecutor<'_>, job_id: Uuid) -> sqlx::Result<Option<Uuid>> {
+    let group = sqlx::query_scalar!(
+        "select availability_group_id from jobs where id = $1",
+        job_id
+    )
+    .fetch_optional(db)
+    .await?;
+    Ok(group.flatten())
+}

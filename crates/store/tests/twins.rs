@@ -147,3 +147,44 @@ async fn sql_places_group_backups_as_the_domain_does(pool: PgPool) {
         }
     }
 }
+
+/// The values a text column's CHECK constraint admits, from its definition.
+async fn admitted(pool: &PgPool, constraint: &str) -> std::collections::BTreeSet<String> {
+    let definition: String = sqlx::query_scalar(
+        "select pg_get_constraintdef(oid) from pg_constraint where conname = $1",
+    )
+    .bind(constraint)
+    .fetch_one(pool)
+    .await
+    .expect("the constraint exists");
+    definition
+        .split('\'')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The CHECK constraints on availability-group columns admit exactly the domain's values:
+/// a value added on one side only fails here.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn group_columns_admit_exactly_the_domains_values(pool: PgPool) {
+    use backvault_domain::agent::{BackupPreference, ReplicaRole, SynchronizationHealth};
+    let names = |values: Vec<&str>| values.into_iter().map(str::to_owned).collect();
+    assert_eq!(
+        admitted(&pool, "availability_groups_backup_preference_check").await,
+        names(BackupPreference::ALL.map(BackupPreference::as_str).to_vec())
+    );
+    assert_eq!(
+        admitted(&pool, "ag_replicas_role_check").await,
+        names(ReplicaRole::ALL.map(ReplicaRole::as_str).to_vec())
+    );
+    assert_eq!(
+        admitted(&pool, "ag_replicas_synchronization_health_check").await,
+        names(
+            SynchronizationHealth::ALL
+                .map(SynchronizationHealth::as_str)
+                .to_vec()
+        )
+    );
+}

@@ -4,8 +4,9 @@
 //! differential kept longer than its full).
 
 use backvault_domain::agent::{
-    FIRST_LEASE, MAX_HEARTBEAT_LEASES, MAX_PROGRESS_MESSAGE_CHARS, MAX_SQL_NAME_CHARS,
-    MAX_VERSION_FACT_CHARS, MAX_WARNING_CHARS, MAX_WARNINGS,
+    FIRST_LEASE, MAX_AG_REPLICAS, MAX_AVAILABILITY_GROUPS, MAX_BACKUP_PRIORITY,
+    MAX_HEARTBEAT_LEASES, MAX_PROGRESS_MESSAGE_CHARS, MAX_SQL_NAME_CHARS, MAX_VERSION_FACT_CHARS,
+    MAX_WARNING_CHARS, MAX_WARNINGS,
 };
 use backvault_domain::jobs::{JobKind, MAX_ITEMS_PER_JOB};
 use backvault_domain::lsn::LSN_PATTERN;
@@ -313,6 +314,28 @@ fn rules() -> Vec<(At, Constraint)> {
         ),
         (Property("SqlDatabase", "instance"), sql_name()),
         (Property("SqlDatabase", "name"), sql_name()),
+        (Property("SqlDatabase", "availability_group"), sql_name()),
+        (
+            Property("SqlInventory", "availability_groups"),
+            MaxItems(MAX_AVAILABILITY_GROUPS),
+        ),
+        (Property("AvailabilityGroup", "name"), sql_name()),
+        (
+            Property("AvailabilityGroup", "replicas"),
+            MaxItems(MAX_AG_REPLICAS),
+        ),
+        (Property("AgReplica", "vm_name"), sql_name()),
+        (Property("AgReplica", "resource_group"), sql_name()),
+        (Property("AgReplica", "instance"), sql_name()),
+        (Property("LocalReplica", "instance"), sql_name()),
+        (
+            Property("LocalReplica", "backup_priority"),
+            int(0, MAX_BACKUP_PRIORITY),
+        ),
+        (
+            Property("GroupReplica", "backup_priority"),
+            int(0, MAX_BACKUP_PRIORITY),
+        ),
         (Property("RecoveryPointReport", "instance"), sql_name()),
         (Property("RecoveryPointReport", "database"), sql_name()),
         (Property("RecoveryPointReport", "first_lsn"), lsn()),

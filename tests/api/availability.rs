@@ -647,3 +647,71 @@ async fn a_full_running_on_a_replica_that_stopped_being_primary_runs_again_on_th
     assert_eq!(again[0]["attempt"], 2);
     assert_eq!(again[0]["items"][0]["instance"], "SQL_sqlvm_b");
 }
+
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn a_scheduled_backup_no_replica_can_take_is_a_failed_job_saying_why(pool: PgPool) {
+    let app = TestApp::new(pool);
+    let group = three_replicas(&app, "prefer_secondary").await;
+    protect_orders(&app, &group).await;
+    // Mid-failover: the old primary resolving, no new primary reported yet.
+    rediscover(
+        &app,
+        &group,
+        0,
+        &replica_inventory("sqlvm-a", "resolving", 50, "prefer_secondary"),
+    )
+    .await;
+    let at = |s: &str| s.parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+    assert_eq!(
+        app.service
+            .schedule_tick(at("2031-01-06T10:05:00Z"))
+            .await
+            .unwrap(),
+        0
+    );
+    // The first slot is a full (the chain has none): it needs the primary.
+    assert_eq!(
+        app.service
+            .schedule_tick(at("2031-01-06T11:05:00Z"))
+            .await
+            .unwrap(),
+        0,
+        "nothing is queued"
+    );
+    let failed = crate::helpers::jobs(&app, "status=failed").await;
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["kind"], "backup_full");
+    assert_eq!(
+        failed[0]["error"]["code"],
+        "FabricSvcBackupPreferenceCheckFailedUserError"
+    );
+    assert!(
+        failed[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("primary"),
+        "{}",
+        failed[0]
+    );
+    for (_, agent) in &group.vms {
+        assert!(claim(&app, agent, 10).await.is_empty());
+    }
+    // The new primary reports: the next slot's full runs there.
+    rediscover(
+        &app,
+        &group,
+        1,
+        &replica_inventory("sqlvm-b", "primary", 60, "prefer_secondary"),
+    )
+    .await;
+    assert_eq!(
+        app.service
+            .schedule_tick(at("2031-01-06T12:05:00Z"))
+            .await
+            .unwrap(),
+        1
+    );
+    let jobs = claim(&app, &group.vms[1].1, 10).await;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0]["kind"], "backup_full");
+}

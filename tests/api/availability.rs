@@ -715,3 +715,66 @@ async fn a_scheduled_backup_no_replica_can_take_is_a_failed_job_saying_why(pool:
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0]["kind"], "backup_full");
 }
+
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn a_replica_added_in_another_vault_never_takes_the_groups_backups(pool: PgPool) {
+    let app = TestApp::new(pool);
+    let group = three_replicas(&app, "prefer_secondary").await;
+    let item = protect_orders(&app, &group).await;
+    let item = item["id"].as_str().unwrap().to_owned();
+    let other = app.vault("vault-other", "sub-1").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A fourth replica, of the highest priority, on a VM registered with another vault.
+    let mut inv = replica_inventory("sqlvm-d", "secondary", 100, "prefer_secondary");
+    inv["availability_groups"][0]["replicas"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"vm_name": "sqlvm-d", "resource_group": "rg-sql", "instance": "SQL_sqlvm_d"}));
+    let (_, d_agent) = discover_into(&app, &other, "sqlvm-d", &inv).await;
+    let (status, log) = backup_now(&app, &group, &item, "log").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{log}");
+    assert_eq!(
+        log["vm_id"],
+        group.vms[1].0.as_str(),
+        "b, not d of the other vault"
+    );
+    assert!(claim(&app, &d_agent, 10).await.is_empty());
+    // d claiming the primary role takes nothing either: fulls wait for a primary in the vault.
+    let mut primary = inv.clone();
+    primary["availability_groups"][0]["local"]["role"] = json!("primary");
+    let d_vm = crate::helpers::jobs(&app, "kind=discovery").await;
+    let d_vm = d_vm
+        .iter()
+        .find(|j| j["vault_id"] == other.as_str())
+        .unwrap()["vm_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let res = app
+        .call(
+            Method::POST,
+            &format!("/v1/vaults/{other}/vms/{d_vm}/rediscover"),
+            Some(&app.admin()),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(res.status, StatusCode::ACCEPTED, "{}", res.body);
+    run_discovery(&app, &d_agent, &primary).await;
+    let got = app
+        .get(
+            &format!("/v1/vaults/{}/protected-items/{item}", group.vault),
+            &app.admin(),
+        )
+        .await;
+    assert_eq!(
+        got.body["vm_name"], "sqlvm-a",
+        "the item stays in its vault: {}",
+        got.body
+    );
+    let (status, full) = backup_now(&app, &group, &item, "full").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{full}");
+    assert_eq!(full["code"], "availability_group_no_replica");
+}

@@ -145,7 +145,17 @@ impl Service {
                     .is_some_and(|l| l.role == backvault_domain::agent::ReplicaRole::Primary),
             })
             .collect();
-        let ids = store::groups_upsert(tx, &vm.subscription_id, &reports).await?;
+        // Upserting a group locks its row until the transaction ends (two replicas that
+        // both claim the primary role take turns); one order for all keeps discoveries of
+        // VMs sharing several groups from deadlocking.
+        let mut order: Vec<usize> = (0..reports.len()).collect();
+        order.sort_by_key(|&i| (reports[i].group_id, reports[i].name.to_lowercase()));
+        let sorted: Vec<GroupReport<'_>> = order.iter().map(|&i| reports[i].clone()).collect();
+        let sorted_ids = store::groups_upsert(tx, &vm.subscription_id, &sorted).await?;
+        let mut ids = vec![Uuid::nil(); reports.len()];
+        for (&i, id) in order.iter().zip(sorted_ids) {
+            ids[i] = id;
+        }
         let mut replicas = Vec::new();
         for ((group, local), id) in reported.availability_groups.iter().zip(&locals).zip(&ids) {
             let Some(local) = local else {

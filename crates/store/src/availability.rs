@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use crate::jobs::{notify, notify_payload};
 
+#[derive(Debug, Clone)]
 pub struct GroupReport<'a> {
     pub name: &'a str,
     /// None from agents that predate group ids: the group of that name, if any, is meant.
@@ -167,16 +168,18 @@ pub async fn group_databases_protected(
 }
 
 /// Items of group databases follow the primary: each one's database row becomes the
-/// primary replica's copy, so that primary-only work (full, differential, configure)
-/// addresses the primary. The item key, and so the item, its chain and its points, stay.
+/// primary replica's copy (on a VM of the item's vault), so that primary-only work (full,
+/// differential, configure) addresses the primary. The item key, and so the item, its chain and its points, stay.
 pub async fn items_follow_primary(conn: &mut PgConnection, groups: &[Uuid]) -> sqlx::Result<u64> {
     let moved = sqlx::query!(
         "update protected_items p set database_id = c.id, updated_at = now()
-         from sql_databases d, ag_replicas r, sql_databases c
+         from sql_databases d, ag_replicas r, sql_databases c, vms cv
          where d.id = p.database_id and d.availability_group_id = any($1) and d.ag_database_id is not null
            and r.availability_group_id = d.availability_group_id and r.role = 'primary'
            and c.ag_database_id = d.ag_database_id and c.vm_id = r.vm_id and c.gone_at is null
-           and c.id <> d.id",
+           and c.id <> d.id
+           -- Never onto a VM outside the item's vault (a replica registered elsewhere).
+           and cv.id = c.vm_id and cv.vault_id = p.vault_id",
         groups,
     )
     .execute(conn)
@@ -195,6 +198,8 @@ pub struct RoutingReplica {
     pub role: Option<ReplicaRole>,
     pub health: Option<SynchronizationHealth>,
     pub backup_priority: Option<i16>,
+    /// Registered with the vault that protects the group's databases (with any vault,
+    /// while none is protected).
     pub registered: Option<bool>,
     pub last_seen_at: Option<DateTime<Utc>>,
 }
@@ -210,11 +215,17 @@ pub async fn routing_inputs(
         r#"select ag.id as "availability_group_id!", ag.backup_preference as "backup_preference!: BackupPreference",
                   r.vm_id as "vm_id?", r.role as "role?: ReplicaRole",
                   r.synchronization_health as "health?: SynchronizationHealth",
-                  r.backup_priority as "backup_priority?", (v.vault_id is not null) as "registered?",
+                  r.backup_priority as "backup_priority?",
+                  (v.vault_id is not null and v.vault_id = coalesce(owner.vault_id, v.vault_id)) as "registered?",
                   v.last_seen_at
            from availability_groups ag
            left join ag_replicas r on r.availability_group_id = ag.id
            left join vms v on v.id = r.vm_id
+           -- The vault protecting the group's databases: only its VMs take their backups.
+           left join lateral (select p.vault_id from protected_items p
+                              join sql_databases d on d.id = p.database_id
+                              where d.availability_group_id = ag.id and d.ag_database_id is not null
+                              limit 1) owner on true
            where case when $1::uuid[] is null
                       then exists (select 1 from protected_items p join sql_databases d on d.id = p.database_id
                                    where d.availability_group_id = ag.id)

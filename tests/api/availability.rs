@@ -99,10 +99,15 @@ async fn three_replicas(app: &TestApp, preference: &str) -> Group {
 
 async fn rediscover(app: &TestApp, group: &Group, vm: usize, inv: &Value) {
     let (vm_id, agent) = &group.vms[vm];
+    rediscover_vm(app, &group.vault, vm_id, agent, inv).await;
+}
+
+/// Rediscovers a VM of `vault`, its agent reporting `inv`.
+async fn rediscover_vm(app: &TestApp, vault: &str, vm_id: &str, agent: &str, inv: &Value) {
     let res = app
         .call(
             Method::POST,
-            &format!("/v1/vaults/{}/vms/{vm_id}/rediscover", group.vault),
+            &format!("/v1/vaults/{vault}/vms/{vm_id}/rediscover"),
             Some(&app.admin()),
             None,
             &[],
@@ -732,7 +737,7 @@ async fn a_replica_added_in_another_vault_never_takes_the_groups_backups(pool: P
         .as_array_mut()
         .unwrap()
         .push(json!({"vm_name": "sqlvm-d", "resource_group": "rg-sql", "instance": "SQL_sqlvm_d"}));
-    let (_, d_agent) = discover_into(&app, &other, "sqlvm-d", &inv).await;
+    let (d_vm, d_agent) = discover_into(&app, &other, "sqlvm-d", &inv).await;
     let (status, log) = backup_now(&app, &group, &item, "log").await;
     assert_eq!(status, StatusCode::ACCEPTED, "{log}");
     assert_eq!(
@@ -744,25 +749,7 @@ async fn a_replica_added_in_another_vault_never_takes_the_groups_backups(pool: P
     // d claiming the primary role takes nothing either: fulls wait for a primary in the vault.
     let mut primary = inv.clone();
     primary["availability_groups"][0]["local"]["role"] = json!("primary");
-    let d_vm = crate::helpers::jobs(&app, "kind=discovery").await;
-    let d_vm = d_vm
-        .iter()
-        .find(|j| j["vault_id"] == other.as_str())
-        .unwrap()["vm_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let res = app
-        .call(
-            Method::POST,
-            &format!("/v1/vaults/{other}/vms/{d_vm}/rediscover"),
-            Some(&app.admin()),
-            None,
-            &[],
-        )
-        .await;
-    assert_eq!(res.status, StatusCode::ACCEPTED, "{}", res.body);
-    run_discovery(&app, &d_agent, &primary).await;
+    rediscover_vm(&app, &other, &d_vm, &d_agent, &primary).await;
     let got = app
         .get(
             &format!("/v1/vaults/{}/protected-items/{item}", group.vault),

@@ -19,6 +19,11 @@ pub enum Role {
     Operator,
     /// Reads only.
     Reader,
+    /// Grants or denies approvals of operations that reduce protection (multi-user
+    /// authorization); never approves its own requests, and does nothing else but read.
+    Approver,
+    /// Reads, including the audit log.
+    Auditor,
     /// A VM's agent: the agent protocol for its own VM only.
     Agent,
     /// Short-lived: lets a new agent enroll its VM in the token's subscription.
@@ -26,10 +31,12 @@ pub enum Role {
 }
 
 impl Role {
-    pub const ALL: [Role; 5] = [
+    pub const ALL: [Role; 7] = [
         Role::Admin,
         Role::Operator,
         Role::Reader,
+        Role::Approver,
+        Role::Auditor,
         Role::Agent,
         Role::Enrollment,
     ];
@@ -39,6 +46,8 @@ impl Role {
             Role::Admin => "admin",
             Role::Operator => "operator",
             Role::Reader => "reader",
+            Role::Approver => "approver",
+            Role::Auditor => "auditor",
             Role::Agent => "agent",
             Role::Enrollment => "enrollment",
         }
@@ -51,7 +60,11 @@ impl std::str::FromStr for Role {
         Role::ALL
             .into_iter()
             .find(|r| r.as_str() == s)
-            .ok_or_else(|| format!("unknown role '{s}' (admin, operator, reader, enrollment)"))
+            .ok_or_else(|| {
+                format!(
+                    "unknown role '{s}' (admin, operator, reader, approver, auditor, enrollment)"
+                )
+            })
     }
 }
 
@@ -101,10 +114,22 @@ pub enum Operation {
     RestoreOverwrite,
     /// Run a scheduler tick now.
     RunScheduler,
+    /// Read the audit log.
+    ReadAuditLog,
+    /// Change a vault's soft delete, immutability, retention bounds or guard.
+    ChangeVaultSecurity,
+    /// List and undelete soft-deleted items.
+    Undelete,
+    /// Ask for an approval of an operation a vault's guard protects.
+    RequestApproval,
+    /// Grant or deny an approval (never one's own request).
+    DecideApproval,
+    /// Create and delete guards (Resource Guard).
+    ManageGuards,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 23] = [
+    pub const ALL: [Operation; 29] = [
         Operation::Read,
         Operation::CreateVault,
         Operation::UpdateVault,
@@ -128,14 +153,21 @@ impl Operation {
         Operation::RestoreAsNew,
         Operation::RestoreOverwrite,
         Operation::RunScheduler,
+        Operation::ReadAuditLog,
+        Operation::ChangeVaultSecurity,
+        Operation::Undelete,
+        Operation::RequestApproval,
+        Operation::DecideApproval,
+        Operation::ManageGuards,
     ];
 }
 
-/// The permission table.
+/// The permission table. Approving is the one thing an admin may not do: a stolen admin
+/// token must not be able to approve its own destructive request.
 pub fn allowed(role: Role, operation: Operation) -> bool {
     use Operation::*;
     match role {
-        Role::Admin => true,
+        Role::Admin => operation != DecideApproval,
         Role::Operator => matches!(
             operation,
             Read | WritePolicy
@@ -151,6 +183,8 @@ pub fn allowed(role: Role, operation: Operation) -> bool {
                 | RestoreAsNew
         ),
         Role::Reader => operation == Read,
+        Role::Approver => matches!(operation, Read | DecideApproval),
+        Role::Auditor => matches!(operation, Read | ReadAuditLog),
         Role::Agent | Role::Enrollment => false,
     }
 }
@@ -170,6 +204,9 @@ mod tests {
             Operation::MintEnrollmentToken,
             Operation::RevokeToken,
             Operation::RunScheduler,
+            Operation::ChangeVaultSecurity,
+            Operation::Undelete,
+            Operation::ManageGuards,
         ] {
             let who: Vec<Role> = Role::ALL.into_iter().filter(|r| allowed(*r, op)).collect();
             assert_eq!(who, [Role::Admin], "{op:?}");
@@ -182,7 +219,39 @@ mod tests {
             assert_eq!(allowed(Role::Reader, op), op == Operation::Read, "{op:?}");
             assert!(!allowed(Role::Agent, op));
             assert!(!allowed(Role::Enrollment, op));
-            assert!(allowed(Role::Admin, op));
+            assert_eq!(
+                allowed(Role::Admin, op),
+                op != Operation::DecideApproval,
+                "{op:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_approvers_approve_and_only_admins_and_auditors_read_the_audit_log() {
+        for role in Role::ALL {
+            assert_eq!(
+                allowed(role, Operation::DecideApproval),
+                role == Role::Approver,
+                "{role:?}"
+            );
+            assert_eq!(
+                allowed(role, Operation::ReadAuditLog),
+                matches!(role, Role::Admin | Role::Auditor),
+                "{role:?}"
+            );
+        }
+        for op in Operation::ALL {
+            assert_eq!(
+                allowed(Role::Approver, op),
+                matches!(op, Operation::Read | Operation::DecideApproval),
+                "{op:?}"
+            );
+            assert_eq!(
+                allowed(Role::Auditor, op),
+                matches!(op, Operation::Read | Operation::ReadAuditLog),
+                "{op:?}"
+            );
         }
     }
 

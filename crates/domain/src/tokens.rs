@@ -9,7 +9,7 @@ pub const MIN_TOKEN_TTL_SECONDS: i64 = 60;
 pub const DEFAULT_ENROLLMENT_TTL_SECONDS: i64 = 3_600;
 /// An enrollment token lives at most a day: it lets a machine in.
 pub const MAX_ENROLLMENT_TTL_SECONDS: i64 = 86_400;
-/// Admin, operator and reader tokens live at most 30 days; a revoked one stays on the deny
+/// User tokens (admin, operator, reader, approver, auditor) live at most 30 days; a revoked one stays on the deny
 /// list this long.
 pub const MAX_USER_TTL_SECONDS: i64 = 2_592_000;
 /// Enrollments one enrollment token allows, at most (one by default).
@@ -19,7 +19,7 @@ pub const MAX_ENROLLMENT_USES: i32 = 100;
 /// tokens: the server mints them at enrollment, for its configured lifetime.
 pub fn lifetime_range(role: Role) -> Option<std::ops::RangeInclusive<i64>> {
     match role {
-        Role::Admin | Role::Operator | Role::Reader => {
+        Role::Admin | Role::Operator | Role::Reader | Role::Approver | Role::Auditor => {
             Some(MIN_TOKEN_TTL_SECONDS..=MAX_USER_TTL_SECONDS)
         }
         Role::Enrollment => Some(MIN_TOKEN_TTL_SECONDS..=MAX_ENROLLMENT_TTL_SECONDS),

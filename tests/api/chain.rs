@@ -11,7 +11,7 @@ use crate::helpers::{Response, chain_needs, claim, protected_items};
 use crate::protection::{db, db_id, inventory, protectable, run_discovery};
 use crate::recovery::{Protected, protect};
 
-fn spec() -> Value {
+pub(crate) fn spec() -> Value {
     json!({
         "time_zone": "UTC",
         "full": {"frequency": "weekly", "days": ["sunday"], "time": "00:00"},
@@ -21,12 +21,12 @@ fn spec() -> Value {
     })
 }
 
-async fn sales(pool: PgPool) -> Protected {
+pub(crate) async fn sales(pool: PgPool) -> Protected {
     protect(pool, spec(), vec![db("MSSQLSERVER", "sales")]).await
 }
 
 /// A backup as an agent reports it, with `facts` (second-version fields) merged in.
-fn point(kind: &str, at: DateTime<Utc>, first: &str, last: &str, facts: Value) -> Value {
+pub(crate) fn point(kind: &str, at: DateTime<Utc>, first: &str, last: &str, facts: Value) -> Value {
     let mut p = json!({"instance": "MSSQLSERVER", "database": "sales", "backup_type": kind,
                        "started_at": at, "backup_time": at, "first_lsn": first, "last_lsn": last,
                        "database_backup_lsn": "0", "size_bytes": 100});
@@ -37,7 +37,7 @@ fn point(kind: &str, at: DateTime<Utc>, first: &str, last: &str, facts: Value) -
 }
 
 /// Runs an on-demand backup of `sales` whose agent reports `point`.
-async fn backup(p: &Protected, point: Value) -> Response {
+pub(crate) async fn backup(p: &Protected, point: Value) -> Response {
     let kind = match point["backup_type"].as_str().unwrap() {
         "full" => "full",
         "copy_only_full" => "copy_only_full",

@@ -22,5 +22,6 @@ mod policies;
 mod protection;
 mod queue;
 mod recovery;
+mod safety;
 mod security;
 mod vaults;

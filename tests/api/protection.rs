@@ -572,6 +572,18 @@ async fn protected_items_lifecycle_and_what_they_block(pool: PgPool) {
         )
         .await;
     assert_eq!(resumed.body["state"], "protected");
+    // With soft delete off, deleting the data deletes it at once (soft delete has its
+    // own tests).
+    let off = app
+        .call(
+            Method::PATCH,
+            &format!("/v1/vaults/{}/safety", s.vault),
+            Some(&admin),
+            Some(json!({"soft_delete": "disabled"})),
+            &[],
+        )
+        .await;
+    assert_eq!(off.status, StatusCode::OK, "{}", off.body);
     for id in [&sales, &archive] {
         let gone = app
             .post(

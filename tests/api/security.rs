@@ -253,6 +253,36 @@ async fn every_role_may_do_exactly_what_the_table_says(pool: PgPool) {
             Some(json!({"policy": "Gold", "databases": [unprotected]})),
         ),
         call(
+            Operation::Undelete,
+            Method::POST,
+            format!("{crm}/undelete"),
+            None,
+        ),
+        call(
+            Operation::ChangeVaultSecurity,
+            Method::PATCH,
+            format!("/v1/vaults/{v}/safety"),
+            Some(json!({"soft_delete_days": 20})),
+        ),
+        call(
+            Operation::RequestApproval,
+            Method::POST,
+            format!("/v1/vaults/{v}/approvals"),
+            Some(json!({"operation": "delete_vault", "resource_id": v})),
+        ),
+        call(
+            Operation::DecideApproval,
+            Method::POST,
+            format!("/v1/vaults/{v}/approvals/{}/grant", uuid::Uuid::now_v7()),
+            Some(json!({})),
+        ),
+        call(
+            Operation::ManageGuards,
+            Method::POST,
+            "/v1/guards".into(),
+            Some(json!({"subscription_id": "sub-1", "name": "guard-1"})),
+        ),
+        call(
             Operation::RunScheduler,
             Method::POST,
             "/v1/scheduler/run".into(),
@@ -286,6 +316,8 @@ async fn every_role_may_do_exactly_what_the_table_says(pool: PgPool) {
         Role::Agent,
         Role::Enrollment,
         Role::Reader,
+        Role::Auditor,
+        Role::Approver,
         Role::Operator,
         Role::Admin,
     ];

@@ -54,6 +54,31 @@ impl Api {
         )
     }
 
+    /// Any method, with an optional body and extra headers.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let res = req.send().await.unwrap();
+        (
+            res.status().as_u16(),
+            res.json().await.unwrap_or(Value::Null),
+        )
+    }
+
     /// POSTs `body` and expects `status`; returns the answer's body.
     pub async fn post_expecting(&self, path: &str, body: Value, status: u16) -> Value {
         let (got, answer) = self.post(path, body).await;

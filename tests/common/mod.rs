@@ -19,7 +19,8 @@ pub use agents::{
 };
 pub use client::{Api, vm_facts};
 pub use server::{
-    BIN, Server, ServerLog, TestDb, free_local_addr, migrate, mint_token, serve_refused,
+    BIN, Server, ServerLog, TestDb, free_local_addr, migrate, mint_token, mint_token_for,
+    serve_refused,
 };
 pub use setup::Agents;
 pub use wait::{Deadline, wait_for, wait_until};

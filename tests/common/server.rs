@@ -255,9 +255,22 @@ pub fn migrate(db: &TestDb) {
 
 /// A token minted by `backvault token`, as an operator would, with the key in `env`.
 pub fn mint_token(role: &str, subscription: &str, ttl: &str, env: &[(&str, &str)]) -> String {
+    mint_token_for("backvault-cli", role, subscription, ttl, env)
+}
+
+/// As [`mint_token`], for the person `subject` (approvals tell people apart).
+pub fn mint_token_for(
+    subject: &str,
+    role: &str,
+    subscription: &str,
+    ttl: &str,
+    env: &[(&str, &str)],
+) -> String {
     let out = Command::new(BIN)
         .args([
             "token",
+            "--subject",
+            subject,
             "--role",
             role,
             "--subscription",

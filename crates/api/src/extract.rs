@@ -40,8 +40,31 @@ impl FromRequestParts<AppState> for Caller {
                     "the Authorization header is not 'Bearer <token>'",
                 )
             })?;
-        Ok(Caller(state.service.authenticate(token.trim()).await?))
+        let mut principal = state.service.authenticate(token.trim()).await?;
+        principal.approval = approval_header(parts)?;
+        Ok(Caller(principal))
     }
+}
+
+/// The header naming the approval an operation on a guarded vault comes with.
+pub const APPROVAL_HEADER: &str = "backvault-approval";
+
+fn approval_header(parts: &Parts) -> Result<Option<uuid::Uuid>, ApiError> {
+    let Some(value) = parts.headers.get(APPROVAL_HEADER) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| uuid::Uuid::parse_str(v.trim()).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::BadRequest,
+                "invalid_approval_header",
+                "Backvault-Approval is an approval id (a UUID)",
+            )
+        })
 }
 
 /// A JSON object body. Rejections are problems: `malformed_body` (not JSON, or not of the

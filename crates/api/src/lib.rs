@@ -41,6 +41,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(routes::jobs::router())
         .merge(routes::agent::router())
         .merge(routes::protection::router())
+        .merge(routes::safety::router())
         .merge(routes::tokens::router())
 }
 

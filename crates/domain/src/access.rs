@@ -181,6 +181,7 @@ pub fn allowed(role: Role, operation: Operation) -> bool {
                 | ManageAutoProtection
                 | BackupNow
                 | RestoreAsNew
+                | RequestApproval
         ),
         Role::Reader => operation == Read,
         Role::Approver => matches!(operation, Read | DecideApproval),

@@ -19,6 +19,7 @@ pub mod preview;
 pub mod protection;
 pub mod restore;
 pub mod retention;
+pub mod safety;
 pub mod schedule;
 #[cfg(feature = "sqlx")]
 mod sql;

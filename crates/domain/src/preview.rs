@@ -25,7 +25,14 @@ pub struct PolicyPreview {
     /// The longest time between two consecutive recovery points over the next two weeks:
     /// the worst-case data loss (RPO) this policy allows.
     pub max_gap_minutes: i64,
+    /// Previewed for an immutable vault (`vault_id`): a retention change applies to new
+    /// recovery points only where it would shorten; existing ones keep their expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub existing_points: Option<&'static str>,
 }
+
+/// What [`PolicyPreview::existing_points`] says for an immutable vault.
+pub const IMMUTABLE_EXISTING_POINTS: &str = "an immutable vault never brings an expiry forward: a shorter retention applies to new recovery points only, existing ones keep their expiry (a longer one applies to both)";
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct FullRun {
@@ -142,6 +149,7 @@ impl Policy {
             differential,
             log,
             max_gap_minutes: self.max_gap_minutes(from),
+            existing_points: None,
         }
     }
 

@@ -164,15 +164,19 @@ pub enum ProtectionState {
     StoppedRetain,
     /// Stopped; recovery points kept as the policy says.
     StoppedRetainPerPolicy,
+    /// Stopped and deleted by a user, kept for the vault's soft-delete period (when it can
+    /// be undeleted), then purged.
+    SoftDeleted,
 }
 
 impl ProtectionState {
-    pub const ALL: [ProtectionState; 5] = [
+    pub const ALL: [ProtectionState; 6] = [
         ProtectionState::Protecting,
         ProtectionState::Protected,
         ProtectionState::ProtectionFailed,
         ProtectionState::StoppedRetain,
         ProtectionState::StoppedRetainPerPolicy,
+        ProtectionState::SoftDeleted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -182,6 +186,7 @@ impl ProtectionState {
             ProtectionState::ProtectionFailed => "protection_failed",
             ProtectionState::StoppedRetain => "stopped_retain",
             ProtectionState::StoppedRetainPerPolicy => "stopped_retain_per_policy",
+            ProtectionState::SoftDeleted => "soft_deleted",
         }
     }
 

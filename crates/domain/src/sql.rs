@@ -26,6 +26,7 @@ use crate::chain::ChainBreak;
 use crate::jobs::{AttemptOutcome, JobKind, JobStatus, Priority};
 use crate::lsn::{Lsn, MAX_LSN_DIGITS};
 use crate::protection::ProtectionState;
+use crate::safety::{ApprovalStatus, GuardedOperation, Immutability, SoftDelete};
 
 /// Text-backed enums: their `as_str` is what the column holds, their `parse` reads it back.
 macro_rules! stored_as_text {
@@ -81,6 +82,10 @@ stored_as_text!(
     RecoveryPointType,
     ReplicaRole,
     SynchronizationHealth,
+    SoftDelete,
+    Immutability,
+    GuardedOperation,
+    ApprovalStatus,
 );
 
 fn unknown(ty: &str, raw: &str) -> BoxDynError {
@@ -269,5 +274,9 @@ mod tests {
         same(&RecoveryPointType::ALL, RecoveryPointType::as_str);
         same(&ReplicaRole::ALL, ReplicaRole::as_str);
         same(&SynchronizationHealth::ALL, SynchronizationHealth::as_str);
+        same(&SoftDelete::ALL, SoftDelete::as_str);
+        same(&Immutability::ALL, Immutability::as_str);
+        same(&GuardedOperation::ALL, GuardedOperation::as_str);
+        same(&ApprovalStatus::ALL, ApprovalStatus::as_str);
     }
 }

@@ -49,6 +49,9 @@ pub struct Principal {
     pub generation: Option<i64>,
     /// The token's id; only agent tokens have none.
     pub jti: Option<Uuid>,
+    /// The approval the request comes with (`Backvault-Approval`), for an operation a
+    /// vault's guard protects.
+    pub approval: Option<Uuid>,
 }
 
 impl Principal {
@@ -199,6 +202,7 @@ impl Auth {
             vm: c.vm,
             generation: c.generation,
             jti: c.jti,
+            approval: None,
         })
     }
 
@@ -391,6 +395,7 @@ mod tests {
             vm: None,
             generation: None,
             jti: None,
+            approval: None,
         };
         for role in Role::ALL {
             for op in Operation::ALL {

@@ -170,6 +170,9 @@ impl Service {
                     if let Some(n @ 1..) = self.guarded("retention_sweep", self.sweep_recovery_points()).await {
                         tracing::info!(removed = n, "retention sweep");
                     }
+                    if let Some(n @ 1..) = self.guarded("soft_delete_purge", self.purge_soft_deleted()).await {
+                        tracing::info!(purged = n, "soft-deleted items purged");
+                    }
                 }
                 _ = discovery.tick() => {
                     self.guarded("periodic_discovery", self.discover_due_vms()).await;

@@ -10,6 +10,8 @@ pub enum ErrorKind {
     Forbidden,
     NotFound,
     Conflict,
+    /// What was asked for existed and is gone for good (a purged soft-deleted item).
+    Gone,
     PreconditionFailed,
     /// The request is well-formed but breaks rules; `violations` says which.
     Validation,

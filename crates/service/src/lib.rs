@@ -14,6 +14,7 @@ mod batcher;
 mod claims;
 mod clock;
 mod completions;
+pub mod data_safety;
 pub mod error;
 pub mod idempotency;
 pub mod inventory;

@@ -4,7 +4,8 @@
 use backvault_domain::jobs::JobKind;
 use backvault_domain::names::PolicyName;
 use backvault_domain::policy::PolicySpec;
-use backvault_domain::preview::{MAX_PREVIEW_RUNS, PolicyPreview};
+use backvault_domain::preview::{IMMUTABLE_EXISTING_POINTS, MAX_PREVIEW_RUNS, PolicyPreview};
+use backvault_domain::safety::{GuardedOperation, shortens_retention};
 use backvault_store::policies::{self, PolicyRow};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -132,6 +133,9 @@ impl Service {
         let spec = serde_json::to_value(&req.spec).map_err(Error::internal)?;
         let mut tx = self.pool.begin().await?;
         self.visible_vault(&mut *tx, principal, vault_id).await?;
+        if let Ok(policy) = &spec_check {
+            self.check_policy_bounds(&mut tx, vault_id, policy).await?;
+        }
         let created = idempotent(
             &mut tx,
             principal,
@@ -195,6 +199,23 @@ impl Service {
         let current = self
             .visible_policy(&mut tx, principal, vault_id, name)
             .await?;
+        let new_policy = req.spec.validate("/spec").map_err(Error::validation)?;
+        self.check_policy_bounds(&mut tx, vault_id, &new_policy)
+            .await?;
+        if let Some(old_policy) = policy_of(Some(&current.spec))
+            && shortens_retention(&old_policy, &new_policy)
+        {
+            let safety = self.vault_safety_locked(&mut tx, vault_id).await?;
+            self.require_approval(
+                &mut tx,
+                principal,
+                vault_id,
+                &safety,
+                GuardedOperation::ShortenRetention,
+                current.id,
+            )
+            .await?;
+        }
         let row = policies::policy_replace(&mut tx, current.id, expected, &spec)
             .await?
             .ok_or_else(Error::precondition_failed)?;
@@ -258,6 +279,10 @@ impl Service {
             .await?;
         let target_name = req.name.clone().unwrap_or_else(|| source.name.clone());
         PolicyName::parse(&target_name, "/name").map_err(Error::validation)?;
+        if let Some(policy) = policy_of(Some(&source.spec)) {
+            self.check_policy_bounds(&mut tx, req.target_vault_id, &policy)
+                .await?;
+        }
         let created = idempotent(
             &mut tx,
             principal,
@@ -283,12 +308,15 @@ impl Service {
     }
 
     /// Validates a policy and, when valid, returns its next runs and their expiries.
-    pub fn policy_preview(
+    /// With `vault_id`, also checks the vault's retention bounds and says how an immutable
+    /// vault treats existing points.
+    pub async fn policy_preview(
         &self,
         principal: &Principal,
         spec: &PolicySpec,
         from: DateTime<Utc>,
         count: usize,
+        vault_id: Option<Uuid>,
     ) -> Result<PolicyPreview> {
         principal.require(Operation::Read)?;
         if !(1..=MAX_PREVIEW_RUNS).contains(&count) {
@@ -299,6 +327,17 @@ impl Service {
             ));
         }
         let policy = spec.validate("").map_err(Error::validation)?;
-        Ok(policy.preview(from, count))
+        let mut preview = policy.preview(from, count);
+        if let Some(vault_id) = vault_id {
+            let mut tx = self.pool.begin().await?;
+            self.visible_vault(&mut *tx, principal, vault_id).await?;
+            self.check_policy_bounds(&mut tx, vault_id, &policy).await?;
+            let safety = self.vault_safety_locked(&mut tx, vault_id).await?;
+            tx.commit().await?;
+            if Service::safety(&safety).immutable() {
+                preview.existing_points = Some(IMMUTABLE_EXISTING_POINTS);
+            }
+        }
+        Ok(preview)
     }
 }

@@ -10,6 +10,7 @@ use backvault_domain::configure::{
 };
 use backvault_domain::jobs::{JobKind, Priority, batch};
 use backvault_domain::protection::ProtectionState;
+use backvault_domain::safety::{GuardedOperation, UserDeletion, user_deletion};
 use backvault_domain::violation::Violations;
 use backvault_store::inventory::{self, DatabaseRow};
 use backvault_store::jobs as queue;
@@ -179,6 +180,15 @@ pub enum StopMode {
 #[serde(deny_unknown_fields)]
 pub struct StopProtection {
     pub mode: StopMode,
+}
+
+/// A soft-deleted item takes no action but undelete (and reads).
+pub(crate) fn item_soft_deleted() -> Error {
+    Error::new(
+        ErrorKind::Conflict,
+        "item_soft_deleted",
+        "the item is soft-deleted: undelete it first (POST .../undelete)",
+    )
 }
 
 pub(crate) fn item_not_found(id: Uuid) -> Error {
@@ -447,6 +457,9 @@ impl Service {
         let policy_id = self
             .policy_id(&mut tx, vault_id, &req.policy, "/policy")
             .await?;
+        if item.state == ProtectionState::SoftDeleted {
+            return Err(item_soft_deleted());
+        }
         if item.state.is_stopped() {
             return Err(Error::new(
                 ErrorKind::Conflict,
@@ -477,18 +490,49 @@ impl Service {
         })?;
         let mut tx = self.pool.begin().await?;
         let item = self.visible_item(&mut tx, principal, vault_id, id).await?;
-        match req.mode {
+        if item.state == ProtectionState::SoftDeleted {
+            return Err(item_soft_deleted());
+        }
+        let mut mode = req.mode;
+        if matches!(mode, StopMode::DeleteData) {
+            let safety = self.vault_safety_locked(&mut tx, vault_id).await?;
+            self.require_approval(
+                &mut tx,
+                principal,
+                vault_id,
+                &safety,
+                GuardedOperation::StopProtectionDeleteData,
+                id,
+            )
+            .await?;
+            let now = backvault_store::safety::db_now(&mut *tx).await?;
+            match user_deletion(&Service::safety(&safety), now) {
+                UserDeletion::Delete => {}
+                UserDeletion::SoftDelete { purge_at } => {
+                    backvault_store::safety::item_soft_delete(&mut tx, id, purge_at).await?;
+                    tx.commit().await?;
+                    return self
+                        .protected_item_get(principal, vault_id, id)
+                        .await
+                        .map(Some);
+                }
+                // Immutable: nothing goes before its time; protection stops and each
+                // point expires as the last policy says.
+                UserDeletion::RetainUntilExpiry => mode = StopMode::RetainPerPolicy,
+            }
+        }
+        match mode {
             StopMode::DeleteData => store::item_delete(&mut tx, id).await?,
             StopMode::RetainData | StopMode::RetainPerPolicy => {
-                if matches!(req.mode, StopMode::RetainData) {
+                if matches!(mode, StopMode::RetainData) {
                     backvault_store::recovery::points_retain_forever(&mut *tx, id).await?;
                 }
-                let state = if matches!(req.mode, StopMode::RetainData) {
+                let state = if matches!(mode, StopMode::RetainData) {
                     ProtectionState::StoppedRetain
                 } else {
                     ProtectionState::StoppedRetainPerPolicy
                 };
-                let policy = if matches!(req.mode, StopMode::RetainPerPolicy) {
+                let policy = if matches!(mode, StopMode::RetainPerPolicy) {
                     item.policy_id
                 } else {
                     None
@@ -497,7 +541,7 @@ impl Service {
             }
         }
         tx.commit().await?;
-        match req.mode {
+        match mode {
             StopMode::DeleteData => Ok(None),
             _ => self
                 .protected_item_get(principal, vault_id, id)
@@ -516,6 +560,9 @@ impl Service {
         principal.require(Operation::ConfigureProtection)?;
         let mut tx = self.pool.begin().await?;
         let item = self.visible_item(&mut tx, principal, vault_id, id).await?;
+        if item.state == ProtectionState::SoftDeleted {
+            return Err(item_soft_deleted());
+        }
         if !item.state.is_stopped() {
             return Err(Error::new(
                 ErrorKind::Conflict,

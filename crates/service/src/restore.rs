@@ -97,6 +97,15 @@ pub struct RestoreRequest {
     pub tail_log_backup: Option<bool>,
 }
 
+/// A soft-deleted item's points are kept, not offered: undelete the item to restore.
+fn refuse_soft_deleted(item: &backvault_store::protection::ProtectedItemRow) -> Result<()> {
+    if item.state == backvault_domain::protection::ProtectionState::SoftDeleted {
+        Err(crate::protection::item_soft_deleted())
+    } else {
+        Ok(())
+    }
+}
+
 impl Service {
     pub async fn restore_plan(
         &self,
@@ -105,7 +114,8 @@ impl Service {
         item_id: Uuid,
         target: &RestoreTarget,
     ) -> Result<RestorePlan> {
-        let (_, rows) = self.item_points(principal, vault_id, item_id).await?;
+        let (item, rows) = self.item_points(principal, vault_id, item_id).await?;
+        refuse_soft_deleted(&item)?;
         plan(&rows, target)
     }
 
@@ -124,6 +134,7 @@ impl Service {
             Operation::RestoreAsNew
         })?;
         let (item, rows) = self.item_points(principal, vault_id, item_id).await?;
+        refuse_soft_deleted(&item)?;
         let target = RestoreTarget {
             point_in_time: req.point_in_time,
             recovery_point_id: req.recovery_point_id,

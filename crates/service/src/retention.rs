@@ -2,6 +2,7 @@
 //! still needs), and re-computing expiries after a policy's retention changes.
 
 use backvault_domain::policy::PolicySpec;
+use backvault_domain::safety::expiry_after_policy_change;
 use backvault_store::recovery::{self as store};
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -37,13 +38,22 @@ impl Service {
         let Ok(policy) = spec.validate("") else {
             return Ok(());
         };
+        // An immutable vault's edit applies to new points only where it would shorten:
+        // no expiry moves earlier.
+        let immutable =
+            backvault_store::safety::policy_vault_immutable(&mut *tx, policy_id).await?;
         let points = store::points_following_policy(&mut *tx, policy_id).await?;
         let mut ids = Vec::new();
         let mut expiries = Vec::new();
         for p in points {
-            if let Some(e) = policy.expiry(p.backup_type.retention_type(), p.backup_time) {
+            let proposed = policy
+                .expiry(p.backup_type.retention_type(), p.backup_time)
+                .map(|e| e.expires_at);
+            if let Some(expires_at) = expiry_after_policy_change(immutable, p.expires_at, proposed)
+                && Some(expires_at) != p.expires_at
+            {
                 ids.push(p.id);
-                expiries.push(e.expires_at);
+                expiries.push(expires_at);
             }
         }
         if !ids.is_empty() {

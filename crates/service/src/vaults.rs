@@ -225,11 +225,21 @@ impl Service {
         principal.require(Operation::DeleteVault)?;
         let mut tx = self.pool.begin().await?;
         self.visible_vault(&mut *tx, principal, id).await?;
+        let safety = self.vault_safety_locked(&mut tx, id).await?;
+        self.require_approval(
+            &mut tx,
+            principal,
+            id,
+            &safety,
+            backvault_domain::safety::GuardedOperation::DeleteVault,
+            id,
+        )
+        .await?;
         let deleted = vaults::vault_delete(&mut tx, id, expected).await.on_foreign_key(|| {
             Error::new(
                 ErrorKind::Conflict,
                 "vault_not_empty",
-                "the vault still has registered VMs or protected items; stop protection and unregister them first",
+                "the vault still has registered VMs, protected items (soft-deleted ones and those an immutable vault keeps until they expire included); stop protection and unregister them first",
             )
         })?;
         if !deleted {

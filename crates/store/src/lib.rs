@@ -8,6 +8,7 @@ pub mod jobs;
 pub mod policies;
 pub mod protection;
 pub mod recovery;
+pub mod safety;
 pub mod schedule;
 pub mod tokens;
 pub mod vaults;

@@ -348,6 +348,7 @@ pub struct PolicyPoint {
     pub id: Uuid,
     pub backup_type: RecoveryPointType,
     pub backup_time: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// Points of items under a policy whose expiry follows it (for a retention change).
@@ -357,7 +358,8 @@ pub async fn points_following_policy(
 ) -> sqlx::Result<Vec<PolicyPoint>> {
     sqlx::query_as!(
         PolicyPoint,
-        r#"select r.id, r.backup_type as "backup_type: RecoveryPointType", r.backup_time from recovery_points r
+        r#"select r.id, r.backup_type as "backup_type: RecoveryPointType", r.backup_time, r.expires_at
+           from recovery_points r
            join protected_items p on p.id = r.protected_item_id
            where p.policy_id = $1 and not r.fixed_retention and r.expires_at is not null"#,
         policy_id,
@@ -411,6 +413,9 @@ pub async fn points_sweep(conn: &mut PgConnection, limit: i64) -> sqlx::Result<u
              select r.id from recovery_points r
              where r.delete_after < now()
                and not exists (select 1 from recovery_points d where d.full_id = r.id)
+               -- A soft-deleted item's points wait for its purge, all together.
+               and not exists (select 1 from protected_items p
+                               where p.id = r.protected_item_id and p.state = 'soft_deleted')
              order by r.delete_after limit $1))",
         limit,
     )

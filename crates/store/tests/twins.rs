@@ -188,3 +188,42 @@ async fn group_columns_admit_exactly_the_domains_values(pool: PgPool) {
         )
     );
 }
+
+/// The data-safety columns' CHECK constraints admit exactly the domain's values.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn safety_columns_admit_exactly_the_domains_values(pool: PgPool) {
+    use backvault_domain::protection::ProtectionState;
+    use backvault_domain::safety::{ApprovalStatus, GuardedOperation, Immutability, SoftDelete};
+    let names = |values: Vec<&str>| values.into_iter().map(str::to_owned).collect();
+    assert_eq!(
+        admitted(&pool, "vaults_soft_delete_check").await,
+        names(SoftDelete::ALL.map(SoftDelete::as_str).to_vec())
+    );
+    assert_eq!(
+        admitted(&pool, "vaults_immutability_check").await,
+        names(Immutability::ALL.map(Immutability::as_str).to_vec())
+    );
+    assert_eq!(
+        admitted(&pool, "approvals_operation_check").await,
+        names(GuardedOperation::ALL.map(GuardedOperation::as_str).to_vec())
+    );
+    assert_eq!(
+        admitted(&pool, "approvals_status_check").await,
+        names(ApprovalStatus::ALL.map(ApprovalStatus::as_str).to_vec())
+    );
+    assert_eq!(
+        admitted(&pool, "guards_operations_check").await,
+        names(
+            GuardedOperation::ALL
+                .into_iter()
+                .filter(|o| !o.always_guarded())
+                .map(GuardedOperation::as_str)
+                .collect()
+        ),
+        "a guard selects among the operations that are not always guarded"
+    );
+    assert_eq!(
+        admitted(&pool, "protected_items_state_check").await,
+        names(ProtectionState::ALL.map(ProtectionState::as_str).to_vec())
+    );
+}

@@ -361,3 +361,45 @@ pub async fn sessions_waiting_for_a_lock(pool: &PgPool) -> i64 {
     .await
     .unwrap()
 }
+
+// ----------------------------------------------------------------------------------------
+// Data safety: time passing
+// ----------------------------------------------------------------------------------------
+
+/// The item's soft-delete period ended. Forged: the period is 14 days at least, and no API
+/// moves time.
+pub async fn forge_soft_delete_period_over(pool: &PgPool, item: &str) {
+    let updated = sqlx::query(
+        "update protected_items set purge_after = now() - interval '1 second' where id = $1::uuid",
+    )
+    .bind(item)
+    .execute(pool)
+    .await
+    .unwrap();
+    assert_eq!(updated.rows_affected(), 1, "protected item {item}");
+}
+
+/// The vault was locked `hours` ago. Forged: the cooling-off window is 72 hours.
+pub async fn forge_locked_ago(pool: &PgPool, vault: &str, hours: i64) {
+    let updated = sqlx::query(
+        "update vaults set locked_at = now() - make_interval(hours => $2) where id = $1::uuid",
+    )
+    .bind(vault)
+    .bind(i32::try_from(hours).unwrap())
+    .execute(pool)
+    .await
+    .unwrap();
+    assert_eq!(updated.rows_affected(), 1, "vault {vault}");
+}
+
+/// The approval's grant ran out. Forged: a grant lasts at least a minute.
+pub async fn forge_approval_lapsed(pool: &PgPool, approval: &str) {
+    let updated = sqlx::query(
+        "update approvals set expires_at = now() - interval '1 second' where id = $1::uuid",
+    )
+    .bind(approval)
+    .execute(pool)
+    .await
+    .unwrap();
+    assert_eq!(updated.rows_affected(), 1, "approval {approval}");
+}

@@ -32,6 +32,7 @@ use utoipa::{Modify, OpenApi};
         (name = "vms", description = "The VM inventory"),
         (name = "discovery", description = "Finding SQL Server VMs and their databases: registration with a vault, discovery, protectable items"),
         (name = "protection", description = "Protected databases: configure, change, stop and resume protection, on-demand backups, auto-protection"),
+        (name = "safety", description = "Data safety: soft delete, vault immutability (lock), retention bounds, guards and approvals (multi-user authorization), undelete"),
         (name = "recovery", description = "Recovery points, restore plans and restores"),
         (name = "jobs", description = "Backup jobs: history, waiting, cancelling, on-demand dispatch"),
         (name = "scheduler", description = "Running the backup scheduler on demand"),

@@ -6,6 +6,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod policies;
 pub mod protection;
+pub mod safety;
 pub mod tokens;
 pub mod vaults;
 pub mod vms;

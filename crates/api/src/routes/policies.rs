@@ -105,10 +105,11 @@ async fn get_policy(
 
 /// Replace a policy's spec.
 #[utoipa::path(put, path = "/v1/vaults/{vault_id}/policies/{policy_name}", tag = "policies",
-    params(("vault_id" = Uuid, Path), ("policy_name" = String, Path), ("If-Match" = Option<String>, Header)),
+    params(("vault_id" = Uuid, Path), ("policy_name" = String, Path), ("If-Match" = Option<String>, Header), ("Backvault-Approval" = Option<Uuid>, Header, description = "A granted approval of this operation, on a vault whose guard covers it")),
     request_body = ReplacePolicy,
     responses(
         (status = 200, body = BackupPolicy, headers(("ETag" = String))),
+        (status = 403, body = Problem, content_type = "application/problem+json", description = "`approval_required`, `approval_not_granted`, `approval_expired`, `approval_used` or `approval_not_yours`: the vault's guard needs a usable approval of this operation (the code says why); or `forbidden`"),
         (status = 412, body = Problem, content_type = "application/problem+json"),
     ))]
 async fn replace_policy(
@@ -177,6 +178,9 @@ pub struct PreviewParams {
     pub from: Option<DateTime<Utc>>,
     /// Runs per backup type, 1 to 100 (default 10).
     pub count: Option<usize>,
+    /// Preview for this vault: its retention bounds apply, and the preview says how an
+    /// immutable vault treats existing points.
+    pub vault_id: Option<Uuid>,
 }
 
 /// Preview a policy without saving it.
@@ -200,9 +204,15 @@ async fn preview_policy(
 ) -> ApiResult<axum::Json<PolicyPreview>> {
     bounded_instants(&[("from", params.from)])?;
     let from = params.from.unwrap_or_else(Utc::now);
-    let preview =
-        state
-            .service
-            .policy_preview(&principal, &spec, from, params.count.unwrap_or(10))?;
+    let preview = state
+        .service
+        .policy_preview(
+            &principal,
+            &spec,
+            from,
+            params.count.unwrap_or(10),
+            params.vault_id,
+        )
+        .await?;
     Ok(axum::Json(preview))
 }

@@ -355,9 +355,16 @@ async fn change_protected_item_policy(
 }
 
 /// Stop protection, deleting or retaining the recovery points.
+///
+/// `delete_data` deletes at once only on a vault with soft delete off and immutability
+/// disabled (204). With soft delete on, the item becomes `soft_deleted` until its purge
+/// (200, undelete within the period); on an immutable vault protection stops and the
+/// points stay until each one expires (200, `stopped_retain_per_policy`).
 #[utoipa::path(post, path = "/v1/vaults/{vault_id}/protected-items/{item_id}/stop", tag = "protection",
-    params(("vault_id" = Uuid, Path), ("item_id" = Uuid, Path)), request_body = StopProtection,
-    responses((status = 200, body = ProtectedItem, headers(("ETag" = String))), (status = 204, description = "Stopped and deleted")))]
+    params(("vault_id" = Uuid, Path), ("item_id" = Uuid, Path), ("Backvault-Approval" = Option<Uuid>, Header, description = "A granted approval of this operation, on a vault whose guard covers it")), request_body = StopProtection,
+    responses((status = 200, body = ProtectedItem, headers(("ETag" = String))), (status = 204, description = "Stopped and deleted"),
+              (status = 403, body = Problem, content_type = "application/problem+json", description = "`approval_required`, `approval_not_granted`, `approval_expired`, `approval_used` or `approval_not_yours`: the vault's guard needs a usable approval of this operation (the code says why); or `forbidden`"),
+              (status = 409, body = Problem, content_type = "application/problem+json", description = "item_soft_deleted")))]
 async fn stop_protection(
     State(state): State<AppState>,
     Caller(principal): Caller,

@@ -114,9 +114,10 @@ async fn update_vault(
 ///
 /// Refused with 409 `vault_not_empty` while the vault has registered VMs or protected items.
 #[utoipa::path(delete, path = "/v1/vaults/{vault_id}", tag = "vaults",
-    params(("vault_id" = Uuid, Path), ("If-Match" = Option<String>, Header)),
+    params(("vault_id" = Uuid, Path), ("If-Match" = Option<String>, Header), ("Backvault-Approval" = Option<Uuid>, Header, description = "A granted approval of this operation, on a vault whose guard covers it")),
     responses(
         (status = 204),
+        (status = 403, body = Problem, content_type = "application/problem+json", description = "`approval_required`, `approval_not_granted`, `approval_expired`, `approval_used` or `approval_not_yours`: the vault's guard needs a usable approval of this operation (the code says why); or `forbidden`"),
         (status = 409, body = Problem, content_type = "application/problem+json"),
         (status = 412, body = Problem, content_type = "application/problem+json"),
     ))]

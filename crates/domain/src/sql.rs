@@ -18,6 +18,7 @@ use sqlx::postgres::types::Oid;
 use sqlx::postgres::{PgArgumentBuffer, PgHasArrayType, PgTypeInfo, PgValueRef, Postgres};
 use sqlx::{Decode, Encode, Type, ValueRef};
 
+use crate::access::Role;
 use crate::agent::{
     BackupPreference, DeploymentModel, RecoveryModel, RecoveryPointType, ReplicaRole,
     SynchronizationHealth,
@@ -80,6 +81,7 @@ stored_as_text!(
     RecoveryModel,
     RecoveryPointType,
     ReplicaRole,
+    Role,
     SynchronizationHealth,
 );
 
@@ -268,6 +270,7 @@ mod tests {
         same(&RecoveryModel::ALL, RecoveryModel::as_str);
         same(&RecoveryPointType::ALL, RecoveryPointType::as_str);
         same(&ReplicaRole::ALL, ReplicaRole::as_str);
+        same(&Role::ALL, Role::as_str);
         same(&SynchronizationHealth::ALL, SynchronizationHealth::as_str);
     }
 }

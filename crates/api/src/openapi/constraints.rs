@@ -39,10 +39,13 @@ use serde_json::{Value, json};
 use super::operations_mut;
 
 /// Where a constraint goes: a property of a component schema (`items` steps into an
-/// array: `[]` steps into its items), or every query or path parameter of that name.
+/// array: `[]` steps into its items), every query or path parameter of that name, or the
+/// parameter of that name of one operation (where other operations' parameters of the
+/// name are something else).
 enum At {
     Property(&'static str, &'static str),
     Parameter(&'static str),
+    ParameterOf(&'static str, &'static str),
 }
 
 enum Constraint {
@@ -64,7 +67,7 @@ enum Constraint {
     MinItems(usize),
 }
 
-use At::{Parameter, Property};
+use At::{Parameter, ParameterOf, Property};
 use Constraint::{Integer, MaxItems, MinItems, OneOf, Text};
 
 /// What `uuid::Uuid` parses and the server writes.
@@ -370,6 +373,24 @@ fn rules() -> Vec<(At, Constraint)> {
             Parameter("wait"),
             text(1, 11, crate::routes::jobs::WAIT_PATTERN),
         ),
+        // The audit log's filters: what the log holds is bounded by the text rule.
+        (
+            ParameterOf("list_audit_events", "subject"),
+            text(1, MAX_TEXT_CHARS, TEXT_PATTERN),
+        ),
+        (
+            ParameterOf("list_audit_events", "operation"),
+            text(1, MAX_TEXT_CHARS, TEXT_PATTERN),
+        ),
+        (
+            ParameterOf("list_audit_events", "resource"),
+            text(1, MAX_TEXT_CHARS, TEXT_PATTERN),
+        ),
+        (
+            ParameterOf("list_audit_events", "problem_code"),
+            text(1, MAX_TEXT_CHARS, TEXT_PATTERN),
+        ),
+        (ParameterOf("list_audit_events", "status"), int(100, 599)),
     ]
 }
 
@@ -429,9 +450,16 @@ pub fn add(doc: &mut Value) {
                 let schemas = &mut doc["components"]["schemas"];
                 apply(property(schemas, schema, path), constraint);
             }
-            Parameter(name) => {
+            Parameter(name) | ParameterOf(_, name) => {
+                let only = match at {
+                    ParameterOf(operation, _) => Some(*operation),
+                    _ => None,
+                };
                 let mut found = false;
-                for operation in operations_mut(doc) {
+                for operation in operations_mut(doc)
+                    .into_iter()
+                    .filter(|op| only.is_none_or(|id| op["operationId"] == id))
+                {
                     for parameter in operation
                         .get_mut("parameters")
                         .and_then(Value::as_array_mut)

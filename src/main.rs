@@ -141,6 +141,11 @@ struct JobArgs {
     /// Days an agent token lives.
     #[arg(long, env = "BACKVAULT_AGENT_TOKEN_DAYS", default_value_t = 90)]
     agent_token_days: i64,
+    /// Days audit events are kept before they are purged: at least 365.
+    #[arg(long, env = "BACKVAULT_AUDIT_RETENTION_DAYS",
+          default_value_t = backvault_domain::audit::DEFAULT_RETENTION_DAYS,
+          value_parser = backvault_domain::audit::parse_retention_days)]
+    audit_retention_days: u32,
     /// How often expired leases are looked for.
     #[arg(long, env = "BACKVAULT_RESCUE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     rescue_interval: Duration,
@@ -173,6 +178,7 @@ impl JobArgs {
                 .unwrap_or(chrono::Duration::minutes(30)),
             scheduler_interval: self.scheduler_interval,
             allow_clock_override: false,
+            audit_retention_days: self.audit_retention_days,
         }
     }
 }
@@ -505,9 +511,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let stopping = service.clone();
     // A make-service built once: `serve(listener, router)` would clone the router's whole
     // route table and layer stack for every connection (~50 KB each under many agents).
+    // It hands each request its connection's peer address, which the audit log records.
     let server = axum::serve(
         backvault_api::transport::ProblemListener(listener),
-        app.into_make_service(),
+        app.into_make_service_with_connect_info::<backvault_api::transport::PeerAddr>(),
     )
     .with_graceful_shutdown(async move {
         shutdown_signal().await;

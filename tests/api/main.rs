@@ -9,6 +9,7 @@ mod common;
 
 mod agent_trust;
 mod agents;
+mod audit;
 mod auth;
 mod availability;
 mod chain;

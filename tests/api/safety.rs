@@ -144,6 +144,17 @@ async fn after_the_period_the_purge_removes_the_item_once_and_undelete_is_gone(p
         0,
         "idempotent"
     );
+    let audited: Vec<String> = sqlx::query_scalar(
+        "select resource from audit_events where operation = 'soft_delete.purge'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        audited,
+        [p.items["sales"].clone()],
+        "the purge is audited once"
+    );
     let points: i64 = sqlx::query_scalar("select count(*) from recovery_points")
         .fetch_one(&pool)
         .await

@@ -125,6 +125,12 @@ async fn every_role_may_do_exactly_what_the_table_says(pool: PgPool) {
         call(Operation::Read, Method::GET, "/v1/jobs".into(), None),
         call(Operation::Read, Method::GET, "/v1/vms".into(), None),
         call(
+            Operation::ReadAuditLog,
+            Method::GET,
+            "/v1/audit-events".into(),
+            None,
+        ),
+        call(
             Operation::Read,
             Method::POST,
             "/v1/policies/preview".into(),
@@ -322,8 +328,14 @@ async fn every_role_may_do_exactly_what_the_table_says(pool: PgPool) {
         Role::Admin,
     ];
     for c in &calls {
+        // The audit log spans every subscription, so only a token for all reads it.
+        let scope = if c.operation == Operation::ReadAuditLog {
+            "*"
+        } else {
+            "sub-1"
+        };
         for role in order {
-            let token = app.token(role, &["sub-1"]);
+            let token = app.token(role, &[scope]);
             let res = app
                 .call(c.method.clone(), &c.path, Some(&token), c.body.clone(), &[])
                 .await;

@@ -69,6 +69,11 @@ fn status(kind: ErrorKind) -> StatusCode {
     }
 }
 
+/// The `code` of a problem response, beside its body: what the audit log records,
+/// without reading the body back.
+#[derive(Debug, Clone)]
+pub struct ProblemCode(pub String);
+
 pub fn problem_response(
     status: StatusCode,
     code: &str,
@@ -89,6 +94,9 @@ pub fn problem_response(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/problem+json"),
     );
+    response
+        .extensions_mut()
+        .insert(ProblemCode(code.to_owned()));
     response
 }
 

@@ -10,9 +10,12 @@ use backvault_service::{ErrorKind, Principal};
 use serde::de::DeserializeOwned;
 
 use crate::AppState;
+use crate::audit::AuditSlot;
 use crate::error::ApiError;
 
 /// The authenticated caller, from `Authorization: Bearer <jwt>`: verified, and not revoked.
+/// The audit log learns who called from here (`audit::AuditSlot`): authentication is this
+/// extractor, not a layer the audit layer could read from.
 pub struct Caller(pub Principal);
 
 impl FromRequestParts<AppState> for Caller {
@@ -41,6 +44,9 @@ impl FromRequestParts<AppState> for Caller {
                 )
             })?;
         let mut principal = state.service.authenticate(token.trim()).await?;
+        if let Some(slot) = parts.extensions.get::<AuditSlot>() {
+            slot.caller(&principal);
+        }
         principal.approval = approval_header(parts)?;
         Ok(Caller(principal))
     }

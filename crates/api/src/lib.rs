@@ -1,6 +1,7 @@
 //! HTTP mapping only: extract, call one use case, render. Routes and the OpenAPI document
 //! are built together (utoipa-axum), so they cannot drift.
 
+pub mod audit;
 pub mod edge;
 pub mod error;
 pub mod extract;
@@ -43,6 +44,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(routes::protection::router())
         .merge(routes::safety::router())
         .merge(routes::tokens::router())
+        .merge(routes::audit::router())
 }
 
 /// The OpenAPI document the code describes; committed as `openapi/openapi.json`.
@@ -132,6 +134,10 @@ pub fn router_with(state: AppState, options: &HttpOptions) -> Router {
     let (router, described) = api_router().split_for_parts();
     let spec = openapi::document(&described);
     let contract = std::sync::Arc::new(edge::QueryContract::from_openapi(&spec));
+    let auditor = std::sync::Arc::new(audit::Auditor {
+        service: state.service.clone(),
+        operations: audit::Operations::from_openapi(&spec),
+    });
     router
         .merge(SwaggerUi::new("/docs").external_url_unchecked("/openapi.json", spec))
         .route("/metrics", axum::routing::get(routes::metrics::metrics))
@@ -146,6 +152,9 @@ pub fn router_with(state: AppState, options: &HttpOptions) -> Router {
             state.clone(),
             routes::metrics::track,
         ))
+        // Outermost of the route layers: it records what the checks before the handler
+        // refuse too, and its write is not counted in the request's metrics.
+        .route_layer(axum::middleware::from_fn_with_state(auditor, audit::record))
         .with_state(state)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,

@@ -2,16 +2,32 @@
 //! malformed request line — by itself, with an empty body, before any of backvault's code
 //! runs. Connections from [`ProblemListener`] rewrite exactly those automatic answers
 //! into problem+json, so that every error a client meets has the same shape and a code.
+//! [`PeerAddr`] tells requests which peer their connection came from.
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use axum::serve::Listener;
+use axum::extract::connect_info::Connected;
+use axum::serve::{IncomingStream, Listener};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// A listener whose connections answer hyper's automatic errors in problem+json.
 pub struct ProblemListener<L>(pub L);
+
+/// The address of a connection's peer, for `into_make_service_with_connect_info`: axum
+/// gives `SocketAddr` only for its own listeners, and [`ProblemListener`] is not one.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+impl<L: Listener<Addr = SocketAddr>> Connected<IncomingStream<'_, ProblemListener<L>>>
+    for PeerAddr
+{
+    fn connect_info(stream: IncomingStream<'_, ProblemListener<L>>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
 
 impl<L: Listener> Listener for ProblemListener<L> {
     type Io = ProblemIo<L::Io>;

@@ -52,19 +52,18 @@ impl Role {
             Role::Enrollment => "enrollment",
         }
     }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s)
+    }
 }
 
 impl std::str::FromStr for Role {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Role::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown role '{s}' (admin, operator, reader, approver, auditor, enrollment)"
-                )
-            })
+        Role::parse(s).ok_or_else(|| {
+            format!("unknown role '{s}' (admin, operator, reader, approver, auditor, enrollment)")
+        })
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod agent;
+pub mod audit;
 pub mod availability;
 pub mod chain;
 pub mod configure;

@@ -18,6 +18,7 @@ use sqlx::postgres::types::Oid;
 use sqlx::postgres::{PgArgumentBuffer, PgHasArrayType, PgTypeInfo, PgValueRef, Postgres};
 use sqlx::{Decode, Encode, Type, ValueRef};
 
+use crate::access::Role;
 use crate::agent::{
     BackupPreference, DeploymentModel, RecoveryModel, RecoveryPointType, ReplicaRole,
     SynchronizationHealth,
@@ -81,6 +82,7 @@ stored_as_text!(
     RecoveryModel,
     RecoveryPointType,
     ReplicaRole,
+    Role,
     SynchronizationHealth,
     SoftDelete,
     Immutability,
@@ -273,6 +275,7 @@ mod tests {
         same(&RecoveryModel::ALL, RecoveryModel::as_str);
         same(&RecoveryPointType::ALL, RecoveryPointType::as_str);
         same(&ReplicaRole::ALL, ReplicaRole::as_str);
+        same(&Role::ALL, Role::as_str);
         same(&SynchronizationHealth::ALL, SynchronizationHealth::as_str);
         same(&SoftDelete::ALL, SoftDelete::as_str);
         same(&Immutability::ALL, Immutability::as_str);

@@ -1,5 +1,5 @@
 //! Periodic work every replica runs: the scheduler, the retention sweep, periodic
-//! discovery, the lease rescuer and history pruning. Each tick is a
+//! discovery, the lease rescuer, history pruning and the audit log's purge. Each tick is a
 //! plain function of the current state, so tests drive it without sleeping; leader work
 //! is guarded by a transaction-scoped advisory lock, so replicas never double it.
 
@@ -22,6 +22,8 @@ use crate::metrics::TaskLabels;
 
 const RESCUER_LOCK: i64 = 0x6261_636b_0001;
 const RESCUE_BATCH: i64 = 1000;
+/// Audit events expire by the day; a replica purges when it starts, then daily.
+const AUDIT_PURGE_EVERY: Duration = Duration::from_secs(24 * 60 * 60);
 pub const ATTEMPTS_EXHAUSTED: &str = "JobAttemptsExhausted";
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -147,7 +149,8 @@ impl Service {
     }
 
     /// Runs the periodic work until `shutdown` flips: the scheduler, the retention sweep,
-    /// periodic discovery, the lease rescuer and history pruning.
+    /// periodic discovery, the lease rescuer, history pruning and, daily, the audit log's
+    /// purge.
     pub async fn run_background(
         self,
         rescue_every: Duration,
@@ -161,6 +164,7 @@ impl Service {
             tokio::time::interval(rescue_every.max(Duration::from_secs(1)).saturating_mul(6));
         let mut schedule = tokio::time::interval(self.config.scheduler_interval);
         let mut sweep = tokio::time::interval(prune_every.checked_div(6).unwrap_or(prune_every));
+        let mut audit_purge = tokio::time::interval(AUDIT_PURGE_EVERY);
         loop {
             tokio::select! {
                 _ = schedule.tick() => {
@@ -182,6 +186,11 @@ impl Service {
                 }
                 _ = prune.tick() => {
                     self.guarded("pruning", self.prune_history()).await;
+                }
+                _ = audit_purge.tick() => {
+                    if let Some(n @ 1..) = self.guarded("audit_purge", self.purge_audit_events()).await {
+                        tracing::info!(removed = n, "audit log purge");
+                    }
                 }
                 _ = shutdown.changed() => return,
             }

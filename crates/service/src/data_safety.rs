@@ -618,6 +618,16 @@ impl Service {
         loop {
             let mut tx = self.pool.begin().await?;
             let purged = store::items_purge_due(&mut tx, 1_000).await?;
+            // Recorded with the deletion, in its transaction: a purge is never unaudited.
+            for (item, vault) in &purged {
+                self.audit_system(
+                    &mut tx,
+                    "soft_delete.purge",
+                    Some(&item.to_string()),
+                    serde_json::json!({"vault_id": vault}),
+                )
+                .await?;
+            }
             tx.commit().await?;
             for (item, vault) in &purged {
                 tracing::info!(item = %item, vault = %vault, "purged a soft-deleted item and its recovery points");

@@ -6,6 +6,7 @@
 #![cfg_attr(not(test), warn(clippy::arithmetic_side_effects))]
 
 pub mod agents;
+pub mod audit;
 pub mod auth;
 pub mod auto_protection;
 pub mod availability;
@@ -70,6 +71,10 @@ pub struct Config {
     pub scheduler_interval: Duration,
     /// Lets an admin run a scheduler tick at a chosen instant (development and tests only).
     pub allow_clock_override: bool,
+    /// Audit events older than this many days are purged; at least
+    /// `domain::audit::MIN_RETENTION_DAYS` (a shorter setting is refused where it is read,
+    /// and the database refuses to delete younger events).
+    pub audit_retention_days: u32,
 }
 
 impl Default for Config {
@@ -85,6 +90,7 @@ impl Default for Config {
             agent_heard_within: chrono::Duration::minutes(30),
             scheduler_interval: Duration::from_secs(30),
             allow_clock_override: false,
+            audit_retention_days: backvault_domain::audit::DEFAULT_RETENTION_DAYS,
         }
     }
 }

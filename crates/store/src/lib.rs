@@ -1,6 +1,7 @@
 //! Postgres persistence: one module per resource, plain SQL, no HTTP. Functions take the
 //! caller's connection or transaction, so the use case decides the transaction boundary.
 
+pub mod audit;
 pub mod availability;
 pub mod idempotency;
 pub mod inventory;

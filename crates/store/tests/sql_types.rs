@@ -2,6 +2,7 @@
 //! comes back as it went in, through the column types the migrations give it, and a value
 //! outside the type is an error, never a default.
 
+use backvault_domain::access::Role;
 use backvault_domain::agent::{
     BackupPreference, DeploymentModel, RecoveryModel, RecoveryPointType, ReplicaRole,
     SynchronizationHealth,
@@ -68,6 +69,7 @@ async fn enums_are_their_wire_names(pool: PgPool) {
     text_round_trip(&pool, &ProtectionState::ALL).await;
     text_round_trip(&pool, &RecoveryModel::ALL).await;
     text_round_trip(&pool, &RecoveryPointType::ALL).await;
+    text_round_trip(&pool, &Role::ALL).await;
     // The names the database holds are those its CHECK constraints admit.
     let stored: String = sqlx::query_scalar("select $1::text")
         .bind(JobStatus::CompletedWithWarnings)

@@ -227,3 +227,14 @@ async fn safety_columns_admit_exactly_the_domains_values(pool: PgPool) {
         names(ProtectionState::ALL.map(ProtectionState::as_str).to_vec())
     );
 }
+
+/// The roles the audit log admits are the domain's.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn audit_roles_are_the_domains(pool: PgPool) {
+    use backvault_domain::access::Role;
+    let names = Role::ALL.map(Role::as_str).map(str::to_owned);
+    assert_eq!(
+        admitted(&pool, "audit_events_role_check").await,
+        names.into_iter().collect()
+    );
+}

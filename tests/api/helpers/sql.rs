@@ -347,6 +347,46 @@ pub async fn forge_migrations_never_run(pool: &PgPool) {
 }
 
 // ----------------------------------------------------------------------------------------
+// The audit log
+// ----------------------------------------------------------------------------------------
+
+/// Every audit event as if recorded `days` earlier. Forged: the database stamps events
+/// with its own clock and refuses to change one; only a superuser (as the tests run) can,
+/// with the table's triggers off for its transaction.
+pub async fn forge_audit_events_aged(pool: &PgPool, days: i32) {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("set local session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("update audit_events set at = at - make_interval(days => $1)")
+        .bind(days)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+}
+
+/// Every audit write fails from now on, as a full disk or a revoked grant would make it:
+/// nothing a client sends can.
+pub async fn forge_audit_writes_failing(pool: &PgPool) {
+    sqlx::query(
+        "alter table audit_events add constraint audit_writes_fail check (false) not valid",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Every stored audit event as text, each column included: what a leak would show in.
+pub async fn audit_log_text(pool: &PgPool) -> String {
+    sqlx::query_scalar("select coalesce(string_agg(e::text, E'\n'), '') from audit_events e")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+// ----------------------------------------------------------------------------------------
 // Postgres itself
 // ----------------------------------------------------------------------------------------
 

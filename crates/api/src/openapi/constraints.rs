@@ -25,6 +25,9 @@ use backvault_domain::preview::MAX_PREVIEW_RUNS;
 use backvault_domain::protection::{
     COPY_ONLY_MIN_RETENTION_DAYS, ON_DEMAND_FULL_MAX_RETENTION_DAYS,
 };
+use backvault_domain::safety::{
+    MAX_APPROVAL_MINUTES, MAX_RETENTION_BOUND_DAYS, MAX_SOFT_DELETE_DAYS, MIN_SOFT_DELETE_DAYS,
+};
 use backvault_domain::text::MAX_TEXT_CHARS;
 use backvault_domain::text::TEXT_PATTERN;
 use backvault_domain::tokens::{
@@ -32,6 +35,7 @@ use backvault_domain::tokens::{
 };
 use backvault_domain::violation::{MAX_MESSAGE_CHARS, MAX_POINTER_CHARS};
 use backvault_service::agents::{MAX_CLAIM_JOBS, MAX_CLAIM_WAIT_SECONDS, MAX_FAILURE_CODE_CHARS};
+use backvault_service::data_safety::MAX_REASON_CHARS;
 use backvault_service::pagination::MAX_LIMIT;
 use backvault_service::vaults::MAX_DESCRIPTION_CHARS;
 use serde_json::{Value, json};
@@ -39,10 +43,13 @@ use serde_json::{Value, json};
 use super::operations_mut;
 
 /// Where a constraint goes: a property of a component schema (`items` steps into an
-/// array: `[]` steps into its items), or every query or path parameter of that name.
+/// array: `[]` steps into its items), every query or path parameter of that name, or the
+/// parameter of that name of one operation (where other operations' parameters of the
+/// name are something else).
 enum At {
     Property(&'static str, &'static str),
     Parameter(&'static str),
+    ParameterOf(&'static str, &'static str),
 }
 
 enum Constraint {
@@ -64,7 +71,7 @@ enum Constraint {
     MinItems(usize),
 }
 
-use At::{Parameter, Property};
+use At::{Parameter, ParameterOf, Property};
 use Constraint::{Integer, MaxItems, MinItems, OneOf, Text};
 
 /// What `uuid::Uuid` parses and the server writes.
@@ -312,6 +319,30 @@ fn rules() -> Vec<(At, Constraint)> {
             Property("SqlInstance", "version"),
             text(0, MAX_VERSION_FACT_CHARS, TEXT_PATTERN),
         ),
+        (
+            Property("ChangeVaultSafety", "soft_delete_days"),
+            int(MIN_SOFT_DELETE_DAYS, MAX_SOFT_DELETE_DAYS),
+        ),
+        (
+            Property("ChangeVaultSafety", "min_retention_days"),
+            int(1, MAX_RETENTION_BOUND_DAYS),
+        ),
+        (
+            Property("ChangeVaultSafety", "max_retention_days"),
+            int(1, MAX_RETENTION_BOUND_DAYS),
+        ),
+        (
+            Property("GrantApproval", "minutes"),
+            int(1, MAX_APPROVAL_MINUTES),
+        ),
+        (
+            Property("CreateGuard", "name"),
+            text(1, MAX_RESOURCE_GROUP_CHARS, IDENTIFIER_PATTERN),
+        ),
+        (
+            Property("RequestApproval", "reason"),
+            text(0, MAX_REASON_CHARS, TEXT_PATTERN),
+        ),
         (Property("SqlDatabase", "instance"), sql_name()),
         (Property("SqlDatabase", "name"), sql_name()),
         (Property("SqlDatabase", "availability_group"), sql_name()),
@@ -370,6 +401,24 @@ fn rules() -> Vec<(At, Constraint)> {
             Parameter("wait"),
             text(1, 11, crate::routes::jobs::WAIT_PATTERN),
         ),
+        // The audit log's filters: what the log holds is bounded by the text rule.
+        (
+            ParameterOf("list_audit_events", "subject"),
+            text(1, MAX_TEXT_CHARS, TEXT_PATTERN),
+        ),
+        (
+            ParameterOf("list_audit_events", "operation"),
+            text(1, MAX_TEXT_CHARS, TEXT_PATTERN),
+        ),
+        (
+            ParameterOf("list_audit_events", "resource"),
+            text(1, MAX_TEXT_CHARS, TEXT_PATTERN),
+        ),
+        (
+            ParameterOf("list_audit_events", "problem_code"),
+            text(1, MAX_TEXT_CHARS, TEXT_PATTERN),
+        ),
+        (ParameterOf("list_audit_events", "status"), int(100, 599)),
     ]
 }
 
@@ -429,9 +478,16 @@ pub fn add(doc: &mut Value) {
                 let schemas = &mut doc["components"]["schemas"];
                 apply(property(schemas, schema, path), constraint);
             }
-            Parameter(name) => {
+            Parameter(name) | ParameterOf(_, name) => {
+                let only = match at {
+                    ParameterOf(operation, _) => Some(*operation),
+                    _ => None,
+                };
                 let mut found = false;
-                for operation in operations_mut(doc) {
+                for operation in operations_mut(doc)
+                    .into_iter()
+                    .filter(|op| only.is_none_or(|id| op["operationId"] == id))
+                {
                     for parameter in operation
                         .get_mut("parameters")
                         .and_then(Value::as_array_mut)

@@ -1,6 +1,6 @@
-//! Conditional and idempotent requests, the same on every operation: `If-Match` and
-//! `Idempotency-Key` where a handler takes them, `ETag` and `If-None-Match` (304) on every
-//! single-resource read.
+//! Conditional, idempotent and approved requests, the same on every operation: `If-Match`,
+//! `Idempotency-Key` and `Backvault-Approval` where a handler takes them, `ETag` and
+//! `If-None-Match` (304) on every single-resource read.
 
 use backvault_service::idempotency::MAX_IDEMPOTENCY_KEY_CHARS;
 use serde_json::{Value, json};
@@ -31,6 +31,10 @@ fn request_header(name: &str) -> Option<Value> {
                 "maxLength": MAX_IDEMPOTENCY_KEY_CHARS,
                 "pattern": "^[!-~]([ -~]*[!-~])?$",
             }),
+        ),
+        "Backvault-Approval" => (
+            "A granted approval's id, on a vault whose guard covers this operation: the operation uses it up.",
+            json!({ "type": "string", "format": "uuid", "maxLength": 36 }),
         ),
         _ => return None,
     };

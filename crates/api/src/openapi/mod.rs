@@ -39,6 +39,7 @@ use utoipa::{Modify, OpenApi};
         (name = "reports", description = "Reports across a vault's protected items"),
         (name = "agent", description = "The protocol agents on VMs speak"),
         (name = "tokens", description = "Enrollment tokens for new agents, and revoking tokens"),
+        (name = "audit", description = "The audit log: who changed what, and every refused request"),
     )
 )]
 pub struct ApiDoc;

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use super::tokens::no_store;
 use crate::AppState;
+use crate::audit::AuditSlot;
 use crate::error::{ApiResult, Problem};
 use crate::extract::{Caller, Json, Path};
 
@@ -38,9 +39,11 @@ pub fn router() -> OpenApiRouter<AppState> {
 async fn enroll_agent(
     State(state): State<AppState>,
     Caller(principal): Caller,
+    audit: AuditSlot,
     Json(req): Json<EnrollRequest>,
 ) -> ApiResult<Response> {
     let enrolled = state.service.agent_enroll(&principal, req.facts).await?;
+    audit.resource(enrolled.vm_id);
     Ok(([no_store()], axum::Json(enrolled)).into_response())
 }
 

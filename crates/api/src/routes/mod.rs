@@ -1,6 +1,7 @@
 //! Handlers, one module per area. Each handler: extract, call one use case, render.
 
 pub mod agent;
+pub mod audit;
 pub mod health;
 pub mod jobs;
 pub mod metrics;

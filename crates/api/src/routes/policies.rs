@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use super::{ListParams, location};
 use crate::AppState;
+use crate::audit::AuditSlot;
 use crate::error::{ApiResult, Problem};
 use crate::extract::bounded_instants;
 use crate::extract::{CREATED, Caller, IdempotencyKey, IfMatch, Json, Path, Query, etag};
@@ -115,14 +116,24 @@ async fn get_policy(
 async fn replace_policy(
     State(state): State<AppState>,
     Caller(principal): Caller,
+    audit: AuditSlot,
     Path((vault_id, name)): Path<(Uuid, String)>,
     IfMatch(expected): IfMatch,
     Json(req): Json<ReplacePolicy>,
 ) -> ApiResult<Response> {
+    // Read first for the audit log's before (as `update_vault` does).
+    let before = state
+        .service
+        .policy_get(&principal, vault_id, &name)
+        .await
+        .ok();
     let policy = state
         .service
         .policy_replace(&principal, vault_id, &name, expected, req)
         .await?;
+    if let Some(before) = before {
+        audit.record_changes(&before, &policy);
+    }
     Ok(policy_response(StatusCode::OK, policy))
 }
 

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::{ListParams, location};
 use crate::AppState;
+use crate::audit::AuditSlot;
 use crate::error::{ApiResult, Problem};
 use crate::extract::{CREATED, Caller, IdempotencyKey, IfMatch, Json, Path, Query, etag};
 
@@ -99,14 +100,22 @@ async fn get_vault(
 async fn update_vault(
     State(state): State<AppState>,
     Caller(principal): Caller,
+    audit: AuditSlot,
     Path(vault_id): Path<Uuid>,
     IfMatch(expected): IfMatch,
     Json(req): Json<UpdateVault>,
 ) -> ApiResult<Response> {
+    // Read first for the audit log's before; a change someone made in between shows in
+    // the versions the event records (3 → 5). A read that fails is the update's failure
+    // too, which answers as it always did.
+    let before = state.service.vault_get(&principal, vault_id).await.ok();
     let vault = state
         .service
         .vault_update(&principal, vault_id, expected, req)
         .await?;
+    if let Some(before) = before {
+        audit.record_changes(&before, &vault);
+    }
     Ok(vault_response(StatusCode::OK, vault))
 }
 

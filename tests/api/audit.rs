@@ -19,29 +19,14 @@ use crate::helpers::sql::{
     sessions_waiting_for_a_lock,
 };
 use crate::helpers::{
-    TestApp, claim, dispatch, enroll, enrollment_token, facts, vault_body, wait_until, weekly_spec,
+    TestApp, all_pages, claim, dispatch, enroll, enrollment_token, facts, vault_body, wait_until,
+    weekly_spec,
 };
 
 /// The events `GET /v1/audit-events?{filter}` lists, newest first, across its pages of
 /// two (so that every list here pages).
 async fn events(app: &TestApp, filter: &str) -> Vec<Value> {
-    let admin = app.admin();
-    let mut all = Vec::new();
-    let mut cursor = String::new();
-    loop {
-        let res = app
-            .get(
-                &format!("/v1/audit-events?{filter}&limit=2{cursor}"),
-                &admin,
-            )
-            .await;
-        assert_eq!(res.status, StatusCode::OK, "{}", res.body);
-        all.extend(res.body["items"].as_array().unwrap().iter().cloned());
-        match res.body["next_cursor"].as_str() {
-            Some(next) => cursor = format!("&cursor={next}"),
-            None => return all,
-        }
-    }
+    all_pages(app, &format!("/v1/audit-events?{filter}"), 2).await
 }
 
 /// The one event of `operation`.

@@ -331,12 +331,17 @@ pub fn discovery_result() -> Value {
 
 /// Every job `GET /v1/jobs?{filter}` lists, newest first, across its pages.
 pub async fn jobs(app: &TestApp, filter: &str) -> Vec<Value> {
+    all_pages(app, &format!("/v1/jobs?{filter}"), 200).await
+}
+
+/// Every item a list endpoint (`path_and_query`) returns, across its pages of `limit`.
+pub async fn all_pages(app: &TestApp, path_and_query: &str, limit: u32) -> Vec<Value> {
     let admin = app.admin();
     let mut all = Vec::new();
     let mut cursor = String::new();
     loop {
         let res = app
-            .get(&format!("/v1/jobs?{filter}&limit=200{cursor}"), &admin)
+            .get(&format!("{path_and_query}&limit={limit}{cursor}"), &admin)
             .await;
         assert_eq!(res.status, StatusCode::OK, "{}", res.body);
         all.extend(res.body["items"].as_array().unwrap().iter().cloned());
@@ -372,23 +377,12 @@ pub fn job_databases(job: &Value) -> Vec<String> {
 /// Every protected item of the vault `GET .../protected-items?{filter}` lists, across its
 /// pages.
 pub async fn protected_items(app: &TestApp, vault: &str, filter: &str) -> Vec<Value> {
-    let admin = app.admin();
-    let mut all = Vec::new();
-    let mut cursor = String::new();
-    loop {
-        let res = app
-            .get(
-                &format!("/v1/vaults/{vault}/protected-items?{filter}&limit=200{cursor}"),
-                &admin,
-            )
-            .await;
-        assert_eq!(res.status, StatusCode::OK, "{}", res.body);
-        all.extend(res.body["items"].as_array().unwrap().iter().cloned());
-        match res.body["next_cursor"].as_str() {
-            Some(next) => cursor = format!("&cursor={next}"),
-            None => return all,
-        }
-    }
+    all_pages(
+        app,
+        &format!("/v1/vaults/{vault}/protected-items?{filter}"),
+        200,
+    )
+    .await
 }
 
 /// The recovery points of the protected item at `item_path` (`/v1/vaults/{v}/protected-

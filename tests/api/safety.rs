@@ -76,11 +76,7 @@ async fn a_deletion_is_soft_for_the_vaults_period_and_can_be_undone(pool: PgPool
     assert_eq!(res.status, StatusCode::OK, "{}", res.body);
     assert_eq!(res.body["state"], "soft_deleted");
     let purge_after: chrono::DateTime<Utc> =
-        sqlx::query_scalar("select purge_after from protected_items where id = $1::uuid")
-            .bind(&p.items["sales"])
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        res.body["purge_after"].as_str().unwrap().parse().unwrap();
     let expected = Utc::now() + Duration::days(14);
     assert!(
         (purge_after - expected).num_seconds().abs() < 60,
@@ -264,6 +260,16 @@ async fn a_lock_is_final_after_its_cooling_off_and_bounds_refuse_policies(pool: 
     .await;
     assert_eq!(locked.status, StatusCode::OK, "{}", locked.body);
     assert_eq!(locked.body["lock_final"], false);
+    let audit = p
+        .app
+        .get("/v1/audit-events?operation=change_vault_safety", &admin)
+        .await;
+    assert_eq!(
+        audit.body["items"][0]["changes"]["immutability"],
+        json!({"before": "disabled", "after": "locked"}),
+        "the audit log shows the lock: {}",
+        audit.body
+    );
     // Within the cooling-off window the lock can be undone...
     let undone = safety(&p, &admin, json!({"immutability": "enabled"}), None).await;
     assert_eq!(undone.status, StatusCode::OK, "{}", undone.body);

@@ -85,6 +85,8 @@ pub struct ProtectedItem {
     pub last_full_at: Option<DateTime<Utc>>,
     pub last_differential_at: Option<DateTime<Utc>>,
     pub last_log_at: Option<DateTime<Utc>>,
+    /// For a soft-deleted item: when it will be purged; undelete it before then.
+    pub purge_after: Option<DateTime<Utc>>,
     pub health: ItemHealth,
     pub version: i64,
     pub created_at: DateTime<Utc>,
@@ -143,6 +145,7 @@ impl From<ProtectedItemRow> for ProtectedItem {
             last_full_at: r.last_full_at,
             last_differential_at: r.last_differential_at,
             last_log_at: r.last_log_at,
+            purge_after: r.purge_after,
             version: r.version,
             created_at: r.created_at,
             updated_at: r.updated_at,

@@ -49,6 +49,8 @@ pub struct ProtectedItemRow {
     pub last_log_at: Option<DateTime<Utc>>,
     pub needs_full: bool,
     pub needs_differential: bool,
+    /// For a soft-deleted item: when it is purged (and can no longer be undeleted).
+    pub purge_after: Option<DateTime<Utc>>,
 }
 
 // `item_get` and `items_list` read the same columns and joins (keep them alike): the
@@ -113,7 +115,7 @@ pub async fn item_get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<
                   d.recovery_model as "recovery_model: RecoveryModel", d.system, d.read_only,
                   d.gone_at is not null as "database_gone!", p.last_full_at,
                   p.last_differential_at, p.last_log_at, p.needs_full as "needs_full!",
-                  p.needs_differential as "needs_differential!"
+                  p.needs_differential as "needs_differential!", p.purge_after
            from protected_items p
            join sql_databases d on d.id = p.database_id
            join sql_instances i on i.id = d.instance_id
@@ -155,7 +157,7 @@ pub async fn items_list(
                   d.recovery_model as "recovery_model: RecoveryModel", d.system, d.read_only,
                   d.gone_at is not null as "database_gone!", p.last_full_at,
                   p.last_differential_at, p.last_log_at, p.needs_full as "needs_full!",
-                  p.needs_differential as "needs_differential!"
+                  p.needs_differential as "needs_differential!", p.purge_after
            from protected_items p
            join sql_databases d on d.id = p.database_id
            join sql_instances i on i.id = d.instance_id

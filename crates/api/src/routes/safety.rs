@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use super::location;
 use crate::AppState;
+use crate::audit::AuditSlot;
 use crate::error::{ApiResult, Problem};
 use crate::extract::{Caller, Json, Path};
 
@@ -70,15 +71,25 @@ async fn get_vault_safety(
 async fn change_vault_safety(
     State(state): State<AppState>,
     Caller(principal): Caller,
+    audit: AuditSlot,
     Path(vault_id): Path<Uuid>,
     Json(req): Json<ChangeVaultSafety>,
 ) -> ApiResult<axum::Json<VaultSafetyView>> {
-    Ok(axum::Json(
-        state
-            .service
-            .vault_safety_change(&principal, vault_id, req)
-            .await?,
-    ))
+    // Read first for the audit log's before (a lock, a guard removed...): the settings
+    // are what an attacker would change.
+    let before = state
+        .service
+        .vault_safety_get(&principal, vault_id)
+        .await
+        .ok();
+    let after = state
+        .service
+        .vault_safety_change(&principal, vault_id, req)
+        .await?;
+    if let Some(before) = before {
+        audit.record_changes(&before, &after);
+    }
+    Ok(axum::Json(after))
 }
 
 /// Create a guard (Resource Guard): vaults bound to it need approvals for operations that

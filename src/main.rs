@@ -190,7 +190,8 @@ struct TokenArgs {
     /// Where enrollment tokens are recorded (other tokens need no database).
     #[command(flatten)]
     db: DbArgs,
-    /// admin, operator, reader or enrollment (agents get their tokens by enrolling).
+    /// admin, operator, reader, approver, auditor or enrollment (agents get their tokens by
+    /// enrolling).
     #[arg(long)]
     role: Role,
     /// A subscription the token reaches; repeat for several, `*` for all. An enrollment

@@ -37,6 +37,7 @@ pub struct AuditEventListParams {
     /// Events answered with this HTTP status.
     pub status: Option<u16>,
     /// `success`: answered below 400; `failure`: answered 400 or above, or not answered.
+    #[param(inline)]
     pub outcome: Option<Outcome>,
     /// Events answered with this problem code (`forbidden`).
     pub problem_code: Option<String>,

@@ -339,6 +339,14 @@ expectations = {  # operation id -> (extra positive statuses, extra negative sta
                              "the vault"),
     "complete_job": (["422"], [], "422: the result kind must match the job's kind, and the "
                      "recovery points reported must belong to the job's items"),
+    "change_vault_safety": (["422"], [], "422: the settings must hold together (retention "
+                            "bounds need immutability, the minimum under the maximum, a final "
+                            "lock and always-on soft delete stay), across fields and the "
+                            "vault's current state"),
+    "create_guard": (["422"], [], "422: the always-guarded operations are not listed (the "
+                     "operations share one enum with approvals)"),
+    "list_audit_events": (["422"], [], "422: from and to lie between 1970 and 9000, as for "
+                          "list_jobs"),
 }
 # Per-operation settings that are no status.
 extra = {

@@ -401,22 +401,23 @@ fn rules() -> Vec<(At, Constraint)> {
             Parameter("wait"),
             text(1, 11, crate::routes::jobs::WAIT_PATTERN),
         ),
-        // The audit log's filters: what the log holds is bounded by the text rule.
+        // The audit log's filters: what the log holds is bounded by the text rule (an
+        // empty filter matches the events whose field is empty: none).
         (
             ParameterOf("list_audit_events", "subject"),
-            text(1, MAX_TEXT_CHARS, TEXT_PATTERN),
+            text(0, crate::routes::audit::MAX_FILTER_CHARS, TEXT_PATTERN),
         ),
         (
             ParameterOf("list_audit_events", "operation"),
-            text(1, MAX_TEXT_CHARS, TEXT_PATTERN),
+            text(0, crate::routes::audit::MAX_FILTER_CHARS, TEXT_PATTERN),
         ),
         (
             ParameterOf("list_audit_events", "resource"),
-            text(1, MAX_TEXT_CHARS, TEXT_PATTERN),
+            text(0, crate::routes::audit::MAX_FILTER_CHARS, TEXT_PATTERN),
         ),
         (
             ParameterOf("list_audit_events", "problem_code"),
-            text(1, MAX_TEXT_CHARS, TEXT_PATTERN),
+            text(0, crate::routes::audit::MAX_FILTER_CHARS, TEXT_PATTERN),
         ),
         (ParameterOf("list_audit_events", "status"), int(100, 599)),
     ]

@@ -23,6 +23,10 @@ pub struct AuditEventList {
     pub next_cursor: Option<String>,
 }
 
+/// The longest text filter: longer than any subject, operation id, resource id or problem
+/// code the log holds, and short enough for a URI.
+pub const MAX_FILTER_CHARS: usize = 256;
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct AuditEventListParams {
@@ -70,6 +74,24 @@ async fn list_audit_events(
     Query(p): Query<AuditEventListParams>,
 ) -> ApiResult<axum::Json<AuditEventList>> {
     bounded_instants(&[("from", p.from), ("to", p.to)])?;
+    let too_long = [&p.subject, &p.operation, &p.resource, &p.problem_code]
+        .into_iter()
+        .flatten()
+        .any(|f| f.chars().count() > MAX_FILTER_CHARS);
+    if too_long {
+        return Err(crate::error::ApiError::new(
+            backvault_service::error::ErrorKind::BadRequest,
+            "invalid_query",
+            format!("a text filter has at most {MAX_FILTER_CHARS} characters"),
+        ));
+    }
+    if p.status.is_some_and(|s| !(100..=599).contains(&s)) {
+        return Err(crate::error::ApiError::new(
+            backvault_service::error::ErrorKind::BadRequest,
+            "invalid_query",
+            "status is an HTTP status, 100 to 599",
+        ));
+    }
     let query = AuditQuery {
         subject: p.subject,
         token_id: p.token_id,

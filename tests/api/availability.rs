@@ -6,6 +6,7 @@ use axum::http::{Method, StatusCode};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
+use crate::helpers::sql::{ForgedKey, database_copies, forget_protected_items, insert_item_beside};
 use crate::helpers::{Response, TestApp, claim, enroll, protected_items};
 use crate::protection::{protectable, run_configure, run_discovery};
 
@@ -212,11 +213,7 @@ async fn a_group_database_cannot_be_protected_twice(pool: PgPool) {
     assert_eq!(item["availability_group"], "ag-orders");
     assert_eq!(item["vm_name"], "sqlvm-a", "the primary's copy");
     // Each replica's own copy, by the id a client of the old API could still hold.
-    let copies: Vec<uuid::Uuid> =
-        sqlx::query_scalar("select id from sql_databases where name = 'orders' order by vm_id")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let copies = database_copies(&pool, "orders").await;
     assert_eq!(copies.len(), 3);
     for copy in &copies {
         let res = configure(&app, &group.vault, json!([copy])).await;
@@ -237,17 +234,8 @@ async fn a_group_database_cannot_be_protected_twice(pool: PgPool) {
         group_container(&containers)["databases"][0]["protected_item_id"],
         item["id"]
     );
-    sqlx::query("delete from protected_items")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let res = app
-        .post(
-            &format!("/v1/vaults/{}/protected-items", group.vault),
-            &app.admin(),
-            json!({"policy": "HourlyLogBackup", "databases": [orders, copies[2]]}),
-        )
-        .await;
+    forget_protected_items(&pool).await;
+    let res = configure(&app, &group.vault, json!([orders, copies[2]])).await;
     assert_eq!(
         res.violations(),
         [("/databases/1".to_owned(), "database_duplicate".to_owned())],
@@ -255,36 +243,14 @@ async fn a_group_database_cannot_be_protected_twice(pool: PgPool) {
         res.body
     );
     // Below the API: the database refuses a second item for another replica's copy.
-    let res = app
-        .post(
-            &format!("/v1/vaults/{}/protected-items", group.vault),
-            &app.admin(),
-            json!({"policy": "HourlyLogBackup", "databases": [copies[1]]}),
-        )
-        .await;
+    let res = configure(&app, &group.vault, json!([copies[1]])).await;
     assert_eq!(res.status, StatusCode::ACCEPTED, "{}", res.body);
-    let forged = sqlx::query(
-        "insert into protected_items (id, vault_id, database_id, item_key, policy_id, state, protected_name)
-         select gen_random_uuid(), p.vault_id, d.id, d.item_key, p.policy_id, 'protected', d.name
-         from protected_items p, sql_databases d where d.id = $1",
-    )
-    .bind(copies[0])
-    .execute(&pool)
-    .await
-    .unwrap_err();
+    let forged = insert_item_beside(&pool, copies[0], ForgedKey::Its).await;
     assert!(
         forged.to_string().contains("protected_items_item_key"),
         "{forged}"
     );
-    let standalone_key = sqlx::query(
-        "insert into protected_items (id, vault_id, database_id, item_key, policy_id, state, protected_name)
-         select gen_random_uuid(), p.vault_id, d.id, d.id, p.policy_id, 'protected', d.name
-         from protected_items p, sql_databases d where d.id = $1",
-    )
-    .bind(copies[2])
-    .execute(&pool)
-    .await
-    .unwrap_err();
+    let standalone_key = insert_item_beside(&pool, copies[2], ForgedKey::RowId).await;
     assert!(
         standalone_key
             .to_string()

@@ -7,7 +7,11 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 
 use crate::chain::{backup, point, sales};
-use crate::helpers::sql::{forge_approval_lapsed, forge_locked_ago, forge_soft_delete_period_over};
+use crate::helpers::sql::{
+    forge_all_points_expired, forge_approval_lapsed, forge_locked_ago,
+    forge_soft_delete_period_over, point_expiries, recovery_points_recorded, try_delete_all_points,
+    try_expire_all_points_now, try_unlock_vaults,
+};
 use crate::helpers::{Response, recovery_points};
 use crate::recovery::Protected;
 use backvault_service::Role;
@@ -103,10 +107,7 @@ async fn a_deletion_is_soft_for_the_vaults_period_and_can_be_undone(pool: PgPool
         "item_soft_deleted"
     );
     // The sweep leaves a soft-deleted item's points alone, expired or not.
-    sqlx::query("update recovery_points set expires_at = now() - interval '1 day'")
-        .execute(&pool)
-        .await
-        .unwrap();
+    forge_all_points_expired(&pool).await;
     p.app.service.sweep_recovery_points().await.unwrap();
     assert_eq!(point_ids(&p).await, before);
 
@@ -140,22 +141,26 @@ async fn after_the_period_the_purge_removes_the_item_once_and_undelete_is_gone(p
         0,
         "idempotent"
     );
-    let audited: Vec<String> = sqlx::query_scalar(
-        "select resource from audit_events where operation = 'soft_delete.purge'",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    let audited: Vec<String> = p
+        .app
+        .get("/v1/audit-events?operation=soft_delete.purge", &admin)
+        .await
+        .body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(
         audited,
         [p.items["sales"].clone()],
         "the purge is audited once"
     );
-    let points: i64 = sqlx::query_scalar("select count(*) from recovery_points")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(points, 0, "purged with all its points");
+    assert_eq!(
+        recovery_points_recorded(&pool).await,
+        0,
+        "purged with all its points"
+    );
     let gone = p.app.post(&undelete, &admin, json!({})).await;
     assert_eq!(
         (gone.status, gone.code()),
@@ -170,15 +175,7 @@ async fn an_immutable_vault_keeps_every_point_until_it_expires(pool: PgPool) {
     let on = safety(&p, &admin, json!({"immutability": "enabled"}), None).await;
     assert_eq!(on.status, StatusCode::OK, "{}", on.body);
     let before = point_ids(&p).await;
-    let expiries = |pool: PgPool| async move {
-        sqlx::query_scalar::<_, Option<chrono::DateTime<Utc>>>(
-            "select expires_at from recovery_points order by id",
-        )
-        .fetch_all(&pool)
-        .await
-        .unwrap()
-    };
-    let first = expiries(pool.clone()).await;
+    let first = point_expiries(&pool).await;
     // A shorter retention applies to new points only, and the preview says so.
     let mut shorter = crate::chain::spec();
     shorter["log"]["retention_days"] = json!(7);
@@ -209,7 +206,7 @@ async fn an_immutable_vault_keeps_every_point_until_it_expires(pool: PgPool) {
         .await;
     assert_eq!(replaced.status, StatusCode::OK, "{}", replaced.body);
     assert_eq!(
-        expiries(pool.clone()).await,
+        point_expiries(&pool).await,
         first,
         "no expiry moved earlier"
     );
@@ -219,9 +216,7 @@ async fn an_immutable_vault_keeps_every_point_until_it_expires(pool: PgPool) {
     assert_eq!(stopped.body["state"], "stopped_retain_per_policy");
     assert_eq!(point_ids(&p).await, before);
     // Below the API, too: the database refuses.
-    let deleted = sqlx::query("delete from recovery_points")
-        .execute(&pool)
-        .await;
+    let deleted = try_delete_all_points(&pool).await;
     assert!(
         deleted
             .unwrap_err()
@@ -229,9 +224,7 @@ async fn an_immutable_vault_keeps_every_point_until_it_expires(pool: PgPool) {
             .contains("kept until they expire"),
         "the trigger refuses"
     );
-    let forward = sqlx::query("update recovery_points set expires_at = now()")
-        .execute(&pool)
-        .await;
+    let forward = try_expire_all_points_now(&pool).await;
     assert!(forward.is_err(), "no expiry is brought forward");
     // The vault cannot be deleted while it holds them.
     let vault = p
@@ -291,9 +284,7 @@ async fn a_lock_is_final_after_its_cooling_off_and_bounds_refuse_policies(pool: 
     let soft = safety(&p, &admin, json!({"soft_delete": "disabled"}), None).await;
     assert_eq!(soft.violations()[0].1, "soft_delete_always_on");
     // The database holds the lock whatever the application does.
-    let forced = sqlx::query("update vaults set immutability = 'disabled', locked_at = null")
-        .execute(&pool)
-        .await;
+    let forced = try_unlock_vaults(&pool).await;
     assert!(forced.unwrap_err().to_string().contains("locked"));
     // A policy keeping logs 7 days is below the vault's 10-day minimum.
     let mut short = crate::chain::spec();

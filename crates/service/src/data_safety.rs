@@ -133,7 +133,7 @@ pub struct GrantApproval {
     pub minutes: Option<u32>,
 }
 
-fn safety_of(row: &SafetyRow) -> VaultSafety {
+pub(crate) fn safety_of(row: &SafetyRow) -> VaultSafety {
     let days = |d: Option<i32>| d.and_then(|d| u32::try_from(d).ok());
     VaultSafety {
         soft_delete: row.soft_delete,
@@ -205,6 +205,18 @@ fn approval_view(a: ApprovalRow, now: DateTime<Utc>) -> ApprovalView {
     }
 }
 
+/// The stored approval, as the rules see it.
+fn approval_of(a: &ApprovalRow) -> Approval {
+    Approval {
+        vault_id: a.vault_id,
+        operation: a.operation,
+        resource_id: a.resource_id,
+        requested_by: a.requested_by.clone(),
+        status: a.status,
+        expires_at: a.expires_at,
+    }
+}
+
 fn approval_not_found(id: Uuid) -> Error {
     Error::not_found("approval_not_found", format_args!("approval {id}"))
 }
@@ -228,10 +240,6 @@ impl Service {
             .ok_or_else(|| Error::not_found("vault_not_found", format_args!("vault {vault_id}")))
     }
 
-    pub(crate) fn safety(row: &SafetyRow) -> VaultSafety {
-        safety_of(row)
-    }
-
     /// Passes when the vault's guard does not cover `operation`, or the request carries a
     /// granted approval of it on `resource_id`, which is then used up.
     pub(crate) async fn require_approval(
@@ -251,14 +259,7 @@ impl Service {
             Some(id) => store::approval_lock(&mut *conn, vault_id, id).await?,
             None => None,
         };
-        let approval = row.as_ref().map(|a| Approval {
-            vault_id: a.vault_id,
-            operation: a.operation,
-            resource_id: a.resource_id,
-            requested_by: a.requested_by.clone(),
-            status: a.status,
-            expires_at: a.expires_at,
-        });
+        let approval = row.as_ref().map(approval_of);
         let now = store::db_now(&mut *conn).await?;
         let wanted = Wanted {
             vault_id,
@@ -537,15 +538,7 @@ impl Service {
             .await?
             .ok_or_else(|| approval_not_found(id))?;
         let now = store::db_now(&mut *tx).await?;
-        let approval = Approval {
-            vault_id: row.vault_id,
-            operation: row.operation,
-            resource_id: row.resource_id,
-            requested_by: row.requested_by.clone(),
-            status: row.status,
-            expires_at: row.expires_at,
-        };
-        check_decision(&approval, &principal.subject, now).map_err(|r| {
+        check_decision(&approval_of(&row), &principal.subject, now).map_err(|r| {
             let kind = match r {
                 backvault_domain::safety::DecisionRefusal::OwnRequest => ErrorKind::Forbidden,
                 _ => ErrorKind::Conflict,

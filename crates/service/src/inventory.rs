@@ -72,12 +72,13 @@ impl Service {
         .into_iter()
         .map(|p| p.database_id)
         .collect();
-        let protected_groups: HashSet<Uuid> = availability::group_databases_protected(
+        let protected_groups: HashSet<Uuid> = store::items_for_keys(
             &mut *tx,
             &group_database.values().copied().collect::<Vec<_>>(),
         )
         .await?
         .into_iter()
+        .map(|p| p.item_key)
         .collect();
         let mut touched_groups: Vec<Uuid> = existing
             .iter()

@@ -3,7 +3,7 @@
 
 use backvault_domain::jobs::JobKind;
 use backvault_domain::names::PolicyName;
-use backvault_domain::policy::PolicySpec;
+use backvault_domain::policy::{Policy, PolicySpec};
 use backvault_domain::preview::{IMMUTABLE_EXISTING_POINTS, MAX_PREVIEW_RUNS, PolicyPreview};
 use backvault_domain::safety::{GuardedOperation, shortens_retention};
 use backvault_store::policies::{self, PolicyRow};
@@ -92,9 +92,10 @@ fn name_taken() -> Error {
     )
 }
 
-fn validated_json(spec: &PolicySpec) -> Result<serde_json::Value> {
-    spec.validate("/spec").map_err(Error::validation)?;
-    serde_json::to_value(spec).map_err(Error::internal)
+/// The spec as stored, and the policy it validates to.
+fn validated(spec: &PolicySpec) -> Result<(serde_json::Value, Policy)> {
+    let policy = spec.validate("/spec").map_err(Error::validation)?;
+    Ok((serde_json::to_value(spec).map_err(Error::internal)?, policy))
 }
 
 impl Service {
@@ -194,12 +195,11 @@ impl Service {
         req: ReplacePolicy,
     ) -> Result<BackupPolicy> {
         principal.require(Operation::WritePolicy)?;
-        let spec = validated_json(&req.spec)?;
+        let (spec, new_policy) = validated(&req.spec)?;
         let mut tx = self.pool.begin().await?;
         let current = self
             .visible_policy(&mut tx, principal, vault_id, name)
             .await?;
-        let new_policy = req.spec.validate("/spec").map_err(Error::validation)?;
         self.check_policy_bounds(&mut tx, vault_id, &new_policy)
             .await?;
         if let Some(old_policy) = policy_of(Some(&current.spec))
@@ -334,7 +334,7 @@ impl Service {
             self.check_policy_bounds(&mut tx, vault_id, &policy).await?;
             let safety = self.vault_safety_locked(&mut tx, vault_id).await?;
             tx.commit().await?;
-            if Service::safety(&safety).immutable() {
+            if crate::data_safety::safety_of(&safety).immutable() {
                 preview.existing_points = Some(IMMUTABLE_EXISTING_POINTS);
             }
         }

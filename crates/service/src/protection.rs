@@ -509,7 +509,7 @@ impl Service {
             )
             .await?;
             let now = backvault_store::safety::db_now(&mut *tx).await?;
-            match user_deletion(&Service::safety(&safety), now) {
+            match user_deletion(&crate::data_safety::safety_of(&safety), now) {
                 UserDeletion::Delete => {}
                 UserDeletion::SoftDelete { purge_at } => {
                     backvault_store::safety::item_soft_delete(&mut tx, id, purge_at).await?;

@@ -154,19 +154,6 @@ pub async fn group_databases_upsert(
     .await
 }
 
-/// Group databases (by id) that a protected item already protects.
-pub async fn group_databases_protected(
-    db: impl PgExecutor<'_>,
-    ids: &[Uuid],
-) -> sqlx::Result<Vec<Uuid>> {
-    sqlx::query_scalar!(
-        r#"select item_key as "item_key!" from protected_items where item_key = any($1)"#,
-        ids,
-    )
-    .fetch_all(db)
-    .await
-}
-
 /// Items of group databases follow the primary: each one's database row becomes the
 /// primary replica's copy (on a VM of the item's vault), so that primary-only work (full,
 /// differential, configure) addresses the primary. The item key, and so the item, its chain and its points, stay.

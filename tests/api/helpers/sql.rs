@@ -443,3 +443,93 @@ pub async fn forge_approval_lapsed(pool: &PgPool, approval: &str) {
     .unwrap();
     assert_eq!(updated.rows_affected(), 1, "approval {approval}");
 }
+
+// ----------------------------------------------------------------------------------------
+// Availability groups and data safety: below the API
+// ----------------------------------------------------------------------------------------
+
+/// Every replica's copy of database `name`, by VM. Read here: the API shows a group
+/// database once, under the group database's id, never its copies.
+pub async fn database_copies(pool: &PgPool, name: &str) -> Vec<Uuid> {
+    sqlx::query_scalar("select id from sql_databases where name = $1 order by vm_id")
+        .bind(name)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// Forgets every protected item and its points. No API deletes them outright: stopping
+/// protection soft-deletes, and the test needs the databases unprotected again.
+pub async fn forget_protected_items(pool: &PgPool) {
+    sqlx::query("delete from protected_items")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// What key a forged second item of a database row claims to protect.
+pub enum ForgedKey {
+    /// The row's own item key (for a copy in a group: its group database).
+    Its,
+    /// The row's id, as if the copy were a standalone database.
+    RowId,
+}
+
+/// Inserts a second item, next to an existing one, for the database row `database`,
+/// bypassing the service: what the database's constraints must refuse.
+pub async fn insert_item_beside(pool: &PgPool, database: Uuid, key: ForgedKey) -> sqlx::Error {
+    let key = match key {
+        ForgedKey::Its => "d.item_key",
+        ForgedKey::RowId => "d.id",
+    };
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "insert into protected_items (id, vault_id, database_id, item_key, policy_id, state, protected_name)
+         select gen_random_uuid(), p.vault_id, d.id, {key}, p.policy_id, 'protected', d.name
+         from protected_items p, sql_databases d where d.id = $1"
+    )))
+    .bind(database)
+    .execute(pool)
+    .await
+    .unwrap_err()
+}
+
+/// Every recovery point expired a day ago. Forged: expiry follows retention, days away.
+pub async fn forge_all_points_expired(pool: &PgPool) {
+    sqlx::query("update recovery_points set expires_at = now() - interval '1 day'")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// Each recovery point's expiry, by point id.
+pub async fn point_expiries(pool: &PgPool) -> Vec<Option<DateTime<Utc>>> {
+    sqlx::query_scalar("select expires_at from recovery_points order by id")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// Deletes every recovery point, as a compromised application could try to: what the
+/// immutability trigger must refuse.
+pub async fn try_delete_all_points(pool: &PgPool) -> sqlx::Result<()> {
+    sqlx::query("delete from recovery_points")
+        .execute(pool)
+        .await
+        .map(drop)
+}
+
+/// Brings every point's expiry forward to now, bypassing the service.
+pub async fn try_expire_all_points_now(pool: &PgPool) -> sqlx::Result<()> {
+    sqlx::query("update recovery_points set expires_at = now()")
+        .execute(pool)
+        .await
+        .map(drop)
+}
+
+/// Unlocks every vault, bypassing the service: what the lock trigger must refuse.
+pub async fn try_unlock_vaults(pool: &PgPool) -> sqlx::Result<()> {
+    sqlx::query("update vaults set immutability = 'disabled', locked_at = null")
+        .execute(pool)
+        .await
+        .map(drop)
+}

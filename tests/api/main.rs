@@ -13,6 +13,7 @@ mod audit;
 mod auth;
 mod availability;
 mod chain;
+mod claim_v2;
 mod contract;
 mod hardening;
 mod health;

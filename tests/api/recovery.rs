@@ -116,6 +116,7 @@ async fn sales_and_hr_with_fulls(pool: &PgPool) -> Protected {
 pub(crate) struct Protected {
     pub(crate) app: TestApp,
     pub(crate) vault: String,
+    pub(crate) vm: String,
     pub(crate) agent: String,
     pub(crate) items: HashMap<String, String>,
 }
@@ -227,6 +228,7 @@ pub(crate) async fn protect(pool: PgPool, spec: Value, databases: Vec<Value>) ->
     Protected {
         app,
         vault: s.vault,
+        vm: s.vm,
         agent: s.agent,
         items,
     }

@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::Context;
 use backvault_domain::agent::JobProgress;
 use backvault_domain::agent::protocol::{
-    AgentHeartbeat, ClaimedJob, CompleteJob, FailJob, JobHeartbeat,
+    AgentHeartbeat, ClaimV2Request, ClaimV2Response, ClaimedJob, JobCompletion, JobFailure,
+    JobHeartbeat, ReportOutcome,
 };
 use chrono::Utc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -17,9 +18,10 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
-use crate::client::Client;
+use crate::client::{CallError, Client};
 use crate::config::InventorySource;
-use crate::running::{Running, Stop};
+use crate::reports::{Outbox, Report};
+use crate::running::{Registration, Running, Stop};
 use crate::store::Store;
 use crate::worker::{self, BackupClock, Failure, Outcome};
 
@@ -43,6 +45,11 @@ const MIN_JOB_HEARTBEAT: Duration = Duration::from_millis(250);
 const MAX_JOB_HEARTBEAT: Duration = Duration::from_secs(60);
 /// A server that hands out very short-lived tokens must not be asked in a tight loop.
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+/// Reports that no claim took within this long are sent on their own: a job's lease is
+/// no longer extended once it finished.
+const REPORT_LINGER: Duration = Duration::from_millis(50);
+/// How long the agent waits at exit for its last reports to reach the server.
+const FINAL_REPORTS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Set once, when the agent should stop claiming and wind down.
 #[derive(Clone)]
@@ -65,6 +72,7 @@ pub struct Agent {
     inventory: InventorySource,
     store: Store,
     running: Arc<Running>,
+    outbox: Outbox,
     settings: Settings,
 }
 
@@ -89,6 +97,7 @@ impl Agent {
             inventory,
             store,
             running: Arc::default(),
+            outbox: Outbox::default(),
             settings,
         }
     }
@@ -108,9 +117,20 @@ impl Agent {
 
         let _heartbeats = AbortOnDrop(tokio::spawn(Arc::clone(&self).heartbeat_loop()));
         let _refreshes = AbortOnDrop(tokio::spawn(Arc::clone(&self).refresh_loop()));
+        let (close_reports, reports_closing) = Shutdown::new();
+        let reporter = tokio::spawn(Arc::clone(&self).report_loop(reports_closing));
         let mut jobs = JoinSet::new();
         self.claim_loop(&mut jobs, shutdown).await;
         self.drain(jobs).await;
+        let _ = close_reports.send(true);
+        if tokio::time::timeout(FINAL_REPORTS_TIMEOUT, reporter)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "gave up sending the last reports: their jobs are retried once their leases expire"
+            );
+        }
         tracing::info!("stopped");
         Ok(())
     }
@@ -188,17 +208,31 @@ impl Agent {
 
             let asked = Instant::now();
             let max_jobs = u32::try_from(permits.len()).expect("at most 50");
-            let claimed = tokio::select! {
-                claimed = self.client.claim(max_jobs, self.settings.claim_wait_seconds) => claimed,
-                () = shutdown.requested() => {
-                    tracing::info!("shutdown: abandoning the claim in progress");
-                    return;
+            let reports = self.outbox.take_batch();
+            let reported = !reports.is_empty();
+            let claimed = if reported {
+                // Not abandoned at shutdown: the reports hold finished work. No wait, so
+                // that the reports' outcomes come back at once.
+                let (request, held) = reports.into_request(max_jobs, 0);
+                let claimed = self.exchange(request).await;
+                drop(held);
+                claimed
+            } else {
+                let (request, _) = reports.into_request(max_jobs, self.settings.claim_wait_seconds);
+                tokio::select! {
+                    claimed = self.exchange(request) => claimed,
+                    () = shutdown.requested() => {
+                        tracing::info!("shutdown: abandoning the claim in progress");
+                        return;
+                    }
                 }
             };
             let pause = match claimed {
                 Ok(claimed) => {
                     refused.reset();
-                    if claimed.is_empty() {
+                    if claimed.is_empty() && reported {
+                        Duration::ZERO
+                    } else if claimed.is_empty() {
                         MIN_POLL_INTERVAL.saturating_sub(asked.elapsed())
                     } else {
                         self.start_jobs(claimed, permits, jobs);
@@ -293,7 +327,7 @@ impl Agent {
             },
         };
         registration.reporting();
-        self.report(&job, outcome).await;
+        self.report(&job, outcome, registration);
     }
 
     async fn job_heartbeat_loop(self: Arc<Self>, job_id: Uuid, lease: i64, every: Duration) {
@@ -319,27 +353,118 @@ impl Agent {
         }
     }
 
-    async fn report(&self, job: &ClaimedJob, outcome: Outcome) {
-        let (result, warnings) = match outcome {
-            Outcome::Complete { result, warnings } => (result, warnings),
-            Outcome::Fail(failure) => return self.report_failure(job, failure).await,
+    /// Hands the job's outcome to the outbox: the next claim, or the reporter, tells the
+    /// server.
+    fn report(&self, job: &ClaimedJob, outcome: Outcome, registration: Registration) {
+        let report = match outcome {
+            Outcome::Complete { result, warnings } => Report::Completed(JobCompletion {
+                job_id: job.job_id,
+                lease: job.lease,
+                result,
+                warnings,
+            }),
+            Outcome::Fail(failure) => Report::Failed(failed(job.job_id, job.lease, failure)),
         };
-        let body = CompleteJob {
-            lease: job.lease,
-            result,
-            warnings,
-        };
-        match self.client.complete(job.job_id, &body).await {
-            Ok(status) => tracing::info!(%status, "job completed"),
+        self.outbox.post(report, Some(registration));
+    }
+
+    /// Sends the reports no claim took within [`REPORT_LINGER`]: those of jobs that finish
+    /// while the claim loop long-polls. At `closing`, sends what is left and returns.
+    async fn report_loop(self: Arc<Self>, mut closing: Shutdown) {
+        loop {
+            let last = tokio::select! {
+                () = self.outbox.posted() => false,
+                () = closing.requested() => true,
+            };
+            if !last {
+                tokio::time::sleep(REPORT_LINGER).await;
+            }
+            loop {
+                let reports = self.outbox.take_batch();
+                if reports.is_empty() {
+                    break;
+                }
+                let (request, held) = reports.into_request(0, 0);
+                if let Err(e) = self.exchange(request).await {
+                    tracing::error!(error = %e, "the server refused the reports");
+                }
+                drop(held);
+            }
+            if last {
+                return;
+            }
+        }
+    }
+
+    /// One claim carrying reports (version 2), or the same through version 1's calls when
+    /// the server is older. Returns the jobs claimed.
+    async fn exchange(&self, request: ClaimV2Request) -> Result<Vec<ClaimedJob>, CallError> {
+        let reports = !request.completions.is_empty() || !request.failures.is_empty();
+        match self.client.claim_v2(&request).await {
+            Ok(Some(response)) => {
+                self.settle(&request, &response);
+                Ok(response.jobs)
+            }
+            Ok(None) => self.exchange_v1(request).await,
+            Err(e @ CallError::Rejected { .. }) if reports => {
+                // Refused as a whole (a report the server cannot even read): each alone, so
+                // that only the one at fault is refused.
+                tracing::warn!(error = %e, "the server refused a claim with reports; sending each report alone");
+                self.exchange_v1(request).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn exchange_v1(&self, request: ClaimV2Request) -> Result<Vec<ClaimedJob>, CallError> {
+        for completion in request.completions {
+            let (job_id, body) = completion.into_parts();
+            let answer = self.client.complete(job_id, &body).await;
+            self.completion_answered(job_id, body.lease, answer.map(Some));
+        }
+        for failure in request.failures {
+            let (job_id, body) = failure.into_parts();
+            let answer = self.client.fail(job_id, &body).await;
+            failure_answered(job_id, &body.code, body.retryable, answer.map(Some));
+        }
+        if request.max_jobs == 0 {
+            return Ok(Vec::new());
+        }
+        self.client
+            .claim(request.max_jobs, request.wait_seconds)
+            .await
+    }
+
+    /// Acts on what a version 2 claim said of each report, as on version 1's answers.
+    fn settle(&self, request: &ClaimV2Request, response: &ClaimV2Response) {
+        for (sent, outcome) in request.completions.iter().zip(&response.completions) {
+            self.completion_answered(sent.job_id, sent.lease, answer_of(outcome));
+        }
+        for (sent, outcome) in request.failures.iter().zip(&response.failures) {
+            failure_answered(sent.job_id, &sent.code, sent.retryable, answer_of(outcome));
+        }
+    }
+
+    fn completion_answered(
+        &self,
+        job_id: Uuid,
+        lease: i64,
+        answer: Result<Option<String>, CallError>,
+    ) {
+        match answer {
+            Ok(status) => {
+                tracing::info!(%job_id, status = status.as_deref().unwrap_or("unknown"), "job completed")
+            }
             Err(e) if e.is_lease_lost() => {
                 // SQL Server cannot undo a backup, so neither does the simulation: the job's
                 // next attempt finds its backups in the history and reports them.
                 tracing::warn!(
+                    %job_id,
                     "lease lost before the result was accepted: a retry of the job reports it again"
                 );
             }
             Err(e) => {
-                tracing::error!(error = %e, "the server refused the job's result");
+                tracing::error!(%job_id, error = %e, "the server refused the job's result");
                 // Otherwise the job would sit until its lease expired, and then run again
                 // only to be refused again.
                 let failure = Failure {
@@ -347,33 +472,8 @@ impl Agent {
                     message: format!("The server refused the job's result: {e}"),
                     retryable: false,
                 };
-                self.report_failure(job, failure).await;
-            }
-        }
-    }
-
-    async fn report_failure(&self, job: &ClaimedJob, failure: Failure) {
-        let body = FailJob {
-            lease: job.lease,
-            code: failure.code.to_owned(),
-            message: failure.message,
-            retryable: failure.retryable,
-        };
-        match self.client.fail(job.job_id, &body).await {
-            Ok(status) => tracing::info!(
-                code = failure.code,
-                retryable = failure.retryable,
-                %status,
-                "job failed"
-            ),
-            Err(e) if e.is_lease_lost() => {
-                tracing::warn!(
-                    code = failure.code,
-                    "lease lost before the failure was accepted"
-                );
-            }
-            Err(e) => {
-                tracing::error!(error = %e, code = failure.code, "the server refused the failure")
+                self.outbox
+                    .post(Report::Failed(failed(job_id, lease, failure)), None);
             }
         }
     }
@@ -405,5 +505,50 @@ impl Agent {
             while jobs.join_next().await.is_some() {}
         })
         .await;
+    }
+}
+
+/// A report's outcome as its version 1 call would have answered it.
+fn answer_of(outcome: &ReportOutcome) -> Result<Option<String>, CallError> {
+    match &outcome.refused {
+        None => Ok(outcome.status.map(|s| s.as_str().to_owned())),
+        Some(refused) => Err(CallError::Rejected {
+            status: refused.status,
+            code: refused.code.clone(),
+            detail: refused.detail.clone(),
+        }),
+    }
+}
+
+fn failed(job_id: Uuid, lease: i64, failure: Failure) -> JobFailure {
+    JobFailure {
+        job_id,
+        lease,
+        code: failure.code.to_owned(),
+        message: failure.message,
+        retryable: failure.retryable,
+    }
+}
+
+fn failure_answered(
+    job_id: Uuid,
+    code: &str,
+    retryable: bool,
+    answer: Result<Option<String>, CallError>,
+) {
+    match answer {
+        Ok(status) => tracing::info!(
+            %job_id,
+            code,
+            retryable,
+            status = status.as_deref().unwrap_or("unknown"),
+            "job failed"
+        ),
+        Err(e) if e.is_lease_lost() => {
+            tracing::warn!(%job_id, code, "lease lost before the failure was accepted");
+        }
+        Err(e) => {
+            tracing::error!(%job_id, error = %e, code, "the server refused the failure")
+        }
     }
 }

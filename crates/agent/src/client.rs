@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
@@ -13,8 +14,9 @@ use chrono::{DateTime, Utc};
 
 use backvault_domain::agent::VmFacts;
 use backvault_domain::agent::protocol::{
-    AgentHeartbeat, AgentHeartbeatResponse, ClaimRequest, ClaimResponse, ClaimedJob, CompleteJob,
-    EnrollRequest, EnrollResponse, FailJob, JobHeartbeat, JobHeartbeatResponse,
+    AgentHeartbeat, AgentHeartbeatResponse, ClaimRequest, ClaimResponse, ClaimV2Request,
+    ClaimV2Response, ClaimedJob, CompleteJob, EnrollRequest, EnrollResponse, FailJob, JobHeartbeat,
+    JobHeartbeatResponse,
 };
 use reqwest::StatusCode;
 use serde::Serialize;
@@ -126,6 +128,9 @@ pub struct Client {
     /// What the next enrollment tells the server.
     facts: Mutex<VmFacts>,
     enrolling: tokio::sync::Mutex<()>,
+    /// The server answered that it does not know version 2 of the claim (it is older than
+    /// this agent): claims and reports go through version 1's calls from then on.
+    v1_only: AtomicBool,
 }
 
 /// Extra time the server gets beyond a long-poll's wait before the request counts as lost.
@@ -157,6 +162,7 @@ impl Client {
             }),
             facts: Mutex::new(facts),
             enrolling: tokio::sync::Mutex::new(()),
+            v1_only: AtomicBool::new(false),
         })
     }
 
@@ -329,6 +335,30 @@ impl Client {
         let timeout = Duration::from_secs(wait_seconds.into()) + CLAIM_SLACK;
         let response: ClaimResponse = self.call("/v1/agent/claim", &body, timeout, None).await?;
         Ok(response.jobs)
+    }
+
+    /// Reports finished jobs and claims more in one request (version 2 of the claim);
+    /// retries until the server answers. `None` when the server is older and does not
+    /// know the call: use [`Self::claim`], [`Self::complete`] and [`Self::fail`].
+    pub async fn claim_v2(
+        &self,
+        body: &ClaimV2Request,
+    ) -> Result<Option<ClaimV2Response>, CallError> {
+        if self.v1_only.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let timeout = Duration::from_secs(body.wait_seconds.into()) + CLAIM_SLACK;
+        match self.call("/v2/agent/claim", body, timeout, None).await {
+            Ok(response) => Ok(Some(response)),
+            Err(CallError::Rejected {
+                status: 404 | 405, ..
+            }) => {
+                tracing::info!("the server does not know version 2 of the claim; using version 1");
+                self.v1_only.store(true, Ordering::Relaxed);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     pub async fn job_heartbeat(

@@ -5,6 +5,7 @@ mod agent;
 mod backoff;
 mod client;
 mod config;
+mod reports;
 mod running;
 mod sim;
 mod store;

@@ -17,11 +17,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use backvault_domain::agent::protocol::{
-    AgentHeartbeat, AgentHeartbeatResponse, ClaimRequest, ClaimResponse, ClaimedJob, CompleteJob,
-    EnrollRequest, EnrollResponse, FailJob, JobHeartbeat, JobHeartbeatResponse,
+    AgentHeartbeat, AgentHeartbeatResponse, ClaimRequest, ClaimResponse, ClaimV2Request,
+    ClaimV2Response, ClaimedJob, CompleteJob, EnrollRequest, EnrollResponse, FailJob, JobHeartbeat,
+    JobHeartbeatResponse, ReportOutcome, ReportRefusal,
 };
 use backvault_domain::agent::{JobItem, JobResult, RecoveryPointType};
-use backvault_domain::jobs::JobKind;
+use backvault_domain::jobs::{JobKind, JobStatus};
 use backvault_domain::lsn::Lsn;
 use chrono::Utc;
 use serde_json::json;
@@ -53,6 +54,12 @@ struct Fake {
     lose_completion: HashSet<Uuid>,
     /// Completions answered `lease_lost`.
     refused: Vec<(Uuid, CompleteJob)>,
+    /// Whether the fake knows version 2 of the claim (reports in the claim); an older
+    /// server answers 404.
+    speaks_v2: bool,
+    /// Reports that came through version 1's calls, and through version 2's claim.
+    v1_reports: u32,
+    v2_reports: u32,
 }
 
 type Shared = Arc<Mutex<Fake>>;
@@ -150,21 +157,101 @@ async fn claim(
             return problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(request.wait_seconds.into());
+    let jobs = take_jobs(&fake, request.max_jobs, request.wait_seconds).await;
+    Json(ClaimResponse { jobs }).into_response()
+}
+
+async fn take_jobs(fake: &Shared, max_jobs: u32, wait_seconds: u32) -> Vec<ClaimedJob> {
+    let deadline = Instant::now() + Duration::from_secs(wait_seconds.into());
     loop {
         {
             let mut fake = fake.lock().unwrap();
             if !fake.queue.is_empty() {
-                let n = fake.queue.len().min(request.max_jobs as usize);
-                let jobs = fake.queue.drain(..n).collect();
-                return Json(ClaimResponse { jobs }).into_response();
+                let n = fake.queue.len().min(max_jobs as usize);
+                return fake.queue.drain(..n).collect();
             }
         }
         if Instant::now() >= deadline {
-            return Json(ClaimResponse { jobs: Vec::new() }).into_response();
+            return Vec::new();
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+async fn claim_v2(
+    State(fake): State<Shared>,
+    headers: HeaderMap,
+    Json(request): Json<ClaimV2Request>,
+) -> Response {
+    if !fake.lock().unwrap().speaks_v2 {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    if let Some(rejection) = unauthorized(&fake, &headers) {
+        return rejection;
+    }
+    let (completions, failures) = {
+        let mut fake = fake.lock().unwrap();
+        fake.v2_reports += (request.completions.len() + request.failures.len()) as u32;
+        let completions = request
+            .completions
+            .into_iter()
+            .map(|c| {
+                let (job_id, body) = c.into_parts();
+                if fake.lose_completion.remove(&job_id) {
+                    fake.refused.push((job_id, body));
+                    return ReportOutcome {
+                        job_id,
+                        status: None,
+                        retry_at: None,
+                        refused: Some(ReportRefusal {
+                            status: 409,
+                            code: "lease_lost".into(),
+                            detail: "lease lost".into(),
+                            errors: Vec::new(),
+                        }),
+                    };
+                }
+                fake.completed.push((job_id, body));
+                ReportOutcome {
+                    job_id,
+                    status: Some(JobStatus::Completed),
+                    retry_at: None,
+                    refused: None,
+                }
+            })
+            .collect();
+        let failures = request
+            .failures
+            .into_iter()
+            .map(|f| {
+                let (job_id, body) = f.into_parts();
+                let status = if body.retryable {
+                    JobStatus::Queued
+                } else {
+                    JobStatus::Failed
+                };
+                fake.failed.push((job_id, body));
+                ReportOutcome {
+                    job_id,
+                    status: Some(status),
+                    retry_at: None,
+                    refused: None,
+                }
+            })
+            .collect();
+        (completions, failures)
+    };
+    let jobs = if request.max_jobs == 0 {
+        Vec::new()
+    } else {
+        take_jobs(&fake, request.max_jobs, request.wait_seconds).await
+    };
+    Json(ClaimV2Response {
+        jobs,
+        completions,
+        failures,
+    })
+    .into_response()
 }
 
 async fn job_heartbeat(
@@ -196,6 +283,7 @@ async fn complete(
     }
     let delay = {
         let mut fake = fake.lock().unwrap();
+        fake.v1_reports += 1;
         if fake.lose_completion.remove(&job_id) {
             fake.refused.push((job_id, body));
             return problem(StatusCode::CONFLICT, "lease_lost");
@@ -217,7 +305,9 @@ async fn fail(
         return rejection;
     }
     let status = if body.retryable { "queued" } else { "failed" };
-    fake.lock().unwrap().failed.push((job_id, body));
+    let mut fake = fake.lock().unwrap();
+    fake.v1_reports += 1;
+    fake.failed.push((job_id, body));
     Json(json!({"job_id": job_id, "status": status})).into_response()
 }
 
@@ -237,6 +327,7 @@ impl Harness {
             .route("/v1/agent/enroll", post(enroll))
             .route("/v1/agent/heartbeat", post(heartbeat))
             .route("/v1/agent/claim", post(claim))
+            .route("/v2/agent/claim", post(claim_v2))
             .route("/v1/agent/jobs/{job_id}/heartbeat", post(job_heartbeat))
             .route("/v1/agent/jobs/{job_id}/complete", post(complete))
             .route("/v1/agent/jobs/{job_id}/fail", post(fail))
@@ -676,4 +767,52 @@ fn refused_enrollment_is_fatal() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(1));
+}
+
+/// Against a server that knows version 2 of the claim, finished jobs are reported in the
+/// claims (none through version 1's calls), a refused completion is acted on as before,
+/// and the last reports still go out at shutdown.
+#[test]
+fn reports_ride_on_claims_when_the_server_knows_version_2() {
+    let harness = Harness::new(no_delay);
+    harness.fake.lock().unwrap().speaks_v2 = true;
+    let mut agent = harness.start_agent();
+    let hr = [("MSSQLSERVER", "hr")];
+    let full = harness.push(job(JobKind::BackupFull, &hr, json!({})));
+    harness.completion(full);
+    let lost = job(JobKind::BackupLog, &hr, json!({}));
+    harness
+        .fake
+        .lock()
+        .unwrap()
+        .lose_completion
+        .insert(lost.job_id);
+    let lost = harness.push(lost);
+    agent.wait_for_log_line("the lease loss", |line| {
+        line.contains(&lost.to_string())
+            && line.contains("lease lost before the result was accepted")
+    });
+    let simple = harness.push(job(
+        JobKind::BackupLog,
+        &[("MSSQLSERVER", "staging")],
+        json!({}),
+    ));
+    assert_eq!(
+        harness.failure(simple).code,
+        "UserErrorSQLPODoesNotSupportBackupType"
+    );
+    let many: Vec<Uuid> = (0..5)
+        .map(|_| harness.push(job(JobKind::ConfigureProtection, &[], json!({}))))
+        .collect();
+    for id in many {
+        harness.completion(id);
+    }
+    agent.terminate();
+    assert_eq!(agent.wait(Duration::from_secs(10)).code(), Some(0));
+    let fake = harness.fake.lock().unwrap();
+    assert_eq!(fake.v1_reports, 0, "no report went through version 1");
+    assert_eq!(
+        fake.v2_reports, 8,
+        "a full, a lost log, a refused log, 5 configurations"
+    );
 }

@@ -127,9 +127,11 @@ fn always_recorded(method: &Method, route: &str) -> bool {
         Method::POST | Method::PUT | Method::PATCH | Method::DELETE
     );
     let agent_traffic = route == "/v1/agent/claim"
+        || route == "/v2/agent/claim"
         || route == "/v1/agent/heartbeat"
         || route.starts_with("/v1/agent/jobs/");
-    mutating && route.starts_with("/v1/") && !agent_traffic
+    let api = route.starts_with("/v1/") || route.starts_with("/v2/");
+    mutating && api && !agent_traffic
 }
 
 /// What the request says about itself, read before the handler takes it. Header values
@@ -309,6 +311,7 @@ mod tests {
         assert!(always_recorded(&Method::DELETE, "/v1/vaults/{vault_id}"));
         for route in [
             "/v1/agent/claim",
+            "/v2/agent/claim",
             "/v1/agent/heartbeat",
             "/v1/agent/jobs/{job_id}/complete",
         ] {

@@ -3,6 +3,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use backvault_domain::Violation;
+use backvault_domain::agent::protocol::ReportRefusal;
 use backvault_service::{Error, ErrorKind};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -66,6 +67,21 @@ fn status(kind: ErrorKind) -> StatusCode {
         ErrorKind::Validation => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// One refused report of a version 2 claim: what the version 1 call would have answered
+/// for it, logged the same way.
+pub fn refusal(e: Error) -> ReportRefusal {
+    let status = status(e.kind);
+    if status.is_server_error() {
+        tracing::error!(code = e.code, error = %e, "report refused");
+    }
+    ReportRefusal {
+        status: status.as_u16(),
+        code: e.code.to_owned(),
+        detail: backvault_domain::violation::bounded(e.message, MAX_DETAIL_CHARS),
+        errors: e.violations,
     }
 }
 

@@ -1,6 +1,9 @@
 //! Throughput through the agent protocol over HTTP: the real server binary, one task per
-//! enrolled agent claiming (`POST /v1/agent/claim`) and completing every claimed job at
-//! once (`POST /v1/agent/jobs/{id}/complete`), until the backlog is drained.
+//! enrolled agent, until the backlog is drained. With `--protocol v2` (the default, what
+//! the reference agent does) each claim (`POST /v2/agent/claim`) carries the completions
+//! of the jobs the previous claim returned; with `--protocol v1` the agent claims
+//! (`POST /v1/agent/claim`) and completes every claimed job at once
+//! (`POST /v1/agent/jobs/{id}/complete`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,8 +12,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use backvault_domain::agent::JobResult;
-use backvault_domain::agent::protocol::{ClaimRequest, ClaimResponse, CompleteJob};
-use clap::Parser;
+use backvault_domain::agent::protocol::{
+    ClaimRequest, ClaimResponse, ClaimV2Request, ClaimV2Response, CompleteJob, JobCompletion,
+};
+use clap::{Parser, ValueEnum};
 
 use backvault_bench::db::{jobs_queued, quote_ident, with_db};
 use backvault_bench::server::{Agent, Launch, Server, enroll_agents, http_client, server_bin};
@@ -20,8 +25,19 @@ use sqlx::{Postgres, QueryBuilder};
 use crate::DB_PREFIX;
 use crate::backlog::enqueue_backlog;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Protocol {
+    /// A claim, then one completion request per job.
+    V1,
+    /// Completions ride on the next claim: one request per cycle.
+    V2,
+}
+
 #[derive(Debug, Clone, Parser)]
 pub struct HttpArgs {
+    /// Which version of the agent protocol the agents speak.
+    #[arg(long, value_enum, default_value_t = Protocol::V2)]
+    pub protocol: Protocol,
     /// Agents (VMs) enrolled, one task each.
     #[arg(long, default_value_t = 200)]
     pub agents: usize,
@@ -80,7 +96,11 @@ pub struct HttpResult {
 
 impl HttpResult {
     pub fn requests_per_sec(&self) -> f64 {
-        (self.claims + self.completed + self.errors) as f64 / self.seconds
+        let completion_requests = match self.args.protocol {
+            Protocol::V1 => self.completed,
+            Protocol::V2 => 0,
+        };
+        (self.claims + completion_requests + self.errors) as f64 / self.seconds
     }
 
     pub fn summary(&self, baseline: Option<f64>) -> String {
@@ -88,8 +108,9 @@ impl HttpResult {
             .map(|b| format!(" = {:.2}x baseline (goal 1x)", self.jobs_per_sec / b))
             .unwrap_or_default();
         format!(
-            "http: {:.0} jobs/s{ratio} ({} jobs, {} agents{}, {:.1} s; {:.0} requests/s: {} claims ({} empty), {} completes, {} errors) [{}]",
+            "http: {:.0} jobs/s{ratio} (protocol {:?}, {} jobs, {} agents{}, {:.1} s; {:.0} requests/s: {} claims ({} empty), {} completes, {} errors) [{}]",
             self.jobs_per_sec,
+            self.args.protocol,
             self.completed,
             self.args.agents,
             if self.args.force_custom_plans {
@@ -130,6 +151,7 @@ impl Counters {
 struct Ctx {
     client: reqwest::Client,
     claim_url: String,
+    claim_v2_url: String,
     base: String,
     claim: ClaimRequest,
     counters: Counters,
@@ -228,6 +250,97 @@ async fn agent(ctx: Arc<Ctx>, agent: Agent, expected: u64) -> Instant {
     last
 }
 
+/// Version 2: each claim reports the jobs the previous one returned (done at once, as
+/// no-op backups); the last claim only reports. Returns when its last report landed.
+async fn agent_v2(ctx: Arc<Ctx>, agent: Agent, expected: u64) -> Instant {
+    let token = agent.token;
+    let (mut done, mut claimed) = (0u64, 0u64);
+    let mut finished: Vec<JobCompletion> = Vec::new();
+    let mut last = Instant::now();
+    while done < expected && Instant::now() < ctx.deadline {
+        let max_jobs = if claimed < expected {
+            ctx.claim.max_jobs
+        } else {
+            0
+        };
+        let body = ClaimV2Request {
+            max_jobs,
+            // As the reference agent: a claim that reports does not wait.
+            wait_seconds: if finished.is_empty() {
+                ctx.claim.wait_seconds
+            } else {
+                0
+            },
+            completions: std::mem::take(&mut finished),
+            failures: Vec::new(),
+        };
+        let res = ctx
+            .client
+            .post(&ctx.claim_v2_url)
+            .bearer_auth(token.as_str())
+            .json(&body)
+            .send()
+            .await;
+        let response: ClaimV2Response = match res {
+            Ok(r) if r.status().is_success() => match r.json().await {
+                Ok(c) => c,
+                Err(e) => {
+                    ctx.counters.error(format!("claim body: {e}"));
+                    finished = body.completions;
+                    continue;
+                }
+            },
+            Ok(r) => {
+                let status = r.status();
+                let text = r.text().await.unwrap_or_default();
+                ctx.counters.error(format!("claim: {status} {text}"));
+                finished = body.completions;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(e) => {
+                ctx.counters.error(format!("claim: {e}"));
+                finished = body.completions;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        ctx.counters.claims.fetch_add(1, Ordering::Relaxed);
+        for outcome in &response.completions {
+            match &outcome.refused {
+                None => {
+                    done += 1;
+                    ctx.counters.completed.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(refused) => ctx.counters.error(format!(
+                    "completion of {}: {} {}",
+                    outcome.job_id, refused.status, refused.code
+                )),
+            }
+        }
+        if !response.completions.is_empty() {
+            last = Instant::now();
+        }
+        if response.jobs.is_empty() && max_jobs > 0 {
+            ctx.counters.empty_claims.fetch_add(1, Ordering::Relaxed);
+        }
+        claimed += response.jobs.len() as u64;
+        finished = response
+            .jobs
+            .into_iter()
+            .map(|job| JobCompletion {
+                job_id: job.job_id,
+                lease: job.lease,
+                result: JobResult::Backup {
+                    recovery_points: vec![],
+                },
+                warnings: vec![],
+            })
+            .collect();
+    }
+    last
+}
+
 pub async fn run(admin_url: &str, args: &HttpArgs) -> anyhow::Result<HttpResult> {
     let args = args.clone();
     let bin = server_bin(args.server_bin.as_deref())?;
@@ -268,6 +381,7 @@ pub async fn run(admin_url: &str, args: &HttpArgs) -> anyhow::Result<HttpResult>
             let ctx = Arc::new(Ctx {
                 client: client.clone(),
                 claim_url: server.url("/v1/agent/claim"),
+                claim_v2_url: server.url("/v2/agent/claim"),
                 base: server.base.clone(),
                 claim: ClaimRequest {
                     max_jobs: args.max_jobs,
@@ -281,7 +395,10 @@ pub async fn run(admin_url: &str, args: &HttpArgs) -> anyhow::Result<HttpResult>
             let started = Instant::now();
             let mut set = tokio::task::JoinSet::new();
             for (a, expected) in agents.into_iter().zip(per_vm) {
-                set.spawn(agent(ctx.clone(), a, expected as u64));
+                match args.protocol {
+                    Protocol::V1 => set.spawn(agent(ctx.clone(), a, expected as u64)),
+                    Protocol::V2 => set.spawn(agent_v2(ctx.clone(), a, expected as u64)),
+                };
             }
             let mut finished = started;
             while let Some(r) = set.join_next().await {

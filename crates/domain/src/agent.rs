@@ -541,6 +541,9 @@ pub const MAX_RESULT_BYTES: usize = 1024 * 1024;
 pub const MAX_VERSION_FACT_CHARS: usize = 64;
 /// Job leases one agent heartbeat may extend (a VM runs at most 35 jobs at once).
 pub const MAX_HEARTBEAT_LEASES: usize = 100;
+/// Finished jobs one claim may report (completions and failures together): a VM runs at
+/// most 35 jobs at once, so one claim can carry every job that finished since the last.
+pub const MAX_CLAIM_REPORTS: usize = 100;
 /// How far a reported `backup_time` may lie outside its job's claim-to-completion window:
 /// the agent's clock may differ from the server's by this much.
 pub const BACKUP_TIME_SKEW_MINUTES: i64 = 5;
@@ -1092,7 +1095,7 @@ pub mod protocol {
     use uuid::Uuid;
 
     use super::{JobItem, JobProgress, JobResult, VmFacts};
-    use crate::jobs::JobKind;
+    use crate::jobs::{JobKind, JobStatus};
 
     #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
     #[serde(deny_unknown_fields)]
@@ -1214,6 +1217,112 @@ pub mod protocol {
         /// most 1,024 characters each.
         #[serde(default)]
         pub warnings: Vec<String>,
+    }
+
+    /// Version 2 of the claim (`POST /v2/agent/claim`): the agent reports the jobs that
+    /// finished since its last claim in the claim itself, so that a busy agent makes one
+    /// request per cycle instead of one per job. The reports are recorded before jobs are
+    /// claimed, each on its own: one that is refused does not stop the others.
+    #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct ClaimV2Request {
+        /// 0 to 50 (default 1). 0 only reports: nothing is claimed and nothing waited for.
+        #[serde(default = "one")]
+        pub max_jobs: u32,
+        /// Long-poll: wait up to this many seconds (0 to 60) for a job. The reports are
+        /// recorded before the wait.
+        #[serde(default)]
+        pub wait_seconds: u32,
+        /// Jobs done, as `POST /v1/agent/jobs/{job_id}/complete` would report them.
+        #[serde(default)]
+        pub completions: Vec<JobCompletion>,
+        /// Attempts failed, as `POST /v1/agent/jobs/{job_id}/fail` would report them.
+        #[serde(default)]
+        pub failures: Vec<JobFailure>,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct JobCompletion {
+        pub job_id: Uuid,
+        pub lease: i64,
+        pub result: JobResult,
+        #[serde(default)]
+        pub warnings: Vec<String>,
+    }
+
+    impl JobCompletion {
+        pub fn into_parts(self) -> (Uuid, CompleteJob) {
+            (
+                self.job_id,
+                CompleteJob {
+                    lease: self.lease,
+                    result: self.result,
+                    warnings: self.warnings,
+                },
+            )
+        }
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct JobFailure {
+        pub job_id: Uuid,
+        pub lease: i64,
+        pub code: String,
+        pub message: String,
+        pub retryable: bool,
+    }
+
+    impl JobFailure {
+        pub fn into_parts(self) -> (Uuid, FailJob) {
+            (
+                self.job_id,
+                FailJob {
+                    lease: self.lease,
+                    code: self.code,
+                    message: self.message,
+                    retryable: self.retryable,
+                },
+            )
+        }
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+    pub struct ClaimV2Response {
+        pub jobs: Vec<ClaimedJob>,
+        /// One per reported completion, in the order sent.
+        pub completions: Vec<ReportOutcome>,
+        /// One per reported failure, in the order sent.
+        pub failures: Vec<ReportOutcome>,
+    }
+
+    /// What became of one reported job: its new status, or why the report was refused
+    /// (what the version 1 call would have answered, as a problem).
+    #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+    pub struct ReportOutcome {
+        pub job_id: Uuid,
+        /// The job's status after the report; absent when it was refused.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub status: Option<JobStatus>,
+        /// When a failed attempt will be retried.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub retry_at: Option<DateTime<Utc>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub refused: Option<ReportRefusal>,
+    }
+
+    /// A refused report: the HTTP status and problem code the version 1 call would have
+    /// answered (`lease_lost` 409, `job_not_found` 404, `validation_failed` 422, ...).
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+    pub struct ReportRefusal {
+        pub status: u16,
+        pub code: String,
+        pub detail: String,
+        /// Every violated rule, for `validation_failed`. (Agents act on `code` alone, so
+        /// they do not read these back.)
+        #[serde(default, skip_serializing_if = "Vec::is_empty", skip_deserializing)]
+        pub errors: Vec<crate::Violation>,
     }
 
     #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

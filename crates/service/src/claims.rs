@@ -6,20 +6,31 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backvault_domain::agent::protocol::{ClaimedJob, JobHeartbeat, JobHeartbeatResponse};
-use backvault_domain::agent::{JobItem, check_progress};
+use backvault_domain::agent::protocol::{
+    ClaimV2Request, ClaimedJob, JobHeartbeat, JobHeartbeatResponse,
+};
+use backvault_domain::agent::{JobItem, MAX_CLAIM_REPORTS, check_progress};
 use backvault_domain::jobs::{JobKind, JobPayload};
 use backvault_store::PgPool;
 use backvault_store::jobs::{self as store, ClaimLimits};
+use futures_util::future::join_all;
 use uuid::Uuid;
 
 use crate::agents::{
-    MAX_CLAIM_JOBS, MAX_CLAIM_WAIT_SECONDS, deadline_after, job_not_found, lease_lost,
+    JobOutcome, MAX_CLAIM_JOBS, MAX_CLAIM_WAIT_SECONDS, deadline_after, job_not_found, lease_lost,
 };
 use crate::batcher::{Batcher, BatcherSpec};
 use crate::error::{Error, ErrorKind, Result};
 use crate::metrics::Metrics;
 use crate::{Config, Principal, Service};
+
+/// What a version 2 claim did: the jobs claimed, and each report's outcome in the order
+/// sent.
+pub struct ClaimedWithReports {
+    pub jobs: Vec<ClaimedJob>,
+    pub completions: Vec<(Uuid, Result<JobOutcome>)>,
+    pub failures: Vec<(Uuid, Result<JobOutcome>)>,
+}
 
 pub(crate) struct ClaimRequest {
     vm_id: Uuid,
@@ -119,6 +130,66 @@ impl Service {
                 ),
             ));
         }
+        self.claim_for(vm, max_jobs, wait_seconds).await
+    }
+
+    /// Version 2 of the claim: records the finished jobs the agent reports, each on its
+    /// own (one refused report does not stop the others), then claims as version 1 does.
+    /// A report the database could not take fails the whole call with 503 before anything
+    /// is claimed: every report is idempotent, so the agent sends the same call again.
+    pub async fn agent_claim_v2(
+        &self,
+        principal: &Principal,
+        req: ClaimV2Request,
+    ) -> Result<ClaimedWithReports> {
+        let vm = self.agent_vm(principal).await?;
+        let reports = req.completions.len().saturating_add(req.failures.len());
+        if req.max_jobs > MAX_CLAIM_JOBS
+            || req.wait_seconds > MAX_CLAIM_WAIT_SECONDS
+            || reports > MAX_CLAIM_REPORTS
+        {
+            return Err(Error::new(
+                ErrorKind::BadRequest,
+                "invalid_claim",
+                format!(
+                    "max_jobs is 0 to {MAX_CLAIM_JOBS}, wait_seconds 0 to {MAX_CLAIM_WAIT_SECONDS}, and at most {MAX_CLAIM_REPORTS} completions and failures together"
+                ),
+            ));
+        }
+        let completions = join_all(req.completions.into_iter().map(|c| {
+            let (job_id, complete) = c.into_parts();
+            async move { (job_id, self.complete_for(vm, job_id, complete).await) }
+        }));
+        let failures = join_all(req.failures.into_iter().map(|f| {
+            let (job_id, fail) = f.into_parts();
+            async move { (job_id, self.fail_for(vm, job_id, fail).await) }
+        }));
+        let (completions, failures) = tokio::join!(completions, failures);
+        if let Some((_, Err(e))) = completions
+            .iter()
+            .chain(&failures)
+            .find(|(_, r)| matches!(r, Err(e) if e.kind == ErrorKind::Unavailable))
+        {
+            return Err(e.for_each_request());
+        }
+        let jobs = if req.max_jobs == 0 {
+            Vec::new()
+        } else {
+            self.claim_for(vm, req.max_jobs, req.wait_seconds).await?
+        };
+        Ok(ClaimedWithReports {
+            jobs,
+            completions,
+            failures,
+        })
+    }
+
+    async fn claim_for(
+        &self,
+        vm: Uuid,
+        max_jobs: u32,
+        wait_seconds: u32,
+    ) -> Result<Vec<ClaimedJob>> {
         let deadline = deadline_after(Duration::from_secs(wait_seconds.into()));
         let subscription = self.notifier.vm(vm);
         loop {

@@ -3,7 +3,7 @@
 //! effects (recovery points, inventory, chains after a restore) are applied in the same
 //! transaction; a failure is retried or ends the job.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use backvault_domain::Violation;
@@ -92,26 +92,37 @@ pub(crate) fn complete_batcher(
                 if !rejected.is_empty() {
                     fail_rejected(&mut tx, &rejected).await?;
                 }
+                // The same job's completion can arrive several times at once (a retried
+                // request, a report sent by two paths): only the batch's first is recorded.
+                // The others come back as `lease_lost`, which the caller answers as a
+                // repeat when the result is the same.
+                let mut seen = HashSet::new();
+                let first: Vec<bool> = completions.iter().map(|c| seen.insert(c.job_id)).collect();
                 let accepted: Vec<&Completion> = completions
                     .iter()
-                    .filter(|c| !rejected.contains_key(&c.job_id))
+                    .zip(&first)
+                    .filter(|(c, first)| **first && !rejected.contains_key(&c.job_id))
+                    .map(|(c, _)| c)
                     .collect();
                 let done = store::queue_complete(&mut tx, &accepted).await?;
                 // The restores done, with the payloads the completion already read.
+                let recorded = |i: usize, c: &Completion| first[i] && done.contains(&c.job_id);
                 let restores: Vec<&serde_json::Value> = completions
                     .iter()
                     .zip(&results)
-                    .filter(|(c, r)| {
-                        matches!(r, Some(JobResult::Restore { .. })) && done.contains(&c.job_id)
+                    .enumerate()
+                    .filter(|(i, (c, r))| {
+                        matches!(r, Some(JobResult::Restore { .. })) && recorded(*i, c)
                     })
-                    .filter_map(|(c, _)| held.get(&c.job_id).map(|j| &j.payload.0))
+                    .filter_map(|(_, (c, _))| held.get(&c.job_id).map(|j| &j.payload.0))
                     .collect();
                 // Recovery points are recorded in the completion's own transaction.
                 let reports: Vec<BackupReport> = completions
                     .iter()
                     .zip(results)
-                    .filter(|(c, _)| done.contains(&c.job_id))
-                    .filter_map(|(c, result)| match result {
+                    .enumerate()
+                    .filter(|(i, (c, _))| recorded(*i, c))
+                    .filter_map(|(_, (c, result))| match result {
                         Some(JobResult::Backup { recovery_points }) => Some(BackupReport {
                             job_id: c.job_id,
                             points: recovery_points,
@@ -131,16 +142,17 @@ pub(crate) fn complete_batcher(
                 restores_completed(&mut tx, &restores).await?;
                 jobs_finished(&mut tx, &done, true).await?;
                 tx.commit().await?;
-                Ok::<_, Error>((done, rejected))
+                Ok::<_, Error>((done, rejected, first))
             }
             .await;
-            let (done, rejected) = outcome?;
+            let (done, rejected, first) = outcome?;
             Ok(completions
                 .iter()
-                .map(|c| {
+                .zip(first)
+                .map(|(c, first)| {
                     if let Some(violations) = rejected.get(&c.job_id) {
                         Err(Error::validation(violations.clone()))
-                    } else if done.contains(&c.job_id) {
+                    } else if first && done.contains(&c.job_id) {
                         Ok(())
                     } else {
                         Err(lease_lost())
@@ -196,6 +208,17 @@ impl Service {
         req: CompleteJob,
     ) -> Result<JobOutcome> {
         let vm = self.agent_vm(principal).await?;
+        self.complete_for(vm, job_id, req).await
+    }
+
+    /// Records `vm`'s completion of a job; a repeat of a recorded completion answers as
+    /// the first did.
+    pub(crate) async fn complete_for(
+        &self,
+        vm: Uuid,
+        job_id: Uuid,
+        req: CompleteJob,
+    ) -> Result<JobOutcome> {
         let mut violations = req.result.violations("/result");
         violations.extend(check_warnings(&req.warnings, "/warnings"));
         if !violations.is_empty() {
@@ -374,6 +397,16 @@ impl Service {
         req: FailJob,
     ) -> Result<JobOutcome> {
         let vm = self.agent_vm(principal).await?;
+        self.fail_for(vm, job_id, req).await
+    }
+
+    /// Records `vm`'s failed attempt at a job: retried, cancelled or failed for good.
+    pub(crate) async fn fail_for(
+        &self,
+        vm: Uuid,
+        job_id: Uuid,
+        req: FailJob,
+    ) -> Result<JobOutcome> {
         if req.code.is_empty() || req.code.chars().count() > MAX_FAILURE_CODE_CHARS {
             return Err(Error::new(
                 ErrorKind::BadRequest,

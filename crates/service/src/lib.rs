@@ -12,7 +12,7 @@ pub mod auto_protection;
 pub mod availability;
 pub mod background;
 mod batcher;
-mod claims;
+pub mod claims;
 mod clock;
 mod completions;
 pub mod data_safety;

@@ -151,6 +151,17 @@ pub async fn forge_leases_expired(pool: &PgPool) {
     .unwrap();
 }
 
+/// How each attempt at the job ended, in order (`running` while it runs).
+pub async fn attempt_outcomes(pool: &PgPool, job: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "select coalesce(outcome, 'running') from job_attempts where job_id = $1::uuid order by attempt",
+    )
+    .bind(job)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
 /// The queued jobs backing off may run now. Forged: waiting out the backoff takes seconds.
 pub async fn forge_retries_due(pool: &PgPool) {
     sqlx::query("update job_queue set run_at = now() where not running")

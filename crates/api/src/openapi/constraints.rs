@@ -4,7 +4,7 @@
 //! differential kept longer than its full).
 
 use backvault_domain::agent::{
-    FIRST_LEASE, MAX_AG_REPLICAS, MAX_AVAILABILITY_GROUPS, MAX_BACKUP_PRIORITY,
+    FIRST_LEASE, MAX_AG_REPLICAS, MAX_AVAILABILITY_GROUPS, MAX_BACKUP_PRIORITY, MAX_CLAIM_REPORTS,
     MAX_HEARTBEAT_LEASES, MAX_PROGRESS_MESSAGE_CHARS, MAX_SQL_NAME_CHARS, MAX_VERSION_FACT_CHARS,
     MAX_WARNING_CHARS, MAX_WARNINGS,
 };
@@ -295,6 +295,36 @@ fn rules() -> Vec<(At, Constraint)> {
         (
             Property("CompleteJob", "warnings/[]"),
             text(0, MAX_WARNING_CHARS, TEXT_PATTERN),
+        ),
+        (
+            Property("ClaimV2Request", "max_jobs"),
+            int(0, MAX_CLAIM_JOBS),
+        ),
+        (
+            Property("ClaimV2Request", "wait_seconds"),
+            int(0, MAX_CLAIM_WAIT_SECONDS),
+        ),
+        (
+            Property("ClaimV2Request", "completions"),
+            MaxItems(MAX_CLAIM_REPORTS),
+        ),
+        (
+            Property("ClaimV2Request", "failures"),
+            MaxItems(MAX_CLAIM_REPORTS),
+        ),
+        (Property("JobCompletion", "lease"), lease()),
+        (
+            Property("JobCompletion", "warnings"),
+            MaxItems(MAX_WARNINGS),
+        ),
+        (
+            Property("JobCompletion", "warnings/[]"),
+            text(0, MAX_WARNING_CHARS, TEXT_PATTERN),
+        ),
+        (Property("JobFailure", "lease"), lease()),
+        (
+            Property("JobFailure", "code"),
+            text(1, MAX_FAILURE_CODE_CHARS, TEXT_PATTERN),
         ),
         (Property("JobLease", "lease"), lease()),
         (Property("JobHeartbeat", "lease"), lease()),

@@ -4,8 +4,9 @@
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use backvault_domain::agent::protocol::{
-    AgentHeartbeat, AgentHeartbeatResponse, ClaimRequest, ClaimResponse, CompleteJob,
-    EnrollRequest, EnrollResponse, FailJob, JobHeartbeat, JobHeartbeatResponse,
+    AgentHeartbeat, AgentHeartbeatResponse, ClaimRequest, ClaimResponse, ClaimV2Request,
+    ClaimV2Response, CompleteJob, EnrollRequest, EnrollResponse, FailJob, JobHeartbeat,
+    JobHeartbeatResponse, ReportOutcome,
 };
 use backvault_service::agents::JobOutcome;
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -14,7 +15,7 @@ use uuid::Uuid;
 use super::tokens::no_store;
 use crate::AppState;
 use crate::audit::AuditSlot;
-use crate::error::{ApiResult, Problem};
+use crate::error::{ApiResult, Problem, refusal};
 use crate::extract::{Caller, Json, Path};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -22,6 +23,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(enroll_agent))
         .routes(routes!(agent_heartbeat))
         .routes(routes!(claim_jobs))
+        .routes(routes!(claim_jobs_v2))
         .routes(routes!(heartbeat_job))
         .routes(routes!(complete_job))
         .routes(routes!(fail_job))
@@ -73,6 +75,47 @@ async fn claim_jobs(
         .agent_claim(&principal, req.max_jobs, req.wait_seconds)
         .await?;
     Ok(axum::Json(ClaimResponse { jobs }))
+}
+
+/// Report the jobs finished since the last claim, then claim more (version 2 of the claim).
+///
+/// Each completion and failure is recorded as its version 1 call would record it, and
+/// answered in `completions` / `failures` in the order sent: a refused one (a lost lease, a
+/// result that does not fit its job) carries the problem that call would have answered,
+/// and does not stop the others. Reports are recorded before the claim waits. Repeating a
+/// report is harmless, so a call that failed as a whole (503) is sent again as it was.
+#[utoipa::path(post, path = "/v2/agent/claim", tag = "agent", request_body = ClaimV2Request,
+    responses((status = 200, body = ClaimV2Response)))]
+async fn claim_jobs_v2(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Json(req): Json<ClaimV2Request>,
+) -> ApiResult<axum::Json<ClaimV2Response>> {
+    let done = state.service.agent_claim_v2(&principal, req).await?;
+    let outcomes = |reports: Vec<(Uuid, backvault_service::Result<JobOutcome>)>| {
+        reports
+            .into_iter()
+            .map(|(job_id, outcome)| match outcome {
+                Ok(o) => ReportOutcome {
+                    job_id,
+                    status: Some(o.status),
+                    retry_at: o.retry_at,
+                    refused: None,
+                },
+                Err(e) => ReportOutcome {
+                    job_id,
+                    status: None,
+                    retry_at: None,
+                    refused: Some(refusal(e)),
+                },
+            })
+            .collect()
+    };
+    Ok(axum::Json(ClaimV2Response {
+        jobs: done.jobs,
+        completions: outcomes(done.completions),
+        failures: outcomes(done.failures),
+    }))
 }
 
 /// Extend one job's lease and report progress; says whether a user cancelled it.

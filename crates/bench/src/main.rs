@@ -7,16 +7,14 @@
 //! cargo run --release -p backvault-bench -- all
 //! ```
 
+mod all;
 mod backlog;
 mod baseline;
 mod http;
 mod queue;
 mod wakeup;
 
-use std::fmt::Write as _;
-use std::path::PathBuf;
-
-use backvault_bench::{db, server, sys, workspace_root};
+use backvault_bench::{db, sys};
 use clap::{Parser, Subcommand};
 
 use crate::baseline::{BaselineArgs, BaselineResult};
@@ -58,18 +56,8 @@ enum Cmd {
     Http(HttpArgs),
     /// Long-poll wake-up latency and server memory with thousands of waiting agents.
     Wakeup(WakeupArgs),
-    /// The four in order, with a Markdown report.
-    All(AllArgs),
-}
-
-#[derive(Parser)]
-struct AllArgs {
-    /// The `backvault` binary (default: target/release/backvault of this workspace).
-    #[arg(long)]
-    server_bin: Option<PathBuf>,
-    /// Where to write the Markdown report too.
-    #[arg(long)]
-    markdown_out: Option<PathBuf>,
+    /// Every benchmark of the HTTP-performance issue, with a Markdown report.
+    All(all::AllArgs),
 }
 
 /// Every database of this binary's benchmarks starts with this: `backvault_bench_<name>`.
@@ -195,150 +183,6 @@ async fn machine(admin_url: &str) -> Machine {
     }
 }
 
-fn report(
-    m: &Machine,
-    b: &BaselineResult,
-    q: &QueueResult,
-    h: &HttpResult,
-    w: &WakeupResult,
-) -> String {
-    let base = b.jobs_per_sec;
-    let q_ratio = q.jobs_per_sec / base;
-    let h_ratio = h.jobs_per_sec / base;
-    let rss_mb = w.peak_rss.map(|r| r as f64 / 1024.0 / 1024.0);
-    let mut s = String::new();
-    let _ = writeln!(s, "## Results\n");
-    let _ = writeln!(
-        s,
-        "Run {} on {} cores (`nproc` = {}, {}), Linux {}, {}. Load generator, server and Postgres share the machine.\n",
-        m.date, m.nproc, m.nproc, m.cpu_model, m.kernel, m.postgres
-    );
-    let _ = writeln!(s, "| Benchmark | Result | Goal | Status |");
-    let _ = writeln!(s, "| --- | --- | --- | --- |");
-    let _ = writeln!(
-        s,
-        "| `baseline`: pgbench, naive single-row queue, {} clients, {} s | **{:.0} jobs/s** | reference | —{} |",
-        b.clients,
-        b.seconds,
-        base,
-        disturbed(b.cpu)
-    );
-    let _ = writeln!(
-        s,
-        "| `queue`: store layer, {} jobs / {} VMs, {} workers, claim {} {} VMs × {} | **{:.0} jobs/s** = {:.1}× baseline | ≥ 4× | {}{}{} |",
-        q.completed,
-        q.args.vms,
-        q.args.workers,
-        if q.args.overlapping_claims {
-            "random"
-        } else {
-            "random disjoint"
-        },
-        q.args.vms_per_claim,
-        q.args.want,
-        q.jobs_per_sec,
-        q_ratio,
-        met(q_ratio >= 4.0),
-        disturbed(Some(q.cpu)),
-        disturbed(b.cpu).replace("disturbed", "baseline disturbed")
-    );
-    let _ = writeln!(
-        s,
-        "| `http`: agent protocol, {} agents, {} jobs, claim max {} | **{:.0} jobs/s** = {:.2}× baseline | ≥ 1× | {}{}{} |",
-        h.args.agents,
-        h.completed,
-        h.args.max_jobs,
-        h.jobs_per_sec,
-        h_ratio,
-        met(h_ratio >= 1.0),
-        disturbed(Some(h.cpu)),
-        disturbed(b.cpu).replace("disturbed", "baseline disturbed")
-    );
-    let _ = writeln!(
-        s,
-        "| `wakeup`: enqueue commit → claim response, {} waiting agents, {} jobs at {:.0}/s | p50 {:.1} ms, p95 {:.1} ms, **p99 {:.1} ms**, max {:.1} ms | p99 < 100 ms | {}{} |",
-        w.waiting_before,
-        w.args.jobs,
-        w.achieved_rate,
-        w.p50_ms,
-        w.p95_ms,
-        w.p99_ms,
-        w.max_ms,
-        met(w.p99_ms < 100.0 && w.missing == 0),
-        disturbed(Some(w.cpu))
-    );
-    let _ = writeln!(
-        s,
-        "| `wakeup`: server peak RSS (`VmHWM`) with {} agents | **{}** | < 150 MB | {} |",
-        w.args.agents,
-        mb(w.peak_rss),
-        met(rss_mb.is_some_and(|r| r < 150.0))
-    );
-    let _ = writeln!(s, "\n### Details\n");
-    let _ = writeln!(
-        s,
-        "- **baseline**: {} pgbench transactions in {} s ({} failed), {:.2} ms average latency; each transaction is one job = two autocommitted statements (claim `UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP LOCKED) RETURNING id`, then complete `{}`), so two commits per job. {} of {} rows left pending. CPU: {}.",
-        b.transactions,
-        b.seconds,
-        b.failed,
-        b.latency_ms,
-        match b.complete {
-            baseline::CompleteMode::Delete => "DELETE … WHERE id = :id",
-            baseline::CompleteMode::Update => "UPDATE … SET state = 'done' WHERE id = :id",
-        },
-        b.rows_left,
-        b.rows,
-        b.cpu.map_or("n/a".into(), |c| c.to_string())
-    );
-    let _ = writeln!(
-        s,
-        "- **queue**: drained in {:.1} s; {} claim transactions ({} came back empty), {:.0} jobs per claim, claim tx {:.1} ms and complete tx {:.1} ms on average (per worker); enqueue of the backlog ran at {:.0} jobs/s (not part of the result). CPU: {}.",
-        q.seconds,
-        q.claim_txs,
-        q.empty_claims,
-        q.rows_per_claim(),
-        q.claim_ms,
-        q.complete_ms,
-        q.enqueue_jobs_per_sec,
-        q.cpu
-    );
-    let _ = writeln!(
-        s,
-        "- **http**: drained in {:.1} s; {:.0} HTTP requests/s ({} claims of which {} empty, {} completes, {} errors{}); server peak RSS {}. CPU: {}.",
-        h.seconds,
-        h.requests_per_sec(),
-        h.claims,
-        h.empty_claims,
-        h.completed,
-        h.errors,
-        h.first_error
-            .as_ref()
-            .map(|e| format!(", first: {e}"))
-            .unwrap_or_default(),
-        mb(h.server_peak_rss),
-        h.cpu
-    );
-    let _ = writeln!(
-        s,
-        "- **wakeup**: {} agents waiting before the first enqueue; {} jobs enqueued at {:.0}/s, {} claimed in time ({} not); mean {:.1} ms; {} claim responses, {} errors{}; server RSS at the end {}. CPU during the enqueue phase: {}.",
-        w.waiting_before,
-        w.args.jobs,
-        w.achieved_rate,
-        w.measured,
-        w.missing,
-        w.mean_ms,
-        w.claims,
-        w.errors,
-        w.first_error
-            .as_ref()
-            .map(|e| format!(" (first: {e})"))
-            .unwrap_or_default(),
-        mb(w.rss_end),
-        w.cpu
-    );
-    s
-}
-
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let url = cli.database_url;
     let n = cli.attempts;
@@ -393,62 +237,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", r.summary());
         }
         Cmd::All(args) => {
-            // Fail before the long runs if the server binary is missing.
-            server::server_bin(args.server_bin.as_deref())?;
             let m = machine(&url).await;
-            let b_args = BaselineArgs::default();
-            let b = measure(
-                "baseline",
-                n,
-                |r: &BaselineResult| r.cpu,
-                || baseline::run(&url, &b_args),
-            )
-            .await?;
-            baseline::save(&b);
-            println!("{}", b.summary());
-            let q_args = QueueArgs::default();
-            let q = measure(
-                "queue",
-                n,
-                |r: &QueueResult| Some(r.cpu),
-                || queue::run(&url, &q_args),
-            )
-            .await?;
-            println!("{}", q.summary(Some(b.jobs_per_sec)));
-            let h_args = HttpArgs {
-                server_bin: args.server_bin.clone(),
-                ..HttpArgs::default()
-            };
-            let h = measure(
-                "http",
-                n,
-                |r: &HttpResult| Some(r.cpu),
-                || http::run(&url, &h_args),
-            )
-            .await?;
-            println!("{}", h.summary(Some(b.jobs_per_sec)));
-            let w_args = WakeupArgs {
-                server_bin: args.server_bin.clone(),
-                ..WakeupArgs::default()
-            };
-            let w = measure(
-                "wakeup",
-                n,
-                |r: &WakeupResult| Some(r.cpu),
-                || wakeup::run(&url, &w_args),
-            )
-            .await?;
-            println!("{}", w.summary());
-            let md = report(&m, &b, &q, &h, &w);
+            let md = all::run(&url, n, m, args).await?;
             println!("\n{md}");
-            let out = args
-                .markdown_out
-                .unwrap_or_else(|| workspace_root().join("target/backvault-bench/report.md"));
-            if let Some(dir) = out.parent() {
-                let _ = std::fs::create_dir_all(dir);
-            }
-            std::fs::write(&out, &md)?;
-            eprintln!("report written to {}", out.display());
         }
     }
     Ok(())

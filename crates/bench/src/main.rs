@@ -11,6 +11,7 @@ mod backlog;
 mod baseline;
 mod http;
 mod queue;
+mod reads;
 mod wakeup;
 
 use std::fmt::Write as _;
@@ -22,6 +23,7 @@ use clap::{Parser, Subcommand};
 use crate::baseline::{BaselineArgs, BaselineResult};
 use crate::http::{HttpArgs, HttpResult};
 use crate::queue::{QueueArgs, QueueResult};
+use crate::reads::{ReadsArgs, ReadsResult};
 use crate::wakeup::{WakeupArgs, WakeupResult, mb};
 
 #[derive(Parser)]
@@ -58,6 +60,8 @@ enum Cmd {
     Http(HttpArgs),
     /// Long-poll wake-up latency and server memory with thousands of waiting agents.
     Wakeup(WakeupArgs),
+    /// API reads (vault, policies, jobs, protected items) against a bare axum + sqlx server.
+    Reads(ReadsArgs),
     /// The four in order, with a Markdown report.
     All(AllArgs),
 }
@@ -392,6 +396,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
             println!("{}", r.summary());
         }
+        Cmd::Reads(args) => {
+            let r = measure("reads", n, ReadsResult::cpu, || reads::run(&url, &args)).await?;
+            println!("{}", r.summary());
+            println!("\n{}", r.markdown());
+        }
         Cmd::All(args) => {
             // Fail before the long runs if the server binary is missing.
             server::server_bin(args.server_bin.as_deref())?;
@@ -476,6 +485,7 @@ mod tests {
             QueueArgs::default(),
             HttpArgs::default(),
             WakeupArgs::default(),
+            ReadsArgs::default(),
         );
     }
 }

@@ -95,9 +95,22 @@ impl Default for Config {
     }
 }
 
-/// What every use case needs. Cheap to clone.
+/// What every use case needs. Cheap to clone: one reference count, since the HTTP layer
+/// clones it for every request (its state, each route layer's state).
 #[derive(Clone)]
-pub struct Service {
+pub struct Service(Arc<Shared>);
+
+impl std::ops::Deref for Service {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What a [`Service`] holds, shared by its clones.
+#[derive(Clone)]
+pub struct Shared {
     pub pool: PgPool,
     pub auth: Arc<Auth>,
     pub config: Arc<Config>,
@@ -124,7 +137,7 @@ impl Service {
         let claimer = claims::claim_batcher(pool.clone(), config.clone(), metrics.clone());
         let completer =
             completions::complete_batcher(pool.clone(), config.clone(), metrics.clone());
-        Self {
+        Self(Arc::new(Shared {
             pool,
             auth: Arc::new(auth),
             config,
@@ -135,12 +148,12 @@ impl Service {
             stopping: tokio::sync::watch::Sender::new(false),
             claimer,
             completer,
-        }
+        }))
     }
 
     /// The same service reading "now" from `clock` (tests; rehearsals on a `--dev` server).
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
-        self.clock = clock;
+        Arc::make_mut(&mut self.0).clock = clock;
         self
     }
 

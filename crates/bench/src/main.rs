@@ -488,4 +488,31 @@ mod tests {
             ReadsArgs::default(),
         );
     }
+
+    #[test]
+    fn reads_parses_its_sizes_and_endpoints() {
+        let cli = Cli::try_parse_from([
+            "backvault-bench",
+            "reads",
+            "--endpoints",
+            "vault,jobs",
+            "--connections",
+            "8",
+            "--seconds",
+            "3",
+        ])
+        .unwrap();
+        let Cmd::Reads(args) = cli.command else {
+            panic!("not the reads command");
+        };
+        assert_eq!(
+            args.endpoints,
+            [reads::Endpoint::Vault, reads::Endpoint::Jobs]
+        );
+        assert_eq!((args.connections, args.seconds), (8, 3));
+        let defaults = ReadsArgs::default();
+        assert_eq!((defaults.connections, defaults.seconds), (50, 10));
+        assert!(defaults.endpoints.is_empty(), "all four by default");
+        assert!(Cli::try_parse_from(["backvault-bench", "reads", "--endpoints", "nope"]).is_err());
+    }
 }

@@ -423,7 +423,7 @@ async fn connection(
                 String::from_utf8_lossy(&body[..body.len().min(300)])
             );
         }
-        if sent % check_every.max(1) == 0 {
+        if sent.is_multiple_of(check_every.max(1)) {
             endpoint
                 .check(&body, vault)
                 .with_context(|| format!("GET {path}"))?;
@@ -640,4 +640,40 @@ pub async fn run(admin_url: &str, args: &ReadsArgs) -> anyhow::Result<ReadsResul
         (db, result)
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_must_hold_the_fixtures_count() {
+        let vault = Uuid::now_v7();
+        let page = |n: usize, cursor: bool| {
+            serde_json::to_vec(&serde_json::json!({
+                "items": vec![serde_json::json!({}); n],
+                "next_cursor": cursor.then_some("x"),
+            }))
+            .unwrap()
+        };
+        assert!(Endpoint::Policies.check(&page(20, true), vault).is_ok());
+        assert!(Endpoint::Policies.check(&page(19, true), vault).is_err());
+        assert!(Endpoint::Jobs.check(&page(50, false), vault).is_err());
+        assert!(
+            Endpoint::Items
+                .check(b"{\"type\":\"about:blank\"}", vault)
+                .is_err()
+        );
+        let v = serde_json::to_vec(&serde_json::json!({"id": vault})).unwrap();
+        assert!(Endpoint::Vault.check(&v, vault).is_ok());
+        assert!(Endpoint::Vault.check(&v, Uuid::now_v7()).is_err());
+    }
+
+    #[test]
+    fn percentiles_are_of_the_sorted_latencies() {
+        let us: Vec<u32> = (1..=100).map(|i| i * 1000).collect();
+        assert_eq!(percentile_ms(&us, 0.50), 50.0);
+        assert_eq!(percentile_ms(&us, 0.99), 99.0);
+        assert!(percentile_ms(&[], 0.5).is_nan());
+    }
 }

@@ -297,3 +297,33 @@ pub struct Created<T> {
 
 /// Optimistic-concurrency precondition from `If-Match`: `None` means unconditional.
 pub type ExpectedVersion = Option<i64>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Clones share one `Shared`; a clone given a clock of its own (a rehearsal) gets its
+    /// own copy, and the service it came from keeps the clock it had.
+    #[tokio::test]
+    async fn a_clock_is_given_to_one_clone() {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://127.0.0.1:1/unused")
+            .unwrap();
+        let auth = Auth::new(AuthConfig {
+            secret: vec![7; 32],
+            previous_secrets: Vec::new(),
+            issuer: None,
+            audience: None,
+        });
+        let service = Service::new(pool, auth, Config::default());
+        let pinned: chrono::DateTime<chrono::Utc> = "2030-01-01T00:00:00Z".parse().unwrap();
+        let rehearsal = service.clone().with_clock(ManualClock::at(pinned));
+        assert_eq!(rehearsal.now(), pinned);
+        assert_ne!(service.now(), pinned);
+        let clone = service.clone();
+        assert!(
+            Arc::ptr_eq(&service.0, &clone.0),
+            "a clone is a reference count"
+        );
+    }
+}

@@ -12,6 +12,7 @@ use clap::Parser;
 use crate::baseline::{self, BaselineArgs, BaselineResult};
 use crate::http::{self, HttpArgs, HttpResult, Protocol};
 use crate::queue::{self, QueueArgs, QueueResult};
+use crate::reads::{self, ReadsArgs, ReadsResult};
 use crate::wakeup::{self, WakeupArgs, WakeupResult, mb};
 use crate::{Machine, disturbed, measure, met};
 use backvault_bench::{server, workspace_root};
@@ -136,12 +137,26 @@ pub async fn run(
     })
     .await?;
     println!("{}", wakeup.summary());
+    let r_args = ReadsArgs {
+        server_bin: args.server_bin.clone(),
+        rounds: args.rounds.max(1),
+        seconds: if smoke { 2 } else { ReadsArgs::default().seconds },
+        ..ReadsArgs::default()
+    };
+    let reads = measure("reads", attempts, ReadsResult::cpu, || {
+        reads::run(url, &r_args)
+    })
+    .await?;
+    println!("{}", reads.summary());
     let tick = if args.skip_tick {
         None
     } else {
         Some(tick(url, smoke)?)
     };
     let mut md = report_rounds(&machine, &rounds);
+    md.push_str("### API reads against a bare axum + sqlx server\n\n");
+    md.push_str(&reads.markdown());
+    md.push('\n');
     md.push_str(&report_wakeup(&wakeup));
     if let Some(tick) = tick {
         md.push_str(&tick);
@@ -274,13 +289,22 @@ fn report_rounds(m: &Machine, rounds: &[Round]) -> String {
     for (i, r) in rounds.iter().enumerate() {
         let _ = writeln!(s, "Round {}:\n", i + 1);
         let _ = writeln!(s, "- {}", r.baseline.summary());
-        let _ = writeln!(s, "- {}", r.queue.summary(Some(r.baseline.jobs_per_sec)));
+        let _ = writeln!(
+            s,
+            "- {}; the backlog was enqueued at {:.0} jobs/s (not part of the result)",
+            r.queue.summary(Some(r.baseline.jobs_per_sec)),
+            r.queue.enqueue_jobs_per_sec
+        );
         for h in [&r.http_v2, &r.http_v1] {
             let _ = writeln!(
                 s,
-                "- {}; server peak RSS {}",
+                "- {}; server peak RSS {}{}",
                 h.summary(Some(r.baseline.jobs_per_sec)),
-                mb(h.server_peak_rss)
+                mb(h.server_peak_rss),
+                h.first_error
+                    .as_ref()
+                    .map(|e| format!("; first error: {e}"))
+                    .unwrap_or_default()
             );
         }
         let _ = writeln!(s);
@@ -314,7 +338,17 @@ fn report_wakeup(w: &WakeupResult) -> String {
         mb(w.peak_rss),
         met(rss_mb.is_some_and(|r| r < 150.0))
     );
-    let _ = writeln!(s, "- {}\n", w.summary());
+    let _ = writeln!(
+        s,
+        "- {}; {} jobs measured, mean {:.1} ms{}\n",
+        w.summary(),
+        w.measured,
+        w.mean_ms,
+        w.first_error
+            .as_ref()
+            .map(|e| format!("; first error: {e}"))
+            .unwrap_or_default()
+    );
     s
 }
 

@@ -12,6 +12,7 @@ mod backlog;
 mod baseline;
 mod http;
 mod queue;
+mod reads;
 mod wakeup;
 
 use backvault_bench::{db, sys};
@@ -20,7 +21,8 @@ use clap::{Parser, Subcommand};
 use crate::baseline::{BaselineArgs, BaselineResult};
 use crate::http::{HttpArgs, HttpResult};
 use crate::queue::{QueueArgs, QueueResult};
-use crate::wakeup::{WakeupArgs, WakeupResult, mb};
+use crate::reads::{ReadsArgs, ReadsResult};
+use crate::wakeup::{WakeupArgs, WakeupResult};
 
 #[derive(Parser)]
 #[command(
@@ -56,6 +58,8 @@ enum Cmd {
     Http(HttpArgs),
     /// Long-poll wake-up latency and server memory with thousands of waiting agents.
     Wakeup(WakeupArgs),
+    /// API reads (vault, policies, jobs, protected items) against a bare axum + sqlx server.
+    Reads(ReadsArgs),
     /// Every benchmark of the HTTP-performance issue, with a Markdown report.
     All(all::AllArgs),
 }
@@ -236,6 +240,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
             println!("{}", r.summary());
         }
+        Cmd::Reads(args) => {
+            let r = measure("reads", n, ReadsResult::cpu, || reads::run(&url, &args)).await?;
+            println!("{}", r.summary());
+            println!("\n{}", r.markdown());
+        }
         Cmd::All(args) => {
             let m = machine(&url).await;
             let md = all::run(&url, n, m, args).await?;
@@ -267,6 +276,34 @@ mod tests {
             QueueArgs::default(),
             HttpArgs::default(),
             WakeupArgs::default(),
+            ReadsArgs::default(),
         );
+    }
+
+    #[test]
+    fn reads_parses_its_sizes_and_endpoints() {
+        let cli = Cli::try_parse_from([
+            "backvault-bench",
+            "reads",
+            "--endpoints",
+            "vault,jobs",
+            "--connections",
+            "8",
+            "--seconds",
+            "3",
+        ])
+        .unwrap();
+        let Cmd::Reads(args) = cli.command else {
+            panic!("not the reads command");
+        };
+        assert_eq!(
+            args.endpoints,
+            [reads::Endpoint::Vault, reads::Endpoint::Jobs]
+        );
+        assert_eq!((args.connections, args.seconds), (8, 3));
+        let defaults = ReadsArgs::default();
+        assert_eq!((defaults.connections, defaults.seconds), (50, 10));
+        assert!(defaults.endpoints.is_empty(), "all four by default");
+        assert!(Cli::try_parse_from(["backvault-bench", "reads", "--endpoints", "nope"]).is_err());
     }
 }

@@ -95,9 +95,22 @@ impl Default for Config {
     }
 }
 
-/// What every use case needs. Cheap to clone.
+/// What every use case needs. Cheap to clone: one reference count, since the HTTP layer
+/// clones it for every request (its state, each route layer's state).
 #[derive(Clone)]
-pub struct Service {
+pub struct Service(Arc<Shared>);
+
+impl std::ops::Deref for Service {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What a [`Service`] holds, shared by its clones.
+#[derive(Clone)]
+pub struct Shared {
     pub pool: PgPool,
     pub auth: Arc<Auth>,
     pub config: Arc<Config>,
@@ -124,7 +137,7 @@ impl Service {
         let claimer = claims::claim_batcher(pool.clone(), config.clone(), metrics.clone());
         let completer =
             completions::complete_batcher(pool.clone(), config.clone(), metrics.clone());
-        Self {
+        Self(Arc::new(Shared {
             pool,
             auth: Arc::new(auth),
             config,
@@ -135,12 +148,12 @@ impl Service {
             stopping: tokio::sync::watch::Sender::new(false),
             claimer,
             completer,
-        }
+        }))
     }
 
     /// The same service reading "now" from `clock` (tests; rehearsals on a `--dev` server).
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
-        self.clock = clock;
+        Arc::make_mut(&mut self.0).clock = clock;
         self
     }
 
@@ -284,3 +297,33 @@ pub struct Created<T> {
 
 /// Optimistic-concurrency precondition from `If-Match`: `None` means unconditional.
 pub type ExpectedVersion = Option<i64>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Clones share one `Shared`; a clone given a clock of its own (a rehearsal) gets its
+    /// own copy, and the service it came from keeps the clock it had.
+    #[tokio::test]
+    async fn a_clock_is_given_to_one_clone() {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://127.0.0.1:1/unused")
+            .unwrap();
+        let auth = Auth::new(AuthConfig {
+            secret: vec![7; 32],
+            previous_secrets: Vec::new(),
+            issuer: None,
+            audience: None,
+        });
+        let service = Service::new(pool, auth, Config::default());
+        let pinned: chrono::DateTime<chrono::Utc> = "2030-01-01T00:00:00Z".parse().unwrap();
+        let rehearsal = service.clone().with_clock(ManualClock::at(pinned));
+        assert_eq!(rehearsal.now(), pinned);
+        assert_ne!(service.now(), pinned);
+        let clone = service.clone();
+        assert!(
+            Arc::ptr_eq(&service.0, &clone.0),
+            "a clone is a reference count"
+        );
+    }
+}

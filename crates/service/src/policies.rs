@@ -177,8 +177,10 @@ impl Service {
     ) -> Result<Page<BackupPolicy>> {
         principal.require(Operation::Read)?;
         let (request, limit) = page_request(cursor, limit)?;
-        self.visible_vault(&self.pool, principal, vault_id).await?;
-        let rows = policies::policy_list(&self.pool, vault_id, request).await?;
+        // One connection for both reads: each pool checkout costs round trips of its own.
+        let mut conn = self.pool.acquire().await?;
+        self.visible_vault(&mut *conn, principal, vault_id).await?;
+        let rows = policies::policy_list(&mut *conn, vault_id, request).await?;
         let page = page(rows, limit, |r| r.id, BackupPolicy::try_from);
         Ok(Page {
             items: page.items.into_iter().collect::<Result<_>>()?,

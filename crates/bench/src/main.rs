@@ -11,6 +11,7 @@ mod backlog;
 mod baseline;
 mod http;
 mod queue;
+mod scale;
 mod wakeup;
 
 use std::fmt::Write as _;
@@ -22,6 +23,7 @@ use clap::{Parser, Subcommand};
 use crate::baseline::{BaselineArgs, BaselineResult};
 use crate::http::{HttpArgs, HttpResult};
 use crate::queue::{QueueArgs, QueueResult};
+use crate::scale::ScaleArgs;
 use crate::wakeup::{WakeupArgs, WakeupResult, mb};
 
 #[derive(Parser)]
@@ -58,6 +60,9 @@ enum Cmd {
     Http(HttpArgs),
     /// Long-poll wake-up latency and server memory with thousands of waiting agents.
     Wakeup(WakeupArgs),
+    /// Every list page and the RPO report on a large fixture, 50 concurrent readers
+    /// through the real server, with the plans checked for sequential scans.
+    Scale(ScaleArgs),
     /// The four in order, with a Markdown report.
     All(AllArgs),
 }
@@ -392,6 +397,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
             println!("{}", r.summary());
         }
+        Cmd::Scale(args) => {
+            let r = scale::run(&url, &args).await?;
+            println!("{}", r.summary());
+            println!("\n{}", r.markdown());
+        }
         Cmd::All(args) => {
             // Fail before the long runs if the server binary is missing.
             server::server_bin(args.server_bin.as_deref())?;
@@ -476,6 +486,7 @@ mod tests {
             QueueArgs::default(),
             HttpArgs::default(),
             WakeupArgs::default(),
+            ScaleArgs::default(),
         );
     }
 }

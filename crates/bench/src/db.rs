@@ -107,7 +107,11 @@ impl BenchDb {
     }
 
     /// Database `<prefix><name>` as it is, if it exists (a fixture kept by an earlier run).
-    pub async fn existing(admin_url: &str, prefix: &str, name: &str) -> anyhow::Result<Option<Self>> {
+    pub async fn existing(
+        admin_url: &str,
+        prefix: &str,
+        name: &str,
+    ) -> anyhow::Result<Option<Self>> {
         let name = format!("{prefix}{name}");
         let mut admin = PgConnection::connect(admin_url)
             .await

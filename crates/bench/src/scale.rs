@@ -8,8 +8,8 @@
 //! for the next run, `--reuse` takes a kept one of the same sizes). Two vaults: `big` holds
 //! every item but the last `--rpo-vault-items` (its pages are the item lists), `rpo` holds
 //! those (its report is the RPO page). The server starts on it twice: once with one
-//! database connections and `auto_explain` in their sessions (each page read 13 times, so
-//! a prepared statement's switch to its generic plan shows), then with its defaults for the
+//! database connections and `auto_explain` in their sessions (each page read often enough
+//! that a prepared statement's switch to its generic plan shows), then with its defaults for the
 //! timed readers.
 
 use std::collections::BTreeMap;
@@ -87,6 +87,13 @@ pub struct ScaleArgs {
     /// Postgres's log file, where `auto_explain` writes the plans (empty: no plan check).
     #[arg(long, default_value = "/var/log/postgresql/postgresql-15-main.log")]
     pub postgres_log: PathBuf,
+    /// Database connections of the server while plans are captured.
+    #[arg(long, default_value_t = 3)]
+    pub plan_connections: u32,
+    /// Reads of each page before the captured one (enough for every connection to have
+    /// run the statement six times: a prepared statement's generic plan comes at the sixth).
+    #[arg(long, default_value_t = 18)]
+    pub plan_reads: usize,
 }
 
 impl Default for ScaleArgs {
@@ -95,17 +102,9 @@ impl Default for ScaleArgs {
     }
 }
 
-/// Tables whose sequential scan on a user path is a finding.
-const BIG_TABLES: &[&str] = &[
-    "jobs",
-    "job_attempts",
-    "protected_items",
-    "recovery_points",
-    "sql_databases",
-    "sql_instances",
-    "vms",
-    "audit_events",
-];
+/// A table of more rows than this is big: its sequential scan on a user path is a finding
+/// (Postgres rightly scans small tables whole).
+const BIG_TABLE_ROWS: f32 = 10_000.0;
 
 /// A policy every fixture policy uses (15-minute logs, daily fulls).
 const POLICY: &str = r#"{"time_zone":"UTC","full":{"frequency":"daily","time":"00:00"},"log":{"frequency_minutes":15,"retention_days":7},"retention":{"daily":{"days":7}}}"#;
@@ -139,7 +138,7 @@ fn soft_deleted(s: i64) -> bool {
 
 fn sizes_key(a: &ScaleArgs) -> String {
     format!(
-        "items={} vms={} jobs={} rpo={} deep={}x{} ag={} queued={} until={:?}",
+        "items={} vms={} jobs={} rpo={} deep={}x{} ag={} queued={}",
         a.items,
         a.vms,
         a.jobs,
@@ -148,7 +147,6 @@ fn sizes_key(a: &ScaleArgs) -> String {
         a.logs_per_item,
         a.ag_vms,
         a.queued_jobs,
-        a.migrate_until
     )
 }
 
@@ -191,9 +189,10 @@ async fn build_fixture(admin_url: &str, args: &ScaleArgs) -> anyhow::Result<(Ben
                 .fetch_optional(&pool)
                 .await
                 .unwrap_or(None);
-        let size: String = sqlx::query_scalar("select pg_size_pretty(pg_database_size(current_database()))")
-            .fetch_one(&pool)
-            .await?;
+        let size: String =
+            sqlx::query_scalar("select pg_size_pretty(pg_database_size(current_database()))")
+                .fetch_one(&pool)
+                .await?;
         pool.close().await;
         if let Some((sizes, f)) = kept
             && sizes == key
@@ -246,9 +245,10 @@ async fn build_fixture(admin_url: &str, args: &ScaleArgs) -> anyhow::Result<(Ben
         let t = Instant::now();
         sqlx::query("vacuum (analyze)").execute(&mut *conn).await?;
         eprintln!("scale:   vacuum analyze {:.1} s", t.elapsed().as_secs_f64());
-        let size: String = sqlx::query_scalar("select pg_size_pretty(pg_database_size(current_database()))")
-            .fetch_one(&mut *conn)
-            .await?;
+        let size: String =
+            sqlx::query_scalar("select pg_size_pretty(pg_database_size(current_database()))")
+                .fetch_one(&mut *conn)
+                .await?;
         drop(conn);
         pool.close().await;
         Ok::<_, anyhow::Error>(Built {
@@ -315,8 +315,14 @@ async fn seed(conn: &mut PgConnection, a: &ScaleArgs) -> anyhow::Result<Fixture>
     let big_items = a.items - a.rpo_vault_items;
     let big_vms = (a.vms * big_items / a.items).max(1);
     ensure!(big_vms < a.vms, "too few VMs for two vaults");
-    ensure!(a.ag_vms < big_vms, "--ag-vms must be below the big vault's VMs");
-    ensure!(a.deep_items <= a.rpo_vault_items, "--deep-items must fit the RPO vault");
+    ensure!(
+        a.ag_vms < big_vms,
+        "--ag-vms must be below the big vault's VMs"
+    );
+    ensure!(
+        a.deep_items <= a.rpo_vault_items,
+        "--deep-items must fit the RPO vault"
+    );
     for s in [
         "set synchronous_commit = off",
         "set session_replication_role = replica",
@@ -326,7 +332,10 @@ async fn seed(conn: &mut PgConnection, a: &ScaleArgs) -> anyhow::Result<Fixture>
     }
     let mut vaults = Vec::new();
     let mut policies = BTreeMap::new();
-    for (vault, names) in [("big", &["Gold", "Silver", "Bronze"][..]), ("rpo", &["Gold"][..])] {
+    for (vault, names) in [
+        ("big", &["Gold", "Silver", "Bronze"][..]),
+        ("rpo", &["Gold"][..]),
+    ] {
         let vault_id = Uuid::now_v7();
         backvault_store::vaults::vault_insert(
             &mut *conn,
@@ -350,7 +359,12 @@ async fn seed(conn: &mut PgConnection, a: &ScaleArgs) -> anyhow::Result<Fixture>
     }
     let (big_vault, rpo_vault) = (vaults[0], vaults[1]);
     let mut dropped = Vec::new();
-    for t in ["sql_databases", "protected_items", "recovery_points", "jobs"] {
+    for t in [
+        "sql_databases",
+        "protected_items",
+        "recovery_points",
+        "jobs",
+    ] {
         dropped.extend(drop_indexes(conn, t).await?);
     }
     let big = Block {
@@ -603,11 +617,17 @@ fn kinds(f: &Fixture) -> Vec<PageKind> {
     };
     k.push(items("", String::new()));
     k.push(items(", state=protected", "&state=protected".into()));
-    k.push(items(", state=stopped_retain", "&state=stopped_retain".into()));
+    k.push(items(
+        ", state=stopped_retain",
+        "&state=stopped_retain".into(),
+    ));
     k.push(items(", state=soft_deleted", "&state=soft_deleted".into()));
     k.push(items(", policy=Silver (10%)", "&policy=Silver".into()));
     k.push(items(", policy=Bronze (0.1%)", "&policy=Bronze".into()));
-    k.push(items(", auto_protected=true (5%)", "&auto_protected=true".into()));
+    k.push(items(
+        ", auto_protected=true (5%)",
+        "&auto_protected=true".into(),
+    ));
     {
         let f = f.clone();
         k.push(PageKind {
@@ -808,11 +828,13 @@ pub struct Scan {
     pub index: Option<String>,
     pub rows: f64,
     pub removed: f64,
+    /// The relation has more than [`BIG_TABLE_ROWS`] rows.
+    pub big: bool,
 }
 
 impl Scan {
     pub fn big_seq_scan(&self) -> bool {
-        self.node == "Seq Scan" && BIG_TABLES.contains(&self.relation.as_str())
+        self.node == "Seq Scan" && self.big
     }
 }
 
@@ -844,9 +866,13 @@ fn scans_of(node: &serde_json::Value, out: &mut Vec<Scan>) {
             node: ty.to_owned(),
             relation: rel.to_owned(),
             index: node["Index Name"].as_str().map(str::to_owned),
-            rows: node["Actual Rows"].as_f64().unwrap_or(-1.0) * node["Actual Loops"].as_f64().unwrap_or(1.0),
+            rows: node["Actual Rows"].as_f64().unwrap_or(-1.0)
+                * node["Actual Loops"].as_f64().unwrap_or(1.0),
             removed: node["Rows Removed by Filter"].as_f64().unwrap_or(0.0)
-                + node["Rows Removed by Index Recheck"].as_f64().unwrap_or(0.0),
+                + node["Rows Removed by Index Recheck"]
+                    .as_f64()
+                    .unwrap_or(0.0),
+            big: false,
         });
     } else if ty == "Bitmap Index Scan"
         && let Some(i) = node["Index Name"].as_str()
@@ -857,6 +883,7 @@ fn scans_of(node: &serde_json::Value, out: &mut Vec<Scan>) {
             index: Some(i.to_owned()),
             rows: node["Actual Rows"].as_f64().unwrap_or(-1.0),
             removed: 0.0,
+            big: false,
         });
     }
     if let Some(children) = node["Plans"].as_array() {
@@ -877,7 +904,8 @@ fn plans_in_log(path: &Path, from: u64) -> anyhow::Result<Vec<StatementPlan>> {
     while let Some(at) = rest.find("plan:") {
         rest = &rest[at + 5..];
         let Some(open) = rest.find('{') else { break };
-        let mut de = serde_json::Deserializer::from_str(&rest[open..]).into_iter::<serde_json::Value>();
+        let mut de =
+            serde_json::Deserializer::from_str(&rest[open..]).into_iter::<serde_json::Value>();
         let Some(Ok(plan)) = de.next() else { continue };
         let query: String = plan["Query Text"]
             .as_str()
@@ -899,7 +927,11 @@ fn log_len(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
-async fn get(client: &reqwest::Client, server: &Server, path: &str) -> anyhow::Result<(serde_json::Value, f64)> {
+async fn get(
+    client: &reqwest::Client,
+    server: &Server,
+    path: &str,
+) -> anyhow::Result<(serde_json::Value, f64)> {
     let t = Instant::now();
     let res = client
         .get(server.url(path))
@@ -929,15 +961,26 @@ fn with_cursor(path: &str, cursor: &str) -> String {
     format!("{path}{sep}cursor={cursor}")
 }
 
-/// Each page kind read 13 times (first page, and one cursor page) on a server with two
-/// database connections and `auto_explain` in its session; the plans of the last reads.
+/// Each page kind read `--plan-reads` times, then once more (and one cursor page) with its
+/// plans captured, on a server with `--plan-connections` database connections and `auto_explain` in its session; the plans of the last reads.
 async fn capture_plans(
     bin: &Path,
     db: &BenchDb,
     kinds: &[PageKind],
-    log: &Path,
+    args: &ScaleArgs,
 ) -> anyhow::Result<BTreeMap<String, Vec<StatementPlan>>> {
+    let log = args.postgres_log.as_path();
     let mut plans = BTreeMap::new();
+    let pool = db.pool(1).await?;
+    let big: std::collections::HashSet<String> = sqlx::query_scalar(
+        "select relname::text from pg_class where relkind = 'r' and reltuples > $1",
+    )
+    .bind(BIG_TABLE_ROWS)
+    .fetch_all(&pool)
+    .await?
+    .into_iter()
+    .collect();
+    pool.close().await;
     if log.as_os_str().is_empty() || std::fs::File::open(log).is_err() {
         eprintln!(
             "scale: cannot read Postgres's log {}; plans not checked",
@@ -955,17 +998,24 @@ async fn capture_plans(
         bin,
         &url,
         &Launch {
-            args: server_args(&["--db-max-connections", "2"]),
+            args: server_args(&[
+                "--db-max-connections",
+                &args.plan_connections.to_string(),
+                "--db-acquire-timeout",
+                "60s",
+            ]),
             ..Launch::default()
         },
     )?;
     let client = http_client(4)?;
+    // The background tasks' first round (scheduler, sweep, pruning) runs at start: let it
+    // pass, so that its statements do not land among a page's.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let mut rng = StdRng::seed_from_u64(7);
     for k in kinds {
         let path = (k.path)(&mut rng);
         let mut cursor = None;
-        // Sequential reads alternate over the two connections: six each.
-        for _ in 0..12 {
+        for _ in 0..args.plan_reads {
             let (v, _) = get(&client, &server, &path).await?;
             cursor = items_and_cursor(&v).1;
         }
@@ -986,8 +1036,20 @@ async fn capture_plans(
             len = now;
         }
         let mut found = plans_in_log(log, from)?;
+        for scan in found.iter_mut().flat_map(|p| p.scans.iter_mut()) {
+            scan.big = big.contains(&scan.relation);
+        }
         let mut seen = std::collections::HashSet::new();
-        found.retain(|p| seen.insert(format!("{}{:?}", p.query, p.scans.iter().map(|s| (&s.node, &s.relation, &s.index)).collect::<Vec<_>>())));
+        found.retain(|p| {
+            seen.insert(format!(
+                "{}{:?}",
+                p.query,
+                p.scans
+                    .iter()
+                    .map(|s| (&s.node, &s.relation, &s.index))
+                    .collect::<Vec<_>>()
+            ))
+        });
         plans.insert(k.name.clone(), found);
     }
     drop(server);
@@ -1069,7 +1131,10 @@ impl ScaleResult {
         for p in &self.pages {
             let d = |d: &Option<Dist>| {
                 d.as_ref().map_or("-".into(), |d| {
-                    format!("p50 {:.1} p99 {:.1} max {:.1} ms (n {})", d.p50, d.p99, d.max, d.n)
+                    format!(
+                        "p50 {:.1} p99 {:.1} max {:.1} ms (n {})",
+                        d.p50, d.p99, d.max, d.n
+                    )
                 })
             };
             s.push_str(&format!(
@@ -1086,7 +1151,11 @@ impl ScaleResult {
                     "\n      {q}…\n        {}",
                     plan.scans
                         .iter()
-                        .map(|s| if s.big_seq_scan() { format!("**{s}**") } else { s.to_string() })
+                        .map(|s| if s.big_seq_scan() {
+                            format!("**{s}**")
+                        } else {
+                            s.to_string()
+                        })
                         .collect::<Vec<_>>()
                         .join("; ")
                 ));
@@ -1118,8 +1187,9 @@ impl ScaleResult {
         s.push_str("| --- | --- | --- | --- | --- |\n");
         for p in &self.pages {
             let d = |d: &Option<Dist>| {
-                d.as_ref()
-                    .map_or("—".into(), |d| format!("{:.1} / {:.1} / {:.1}", d.p50, d.p99, d.max))
+                d.as_ref().map_or("—".into(), |d| {
+                    format!("{:.1} / {:.1} / {:.1}", d.p50, d.p99, d.max)
+                })
             };
             let scans = p
                 .plans
@@ -1131,9 +1201,16 @@ impl ScaleResult {
                         "{} {}{}",
                         s.node,
                         s.relation,
-                        s.index.as_ref().map(|i| format!(" ({i})")).unwrap_or_default()
+                        s.index
+                            .as_ref()
+                            .map(|i| format!(" ({i})"))
+                            .unwrap_or_default()
                     );
-                    if s.big_seq_scan() { format!("**{t}**") } else { t }
+                    if s.big_seq_scan() {
+                        format!("**{t}**")
+                    } else {
+                        t
+                    }
                 })
                 .collect::<Vec<_>>()
                 .join("; ");
@@ -1142,8 +1219,16 @@ impl ScaleResult {
                 p.name,
                 d(&p.first),
                 d(&p.deep),
-                if self.plans_checked { scans } else { "not captured".into() },
-                if self.met(p) { "**met**" } else { "**not met**" }
+                if self.plans_checked {
+                    scans
+                } else {
+                    "not captured".into()
+                },
+                if self.met(p) {
+                    "**met**"
+                } else {
+                    "**not met**"
+                }
             ));
         }
         s
@@ -1170,14 +1255,35 @@ pub async fn run(admin_url: &str, args: &ScaleArgs) -> anyhow::Result<ScaleResul
     result
 }
 
-async fn measure(bin: &Path, db: &BenchDb, built: &Built, args: &ScaleArgs) -> anyhow::Result<ScaleResult> {
+async fn measure(
+    bin: &Path,
+    db: &BenchDb,
+    built: &Built,
+    args: &ScaleArgs,
+) -> anyhow::Result<ScaleResult> {
     let kinds = Arc::new(kinds(&built.fixture));
-    let plans = capture_plans(bin, db, &kinds, &args.postgres_log).await?;
+    if args.migrate_until.is_none() {
+        // Here rather than in the server, whose start would wait for the index builds of a
+        // kept fixture; how long they take is what a large deployment's upgrade waits.
+        let pool = db.pool(1).await?;
+        let t = Instant::now();
+        backvault_store::MIGRATOR.run(&pool).await?;
+        eprintln!(
+            "scale: migrations applied in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        pool.close().await;
+    }
+    let plans = capture_plans(bin, db, &kinds, args).await?;
     let plans_checked = !plans.is_empty();
-    let server = Arc::new(Server::start(bin, &db.url, &Launch {
-        args: server_args(&[]),
-        ..Launch::default()
-    })?);
+    let server = Arc::new(Server::start(
+        bin,
+        &db.url,
+        &Launch {
+            args: server_args(&[]),
+            ..Launch::default()
+        },
+    )?);
     let client = http_client(args.readers * 2)?;
     backvault_bench::sys::wait_until_quiet().await;
     let warmup = Duration::from_secs(5);
@@ -1187,8 +1293,12 @@ async fn measure(bin: &Path, db: &BenchDb, built: &Built, args: &ScaleArgs) -> a
     let cpu_before = Arc::new(std::sync::Mutex::new(None::<CpuSnapshot>));
     let mut set = tokio::task::JoinSet::new();
     for reader in 0..args.readers {
-        let (kinds, client, server, cpu_before) =
-            (kinds.clone(), client.clone(), server.clone(), cpu_before.clone());
+        let (kinds, client, server, cpu_before) = (
+            kinds.clone(),
+            client.clone(),
+            server.clone(),
+            cpu_before.clone(),
+        );
         let deep_pages = args.deep_pages;
         set.spawn(async move {
             let mut rng = StdRng::seed_from_u64(reader as u64 + 1);
@@ -1207,7 +1317,9 @@ async fn measure(bin: &Path, db: &BenchDb, built: &Built, args: &ScaleArgs) -> a
                     }
                 }
                 let path = (k.path)(&mut rng);
-                let (v, ms) = get(&client, &server, &path).await.with_context(|| k.name.clone())?;
+                let (v, ms) = get(&client, &server, &path)
+                    .await
+                    .with_context(|| k.name.clone())?;
                 requests += u64::from(measuring);
                 let (n, mut cursor) = items_and_cursor(&v);
                 let s = &mut samples[kind_index];

@@ -12,8 +12,8 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::Operation;
-use crate::pagination::{page, page_request};
 use crate::error::Result;
+use crate::pagination::{page, page_request};
 use crate::recovery::policy_of;
 use crate::{Principal, Service};
 

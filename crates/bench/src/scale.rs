@@ -585,6 +585,9 @@ async fn seed(conn: &mut PgConnection, a: &ScaleArgs) -> anyhow::Result<Fixture>
     })
 }
 
+/// A random position in a list: the cursor to start a page at.
+type Jump = Box<dyn Fn(&mut StdRng) -> Uuid + Send + Sync>;
+
 /// One kind of page: how to make its path for a reader, and whether the fixture promises
 /// items on its first page.
 struct PageKind {
@@ -593,7 +596,7 @@ struct PageKind {
     /// Has `next_cursor` (followed `--deep-pages` times).
     paged: bool,
     /// Where a deep position can be jumped to directly: a cursor for a random position.
-    jump: Option<Box<dyn Fn(&mut StdRng) -> Uuid + Send + Sync>>,
+    jump: Option<Jump>,
     non_empty: bool,
 }
 

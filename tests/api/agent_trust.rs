@@ -9,7 +9,9 @@ use chrono::{DateTime, Duration, Utc};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use crate::helpers::{Response, TestApp, claim, job_outcome, jobs, protected_items, sql};
+use crate::helpers::{
+    Response, TestApp, all_pages, claim, job_outcome, jobs, protected_items, sql,
+};
 use crate::protection::{
     auto_protect_instance, db, inventory, protectable, registered, run_configure, run_discovery,
 };
@@ -704,6 +706,23 @@ async fn rpo_breaches_over_200_policies_in_one_scrape(pool: PgPool) {
     assert_eq!(report.status, StatusCode::OK, "{}", report.body);
     assert_eq!(report.body["protected"], 200);
     assert_eq!(report.body["breached"], 67);
+    // A page at a time (50 by default); the totals are the vault's on every page.
+    assert_eq!(report.body["items"].as_array().unwrap().len(), 50);
+    let last = app
+        .get(
+            &format!(
+                "/v1/vaults/{}/rpo?limit=100&cursor={}",
+                s.vault,
+                report.body["next_cursor"].as_str().unwrap()
+            ),
+            &admin,
+        )
+        .await;
+    assert_eq!(last.status, StatusCode::OK, "{}", last.body);
+    assert_eq!(last.body["breached"], 67);
+    let items = all_pages(&app, &format!("/v1/vaults/{}/rpo?", s.vault), 64).await;
+    assert_eq!(items.len(), 200);
+    assert_eq!(items.iter().filter(|i| i["breached"] == true).count(), 67);
     let metrics = app.get("/metrics", "").await.body;
     assert!(
         metrics

@@ -141,6 +141,15 @@ async fn list_filters_and_pages(pool: PgPool) {
         }
     }
     assert_eq!(seen.len(), 5);
+    // A cursor is a position even when no job has its id: the UUIDv7's time places it.
+    let after_all = uuid::Uuid::now_v7();
+    assert_eq!(count(format!("/v1/jobs?cursor={after_all}")).await, 5);
+    let in_2001 = uuid::Uuid::new_v7(uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        1_000_000_000,
+        0,
+    ));
+    assert_eq!(count(format!("/v1/jobs?cursor={in_2001}")).await, 0);
 
     let other = app.token(Role::Reader, &["sub-9"]);
     assert_eq!(

@@ -13,6 +13,7 @@ use crate::baseline::{self, BaselineArgs, BaselineResult};
 use crate::http::{self, HttpArgs, HttpResult, Protocol};
 use crate::queue::{self, QueueArgs, QueueResult};
 use crate::reads::{self, ReadsArgs, ReadsResult};
+use crate::scale::{self, ScaleArgs};
 use crate::wakeup::{self, WakeupArgs, WakeupResult, mb};
 use crate::{Machine, disturbed, measure, met};
 use backvault_bench::{server, workspace_root};
@@ -91,34 +92,50 @@ pub async fn run(
     let h_args = |protocol| HttpArgs {
         protocol,
         server_bin: args.server_bin.clone(),
-        jobs: if smoke { 20_000 } else { HttpArgs::default().jobs },
+        jobs: if smoke {
+            20_000
+        } else {
+            HttpArgs::default().jobs
+        },
         ..HttpArgs::default()
     };
     let mut rounds = Vec::new();
     for round in 1..=args.rounds.max(1) {
         eprintln!("all: round {round} of {}", args.rounds.max(1));
-        let baseline = measure("baseline", attempts, |r: &BaselineResult| r.cpu, || {
-            baseline::run(url, &b_args)
-        })
+        let baseline = measure(
+            "baseline",
+            attempts,
+            |r: &BaselineResult| r.cpu,
+            || baseline::run(url, &b_args),
+        )
         .await?;
         baseline::save(&baseline);
         println!("{}", baseline.summary());
         let base = Some(baseline.jobs_per_sec);
-        let queue = measure("queue", attempts, |r: &QueueResult| Some(r.cpu), || {
-            queue::run(url, &q_args)
-        })
+        let queue = measure(
+            "queue",
+            attempts,
+            |r: &QueueResult| Some(r.cpu),
+            || queue::run(url, &q_args),
+        )
         .await?;
         println!("{}", queue.summary(base));
         let v2 = h_args(Protocol::V2);
-        let http_v2 = measure("http", attempts, |r: &HttpResult| Some(r.cpu), || {
-            http::run(url, &v2)
-        })
+        let http_v2 = measure(
+            "http",
+            attempts,
+            |r: &HttpResult| Some(r.cpu),
+            || http::run(url, &v2),
+        )
         .await?;
         println!("{}", http_v2.summary(base));
         let v1 = h_args(Protocol::V1);
-        let http_v1 = measure("http v1", attempts, |r: &HttpResult| Some(r.cpu), || {
-            http::run(url, &v1)
-        })
+        let http_v1 = measure(
+            "http v1",
+            attempts,
+            |r: &HttpResult| Some(r.cpu),
+            || http::run(url, &v1),
+        )
         .await?;
         println!("{}", http_v1.summary(base));
         rounds.push(Round {
@@ -132,15 +149,22 @@ pub async fn run(
         server_bin: args.server_bin.clone(),
         ..WakeupArgs::default()
     };
-    let wakeup = measure("wakeup", attempts, |r: &WakeupResult| Some(r.cpu), || {
-        wakeup::run(url, &w_args)
-    })
+    let wakeup = measure(
+        "wakeup",
+        attempts,
+        |r: &WakeupResult| Some(r.cpu),
+        || wakeup::run(url, &w_args),
+    )
     .await?;
     println!("{}", wakeup.summary());
     let r_args = ReadsArgs {
         server_bin: args.server_bin.clone(),
         rounds: args.rounds.max(1),
-        seconds: if smoke { 2 } else { ReadsArgs::default().seconds },
+        seconds: if smoke {
+            2
+        } else {
+            ReadsArgs::default().seconds
+        },
         ..ReadsArgs::default()
     };
     let reads = measure("reads", attempts, ReadsResult::cpu, || {
@@ -148,6 +172,25 @@ pub async fn run(
     })
     .await?;
     println!("{}", reads.summary());
+    let s_args = if smoke {
+        ScaleArgs {
+            server_bin: args.server_bin.clone(),
+            items: 20_000,
+            vms: 400,
+            jobs: 200_000,
+            rpo_vault_items: 5_000,
+            seconds: 5,
+            ..ScaleArgs::default()
+        }
+    } else {
+        ScaleArgs {
+            server_bin: args.server_bin.clone(),
+            ..ScaleArgs::default()
+        }
+    };
+    backvault_bench::sys::wait_until_quiet().await;
+    let scale = scale::run(url, &s_args).await?;
+    println!("{}", scale.summary());
     let tick = if args.skip_tick {
         None
     } else {
@@ -158,6 +201,9 @@ pub async fn run(
     md.push_str(&reads.markdown());
     md.push('\n');
     md.push_str(&report_wakeup(&wakeup));
+    md.push_str("### Reads at scale\n\n");
+    md.push_str(&scale.markdown());
+    md.push('\n');
     if let Some(tick) = tick {
         md.push_str(&tick);
     }

@@ -106,6 +106,30 @@ impl BenchDb {
         })
     }
 
+    /// Database `<prefix><name>` as it is, if it exists (a fixture kept by an earlier run).
+    pub async fn existing(
+        admin_url: &str,
+        prefix: &str,
+        name: &str,
+    ) -> anyhow::Result<Option<Self>> {
+        let name = format!("{prefix}{name}");
+        let mut admin = PgConnection::connect(admin_url)
+            .await
+            .with_context(|| format!("cannot connect to Postgres at {admin_url}"))?;
+        let exists: bool =
+            sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+                .bind(&name)
+                .fetch_one(&mut admin)
+                .await?;
+        admin.close().await?;
+        Ok(exists.then(|| Self {
+            admin_url: admin_url.to_owned(),
+            prefix: prefix.to_owned(),
+            url: url_with_database(admin_url, &name).unwrap_or_default(),
+            name,
+        }))
+    }
+
     /// A copy of this database (which must have no connections), named `name` with the
     /// same prefix.
     pub async fn copy(&self, name: &str) -> anyhow::Result<Self> {

@@ -7,6 +7,7 @@
 //! ingestion, retention sweep). `BENCHMARKS.md` says how to run them.
 
 pub mod db;
+pub mod fixture;
 pub mod server;
 pub mod sys;
 

@@ -13,6 +13,7 @@ mod baseline;
 mod http;
 mod queue;
 mod reads;
+mod scale;
 mod wakeup;
 
 use backvault_bench::{db, sys};
@@ -22,6 +23,7 @@ use crate::baseline::{BaselineArgs, BaselineResult};
 use crate::http::{HttpArgs, HttpResult};
 use crate::queue::{QueueArgs, QueueResult};
 use crate::reads::{ReadsArgs, ReadsResult};
+use crate::scale::ScaleArgs;
 use crate::wakeup::{WakeupArgs, WakeupResult};
 
 #[derive(Parser)]
@@ -60,6 +62,9 @@ enum Cmd {
     Wakeup(WakeupArgs),
     /// API reads (vault, policies, jobs, protected items) against a bare axum + sqlx server.
     Reads(ReadsArgs),
+    /// Every list page and the RPO report on a large fixture, 50 concurrent readers
+    /// through the real server, with the plans checked for sequential scans.
+    Scale(ScaleArgs),
     /// Every benchmark of the HTTP-performance issue, with a Markdown report.
     All(all::AllArgs),
 }
@@ -245,6 +250,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", r.summary());
             println!("\n{}", r.markdown());
         }
+        Cmd::Scale(args) => {
+            let r = scale::run(&url, &args).await?;
+            println!("{}", r.summary());
+            println!("\n{}", r.markdown());
+        }
         Cmd::All(args) => {
             let m = machine(&url).await;
             let md = all::run(&url, n, m, args).await?;
@@ -277,6 +287,7 @@ mod tests {
             HttpArgs::default(),
             WakeupArgs::default(),
             ReadsArgs::default(),
+            ScaleArgs::default(),
         );
     }
 

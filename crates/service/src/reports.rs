@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::auth::Operation;
 use crate::error::Result;
+use crate::pagination::{page, page_request};
 use crate::recovery::policy_of;
 use crate::{Principal, Service};
 
@@ -33,33 +34,52 @@ pub struct RpoItem {
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct RpoReport {
+    /// One page of the protected items, in id order.
     pub items: Vec<RpoItem>,
+    /// The cursor of the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+    /// Protected items of the vault (all pages).
     pub protected: usize,
+    /// Of those, the items breaching their RPO now (all pages).
     pub breached: usize,
 }
 
 impl Service {
     /// Per protected item: the latest backups, the gap the policy allows and whether it is
-    /// breached now; with totals.
+    /// breached now, a page at a time; with the totals of the whole vault.
     pub async fn rpo_report(
         &self,
         principal: &Principal,
         vault_id: Option<Uuid>,
         now: DateTime<Utc>,
+        cursor: Option<&str>,
+        limit: Option<i64>,
     ) -> Result<RpoReport> {
         principal.require(Operation::Read)?;
+        let (request, limit) = page_request(cursor, limit)?;
         if let Some(v) = vault_id {
             self.visible_vault(&self.pool, principal, v).await?;
         }
-        let rows = store::rpo_rows(&self.pool, vault_id).await?;
+        let rows = store::rpo_rows(&self.pool, vault_id, request).await?;
         let gaps = self.policy_gaps(now).await?;
-        let items: Vec<RpoItem> = rows
-            .into_iter()
-            .map(|r| {
+        let (policies, before) = stale_before(&gaps, now);
+        let totals = store::rpo_totals(
+            &self.pool,
+            vault_id,
+            &policies,
+            &before,
+            stale_before_gap(now, DEFAULT_GAP_MINUTES),
+        )
+        .await?;
+        let page = page(
+            rows,
+            limit,
+            |r| r.id,
+            |r| {
                 let allowed = r
                     .policy_id
                     .and_then(|p| gaps.get(&p).copied())
-                    .unwrap_or(24 * 60);
+                    .unwrap_or(DEFAULT_GAP_MINUTES);
                 let latest = [r.last_full_at, r.last_differential_at, r.last_log_at]
                     .into_iter()
                     .flatten()
@@ -77,13 +97,13 @@ impl Service {
                     current_gap_minutes: gap,
                     breached: rpo_breached(latest, allowed, now),
                 }
-            })
-            .collect();
-        let breached = items.iter().filter(|i| i.breached).count();
+            },
+        );
         Ok(RpoReport {
-            protected: items.len(),
-            breached,
-            items,
+            items: page.items,
+            next_cursor: page.next_cursor,
+            protected: usize::try_from(totals.protected).unwrap_or(0),
+            breached: usize::try_from(totals.breached).unwrap_or(0),
         })
     }
 
@@ -98,19 +118,26 @@ impl Service {
     /// Items breaching their RPO now, across all vaults (for `/metrics`): two statements
     /// (the policies in use, then one count over all of them), however many policies.
     pub async fn rpo_breaching(&self, now: DateTime<Utc>) -> Result<i64> {
-        let (policies, before): (Vec<Uuid>, Vec<DateTime<Utc>>) = self
-            .policy_gaps(now)
-            .await?
-            .into_iter()
-            .map(|(policy, gap)| {
-                // Breached now ⇔ the latest point is before `now - gap - grace`.
-                let allowed = rpo_deadline(now, gap).signed_duration_since(now);
-                (policy, backvault_domain::instants::earlier(now, allowed))
-            })
-            .unzip();
+        let (policies, before) = stale_before(&self.policy_gaps(now).await?, now);
         if policies.is_empty() {
             return Ok(0);
         }
         Ok(store::items_stale(&self.pool, &policies, &before).await?)
     }
+}
+
+/// The gap an item whose policy has no schedule is held to.
+const DEFAULT_GAP_MINUTES: i64 = 24 * 60;
+
+/// Breached now ⇔ the latest point is before `now - gap - grace`: that instant for a gap.
+fn stale_before_gap(now: DateTime<Utc>, gap: i64) -> DateTime<Utc> {
+    let allowed = rpo_deadline(now, gap).signed_duration_since(now);
+    backvault_domain::instants::earlier(now, allowed)
+}
+
+/// Per policy, the instant before which its items' latest point breaches the RPO now.
+fn stale_before(gaps: &HashMap<Uuid, i64>, now: DateTime<Utc>) -> (Vec<Uuid>, Vec<DateTime<Utc>>) {
+    gaps.iter()
+        .map(|(policy, gap)| (*policy, stale_before_gap(now, *gap)))
+        .unzip()
 }

@@ -706,7 +706,8 @@ pub struct JobFilter<'a> {
     pub created_before: Option<DateTime<Utc>>,
 }
 
-/// Newest first: ids are UUIDv7, so descending id is descending creation time. Without
+/// Newest first (creation time, then id); the cursor is the id of the last job of the page
+/// before, and a job no longer there still marks its place (UUIDv7: the id's time). Without
 /// the bodies (`payload`, `result`, `progress` are `None`).
 pub async fn job_list(
     db: impl PgExecutor<'_>,
@@ -729,8 +730,11 @@ pub async fn job_list(
              and ($4::uuid is null or j.vm_id = $4)
              and ($5::timestamptz is null or j.created_at >= $5)
              and ($6::timestamptz is null or j.created_at < $6)
-             and ($7::uuid is null or j.id < $7)
-           order by j.id desc limit $8"#,
+             and ($7::uuid is null
+                  or (j.created_at, j.id) < (coalesce((select c.created_at from jobs c where c.id = $7),
+                                                      to_timestamp(('x' || left(replace($7::text, '-', ''), 12))::bit(48)::int8 / 1000.0)),
+                                             $7))
+           order by j.created_at desc, j.id desc limit $8"#,
         f.subscriptions,
         f.status as Option<JobStatus>,
         f.kind as Option<JobKind>,
@@ -768,14 +772,17 @@ pub async fn job_attempts(db: impl PgExecutor<'_>, job_id: Uuid) -> sqlx::Result
 }
 
 /// Deletes finished jobs older than `age`, a batch at a time so no statement runs long.
+/// A job finished before the cutoff was created before it: the batch walks the creation
+/// index (`finished_at` has none, so completing a job changes no index but `status`'s).
 pub async fn jobs_prune(
     db: impl PgExecutor<'_>,
     age: chrono::Duration,
     batch: i64,
 ) -> sqlx::Result<u64> {
     let done = sqlx::query!(
-        "delete from jobs where id in (
-             select id from jobs where finished_at < now() - $1::interval order by finished_at limit $2)",
+        "delete from jobs where id = any(array(
+             select id from jobs where created_at < now() - $1::interval and finished_at < now() - $1::interval
+             order by created_at limit $2))",
         // sqlx maps `interval` to `PgInterval`; chrono's duration encodes as one too.
         age as chrono::Duration,
         batch,

@@ -10,6 +10,8 @@ use backvault_domain::chain::{self, ChainBreak, ChainState};
 use backvault_domain::lsn::Lsn;
 use backvault_domain::protection::ProtectionState;
 
+use crate::Page;
+
 /// The chain state of a protected item, locked while points are recorded.
 #[derive(Debug, Clone, FromRow)]
 pub struct ChainRow {
@@ -436,20 +438,57 @@ pub struct RpoRow {
     pub last_log_at: Option<DateTime<Utc>>,
 }
 
+/// A page of protected items (of a vault, or of all) in id order, for the RPO report.
 pub async fn rpo_rows(
     db: impl PgExecutor<'_>,
     vault_id: Option<Uuid>,
+    page: Page,
 ) -> sqlx::Result<Vec<RpoRow>> {
     sqlx::query_as!(
         RpoRow,
         "select p.id, p.policy_id, d.name as database, v.name as vm_name, p.created_at, p.last_full_at,
                 p.last_differential_at, p.last_log_at
          from protected_items p join sql_databases d on d.id = p.database_id join vms v on v.id = d.vm_id
-         where p.state = 'protected' and ($1::uuid is null or p.vault_id = $1)
-         order by p.id",
+         where p.state = 'protected' and ($1::uuid is null or p.vault_id = $1) and ($2::uuid is null or p.id > $2)
+         order by p.id limit $3",
         vault_id,
+        page.after,
+        page.limit,
     )
     .fetch_all(db)
+    .await
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RpoTotals {
+    pub protected: i64,
+    pub breached: i64,
+}
+
+/// Protected items (of a vault, or of all) and those whose latest backup (or start of
+/// protection) is older than the instant given for their policy (`before[i]` for
+/// `policies[i]`, `otherwise` for a policy not listed): [`items_stale`] per vault.
+pub async fn rpo_totals(
+    db: impl PgExecutor<'_>,
+    vault_id: Option<Uuid>,
+    policies: &[Uuid],
+    before: &[DateTime<Utc>],
+    otherwise: DateTime<Utc>,
+) -> sqlx::Result<RpoTotals> {
+    sqlx::query_as!(
+        RpoTotals,
+        r#"select count(*) as "protected!",
+                  count(*) filter (where coalesce(greatest(p.last_full_at, p.last_differential_at, p.last_log_at),
+                                                  p.created_at) < coalesce(s.before, $4)) as "breached!"
+           from protected_items p
+           left join unnest($2::uuid[], $3::timestamptz[]) as s(policy_id, before) on s.policy_id = p.policy_id
+           where p.state = 'protected' and ($1::uuid is null or p.vault_id = $1)"#,
+        vault_id,
+        policies,
+        before,
+        otherwise,
+    )
+    .fetch_one(db)
     .await
 }
 

@@ -185,10 +185,12 @@ pub async fn forge_retention_days(pool: &PgPool, job: &str, days: i64) {
     assert_eq!(updated.rows_affected(), 1, "job {job}");
 }
 
-/// The finished job finished `ago`. Forged: pruning keeps months of history.
+/// The finished job finished `ago` (and was created no later). Forged: pruning keeps months
+/// of history.
 pub async fn forge_finished_ago(pool: &PgPool, job: &str, ago: Duration) {
     let updated = sqlx::query(
-        "update jobs set finished_at = now() - $2::interval where id = $1::uuid and finished_at is not null",
+        "update jobs set finished_at = now() - $2::interval, created_at = least(created_at, now() - $2::interval)
+         where id = $1::uuid and finished_at is not null",
     )
     .bind(job)
     .bind(ago)

@@ -23,7 +23,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
-use super::location;
+use super::{ListParams, location};
 use crate::AppState;
 use crate::error::{ApiResult, Problem};
 use crate::extract::{Caller, IfMatch, Json, Path, Query, etag, etag_of};
@@ -120,18 +120,26 @@ async fn start_restore(
 }
 
 /// RPO report: per protected item the latest backups, the gap the policy allows and
-/// whether it is breached now.
-#[utoipa::path(get, path = "/v1/vaults/{vault_id}/rpo", tag = "reports", params(("vault_id" = Uuid, Path)),
+/// whether it is breached now, a page at a time (in item id order); the totals count the
+/// whole vault.
+#[utoipa::path(get, path = "/v1/vaults/{vault_id}/rpo", tag = "reports", params(("vault_id" = Uuid, Path), ListParams),
     responses((status = 200, body = RpoReport)))]
 async fn rpo_report(
     State(state): State<AppState>,
     Caller(principal): Caller,
     Path(vault_id): Path<Uuid>,
+    Query(p): Query<ListParams>,
 ) -> ApiResult<axum::Json<RpoReport>> {
     Ok(axum::Json(
         state
             .service
-            .rpo_report(&principal, Some(vault_id), chrono::Utc::now())
+            .rpo_report(
+                &principal,
+                Some(vault_id),
+                chrono::Utc::now(),
+                p.cursor.as_deref(),
+                p.limit,
+            )
             .await?,
     ))
 }

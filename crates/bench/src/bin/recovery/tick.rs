@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::ensure;
 use backvault_bench::db::{BenchDb, jobs_queued};
+use backvault_bench::fixture::{Block, seed_inventory};
 use backvault_domain::jobs::JobKind;
 use backvault_domain::policy::PolicySpec;
 use backvault_service::scheduler::slot_jobs;
@@ -62,47 +63,23 @@ async fn tick_fixture(ctx: &Ctx, items: u64, vms: u64) -> anyhow::Result<TickFix
         .execute(&mut *tx)
         .await?;
     let (vault_id, policy_id) = crate::vault_and_policy(&mut tx).await?;
-    // Set-based bulk seeding below: no store function writes rows by the thousand.
-    sqlx::query!(
-        "insert into vms (id, subscription_id, resource_group, name, region, deployment_model, agent_installed,
-                          agent_version, dotnet_version, sql_iaas_extension, last_seen_at, vault_id, registered_at,
-                          next_discovery_at)
-         select ('00000001-0000-7000-8000-' || lpad(to_hex(g + 4294967296), 12, '0'))::uuid, 'sub-1', 'rg-bench',
-                'bench-vm-' || lpad(g::text, 5, '0'), 'westeurope', 'resource_manager', true, '1.0.0', '4.8', true,
-                $2::timestamptz, $1::uuid, $2::timestamptz, $2::timestamptz + interval '8 hours'
-         from generate_series(1, $3::int8) g",
-        vault_id,
+    seed_inventory(
+        &mut tx,
+        Block {
+            vault_id,
+            first_vm: 1,
+            vms,
+            first_db: 0,
+            databases: items,
+        },
         now,
-        vms,
     )
-    .execute(&mut *tx)
     .await?;
     sqlx::query!(
-        "insert into sql_instances (id, vm_id, name, version)
-         select ('00000002-0000-7000-8000-' || lpad(to_hex(g + 4294967296), 12, '0'))::uuid,
-                ('00000001-0000-7000-8000-' || lpad(to_hex(g + 4294967296), 12, '0'))::uuid, 'MSSQLSERVER', '2019'
-         from generate_series(1, $1::int8) g",
-        vms,
-    )
-    .execute(&mut *tx)
-    .await?;
-    // Item s is database s / vms + 1 of VM s % vms + 1.
-    sqlx::query!(
-        "insert into sql_databases (id, vm_id, instance_id, name, recovery_model, size_bytes)
-         select ('00000003-0000-7000-8000-' || lpad(to_hex(s + 4294967296), 12, '0'))::uuid,
-                ('00000001-0000-7000-8000-' || lpad(to_hex((s * $2::int8 / $1::int8 + 1) + 4294967296), 12, '0'))::uuid,
-                ('00000002-0000-7000-8000-' || lpad(to_hex((s * $2::int8 / $1::int8 + 1) + 4294967296), 12, '0'))::uuid,
-                'db' || lpad(s::text, 7, '0'), 'full', 1073741824
-         from generate_series(0, $1::int8 - 1) s",
-        items,
-        vms,
-    )
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query!(
-        "insert into protected_items (id, vault_id, database_id, policy_id, state, protected_name,
+        "insert into protected_items (id, vault_id, database_id, item_key, policy_id, state, protected_name,
                                       last_full_id, chain, last_full_at, last_log_at)
          select ('00000004-0000-7000-8000-' || lpad(to_hex(s + 4294967296), 12, '0'))::uuid, $2::uuid,
+                ('00000003-0000-7000-8000-' || lpad(to_hex(s + 4294967296), 12, '0'))::uuid,
                 ('00000003-0000-7000-8000-' || lpad(to_hex(s + 4294967296), 12, '0'))::uuid, $3::uuid, 'protected',
                 'db' || lpad(s::text, 7, '0'),
                 ('00000005-0000-7000-8000-' || lpad(to_hex(s + 4294967296), 12, '0'))::uuid,

@@ -11,6 +11,7 @@ mod backlog;
 mod baseline;
 mod http;
 mod queue;
+mod steady;
 mod wakeup;
 
 use std::fmt::Write as _;
@@ -22,6 +23,7 @@ use clap::{Parser, Subcommand};
 use crate::baseline::{BaselineArgs, BaselineResult};
 use crate::http::{HttpArgs, HttpResult};
 use crate::queue::{QueueArgs, QueueResult};
+use crate::steady::{SteadyArgs, SteadyResult};
 use crate::wakeup::{WakeupArgs, WakeupResult, mb};
 
 #[derive(Parser)]
@@ -58,6 +60,9 @@ enum Cmd {
     Http(HttpArgs),
     /// Long-poll wake-up latency and server memory with thousands of waiting agents.
     Wakeup(WakeupArgs),
+    /// No decay: enqueue, claim and complete together at a fixed rate for minutes, with a
+    /// snapshot held in the middle.
+    Steady(SteadyArgs),
     /// The four in order, with a Markdown report.
     All(AllArgs),
 }
@@ -392,6 +397,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
             println!("{}", r.summary());
         }
+        Cmd::Steady(args) => {
+            // Once, not through `measure`: a run takes minutes, and what matters is its
+            // shape over time; a disturbed run says so in its CPU split.
+            let r: SteadyResult = steady::run(&url, &args).await?;
+            println!("{}{}", r.summary(), disturbed(Some(r.cpu)));
+            println!("\n{}", r.markdown());
+        }
         Cmd::All(args) => {
             // Fail before the long runs if the server binary is missing.
             server::server_bin(args.server_bin.as_deref())?;
@@ -476,6 +488,7 @@ mod tests {
             QueueArgs::default(),
             HttpArgs::default(),
             WakeupArgs::default(),
+            SteadyArgs::default(),
         );
     }
 }

@@ -168,10 +168,11 @@ fn within_30_percent(first: f64, last: f64) -> bool {
 }
 
 impl SteadyResult {
-    /// The first and the last window are compared; a window with a held snapshot is
-    /// neither.
+    /// Where the run began and where it ended: the second window (the first one is the
+    /// warm-up, with the agents' connections being opened) and the last one.
     fn ends(&self) -> Option<(&Window, &Window)> {
-        Some((self.windows.first()?, self.windows.last()?))
+        let began = self.windows.get(1).or(self.windows.first())?;
+        Some((began, self.windows.last()?))
     }
 
     pub fn throughput_kept(&self) -> bool {
@@ -205,7 +206,7 @@ impl SteadyResult {
             )
         });
         format!(
-            "steady: {:.0} jobs/s offered{} for {} s, {} agents; first window {first}, last {last} (throughput {}, p99 {}){snapshot}; {} completed, {} claims, {} errors; autovacuum={} [{}]",
+            "steady: {:.0} jobs/s offered{} for {} s, {} agents; second window {first}, last {last} (throughput {}, p99 {}){snapshot}; {} completed, {} claims, {} errors; autovacuum={} [{}]",
             self.rate,
             self.probe_jobs_per_sec
                 .map_or(String::new(), |m| format!(" (half of {m:.0} measured)")),
@@ -307,7 +308,7 @@ impl SteadyResult {
         if let Some((f, l)) = self.ends() {
             let _ = writeln!(
                 s,
-                "\n- First window {:.0} jobs/s, p99 {:.1} ms; last {:.0} jobs/s, p99 {:.1} ms: throughput {}, p99 {} (goal: within 30 %).",
+                "\n- Second window (after the warm-up) {:.0} jobs/s, p99 {:.1} ms; last {:.0} jobs/s, p99 {:.1} ms: throughput {}, p99 {} (goal: within 30 %).",
                 f.completed_per_sec,
                 f.p99_ms,
                 l.completed_per_sec,

@@ -14,6 +14,7 @@ use crate::http::{self, HttpArgs, HttpResult, Protocol};
 use crate::queue::{self, QueueArgs, QueueResult};
 use crate::reads::{self, ReadsArgs, ReadsResult};
 use crate::scale::{self, ScaleArgs};
+use crate::steady::{self, SteadyArgs};
 use crate::wakeup::{self, WakeupArgs, WakeupResult, mb};
 use crate::{Machine, disturbed, measure, met};
 use backvault_bench::{server, workspace_root};
@@ -172,6 +173,33 @@ pub async fn run(
     })
     .await?;
     println!("{}", reads.summary());
+    let st_args = SteadyArgs {
+        server_bin: args.server_bin.clone(),
+        seconds: if smoke {
+            40
+        } else {
+            SteadyArgs::default().seconds
+        },
+        snapshot_at_seconds: if smoke {
+            10
+        } else {
+            SteadyArgs::default().snapshot_at_seconds
+        },
+        snapshot_hold_seconds: if smoke {
+            10
+        } else {
+            SteadyArgs::default().snapshot_hold_seconds
+        },
+        probe_jobs: if smoke {
+            5_000
+        } else {
+            SteadyArgs::default().probe_jobs
+        },
+        ..SteadyArgs::default()
+    };
+    backvault_bench::sys::wait_until_quiet().await;
+    let steady = steady::run(url, &st_args).await?;
+    println!("{}{}", steady.summary(), disturbed(Some(steady.cpu)));
     let s_args = if smoke {
         ScaleArgs {
             server_bin: args.server_bin.clone(),
@@ -201,6 +229,9 @@ pub async fn run(
     md.push_str(&reads.markdown());
     md.push('\n');
     md.push_str(&report_wakeup(&wakeup));
+    md.push_str("### Steady run with a held snapshot\n\n");
+    md.push_str(&steady.markdown());
+    md.push('\n');
     md.push_str("### Reads at scale\n\n");
     md.push_str(&scale.markdown());
     md.push('\n');

@@ -14,6 +14,7 @@ mod http;
 mod queue;
 mod reads;
 mod scale;
+mod steady;
 mod wakeup;
 
 use backvault_bench::{db, sys};
@@ -24,6 +25,7 @@ use crate::http::{HttpArgs, HttpResult};
 use crate::queue::{QueueArgs, QueueResult};
 use crate::reads::{ReadsArgs, ReadsResult};
 use crate::scale::ScaleArgs;
+use crate::steady::{SteadyArgs, SteadyResult};
 use crate::wakeup::{WakeupArgs, WakeupResult};
 
 #[derive(Parser)]
@@ -65,6 +67,9 @@ enum Cmd {
     /// Every list page and the RPO report on a large fixture, 50 concurrent readers
     /// through the real server, with the plans checked for sequential scans.
     Scale(ScaleArgs),
+    /// No decay: enqueue, claim and complete together at a fixed rate for minutes, with a
+    /// snapshot held in the middle.
+    Steady(SteadyArgs),
     /// Every benchmark of the HTTP-performance issue, with a Markdown report.
     All(all::AllArgs),
 }
@@ -255,6 +260,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", r.summary());
             println!("\n{}", r.markdown());
         }
+        Cmd::Steady(args) => {
+            // Once, not through `measure`: a run takes minutes, and what matters is its
+            // shape over time; a disturbed run says so in its CPU split.
+            let r: SteadyResult = steady::run(&url, &args).await?;
+            println!("{}{}", r.summary(), disturbed(Some(r.cpu)));
+            println!("\n{}", r.markdown());
+        }
         Cmd::All(args) => {
             let m = machine(&url).await;
             let md = all::run(&url, n, m, args).await?;
@@ -288,6 +300,7 @@ mod tests {
             WakeupArgs::default(),
             ReadsArgs::default(),
             ScaleArgs::default(),
+            SteadyArgs::default(),
         );
     }
 

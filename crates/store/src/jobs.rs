@@ -182,11 +182,15 @@ pub async fn queue_claim(
         r#"with req as (
              select * from unnest($1::uuid[], $2::int[]) as r(vm_id, want)
          ), room as (
-             select r.vm_id, r.want,
-                    greatest($3::int4 - count(q.job_id) filter (where q.kind <> 'restore'), 0) as backups,
-                    greatest($4::int4 - count(q.job_id) filter (where q.kind = 'restore'), 0) as restores
-             from req r left join job_queue q on q.vm_id = r.vm_id and q.running
-             group by r.vm_id, r.want
+             -- Per VM (lateral), so that the running index is only read for these VMs: a
+             -- join was planned as a scan of every running job, which the statistics
+             -- (taken when few ran) make look free.
+             select r.vm_id, r.want, greatest($3::int4 - n.backups, 0) as backups,
+                    greatest($4::int4 - n.restores, 0) as restores
+             from req r cross join lateral (
+                 select count(*) filter (where q.kind <> 'restore') as backups,
+                        count(*) filter (where q.kind = 'restore') as restores
+                 from job_queue q where q.vm_id = r.vm_id and q.running) n
          ), candidates as materialized (
              select c.job_id, c.vm_id, c.priority, c.run_at from room,
              lateral (select q.job_id, q.vm_id, q.priority, q.run_at from job_queue q
@@ -417,21 +421,34 @@ pub async fn queue_complete<C: std::borrow::Borrow<Completion>>(
              select * from unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::jsonb[], $6::jsonb[],
                                   $7::text[])
                  as i(job_id, vm_id, lease, status, result, warnings, kind_like)
+         ), held as materialized (
+             -- Each completion's queue row by primary key, locked in id order (as
+             -- `queue_lock_completing` does) so that concurrent batches cannot deadlock. A
+             -- lateral subquery with a locking clause is never flattened into a join, and
+             -- `running is true` (not `running`) keeps the partial index of running jobs out
+             -- of it: joined, the batch was planned as a scan of every running job (a hash
+             -- join over that index, or a nested loop over a sequential scan when the
+             -- statistics were taken while few jobs ran).
+             select q.job_id, q.attempt, i.status, i.result, i.warnings
+             from (select * from input order by job_id) i cross join lateral (
+                 select q.job_id, q.attempt from job_queue q
+                 where q.job_id = i.job_id and q.vm_id = i.vm_id and q.lease = i.lease and q.running is true
+                   and q.kind like i.kind_like
+                 for update) q
          ), done as (
-             delete from job_queue q using input i
-             where q.job_id = i.job_id and q.vm_id = i.vm_id and q.lease = i.lease and q.running
-               and q.kind like i.kind_like
-             returning q.job_id, q.attempt, i.status, i.result, i.warnings
+             delete from job_queue q where q.job_id = any(array(select job_id from held))
+             returning q.job_id
          ), history as (
-             -- From `done` alone: joining it back to `input` lets a generic plan loop over
-             -- every pair (quadratic in the batch size).
+             -- From `held` alone (its rows are locked, so `done` deletes exactly them):
+             -- joining it back to `input` lets a generic plan loop over every pair
+             -- (quadratic in the batch size).
              update jobs j set status = d.status, result = d.result, warnings = d.warnings, finished_at = now(),
                                updated_at = now()
-             from done d
+             from held d
              where j.id = d.job_id
          ), attempts as (
              update job_attempts a set ended_at = now(), outcome = 'completed'
-             from done d where a.job_id = d.job_id and a.attempt = d.attempt
+             from held d where a.job_id = d.job_id and a.attempt = d.attempt
          )
          select job_id as "job_id!" from done"#,
         &ids,

@@ -308,3 +308,30 @@ async fn the_v2_claim_is_bounded_and_reports_alone_claim_nothing(pool: PgPool) {
     assert_eq!(claimed.body["jobs"][0]["job_id"], job.as_str());
     assert_eq!(claimed.body["completions"], json!([]));
 }
+
+/// The hot queue's own vacuum (run by every replica's background loop) works through the
+/// pool, outside any transaction, and leaves no dead row of finished jobs behind.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn the_hot_queue_is_vacuumed_by_the_service(pool: PgPool) {
+    let app = TestApp::new(pool.clone());
+    let (vm, agent) = enroll(&app, "sqlvm-01").await;
+    for _ in 0..5 {
+        dispatch(&app, &vm, "backup_full").await;
+    }
+    let claimed = claim(&app, &agent, 5).await;
+    let completions: Vec<Value> = claimed.iter().map(empty_backup).collect();
+    let done = claim_v2(
+        &app,
+        &agent,
+        json!({"max_jobs": 0, "completions": completions}),
+    )
+    .await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    assert_eq!(sql::queue_len(&pool).await, 0);
+    app.service.vacuum_queue().await.unwrap();
+    assert_eq!(
+        sql::queue_vacuum_stats(&pool).await,
+        (true, 0),
+        "vacuumed, no dead rows left"
+    );
+}

@@ -24,6 +24,9 @@ const RESCUER_LOCK: i64 = 0x6261_636b_0001;
 const RESCUE_BATCH: i64 = 1000;
 /// Audit events expire by the day; a replica purges when it starts, then daily.
 const AUDIT_PURGE_EVERY: Duration = Duration::from_secs(24 * 60 * 60);
+/// How often the hot queue is vacuumed: often enough that claims do not walk more than a
+/// few seconds of dead entries, whatever the server's autovacuum does.
+const QUEUE_VACUUM_EVERY: Duration = Duration::from_secs(10);
 pub const ATTEMPTS_EXHAUSTED: &str = "JobAttemptsExhausted";
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -99,6 +102,12 @@ impl Service {
         Ok(rescued)
     }
 
+    /// Vacuums the hot queue table (see `store::jobs::queue_vacuum`).
+    pub async fn vacuum_queue(&self) -> Result<()> {
+        store::queue_vacuum(&self.pool).await?;
+        Ok(())
+    }
+
     /// Removes finished jobs, fired schedule slots and expired enrollment tokens past the
     /// job retention, day-old idempotency keys, and deny-list entries of expired tokens.
     pub async fn prune_history(&self) -> Result<u64> {
@@ -149,8 +158,8 @@ impl Service {
     }
 
     /// Runs the periodic work until `shutdown` flips: the scheduler, the retention sweep,
-    /// periodic discovery, the lease rescuer, history pruning and, daily, the audit log's
-    /// purge.
+    /// periodic discovery, the lease rescuer, history pruning, the hot queue's vacuum and,
+    /// daily, the audit log's purge.
     pub async fn run_background(
         self,
         rescue_every: Duration,
@@ -165,6 +174,7 @@ impl Service {
         let mut schedule = tokio::time::interval(self.config.scheduler_interval);
         let mut sweep = tokio::time::interval(prune_every.checked_div(6).unwrap_or(prune_every));
         let mut audit_purge = tokio::time::interval(AUDIT_PURGE_EVERY);
+        let mut queue_vacuum = tokio::time::interval(QUEUE_VACUUM_EVERY);
         loop {
             tokio::select! {
                 _ = schedule.tick() => {
@@ -186,6 +196,9 @@ impl Service {
                 }
                 _ = prune.tick() => {
                     self.guarded("pruning", self.prune_history()).await;
+                }
+                _ = queue_vacuum.tick() => {
+                    self.guarded("queue_vacuum", self.vacuum_queue()).await;
                 }
                 _ = audit_purge.tick() => {
                     if let Some(n @ 1..) = self.guarded("audit_purge", self.purge_audit_events()).await {

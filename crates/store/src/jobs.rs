@@ -788,6 +788,18 @@ pub async fn job_attempts(db: impl PgExecutor<'_>, job_id: Uuid) -> sqlx::Result
     .await
 }
 
+/// Vacuums the hot queue. Every job inserts, updates and deletes its `job_queue` row, so the
+/// table holds many times its live rows in dead ones within seconds, and claims walk their
+/// index entries; the table is as small as the backlog, so vacuuming it is cheap. A replica
+/// that finds another's vacuum running skips it (`skip_locked`). Not `jobs`: vacuuming the
+/// history's indexes costs a scan of each, so it is left to autovacuum.
+pub async fn queue_vacuum(db: impl PgExecutor<'_>) -> sqlx::Result<()> {
+    sqlx::raw_sql("vacuum (skip_locked) job_queue")
+        .execute(db)
+        .await
+        .map(drop)
+}
+
 /// Deletes finished jobs older than `age`, a batch at a time so no statement runs long.
 /// A job finished before the cutoff was created before it: the batch walks the creation
 /// index (`finished_at` has none, so completing a job changes no index but `status`'s).

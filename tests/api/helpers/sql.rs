@@ -151,6 +151,16 @@ pub async fn forge_leases_expired(pool: &PgPool) {
     .unwrap();
 }
 
+/// Whether `job_queue` was vacuumed, and its dead rows, as Postgres's statistics say.
+pub async fn queue_vacuum_stats(pool: &PgPool) -> (bool, i64) {
+    sqlx::query_as(
+        "select last_vacuum is not null, n_dead_tup from pg_stat_user_tables where relname = 'job_queue'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 /// How each attempt at the job ended, in order (`running` while it runs).
 pub async fn attempt_outcomes(pool: &PgPool, job: &str) -> Vec<String> {
     sqlx::query_scalar(

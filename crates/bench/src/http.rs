@@ -105,7 +105,7 @@ impl HttpResult {
 
     pub fn summary(&self, baseline: Option<f64>) -> String {
         let ratio = baseline
-            .map(|b| format!(" = {:.2}x baseline (goal 1x)", self.jobs_per_sec / b))
+            .map(|b| format!(" = {:.2}x baseline (goal 3x)", self.jobs_per_sec / b))
             .unwrap_or_default();
         format!(
             "http: {:.0} jobs/s{ratio} (protocol {:?}, {} jobs, {} agents{}, {:.1} s; {:.0} requests/s: {} claims ({} empty), {} completes, {} errors) [{}]",

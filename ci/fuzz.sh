@@ -285,6 +285,7 @@ operations = {  # operation id -> parameter -> dictionary (probability 1)
     "disable_auto_protection": {"path.intent_id": "victim_intent_ids"},
     "delete_policy": {"path.policy_name": "victim_policy_names"},
     "claim_jobs": {"body.wait_seconds": "no_wait"},
+    "claim_jobs_v2": {"body.wait_seconds": "no_wait"},
     "get_job": {"query.wait": "short_waits"},
 }
 
@@ -339,6 +340,9 @@ expectations = {  # operation id -> (extra positive statuses, extra negative sta
                              "the vault"),
     "complete_job": (["422"], [], "422: the result kind must match the job's kind, and the "
                      "recovery points reported must belong to the job's items"),
+    "claim_jobs_v2": (["422"], [], "422: as for complete_job, for the results it carries (the "
+                      "text rule refuses a control character in any string of the body, field "
+                      "names of a result included)"),
     "change_vault_safety": (["422"], [], "422: the settings must hold together (retention "
                             "bounds need immutability, the minimum under the maximum, a final "
                             "lock and always-on soft delete stay), across fields and the "
@@ -356,6 +360,7 @@ extra = {
     # fuzzing and stateful phases, with the no_wait dictionary. A long poll answers within
     # wait_seconds (at most 60) by design, so the response-time limit is above that.
     "claim_jobs": ['phases.coverage.generation.mode = "negative"', "checks.max_response_time = 65"],
+    "claim_jobs_v2": ['phases.coverage.generation.mode = "negative"', "checks.max_response_time = 65"],
     # The coverage phase's boundary waits still reach 60s: a long poll by design.
     "get_job": ["checks.max_response_time = 65"],
 }
@@ -454,9 +459,9 @@ fuzz_run() {
 NO_LINK_PHASES="$(tr ',' '\n' <<<"$FUZZ_PHASES" | grep -vx stateful | paste -sd, -)"
 if [[ -n "$NO_LINK_PHASES" ]]; then
     fuzz_run agent "$AGENT_TOKEN" "$NO_LINK_PHASES" \
-        --include-path-regex '^/v1/agent/' --exclude-path /v1/agent/enroll
+        --include-path-regex '^/v[12]/agent/' --exclude-path /v1/agent/enroll
 fi
-fuzz_run admin "$ADMIN_TOKEN" "$FUZZ_PHASES" --exclude-path-regex '^/v1/agent/'
+fuzz_run admin "$ADMIN_TOKEN" "$FUZZ_PHASES" --exclude-path-regex '^/v[12]/agent/'
 if [[ -n "$NO_LINK_PHASES" ]]; then
     fuzz_run enroll "$ENROLL_TOKEN_FUZZ" "$NO_LINK_PHASES" --include-path /v1/agent/enroll
 fi

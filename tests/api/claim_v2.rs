@@ -294,6 +294,32 @@ async fn the_v2_claim_is_bounded_and_reports_alone_claim_nothing(pool: PgPool) {
             "{body}"
         );
     }
+    // What the document states of each report is checked for the whole call.
+    for (body, pointer) in [
+        (
+            json!({"max_jobs": 0, "completions": [{"job_id": job, "lease": 0, "result": {"kind": "backup", "recovery_points": []}}]}),
+            "/completions/0/lease",
+        ),
+        (
+            json!({"max_jobs": 0, "completions": [{"job_id": job, "lease": 1, "result": {"kind": "backup", "recovery_points": []},
+                                                   "warnings": vec!["w"; 101]}]}),
+            "/completions/0/warnings",
+        ),
+        (
+            json!({"max_jobs": 0, "failures": [{"job_id": job, "lease": 1, "code": "", "message": "x", "retryable": false}]}),
+            "/failures/0/code",
+        ),
+        (
+            json!({"max_jobs": 0, "completions": [{"job_id": job, "lease": 1,
+                "result": {"kind": "restore", "restored_database": ""}}]}),
+            "/completions/0/result/restored_database",
+        ),
+    ] {
+        let res = claim_v2(&app, &agent, body).await;
+        assert_eq!(res.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", res.body);
+        assert_eq!(res.violations()[0].0, pointer, "{}", res.body);
+    }
+    assert_eq!(job_outcome(&app, &job).await.0, "queued");
     // Refused at the edge as a whole: nothing of it is recorded.
     let nul = claim_v2(
         &app,

@@ -6,10 +6,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backvault_domain::Violation;
 use backvault_domain::agent::protocol::{
     ClaimV2Request, ClaimedJob, JobHeartbeat, JobHeartbeatResponse,
 };
-use backvault_domain::agent::{JobItem, MAX_CLAIM_REPORTS, check_progress};
+use backvault_domain::agent::{
+    JobItem, MAX_CLAIM_REPORTS, check_lease, check_progress, check_warnings,
+};
 use backvault_domain::jobs::{JobKind, JobPayload};
 use backvault_store::PgPool;
 use backvault_store::jobs::{self as store, ClaimLimits};
@@ -17,7 +20,8 @@ use futures_util::future::join_all;
 use uuid::Uuid;
 
 use crate::agents::{
-    JobOutcome, MAX_CLAIM_JOBS, MAX_CLAIM_WAIT_SECONDS, deadline_after, job_not_found, lease_lost,
+    JobOutcome, MAX_CLAIM_JOBS, MAX_CLAIM_WAIT_SECONDS, MAX_FAILURE_CODE_CHARS, deadline_after,
+    job_not_found, lease_lost,
 };
 use crate::batcher::{Batcher, BatcherSpec};
 use crate::error::{Error, ErrorKind, Result};
@@ -155,6 +159,31 @@ impl Service {
                     "max_jobs is 0 to {MAX_CLAIM_JOBS}, wait_seconds 0 to {MAX_CLAIM_WAIT_SECONDS}, and at most {MAX_CLAIM_REPORTS} completions and failures together"
                 ),
             ));
+        }
+        // What can be judged of a report without its job (what the document states, and a
+        // result's own rules) is checked for the whole call, as a malformed body is; what
+        // depends on the job (its lease, its kind, its items) is answered per report.
+        let mut violations = Vec::new();
+        for (i, c) in req.completions.iter().enumerate() {
+            violations.extend(check_lease(c.lease, &format!("/completions/{i}/lease")));
+            violations.extend(c.result.violations(&format!("/completions/{i}/result")));
+            violations.extend(check_warnings(
+                &c.warnings,
+                &format!("/completions/{i}/warnings"),
+            ));
+        }
+        for (i, f) in req.failures.iter().enumerate() {
+            violations.extend(check_lease(f.lease, &format!("/failures/{i}/lease")));
+            if f.code.is_empty() || f.code.chars().count() > MAX_FAILURE_CODE_CHARS {
+                violations.push(Violation::new(
+                    format!("/failures/{i}/code"),
+                    "invalid_error_code",
+                    format!("code is 1 to {MAX_FAILURE_CODE_CHARS} characters"),
+                ));
+            }
+        }
+        if !violations.is_empty() {
+            return Err(Error::validation(violations));
         }
         let completions = join_all(req.completions.into_iter().map(|c| {
             let (job_id, complete) = c.into_parts();

@@ -1,9 +1,15 @@
-//! The store-layer setup `queue`, `http` and `wakeup` share: VMs, and a backlog of jobs
-//! enqueued through `backvault_store::jobs::jobs_enqueue`.
+//! The setup `queue`, `http`, `steady` and `wakeup` share: VMs, a backlog of jobs enqueued
+//! through `backvault_store::jobs::jobs_enqueue`, the server the agents drain it from, and
+//! the completions of jobs done at once.
 
 use std::time::{Duration, Instant};
 
+use std::path::Path;
+
 use anyhow::Context;
+use backvault_bench::server::{Launch, Server};
+use backvault_domain::agent::JobResult;
+use backvault_domain::agent::protocol::{ClaimedJob, JobCompletion};
 use backvault_store::jobs::{NewJob, jobs_enqueue};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -76,4 +82,35 @@ pub async fn enqueue_backlog(
         .execute(pool)
         .await?;
     Ok((per_vm, took))
+}
+
+/// The real server, with room for `max_running_backups` running backups per VM so that
+/// the per-VM cap does not throttle a drain.
+pub fn drain_server(bin: &Path, url: &str, max_running_backups: u32) -> anyhow::Result<Server> {
+    Server::start(
+        bin,
+        url,
+        &Launch {
+            args: vec![
+                "--max-running-backups-per-vm".into(),
+                max_running_backups.to_string(),
+            ],
+            ..Launch::default()
+        },
+    )
+}
+
+/// The completions of claimed jobs done at once, as no-op backups: what a benchmark agent
+/// reports in its next claim.
+pub fn done_at_once(jobs: Vec<ClaimedJob>) -> Vec<JobCompletion> {
+    jobs.into_iter()
+        .map(|job| JobCompletion {
+            job_id: job.job_id,
+            lease: job.lease,
+            result: JobResult::Backup {
+                recovery_points: vec![],
+            },
+            warnings: vec![],
+        })
+        .collect()
 }

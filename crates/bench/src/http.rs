@@ -18,12 +18,12 @@ use backvault_domain::agent::protocol::{
 use clap::{Parser, ValueEnum};
 
 use backvault_bench::db::{jobs_queued, quote_ident, with_db};
-use backvault_bench::server::{Agent, Launch, Server, enroll_agents, http_client, server_bin};
+use backvault_bench::server::{Agent, enroll_agents, http_client, server_bin};
 use backvault_bench::sys::{CpuSnapshot, CpuSplit, status_bytes};
 use sqlx::{Postgres, QueryBuilder};
 
 use crate::DB_PREFIX;
-use crate::backlog::enqueue_backlog;
+use crate::backlog::{done_at_once, drain_server, enqueue_backlog};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Protocol {
@@ -325,18 +325,7 @@ async fn agent_v2(ctx: Arc<Ctx>, agent: Agent, expected: u64) -> Instant {
             ctx.counters.empty_claims.fetch_add(1, Ordering::Relaxed);
         }
         claimed += response.jobs.len() as u64;
-        finished = response
-            .jobs
-            .into_iter()
-            .map(|job| JobCompletion {
-                job_id: job.job_id,
-                lease: job.lease,
-                result: JobResult::Backup {
-                    recovery_points: vec![],
-                },
-                warnings: vec![],
-            })
-            .collect();
+        finished = done_at_once(response.jobs);
     }
     last
 }
@@ -360,17 +349,7 @@ pub async fn run(admin_url: &str, args: &HttpArgs) -> anyhow::Result<HttpResult>
             }
             // The server applies its own (same) migrations on start; connecting after it
             // keeps the bench and server binaries from disagreeing about applied ones.
-            let server = Server::start(
-                &bin,
-                &db.url,
-                &Launch {
-                    args: vec![
-                        "--max-running-backups-per-vm".into(),
-                        args.max_running_backups_per_vm.to_string(),
-                    ],
-                    ..Launch::default()
-                },
-            )?;
+            let server = drain_server(&bin, &db.url, args.max_running_backups_per_vm)?;
             let pool = db.pool(2).await?;
             let client = http_client(4_000)?;
             let agents =

@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use backvault_domain::agent::JobResult;
 use backvault_domain::agent::protocol::{
     ClaimRequest, ClaimV2Request, ClaimV2Response, JobCompletion,
 };
@@ -25,11 +24,11 @@ use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
 use backvault_bench::db::with_db;
-use backvault_bench::server::{Launch, Server, enroll_agents, http_client, server_bin};
+use backvault_bench::server::{enroll_agents, http_client, server_bin};
 use backvault_bench::sys::{CpuSnapshot, CpuSplit};
 
 use crate::DB_PREFIX;
-use crate::backlog::{backup_job, enqueue_backlog};
+use crate::backlog::{backup_job, done_at_once, drain_server, enqueue_backlog};
 
 #[derive(Debug, Clone, Parser)]
 pub struct SteadyArgs {
@@ -466,18 +465,7 @@ async fn agent(ctx: Arc<Ctx>, token: String) {
             .lock()
             .expect("done list")
             .extend(started.into_iter().flatten().map(|t| (now, now - t)));
-        finished = response
-            .jobs
-            .into_iter()
-            .map(|job| JobCompletion {
-                job_id: job.job_id,
-                lease: job.lease,
-                result: JobResult::Backup {
-                    recovery_points: vec![],
-                },
-                warnings: vec![],
-            })
-            .collect();
+        finished = done_at_once(response.jobs);
     }
 }
 
@@ -577,17 +565,7 @@ pub async fn run(admin_url: &str, args: &SteadyArgs) -> anyhow::Result<SteadyRes
     let bin = server_bin(args.server_bin.as_deref())?;
     with_db(admin_url, DB_PREFIX, "steady", move |db| async move {
         let result = async {
-            let server = Server::start(
-                &bin,
-                &db.url,
-                &Launch {
-                    args: vec![
-                        "--max-running-backups-per-vm".into(),
-                        args.max_running_backups_per_vm.to_string(),
-                    ],
-                    ..Launch::default()
-                },
-            )?;
+            let server = drain_server(&bin, &db.url, args.max_running_backups_per_vm)?;
             let pool = db.pool(4).await?;
             let client = http_client(4_000)?;
             let agents =

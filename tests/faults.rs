@@ -520,11 +520,7 @@ async fn a_server_killed_mid_load_loses_no_job_and_duplicates_no_point() {
     // Kill once jobs are flowing: a share of the load acknowledged, some of it running.
     let deadline = Deadline::within(Duration::from_secs(15), "on-demand jobs to be running");
     let running_at_kill = loop {
-        let running = count(
-            &mut conn,
-            "select count(*) from jobs where status = 'in_progress'",
-        )
-        .await;
+        let running = count(&mut conn, "select count(*) from job_queue where running").await;
         if traffic.acknowledged() >= 30 && running > 0 {
             break running;
         }

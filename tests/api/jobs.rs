@@ -297,3 +297,119 @@ async fn old_finished_jobs_are_pruned(pool: PgPool) {
         StatusCode::OK
     );
 }
+
+/// A claim writes only the queue row: a running job's status, attempts, start and running
+/// attempt are read from it, and its history and attempt row are written when the attempt
+/// ends, through a retry and a second attempt.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn a_running_job_is_seen_from_its_queue_row_until_its_attempt_ends(pool: PgPool) {
+    let app = TestApp::new(pool.clone());
+    let admin = app.admin();
+    let (vm, agent) = enroll(&app, "sqlvm-01").await;
+    let job = dispatch(&app, &vm, "discovery").await;
+    let waiting = dispatch(&app, &vm, "discovery").await;
+    let first = claim(&app, &agent, 1).await;
+    assert_eq!(first[0]["job_id"], job.as_str());
+    let lease = first[0]["lease"].as_i64().unwrap();
+
+    let running = app.get(&format!("/v1/jobs/{job}"), &admin).await.body;
+    assert_eq!(running["status"], "in_progress");
+    assert_eq!(running["attempts"], 1);
+    let started = running["started_at"].as_str().expect("started").to_owned();
+    let history = running["attempt_history"].as_array().unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0]["attempt"], 1);
+    assert_eq!(history[0]["lease"], lease);
+    assert_eq!(history[0]["started_at"], started.as_str());
+    assert_eq!(history[0]["outcome"], serde_json::Value::Null);
+    let listed = |status: &'static str| {
+        let (app, admin) = (&app, admin.clone());
+        async move {
+            let page = app.get(&format!("/v1/jobs?status={status}"), &admin).await;
+            page.body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|j| {
+                    assert_eq!(j["status"], status);
+                    j["id"].as_str().unwrap().to_owned()
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(listed("in_progress").await, [job.as_str()]);
+    assert_eq!(listed("queued").await, [waiting.as_str()]);
+
+    let failed = app
+        .post(
+            &format!("/v1/agent/jobs/{job}/fail"),
+            &agent,
+            json!({"lease": lease, "code": "UserErrorOpeningSQLConnection", "message": "cannot connect", "retryable": true}),
+        )
+        .await;
+    assert_eq!(failed.status, StatusCode::OK, "{}", failed.body);
+    let retried = app.get(&format!("/v1/jobs/{job}"), &admin).await.body;
+    assert_eq!(retried["status"], "queued");
+    assert_eq!(retried["attempts"], 1);
+    assert_eq!(retried["started_at"], started.as_str());
+    assert_eq!(retried["attempt_history"][0]["outcome"], "failed");
+    assert_eq!(
+        retried["attempt_history"][0]["started_at"],
+        started.as_str()
+    );
+    assert_eq!(listed("in_progress").await, Vec::<String>::new());
+
+    sql::forge_retries_due(&pool).await;
+    let second = claim(&app, &agent, 2).await;
+    let again = second
+        .iter()
+        .find(|c| c["job_id"] == job.as_str())
+        .expect("the retried job is claimed again");
+    assert_eq!(again["attempt"], 2);
+    let mut running_now = listed("in_progress").await;
+    running_now.sort();
+    let mut both = vec![job.clone(), waiting.clone()];
+    both.sort();
+    assert_eq!(running_now, both);
+    let page = app
+        .get("/v1/jobs?status=in_progress&limit=1", &admin)
+        .await
+        .body;
+    let cursor = page["next_cursor"].as_str().expect("a second page");
+    let rest = app
+        .get(
+            &format!("/v1/jobs?status=in_progress&limit=1&cursor={cursor}"),
+            &admin,
+        )
+        .await
+        .body;
+    assert_ne!(page["items"][0]["id"], rest["items"][0]["id"]);
+    assert_eq!(rest["next_cursor"], serde_json::Value::Null);
+
+    let ended = app
+        .post(
+            &format!("/v1/agent/jobs/{job}/fail"),
+            &agent,
+            json!({"lease": again["lease"], "code": "UserErrorOpeningSQLConnection", "message": "still down", "retryable": false}),
+        )
+        .await;
+    assert_eq!(ended.status, StatusCode::OK, "{}", ended.body);
+    let done = app.get(&format!("/v1/jobs/{job}"), &admin).await.body;
+    assert_eq!(done["status"], "failed");
+    assert_eq!(done["attempts"], 2);
+    assert_eq!(done["started_at"], started.as_str());
+    let outcomes: Vec<_> = done["attempt_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["attempt"].clone(), a["outcome"].clone()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [(json!(1), json!("failed")), (json!(2), json!("failed"))]
+    );
+    assert_eq!(
+        sql::attempt_outcomes(&pool, &job).await,
+        ["failed", "failed"]
+    );
+}

@@ -559,10 +559,11 @@ async fn seed(conn: &mut PgConnection, a: &ScaleArgs) -> anyhow::Result<Fixture>
     step(
         "queue rows of the queued jobs",
         sqlx::query(
-            "insert into job_queue (job_id, vm_id, kind, priority, run_at, max_attempts, target_instance, target_database)
+            "insert into job_queue (job_id, vm_id, kind, priority, run_at, max_attempts, target_instance, target_database,
+                                    created_at)
              select id, vm_id, kind, priority, created_at + interval '1 day', max_attempts,
                     case when kind = 'restore' then 'MSSQLSERVER' end,
-                    case when kind = 'restore' then 'restored-' || id end
+                    case when kind = 'restore' then 'restored-' || id end, created_at
              from jobs where status = 'queued'",
         )
         .execute(&mut *conn),

@@ -219,6 +219,18 @@ impl JobStatus {
     pub fn is_finished(self) -> bool {
         !matches!(self, JobStatus::Queued | JobStatus::InProgress)
     }
+
+    /// The status a user sees, from the history's `stored` status and whether the job's
+    /// queue row runs (`None`: the job is out of the queue). A claim writes only the queue
+    /// row, so a running job's history still says queued; its SQL twin is
+    /// `backvault_job_status`.
+    pub fn as_seen(stored: JobStatus, running: Option<bool>) -> JobStatus {
+        if running == Some(true) {
+            JobStatus::InProgress
+        } else {
+            stored
+        }
+    }
 }
 
 /// On-demand work goes before scheduled work; lower runs first.
@@ -325,6 +337,18 @@ pub fn check_dispatch(kind: JobKind, item_count: usize, copy_only: Option<bool>)
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_running_queue_row_shows_in_progress_and_nothing_else_changes_the_history() {
+        for stored in JobStatus::ALL {
+            assert_eq!(
+                JobStatus::as_seen(stored, Some(true)),
+                JobStatus::InProgress
+            );
+            assert_eq!(JobStatus::as_seen(stored, Some(false)), stored);
+            assert_eq!(JobStatus::as_seen(stored, None), stored);
+        }
+    }
 
     #[test]
     fn kinds_and_statuses_round_trip() {

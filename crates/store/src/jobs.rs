@@ -228,25 +228,19 @@ pub async fn queue_claim(
              ) x join req on req.vm_id = x.vm_id
              where x.n <= req.want
          ), claimed as (
+             -- Only the queue row: the history and the attempt are written when the attempt
+             -- ends (migration 20261205000001).
              update job_queue q
              set running = true, lease = q.lease + 1, lease_expires_at = now() + $5::interval,
-                 attempt = q.attempt + 1, progress = null
+                 attempt = q.attempt + 1, progress = null, started_at = coalesce(q.started_at, now()),
+                 attempt_started_at = now()
              from picked where q.job_id = picked.job_id
              returning q.job_id, q.vm_id, q.kind, q.lease, q.lease_expires_at, q.attempt
-         ), history as (
-             update jobs j
-             set status = 'in_progress', started_at = coalesce(j.started_at, now()), attempts = c.attempt,
-                 updated_at = now()
-             from claimed c where j.id = c.job_id
-             returning j.id, j.items, j.payload
-         ), attempts as (
-             insert into job_attempts (job_id, attempt, lease, started_at)
-             select job_id, attempt, lease, now() from claimed
          )
          select c.job_id as "job_id!", c.vm_id as "vm_id!", c.kind as "kind!: JobKind", c.lease as "lease!",
                 c.lease_expires_at as "lease_expires_at!", c.attempt as "attempt!",
-                h.items as "items!: Json<serde_json::Value>", h.payload as "payload!: Json<serde_json::Value>"
-         from claimed c join history h on h.id = c.job_id"#,
+                j.items as "items!: Json<serde_json::Value>", j.payload as "payload!: Json<serde_json::Value>"
+         from claimed c join jobs j on j.id = c.job_id"#,
         vm_ids,
         wants,
         limits.max_running_backups,
@@ -380,7 +374,8 @@ pub async fn queue_lock_completing(
         // planned as a scan of the whole queue per batch (a third of the agent
         // protocol's throughput in the `http` benchmark).
         r#"select q.job_id, j.kind as "kind: JobKind", j.items as "items: Json<serde_json::Value>",
-                  j.payload as "payload: Json<serde_json::Value>", j.started_at, now() as "now!"
+                  j.payload as "payload: Json<serde_json::Value>", coalesce(j.started_at, q.started_at) as started_at,
+                  now() as "now!"
            from unnest($1::uuid[], $2::uuid[], $3::bigint[]) as i(job_id, vm_id, lease)
            join job_queue q on q.job_id = i.job_id and q.vm_id = i.vm_id and q.lease = i.lease
            join jobs j on j.id = q.job_id
@@ -429,9 +424,9 @@ pub async fn queue_complete<C: std::borrow::Borrow<Completion>>(
              -- of it: joined, the batch was planned as a scan of every running job (a hash
              -- join over that index, or a nested loop over a sequential scan when the
              -- statistics were taken while few jobs ran).
-             select q.job_id, q.attempt, i.status, i.result, i.warnings
+             select q.job_id, q.attempt, q.lease, q.started_at, q.attempt_started_at, i.status, i.result, i.warnings
              from (select * from input order by job_id) i cross join lateral (
-                 select q.job_id, q.attempt from job_queue q
+                 select q.job_id, q.attempt, q.lease, q.started_at, q.attempt_started_at from job_queue q
                  where q.job_id = i.job_id and q.vm_id = i.vm_id and q.lease = i.lease and q.running is true
                    and q.kind like i.kind_like
                  for update) q
@@ -443,12 +438,15 @@ pub async fn queue_complete<C: std::borrow::Borrow<Completion>>(
              -- joining it back to `input` lets a generic plan loop over every pair
              -- (quadratic in the batch size).
              update jobs j set status = d.status, result = d.result, warnings = d.warnings, finished_at = now(),
-                               updated_at = now()
+                               updated_at = now(), started_at = coalesce(j.started_at, d.started_at),
+                               attempts = d.attempt
              from held d
              where j.id = d.job_id
          ), attempts as (
-             update job_attempts a set ended_at = now(), outcome = 'completed'
-             from held d where a.job_id = d.job_id and a.attempt = d.attempt
+             insert into job_attempts (job_id, attempt, lease, started_at, ended_at, outcome)
+             select job_id, attempt, lease, coalesce(attempt_started_at, now()), now(), 'completed' from held
+             -- A claim before migration 20261205000001 inserted the row.
+             on conflict (job_id, attempt) do update set ended_at = excluded.ended_at, outcome = excluded.outcome
          )
          select job_id as "job_id!" from done"#,
         &ids,
@@ -517,14 +515,18 @@ pub async fn queue_retry(
          ), requeued as (
              update job_queue q set running = false, run_at = i.run_at, lease_expires_at = null
              from input i where q.job_id = i.job_id and q.running
-             returning q.job_id, q.attempt, i.outcome, i.code, i.message
+             returning q.job_id, q.attempt, q.lease, q.started_at, q.attempt_started_at, i.outcome, i.code, i.message
          ), history as (
-             update jobs j set status = 'queued', error_code = r.code, error_message = r.message, updated_at = now()
+             update jobs j set status = 'queued', error_code = r.code, error_message = r.message, updated_at = now(),
+                               started_at = coalesce(j.started_at, r.started_at), attempts = r.attempt
              from requeued r where j.id = r.job_id
          )
-         update job_attempts a set ended_at = now(), outcome = r.outcome, error_code = r.code, error_message = r.message
-         from requeued r
-         where a.job_id = r.job_id and a.attempt = r.attempt",
+         insert into job_attempts (job_id, attempt, lease, started_at, ended_at, outcome, error_code, error_message)
+         select job_id, attempt, lease, coalesce(attempt_started_at, now()), now(), outcome, code, message
+         from requeued
+         on conflict (job_id, attempt) do update
+             set ended_at = excluded.ended_at, outcome = excluded.outcome, error_code = excluded.error_code,
+                 error_message = excluded.error_message",
         job_ids,
         run_at,
         // Domain types and borrowed strings for `text[]` (the macros expect `&[String]`).
@@ -553,15 +555,21 @@ pub async fn queue_finish(
              select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) as i(job_id, outcome, code, message)
          ), done as (
              delete from job_queue q using input i where q.job_id = i.job_id
-             returning q.job_id, q.attempt, q.running, i.outcome, i.code, i.message
+             returning q.job_id, q.attempt, q.lease, q.running, q.started_at, q.attempt_started_at, i.outcome, i.code,
+                       i.message
          ), history as (
              update jobs j set status = $5, error_code = d.code, error_message = d.message, finished_at = now(),
-                               updated_at = now()
+                               updated_at = now(), started_at = coalesce(j.started_at, d.started_at),
+                               attempts = d.attempt
              from done d where j.id = d.job_id
          )
-         update job_attempts a set ended_at = now(), outcome = d.outcome, error_code = d.code, error_message = d.message
-         from done d
-         where a.job_id = d.job_id and a.attempt = d.attempt and d.running",
+         -- A job that never ran has no attempt to end.
+         insert into job_attempts (job_id, attempt, lease, started_at, ended_at, outcome, error_code, error_message)
+         select job_id, attempt, lease, coalesce(attempt_started_at, now()), now(), outcome, code, message
+         from done where running
+         on conflict (job_id, attempt) do update
+             set ended_at = excluded.ended_at, outcome = excluded.outcome, error_code = excluded.error_code,
+                 error_message = excluded.error_message",
         job_ids,
         // Domain types and borrowed strings for `text[]` (the macros expect `&[String]`).
         &outcomes as &[AttemptOutcome],
@@ -665,20 +673,21 @@ pub struct JobRow {
 }
 
 // `job_get` reads a job with its queue row (left joined: `progress` and `run_at` are `?`).
-// `job_list` reads the same columns except the agent-supplied bodies (`payload`, `result`,
-// `progress` are `null::jsonb`), so a page costs the same whatever agents reported. Keep
-// the two column lists alike.
+// `job_list` and `job_list_running` read the same columns except the agent-supplied bodies
+// (`payload`, `result`, `progress` are `null::jsonb`), so a page costs the same whatever
+// agents reported. Keep the three column lists alike.
 
 pub async fn job_get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<JobRow>> {
     sqlx::query_as!(
         JobRow,
         r#"select j.id, j.vm_id, j.subscription_id, j.vault_id, j.kind as "kind: JobKind",
-                  j.status as "status: JobStatus", j.priority as "priority: Priority",
+                  backvault_job_status(j.status, q.running) as "status!: JobStatus", j.priority as "priority: Priority",
                   j.items as "items: Json<serde_json::Value>", j.payload as "payload?: Json<serde_json::Value>",
                   j.result as "result?: Json<serde_json::Value>", j.warnings as "warnings: Json<serde_json::Value>",
-                  j.error_code, j.error_message, j.attempts, j.max_attempts, j.cancel_requested,
+                  j.error_code, j.error_message, coalesce(q.attempt, j.attempts) as "attempts!", j.max_attempts, j.cancel_requested,
                   q.progress as "progress?: Json<serde_json::Value>", q.run_at as "run_at?", j.created_at,
-                  j.started_at, j.finished_at, j.updated_at
+                  coalesce(j.started_at, q.started_at) as started_at, j.finished_at,
+                  greatest(j.updated_at, q.attempt_started_at) as "updated_at!"
            from jobs j left join job_queue q on q.job_id = j.id where j.id = $1"#,
         id,
     )
@@ -703,7 +712,7 @@ pub async fn job_ownership(
 ) -> sqlx::Result<Option<JobOwnership>> {
     sqlx::query_as!(
         JobOwnership,
-        r#"select j.vm_id, j.kind as "kind: JobKind", j.status as "status: JobStatus",
+        r#"select j.vm_id, j.kind as "kind: JobKind", backvault_job_status(j.status, q.running) as "status!: JobStatus",
                   j.result as "result?: Json<serde_json::Value>", q.lease as "lease?",
                   q.running as "running?"
            from jobs j left join job_queue q on q.job_id = j.id where j.id = $1"#,
@@ -731,18 +740,24 @@ pub async fn job_list(
     f: &JobFilter<'_>,
     page: Page,
 ) -> sqlx::Result<Vec<JobRow>> {
+    // Running jobs are the queue's (their history still says queued): listed from the
+    // queue's index of running jobs, which a filter on the history cannot reach.
+    if f.status == Some(JobStatus::InProgress) {
+        return job_list_running(db, f, page).await;
+    }
     sqlx::query_as!(
         JobRow,
         r#"select j.id, j.vm_id, j.subscription_id, j.vault_id, j.kind as "kind: JobKind",
-                  j.status as "status: JobStatus", j.priority as "priority: Priority",
+                  backvault_job_status(j.status, q.running) as "status!: JobStatus", j.priority as "priority: Priority",
                   j.items as "items: Json<serde_json::Value>", null::jsonb as "payload?: Json<serde_json::Value>",
                   null::jsonb as "result?: Json<serde_json::Value>", j.warnings as "warnings: Json<serde_json::Value>",
-                  j.error_code, j.error_message, j.attempts, j.max_attempts, j.cancel_requested,
+                  j.error_code, j.error_message, coalesce(q.attempt, j.attempts) as "attempts!", j.max_attempts, j.cancel_requested,
                   null::jsonb as "progress?: Json<serde_json::Value>", q.run_at as "run_at?", j.created_at,
-                  j.started_at, j.finished_at, j.updated_at
+                  coalesce(j.started_at, q.started_at) as started_at, j.finished_at,
+                  greatest(j.updated_at, q.attempt_started_at) as "updated_at!"
            from jobs j left join job_queue q on q.job_id = j.id
            where ($1::text[] is null or j.subscription_id = any($1))
-             and ($2::text is null or j.status = $2)
+             and ($2::text is null or j.status = $2 and q.running is not true)
              and ($3::text is null or j.kind = $3)
              and ($4::uuid is null or j.vm_id = $4)
              and ($5::timestamptz is null or j.created_at >= $5)
@@ -754,6 +769,47 @@ pub async fn job_list(
            order by j.created_at desc, j.id desc limit $8"#,
         f.subscriptions,
         f.status as Option<JobStatus>,
+        f.kind as Option<JobKind>,
+        f.vm_id,
+        f.created_after,
+        f.created_before,
+        page.after,
+        page.limit,
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// [`job_list`] of the running jobs, driven by the queue's `(created_at, job_id)` index of
+/// running rows (the queue row's `created_at` is the job's).
+async fn job_list_running(
+    db: impl PgExecutor<'_>,
+    f: &JobFilter<'_>,
+    page: Page,
+) -> sqlx::Result<Vec<JobRow>> {
+    sqlx::query_as!(
+        JobRow,
+        r#"select j.id, j.vm_id, j.subscription_id, j.vault_id, j.kind as "kind: JobKind",
+                  backvault_job_status(j.status, q.running) as "status!: JobStatus", j.priority as "priority: Priority",
+                  j.items as "items: Json<serde_json::Value>", null::jsonb as "payload?: Json<serde_json::Value>",
+                  null::jsonb as "result?: Json<serde_json::Value>", j.warnings as "warnings: Json<serde_json::Value>",
+                  j.error_code, j.error_message, q.attempt as "attempts!", j.max_attempts, j.cancel_requested,
+                  null::jsonb as "progress?: Json<serde_json::Value>", q.run_at as "run_at?", j.created_at,
+                  coalesce(j.started_at, q.started_at) as started_at, j.finished_at,
+                  greatest(j.updated_at, q.attempt_started_at) as "updated_at!"
+           from job_queue q join jobs j on j.id = q.job_id
+           where q.running
+             and ($1::text[] is null or j.subscription_id = any($1))
+             and ($2::text is null or j.kind = $2)
+             and ($3::uuid is null or j.vm_id = $3)
+             and ($4::timestamptz is null or q.created_at >= $4)
+             and ($5::timestamptz is null or q.created_at < $5)
+             and ($6::uuid is null
+                  or (q.created_at, q.job_id) < (coalesce((select c.created_at from jobs c where c.id = $6),
+                                                          to_timestamp(('x' || left(replace($6::text, '-', ''), 12))::bit(48)::int8 / 1000.0)),
+                                                 $6))
+           order by q.created_at desc, q.job_id desc limit $7"#,
+        f.subscriptions,
         f.kind as Option<JobKind>,
         f.vm_id,
         f.created_after,
@@ -779,9 +835,18 @@ pub struct AttemptRow {
 pub async fn job_attempts(db: impl PgExecutor<'_>, job_id: Uuid) -> sqlx::Result<Vec<AttemptRow>> {
     sqlx::query_as!(
         AttemptRow,
-        r#"select attempt, lease, started_at, ended_at, outcome as "outcome: AttemptOutcome", error_code,
-                  error_message
-           from job_attempts where job_id = $1 order by attempt"#,
+        // The running attempt is the queue row's until it ends; a claim before migration
+        // 20261205000001 inserted its row at once.
+        r#"select attempt as "attempt!", lease as "lease!", started_at as "started_at!", ended_at,
+                  outcome as "outcome: AttemptOutcome", error_code, error_message
+           from (select attempt, lease, started_at, ended_at, outcome, error_code, error_message
+                 from job_attempts where job_id = $1
+                 union all
+                 select q.attempt, q.lease, q.attempt_started_at, null, null, null, null
+                 from job_queue q
+                 where q.job_id = $1 and q.running
+                   and not exists (select 1 from job_attempts a where a.job_id = q.job_id and a.attempt = q.attempt)) a
+           order by attempt"#,
         job_id,
     )
     .fetch_all(db)

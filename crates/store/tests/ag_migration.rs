@@ -2,21 +2,13 @@
 //! one group database on several VMs collapse into one protected item, whose history is
 //! the sum of theirs.
 
+mod support;
+
 use sqlx::PgPool;
+use support::migrate;
 use uuid::Uuid;
 
 const AG_MIGRATION: i64 = 20261202000001;
-
-async fn migrate(pool: &PgPool, keep: impl Fn(i64) -> bool) {
-    for m in backvault_store::MIGRATOR.iter().filter(|m| keep(m.version)) {
-        let mut tx = pool.begin().await.expect("a transaction");
-        sqlx::raw_sql(m.sql.clone())
-            .execute(&mut *tx)
-            .await
-            .unwrap_or_else(|e| panic!("migration {}: {e}", m.version));
-        tx.commit().await.expect("committed");
-    }
-}
 
 fn id(n: u128) -> Uuid {
     Uuid::from_u128(n)

@@ -238,3 +238,25 @@ async fn audit_roles_are_the_domains(pool: PgPool) {
         names.into_iter().collect()
     );
 }
+
+/// `backvault_job_status` (the status lists and reads show) against
+/// `domain::jobs::JobStatus::as_seen`, for every stored status and queue state.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn sql_shows_a_jobs_status_as_the_domain_does(pool: PgPool) {
+    use backvault_domain::jobs::JobStatus;
+    for stored in JobStatus::ALL {
+        for running in [None, Some(false), Some(true)] {
+            let sql: String = sqlx::query_scalar("select backvault_job_status($1, $2)")
+                .bind(stored.as_str())
+                .bind(running)
+                .fetch_one(&pool)
+                .await
+                .expect("the SQL twin answers");
+            assert_eq!(
+                sql,
+                JobStatus::as_seen(stored, running).as_str(),
+                "{stored:?} with the queue row running {running:?}"
+            );
+        }
+    }
+}

@@ -164,7 +164,14 @@ pub async fn queue_vacuum_stats(pool: &PgPool) -> (bool, i64) {
 /// How each attempt at the job ended, in order (`running` while it runs).
 pub async fn attempt_outcomes(pool: &PgPool, job: &str) -> Vec<String> {
     sqlx::query_scalar(
-        "select coalesce(outcome, 'running') from job_attempts where job_id = $1::uuid order by attempt",
+        // A running attempt is the queue row's until it ends.
+        "select outcome from (
+             select attempt, outcome from job_attempts where job_id = $1::uuid
+             union all
+             select attempt, 'running' from job_queue q
+             where job_id = $1::uuid and running
+               and not exists (select 1 from job_attempts a where a.job_id = q.job_id and a.attempt = q.attempt)
+         ) a order by attempt",
     )
     .bind(job)
     .fetch_all(pool)

@@ -16,10 +16,12 @@ alter table job_queue
 
 update job_queue q set created_at = j.created_at from jobs j where j.id = q.job_id;
 
--- `running is true`, not `running`: the claim's count of a VM's running jobs (`q.running`)
--- cannot use this index, only `job_queue_running` by VM. With both predicates alike, a
--- claim planned on statistics taken while nothing ran read every running row once per VM.
-create index job_queue_running_created on job_queue (created_at, job_id) where running is true;
+-- Partial on a predicate no queue statement but the list implies (`lease > 0` holds for
+-- every row ever claimed): the claim's count of a VM's running jobs (`running`) and a
+-- completion's lookup by primary key (`running is true`) must not read it. Planned on
+-- statistics taken while nothing ran, either read every running row once per VM or per
+-- completion through an index whose predicate matched theirs.
+create index job_queue_running_created on job_queue (created_at, job_id) where running and lease > 0;
 
 update job_queue q set started_at = j.started_at
 from jobs j where j.id = q.job_id and j.started_at is not null;

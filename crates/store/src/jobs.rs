@@ -798,7 +798,7 @@ async fn job_list_running(
                   coalesce(j.started_at, q.started_at) as started_at, j.finished_at,
                   greatest(j.updated_at, q.attempt_started_at) as "updated_at!"
            from job_queue q join jobs j on j.id = q.job_id
-           where q.running is true
+           where q.running and q.lease > 0
              and ($1::text[] is null or j.subscription_id = any($1))
              and ($2::text is null or j.kind = $2)
              and ($3::uuid is null or j.vm_id = $3)

@@ -120,8 +120,8 @@ async fn start_restore(
 }
 
 /// RPO report: per protected item the latest backups, the gap the policy allows and
-/// whether it is breached now, a page at a time (in item id order); the totals count the
-/// whole vault.
+/// whether it is breached now, a page at a time (in item id order). The first page (no
+/// `cursor`) also counts the whole vault: `protected` and `breached` are on it only.
 #[utoipa::path(get, path = "/v1/vaults/{vault_id}/rpo", tag = "reports", params(("vault_id" = Uuid, Path), ListParams),
     responses((status = 200, body = RpoReport)))]
 async fn rpo_report(

@@ -1,4 +1,5 @@
 use axum::http::{Method, StatusCode};
+use backvault_service::Role;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
@@ -175,6 +176,43 @@ async fn names_are_unique_per_vault_and_checked(pool: PgPool) {
         .await;
     assert_eq!(
         (missing_vault.status, missing_vault.code()),
+        (StatusCode::NOT_FOUND, "vault_not_found")
+    );
+}
+
+/// A page of policies carries its vault's visibility: another subscription's vault and a
+/// missing one are 404 `vault_not_found` whether the page would hold policies or not, and a
+/// page past the last policy of a visible vault is empty.
+#[sqlx::test(migrator = "backvault_store::MIGRATOR")]
+async fn a_policy_page_is_of_a_vault_the_caller_sees(pool: PgPool) {
+    let app = TestApp::new(pool);
+    let base = vault_policies(&app, "policy-vault").await;
+    let admin = app.admin();
+    let first = app.get(&base, &admin).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    let last_id = first.body["items"][0]["id"].as_str().unwrap().to_owned();
+    let past_the_end = format!("{base}?cursor={last_id}");
+    let empty = app.get(&past_the_end, &admin).await;
+    assert_eq!(empty.status, StatusCode::OK, "{}", empty.body);
+    assert_eq!(empty.body["items"], json!([]));
+
+    let other = app.token(Role::Reader, &["sub-2"]);
+    for path in [&base, &past_the_end] {
+        let res = app.get(path, &other).await;
+        assert_eq!(
+            (res.status, res.code()),
+            (StatusCode::NOT_FOUND, "vault_not_found"),
+            "{path}"
+        );
+    }
+    let missing = app
+        .get(
+            "/v1/vaults/0b9d2c3e-0000-4000-8000-000000000000/policies",
+            &admin,
+        )
+        .await;
+    assert_eq!(
+        (missing.status, missing.code()),
         (StatusCode::NOT_FOUND, "vault_not_found")
     );
 }

@@ -134,13 +134,13 @@ fn always_recorded(method: &Method, route: &str) -> bool {
     mutating && api && !agent_traffic
 }
 
-/// What the request says about itself, read before the handler takes it. Header values
-/// are kept as they came and turned into text only for an event that is written.
+/// What the request says about itself, read before the handler takes it. Kept as it came
+/// (reference-counted route and path values, header values) and turned into text only for
+/// an event that is written: most reads are never recorded.
 struct Facts {
-    operation: String,
     method: Method,
-    route: String,
-    path_params: Vec<(String, String)>,
+    route: MatchedPath,
+    path_params: Option<RawPathParams>,
     request_id: Option<HeaderValue>,
     user_agent: Option<HeaderValue>,
     client_addr: Option<IpAddr>,
@@ -153,6 +153,7 @@ fn header_text(value: Option<HeaderValue>) -> Option<String> {
 impl Facts {
     fn event(
         self,
+        operations: &Operations,
         slot: &AuditSlot,
         status: Option<StatusCode>,
         response: Option<&Response>,
@@ -164,14 +165,20 @@ impl Facts {
             .and_then(|location| location.to_str().ok())
             .and_then(|location| location.rsplit('/').next())
             .map(str::to_owned);
-        let named = self.path_params.last().map(|(_, value)| value.clone());
+        let path_params: Vec<(String, String)> = self
+            .path_params
+            .iter()
+            .flat_map(|params| params.iter())
+            .map(|(name, value)| (name.to_owned(), value.to_owned()))
+            .collect();
+        let named = path_params.last().map(|(_, value)| value.clone());
         HttpEvent {
             principal: draft.principal,
-            operation: self.operation,
+            operation: operations.id(&self.method, self.route.as_str()),
             method: self.method.to_string(),
-            path: self.route,
+            path: self.route.as_str().to_owned(),
             resource: draft.resource.or(created).or(named),
-            path_params: self.path_params,
+            path_params,
             request_id: header_text(self.request_id),
             client_addr: self.client_addr,
             user_agent: header_text(self.user_agent),
@@ -195,7 +202,7 @@ async fn write(service: Service, event: HttpEvent) {
 /// it, and the handler's future was dropped mid-way, perhaps after its change committed.
 /// Dropped still armed, it records the request without a status.
 struct Unanswered {
-    service: Service,
+    auditor: Arc<Auditor>,
     slot: AuditSlot,
     facts: Option<Facts>,
     armed: bool,
@@ -218,8 +225,8 @@ impl Drop for Unanswered {
             return;
         };
         runtime.spawn(write(
-            self.service.clone(),
-            facts.event(&self.slot, None, None),
+            self.auditor.service.clone(),
+            facts.event(&self.auditor.operations, &self.slot, None, None),
         ));
     }
 }
@@ -227,28 +234,17 @@ impl Drop for Unanswered {
 /// The audit layer (a route layer, so that the route template is known).
 pub async fn record(State(auditor): State<Arc<Auditor>>, request: Request, next: Next) -> Response {
     // Route layers only see requests that matched a route.
-    let Some(route) = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-    else {
+    let Some(route) = request.extensions().get::<MatchedPath>().cloned() else {
         return next.run(request).await;
     };
     let (mut parts, body) = request.into_parts();
     let path_params = RawPathParams::from_request_parts(&mut parts, &())
         .await
-        .map(|params| {
-            params
-                .iter()
-                .map(|(name, value)| (name.to_owned(), value.to_owned()))
-                .collect()
-        })
-        .unwrap_or_default();
+        .ok();
     let slot = AuditSlot::default();
     parts.extensions.insert(slot.clone());
-    let always = always_recorded(&parts.method, &route);
+    let always = always_recorded(&parts.method, route.as_str());
     let facts = Facts {
-        operation: auditor.operations.id(&parts.method, &route),
         method: parts.method.clone(),
         route,
         path_params,
@@ -262,7 +258,7 @@ pub async fn record(State(auditor): State<Arc<Auditor>>, request: Request, next:
             .map(|ConnectInfo(PeerAddr(addr))| addr.ip()),
     };
     let unanswered = Unanswered {
-        service: auditor.service.clone(),
+        auditor: auditor.clone(),
         slot: slot.clone(),
         facts: Some(facts),
         armed: always,
@@ -277,7 +273,7 @@ pub async fn record(State(auditor): State<Arc<Auditor>>, request: Request, next:
     let facts = unanswered.answered();
     let refused = status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN;
     if let Some(facts) = facts.filter(|_| always || refused) {
-        let event = facts.event(&slot, Some(status), Some(&response));
+        let event = facts.event(&auditor.operations, &slot, Some(status), Some(&response));
         // A task of its own: a client that goes away now cannot stop the write. Waited for,
         // so that the event is in the log when the client has its answer.
         if let Err(e) = tokio::spawn(write(auditor.service.clone(), event)).await {

@@ -5,13 +5,15 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::{FromRequestParts, MatchedPath, RawPathParams, Request, State};
+use axum::http::request::Parts;
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use backvault_domain::text::text_fault;
-use backvault_service::ErrorKind;
+use backvault_service::{ErrorKind, Service};
 
 use crate::error::ApiError;
 
@@ -19,9 +21,10 @@ use crate::error::ApiError;
 /// are short and filters few.
 pub const MAX_URI_BYTES: usize = 8 * 1024;
 
-/// The query parameters each operation documents, by method and route template.
+/// The query parameters each operation documents, by method and route template (looked up
+/// by the route's text, without building a key per request).
 #[derive(Debug, Default)]
-pub struct QueryContract(HashMap<(Method, String), HashSet<String>>);
+pub struct QueryContract(HashMap<Method, HashMap<String, HashSet<String>>>);
 
 impl QueryContract {
     pub fn from_openapi(doc: &serde_json::Value) -> Self {
@@ -46,36 +49,22 @@ impl QueryContract {
                     .filter_map(|p| p.get("name").and_then(|n| n.as_str()))
                     .map(str::to_owned)
                     .collect();
-                allowed.insert((method, path.clone()), names);
+                allowed
+                    .entry(method)
+                    .or_insert_with(HashMap::new)
+                    .insert(path.clone(), names);
             }
         }
         Self(allowed)
     }
 
     fn allowed(&self, method: &Method, route: &str) -> Option<&HashSet<String>> {
-        self.0.get(&(method.clone(), route.to_owned()))
+        self.0.get(method)?.get(route)
     }
 }
 
 fn bad_request(code: &'static str, message: String) -> Response {
     ApiError::new(ErrorKind::BadRequest, code, message).into_response()
-}
-
-/// 414 for URIs past `MAX_URI_BYTES`, before routing.
-pub async fn bounded_uri(request: Request, next: Next) -> Response {
-    let length = request
-        .uri()
-        .path_and_query()
-        .map_or(0, |pq| pq.as_str().len());
-    if length > MAX_URI_BYTES {
-        return ApiError::http(
-            StatusCode::URI_TOO_LONG,
-            "uri_too_long",
-            format!("the request URI is at most {MAX_URI_BYTES} bytes"),
-        )
-        .into_response();
-    }
-    next.run(request).await
 }
 
 /// `Accept-Encoding` that refuses an unencoded body (`identity;q=0`, `*;q=0`) is read as if
@@ -123,12 +112,28 @@ pub async fn lenient_accept_encoding(mut request: Request, next: Next) -> Respon
 /// styles elements inline), fetches to this origin, never framed.
 const DOCS_CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
-/// Headers every response carries (`nosniff`: a problem or JSON body is never rendered as
-/// something else), and the page's protections on `/docs`.
-pub async fn security_headers(request: Request, next: Next) -> Response {
+/// Before routing, one layer for two checks (each layer costs a box and a clone of the
+/// stack under it per request): URIs past `MAX_URI_BYTES` answer 414 in problem+json, and
+/// every response, that 414 included, carries the security headers (`nosniff`: a problem
+/// or JSON body is never rendered as something else), with the page's protections on
+/// `/docs`.
+pub async fn guard(request: Request, next: Next) -> Response {
     use axum::http::{HeaderValue, header};
+    let length = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |pq| pq.as_str().len());
     let docs = request.uri().path().starts_with("/docs");
-    let mut response = next.run(request).await;
+    let mut response = if length > MAX_URI_BYTES {
+        ApiError::http(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!("the request URI is at most {MAX_URI_BYTES} bytes"),
+        )
+        .into_response()
+    } else {
+        next.run(request).await
+    };
     let headers = response.headers_mut();
     headers.insert(
         header::X_CONTENT_TYPE_OPTIONS,
@@ -148,10 +153,44 @@ pub async fn security_headers(request: Request, next: Next) -> Response {
     response
 }
 
+/// What the route checks need: the documented query parameters, and the service whose
+/// metrics time every request.
+pub struct RouteChecks {
+    pub contract: QueryContract,
+    pub service: Service,
+}
+
+/// After routing and inside the audit layer, one layer (not one per check, each a box and a
+/// clone per request): the request's latency by route and status is recorded, of what the
+/// checks refuse too; path and query values obey the text rule and every query parameter is
+/// one the operation documents; then the conditional GET around the handler.
+pub async fn route_checks(
+    State(checks): State<Arc<RouteChecks>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let route = request.extensions().get::<MatchedPath>().cloned();
+    let (mut parts, body) = request.into_parts();
+    let response = match refused_parameters(&checks.contract, &mut parts).await {
+        Some(refusal) => refusal,
+        None => conditional_get(Request::from_parts(parts, body), next).await,
+    };
+    crate::routes::metrics::observe(
+        &checks.service,
+        &method,
+        route.as_ref(),
+        response.status(),
+        started,
+    );
+    response
+}
+
 /// Conditional requests: `If-Match` and `If-None-Match` longer than any ETag this server
 /// sends are malformed (400 `invalid_header`); on a read, a 200 whose `ETag` the client
 /// already holds becomes a 304 without a body, for every operation that sends an `ETag`.
-pub async fn conditional_get(request: Request, next: Next) -> Response {
+async fn conditional_get(request: Request, next: Next) -> Response {
     use axum::http::header;
     for name in [header::IF_MATCH, header::IF_NONE_MATCH] {
         if request
@@ -190,41 +229,33 @@ pub async fn conditional_get(request: Request, next: Next) -> Response {
 }
 
 /// After routing: path and query values obey the text rule, and every query parameter is
-/// one the operation documents.
-pub async fn checked_parameters(
-    State(contract): State<Arc<QueryContract>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let (mut parts, body) = request.into_parts();
-    if let Ok(params) = RawPathParams::from_request_parts(&mut parts, &()).await {
+/// one the operation documents. The refusal, if any.
+async fn refused_parameters(contract: &QueryContract, parts: &mut Parts) -> Option<Response> {
+    if let Ok(params) = RawPathParams::from_request_parts(parts, &()).await {
         for (name, value) in &params {
             if let Some(fault) = text_fault(value) {
-                return bad_request(
+                return Some(bad_request(
                     "invalid_path",
                     format!("path parameter {name}: {}", fault.message()),
-                );
+                ));
             }
         }
     }
-    let route = parts
-        .extensions
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_owned());
+    let route = parts.extensions.get::<MatchedPath>();
     if let (Some(route), Some(query)) = (route, parts.uri.query()) {
-        let allowed = contract.allowed(&parts.method, &route);
+        let allowed = contract.allowed(&parts.method, route.as_str());
         let Some(pairs) = form_urlencoded_pairs(query) else {
-            return bad_request(
+            return Some(bad_request(
                 "invalid_query",
                 "the query string is not valid UTF-8 once percent-decoded".to_owned(),
-            );
+            ));
         };
         for (name, value) in pairs {
             if let Some(fault) = text_fault(&name).or_else(|| text_fault(&value)) {
-                return bad_request(
+                return Some(bad_request(
                     "invalid_query",
                     format!("query parameter {name:?}: {}", fault.message()),
-                );
+                ));
             }
             // Routes outside the document (`/docs`, `/metrics`) are not checked for names.
             if let Some(allowed) = allowed
@@ -232,7 +263,7 @@ pub async fn checked_parameters(
             {
                 let mut known: Vec<_> = allowed.iter().map(String::as_str).collect();
                 known.sort_unstable();
-                return bad_request(
+                return Some(bad_request(
                     "unknown_query_parameter",
                     if known.is_empty() {
                         format!("this operation takes no query parameters (got {name:?})")
@@ -242,11 +273,11 @@ pub async fn checked_parameters(
                             known.join(", ")
                         )
                     },
-                );
+                ));
             }
         }
     }
-    next.run(Request::from_parts(parts, body)).await
+    None
 }
 
 /// `application/x-www-form-urlencoded` pairs, decoded as axum's `Query` decodes them.

@@ -1,9 +1,11 @@
 //! Extractors that answer malformed input in problem+json, never axum's plain text.
 
+use axum::body::Bytes;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use backvault_domain::Violation;
 use backvault_domain::text::{check_text, text_fault};
 use backvault_service::{ErrorKind, Principal};
@@ -297,25 +299,73 @@ pub fn bounded_instants(
     }
 }
 
-/// The ETag of a resource with a version: `"<version>-<digest>"`. `If-Match` compares the
-/// version (what a change conflicts on); the digest makes the tag change whenever the
-/// representation does, for `If-None-Match`, also where it shows what other tables hold
-/// (a protected item's last backups, its VM's name).
-pub fn etag(version: i64, body: &impl serde::Serialize) -> (header::HeaderName, String) {
-    (header::ETAG, format!("\"{version}-{}\"", digest(body)))
+/// A JSON body serialized once, with the ETag of exactly those bytes: a read that sends an
+/// ETag pays one serialization, not one for the digest and another for the body.
+pub struct Tagged {
+    etag: HeaderValue,
+    body: Bytes,
 }
 
-/// The ETag of a resource that has no version: a digest of the representation the client
-/// gets, so it changes exactly when the body does.
-pub fn etag_of(body: &impl serde::Serialize) -> (header::HeaderName, String) {
-    (header::ETAG, format!("\"{}\"", digest(body)))
+impl Tagged {
+    /// The ETag of a resource with a version: `"<version>-<digest>"`. `If-Match` compares
+    /// the version (what a change conflicts on); the digest makes the tag change whenever
+    /// the representation does, for `If-None-Match`, also where it shows what other tables
+    /// hold (a protected item's last backups, its VM's name).
+    pub fn versioned(version: i64, body: &impl serde::Serialize) -> Result<Self, ApiError> {
+        Self::new(Some(version), body)
+    }
+
+    /// The ETag of a resource that has no version: a digest of the representation the
+    /// client gets, so it changes exactly when the body does.
+    pub fn of(body: &impl serde::Serialize) -> Result<Self, ApiError> {
+        Self::new(None, body)
+    }
+
+    fn new(version: Option<i64>, body: &impl serde::Serialize) -> Result<Self, ApiError> {
+        use sha2::{Digest, Sha256};
+        use std::fmt::Write;
+        let body = serde_json::to_vec(body)
+            .map_err(|e| ApiError::from(backvault_service::Error::internal(e)))?;
+        let digest = Sha256::digest(&body);
+        // `"` + a version of at most 20 characters + `-` + 32 hex digits + `"`.
+        let mut etag = String::with_capacity(56);
+        etag.push('"');
+        if let Some(version) = version {
+            let _ = write!(etag, "{version}-");
+        }
+        for b in &digest[..16] {
+            etag.push(char::from(HEX[usize::from(b >> 4)]));
+            etag.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        etag.push('"');
+        Ok(Self {
+            etag: HeaderValue::try_from(etag)
+                .map_err(|e| ApiError::from(backvault_service::Error::internal(e)))?,
+            body: Bytes::from(body),
+        })
+    }
+
+    pub fn etag(&self) -> &HeaderValue {
+        &self.etag
+    }
 }
 
-fn digest(body: &impl serde::Serialize) -> String {
-    use sha2::{Digest, Sha256};
-    let bytes = serde_json::to_vec(body).unwrap_or_default();
-    let digest = Sha256::digest(&bytes);
-    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+impl IntoResponse for Tagged {
+    fn into_response(self) -> Response {
+        (
+            [
+                (header::ETAG, self.etag),
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                ),
+            ],
+            self.body,
+        )
+            .into_response()
+    }
 }
 
 /// Whether `If-None-Match` holds a tag that matches `etag`: a list, `*`, weak or strong
@@ -343,6 +393,34 @@ mod tests {
             .ok()
             .unwrap();
         v
+    }
+
+    #[tokio::test]
+    async fn a_tagged_body_is_hashed_as_sent() {
+        use sha2::{Digest, Sha256};
+        let value = serde_json::json!({"name": "v", "version": 3});
+        let tagged = Tagged::versioned(3, &value).ok().unwrap();
+        let etag = tagged.etag().to_str().unwrap().to_owned();
+        let response = tagged.into_response();
+        assert_eq!(response.headers()[header::ETAG], etag.as_str());
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        let digest: String = Sha256::digest(&body)[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(etag, format!("\"3-{digest}\""));
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+            value
+        );
+        let unversioned = Tagged::of(&value).ok().unwrap();
+        assert_eq!(
+            unversioned.etag().to_str().unwrap(),
+            format!("\"{digest}\"")
+        );
     }
 
     #[test]

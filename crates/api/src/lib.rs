@@ -134,7 +134,10 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
 pub fn router_with(state: AppState, options: &HttpOptions) -> Router {
     let (router, described) = api_router().split_for_parts();
     let spec = openapi::document(&described);
-    let contract = std::sync::Arc::new(edge::QueryContract::from_openapi(&spec));
+    let checks = std::sync::Arc::new(edge::RouteChecks {
+        contract: edge::QueryContract::from_openapi(&spec),
+        service: state.service.clone(),
+    });
     let auditor = std::sync::Arc::new(audit::Auditor {
         service: state.service.clone(),
         operations: audit::Operations::from_openapi(&spec),
@@ -152,15 +155,11 @@ pub fn router_with(state: AppState, options: &HttpOptions) -> Router {
                 // Outermost of the route layers: it records what the checks before the
                 // handler refuse too, and its write is not counted in the request's metrics.
                 .layer(axum::middleware::from_fn_with_state(auditor, audit::record))
+                // Metrics, the path and query checks and conditional GETs, in that order.
                 .layer(axum::middleware::from_fn_with_state(
-                    state.clone(),
-                    routes::metrics::track,
-                ))
-                .layer(axum::middleware::from_fn_with_state(
-                    contract,
-                    edge::checked_parameters,
-                ))
-                .layer(axum::middleware::from_fn(edge::conditional_get)),
+                    checks,
+                    edge::route_checks,
+                )),
         )
         .with_state(state)
         .layer(
@@ -195,8 +194,8 @@ pub fn router_with(state: AppState, options: &HttpOptions) -> Router {
                 // The panic layer's body type, as the layers outside it take bodies.
                 .map_response(axum::response::IntoResponse::into_response)
                 .layer(CatchPanicLayer::custom(error::problem_for_panic))
-                .layer(axum::middleware::from_fn(edge::security_headers))
-                .layer(axum::middleware::from_fn(edge::bounded_uri))
+                // The URI bound, then the security headers on every answer.
+                .layer(axum::middleware::from_fn(edge::guard))
                 .layer(TimeoutLayer::with_status_code(
                     StatusCode::REQUEST_TIMEOUT,
                     Duration::from_secs(90),

@@ -3,6 +3,9 @@
 //! carries an id (`jti`) so that it can be revoked, and a lifetime within its role's cap
 //! (`domain::tokens`); agent tokens are revoked through their VM's token generation.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
 use backvault_domain::tokens::lifetime_allowed;
 use chrono::{DateTime, Duration, Utc};
 use jsonwebtoken::{Algorithm, Header, Validation};
@@ -110,12 +113,31 @@ pub struct Minted {
     pub expires_at: DateTime<Utc>,
 }
 
+/// How long a verified token is remembered, at most: never past its own expiry.
+const VERIFIED_TTL_SECONDS: i64 = 60;
+
+/// Tokens remembered at once, at most: past this, the expired ones are forgotten, and all of
+/// them if that is not enough, so that no number of distinct tokens grows the memory.
+const MAX_VERIFIED: usize = 4096;
+
+/// A token that verified, and until when (Unix seconds) it is taken without verifying again.
+struct Verified {
+    principal: Principal,
+    until: i64,
+}
+
 /// Verifies tokens with the configured keys and mints them with the current one.
 #[derive(Clone)]
 pub struct Auth {
     config: AuthConfig,
     keys: KeySet,
     validation: Validation,
+    /// Tokens verified in the last minute, by their text. Verifying (two base64 decodes, two
+    /// JSON parses and an HMAC) is a good share of a read's CPU, and a client sends the same
+    /// token with every request. The keys never change while the server runs, so a token
+    /// that verified once verifies again until it expires; revocation is checked on every
+    /// request all the same (`Service::authenticate`).
+    verified: Arc<Mutex<HashMap<String, Verified>>>,
 }
 
 impl Auth {
@@ -138,6 +160,7 @@ impl Auth {
             keys: KeySet::new(&config.secret, &config.previous_secrets),
             validation,
             config,
+            verified: Arc::default(),
         }
     }
 
@@ -147,6 +170,55 @@ impl Auth {
     }
 
     pub fn verify(&self, token: &str) -> Result<Principal> {
+        let now = Utc::now().timestamp();
+        if let Some(principal) = self.remembered(token, now) {
+            return Ok(principal);
+        }
+        let (principal, expires) = self.verify_signed(token)?;
+        self.remember(
+            token,
+            &principal,
+            expires.min(now.saturating_add(VERIFIED_TTL_SECONDS)),
+            now,
+        );
+        Ok(principal)
+    }
+
+    fn verified(&self) -> MutexGuard<'_, HashMap<String, Verified>> {
+        // The map holds only whole entries: one left by a panicking holder is still sound.
+        self.verified.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The principal of a token that verified, while it is remembered.
+    fn remembered(&self, token: &str, now: i64) -> Option<Principal> {
+        self.verified()
+            .get(token)
+            .filter(|v| v.until > now)
+            .map(|v| v.principal.clone())
+    }
+
+    fn remember(&self, token: &str, principal: &Principal, until: i64, now: i64) {
+        if until <= now {
+            return;
+        }
+        let mut verified = self.verified();
+        if verified.len() >= MAX_VERIFIED {
+            verified.retain(|_, v| v.until > now);
+            if verified.len() >= MAX_VERIFIED {
+                verified.clear();
+            }
+        }
+        verified.insert(
+            token.to_owned(),
+            Verified {
+                principal: principal.clone(),
+                until,
+            },
+        );
+    }
+
+    /// Checks the token's signature and claims: its principal, and its expiry (`exp`).
+    fn verify_signed(&self, token: &str) -> Result<(Principal, i64)> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| invalid_token("the token is malformed"))?;
         let key = self.keys.verifying(header.kid.as_deref()).ok_or_else(|| {
@@ -195,7 +267,7 @@ impl Auth {
         } else {
             Some(c.subscriptions)
         };
-        Ok(Principal {
+        let principal = Principal {
             subject: c.sub,
             role: c.role,
             subscriptions,
@@ -203,7 +275,8 @@ impl Auth {
             generation: c.generation,
             jti: c.jti,
             approval: None,
-        })
+        };
+        Ok((principal, c.exp))
     }
 
     /// A token with a fresh id.
@@ -496,5 +569,71 @@ mod tests {
             auth.verify(&sign("agent", None, 90 * 86_400)).is_ok(),
             "agent tokens live as the server says and are revoked by generation"
         );
+    }
+
+    #[test]
+    fn a_remembered_token_is_taken_until_its_expiry_only() {
+        let a = auth(None, None);
+        let t = a.mint(
+            "alice",
+            Role::Reader,
+            vec!["sub-1".into()],
+            None,
+            Duration::hours(1),
+        );
+        let p = a.verify(&t).unwrap();
+        let now = Utc::now().timestamp();
+        let remembered = a
+            .remembered(&t, now)
+            .expect("a verified token is remembered");
+        assert_eq!(
+            (remembered.subject, remembered.jti),
+            (p.subject.clone(), p.jti)
+        );
+        assert!(
+            a.remembered(&t, now + VERIFIED_TTL_SECONDS + 1).is_none(),
+            "for a minute at most"
+        );
+        // A token that expires sooner is remembered until it expires, not a moment longer.
+        a.remember("short", &p, now + 2, now);
+        assert!(a.remembered("short", now + 1).is_some());
+        assert!(a.remembered("short", now + 2).is_none());
+        a.remember("expired", &p, now, now);
+        assert!(a.remembered("expired", now).is_none());
+    }
+
+    #[test]
+    fn tokens_that_fail_are_never_remembered() {
+        let a = auth(None, None);
+        let t = a.mint(
+            "alice",
+            Role::Reader,
+            vec!["sub-1".into()],
+            None,
+            Duration::hours(1),
+        );
+        let tampered = format!("{t}x");
+        for _ in 0..2 {
+            assert!(a.verify(&tampered).is_err());
+        }
+        assert!(a.verified().is_empty());
+    }
+
+    #[test]
+    fn remembered_tokens_are_bounded() {
+        let a = auth(None, None);
+        let t = a.mint(
+            "alice",
+            Role::Reader,
+            vec!["sub-1".into()],
+            None,
+            Duration::hours(1),
+        );
+        let p = a.verify(&t).unwrap();
+        let now = Utc::now().timestamp();
+        for i in 0..MAX_VERIFIED + 10 {
+            a.remember(&format!("token-{i}"), &p, now + 60, now);
+        }
+        assert!(a.verified().len() <= MAX_VERIFIED);
     }
 }

@@ -6,7 +6,7 @@ use backvault_domain::names::PolicyName;
 use backvault_domain::policy::{Policy, PolicySpec};
 use backvault_domain::preview::{IMMUTABLE_EXISTING_POINTS, MAX_PREVIEW_RUNS, PolicyPreview};
 use backvault_domain::safety::{GuardedOperation, shortens_retention};
-use backvault_store::policies::{self, PolicyRow};
+use backvault_store::policies::{self, PolicyPageRow, PolicyRow};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -17,6 +17,7 @@ use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::idempotency::idempotent;
 use crate::pagination::{Page, page, page_request};
 use crate::recovery::policy_of;
+use crate::vaults::vault_not_found;
 use crate::{Created, ExpectedVersion, Principal, Service};
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -29,6 +30,20 @@ pub struct BackupPolicy {
     pub version: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl From<PolicyPageRow> for BackupPolicy {
+    fn from(r: PolicyPageRow) -> Self {
+        Self {
+            id: r.id,
+            vault_id: r.vault_id,
+            name: r.name,
+            spec: r.spec.0,
+            version: r.version,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
 }
 
 impl TryFrom<PolicyRow> for BackupPolicy {
@@ -177,15 +192,20 @@ impl Service {
     ) -> Result<Page<BackupPolicy>> {
         principal.require(Operation::Read)?;
         let (request, limit) = page_request(cursor, limit)?;
-        // One connection for both reads: each pool checkout costs round trips of its own.
-        let mut conn = self.pool.acquire().await?;
-        self.visible_vault(&mut *conn, principal, vault_id).await?;
-        let rows = policies::policy_list(&mut *conn, vault_id, request).await?;
-        let page = page(rows, limit, |r| r.id, BackupPolicy::try_from);
-        Ok(Page {
-            items: page.items.into_iter().collect::<Result<_>>()?,
-            next_cursor: page.next_cursor,
-        })
+        // The page carries its vault's subscription: a page that has rows needs no statement
+        // of its own to check that the caller sees the vault. An empty page may be a missing
+        // vault, which is a 404 as before.
+        let rows = policies::policy_list(&self.pool, vault_id, request).await?;
+        match rows.first() {
+            Some(row) if !principal.sees_subscription(&row.vault_subscription_id) => {
+                return Err(vault_not_found(vault_id));
+            }
+            Some(_) => {}
+            None => {
+                self.visible_vault(&self.pool, principal, vault_id).await?;
+            }
+        }
+        Ok(page(rows, limit, |r| r.id, BackupPolicy::from))
     }
 
     pub async fn policy_replace(

@@ -38,15 +38,21 @@ pub struct RpoReport {
     pub items: Vec<RpoItem>,
     /// The cursor of the next page; absent on the last page.
     pub next_cursor: Option<String>,
-    /// Protected items of the vault (all pages).
-    pub protected: usize,
-    /// Of those, the items breaching their RPO now (all pages).
-    pub breached: usize,
+    /// Protected items of the vault (all pages). Present on the first page only (the
+    /// request without a cursor): counting a large vault is the report's costliest part, and
+    /// a client paging through it needs the totals once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protected: Option<usize>,
+    /// Of those, the items breaching their RPO now (all pages). Present on the first page
+    /// only, like `protected`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breached: Option<usize>,
 }
 
 impl Service {
     /// Per protected item: the latest backups, the gap the policy allows and whether it is
-    /// breached now, a page at a time; with the totals of the whole vault.
+    /// breached now, a page at a time; the first page (no cursor) with the totals of the
+    /// whole vault.
     pub async fn rpo_report(
         &self,
         principal: &Principal,
@@ -62,15 +68,23 @@ impl Service {
         }
         let rows = store::rpo_rows(&self.pool, vault_id, request).await?;
         let gaps = self.policy_gaps(now).await?;
-        let (policies, before) = stale_before(&gaps, now);
-        let totals = store::rpo_totals(
-            &self.pool,
-            vault_id,
-            &policies,
-            &before,
-            stale_before_gap(now, DEFAULT_GAP_MINUTES),
-        )
-        .await?;
+        // Only the first page counts the whole vault (a scan of all its items).
+        let totals = match cursor {
+            Some(_) => None,
+            None => {
+                let (policies, before) = stale_before(&gaps, now);
+                Some(
+                    store::rpo_totals(
+                        &self.pool,
+                        vault_id,
+                        &policies,
+                        &before,
+                        stale_before_gap(now, DEFAULT_GAP_MINUTES),
+                    )
+                    .await?,
+                )
+            }
+        };
         let page = page(
             rows,
             limit,
@@ -102,8 +116,10 @@ impl Service {
         Ok(RpoReport {
             items: page.items,
             next_cursor: page.next_cursor,
-            protected: usize::try_from(totals.protected).unwrap_or(0),
-            breached: usize::try_from(totals.breached).unwrap_or(0),
+            protected: totals
+                .as_ref()
+                .map(|t| usize::try_from(t.protected).unwrap_or(0)),
+            breached: totals.map(|t| usize::try_from(t.breached).unwrap_or(0)),
         })
     }
 

@@ -80,7 +80,7 @@ pub struct UpdateVault {
 /// The longest vault description.
 pub const MAX_DESCRIPTION_CHARS: usize = 1024;
 
-fn vault_not_found(id: Uuid) -> Error {
+pub(crate) fn vault_not_found(id: Uuid) -> Error {
     Error::not_found("vault_not_found", format_args!("vault {id}"))
 }
 

@@ -1,5 +1,6 @@
 //! The `policies` table. The spec is stored as the JSON the administrator wrote.
 
+use backvault_domain::policy::PolicySpec;
 use chrono::{DateTime, Utc};
 use sqlx::{FromRow, PgConnection, PgExecutor, types::Json};
 use uuid::Uuid;
@@ -57,16 +58,35 @@ pub async fn policy_get(
     .await
 }
 
+/// A policy of a page read with its vault's subscription, and its spec decoded straight
+/// into its type (no `serde_json::Value` in between).
+#[derive(Debug, Clone, FromRow)]
+pub struct PolicyPageRow {
+    pub vault_subscription_id: String,
+    pub id: Uuid,
+    pub vault_id: Uuid,
+    pub name: String,
+    pub spec: Json<PolicySpec>,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A page of the vault's policies, each with the vault's subscription, so that a caller can
+/// check the vault's visibility without a statement of its own. No rows: the page is empty
+/// or the vault does not exist; [`crate::vaults::vault_get`] tells which.
 pub async fn policy_list(
     db: impl PgExecutor<'_>,
     vault_id: Uuid,
     page: Page,
-) -> sqlx::Result<Vec<PolicyRow>> {
+) -> sqlx::Result<Vec<PolicyPageRow>> {
     sqlx::query_as!(
-        PolicyRow,
-        r#"select id, vault_id, name, spec as "spec: Json<serde_json::Value>", version, created_at, updated_at
-           from policies where vault_id = $1 and ($2::uuid is null or id > $2)
-           order by id limit $3"#,
+        PolicyPageRow,
+        r#"select v.subscription_id as vault_subscription_id, p.id, p.vault_id, p.name,
+                  p.spec as "spec: Json<PolicySpec>", p.version, p.created_at, p.updated_at
+           from policies p join vaults v on v.id = p.vault_id
+           where p.vault_id = $1 and ($2::uuid is null or p.id > $2)
+           order by p.id limit $3"#,
         vault_id,
         page.after,
         page.limit,

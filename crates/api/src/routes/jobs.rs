@@ -16,7 +16,7 @@ use super::location;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::bounded_instants;
-use crate::extract::{Caller, Json, Path, Query, etag_of, none_match_hit};
+use crate::extract::{Caller, Json, Path, Query, Tagged, none_match_hit};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -103,15 +103,15 @@ async fn get_job(
         .and_then(|v| v.to_str().ok());
     if let (Some(_), Some(held)) = (wait, held) {
         let now = state.service.job_get(&principal, job_id, None).await?;
-        let current = etag_of(&now);
-        if !none_match_hit(held, &current.1) {
-            return Ok(([current], axum::Json(now)).into_response());
+        let current = Tagged::of(&now)?;
+        if !none_match_hit(held, current.etag().to_str().unwrap_or("")) {
+            return Ok(current.into_response());
         }
     }
     // A change between that read and the wait's start is seen when the wait ends: late,
     // never lost.
     let job = state.service.job_get(&principal, job_id, wait).await?;
-    Ok(([etag_of(&job)], axum::Json(job)).into_response())
+    Ok(Tagged::of(&job)?.into_response())
 }
 
 /// What `parse_wait` takes, as the document states it.

@@ -1,9 +1,9 @@
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{StatusCode, header};
-use axum::middleware::Next;
+use axum::extract::{MatchedPath, State};
+use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use backvault_service::Service;
 use backvault_service::metrics::HttpLabels;
 
 use crate::AppState;
@@ -28,44 +28,36 @@ pub async fn metrics(axum::extract::State(state): State<AppState>) -> Result<Res
 
 /// Methods this API serves keep their name; anything else a client invents is `other`, so
 /// nobody can grow the label space.
-fn method_label(method: &axum::http::Method) -> String {
-    use axum::http::Method;
-    const KNOWN: [Method; 7] = [
-        Method::GET,
-        Method::HEAD,
-        Method::POST,
-        Method::PUT,
-        Method::PATCH,
-        Method::DELETE,
-        Method::OPTIONS,
-    ];
-    if KNOWN.contains(method) {
-        method.as_str().to_owned()
-    } else {
-        "other".to_owned()
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
     }
 }
 
-/// Records the latency of every request by matched route (not raw path, so ids do not
-/// explode the label space) and status.
-pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = method_label(req.method());
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let response = next.run(req).await;
+/// Records the latency of a request by matched route (not raw path, so ids do not explode
+/// the label space) and status. Called by `edge::route_checks`.
+pub fn observe(
+    service: &Service,
+    method: &Method,
+    route: Option<&MatchedPath>,
+    status: StatusCode,
+    started: Instant,
+) {
     let labels = HttpLabels {
-        method,
-        route,
-        status: response.status().as_u16(),
+        method: method_label(method),
+        route: route.map_or("unmatched", MatchedPath::as_str).to_owned(),
+        status: status.as_u16(),
     };
-    state
-        .service
+    service
         .metrics
         .http_request_seconds
         .get_or_create(&labels)
         .observe(started.elapsed().as_secs_f64());
-    response
 }

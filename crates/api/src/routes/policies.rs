@@ -1,6 +1,6 @@
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::{AppendHeaders, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use backvault_domain::policy::PolicySpec;
 use backvault_domain::preview::PolicyPreview;
 use backvault_service::policies::{BackupPolicy, CopyPolicy, CreatePolicy, ReplacePolicy};
@@ -15,7 +15,7 @@ use crate::AppState;
 use crate::audit::AuditSlot;
 use crate::error::{ApiResult, Problem};
 use crate::extract::bounded_instants;
-use crate::extract::{CREATED, Caller, IdempotencyKey, IfMatch, Json, Path, Query, etag};
+use crate::extract::{CREATED, Caller, IdempotencyKey, IfMatch, Json, Path, Query, Tagged};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -32,15 +32,17 @@ pub struct PolicyList {
     pub next_cursor: Option<String>,
 }
 
-fn policy_response(status: StatusCode, policy: BackupPolicy) -> Response {
-    let mut headers = vec![etag(policy.version, &policy)];
-    if status == StatusCode::CREATED {
-        headers.push(location(format!(
+fn policy_response(status: StatusCode, policy: BackupPolicy) -> ApiResult<Response> {
+    let body = Tagged::versioned(policy.version, &policy)?;
+    Ok(if status == StatusCode::CREATED {
+        let at = location(format!(
             "/v1/vaults/{}/policies/{}",
             policy.vault_id, policy.name
-        )));
-    }
-    (status, AppendHeaders(headers), axum::Json(policy)).into_response()
+        ));
+        (status, [at], body).into_response()
+    } else {
+        (status, body).into_response()
+    })
 }
 
 /// Create a policy in a vault.
@@ -65,7 +67,7 @@ async fn create_policy(
         .service
         .policy_create(&principal, vault_id, req, key.as_deref())
         .await?;
-    Ok(policy_response(CREATED, created.resource))
+    policy_response(CREATED, created.resource)
 }
 
 /// List a vault's policies.
@@ -101,7 +103,7 @@ async fn get_policy(
         .service
         .policy_get(&principal, vault_id, &name)
         .await?;
-    Ok(policy_response(StatusCode::OK, policy))
+    policy_response(StatusCode::OK, policy)
 }
 
 /// Replace a policy's spec.
@@ -134,7 +136,7 @@ async fn replace_policy(
     if let Some(before) = before {
         audit.record_changes(&before, &policy);
     }
-    Ok(policy_response(StatusCode::OK, policy))
+    policy_response(StatusCode::OK, policy)
 }
 
 /// Delete a policy.
@@ -179,7 +181,7 @@ async fn copy_policy(
         .service
         .policy_copy(&principal, vault_id, &name, req, key.as_deref())
         .await?;
-    Ok(policy_response(CREATED, created.resource))
+    policy_response(CREATED, created.resource)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -26,7 +26,7 @@ use uuid::Uuid;
 use super::{ListParams, location};
 use crate::AppState;
 use crate::error::{ApiResult, Problem};
-use crate::extract::{Caller, IfMatch, Json, Path, Query, etag, etag_of};
+use crate::extract::{Caller, IfMatch, Json, Path, Query, Tagged};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -120,8 +120,8 @@ async fn start_restore(
 }
 
 /// RPO report: per protected item the latest backups, the gap the policy allows and
-/// whether it is breached now, a page at a time (in item id order); the totals count the
-/// whole vault.
+/// whether it is breached now, a page at a time (in item id order). The first page (no
+/// `cursor`) also counts the whole vault: `protected` and `breached` are on it only.
 #[utoipa::path(get, path = "/v1/vaults/{vault_id}/rpo", tag = "reports", params(("vault_id" = Uuid, Path), ListParams),
     responses((status = 200, body = RpoReport)))]
 async fn rpo_report(
@@ -317,13 +317,8 @@ async fn list_protected_items(
     }))
 }
 
-fn item_response(item: ProtectedItem) -> Response {
-    (
-        StatusCode::OK,
-        [etag(item.version, &item)],
-        axum::Json(item),
-    )
-        .into_response()
+fn item_response(item: ProtectedItem) -> ApiResult<Response> {
+    Ok(Tagged::versioned(item.version, &item)?.into_response())
 }
 
 /// Get a protected item.
@@ -335,12 +330,12 @@ async fn get_protected_item(
     Caller(principal): Caller,
     Path((vault_id, item_id)): Path<(Uuid, Uuid)>,
 ) -> ApiResult<Response> {
-    Ok(item_response(
+    item_response(
         state
             .service
             .protected_item_get(&principal, vault_id, item_id)
             .await?,
-    ))
+    )
 }
 
 /// Change a protected item's policy.
@@ -359,7 +354,7 @@ async fn change_protected_item_policy(
         .service
         .protected_item_change_policy(&principal, vault_id, item_id, expected, req)
         .await?;
-    Ok(item_response(item))
+    item_response(item)
 }
 
 /// Stop protection, deleting or retaining the recovery points.
@@ -384,7 +379,7 @@ async fn stop_protection(
         .protected_item_stop(&principal, vault_id, item_id, req)
         .await?
     {
-        Some(item) => Ok(item_response(item)),
+        Some(item) => item_response(item),
         None => Ok(StatusCode::NO_CONTENT.into_response()),
     }
 }
@@ -399,12 +394,12 @@ async fn resume_protection(
     Path((vault_id, item_id)): Path<(Uuid, Uuid)>,
     Json(req): Json<ChangePolicy>,
 ) -> ApiResult<Response> {
-    Ok(item_response(
+    item_response(
         state
             .service
             .protected_item_resume(&principal, vault_id, item_id, req)
             .await?,
-    ))
+    )
 }
 
 /// Back up now (full, copy-only full, differential or log).
@@ -473,7 +468,7 @@ async fn get_auto_protection(
         .service
         .auto_protection_get(&principal, vault_id, intent_id)
         .await?;
-    Ok(([etag_of(&intent)], axum::Json(intent)).into_response())
+    Ok(Tagged::of(&intent)?.into_response())
 }
 
 /// Disable auto-protection; protected databases stay protected.

@@ -1,6 +1,6 @@
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::{AppendHeaders, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use backvault_service::vaults::{CreateVault, UpdateVault, Vault};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -11,7 +11,7 @@ use super::{ListParams, location};
 use crate::AppState;
 use crate::audit::AuditSlot;
 use crate::error::{ApiResult, Problem};
-use crate::extract::{CREATED, Caller, IdempotencyKey, IfMatch, Json, Path, Query, etag};
+use crate::extract::{CREATED, Caller, IdempotencyKey, IfMatch, Json, Path, Query, Tagged};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -26,12 +26,14 @@ pub struct VaultList {
     pub next_cursor: Option<String>,
 }
 
-fn vault_response(status: StatusCode, vault: Vault) -> Response {
-    let mut headers = vec![etag(vault.version, &vault)];
-    if status == CREATED {
-        headers.push(location(format!("/v1/vaults/{}", vault.id)));
-    }
-    (status, AppendHeaders(headers), axum::Json(vault)).into_response()
+fn vault_response(status: StatusCode, vault: Vault) -> ApiResult<Response> {
+    let body = Tagged::versioned(vault.version, &vault)?;
+    Ok(if status == CREATED {
+        let at = location(format!("/v1/vaults/{}", vault.id));
+        (status, [at], body).into_response()
+    } else {
+        (status, body).into_response()
+    })
 }
 
 /// Create a vault.
@@ -55,7 +57,7 @@ async fn create_vault(
         .service
         .vault_create(&principal, req, key.as_deref())
         .await?;
-    Ok(vault_response(CREATED, created.resource))
+    vault_response(CREATED, created.resource)
 }
 
 /// List the vaults of your subscriptions.
@@ -86,7 +88,7 @@ async fn get_vault(
     Path(vault_id): Path<Uuid>,
 ) -> ApiResult<Response> {
     let vault = state.service.vault_get(&principal, vault_id).await?;
-    Ok(vault_response(StatusCode::OK, vault))
+    vault_response(StatusCode::OK, vault)
 }
 
 /// Update a vault's description.
@@ -116,7 +118,7 @@ async fn update_vault(
     if let Some(before) = before {
         audit.record_changes(&before, &vault);
     }
-    Ok(vault_response(StatusCode::OK, vault))
+    vault_response(StatusCode::OK, vault)
 }
 
 /// Delete a vault and its policies.

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::location;
 use crate::AppState;
 use crate::error::ApiResult;
-use crate::extract::{Caller, Json, Path, Query, etag_of};
+use crate::extract::{Caller, Json, Path, Query, Tagged};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -48,10 +48,10 @@ async fn upsert_vm(
 ) -> ApiResult<Response> {
     let (vm, created) = state.service.vm_upsert(&principal, req).await?;
     if !created {
-        return Ok(([etag_of(&vm)], axum::Json(vm)).into_response());
+        return Ok(Tagged::of(&vm)?.into_response());
     }
     let at = location(format!("/v1/vms/{}", vm.id));
-    Ok((StatusCode::CREATED, [etag_of(&vm), at], axum::Json(vm)).into_response())
+    Ok((StatusCode::CREATED, [at], Tagged::of(&vm)?).into_response())
 }
 
 /// List the VMs of your subscriptions.
@@ -87,7 +87,7 @@ async fn get_vm(
     Path(vm_id): Path<Uuid>,
 ) -> ApiResult<Response> {
     let vm = state.service.vm_get(&principal, vm_id).await?;
-    Ok(([etag_of(&vm)], axum::Json(vm)).into_response())
+    Ok(Tagged::of(&vm)?.into_response())
 }
 
 /// Remove a VM from the inventory, with its jobs; its agent's tokens stop working.

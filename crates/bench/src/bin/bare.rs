@@ -191,18 +191,24 @@ async fn policies(
 async fn jobs(State(pool): State<PgPool>, Query(p): Query<ListParams>) -> Response {
     let limit = p.limit();
     match sqlx::query_as::<_, Job>(
-        "select j.id, j.vm_id, j.subscription_id, j.vault_id, j.kind, j.status, j.priority, j.items, j.warnings,
-                j.error_code, j.error_message, j.attempts, j.max_attempts, j.cancel_requested, q.run_at,
-                j.created_at, j.started_at, j.finished_at, j.updated_at
+        "select j.id, j.vm_id, j.subscription_id, j.vault_id, j.kind, backvault_job_status(j.status, q.running) as status,
+                j.priority, j.items, j.warnings, j.error_code, j.error_message,
+                coalesce(q.attempt, j.attempts) as attempts, j.max_attempts, j.cancel_requested, q.run_at,
+                j.created_at, coalesce(j.started_at, q.started_at) as started_at, j.finished_at,
+                greatest(j.updated_at, q.attempt_started_at) as updated_at
          from jobs j left join job_queue q on q.job_id = j.id
          where ($1::text[] is null or j.subscription_id = any($1))
-           and ($2::text is null or j.status = $2)
+           -- As `job_list` for every status but `in_progress` (not among the reads measured).
+           and ($2::text is null or j.status = $2 and q.running is not true)
            and ($3::text is null or j.kind = $3)
            and ($4::uuid is null or j.vm_id = $4)
            and ($5::timestamptz is null or j.created_at >= $5)
            and ($6::timestamptz is null or j.created_at < $6)
-           and ($7::uuid is null or j.id < $7)
-         order by j.id desc limit $8",
+           and ($7::uuid is null
+                or (j.created_at, j.id) < (coalesce((select c.created_at from jobs c where c.id = $7),
+                                                    to_timestamp(('x' || left(replace($7::text, '-', ''), 12))::bit(48)::int8 / 1000.0)),
+                                           $7))
+         order by j.created_at desc, j.id desc limit $8",
     )
     .bind(None::<Vec<String>>)
     .bind(p.status.as_deref())

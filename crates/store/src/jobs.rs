@@ -856,8 +856,10 @@ pub async fn job_attempts(db: impl PgExecutor<'_>, job_id: Uuid) -> sqlx::Result
 /// Vacuums the hot queue. Every job inserts, updates and deletes its `job_queue` row, so the
 /// table holds many times its live rows in dead ones within seconds, and claims walk their
 /// index entries; the table is as small as the backlog, so vacuuming it is cheap. A replica
-/// that finds another's vacuum running skips it (`skip_locked`). Not `jobs`: vacuuming the
-/// history's indexes costs a scan of each, so it is left to autovacuum.
+/// that finds another's vacuum running skips it (`skip_locked`). It leaves the empty pages at
+/// the table's end in place (`vacuum_truncate` is off, migration 20261206000002): cutting
+/// them off takes the table's exclusive lock, which stops every claim and completion. Not
+/// `jobs`: vacuuming the history's indexes costs a scan of each, so it is left to autovacuum.
 pub async fn queue_vacuum(db: impl PgExecutor<'_>) -> sqlx::Result<()> {
     sqlx::raw_sql("vacuum (skip_locked) job_queue")
         .execute(db)

@@ -24,7 +24,6 @@ use crate::agents::{
 use crate::batcher::{Batcher, BatcherSpec};
 use crate::error::{Error, ErrorKind, Result};
 use crate::metrics::Metrics;
-use crate::protection::jobs_finished;
 use crate::recovery::{BackupReport, record_points};
 use crate::restore::restores_completed;
 use crate::{Config, Principal, Service};
@@ -38,9 +37,8 @@ const LOG_CHAIN_BROKEN: [&str; 3] = [
 
 /// Completes many jobs in one transaction (group commit). A completion whose lease is no
 /// longer held comes back as `lease_lost`, to be told apart from a repeat by the caller.
-/// Each result is first judged against its job (loaded for the whole batch in one
-/// statement): one that does not fit fails its job with `JobResultInvalid` and comes back
-/// as `validation_failed`.
+/// Each result is judged against its job: one that does not fit fails its job with
+/// `JobResultInvalid` and comes back as `validation_failed`.
 pub(crate) fn complete_batcher(
     pool: PgPool,
     config: Arc<Config>,
@@ -54,105 +52,34 @@ pub(crate) fn complete_batcher(
     };
     Batcher::spawn(spec, metrics, move |completions: &[Completion]| {
         let pool = pool.clone();
-        let rehearsal = config.allow_clock_override;
-        Box::pin(async move {
-            let outcome = async {
-                let mut tx = pool.begin().await?;
-                let held: HashMap<Uuid, store::CompletingJob> =
-                    store::queue_lock_completing(&mut tx, completions)
-                        .await?
-                        .into_iter()
-                        .map(|j| (j.job_id, j))
-                        .collect();
-                let results: Vec<Option<JobResult>> = completions
-                    .iter()
-                    .map(|c| JobResult::deserialize(&c.result).ok())
-                    .collect();
-                let mut rejected: HashMap<Uuid, Vec<Violation>> = HashMap::new();
-                for (c, result) in completions.iter().zip(&results) {
-                    let (Some(result), Some(job)) = (result, held.get(&c.job_id)) else {
-                        continue;
-                    };
-                    let items = Vec::<JobItem>::deserialize(&job.items.0).unwrap_or_default();
-                    let violations = result.job_violations(
-                        &ReportedJob {
-                            kind: job.kind,
-                            items: &items,
-                            payload: &job.payload.0,
-                            claimed_at: job.started_at,
-                            completed_at: job.now,
-                            rehearsal,
-                        },
-                        "/result",
-                    );
-                    if !violations.is_empty() {
-                        rejected.insert(c.job_id, violations);
-                    }
-                }
-                if !rejected.is_empty() {
-                    fail_rejected(&mut tx, &rejected).await?;
-                }
-                // The same job's completion can arrive several times at once (a retried
-                // request, a report sent by two paths): only the batch's first is recorded.
-                // The others come back as `lease_lost`, which the caller answers as a
-                // repeat when the result is the same.
+        let batch = Batch {
+            completions,
+            results: completions
+                .iter()
+                .map(|c| JobResult::deserialize(&c.result).ok())
+                .collect(),
+            // The same job's completion can arrive several times at once (a retried
+            // request, a report sent by two paths): only the batch's first is recorded.
+            // The others come back as `lease_lost`, which the caller answers as a repeat
+            // when the result is the same.
+            first: {
                 let mut seen = HashSet::new();
-                let first: Vec<bool> = completions.iter().map(|c| seen.insert(c.job_id)).collect();
-                let accepted: Vec<&Completion> = completions
-                    .iter()
-                    .zip(&first)
-                    .filter(|(c, first)| **first && !rejected.contains_key(&c.job_id))
-                    .map(|(c, _)| c)
-                    .collect();
-                let done = store::queue_complete(&mut tx, &accepted).await?;
-                // The restores done, with the payloads the completion already read.
-                let recorded = |i: usize, c: &Completion| first[i] && done.contains(&c.job_id);
-                let restores: Vec<&serde_json::Value> = completions
-                    .iter()
-                    .zip(&results)
-                    .enumerate()
-                    .filter(|(i, (c, r))| {
-                        matches!(r, Some(JobResult::Restore { .. })) && recorded(*i, c)
-                    })
-                    .filter_map(|(_, (c, _))| held.get(&c.job_id).map(|j| &j.payload.0))
-                    .collect();
-                // Recovery points are recorded in the completion's own transaction.
-                let reports: Vec<BackupReport> = completions
-                    .iter()
-                    .zip(results)
-                    .enumerate()
-                    .filter(|(i, (c, _))| recorded(*i, c))
-                    .filter_map(|(_, (c, result))| match result {
-                        Some(JobResult::Backup { recovery_points }) => Some(BackupReport {
-                            job_id: c.job_id,
-                            points: recovery_points,
-                        }),
-                        // A tail-log backup is a log of the item like any other.
-                        Some(JobResult::Restore {
-                            tail_log_backup: Some(tail),
-                            ..
-                        }) => Some(BackupReport {
-                            job_id: c.job_id,
-                            points: vec![*tail],
-                        }),
-                        _ => None,
-                    })
-                    .collect();
-                record_points(&mut tx, &reports).await?;
-                restores_completed(&mut tx, &restores).await?;
-                jobs_finished(&mut tx, &done, true).await?;
-                tx.commit().await?;
-                Ok::<_, Error>((done, rejected, first))
-            }
-            .await;
-            let (done, rejected, first) = outcome?;
+                completions.iter().map(|c| seen.insert(c.job_id)).collect()
+            },
+            rehearsal: config.allow_clock_override,
+        };
+        Box::pin(async move {
+            let (done, rejected) = match batch.complete_unchecked(&pool).await? {
+                Some(done) => (done, HashMap::new()),
+                None => batch.complete_checked(&pool).await?,
+            };
             Ok(completions
                 .iter()
-                .zip(first)
+                .zip(&batch.first)
                 .map(|(c, first)| {
                     if let Some(violations) = rejected.get(&c.job_id) {
                         Err(Error::validation(violations.clone()))
-                    } else if first && done.contains(&c.job_id) {
+                    } else if *first && done.contains(&c.job_id) {
                         Ok(())
                     } else {
                         Err(lease_lost())
@@ -161,6 +88,143 @@ pub(crate) fn complete_batcher(
                 .collect())
         })
     })
+}
+
+/// A batch of completions and what is known of them before the database is asked.
+struct Batch<'a> {
+    completions: &'a [Completion],
+    results: Vec<Option<JobResult>>,
+    first: Vec<bool>,
+    rehearsal: bool,
+}
+
+impl Batch<'_> {
+    /// The common case in one statement: every completion holds its lease and every result
+    /// fits its job. The batch completes first and is judged after, from the content the
+    /// completion returns; when anything would come out otherwise (a lease lost, a repeat,
+    /// a result that does not fit) it is rolled back (`None`), and [`Self::complete_checked`]
+    /// decides the batch as if this had never run.
+    async fn complete_unchecked(&self, pool: &PgPool) -> Result<Option<HashSet<Uuid>>> {
+        if self.first.iter().any(|first| !first) {
+            return Ok(None);
+        }
+        let mut tx = pool.begin().await?;
+        let done = store::queue_complete(&mut tx, self.completions).await?;
+        let held: HashMap<Uuid, store::CompletingJob> =
+            done.into_iter().map(|j| (j.job_id, j)).collect();
+        if held.len() != self.completions.len() || !self.judge(&held).is_empty() {
+            // Explicitly, so that the rows are unlocked before the checked run locks them.
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let done: HashSet<Uuid> = held.keys().copied().collect();
+        self.record_effects(&mut tx, &held, &done).await?;
+        tx.commit().await?;
+        Ok(Some(done))
+    }
+
+    /// Locks the jobs whose leases are held, judges each result against its job, fails
+    /// those that do not fit and completes the rest.
+    async fn complete_checked(
+        &self,
+        pool: &PgPool,
+    ) -> Result<(HashSet<Uuid>, HashMap<Uuid, Vec<Violation>>)> {
+        let mut tx = pool.begin().await?;
+        let held: HashMap<Uuid, store::CompletingJob> =
+            store::queue_lock_completing(&mut tx, self.completions)
+                .await?
+                .into_iter()
+                .map(|j| (j.job_id, j))
+                .collect();
+        let rejected = self.judge(&held);
+        if !rejected.is_empty() {
+            fail_rejected(&mut tx, &rejected).await?;
+        }
+        let accepted: Vec<&Completion> = self
+            .completions
+            .iter()
+            .zip(&self.first)
+            .filter(|(c, first)| **first && !rejected.contains_key(&c.job_id))
+            .map(|(c, _)| c)
+            .collect();
+        let done: HashSet<Uuid> = store::queue_complete(&mut tx, &accepted)
+            .await?
+            .into_iter()
+            .map(|j| j.job_id)
+            .collect();
+        self.record_effects(&mut tx, &held, &done).await?;
+        tx.commit().await?;
+        Ok((done, rejected))
+    }
+
+    /// The violations of each result against its job, for the jobs in `held`.
+    fn judge(&self, held: &HashMap<Uuid, store::CompletingJob>) -> HashMap<Uuid, Vec<Violation>> {
+        let mut rejected = HashMap::new();
+        for (c, result) in self.completions.iter().zip(&self.results) {
+            let (Some(result), Some(job)) = (result, held.get(&c.job_id)) else {
+                continue;
+            };
+            let items = Vec::<JobItem>::deserialize(&job.items.0).unwrap_or_default();
+            let violations = result.job_violations(
+                &ReportedJob {
+                    kind: job.kind,
+                    items: &items,
+                    payload: &job.payload.0,
+                    claimed_at: job.started_at,
+                    completed_at: job.now,
+                    rehearsal: self.rehearsal,
+                },
+                "/result",
+            );
+            if !violations.is_empty() {
+                rejected.insert(c.job_id, violations);
+            }
+        }
+        rejected
+    }
+
+    /// What the completions recorded now (`done`) change besides their jobs, in the
+    /// completion's own transaction: recovery points, and the chains a restore overwrote.
+    /// No `jobs_finished`: it acts on protection jobs, which complete with their effects
+    /// (`complete_with_effects`), never in a batch, whose results complete only backups and
+    /// restores (`result_kind_like`).
+    async fn record_effects(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        held: &HashMap<Uuid, store::CompletingJob>,
+        done: &HashSet<Uuid>,
+    ) -> Result<()> {
+        let recorded = self
+            .completions
+            .iter()
+            .zip(&self.results)
+            .zip(&self.first)
+            .filter(|((c, _), first)| **first && done.contains(&c.job_id))
+            .filter_map(|((c, result), _)| Some((held.get(&c.job_id)?, result.as_ref()?)));
+        let mut restores: Vec<&serde_json::Value> = Vec::new();
+        let mut reports: Vec<BackupReport<'_>> = Vec::new();
+        for (job, result) in recorded {
+            let points = match result {
+                JobResult::Backup { recovery_points } => recovery_points.iter().collect(),
+                JobResult::Restore {
+                    tail_log_backup, ..
+                } => {
+                    restores.push(&job.payload.0);
+                    // A tail-log backup is a log of the item like any other.
+                    tail_log_backup.iter().map(|tail| &**tail).collect()
+                }
+                _ => continue,
+            };
+            reports.push(BackupReport {
+                job_id: job.job_id,
+                items: &job.items.0,
+                payload: &job.payload.0,
+                points,
+            });
+        }
+        record_points(tx, &reports).await?;
+        restores_completed(tx, &restores).await
+    }
 }
 
 /// Fails the jobs whose results do not fit them, with `JobResultInvalid`: retrying such a
@@ -188,7 +252,7 @@ async fn fail_rejected(
         })
         .collect();
     store::queue_finish(tx, &ids, JobStatus::Failed, &ends).await?;
-    jobs_finished(tx, &ids, false).await
+    crate::protection::jobs_finished(tx, &ids, false).await
 }
 
 fn result_kind_like(result: &JobResult) -> &'static str {
@@ -384,7 +448,10 @@ impl Service {
                 self.apply_discovery(&mut tx, completion.vm_id, inventory)
                     .await?
             }
-            _ => self.after_jobs_finished(&mut tx, &done, true).await?,
+            _ => {
+                self.after_jobs_finished(&mut tx, &[completion.job_id], true)
+                    .await?
+            }
         }
         tx.commit().await?;
         Ok(())

@@ -9,7 +9,6 @@ use backvault_domain::chain::TimeRange;
 use backvault_domain::chain::{self, ChainBreak, ChainState};
 use backvault_domain::lsn::Lsn;
 use backvault_domain::policy::{Policy, PolicySpec};
-use backvault_store::jobs as queue;
 use backvault_store::recovery::{self as store, ChainUpdate, NewPoint, PointRow, RecordedSet};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -21,10 +20,13 @@ use crate::auth::Operation;
 use crate::error::{Error, ErrorKind, Result};
 use crate::{Principal, Service};
 
-/// A backup job's report, as the group commit hands it over.
-pub(crate) struct BackupReport {
+/// A backup job's report, as the group commit hands it over, with the job's databases
+/// and payload as the commit's lock of the job read them.
+pub(crate) struct BackupReport<'a> {
     pub job_id: Uuid,
-    pub points: Vec<RecoveryPointReport>,
+    pub items: &'a serde_json::Value,
+    pub payload: &'a serde_json::Value,
+    pub points: Vec<&'a RecoveryPointReport>,
 }
 
 pub(crate) fn policy_of(spec: Option<&sqlx::types::Json<serde_json::Value>>) -> Option<Policy> {
@@ -82,19 +84,23 @@ struct Recording {
 /// each applied to its item's chain (`domain::chain::apply`: the full it depends on, a
 /// break and what heals it), with its expiry from the policy (or the job's own
 /// retention). A backup set already recorded for the item (a re-report) is skipped.
-pub(crate) async fn record_points(tx: &mut PgConnection, reports: &[BackupReport]) -> Result<()> {
+pub(crate) async fn record_points(
+    tx: &mut PgConnection,
+    reports: &[BackupReport<'_>],
+) -> Result<()> {
+    // A report without points (a backup that wrote nothing) has nothing to record: the
+    // group commit skips the statements below instead of running them on empty arrays.
+    let reports: Vec<&BackupReport<'_>> = reports.iter().filter(|r| !r.points.is_empty()).collect();
     if reports.is_empty() {
         return Ok(());
     }
-    let job_ids: Vec<Uuid> = reports.iter().map(|r| r.job_id).collect();
-    let jobs: Vec<ReportedBackup> = queue::jobs_content(&mut *tx, &job_ids)
-        .await?
-        .into_iter()
-        .map(|job| {
+    let jobs: Vec<ReportedBackup> = reports
+        .iter()
+        .map(|r| {
             Ok(ReportedBackup {
-                id: job.id,
-                items: serde_json::from_value(job.items.0).map_err(Error::internal)?,
-                retention_days: job
+                id: r.job_id,
+                items: serde_json::from_value(r.items.clone()).map_err(Error::internal)?,
+                retention_days: r
                     .payload
                     .get("retention_days")
                     .and_then(serde_json::Value::as_u64),
@@ -142,7 +148,7 @@ pub(crate) async fn record_points(tx: &mut PgConnection, reports: &[BackupReport
             continue;
         };
         let fixed_days = job.retention_days;
-        let mut reported: Vec<&RecoveryPointReport> = report.points.iter().collect();
+        let mut reported: Vec<&RecoveryPointReport> = report.points.clone();
         reported.sort_by_key(|p| p.backup_time);
         for p in reported {
             let Some(item) = job

@@ -344,7 +344,7 @@ pub struct Completion {
     pub warnings: serde_json::Value,
 }
 
-/// A running job a completion holds the lease of, with what its result must match.
+/// A job a completion holds (or held) the lease of, with what its result must match.
 #[derive(Debug, Clone, FromRow)]
 pub struct CompletingJob {
     pub job_id: Uuid,
@@ -391,11 +391,13 @@ pub async fn queue_lock_completing(
 }
 
 /// Completes every job whose lease is still held, in one statement: the queue rows go,
-/// the history rows and attempts record the outcome. Returns the ids completed now.
+/// the history rows and attempts record the outcome. Returns the jobs completed now, with
+/// their content and claim time as [`queue_lock_completing`] reads them, so that a caller
+/// can judge the results after the fact and roll back instead of locking first.
 pub async fn queue_complete<C: std::borrow::Borrow<Completion>>(
     conn: &mut PgConnection,
     completions: &[C],
-) -> sqlx::Result<Vec<Uuid>> {
+) -> sqlx::Result<Vec<CompletingJob>> {
     if completions.is_empty() {
         return Ok(Vec::new());
     }
@@ -410,8 +412,9 @@ pub async fn queue_complete<C: std::borrow::Borrow<Completion>>(
     let warnings: Vec<Json<&serde_json::Value>> =
         completions.iter().map(|c| Json(&c.warnings)).collect();
     // Arrays of borrowed strings and of JSON are given their Rust type (`as`).
-    let done: Vec<Uuid> = sqlx::query_scalar!(
-        // `job_id!`: from the queue's primary key, through a data-modifying CTE.
+    let done: Vec<CompletingJob> = sqlx::query_as!(
+        CompletingJob,
+        // `!`: the history's `not null` columns, through a data-modifying CTE.
         r#"with input as (
              select * from unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::jsonb[], $6::jsonb[],
                                   $7::text[])
@@ -432,9 +435,9 @@ pub async fn queue_complete<C: std::borrow::Borrow<Completion>>(
                  for update) q
          ), done as (
              delete from job_queue q where q.job_id = any(array(select job_id from held))
-             returning q.job_id
          ), history as (
-             -- From `held` alone (its rows are locked, so `done` deletes exactly them):
+             -- From `held` alone (its rows are locked, so `done` deletes exactly them and
+             -- this returns the jobs completed):
              -- joining it back to `input` lets a generic plan loop over every pair
              -- (quadratic in the batch size).
              update jobs j set status = d.status, result = d.result, warnings = d.warnings, finished_at = now(),
@@ -442,13 +445,16 @@ pub async fn queue_complete<C: std::borrow::Borrow<Completion>>(
                                attempts = d.attempt
              from held d
              where j.id = d.job_id
+             returning j.id, j.kind, j.items, j.payload, j.started_at
          ), attempts as (
              insert into job_attempts (job_id, attempt, lease, started_at, ended_at, outcome)
              select job_id, attempt, lease, coalesce(attempt_started_at, now()), now(), 'completed' from held
              -- A claim before migration 20261205000001 inserted the row.
              on conflict (job_id, attempt) do update set ended_at = excluded.ended_at, outcome = excluded.outcome
          )
-         select job_id as "job_id!" from done"#,
+         select h.id as "job_id!", h.kind as "kind!: JobKind", h.items as "items!: Json<serde_json::Value>",
+                h.payload as "payload!: Json<serde_json::Value>", h.started_at, now() as "now!"
+         from history h"#,
         &ids,
         &vms,
         &leases,
@@ -460,7 +466,11 @@ pub async fn queue_complete<C: std::borrow::Borrow<Completion>>(
     .fetch_all(&mut *conn)
     .await?;
     if !done.is_empty() {
-        notify(&mut *conn, &notify_payload('j', done.iter().copied())).await?;
+        notify(
+            &mut *conn,
+            &notify_payload('j', done.iter().map(|j| j.job_id)),
+        )
+        .await?;
     }
     Ok(done)
 }

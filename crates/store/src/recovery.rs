@@ -267,6 +267,9 @@ pub async fn fulls_extend_chain(
     full_ids: &[Uuid],
     expires: &[DateTime<Utc>],
 ) -> sqlx::Result<()> {
+    if full_ids.is_empty() {
+        return Ok(());
+    }
     sqlx::query!(
         "update recovery_points f set chain_until = greatest(f.chain_until, d.until)
          from (select full_id, max(expires) as until from unnest($1::uuid[], $2::timestamptz[]) as n(full_id, expires)

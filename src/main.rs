@@ -51,7 +51,9 @@ struct DbArgs {
     )]
     database_url: String,
     /// Connections in the pool.
-    #[arg(long, env = "BACKVAULT_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    /// Up to 16 of them run the group commits of claims and completions, 8 are kept for
+    /// the rest.
+    #[arg(long, env = "BACKVAULT_DB_MAX_CONNECTIONS", default_value_t = 24)]
     db_max_connections: u32,
     /// How long a request waits for a database connection before it answers 503 with
     /// Retry-After. Short, so that clients learn of a database outage at once.

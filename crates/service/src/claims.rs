@@ -74,10 +74,11 @@ pub(crate) fn claim_batcher(
     pool: PgPool,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    workers: usize,
 ) -> Batcher<ClaimRequest, Vec<ClaimedJob>> {
     let spec = BatcherSpec {
         name: "claims",
-        workers: 4,
+        workers,
         max_batch: 256,
         describe: |r: &ClaimRequest| format!("claim of VM {}", r.vm_id),
     };

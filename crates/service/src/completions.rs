@@ -43,10 +43,11 @@ pub(crate) fn complete_batcher(
     pool: PgPool,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    workers: usize,
 ) -> Batcher<Completion, ()> {
     let spec = BatcherSpec {
         name: "completions",
-        workers: 4,
+        workers,
         max_batch: 256,
         describe: |c: &Completion| format!("completion of job {}", c.job_id),
     };

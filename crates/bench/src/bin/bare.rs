@@ -28,7 +28,7 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: String,
     /// `backvault serve`'s default.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 24)]
     db_max_connections: u32,
 }
 

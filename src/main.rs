@@ -50,9 +50,8 @@ struct DbArgs {
         default_value = "postgres://postgres@127.0.0.1:5432/backvault"
     )]
     database_url: String,
-    /// Connections in the pool.
-    /// Up to 16 of them run the group commits of claims and completions, 8 are kept for
-    /// the rest.
+    /// Connections in the pool. The group commits of claims and completions run up to
+    /// (pool − 8) / 2 transactions each (2 to 8); the rest serve requests and background work.
     #[arg(long, env = "BACKVAULT_DB_MAX_CONNECTIONS", default_value_t = 24)]
     db_max_connections: u32,
     /// How long a request waits for a database connection before it answers 503 with

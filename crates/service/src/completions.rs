@@ -24,6 +24,7 @@ use crate::agents::{
 use crate::batcher::{Batcher, BatcherSpec};
 use crate::error::{Error, ErrorKind, Result};
 use crate::metrics::Metrics;
+use crate::protection::jobs_finished;
 use crate::recovery::{BackupReport, record_points};
 use crate::restore::restores_completed;
 use crate::{Config, Principal, Service};
@@ -253,7 +254,7 @@ async fn fail_rejected(
         })
         .collect();
     store::queue_finish(tx, &ids, JobStatus::Failed, &ends).await?;
-    crate::protection::jobs_finished(tx, &ids, false).await
+    jobs_finished(tx, &ids, false).await
 }
 
 fn result_kind_like(result: &JobResult) -> &'static str {

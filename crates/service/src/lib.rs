@@ -131,7 +131,7 @@ const CONNECTIONS_BESIDE_BATCHES: u32 = 8;
 /// Transactions each group commit (claims, completions) runs at once: the pool beyond
 /// what requests and background work keep, shared by the two, at most 8 each. A batch
 /// waits for its commit's flush, so more batches in flight keep Postgres busy while
-/// others flush (8 against 4 drained the `http` benchmark 11 % faster); fewer than 2 would
+/// others flush (8 against 4: about 5 % more jobs/s in the `http` benchmark); fewer than 2 would
 /// leave one batcher's agents waiting behind every flush.
 fn batch_workers(pool_connections: u32) -> usize {
     let spare = pool_connections.saturating_sub(CONNECTIONS_BESIDE_BATCHES) / 2;

@@ -11,7 +11,7 @@ use backvault_domain::lsn::Lsn;
 use backvault_domain::policy::{Policy, PolicySpec};
 use backvault_store::recovery::{self as store, ChainUpdate, NewPoint, PointRow, RecordedSet};
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -99,7 +99,7 @@ pub(crate) async fn record_points(
         .map(|r| {
             Ok(ReportedBackup {
                 id: r.job_id,
-                items: serde_json::from_value(r.items.clone()).map_err(Error::internal)?,
+                items: Vec::<JobItem>::deserialize(r.items).map_err(Error::internal)?,
                 retention_days: r
                     .payload
                     .get("retention_days")

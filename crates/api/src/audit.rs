@@ -14,10 +14,9 @@ use std::net::IpAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::Response;
 use backvault_domain::audit::changed_fields;
 use backvault_service::audit::HttpEvent;
@@ -231,11 +230,17 @@ impl Drop for Unanswered {
     }
 }
 
-/// The audit layer (a route layer, so that the route template is known).
-pub async fn record(State(auditor): State<Arc<Auditor>>, request: Request, next: Next) -> Response {
+/// The audit of a request that `run` answers: part of the route layer (so that the route
+/// template is known), outside everything else in it, so that it records what the checks
+/// before the handler refuse too.
+pub async fn record<Run, Answer>(auditor: &Arc<Auditor>, request: Request, run: Run) -> Response
+where
+    Run: FnOnce(Request) -> Answer,
+    Answer: Future<Output = Response>,
+{
     // Route layers only see requests that matched a route.
     let Some(route) = request.extensions().get::<MatchedPath>().cloned() else {
-        return next.run(request).await;
+        return run(request).await;
     };
     let (mut parts, body) = request.into_parts();
     let path_params = RawPathParams::from_request_parts(&mut parts, &())
@@ -264,7 +269,7 @@ pub async fn record(State(auditor): State<Arc<Auditor>>, request: Request, next:
         armed: always,
     };
     let request = Request::from_parts(parts, body);
-    let response = match AssertUnwindSafe(next.run(request)).catch_unwind().await {
+    let response = match AssertUnwindSafe(run(request)).catch_unwind().await {
         Ok(response) => response,
         // Answered here rather than by the outer panic layer, so the event has its 500.
         Err(panic) => crate::error::problem_for_panic(panic),

@@ -129,21 +129,6 @@ pub fn problem_for_panic(panic: Box<dyn std::any::Any + Send + 'static>) -> Resp
     )
 }
 
-/// The timeout layer answers with a bare 408; give it the problem body every error has.
-pub async fn problem_for_timeout(response: Response) -> Response {
-    if response.status() == StatusCode::REQUEST_TIMEOUT
-        && !response.headers().contains_key(header::CONTENT_TYPE)
-    {
-        return problem_response(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
-            "the request took longer than the server allows; retry".into(),
-            Vec::new(),
-        );
-    }
-    response
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let ApiError(e, http_status) = self;

@@ -13,14 +13,12 @@ pub mod transport;
 use std::time::Duration;
 
 use axum::Router;
-use axum::http::{HeaderName, StatusCode};
+use axum::http::HeaderName;
 use backvault_service::Service;
 use tower::ServiceBuilder;
-use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
@@ -33,6 +31,9 @@ pub struct AppState {
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// How long a request may take before it answers 408.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
 
 fn api_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(openapi::base())
@@ -130,14 +131,33 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
     )
 }
 
+/// What the route layer needs.
+struct RouteLayer {
+    auditor: std::sync::Arc<audit::Auditor>,
+    checks: edge::RouteChecks,
+}
+
+/// The one route layer: the audit outside (its write is not counted in the request's
+/// metrics), then the request's metrics, the path and query checks and conditional GETs.
+async fn route_layer(
+    axum::extract::State(layer): axum::extract::State<std::sync::Arc<RouteLayer>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    audit::record(&layer.auditor, request, |request| {
+        edge::route_checks(&layer.checks, request, next)
+    })
+    .await
+}
+
 /// The whole HTTP application.
 pub fn router_with(state: AppState, options: &HttpOptions) -> Router {
     let (router, described) = api_router().split_for_parts();
     let spec = openapi::document(&described);
-    let checks = std::sync::Arc::new(edge::RouteChecks {
+    let checks = edge::RouteChecks {
         contract: edge::QueryContract::from_openapi(&spec),
         service: state.service.clone(),
-    });
+    };
     let auditor = std::sync::Arc::new(audit::Auditor {
         service: state.service.clone(),
         operations: audit::Operations::from_openapi(&spec),
@@ -148,19 +168,13 @@ pub fn router_with(state: AppState, options: &HttpOptions) -> Router {
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         // Each `route_layer`/`layer` call boxes every route once more, and a route's box is
-        // cloned and dropped for every request: the layers go in as two stacks, so that a
-        // request pays two boxes, not fifteen. In a stack the first layer is the outermost.
-        .route_layer(
-            ServiceBuilder::new()
-                // Outermost of the route layers: it records what the checks before the
-                // handler refuse too, and its write is not counted in the request's metrics.
-                .layer(axum::middleware::from_fn_with_state(auditor, audit::record))
-                // Metrics, the path and query checks and conditional GETs, in that order.
-                .layer(axum::middleware::from_fn_with_state(
-                    checks,
-                    edge::route_checks,
-                )),
-        )
+        // cloned and dropped for every request; so does each `from_fn` layer, with a boxed
+        // future besides: one route layer, and an edge stack of one `layer` call whose
+        // members box nothing. In a stack the first layer is the outermost.
+        .route_layer(axum::middleware::from_fn_with_state(
+            std::sync::Arc::new(RouteLayer { auditor, checks }),
+            route_layer,
+        ))
         .with_state(state)
         .layer(
             ServiceBuilder::new()
@@ -169,7 +183,9 @@ pub fn router_with(state: AppState, options: &HttpOptions) -> Router {
                 .layer(tower::util::option_layer(cors(
                     &options.cors_allowed_origins,
                 )))
-                .layer(axum::middleware::from_fn(edge::lenient_accept_encoding))
+                // CORS answers preflights with an empty body of the type below it.
+                .map_response(axum::response::IntoResponse::into_response)
+                .map_request(edge::lenient_accept_encoding)
                 // Inside the request id, so compressed and preflight answers carry it too.
                 .layer(CompressionLayer::new())
                 .layer(
@@ -189,17 +205,11 @@ pub fn router_with(state: AppState, options: &HttpOptions) -> Router {
                         // Failures are logged once, where the error is rendered (`error.rs`).
                         .on_failure(()),
                 )
-                // Outside the timeout, so the timeout's bare 408 gets a problem body.
-                .layer(axum::middleware::map_response(error::problem_for_timeout))
-                // The panic layer's body type, as the layers outside it take bodies.
-                .map_response(axum::response::IntoResponse::into_response)
-                .layer(CatchPanicLayer::custom(error::problem_for_panic))
-                // The URI bound, then the security headers on every answer.
-                .layer(axum::middleware::from_fn(edge::guard))
-                .layer(TimeoutLayer::with_status_code(
-                    StatusCode::REQUEST_TIMEOUT,
-                    Duration::from_secs(90),
-                )),
+                // Innermost: its answers (414, 408, a panic's 500) are traced and
+                // compressed like any other.
+                .layer(edge::EdgeLayer {
+                    timeout: REQUEST_TIMEOUT,
+                }),
         )
 }
 

@@ -120,8 +120,8 @@ pub fn lenient_accept_encoding(mut request: Request) -> Request {
 const DOCS_CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
 /// The innermost of the edge layers, four guarantees in one hand-written service (a layer
-/// per guarantee cost a boxed future and a clone of the stack below it per request, a
-/// quarter of a small read's server time): URIs past `MAX_URI_BYTES` answer 414; a request
+/// per guarantee cost a boxed future and a clone of the stack below it per request; see
+/// `BENCHMARKS.md`, fifth pass): URIs past `MAX_URI_BYTES` answer 414; a request
 /// that takes longer than `timeout` answers 408; a handler that panics answers 500 (the
 /// panic logged once, the connection and the other requests carry on); and every answer,
 /// those three included, carries the security headers (`nosniff`: a problem or JSON body

@@ -276,8 +276,8 @@ pub struct RouteChecks {
     pub service: Service,
 }
 
-/// After routing and inside the audit layer, one layer (not one per check, each a box and a
-/// clone per request): the request's latency by route and status is recorded, of what the
+/// After routing, inside the audit, in the one route layer (`lib.rs::route_layer`): the
+/// request's latency by route and status is recorded, of what the
 /// checks refuse too; path and query values obey the text rule and every query parameter is
 /// one the operation documents; then the conditional GET around the handler.
 pub async fn route_checks(checks: &RouteChecks, request: Request, next: Next) -> Response {

@@ -170,7 +170,7 @@ pub fn router_with(state: AppState, options: &HttpOptions) -> Router {
         // Each `route_layer`/`layer` call boxes every route once more, and a route's box is
         // cloned and dropped for every request; so does each `from_fn` layer, with a boxed
         // future besides: one route layer, and an edge stack of one `layer` call whose
-        // members box nothing. In a stack the first layer is the outermost.
+        // members box no future. In a stack the first layer is the outermost.
         .route_layer(axum::middleware::from_fn_with_state(
             std::sync::Arc::new(RouteLayer { auditor, checks }),
             route_layer,

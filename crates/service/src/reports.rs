@@ -73,16 +73,17 @@ impl Service {
             Some(_) => None,
             None => {
                 let (policies, before) = stale_before(&gaps, now);
-                Some(
-                    store::rpo_totals(
-                        &self.pool,
-                        vault_id,
-                        &policies,
-                        &before,
-                        stale_before_gap(now, DEFAULT_GAP_MINUTES),
-                    )
-                    .await?,
+                let mut tx = self.pool.begin().await?;
+                let totals = store::rpo_totals(
+                    &mut tx,
+                    vault_id,
+                    &policies,
+                    &before,
+                    stale_before_gap(now, DEFAULT_GAP_MINUTES),
                 )
+                .await?;
+                tx.commit().await?;
+                Some(totals)
             }
         };
         let page = page(

@@ -755,6 +755,14 @@ pub async fn job_list(
     if f.status == Some(JobStatus::InProgress) {
         return job_list_running(db, f, page).await;
     }
+    // With a status, the page is read from the status index `(status, created_at, id)`,
+    // which ordering by the status as well makes the only index that gives the order. Left
+    // to costs, Postgres walked `jobs_created` back from the newest job, filtering: the
+    // estimate says most jobs are completed, but the newest are often queued, and on the
+    // `scale` fixture a page of completed jobs read 31,000 pages behind 40,000 queued
+    // jobs (17 ms; 0.06 ms from the status index). The status is compared by `>=` and `<=`
+    // because an `=` would let Postgres drop the status from the order again (a column
+    // equal to a constant orders nothing).
     sqlx::query_as!(
         JobRow,
         r#"select j.id, j.vm_id, j.subscription_id, j.vault_id, j.kind as "kind: JobKind",
@@ -767,7 +775,7 @@ pub async fn job_list(
                   greatest(j.updated_at, q.attempt_started_at) as "updated_at!"
            from jobs j left join job_queue q on q.job_id = j.id
            where ($1::text[] is null or j.subscription_id = any($1))
-             and ($2::text is null or j.status = $2 and q.running is not true)
+             and ($2::text is null or j.status >= $2 and j.status <= $2 and q.running is not true)
              and ($3::text is null or j.kind = $3)
              and ($4::uuid is null or j.vm_id = $4)
              and ($5::timestamptz is null or j.created_at >= $5)
@@ -776,7 +784,8 @@ pub async fn job_list(
                   or (j.created_at, j.id) < (coalesce((select c.created_at from jobs c where c.id = $7),
                                                       to_timestamp(('x' || left(replace($7::text, '-', ''), 12))::bit(48)::int8 / 1000.0)),
                                              $7))
-           order by j.created_at desc, j.id desc limit $8"#,
+           order by case when $2::text is null then null else j.status end desc, j.created_at desc, j.id desc
+           limit $8"#,
         f.subscriptions,
         f.status as Option<JobStatus>,
         f.kind as Option<JobKind>,

@@ -53,10 +53,13 @@ pub struct ProtectedItemRow {
     pub purge_after: Option<DateTime<Utc>>,
 }
 
-// `item_get` and `items_list` read the same columns and joins (keep them alike): the
-// database's identity comes with the item. `policy_name` and `availability_group` come from
-// left joins (`?`); the generated columns `needs_full` and `needs_differential` and
-// `database_gone` are never null (`!`).
+// `item_get` and `items_list` read the same columns (keep them alike): the database's
+// identity comes with the item. The page is cut from items joined to their databases alone;
+// the VM is joined to the page and the names of the instance, the group and the policy are
+// looked up per row. Postgres plans each page afresh (its filters are optional), and
+// planning the six tables as one join took 1.5-2.5 ms a page on the `scale` fixture, about
+// two to three times what running it takes; this form plans in about 0.3 ms. Through the subquery sqlx
+// cannot tell which columns are never null, hence the `!`s.
 
 pub struct NewItem {
     pub id: Uuid,
@@ -104,25 +107,26 @@ pub async fn items_insert(
 pub async fn item_get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<ProtectedItemRow>> {
     sqlx::query_as!(
         ProtectedItemRow,
-        r#"select p.id, p.vault_id, p.database_id, p.policy_id, pol.name as "policy_name?",
-                  p.state as "state: ProtectionState",
-                  p.auto_protection_id, p.auto_protected, p.protected_name, p.casing_changed, p.version, p.created_at,
-                  p.updated_at, d.vm_id, v.name as vm_name, v.resource_group, v.subscription_id,
-                  i.name as instance_name, ag.name as "availability_group?",
-                  case when d.ag_database_id is not null then d.availability_group_id end as availability_group_id,
-                  p.last_backup_vms as "last_backup_vms: Json<BackupVms>",
-                  d.name as database_name,
-                  d.recovery_model as "recovery_model: RecoveryModel", d.system, d.read_only,
-                  d.gone_at is not null as "database_gone!", p.last_full_at,
+        r#"select p.id, p.vault_id, p.database_id, p.policy_id,
+                  (select pol.name from policies pol where pol.id = p.policy_id) as "policy_name?",
+                  p.state as "state!: ProtectionState",
+                  p.auto_protection_id, p.auto_protected as "auto_protected!", p.protected_name as "protected_name!",
+                  p.casing_changed as "casing_changed!", p.version as "version!", p.created_at as "created_at!",
+                  p.updated_at as "updated_at!", p.vm_id as "vm_id!", v.name as vm_name, v.resource_group, v.subscription_id,
+                  (select i.name from sql_instances i where i.id = p.instance_id) as "instance_name!",
+                  (select ag.name from availability_groups ag where ag.id = p.availability_group_id) as "availability_group?",
+                  case when p.ag_database_id is not null then p.availability_group_id end as availability_group_id,
+                  p.last_backup_vms as "last_backup_vms!: Json<BackupVms>",
+                  p.database_name as "database_name!",
+                  p.recovery_model as "recovery_model!: RecoveryModel", p.system as "system!", p.read_only as "read_only!",
+                  p.gone_at is not null as "database_gone!", p.last_full_at,
                   p.last_differential_at, p.last_log_at, p.needs_full as "needs_full!",
                   p.needs_differential as "needs_differential!", p.purge_after
-           from protected_items p
-           join sql_databases d on d.id = p.database_id
-           join sql_instances i on i.id = d.instance_id
-           join vms v on v.id = d.vm_id
-           left join availability_groups ag on ag.id = d.availability_group_id
-           left join policies pol on pol.id = p.policy_id
-           where p.id = $1"#,
+           from (select p.*, d.vm_id, d.instance_id, d.availability_group_id, d.ag_database_id,
+                        d.name as database_name, d.recovery_model, d.system, d.read_only, d.gone_at
+                 from protected_items p join sql_databases d on d.id = p.database_id
+                 where p.id = $1) p
+           join vms v on v.id = p.vm_id"#,
         id,
     )
     .fetch_optional(db)
@@ -146,30 +150,32 @@ pub async fn items_list(
 ) -> sqlx::Result<Vec<ProtectedItemRow>> {
     sqlx::query_as!(
         ProtectedItemRow,
-        r#"select p.id, p.vault_id, p.database_id, p.policy_id, pol.name as "policy_name?",
-                  p.state as "state: ProtectionState",
-                  p.auto_protection_id, p.auto_protected, p.protected_name, p.casing_changed, p.version, p.created_at,
-                  p.updated_at, d.vm_id, v.name as vm_name, v.resource_group, v.subscription_id,
-                  i.name as instance_name, ag.name as "availability_group?",
-                  case when d.ag_database_id is not null then d.availability_group_id end as availability_group_id,
-                  p.last_backup_vms as "last_backup_vms: Json<BackupVms>",
-                  d.name as database_name,
-                  d.recovery_model as "recovery_model: RecoveryModel", d.system, d.read_only,
-                  d.gone_at is not null as "database_gone!", p.last_full_at,
+        r#"select p.id, p.vault_id, p.database_id, p.policy_id,
+                  (select pol.name from policies pol where pol.id = p.policy_id) as "policy_name?",
+                  p.state as "state!: ProtectionState",
+                  p.auto_protection_id, p.auto_protected as "auto_protected!", p.protected_name as "protected_name!",
+                  p.casing_changed as "casing_changed!", p.version as "version!", p.created_at as "created_at!",
+                  p.updated_at as "updated_at!", p.vm_id as "vm_id!", v.name as vm_name, v.resource_group, v.subscription_id,
+                  (select i.name from sql_instances i where i.id = p.instance_id) as "instance_name!",
+                  (select ag.name from availability_groups ag where ag.id = p.availability_group_id) as "availability_group?",
+                  case when p.ag_database_id is not null then p.availability_group_id end as availability_group_id,
+                  p.last_backup_vms as "last_backup_vms!: Json<BackupVms>",
+                  p.database_name as "database_name!",
+                  p.recovery_model as "recovery_model!: RecoveryModel", p.system as "system!", p.read_only as "read_only!",
+                  p.gone_at is not null as "database_gone!", p.last_full_at,
                   p.last_differential_at, p.last_log_at, p.needs_full as "needs_full!",
                   p.needs_differential as "needs_differential!", p.purge_after
-           from protected_items p
-           join sql_databases d on d.id = p.database_id
-           join sql_instances i on i.id = d.instance_id
-           join vms v on v.id = d.vm_id
-           left join availability_groups ag on ag.id = d.availability_group_id
-           left join policies pol on pol.id = p.policy_id
-           where p.vault_id = $1 and ($2::text is null or p.state = $2) and ($3::uuid is null or p.policy_id = $3)
-             and ($4::uuid is null or d.vm_id = $4)
-             and ($5::bool is null or p.auto_protected = $5)
-             and ($6::uuid is null or p.id > $6)
-             and ($8::uuid is null or d.ag_database_id is not null and d.availability_group_id = $8)
-           order by p.id limit $7"#,
+           from (select p.*, d.vm_id, d.instance_id, d.availability_group_id, d.ag_database_id,
+                        d.name as database_name, d.recovery_model, d.system, d.read_only, d.gone_at
+                 from protected_items p join sql_databases d on d.id = p.database_id
+                 where p.vault_id = $1 and ($2::text is null or p.state = $2) and ($3::uuid is null or p.policy_id = $3)
+                   and ($4::uuid is null or d.vm_id = $4)
+                   and ($5::bool is null or p.auto_protected = $5)
+                   and ($6::uuid is null or p.id > $6)
+                   and ($8::uuid is null or d.ag_database_id is not null and d.availability_group_id = $8)
+                 order by p.id limit $7) p
+           join vms v on v.id = p.vm_id
+           order by p.id"#,
         vault_id,
         f.state as Option<ProtectionState>,
         f.policy_id,

@@ -471,13 +471,20 @@ pub struct RpoTotals {
 /// Protected items (of a vault, or of all) and those whose latest backup (or start of
 /// protection) is older than the instant given for their policy (`before[i]` for
 /// `policies[i]`, `otherwise` for a policy not listed): [`items_stale`] per vault.
+///
+/// Run in a transaction: the count runs without parallel workers. Under concurrent readers
+/// the two workers Postgres gives a count of 100,000 items doubled its CPU (about 90 ms
+/// against 40 ms on the `scale` fixture) to save one reader some milliseconds.
 pub async fn rpo_totals(
-    db: impl PgExecutor<'_>,
+    tx: &mut PgConnection,
     vault_id: Option<Uuid>,
     policies: &[Uuid],
     before: &[DateTime<Utc>],
     otherwise: DateTime<Utc>,
 ) -> sqlx::Result<RpoTotals> {
+    sqlx::query!("set local max_parallel_workers_per_gather = 0")
+        .execute(&mut *tx)
+        .await?;
     sqlx::query_as!(
         RpoTotals,
         r#"select count(*) as "protected!",
@@ -491,7 +498,7 @@ pub async fn rpo_totals(
         before,
         otherwise,
     )
-    .fetch_one(db)
+    .fetch_one(tx)
     .await
 }
 

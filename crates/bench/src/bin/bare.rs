@@ -199,7 +199,7 @@ async fn jobs(State(pool): State<PgPool>, Query(p): Query<ListParams>) -> Respon
          from jobs j left join job_queue q on q.job_id = j.id
          where ($1::text[] is null or j.subscription_id = any($1))
            -- As `job_list` for every status but `in_progress` (not among the reads measured).
-           and ($2::text is null or j.status = $2 and q.running is not true)
+           and ($2::text is null or j.status >= $2 and j.status <= $2 and q.running is not true)
            and ($3::text is null or j.kind = $3)
            and ($4::uuid is null or j.vm_id = $4)
            and ($5::timestamptz is null or j.created_at >= $5)
@@ -208,7 +208,8 @@ async fn jobs(State(pool): State<PgPool>, Query(p): Query<ListParams>) -> Respon
                 or (j.created_at, j.id) < (coalesce((select c.created_at from jobs c where c.id = $7),
                                                     to_timestamp(('x' || left(replace($7::text, '-', ''), 12))::bit(48)::int8 / 1000.0)),
                                            $7))
-         order by j.created_at desc, j.id desc limit $8",
+         order by case when $2::text is null then null else j.status end desc, j.created_at desc, j.id desc
+         limit $8",
     )
     .bind(None::<Vec<String>>)
     .bind(p.status.as_deref())
@@ -233,26 +234,27 @@ async fn items(
 ) -> Response {
     let limit = p.limit();
     match sqlx::query_as::<_, Item>(
-        "select p.id, p.vault_id, p.database_id, p.policy_id, pol.name as policy_name, p.state,
+        "select p.id, p.vault_id, p.database_id, p.policy_id,
+                (select pol.name from policies pol where pol.id = p.policy_id) as policy_name, p.state,
                 p.auto_protection_id, p.auto_protected, p.protected_name, p.casing_changed, p.version, p.created_at,
-                p.updated_at, d.vm_id, v.name as vm_name, v.resource_group, v.subscription_id,
-                i.name as instance_name, ag.name as availability_group,
-                case when d.ag_database_id is not null then d.availability_group_id end as availability_group_id,
-                p.last_backup_vms, d.name as database_name, d.recovery_model, d.system, d.read_only,
-                d.gone_at is not null as database_gone, p.last_full_at,
+                p.updated_at, p.vm_id, v.name as vm_name, v.resource_group, v.subscription_id,
+                (select i.name from sql_instances i where i.id = p.instance_id) as instance_name,
+                (select ag.name from availability_groups ag where ag.id = p.availability_group_id) as availability_group,
+                case when p.ag_database_id is not null then p.availability_group_id end as availability_group_id,
+                p.last_backup_vms, p.database_name, p.recovery_model, p.system, p.read_only,
+                p.gone_at is not null as database_gone, p.last_full_at,
                 p.last_differential_at, p.last_log_at, p.needs_full, p.needs_differential, p.purge_after
-         from protected_items p
-         join sql_databases d on d.id = p.database_id
-         join sql_instances i on i.id = d.instance_id
-         join vms v on v.id = d.vm_id
-         left join availability_groups ag on ag.id = d.availability_group_id
-         left join policies pol on pol.id = p.policy_id
-         where p.vault_id = $1 and ($2::text is null or p.state = $2) and ($3::uuid is null or p.policy_id = $3)
-           and ($4::uuid is null or d.vm_id = $4)
-           and ($5::bool is null or p.auto_protected = $5)
-           and ($6::uuid is null or p.id > $6)
-           and ($8::uuid is null or d.ag_database_id is not null and d.availability_group_id = $8)
-         order by p.id limit $7",
+         from (select p.*, d.vm_id, d.instance_id, d.availability_group_id, d.ag_database_id,
+                      d.name as database_name, d.recovery_model, d.system, d.read_only, d.gone_at
+               from protected_items p join sql_databases d on d.id = p.database_id
+               where p.vault_id = $1 and ($2::text is null or p.state = $2) and ($3::uuid is null or p.policy_id = $3)
+                 and ($4::uuid is null or d.vm_id = $4)
+                 and ($5::bool is null or p.auto_protected = $5)
+                 and ($6::uuid is null or p.id > $6)
+                 and ($8::uuid is null or d.ag_database_id is not null and d.availability_group_id = $8)
+               order by p.id limit $7) p
+         join vms v on v.id = p.vm_id
+         order by p.id",
     )
     .bind(vault_id)
     .bind(None::<String>)

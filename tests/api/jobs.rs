@@ -3,7 +3,7 @@ use backvault_service::Role;
 use serde_json::json;
 use sqlx::PgPool;
 
-use crate::helpers::{TestApp, claim, dispatch, enroll, job_waited_on, sql};
+use crate::helpers::{TestApp, claim, discovery_result, dispatch, enroll, job_waited_on, sql};
 
 #[sqlx::test(migrator = "backvault_store::MIGRATOR")]
 async fn cancel_queued_and_running_jobs(pool: PgPool) {
@@ -166,29 +166,35 @@ async fn list_filters_and_pages(pool: PgPool) {
     );
 }
 
+/// A `GET` of the job that waits up to 30 s for a change: how long it took, and its answer.
+fn wait_for_change(
+    app: &std::sync::Arc<TestApp>,
+    job: &str,
+) -> tokio::task::JoinHandle<(std::time::Duration, crate::helpers::Response)> {
+    let (app, job) = (app.clone(), job.to_owned());
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let res = app
+            .get(&format!("/v1/jobs/{job}?wait=30s"), &app.admin())
+            .await;
+        (started.elapsed(), res)
+    })
+}
+
 #[sqlx::test(migrator = "backvault_store::MIGRATOR")]
 async fn get_waits_for_a_change(pool: PgPool) {
     let app = std::sync::Arc::new(TestApp::new(pool));
     let (vm, agent) = enroll(&app, "sqlvm-01").await;
     let job = dispatch(&app, &vm, "discovery").await;
-    let waiter = {
-        let app = app.clone();
-        let job = job.clone();
-        tokio::spawn(async move {
-            let started = std::time::Instant::now();
-            let res = app
-                .get(&format!("/v1/jobs/{job}?wait=30s"), &app.admin())
-                .await;
-            (started.elapsed(), res)
-        })
-    };
+    let waiter = wait_for_change(&app, &job);
     // The GET waits for the job, still queued, when the agent claims it.
     job_waited_on(&app, &job).await;
     assert!(!waiter.is_finished(), "the job has not changed yet");
-    claim(&app, &agent, 1).await;
+    let claimed = claim(&app, &agent, 1).await;
     let (elapsed, res) = waiter.await.unwrap();
     assert_eq!(res.body["status"], "in_progress");
     assert!(elapsed < std::time::Duration::from_secs(5), "{elapsed:?}");
+
     let short = app
         .get(&format!("/v1/jobs/{job}?wait=1s"), &app.admin())
         .await;
@@ -200,6 +206,21 @@ async fn get_waits_for_a_change(pool: PgPool) {
         .get(&format!("/v1/jobs/{job}?wait=2h"), &app.admin())
         .await;
     assert_eq!(bad.code(), "invalid_wait");
+
+    // A completion wakes a waiter too (its notification is sent after the commit).
+    let waiter = wait_for_change(&app, &job);
+    job_waited_on(&app, &job).await;
+    let done = app
+        .post(
+            &format!("/v1/agent/jobs/{job}/complete"),
+            &agent,
+            json!({"lease": claimed[0]["lease"], "result": discovery_result()}),
+        )
+        .await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    let (elapsed, res) = waiter.await.unwrap();
+    assert_eq!(res.body["status"], "completed");
+    assert!(elapsed < std::time::Duration::from_secs(5), "{elapsed:?}");
 }
 
 #[sqlx::test(migrator = "backvault_store::MIGRATOR")]

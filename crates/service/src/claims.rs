@@ -25,6 +25,7 @@ use crate::agents::{
 };
 use crate::batcher::{Batcher, BatcherSpec};
 use crate::error::{Error, ErrorKind, Result};
+use crate::job_events::JobEvents;
 use crate::metrics::Metrics;
 use crate::{Config, Principal, Service};
 
@@ -74,6 +75,7 @@ pub(crate) fn claim_batcher(
     pool: PgPool,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    job_events: Arc<JobEvents>,
     workers: usize,
 ) -> Batcher<ClaimRequest, Vec<ClaimedJob>> {
     let spec = BatcherSpec {
@@ -85,6 +87,7 @@ pub(crate) fn claim_batcher(
     Batcher::spawn(spec, metrics, move |requests: &[ClaimRequest]| {
         let pool = pool.clone();
         let config = config.clone();
+        let job_events = job_events.clone();
         Box::pin(async move {
             let mut wants: HashMap<Uuid, i32> = HashMap::new();
             for r in requests {
@@ -100,6 +103,9 @@ pub(crate) fn claim_batcher(
             let mut tx = pool.begin().await?;
             let rows = store::queue_claim(&mut tx, &vm_ids, &counts, limits).await?;
             tx.commit().await?;
+            if !rows.is_empty() {
+                job_events.changed(rows.iter().map(|r| r.job_id));
+            }
             let mut by_vm: HashMap<Uuid, Vec<store::ClaimedRow>> = HashMap::new();
             for row in rows {
                 by_vm.entry(row.vm_id).or_default().push(row);

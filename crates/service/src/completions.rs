@@ -23,6 +23,7 @@ use crate::agents::{
 };
 use crate::batcher::{Batcher, BatcherSpec};
 use crate::error::{Error, ErrorKind, Result};
+use crate::job_events::JobEvents;
 use crate::metrics::Metrics;
 use crate::protection::jobs_finished;
 use crate::recovery::{BackupReport, record_points};
@@ -44,6 +45,7 @@ pub(crate) fn complete_batcher(
     pool: PgPool,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    job_events: Arc<JobEvents>,
     workers: usize,
 ) -> Batcher<Completion, ()> {
     let spec = BatcherSpec {
@@ -54,6 +56,7 @@ pub(crate) fn complete_batcher(
     };
     Batcher::spawn(spec, metrics, move |completions: &[Completion]| {
         let pool = pool.clone();
+        let job_events = job_events.clone();
         let batch = Batch {
             completions,
             results: completions
@@ -75,6 +78,7 @@ pub(crate) fn complete_batcher(
                 Some(done) => (done, HashMap::new()),
                 None => batch.complete_checked(&pool).await?,
             };
+            job_events.changed(done.iter().copied());
             Ok(completions
                 .iter()
                 .zip(&batch.first)
@@ -456,6 +460,7 @@ impl Service {
             }
         }
         tx.commit().await?;
+        self.job_events.changed([completion.job_id]);
         Ok(())
     }
 

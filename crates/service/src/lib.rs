@@ -19,6 +19,7 @@ pub mod data_safety;
 pub mod error;
 pub mod idempotency;
 pub mod inventory;
+pub mod job_events;
 pub mod jobs;
 pub mod keys;
 pub mod metrics;
@@ -115,6 +116,7 @@ pub struct Shared {
     pub auth: Arc<Auth>,
     pub config: Arc<Config>,
     pub notifier: Arc<notifier::Notifier>,
+    pub job_events: Arc<job_events::JobEvents>,
     pub metrics: Arc<metrics::Metrics>,
     /// Flips when the server shuts down, so that long-polls answer at once.
     stopping: tokio::sync::watch::Sender<bool>,
@@ -139,23 +141,37 @@ fn batch_workers(pool_connections: u32) -> usize {
 }
 
 impl Service {
-    /// Builds the service and starts this replica's notification listener and batchers
-    /// (needs a Tokio runtime).
+    /// Builds the service and starts this replica's notification listener, job wake-up
+    /// publisher and batchers (needs a Tokio runtime).
     pub fn new(pool: PgPool, auth: Auth, config: Config) -> Self {
         let config = Arc::new(config);
         let notifier = Arc::new(notifier::Notifier::default());
         tokio::spawn(notifier.clone().listen(pool.clone()));
         tokio::spawn(notifier.clone().refresh_revocations(pool.clone()));
+        let job_events = Arc::new(job_events::JobEvents::default());
+        tokio::spawn(job_events.clone().publish(pool.clone()));
         let metrics = Arc::new(metrics::Metrics::default());
         let workers = batch_workers(pool.options().get_max_connections());
-        let claimer = claims::claim_batcher(pool.clone(), config.clone(), metrics.clone(), workers);
-        let completer =
-            completions::complete_batcher(pool.clone(), config.clone(), metrics.clone(), workers);
+        let claimer = claims::claim_batcher(
+            pool.clone(),
+            config.clone(),
+            metrics.clone(),
+            job_events.clone(),
+            workers,
+        );
+        let completer = completions::complete_batcher(
+            pool.clone(),
+            config.clone(),
+            metrics.clone(),
+            job_events.clone(),
+            workers,
+        );
         Self(Arc::new(Shared {
             pool,
             auth: Arc::new(auth),
             config,
             notifier,
+            job_events,
             metrics,
             health: Arc::default(),
             clock: Arc::new(SystemClock),

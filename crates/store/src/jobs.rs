@@ -38,6 +38,27 @@ pub async fn notify(db: impl PgExecutor<'_>, payload: &str) -> sqlx::Result<()> 
     Ok(())
 }
 
+/// Job ids in as few payloads of `prefix` as fit NOTIFY's limit.
+pub fn notify_payloads(prefix: char, ids: &[Uuid]) -> Vec<String> {
+    // "<prefix>:" then 36 characters and a comma per id.
+    let per_payload = (MAX_PAYLOAD - 2) / 37;
+    ids.chunks(per_payload)
+        .map(|chunk| notify_payload(prefix, chunk.iter().copied()))
+        .collect()
+}
+
+/// Several NOTIFYs in one statement (and, outside a transaction, one commit).
+pub async fn notify_all(db: impl PgExecutor<'_>, payloads: &[String]) -> sqlx::Result<()> {
+    sqlx::query!(
+        "select count(pg_notify($1, p)) from unnest($2::text[]) as p",
+        NOTIFY_CHANNEL,
+        payloads,
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(())
+}
+
 /// The unique index that admits one queued or running restore per target (VM, instance,
 /// database, ignoring case).
 pub const ONE_RESTORE_PER_TARGET: &str = "job_queue_one_restore_per_target";
@@ -160,7 +181,8 @@ pub struct ClaimLimits {
 /// out while the restore is queued or running, and the restore is not handed out while
 /// such a backup runs. Claims for one VM are serialized by an advisory lock so that two
 /// concurrent claims cannot both fill the same free slot or both pass an exclusion;
-/// claims for different VMs run in parallel.
+/// claims for different VMs run in parallel. Notifies nobody: the caller tells the jobs'
+/// waiters after its commit (a NOTIFY would serialize the commit behind every other).
 pub async fn queue_claim(
     conn: &mut PgConnection,
     vm_ids: &[Uuid],
@@ -249,13 +271,6 @@ pub async fn queue_claim(
     )
     .fetch_all(&mut *conn)
     .await?;
-    if !claimed.is_empty() {
-        notify(
-            &mut *conn,
-            &notify_payload('j', claimed.iter().map(|c| c.job_id)),
-        )
-        .await?;
-    }
     Ok(claimed)
 }
 
@@ -393,7 +408,8 @@ pub async fn queue_lock_completing(
 /// Completes every job whose lease is still held, in one statement: the queue rows go,
 /// the history rows and attempts record the outcome. Returns the jobs completed now, with
 /// their content and claim time as [`queue_lock_completing`] reads them, so that a caller
-/// can judge the results after the fact and roll back instead of locking first.
+/// can judge the results after the fact and roll back instead of locking first. Notifies
+/// nobody, as [`queue_claim`].
 pub async fn queue_complete<C: std::borrow::Borrow<Completion>>(
     conn: &mut PgConnection,
     completions: &[C],
@@ -465,13 +481,6 @@ pub async fn queue_complete<C: std::borrow::Borrow<Completion>>(
     )
     .fetch_all(&mut *conn)
     .await?;
-    if !done.is_empty() {
-        notify(
-            &mut *conn,
-            &notify_payload('j', done.iter().map(|j| j.job_id)),
-        )
-        .await?;
-    }
     Ok(done)
 }
 
@@ -946,4 +955,27 @@ pub async fn jobs_content(db: impl PgExecutor<'_>, ids: &[Uuid]) -> sqlx::Result
     )
     .fetch_all(db)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_split_into_payloads_that_fit_and_keep_every_id() {
+        let ids: Vec<Uuid> = (0..500u128).map(Uuid::from_u128).collect();
+        let payloads = notify_payloads('j', &ids);
+        assert_eq!(payloads.len(), 3);
+        assert!(
+            payloads
+                .iter()
+                .all(|p| p.len() < 8000 && p.starts_with("j:"))
+        );
+        let back: Vec<Uuid> = payloads
+            .iter()
+            .flat_map(|p| p[2..].split(',').map(|id| id.parse().expect("an id")))
+            .collect();
+        assert_eq!(back, ids);
+        assert!(notify_payloads('j', &[]).is_empty());
+    }
 }

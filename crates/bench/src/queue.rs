@@ -1,6 +1,9 @@
 //! Throughput of the store layer alone: workers claim for many VMs at once with
 //! `queue_claim` (one transaction) and complete everything they got with `queue_complete`
-//! (one transaction), as the server's batchers do, until the backlog is drained.
+//! (one transaction), as the server's batchers do, until the backlog is drained. Neither
+//! notifies anyone: the server tells the jobs' waiters after the commit (`job_events.rs`),
+//! so figures from before that change (`BENCHMARKS.md`, fifth pass and earlier) include a
+//! NOTIFY per transaction.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -459,8 +459,16 @@ impl Service {
                     .await?
             }
         }
-        tx.commit().await?;
-        self.job_events.changed([completion.job_id]);
+        // The commit and the wake-up in a task of their own: a request cancelled while it
+        // commits (the client gone, the timeout) would otherwise commit without waking.
+        let (job_events, job_id) = (self.job_events.clone(), completion.job_id);
+        tokio::spawn(async move {
+            tx.commit().await?;
+            job_events.changed([job_id]);
+            Ok::<_, sqlx::Error>(())
+        })
+        .await
+        .map_err(Error::internal)??;
         Ok(())
     }
 

@@ -5,14 +5,16 @@
 //! it until its commit record is flushed, so notifying transactions commit one at a time,
 //! each behind the flush of the one before. When every batch of claims and of completions
 //! notified, half the active Postgres backends of the `steady` benchmark were waiting for
-//! that lock at `COMMIT`. So the batches hand the ids of the jobs they changed to this
-//! publisher once committed; it sends whatever is pending in one statement on its own
-//! connection while the next ids gather. Enqueues still notify in their transaction: they
-//! are few (one per use case or scheduler tick), and whoever calls the store's enqueue
-//! wakes the agents.
+//! that lock at `COMMIT`. So claims and completions hand the ids of the jobs they changed
+//! to this publisher once committed; it sends whatever is pending in one statement (on a
+//! connection of the pool, one statement at a time) while the next ids gather. Enqueues
+//! still notify in their transaction: they are few (one per use case or scheduler tick),
+//! and whoever calls the store's enqueue wakes the agents; so do the rarer retries,
+//! failures and cancellations.
 //!
 //! Should the process die between a commit and its notification, a waiter notices the
-//! change at its next re-check (`--long-poll-recheck`), as when the listener reconnects.
+//! change at its next re-check (`--long-poll-recheck`), as when the listener reconnects;
+//! a send that fails wakes every waiter with the next one.
 
 use std::sync::{Mutex, PoisonError};
 
@@ -82,7 +84,13 @@ impl JobEvents {
             }
             if let Err(e) = store::notify_all(&pool, &payloads).await {
                 tracing::warn!(error = %e, ids = pending.ids.len(),
-                    "job wake-ups not sent; their waiters see the change at their next re-check");
+                    "job wake-ups not sent; the next send wakes every waiter");
+                // Which waiters these were is not kept: the next change wakes them all, and
+                // until then they have their re-check.
+                self.pending
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .everything = true;
             }
         }
     }

@@ -62,7 +62,25 @@ async fn completed_jobs_are_read_from_the_status_index(pool: PgPool) {
         "2026-11-14T04:40:00+00:00",
         "the newest completed job (the 19,000th minute) heads the page"
     );
-    assert!(scans_in_transaction(&mut tx, "jobs_status_created_id").await > 0);
+    let next = job_list(
+        &mut *tx,
+        &filter,
+        Page {
+            after: Some(page[50].id),
+            limit: 51,
+        },
+    )
+    .await
+    .expect("the next page");
+    assert_eq!(next.len(), 51);
+    assert!(next.iter().all(|j| j.status == JobStatus::Completed));
+    assert_eq!(
+        (next[0].created_at - page[50].created_at).num_minutes(),
+        -1,
+        "the next page goes on from the cursor"
+    );
+
+    assert!(scans_in_transaction(&mut tx, "jobs_status_created_id").await >= 2);
     assert_eq!(
         scans_in_transaction(&mut tx, "jobs_created").await,
         0,

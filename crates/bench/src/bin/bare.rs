@@ -244,7 +244,10 @@ async fn items(
                 p.last_backup_vms, p.database_name, p.recovery_model, p.system, p.read_only,
                 p.gone_at is not null as database_gone, p.last_full_at,
                 p.last_differential_at, p.last_log_at, p.needs_full, p.needs_differential, p.purge_after
-         from (select p.*, d.vm_id, d.instance_id, d.availability_group_id, d.ag_database_id,
+         from (select p.id, p.vault_id, p.database_id, p.policy_id, p.state, p.auto_protection_id, p.auto_protected,
+                      p.protected_name, p.casing_changed, p.version, p.created_at, p.updated_at, p.last_backup_vms,
+                      p.last_full_at, p.last_differential_at, p.last_log_at, p.needs_full, p.needs_differential,
+                      p.purge_after, d.vm_id, d.instance_id, d.availability_group_id, d.ag_database_id,
                       d.name as database_name, d.recovery_model, d.system, d.read_only, d.gone_at
                from protected_items p join sql_databases d on d.id = p.database_id
                where p.vault_id = $1 and ($2::text is null or p.state = $2) and ($3::uuid is null or p.policy_id = $3)
